@@ -1,0 +1,335 @@
+//! Authentication: keys derived from secrets, the login signature, session keys
+//! for data connections, and the server's table of users.
+//!
+//! The secret never crosses the wire. Both sides derive an Ed25519 key pair from
+//! `(id, secret)`; the client signs a transcript holding fresh nonces of both
+//! sides, and the server checks the signature against the public key it derived
+//! itself (or, with allow-any-client, the first key it saw for that id). An
+//! X25519 exchange inside the same transcript yields a session key that data
+//! connections use to prove they belong to the session.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Mutex;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::proto::{ClientMessage, LoginRefusal};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A secret whose `Debug` and `Display` print a mask, so it never lands in logs.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Secret(secret.into())
+    }
+
+    /// The secret itself, for deriving keys.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"********\"")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret(value.to_owned())
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// Derives the user's signing key from id and secret; both sides compute the same key.
+pub fn user_signing_key(id: &str, secret: &Secret) -> SigningKey {
+    let mut hasher = Sha256::new();
+    hasher.update(b"ferry v1 user key\0");
+    hasher.update((id.len() as u64).to_be_bytes());
+    hasher.update(id.as_bytes());
+    hasher.update(secret.expose().as_bytes());
+    SigningKey::from_bytes(&hasher.finalize().into())
+}
+
+/// The nonces and keys of one login, in the order both sides sign and check them.
+pub struct Transcript<'a> {
+    /// User id.
+    pub id: &'a str,
+    /// Server nonce from the challenge.
+    pub server_nonce: &'a [u8; 32],
+    /// Client nonce from the login.
+    pub client_nonce: &'a [u8; 32],
+    /// Server ephemeral X25519 key.
+    pub server_ephemeral: &'a [u8; 32],
+    /// Client ephemeral X25519 key.
+    pub client_ephemeral: &'a [u8; 32],
+    /// Client's Ed25519 public key.
+    pub public_key: &'a [u8; 32],
+}
+
+impl Transcript<'_> {
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(200 + self.id.len());
+        out.extend_from_slice(b"ferry v1 login\0");
+        out.extend_from_slice(&(self.id.len() as u64).to_be_bytes());
+        out.extend_from_slice(self.id.as_bytes());
+        for part in [
+            self.server_nonce,
+            self.client_nonce,
+            self.server_ephemeral,
+            self.client_ephemeral,
+            self.public_key,
+        ] {
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    fn session_key(&self, shared: &[u8; 32]) -> SessionKey {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(shared).expect("hmac takes any key length");
+        mac.update(b"ferry v1 session key\0");
+        mac.update(self.server_nonce);
+        mac.update(self.client_nonce);
+        SessionKey(mac.finalize().into_bytes().into())
+    }
+}
+
+/// An ephemeral X25519 key pair for one login.
+pub struct Ephemeral {
+    secret: x25519_dalek::StaticSecret,
+    /// The public half, sent to the peer.
+    pub public: [u8; 32],
+}
+
+impl Ephemeral {
+    /// Makes a fresh key pair.
+    pub fn generate() -> Self {
+        let secret = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
+        let public = x25519_dalek::PublicKey::from(&secret).to_bytes();
+        Ephemeral { secret, public }
+    }
+
+    fn shared(&self, peer: &[u8; 32]) -> [u8; 32] {
+        self.secret.diffie_hellman(&x25519_dalek::PublicKey::from(*peer)).to_bytes()
+    }
+}
+
+/// Builds the client's login answer to a challenge, and the session key it yields.
+pub fn client_login(
+    id: &str,
+    secret: &Secret,
+    server_nonce: &[u8; 32],
+    server_ephemeral: &[u8; 32],
+    instance: &str,
+) -> (ClientMessage, SessionKey) {
+    let signing = user_signing_key(id, secret);
+    let public_key = signing.verifying_key().to_bytes();
+    let client_nonce = rand::random::<[u8; 32]>();
+    let ephemeral = Ephemeral::generate();
+    let transcript = Transcript {
+        id,
+        server_nonce,
+        client_nonce: &client_nonce,
+        server_ephemeral,
+        client_ephemeral: &ephemeral.public,
+        public_key: &public_key,
+    };
+    let signature = signing.sign(&transcript.bytes()).to_bytes().to_vec();
+    let key = transcript.session_key(&ephemeral.shared(server_ephemeral));
+    let login = ClientMessage::Login {
+        id: id.to_owned(),
+        client_nonce,
+        public_key,
+        ephemeral_key: ephemeral.public,
+        signature,
+        instance: instance.to_owned(),
+        software: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    (login, key)
+}
+
+/// A key shared by client and server for one session; authenticates data connections.
+#[derive(Clone)]
+pub struct SessionKey([u8; 32]);
+
+impl SessionKey {
+    /// MAC that proves a data connection belongs to `session`, numbered `seq`.
+    pub fn data_mac(&self, session: u64, seq: u64) -> [u8; 32] {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.0).expect("hmac takes any key length");
+        mac.update(b"ferry v1 data\0");
+        mac.update(&session.to_be_bytes());
+        mac.update(&seq.to_be_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Checks a data connection's MAC in constant time.
+    pub fn verify_data_mac(&self, session: u64, seq: u64, mac: &[u8; 32]) -> bool {
+        self.data_mac(session, seq).ct_eq(mac).into()
+    }
+}
+
+/// Remembers which sequence numbers a session's data connections used, so none is used twice.
+#[derive(Default)]
+pub struct ReplayGuard {
+    floor: u64,
+    seen: HashSet<u64>,
+}
+
+impl ReplayGuard {
+    const WINDOW: u64 = 4096;
+
+    /// Records `seq`; false if it was used before or is too old to tell.
+    pub fn accept(&mut self, seq: u64) -> bool {
+        if seq < self.floor || !self.seen.insert(seq) {
+            return false;
+        }
+        if self.seen.len() as u64 > Self::WINDOW {
+            let max = self.seen.iter().copied().max().unwrap_or(0);
+            self.floor = max.saturating_sub(Self::WINDOW / 2);
+            let floor = self.floor;
+            self.seen.retain(|s| *s >= floor);
+        }
+        true
+    }
+}
+
+/// The users a server knows, and what it learned under allow-any-client.
+pub struct UserTable {
+    known: HashMap<String, [u8; 32]>,
+    allow_any_client: bool,
+    learned: Mutex<HashMap<String, [u8; 32]>>,
+}
+
+impl UserTable {
+    /// Builds the table from `(id, secret)` pairs.
+    pub fn new<'a>(users: impl IntoIterator<Item = (&'a str, &'a Secret)>, allow_any_client: bool) -> Self {
+        let known = users
+            .into_iter()
+            .map(|(id, secret)| (id.to_owned(), user_signing_key(id, secret).verifying_key().to_bytes()))
+            .collect();
+        UserTable { known, allow_any_client, learned: Mutex::new(HashMap::new()) }
+    }
+
+    /// Checks a login against a challenge; returns the session key on success.
+    pub fn verify(
+        &self,
+        login: &ClientMessage,
+        server_nonce: &[u8; 32],
+        ephemeral: &Ephemeral,
+    ) -> Result<(String, SessionKey), LoginRefusal> {
+        let ClientMessage::Login { id, client_nonce, public_key, ephemeral_key, signature, .. } = login else {
+            return Err(LoginRefusal::Malformed { message: "expected a login message".into() });
+        };
+        let refused = || LoginRefusal::AuthFailed { id: id.clone() };
+        let transcript = Transcript {
+            id,
+            server_nonce,
+            client_nonce,
+            server_ephemeral: &ephemeral.public,
+            client_ephemeral: ephemeral_key,
+            public_key,
+        };
+        let signature = Signature::from_slice(signature).map_err(|_| refused())?;
+        let verifying = VerifyingKey::from_bytes(public_key).map_err(|_| refused())?;
+        verifying.verify(&transcript.bytes(), &signature).map_err(|_| refused())?;
+        if !self.key_matches(id, public_key) {
+            return Err(refused());
+        }
+        Ok((id.clone(), transcript.session_key(&ephemeral.shared(ephemeral_key))))
+    }
+
+    /// The signature was valid for `public_key`; is that the right key for `id`?
+    fn key_matches(&self, id: &str, public_key: &[u8; 32]) -> bool {
+        if let Some(expected) = self.known.get(id) {
+            return expected.ct_eq(public_key).into();
+        }
+        if !self.allow_any_client {
+            return false;
+        }
+        let mut learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
+        let first = learned.entry(id.to_owned()).or_insert(*public_key);
+        first.ct_eq(public_key).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login_with(table: &UserTable, id: &str, secret: &str) -> Result<(String, SessionKey), LoginRefusal> {
+        let nonce = rand::random::<[u8; 32]>();
+        let server_eph = Ephemeral::generate();
+        let (login, client_key) = client_login(id, &Secret::new(secret), &nonce, &server_eph.public, "i");
+        let result = table.verify(&login, &nonce, &server_eph);
+        if let Ok((_, server_key)) = &result {
+            assert_eq!(server_key.data_mac(1, 2), client_key.data_mac(1, 2));
+        }
+        result
+    }
+
+    #[test]
+    fn known_users_and_wrong_secrets() {
+        let secret = Secret::new("s1");
+        let table = UserTable::new([("id1", &secret)], false);
+        assert!(login_with(&table, "id1", "s1").is_ok());
+        assert_eq!(
+            login_with(&table, "id1", "nope").err(),
+            Some(LoginRefusal::AuthFailed { id: "id1".into() })
+        );
+        assert!(login_with(&table, "stranger", "s1").is_err());
+    }
+
+    #[test]
+    fn allow_any_client_keeps_first_secret() {
+        let table = UserTable::new([], true);
+        assert!(login_with(&table, "a", "first").is_ok());
+        assert!(login_with(&table, "a", "first").is_ok());
+        assert!(login_with(&table, "a", "second").is_err());
+        assert!(login_with(&table, "b", "second").is_ok());
+    }
+
+    #[test]
+    fn tampered_transcript_fails() {
+        let secret = Secret::new("s1");
+        let table = UserTable::new([("id1", &secret)], false);
+        let nonce = [7u8; 32];
+        let eph = Ephemeral::generate();
+        let (login, _) = client_login("id1", &secret, &nonce, &eph.public, "i");
+        assert!(table.verify(&login, &[8u8; 32], &eph).is_err());
+    }
+
+    #[test]
+    fn replay_guard_refuses_reuse() {
+        let mut guard = ReplayGuard::default();
+        assert!(guard.accept(1));
+        assert!(guard.accept(3));
+        assert!(guard.accept(2));
+        assert!(!guard.accept(3));
+        for seq in 4..10_000 {
+            assert!(guard.accept(seq));
+        }
+        assert!(!guard.accept(5));
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "\"********\"");
+    }
+}

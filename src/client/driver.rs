@@ -1,0 +1,307 @@
+//! The task that owns the control connection: logs in again after a failure,
+//! re-registers every tunnel, answers heartbeats and follows the server's
+//! messages.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::backoff::Backoff;
+use super::login::{login, LoggedIn};
+use super::pool::{DataPool, Routes};
+use super::{join_host_port, ClientState, RegisterReply};
+use crate::config::{ClientConfig, ServiceConfig};
+use crate::proto::{ClientMessage, CloseReason, ControlChannel, ProtocolError, ServerMessage, ServiceSpec};
+use crate::transport::{Connector, Stream};
+
+/// Requests from the [`Client`](super::Client) handle.
+pub(crate) enum Command {
+    Add {
+        key: u64,
+        config: ServiceConfig,
+        reply: RegisterReply,
+        closed: watch::Sender<Option<CloseReason>>,
+    },
+    Remove {
+        key: u64,
+    },
+}
+
+/// A tunnel the client wants, kept across reconnects.
+struct Wanted {
+    config: ServiceConfig,
+    /// The port the server gave last time; asked for again after a reconnect.
+    port: Option<u16>,
+    /// The server's number for it in the current session.
+    server_id: Option<u32>,
+    /// Pending answer to `add_service`, until the first registration.
+    reply: Option<RegisterReply>,
+    closed: watch::Sender<Option<CloseReason>>,
+}
+
+impl Wanted {
+    fn spec(&self) -> ServiceSpec {
+        ServiceSpec::Tcp {
+            name: self.config.name.clone(),
+            port: self.port.or(self.config.remote_tcp_port),
+            random: self.config.remote_tcp_random,
+        }
+    }
+
+    fn close(self, reason: CloseReason) {
+        match self.reply {
+            Some(reply) => {
+                let error = match reason {
+                    CloseReason::Refused(error) => error,
+                    other => crate::proto::RegisterError::Other { message: other.to_string() },
+                };
+                let _ = reply.send(Err(error));
+            }
+            None => {
+                let _ = self.closed.send(Some(reason));
+            }
+        }
+    }
+}
+
+pub(crate) struct Driver {
+    config: ClientConfig,
+    connector: Connector,
+    instance: String,
+    inbox: mpsc::UnboundedReceiver<Command>,
+    state: watch::Sender<ClientState>,
+    token: CancellationToken,
+    wanted: BTreeMap<u64, Wanted>,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        config: ClientConfig,
+        connector: Connector,
+        instance: String,
+        inbox: mpsc::UnboundedReceiver<Command>,
+        state: watch::Sender<ClientState>,
+        token: CancellationToken,
+    ) -> Self {
+        Driver { config, connector, instance, inbox, state, token, wanted: BTreeMap::new() }
+    }
+
+    /// Serves the first session, then reconnects with backoff until cancelled.
+    pub(crate) async fn run(mut self, first: LoggedIn) {
+        let mut backoff = Backoff::new(self.config.reconnect_delay, self.config.max_reconnect_delay);
+        let mut next = Some(first);
+        while !self.token.is_cancelled() {
+            let logged = match next.take() {
+                Some(logged) => logged,
+                None => match self.reconnect().await {
+                    Some(Ok(logged)) => logged,
+                    Some(Err(reason)) => {
+                        self.set_state(ClientState::Disconnected { reason });
+                        self.pause(backoff.next_delay()).await;
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            backoff.reset();
+            self.set_state(ClientState::Connected { session: logged.session });
+            let reason = self.serve(logged).await;
+            if self.token.is_cancelled() {
+                break;
+            }
+            warn!(%reason, "disconnected from the server; reconnecting");
+            self.set_state(ClientState::Disconnected { reason });
+            self.pause(backoff.next_delay()).await;
+        }
+        for (_, wanted) in std::mem::take(&mut self.wanted) {
+            wanted.close(CloseReason::ClientShutdown);
+        }
+        self.set_state(ClientState::Stopped);
+    }
+
+    fn set_state(&self, state: ClientState) {
+        self.state.send_replace(state);
+    }
+
+    /// One login attempt; `None` when cancelled.
+    async fn reconnect(&mut self) -> Option<Result<LoggedIn, String>> {
+        self.set_state(ClientState::Connecting);
+        let attempt = tokio::select! {
+            _ = self.token.cancelled() => return None,
+            attempt = login(&self.connector, &self.config, &self.instance) => attempt,
+        };
+        Some(attempt.map_err(|err| {
+            if err.is_fatal() {
+                error!(%err, "login failed");
+            } else {
+                warn!(%err, "reconnect failed");
+            }
+            err.to_string()
+        }))
+    }
+
+    /// Waits before the next attempt, still taking commands.
+    async fn pause(&mut self, delay: Duration) {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return,
+                _ = self.token.cancelled() => return,
+                Some(command) = self.inbox.recv() => self.apply_offline(command),
+            }
+        }
+    }
+
+    fn apply_offline(&mut self, command: Command) {
+        match command {
+            Command::Add { key, config, reply, closed } => {
+                self.wanted.insert(key, Wanted { config, port: None, server_id: None, reply: Some(reply), closed });
+            }
+            Command::Remove { key } => {
+                if let Some(wanted) = self.wanted.remove(&key) {
+                    wanted.close(CloseReason::Cancelled);
+                }
+            }
+        }
+    }
+
+    /// Runs one session until it fails; returns why.
+    async fn serve(&mut self, logged: LoggedIn) -> String {
+        let LoggedIn { chan, session, key, heartbeat_interval } = logged;
+        let session_token = self.token.child_token();
+        let _stop_pool = session_token.clone().drop_guard();
+        let routes = Routes::default();
+        let pool = DataPool::start(
+            self.connector.clone(),
+            session,
+            key,
+            routes.clone(),
+            self.config.remote_idle_connections,
+            self.config.local_timeout,
+            session_token,
+        );
+        let mut session = Session { chan, routes, pool, remote_host: self.config.remote.host.clone(), heartbeat_interval };
+        match self.session_loop(&mut session).await {
+            Ok(reason) => reason,
+            Err(err) => format!("control connection failed: {err}"),
+        }
+    }
+
+    async fn session_loop(&mut self, session: &mut Session) -> Result<String, ProtocolError> {
+        for (key, wanted) in self.wanted.iter_mut() {
+            wanted.server_id = None;
+            session.chan.send(&ClientMessage::Register { request: *key, spec: wanted.spec() }).await?;
+        }
+        let timeout = self.config.heartbeat_timeout;
+        let every = (timeout / 3).min(session.heartbeat_interval).max(Duration::from_millis(10));
+        let mut ticker = tokio::time::interval(every);
+        let mut last_heard = Instant::now();
+        let mut ping_seq = 0;
+        loop {
+            tokio::select! {
+                _ = self.token.cancelled() => return Ok("client shut down".into()),
+                command = self.inbox.recv() => match command {
+                    Some(command) => self.apply_online(command, session).await?,
+                    None => return Ok("client handle dropped".into()),
+                },
+                message = session.chan.recv::<ServerMessage>() => {
+                    last_heard = Instant::now();
+                    match message {
+                        Ok(message) => self.on_message(message, session).await?,
+                        Err(ProtocolError::Closed) => return Ok("server closed the connection".into()),
+                        Err(err) => return Err(err),
+                    }
+                }
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > timeout {
+                        return Ok(format!("no heartbeat from the server for {timeout:?}"));
+                    }
+                    ping_seq += 1;
+                    session.chan.send(&ClientMessage::Ping { seq: ping_seq }).await?;
+                }
+            }
+        }
+    }
+
+    async fn apply_online(&mut self, command: Command, session: &mut Session) -> Result<(), ProtocolError> {
+        match command {
+            Command::Add { key, config, reply, closed } => {
+                let wanted = Wanted { config, port: None, server_id: None, reply: Some(reply), closed };
+                session.chan.send(&ClientMessage::Register { request: key, spec: wanted.spec() }).await?;
+                self.wanted.insert(key, wanted);
+            }
+            Command::Remove { key } => {
+                if let Some(wanted) = self.wanted.remove(&key) {
+                    if let Some(service) = wanted.server_id {
+                        session.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&service);
+                        session.chan.send(&ClientMessage::Unregister { service }).await?;
+                    }
+                    info!(local = %wanted.config.local, "tunnel cancelled");
+                    wanted.close(CloseReason::Cancelled);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, message: ServerMessage, session: &mut Session) -> Result<(), ProtocolError> {
+        match message {
+            ServerMessage::Registered { request, service, port } => {
+                let Some(wanted) = self.wanted.get_mut(&request) else {
+                    // Cancelled while the request was in flight.
+                    return session.chan.send(&ClientMessage::Unregister { service }).await;
+                };
+                if wanted.port.is_some_and(|old| old != port) {
+                    warn!(old = wanted.port, new = port, "the server gave a different public port");
+                }
+                wanted.port = Some(port);
+                wanted.server_id = Some(service);
+                session.routes.write().unwrap_or_else(|e| e.into_inner()).insert(service, wanted.config.local.clone());
+                info!(
+                    public = %join_host_port(&session.remote_host, port),
+                    local = %wanted.config.local,
+                    "tunnel open"
+                );
+                if let Some(reply) = wanted.reply.take() {
+                    let _ = reply.send(Ok(port));
+                }
+            }
+            ServerMessage::RegisterFailed { request, error } => {
+                if let Some(wanted) = self.wanted.remove(&request) {
+                    error!(local = %wanted.config.local, %error, "tunnel refused by the server");
+                    wanted.close(CloseReason::Refused(error));
+                }
+            }
+            ServerMessage::ServiceClosed { service, message } => {
+                session.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&service);
+                let key = self.wanted.iter().find(|(_, w)| w.server_id == Some(service)).map(|(k, _)| *k);
+                if let Some(wanted) = key.and_then(|k| self.wanted.remove(&k)) {
+                    warn!(local = %wanted.config.local, %message, "tunnel closed by the server");
+                    wanted.close(CloseReason::ByServer { message });
+                }
+            }
+            ServerMessage::NeedData { count } => session.pool.grow(count),
+            ServerMessage::Ping { seq } => session.chan.send(&ClientMessage::Pong { seq }).await?,
+            ServerMessage::Pong { .. } => {}
+            other => {
+                return Err(ProtocolError::Malformed(format!("unexpected message after login: {other:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The parts of one connected session.
+struct Session {
+    chan: ControlChannel<Stream>,
+    routes: Routes,
+    pool: std::sync::Arc<DataPool>,
+    remote_host: String,
+    /// How often the server pings; the client pings at least as often.
+    heartbeat_interval: Duration,
+}

@@ -1,0 +1,179 @@
+//! The private side: logs in to the server, keeps tunnels registered across
+//! reconnects, and relays visitors to local services.
+//!
+//! [`Client`] is the handle; a driver task (`driver.rs`) owns the control
+//! connection and reconnects with backoff; `pool.rs` keeps data connections
+//! ready for visitors.
+
+mod backoff;
+mod driver;
+mod login;
+mod pool;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::config::{ClientConfig, ServiceConfig};
+use crate::error::ClientError;
+use crate::proto::{CloseReason, RegisterError};
+use crate::transport::Connector;
+use driver::{Command, Driver};
+
+/// Where the client stands with the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientState {
+    /// Dialing and logging in.
+    Connecting,
+    /// Logged in; tunnels are registered.
+    Connected {
+        /// The server's session number.
+        session: u64,
+    },
+    /// The link is down; the client will try again.
+    Disconnected {
+        /// Why the link went down.
+        reason: String,
+    },
+    /// The client was shut down and will not reconnect.
+    Stopped,
+}
+
+impl fmt::Display for ClientState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientState::Connecting => f.write_str("connecting"),
+            ClientState::Connected { session } => write!(f, "connected (session {session})"),
+            ClientState::Disconnected { reason } => write!(f, "disconnected: {reason}"),
+            ClientState::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+/// A connected ferry client. Dropping it, or calling [`shutdown`](Client::shutdown), stops it.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use ferry::{Client, ClientConfig, RemoteAddr, ServiceConfig};
+/// let remote = RemoteAddr::parse("tcp://tunnel.example.com:7000")?;
+/// let client = Client::connect(ClientConfig::new(remote, "id1", "secret1")).await?;
+/// let mut ssh = client.add_service(ServiceConfig::tcp("127.0.0.1:22").with_remote_port(2222)).await?;
+/// println!("ssh is reachable at {}", ssh.public_addr());
+/// ssh.cancel();
+/// println!("tunnel ended: {}", ssh.closed().await);
+/// # Ok(()) }
+/// ```
+pub struct Client {
+    commands: mpsc::UnboundedSender<Command>,
+    state: watch::Receiver<ClientState>,
+    next_key: AtomicU64,
+    remote_host: String,
+    driver: JoinHandle<()>,
+    token: CancellationToken,
+    _stop_on_drop: DropGuard,
+}
+
+impl Client {
+    /// Connects and logs in once; from then on the client reconnects by itself.
+    ///
+    /// Fails if the server cannot be reached or refuses the login.
+    pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        let connector = Connector::new(config.remote.clone(), &config.remote_trust, config.remote_timeout)?;
+        let instance = format!("{:032x}", rand::random::<u128>());
+        let first = login::login(&connector, &config, &instance).await?;
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let (state_tx, state) = watch::channel(ClientState::Connecting);
+        let token = CancellationToken::new();
+        let remote_host = config.remote.host.clone();
+        let driver = Driver::new(config, connector, instance, inbox, state_tx, token.clone());
+        let driver = tokio::spawn(driver.run(first));
+        Ok(Client {
+            commands,
+            state,
+            next_key: AtomicU64::new(1),
+            remote_host,
+            driver,
+            _stop_on_drop: token.clone().drop_guard(),
+            token,
+        })
+    }
+
+    /// Opens a tunnel to a local service and waits until the server has opened its public port.
+    ///
+    /// While the client is disconnected this waits for the next connection.
+    pub async fn add_service(&self, service: ServiceConfig) -> Result<Registration, ClientError> {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        let (closed_tx, closed) = watch::channel(None);
+        let command = Command::Add { key, config: service, reply, closed: closed_tx };
+        self.commands.send(command).map_err(|_| ClientError::Stopped)?;
+        let port = answer.await.map_err(|_| ClientError::Stopped)?.map_err(ClientError::Register)?;
+        Ok(Registration {
+            key,
+            port,
+            public_addr: join_host_port(&self.remote_host, port),
+            closed,
+            commands: self.commands.clone(),
+        })
+    }
+
+    /// Watches the connection state (connecting, connected, disconnected with a reason, stopped).
+    pub fn state(&self) -> watch::Receiver<ClientState> {
+        self.state.clone()
+    }
+
+    /// Closes every tunnel and the connection, and waits for the client to stop.
+    pub async fn shutdown(self) {
+        self.token.cancel();
+        let Client { driver, .. } = self;
+        let _ = driver.await;
+    }
+}
+
+/// One open tunnel. Dropping it leaves the tunnel open; [`cancel`](Registration::cancel) closes it.
+pub struct Registration {
+    key: u64,
+    port: u16,
+    public_addr: String,
+    closed: watch::Receiver<Option<CloseReason>>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Registration {
+    /// Where visitors connect: the server's host and the public port.
+    pub fn public_addr(&self) -> &str {
+        &self.public_addr
+    }
+
+    /// The public port on the server.
+    pub fn remote_port(&self) -> u16 {
+        self.port
+    }
+
+    /// Asks the server to close the tunnel; [`closed`](Registration::closed) then completes.
+    pub fn cancel(&self) {
+        let _ = self.commands.send(Command::Remove { key: self.key });
+    }
+
+    /// Completes when the tunnel ends, with the reason.
+    pub async fn closed(&mut self) -> CloseReason {
+        match self.closed.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or(CloseReason::ClientShutdown),
+            Err(_) => CloseReason::ClientShutdown,
+        }
+    }
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The answer to an add-service request.
+type RegisterReply = oneshot::Sender<Result<u16, RegisterError>>;

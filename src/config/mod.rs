@@ -1,0 +1,161 @@
+//! Plain configuration structs for the library, and the file/flag layer that fills them.
+//!
+//! [`ServerConfig`], [`ClientConfig`] and [`ServiceConfig`] are what a program
+//! embedding ferry builds by hand. The CLI builds the same structs from flags
+//! and a YAML or TOML file through [`options`].
+
+pub mod options;
+mod port_range;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use port_range::PortRange;
+
+use crate::auth::Secret;
+use crate::transport::{RemoteAddr, RemoteTrust};
+
+/// Default heartbeat timeout on both sides.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Settings of one user on the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserConfig {
+    /// The user's secret.
+    pub secret: Secret,
+}
+
+/// Everything a [`Server`](crate::Server) needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where clients connect (`--addr`).
+    pub addr: SocketAddr,
+    /// Where clients connect over TLS (`--tls-addr`), if anywhere.
+    pub tls_addr: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listener.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key for the TLS listener.
+    pub key_file: Option<PathBuf>,
+    /// Known users by id.
+    pub users: BTreeMap<String, UserConfig>,
+    /// Accept any id; the first secret seen for an id wins.
+    pub allow_any_client: bool,
+    /// Ports the server may open for TCP tunnels; empty means no TCP tunnels.
+    pub tcp_ranges: Vec<PortRange>,
+    /// How many TCP ports one user may hold at a time; `None` is no limit.
+    pub tcp_number: Option<u32>,
+    /// A client silent this long is considered gone.
+    pub heartbeat_timeout: Duration,
+    /// Limit for every handshake read (preamble, login, data hello).
+    pub handshake_timeout: Duration,
+    /// How long a visitor may wait for a free data connection.
+    pub data_wait_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addr: SocketAddr::from(([0, 0, 0, 0], 7000)),
+            tls_addr: None,
+            cert_file: None,
+            key_file: None,
+            users: BTreeMap::new(),
+            allow_any_client: false,
+            tcp_ranges: Vec::new(),
+            tcp_number: None,
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            handshake_timeout: Duration::from_secs(10),
+            data_wait_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Adds a user with a secret; a convenience for programs and tests.
+    pub fn with_user(mut self, id: &str, secret: &str) -> Self {
+        self.users.insert(id.to_owned(), UserConfig { secret: Secret::new(secret) });
+        self
+    }
+}
+
+/// Everything a [`Client`](crate::Client) needs.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The server (`--remote`), e.g. `tcp://example.com:7000` or `tls://example.com`.
+    pub remote: RemoteAddr,
+    /// The user id.
+    pub id: String,
+    /// The user secret; never sent, only used to sign.
+    pub secret: Secret,
+    /// How to check the server's certificate on `tls://`.
+    pub remote_trust: RemoteTrust,
+    /// First delay before reconnecting; doubles up to `max_reconnect_delay`.
+    pub reconnect_delay: Duration,
+    /// Upper bound of the reconnect delay.
+    pub max_reconnect_delay: Duration,
+    /// A server silent this long is considered gone.
+    pub heartbeat_timeout: Duration,
+    /// Limit for connecting and for each handshake read.
+    pub remote_timeout: Duration,
+    /// Data connections kept open and idle, ready for visitors.
+    pub remote_idle_connections: usize,
+    /// Limit for dialing a local service.
+    pub local_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// A configuration with defaults for everything but the server and credentials.
+    pub fn new(remote: RemoteAddr, id: &str, secret: &str) -> Self {
+        ClientConfig {
+            remote,
+            id: id.to_owned(),
+            secret: Secret::new(secret),
+            remote_trust: RemoteTrust::System,
+            reconnect_delay: Duration::from_secs(1),
+            max_reconnect_delay: Duration::from_secs(60),
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            remote_timeout: Duration::from_secs(10),
+            remote_idle_connections: 8,
+            local_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One local service to expose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Name for logs and discovery; defaults to the local address.
+    pub name: String,
+    /// The local service as `host:port`.
+    pub local: String,
+    /// Public TCP port to ask for; `None` lets the server choose.
+    pub remote_tcp_port: Option<u16>,
+    /// Take any free port when the one asked for is unavailable.
+    pub remote_tcp_random: bool,
+}
+
+impl ServiceConfig {
+    /// A TCP service for `local` (`host:port`), on any port the server picks.
+    pub fn tcp(local: &str) -> Self {
+        ServiceConfig {
+            name: local.to_owned(),
+            local: local.to_owned(),
+            remote_tcp_port: None,
+            remote_tcp_random: false,
+        }
+    }
+
+    /// Asks for a specific public port.
+    pub fn with_remote_port(mut self, port: u16) -> Self {
+        self.remote_tcp_port = Some(port);
+        self
+    }
+
+    /// Falls back to a random free port when the asked one is unavailable.
+    pub fn with_random_fallback(mut self) -> Self {
+        self.remote_tcp_random = true;
+        self
+    }
+}

@@ -1,0 +1,302 @@
+//! Flags and config-file keys: one struct per command serves both, so every
+//! flag has a key of the same name. Precedence is flag > file > default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{ClientConfig, PortRange, ServerConfig, ServiceConfig, UserConfig};
+use crate::auth::Secret;
+use crate::logging::LogSettings;
+use crate::transport::{parse_listen_addr, RemoteAddr, RemoteTrust};
+
+/// Server flags; each is also a config-file key of the same name.
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServerOptions {
+    /// Config file: YAML, or TOML when the name ends in .toml.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address for clients: 0.0.0.0:7000, :7000 or 7000. [default: 0.0.0.0:7000]
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Address for clients over TLS (needs --cert-file and --key-file).
+    #[arg(long)]
+    pub tls_addr: Option<String>,
+    /// PEM certificate chain for --tls-addr.
+    #[arg(long)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key for --tls-addr.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// A user id; repeatable, the i-th --id goes with the i-th --secret.
+    #[arg(long)]
+    pub id: Vec<String>,
+    /// The secret of the matching --id.
+    #[arg(long)]
+    pub secret: Vec<Secret>,
+    /// Users by id (config file only): `users: {id1: {secret: s1}}`.
+    #[arg(skip)]
+    pub users: BTreeMap<String, UserOptions>,
+    /// Accept any id; the first secret seen for an id wins.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub allow_any_client: Option<bool>,
+    /// Ports TCP tunnels may use, e.g. 1024-65535; repeatable. Without it TCP tunnels are refused.
+    #[arg(long)]
+    pub tcp_range: Vec<PortRange>,
+    /// How many TCP ports one user may hold at a time. [default: no limit]
+    #[arg(long)]
+    pub tcp_number: Option<u32>,
+    /// A client silent this long is dropped, e.g. 30s. [default: 30s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat_timeout: Option<Duration>,
+    /// Limit for each handshake read from a new connection. [default: 10s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub handshake_timeout: Option<Duration>,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive. [default: info]
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Write logs to this file instead of standard error.
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    /// Rotate the log file when it reaches this many bytes. [default: 536870912]
+    #[arg(long)]
+    pub log_file_max_size: Option<u64>,
+    /// How many rotated log files to keep. [default: 7]
+    #[arg(long)]
+    pub log_file_max_count: Option<usize>,
+}
+
+/// One user's settings in the config file's `users:` map.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct UserOptions {
+    /// The user's secret.
+    pub secret: Secret,
+}
+
+/// Client flags; each is also a config-file key of the same name.
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ClientOptions {
+    /// Config file: YAML, or TOML when the name ends in .toml.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// The server: tcp://host:port, tls://host:port or host:port.
+    #[arg(long)]
+    pub remote: Option<String>,
+    /// User id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// User secret (or the FERRY_SECRET environment variable); never sent over the wire.
+    #[arg(long, env = "FERRY_SECRET", hide_env_values = true)]
+    pub secret: Option<Secret>,
+    /// CA certificate (PEM) to trust for tls:// instead of the system roots.
+    #[arg(long)]
+    pub remote_cert: Option<PathBuf>,
+    /// Accept any server certificate on tls:// (encrypted but not authenticated).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub remote_cert_insecure: Option<bool>,
+    /// Limit for connecting to the server and each handshake read. [default: 10s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub remote_timeout: Option<Duration>,
+    /// Data connections kept ready for visitors. [default: 8]
+    #[arg(long)]
+    pub remote_idle_connections: Option<usize>,
+    /// First delay before reconnecting; doubles up to a minute, with jitter. [default: 1s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub reconnect_delay: Option<Duration>,
+    /// A server silent this long is considered gone. [default: 30s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat_timeout: Option<Duration>,
+    /// Limit for dialing a local service. [default: 10s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub local_timeout: Option<Duration>,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive. [default: info]
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Write logs to this file instead of standard error.
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    /// Rotate the log file when it reaches this many bytes. [default: 536870912]
+    #[arg(long)]
+    pub log_file_max_size: Option<u64>,
+    /// How many rotated log files to keep. [default: 7]
+    #[arg(long)]
+    pub log_file_max_count: Option<usize>,
+    /// Services to expose: each `--local` on the command line starts one (config file: `services:`).
+    #[arg(skip)]
+    pub services: Vec<ServiceOptions>,
+}
+
+/// One service: on the command line a `--local` and the flags after it, in a file an item of `services:`.
+#[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServiceOptions {
+    /// The local service: tcp://127.0.0.1:22 (or 127.0.0.1:22).
+    #[arg(long)]
+    pub local: Option<String>,
+    /// Public port to ask the server for.
+    #[arg(long)]
+    pub remote_tcp_port: Option<u16>,
+    /// Take a random free port when --remote-tcp-port is taken or not allowed.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub remote_tcp_random: Option<bool>,
+    /// A name for logs. [default: the local address]
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// Reads a config file: YAML, or TOML when the name ends in `.toml`. Errors name the key and line.
+pub fn load_file<T: DeserializeOwned + Default>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    if text.trim().is_empty() {
+        return Ok(T::default());
+    }
+    let parsed = if path.extension().is_some_and(|e| e == "toml") {
+        toml::from_str(&text).map_err(|e| e.to_string())
+    } else {
+        serde_norway::from_str(&text).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| format!("config file {}: {e}", path.display()))
+}
+
+/// Lays `flags` over `file`: every flag that was given replaces the file's value.
+pub fn overlay<T: Serialize + DeserializeOwned>(file: T, flags: T) -> Result<T, String> {
+    let mut merged = serde_json::to_value(file).map_err(|e| e.to_string())?;
+    let flags = serde_json::to_value(flags).map_err(|e| e.to_string())?;
+    if let (Value::Object(merged), Value::Object(flags)) = (&mut merged, flags) {
+        for (key, value) in flags {
+            let unset = value.is_null()
+                || value.as_array().is_some_and(Vec::is_empty)
+                || value.as_object().is_some_and(|o| o.is_empty());
+            if !unset {
+                merged.insert(key, value);
+            }
+        }
+    }
+    serde_json::from_value(merged).map_err(|e| e.to_string())
+}
+
+/// Loads the file named by `flags.config` (if any) and lays the flags over it.
+pub fn resolve<T: Serialize + DeserializeOwned + Default>(flags: T, config: Option<&Path>) -> Result<T, String> {
+    match config {
+        Some(path) => overlay(load_file(path)?, flags),
+        None => Ok(flags),
+    }
+}
+
+fn log_settings(level: &Option<String>, file: &Option<PathBuf>, size: Option<u64>, count: Option<usize>) -> LogSettings {
+    let default = LogSettings::default();
+    LogSettings {
+        level: level.clone().unwrap_or(default.level),
+        file: file.clone(),
+        max_size: size.unwrap_or(default.max_size),
+        max_count: count.unwrap_or(default.max_count),
+    }
+}
+
+impl ServerOptions {
+    /// Logging settings with defaults applied.
+    pub fn log_settings(&self) -> LogSettings {
+        log_settings(&self.log_level, &self.log_file, self.log_file_max_size, self.log_file_max_count)
+    }
+
+    /// Checks every value and builds the server configuration; errors name the key.
+    pub fn into_config(self) -> Result<ServerConfig, String> {
+        let mut config = ServerConfig::default();
+        if let Some(addr) = &self.addr {
+            config.addr = parse_listen_addr(addr).map_err(|e| format!("addr: {e}"))?;
+        }
+        if let Some(addr) = &self.tls_addr {
+            config.tls_addr = Some(parse_listen_addr(addr).map_err(|e| format!("tls-addr: {e}"))?);
+            if self.cert_file.is_none() || self.key_file.is_none() {
+                return Err("tls-addr: needs cert-file and key-file".into());
+            }
+        }
+        config.cert_file = self.cert_file;
+        config.key_file = self.key_file;
+        if self.id.len() != self.secret.len() {
+            return Err(format!("id: {} id(s) but {} secret(s); give one --secret per --id", self.id.len(), self.secret.len()));
+        }
+        for (id, options) in self.users {
+            config.users.insert(id, UserConfig { secret: options.secret });
+        }
+        for (id, secret) in self.id.into_iter().zip(self.secret) {
+            config.users.insert(id, UserConfig { secret });
+        }
+        config.allow_any_client = self.allow_any_client.unwrap_or(false);
+        config.tcp_ranges = self.tcp_range;
+        config.tcp_number = self.tcp_number;
+        config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
+        config.handshake_timeout = self.handshake_timeout.unwrap_or(config.handshake_timeout);
+        Ok(config)
+    }
+}
+
+impl ClientOptions {
+    /// Logging settings with defaults applied.
+    pub fn log_settings(&self) -> LogSettings {
+        log_settings(&self.log_level, &self.log_file, self.log_file_max_size, self.log_file_max_count)
+    }
+
+    /// Checks every value and builds the client and service configurations; errors name the key.
+    pub fn into_config(self) -> Result<(ClientConfig, Vec<ServiceConfig>), String> {
+        let remote = self.remote.ok_or("remote: missing (e.g. --remote tcp://example.com:7000)")?;
+        let remote = RemoteAddr::parse(&remote).map_err(|e| format!("remote: {e}"))?;
+        let id = self.id.ok_or("id: missing")?;
+        let secret = self.secret.ok_or("secret: missing (or set FERRY_SECRET)")?;
+        let mut config = ClientConfig::new(remote, &id, secret.expose());
+        config.remote_trust = match (self.remote_cert, self.remote_cert_insecure.unwrap_or(false)) {
+            (Some(_), true) => return Err("remote-cert-insecure: cannot be combined with remote-cert".into()),
+            (Some(path), false) => RemoteTrust::CaFile(path),
+            (None, true) => RemoteTrust::Insecure,
+            (None, false) => RemoteTrust::System,
+        };
+        config.remote_timeout = self.remote_timeout.unwrap_or(config.remote_timeout);
+        config.remote_idle_connections = self.remote_idle_connections.unwrap_or(config.remote_idle_connections);
+        config.reconnect_delay = self.reconnect_delay.unwrap_or(config.reconnect_delay);
+        config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
+        config.local_timeout = self.local_timeout.unwrap_or(config.local_timeout);
+        let services = self
+            .services
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| s.into_config().map_err(|e| format!("services[{i}].{e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((config, services))
+    }
+}
+
+impl ServiceOptions {
+    /// Checks the values and builds the service configuration.
+    pub fn into_config(self) -> Result<ServiceConfig, String> {
+        let local = self.local.ok_or("local: missing")?;
+        let address = match local.split_once("://") {
+            Some(("tcp", rest)) => rest.trim_end_matches('/').to_owned(),
+            Some((scheme, _)) => return Err(format!("local: scheme '{scheme}' is not supported yet (use tcp://)")),
+            None => local.clone(),
+        };
+        if !address.contains(':') {
+            return Err(format!("local: '{local}' needs a port, e.g. tcp://127.0.0.1:22"));
+        }
+        Ok(ServiceConfig {
+            name: self.name.unwrap_or_else(|| address.clone()),
+            local: address,
+            remote_tcp_port: self.remote_tcp_port,
+            remote_tcp_random: self.remote_tcp_random.unwrap_or(false),
+        })
+    }
+}

@@ -1,0 +1,62 @@
+//! Public error types, one per operation.
+
+use std::net::SocketAddr;
+
+use crate::proto::{LoginRefusal, ProtocolError, RegisterError};
+use crate::transport::TlsError;
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The config key it came from.
+        key: &'static str,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// The TLS listener could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached.
+    #[error("cannot reach the server: {0}")]
+    Connect(std::io::Error),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The server refused the login.
+    #[error("{0}")]
+    LoginRefused(LoginRefusal),
+    /// The server refused to open a tunnel.
+    #[error("the server refused the tunnel: {0}")]
+    Register(RegisterError),
+    /// The server spoke out of turn or the link failed mid-handshake.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The client was shut down.
+    #[error("the client is shut down")]
+    Stopped,
+}
+
+impl ClientError {
+    /// Whether retrying later may help (the network), or not (credentials, version).
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            ClientError::LoginRefused(_)
+                | ClientError::Tls(_)
+                | ClientError::Protocol(ProtocolError::VersionMismatch { .. })
+        )
+    }
+}

@@ -1,0 +1,54 @@
+//! ferry: reverse tunnels that expose services behind NAT through a public server.
+//!
+//! A [`Server`] runs on a public host; a [`Client`] runs next to the private
+//! services, logs in over one control connection and asks the server to open
+//! public ports ([`Client::add_service`]). Each visitor of a public port is
+//! paired with a data connection the client opened in advance; the client
+//! dials the local service and bytes are relayed both ways.
+//!
+//! # Layout
+//! - [`proto`]: the wire protocol (preamble, frames, messages); no sockets.
+//! - [`transport`]: TCP and TLS links behind one boxed stream type.
+//! - [`auth`]: keys from secrets, login signatures, session keys, users.
+//! - `server` and `client`: the two actors; [`config`]: what they are built from.
+//! - [`relay`]: the byte pump between visitor and data connection.
+//!
+//! # Example
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use ferry::{Client, ClientConfig, RemoteAddr, Server, ServerConfig, ServiceConfig};
+//! let mut config = ServerConfig::default().with_user("id1", "secret1");
+//! config.addr = "127.0.0.1:0".parse()?;
+//! config.tcp_ranges = vec!["20000-30000".parse()?];
+//! let server = Server::bind(config).await?.spawn();
+//!
+//! let remote = RemoteAddr::parse(&server.local_addr().to_string())?;
+//! let client = Client::connect(ClientConfig::new(remote, "id1", "secret1")).await?;
+//! let tunnel = client.add_service(ServiceConfig::tcp("127.0.0.1:22")).await?;
+//! println!("visitors connect to {}", tunnel.public_addr());
+//! client.shutdown().await;
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod cli;
+mod client;
+pub mod config;
+pub mod demo;
+mod error;
+pub mod logging;
+pub mod proto;
+pub mod relay;
+mod server;
+pub mod transport;
+
+pub use client::{Client, ClientState, Registration};
+pub use config::{ClientConfig, PortRange, ServerConfig, ServiceConfig, UserConfig};
+pub use error::{ClientError, ServerError};
+pub use proto::{CloseReason, LoginRefusal, RegisterError};
+pub use server::{Server, ServerHandle};
+pub use transport::{RemoteAddr, RemoteTrust};

@@ -1,0 +1,86 @@
+//! The `ferry` binary: parse flags, set up logs, run until Ctrl-C or SIGTERM.
+
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use ferry::cli::{Command, DemoOptions};
+use ferry::config::options::{resolve, ClientOptions, ServerOptions};
+use ferry::logging::{self, LogSettings};
+use ferry::{Client, Server};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = ferry::cli::parse();
+    let result = match cli.command {
+        Command::Server(flags) => run_server(flags).await,
+        Command::Client(flags) => run_client(flags).await,
+        Command::Demo(options) => run_demo(options).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_server(flags: ServerOptions) -> anyhow::Result<()> {
+    let config_file = flags.config.clone();
+    let options = resolve(flags, config_file.as_deref()).map_err(|e| anyhow!(e))?;
+    logging::init(&options.log_settings()).map_err(|e| anyhow!(e))?;
+    let config = options.into_config().map_err(|e| anyhow!(e))?;
+    let server = Server::bind(config).await?;
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
+    let config_file = flags.config.clone();
+    let options = resolve(flags, config_file.as_deref()).map_err(|e| anyhow!(e))?;
+    logging::init(&options.log_settings()).map_err(|e| anyhow!(e))?;
+    let (config, services) = options.into_config().map_err(|e| anyhow!(e))?;
+    if services.is_empty() {
+        tracing::warn!("no services given (--local); the client only keeps its connection");
+    }
+    let remote = config.remote.to_string();
+    let client = Client::connect(config).await.with_context(|| format!("client for {remote}"))?;
+    let mut tunnels = Vec::new();
+    for service in services {
+        let local = service.local.clone();
+        let tunnel = client.add_service(service).await.with_context(|| format!("service {local}"))?;
+        println!("{local} is reachable at {}", tunnel.public_addr());
+        tunnels.push(tunnel);
+    }
+    shutdown_signal().await;
+    client.shutdown().await;
+    Ok(())
+}
+
+async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
+    logging::init(&LogSettings { level: options.log_level, ..LogSettings::default() }).map_err(|e| anyhow!(e))?;
+    ferry::demo::run(shutdown_signal()).await.map_err(|e| anyhow!(e))
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

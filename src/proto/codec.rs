@@ -1,0 +1,196 @@
+//! Framing: a 4-byte big-endian length, then a JSON body, never longer than [`MAX_FRAME_LEN`].
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+/// Largest frame either side accepts; a longer length prefix is an error before any allocation.
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// What can go wrong while speaking the protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The socket failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection.
+    #[error("connection closed by peer")]
+    Closed,
+    /// The peer did not answer in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The first bytes were not a ferry preamble.
+    #[error("not a ferry peer (bad magic bytes)")]
+    NotFerry,
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: peer speaks {peer}, this build speaks {ours}; run the same ferry version on both sides")]
+    VersionMismatch {
+        /// The peer's version.
+        peer: u16,
+        /// Ours.
+        ours: u16,
+    },
+    /// A frame announced more bytes than allowed.
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
+    FrameTooLarge(usize),
+    /// A frame did not decode as the expected message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+impl ProtocolError {
+    fn from_codec(err: std::io::Error) -> Self {
+        // LengthDelimitedCodec reports oversized frames as InvalidData.
+        if err.kind() == std::io::ErrorKind::InvalidData {
+            ProtocolError::Malformed(err.to_string())
+        } else {
+            ProtocolError::Io(err)
+        }
+    }
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME_LEN)
+        .new_codec()
+}
+
+/// A control connection: typed messages in both directions over any byte stream.
+pub struct ControlChannel<S> {
+    framed: Framed<S, LengthDelimitedCodec>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ControlChannel<S> {
+    /// Wraps a stream whose preamble has already been exchanged.
+    pub fn new(stream: S) -> Self {
+        Self { framed: Framed::new(stream, codec()) }
+    }
+
+    /// Encodes and sends one message.
+    pub async fn send<M: Serialize>(&mut self, message: &M) -> Result<(), ProtocolError> {
+        let body = serde_json::to_vec(message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        self.framed.send(bytes::Bytes::from(body)).await.map_err(ProtocolError::from_codec)
+    }
+
+    /// Receives one message; a clean close is [`ProtocolError::Closed`].
+    pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<M, ProtocolError> {
+        match self.framed.next().await {
+            Some(Ok(frame)) => decode(&frame),
+            Some(Err(err)) => Err(ProtocolError::from_codec(err)),
+            None => Err(ProtocolError::Closed),
+        }
+    }
+
+    /// Like [`recv`](Self::recv), but gives up after `limit`.
+    pub async fn recv_timeout<M: DeserializeOwned>(&mut self, limit: Duration) -> Result<M, ProtocolError> {
+        tokio::time::timeout(limit, self.recv())
+            .await
+            .map_err(|_| ProtocolError::Timeout(limit))?
+    }
+}
+
+fn decode<M: DeserializeOwned>(frame: &[u8]) -> Result<M, ProtocolError> {
+    serde_json::from_slice(frame).map_err(|e| ProtocolError::Malformed(e.to_string()))
+}
+
+/// Writes one frame straight to a stream (used on data connections, which turn raw afterwards).
+pub async fn write_frame<W: AsyncWrite + Unpin, M: Serialize>(
+    writer: &mut W,
+    message: &M,
+) -> Result<(), ProtocolError> {
+    let body = serde_json::to_vec(message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let len = u32::try_from(body.len()).map_err(|_| ProtocolError::FrameTooLarge(body.len()))?;
+    let mut bytes = Vec::with_capacity(4 + body.len());
+    bytes.extend_from_slice(&len.to_be_bytes());
+    bytes.extend_from_slice(&body);
+    writer.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// Reads exactly one frame and nothing after it, so raw bytes that follow stay in the stream.
+pub async fn read_frame<R: AsyncRead + Unpin, M: DeserializeOwned>(reader: &mut R) -> Result<M, ProtocolError> {
+    let mut len = [0u8; 4];
+    reader.read_exact(&mut len).await.map_err(eof_as_closed)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await.map_err(eof_as_closed)?;
+    decode(&body)
+}
+
+fn eof_as_closed(err: std::io::Error) -> ProtocolError {
+    if err.kind() == std::io::ErrorKind::UnexpectedEof {
+        ProtocolError::Closed
+    } else {
+        ProtocolError::Io(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{ClientMessage, OpenStream};
+
+    #[tokio::test]
+    async fn frames_survive_tiny_buffers() {
+        let (a, b) = tokio::io::duplex(3);
+        let mut left = ControlChannel::new(a);
+        let mut right = ControlChannel::new(b);
+        let sender = tokio::spawn(async move {
+            for seq in 0..20 {
+                left.send(&ClientMessage::Ping { seq }).await.unwrap();
+            }
+        });
+        for expected in 0..20 {
+            match right.recv::<ClientMessage>().await.unwrap() {
+                ClientMessage::Ping { seq } => assert_eq!(seq, expected),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        sender.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn oversized_length_is_refused_before_allocation() {
+        let mut bytes = (u32::MAX).to_be_bytes().to_vec();
+        bytes.extend_from_slice(b"xx");
+        let err = read_frame::<_, OpenStream>(&mut bytes.as_slice()).await.unwrap_err();
+        assert!(matches!(err, ProtocolError::FrameTooLarge(_)));
+
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut chan = ControlChannel::new(a);
+        b.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
+        assert!(chan.recv::<ClientMessage>().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn truncated_and_garbage_frames_are_errors() {
+        let mut truncated = 10u32.to_be_bytes().to_vec();
+        truncated.extend_from_slice(b"{\"a\"");
+        let err = read_frame::<_, OpenStream>(&mut truncated.as_slice()).await.unwrap_err();
+        assert!(matches!(err, ProtocolError::Closed));
+
+        let mut garbage = 4u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"\xff\x00\x01\x02");
+        let err = read_frame::<_, OpenStream>(&mut garbage.as_slice()).await.unwrap_err();
+        assert!(matches!(err, ProtocolError::Malformed(_)));
+    }
+
+    #[tokio::test]
+    async fn read_frame_leaves_following_bytes() {
+        let open = OpenStream { service: 7, visitor: "127.0.0.1:9".parse().unwrap() };
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, &open).await.unwrap();
+        bytes.extend_from_slice(b"raw");
+        let mut reader = bytes.as_slice();
+        let got: OpenStream = read_frame(&mut reader).await.unwrap();
+        assert_eq!(got.service, 7);
+        assert_eq!(reader, b"raw");
+    }
+}

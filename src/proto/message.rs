@@ -1,0 +1,248 @@
+//! Messages exchanged on control and data connections, by direction.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// What a client asks the server to expose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "protocol", rename_all = "snake_case")]
+pub enum ServiceSpec {
+    /// A raw TCP port on the server.
+    Tcp {
+        /// Name of the service, for logs and discovery.
+        name: String,
+        /// Port asked for; `None` lets the server pick one from its range.
+        port: Option<u16>,
+        /// Fall back to a free port in the range when `port` is taken or not allowed.
+        random: bool,
+    },
+}
+
+/// Messages a client sends on its control connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// Sent once, in answer to [`ServerMessage::Challenge`]: proves the client knows its secret.
+    Login {
+        /// The user id.
+        id: String,
+        /// Fresh random bytes of the client, part of what is signed.
+        client_nonce: [u8; 32],
+        /// Ed25519 public key derived from id and secret.
+        public_key: [u8; 32],
+        /// X25519 ephemeral key for the session key.
+        ephemeral_key: [u8; 32],
+        /// Ed25519 signature over the transcript (see `auth::login_transcript`).
+        signature: Vec<u8>,
+        /// Random id of this client process; a reconnect with the same one replaces a stale session.
+        instance: String,
+        /// The client's software version, for logs.
+        software: String,
+    },
+    /// Asks for a tunnel; answered by `Registered` or `RegisterFailed` with the same `request`.
+    Register {
+        /// Chosen by the client to match the answer.
+        request: u64,
+        /// What to expose.
+        spec: ServiceSpec,
+    },
+    /// Closes a tunnel the client no longer wants.
+    Unregister {
+        /// The id the server gave in `Registered`.
+        service: u32,
+    },
+    /// Heartbeat; the peer answers `Pong` with the same number.
+    Ping {
+        /// Echoed back.
+        seq: u64,
+    },
+    /// Answer to a server `Ping`.
+    Pong {
+        /// The number of the ping answered.
+        seq: u64,
+    },
+}
+
+/// Why the server refused a login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum LoginRefusal {
+    /// Unknown id, wrong secret, or (with allow-any-client) another secret than the first seen.
+    #[error("authentication failed for id '{id}'")]
+    AuthFailed {
+        /// The id that was refused.
+        id: String,
+    },
+    /// The message was not a valid login.
+    #[error("malformed login: {message}")]
+    Malformed {
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// Why the server refused to open a tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum RegisterError {
+    /// The server has no `tcp-range`, so it offers no TCP ports.
+    #[error("the server offers no TCP ports (it has no tcp-range)")]
+    TcpDisabled,
+    /// The port is outside every allowed range.
+    #[error("port {port} is not allowed; the server's tcp-range is {ranges}")]
+    PortNotAllowed {
+        /// The port asked for.
+        port: u16,
+        /// The allowed ranges, as configured.
+        ranges: String,
+    },
+    /// Another tunnel or program holds the port.
+    #[error("port {port} is already in use")]
+    PortTaken {
+        /// The port asked for.
+        port: u16,
+    },
+    /// The user already holds as many ports as `tcp-number` allows.
+    #[error("this user already holds {limit} TCP port(s), the server's tcp-number")]
+    PortLimit {
+        /// The configured limit.
+        limit: u32,
+    },
+    /// Every port in the range is taken.
+    #[error("no free port left in {ranges}")]
+    NoFreePort {
+        /// The allowed ranges, as configured.
+        ranges: String,
+    },
+    /// Anything else, said in words.
+    #[error("{message}")]
+    Other {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Why a tunnel ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum CloseReason {
+    /// The owner cancelled it.
+    #[error("cancelled")]
+    Cancelled,
+    /// The client shut down.
+    #[error("client shut down")]
+    ClientShutdown,
+    /// The server closed it, for the reason given.
+    #[error("closed by the server: {message}")]
+    ByServer {
+        /// The server's words.
+        message: String,
+    },
+    /// Re-registering after a reconnect failed.
+    #[error("could not re-register: {0}")]
+    Refused(RegisterError),
+}
+
+/// Messages the server sends on a control connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// First message after the preamble: the values the client must sign.
+    Challenge {
+        /// Fresh random bytes of the server.
+        nonce: [u8; 32],
+        /// The server's X25519 ephemeral key for the session key.
+        ephemeral_key: [u8; 32],
+    },
+    /// The login succeeded.
+    Welcome {
+        /// Session number, quoted by data connections.
+        session: u64,
+        /// How often the server pings, in milliseconds.
+        heartbeat_interval_ms: u64,
+    },
+    /// The login failed; the server closes the connection after this.
+    LoginRefused {
+        /// Why.
+        refusal: LoginRefusal,
+    },
+    /// A tunnel is open.
+    Registered {
+        /// The client's request number.
+        request: u64,
+        /// The server's id for the tunnel, used in `OpenStream`.
+        service: u32,
+        /// The public port.
+        port: u16,
+    },
+    /// A tunnel could not be opened.
+    RegisterFailed {
+        /// The client's request number.
+        request: u64,
+        /// Why.
+        error: RegisterError,
+    },
+    /// The server closed a tunnel on its own.
+    ServiceClosed {
+        /// The tunnel.
+        service: u32,
+        /// Why, in words.
+        message: String,
+    },
+    /// Visitors are waiting for data connections: open this many more.
+    NeedData {
+        /// How many.
+        count: u32,
+    },
+    /// Heartbeat; the peer answers `Pong` with the same number.
+    Ping {
+        /// Echoed back.
+        seq: u64,
+    },
+    /// Answer to a client `Ping`.
+    Pong {
+        /// The number of the ping answered.
+        seq: u64,
+    },
+}
+
+/// First frame of a data connection: which session it belongs to, proven with the session key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DataHello {
+    /// The session from `Welcome`.
+    pub session: u64,
+    /// A number used once per session, so a recorded hello cannot be replayed.
+    pub seq: u64,
+    /// HMAC-SHA256 of session and seq under the session key.
+    pub mac: [u8; 32],
+}
+
+/// Sent by the server on a pooled data connection when a visitor arrives; raw bytes follow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenStream {
+    /// The tunnel the visitor came to.
+    pub service: u32,
+    /// The visitor's address.
+    pub visitor: SocketAddr,
+}
+
+/// One byte the client writes back on a data connection after dialing the local service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamStatus {
+    /// The local service answered; raw bytes follow.
+    Ready = 0,
+    /// The local service could not be reached; the connection closes.
+    LocalUnavailable = 1,
+}
+
+impl StreamStatus {
+    /// Decodes the status byte; anything unknown counts as a failure.
+    pub fn from_byte(byte: u8) -> Self {
+        if byte == 0 {
+            StreamStatus::Ready
+        } else {
+            StreamStatus::LocalUnavailable
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The wire protocol: a fixed preamble, then length-prefixed JSON frames.
+//!
+//! This module knows bytes and messages, not sockets: everything here works on
+//! any [`AsyncRead`](tokio::io::AsyncRead)/[`AsyncWrite`](tokio::io::AsyncWrite)
+//! stream, so TCP, TLS and future QUIC streams share it. `docs/protocol.md`
+//! describes the exchange in prose.
+
+mod codec;
+mod message;
+mod preamble;
+
+pub use codec::{read_frame, write_frame, ControlChannel, ProtocolError, MAX_FRAME_LEN};
+pub use message::{
+    ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, RegisterError,
+    ServerMessage, ServiceSpec, StreamStatus,
+};
+pub use preamble::{read_preamble, write_preamble, LinkKind, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION};

@@ -1,0 +1,93 @@
+//! The eight bytes that open every link from a client to the server.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::ProtocolError;
+
+/// Magic bytes that start every ferry link; they tell ferry apart from HTTP or TLS.
+pub const MAGIC: &[u8; 5] = b"FERRY";
+/// Version of the wire protocol spoken by this build.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Length of the preamble in bytes.
+pub const PREAMBLE_LEN: usize = 8;
+
+/// What a new link from a client is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// The control connection: login, service registration, heartbeats.
+    Control,
+    /// A data connection: waits in the pool, then carries one visitor's bytes.
+    Data,
+}
+
+impl LinkKind {
+    fn to_byte(self) -> u8 {
+        match self {
+            LinkKind::Control => b'C',
+            LinkKind::Data => b'D',
+        }
+    }
+
+    fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            b'C' => Some(LinkKind::Control),
+            b'D' => Some(LinkKind::Data),
+            _ => None,
+        }
+    }
+}
+
+/// Writes `FERRY`, the protocol version (big-endian u16) and the link kind.
+pub async fn write_preamble<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    kind: LinkKind,
+) -> Result<(), ProtocolError> {
+    let mut bytes = [0u8; PREAMBLE_LEN];
+    bytes[..5].copy_from_slice(MAGIC);
+    bytes[5..7].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    bytes[7] = kind.to_byte();
+    writer.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// Reads and checks a preamble; a foreign version is reported, not guessed at.
+pub async fn read_preamble<R: AsyncRead + Unpin>(reader: &mut R) -> Result<LinkKind, ProtocolError> {
+    let mut bytes = [0u8; PREAMBLE_LEN];
+    reader.read_exact(&mut bytes).await?;
+    parse_preamble(&bytes)
+}
+
+fn parse_preamble(bytes: &[u8; PREAMBLE_LEN]) -> Result<LinkKind, ProtocolError> {
+    if &bytes[..5] != MAGIC {
+        return Err(ProtocolError::NotFerry);
+    }
+    let version = u16::from_be_bytes([bytes[5], bytes[6]]);
+    if version != PROTOCOL_VERSION {
+        return Err(ProtocolError::VersionMismatch { peer: version, ours: PROTOCOL_VERSION });
+    }
+    LinkKind::from_byte(bytes[7]).ok_or(ProtocolError::Malformed("unknown link kind".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trip_and_rejections() {
+        let mut buf = Vec::new();
+        write_preamble(&mut buf, LinkKind::Data).await.unwrap();
+        assert_eq!(read_preamble(&mut buf.as_slice()).await.unwrap(), LinkKind::Data);
+
+        let http = *b"GET / HT";
+        assert!(matches!(parse_preamble(&http), Err(ProtocolError::NotFerry)));
+
+        let mut future = buf.clone();
+        future[6] = 9;
+        let err = read_preamble(&mut future.as_slice()).await.unwrap_err();
+        assert!(matches!(err, ProtocolError::VersionMismatch { peer: 9, ours: 1 }));
+
+        let mut bad_kind = buf.clone();
+        bad_kind[7] = b'?';
+        assert!(read_preamble(&mut bad_kind.as_slice()).await.is_err());
+    }
+}

@@ -1,0 +1,100 @@
+//! Moving bytes between a visitor and a data connection.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::proto::StreamStatus;
+
+/// Copies both ways until both sides are done, honouring half-close.
+///
+/// Returns the bytes moved `a → b` and `b → a`. Each direction owns one fixed
+/// buffer, and a full peer stops the copy, so memory stays bounded per stream.
+pub async fn relay<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional(a, b).await
+}
+
+/// A data connection seen from the server: the first byte read from it is the
+/// client's [`StreamStatus`], which is checked and swallowed.
+///
+/// Visitor bytes can flow to the client at once; the reply direction fails
+/// with an error if the client could not reach its local service, so the
+/// visitor is closed straight away.
+pub struct StatusGate<S> {
+    inner: S,
+    awaiting_status: bool,
+}
+
+impl<S> StatusGate<S> {
+    /// Wraps a data connection on which the open message was just sent.
+    pub fn new(inner: S) -> Self {
+        StatusGate { inner, awaiting_status: true }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StatusGate<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.awaiting_status {
+            let mut byte = [0u8; 1];
+            let mut status = ReadBuf::new(&mut byte);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut status))?;
+            if status.filled().is_empty() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "client closed the data connection before answering",
+                )));
+            }
+            if StreamStatus::from_byte(byte[0]) != StreamStatus::Ready {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "client could not reach its local service",
+                )));
+            }
+            self.awaiting_status = false;
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StatusGate<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn gate_passes_after_ready_and_fails_on_refusal() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut gate = StatusGate::new(server);
+        client.write_all(&[StreamStatus::Ready as u8]).await.unwrap();
+        client.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        gate.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut gate = StatusGate::new(server);
+        client.write_all(&[StreamStatus::LocalUnavailable as u8]).await.unwrap();
+        let err = gate.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    }
+}

@@ -1,0 +1,232 @@
+//! One client's control connection: login, tunnel registration, heartbeats.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use super::pool::DataPool;
+use super::{tcp, ServerShared};
+use crate::auth::{Ephemeral, ReplayGuard, SessionKey};
+use crate::proto::{ClientMessage, ControlChannel, LoginRefusal, ProtocolError, RegisterError, ServerMessage, ServiceSpec};
+use crate::transport::Stream;
+
+/// Most tunnels one session may hold.
+const MAX_SERVICES_PER_SESSION: usize = 1024;
+
+/// What the rest of the server knows about a live session.
+pub(crate) struct SessionShared {
+    pub(crate) id: u64,
+    pub(crate) user: String,
+    pub(crate) instance: String,
+    key: SessionKey,
+    replay: Mutex<ReplayGuard>,
+    pub(crate) pool: DataPool,
+    /// Messages for the client from tunnel tasks (e.g. "open more data connections").
+    pub(crate) outbox: mpsc::Sender<ServerMessage>,
+    /// Cancelled when the session starts closing; parent of every tunnel token.
+    pub(crate) closing: CancellationToken,
+    /// Cancelled once every tunnel and visitor of the session is gone.
+    pub(crate) released: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    /// Open tunnels by service number; cancelling one closes the tunnel and its visitors.
+    pub(crate) tunnels: Mutex<HashMap<u32, CancellationToken>>,
+}
+
+impl SessionShared {
+    /// Checks a data connection's hello: right key, sequence number not used before.
+    pub(crate) fn admit_data(&self, seq: u64, mac: &[u8; 32]) -> bool {
+        self.key.verify_data_mac(self.id, seq, mac)
+            && self.replay.lock().unwrap_or_else(|e| e.into_inner()).accept(seq)
+    }
+
+    /// Asks the client for more data connections, without blocking.
+    pub(crate) fn request_data(&self) {
+        let _ = self.outbox.try_send(ServerMessage::NeedData { count: 1 });
+    }
+}
+
+/// Serves a control connection from its first message to its end.
+pub(crate) async fn serve_control(shared: Arc<ServerShared>, stream: Stream, peer: SocketAddr) {
+    let mut chan = ControlChannel::new(stream);
+    let (user, instance, key) = match login(&shared, &mut chan, peer).await {
+        Some(login) => login,
+        None => return,
+    };
+    let (outbox, inbox) = mpsc::channel(64);
+    let session = Arc::new(SessionShared {
+        id: shared.registry.next_session_id(),
+        user,
+        instance,
+        key,
+        replay: Mutex::default(),
+        pool: DataPool::default(),
+        outbox,
+        closing: shared.shutdown.child_token(),
+        released: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        tunnels: Mutex::default(),
+    });
+    let span = tracing::info_span!("session", id = session.id, user = %session.user, %peer);
+    async move {
+        if let Some(stale) = shared.registry.insert_session(session.clone()) {
+            info!(stale = stale.id, "replacing a stale session of the same client");
+            stale.closing.cancel();
+            stale.released.cancelled().await;
+        }
+        let interval = heartbeat_interval(shared.config.heartbeat_timeout);
+        let welcome = ServerMessage::Welcome { session: session.id, heartbeat_interval_ms: interval.as_millis() as u64 };
+        if chan.send(&welcome).await.is_ok() {
+            info!("client connected");
+            let reason = Control { shared: &shared, session: &session, chan, inbox }.run(interval).await;
+            info!(%reason, "client disconnected");
+        }
+        close_session(&shared, &session).await;
+    }
+    .instrument(span)
+    .await
+}
+
+fn heartbeat_interval(timeout: Duration) -> Duration {
+    (timeout / 3).max(Duration::from_millis(10))
+}
+
+/// Sends the challenge and checks the answer; on failure tells the client why.
+async fn login(
+    shared: &ServerShared,
+    chan: &mut ControlChannel<Stream>,
+    peer: SocketAddr,
+) -> Option<(String, String, SessionKey)> {
+    let nonce = rand::random::<[u8; 32]>();
+    let ephemeral = Ephemeral::generate();
+    chan.send(&ServerMessage::Challenge { nonce, ephemeral_key: ephemeral.public }).await.ok()?;
+    let login = match chan.recv_timeout::<ClientMessage>(shared.config.handshake_timeout).await {
+        Ok(login) => login,
+        Err(err) => {
+            debug!(%peer, %err, "no valid login");
+            let refusal = LoginRefusal::Malformed { message: err.to_string() };
+            let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
+            return None;
+        }
+    };
+    let instance = match &login {
+        ClientMessage::Login { instance, .. } => instance.clone(),
+        _ => String::new(),
+    };
+    match shared.users.verify(&login, &nonce, &ephemeral) {
+        Ok((user, key)) => Some((user, instance, key)),
+        Err(refusal) => {
+            warn!(%peer, %refusal, "login refused");
+            let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
+            None
+        }
+    }
+}
+
+/// Stops every tunnel and visitor of the session, then forgets it.
+async fn close_session(shared: &ServerShared, session: &SessionShared) {
+    session.closing.cancel();
+    session.pool.clear();
+    session.tasks.close();
+    session.tasks.wait().await;
+    shared.registry.remove_session(session.id);
+    session.released.cancel();
+}
+
+/// The control loop of one session.
+struct Control<'a> {
+    shared: &'a Arc<ServerShared>,
+    session: &'a Arc<SessionShared>,
+    chan: ControlChannel<Stream>,
+    inbox: mpsc::Receiver<ServerMessage>,
+}
+
+impl Control<'_> {
+    /// Runs until the client leaves, goes silent, or the server shuts down; returns why.
+    async fn run(mut self, interval: Duration) -> String {
+        let timeout = self.shared.config.heartbeat_timeout;
+        let mut ticker = tokio::time::interval(interval);
+        let mut last_heard = Instant::now();
+        let mut ping_seq = 0u64;
+        let mut services = 0usize;
+        loop {
+            let result = tokio::select! {
+                _ = self.session.closing.cancelled() => return "session closed by the server".into(),
+                message = self.chan.recv::<ClientMessage>() => match message {
+                    Ok(message) => {
+                        last_heard = Instant::now();
+                        self.handle(message, &mut services).await
+                    }
+                    Err(ProtocolError::Closed) => return "connection closed by client".into(),
+                    Err(err) => return format!("control connection failed: {err}"),
+                },
+                Some(message) = self.inbox.recv() => self.chan.send(&message).await,
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > timeout {
+                        return format!("no heartbeat for {timeout:?}");
+                    }
+                    ping_seq += 1;
+                    self.chan.send(&ServerMessage::Ping { seq: ping_seq }).await
+                }
+            };
+            if let Err(err) = result {
+                return format!("control connection failed: {err}");
+            }
+        }
+    }
+
+    async fn handle(&mut self, message: ClientMessage, services: &mut usize) -> Result<(), ProtocolError> {
+        match message {
+            ClientMessage::Register { request, spec } => {
+                let reply = if *services >= MAX_SERVICES_PER_SESSION {
+                    ServerMessage::RegisterFailed {
+                        request,
+                        error: RegisterError::Other { message: format!("at most {MAX_SERVICES_PER_SESSION} tunnels per client") },
+                    }
+                } else {
+                    self.register(request, spec).await
+                };
+                if matches!(reply, ServerMessage::Registered { .. }) {
+                    *services += 1;
+                }
+                self.chan.send(&reply).await
+            }
+            ClientMessage::Unregister { service } => {
+                if tcp::close_tunnel(self.session, service) {
+                    *services = services.saturating_sub(1);
+                }
+                Ok(())
+            }
+            ClientMessage::Ping { seq } => self.chan.send(&ServerMessage::Pong { seq }).await,
+            ClientMessage::Pong { .. } => Ok(()),
+            ClientMessage::Login { .. } => Err(ProtocolError::Malformed("login sent twice".into())),
+        }
+    }
+
+    async fn register(&mut self, request: u64, spec: ServiceSpec) -> ServerMessage {
+        let ServiceSpec::Tcp { name, port, random } = spec;
+        let reserved = self
+            .shared
+            .registry
+            .reserve_tcp_port(&self.shared.config, self.session, port, random)
+            .await;
+        match reserved {
+            Ok((port, listener)) => {
+                let service = self.shared.registry.next_service_id();
+                info!(service, port, %name, "tcp tunnel opened");
+                tcp::spawn_tunnel(self.shared, self.session, service, port, listener);
+                ServerMessage::Registered { request, service, port }
+            }
+            Err(error) => {
+                warn!(%name, %error, "tunnel refused");
+                ServerMessage::RegisterFailed { request, error }
+            }
+        }
+    }
+}

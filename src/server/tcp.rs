@@ -1,0 +1,99 @@
+//! TCP tunnels: accept visitors on a public port and pair each with a data connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use super::session::SessionShared;
+use super::ServerShared;
+use crate::proto::{write_frame, OpenStream};
+use crate::relay::{relay, StatusGate};
+
+/// Starts accepting visitors on `listener` until the tunnel or its session closes.
+pub(crate) fn spawn_tunnel(
+    shared: &Arc<ServerShared>,
+    session: &Arc<SessionShared>,
+    service: u32,
+    port: u16,
+    listener: TcpListener,
+) {
+    let token = session.closing.child_token();
+    session.tunnels.lock().unwrap_or_else(|e| e.into_inner()).insert(service, token.clone());
+    let (shared, session) = (shared.clone(), session.clone());
+    let span = tracing::info_span!("tunnel", service, port);
+    let tasks = session.tasks.clone();
+    tasks.spawn(
+        async move {
+            accept_visitors(&shared, &session, service, &listener, &token).await;
+            // Drop the socket before giving the port back, so a re-registration can bind it.
+            drop(listener);
+            shared.registry.release_port(port);
+            session.tunnels.lock().unwrap_or_else(|e| e.into_inner()).remove(&service);
+            info!("tcp tunnel closed");
+        }
+        .instrument(span),
+    );
+}
+
+/// Closes one tunnel of a session; false if it does not exist.
+pub(crate) fn close_tunnel(session: &SessionShared, service: u32) -> bool {
+    let token = session.tunnels.lock().unwrap_or_else(|e| e.into_inner()).get(&service).cloned();
+    token.map(|t| t.cancel()).is_some()
+}
+
+async fn accept_visitors(
+    shared: &ServerShared,
+    session: &Arc<SessionShared>,
+    service: u32,
+    listener: &TcpListener,
+    token: &CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = token.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((visitor, addr)) => {
+                let visit = serve_visitor(session.clone(), shared.config.data_wait_timeout, service, visitor, addr, token.clone());
+                session.tasks.spawn(visit.instrument(tracing::debug_span!("visitor", %addr)));
+            }
+            Err(err) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_visitor(
+    session: Arc<SessionShared>,
+    wait: Duration,
+    service: u32,
+    mut visitor: TcpStream,
+    addr: SocketAddr,
+    token: CancellationToken,
+) {
+    let _ = visitor.set_nodelay(true);
+    let Some(mut data) = session.pool.take(wait, || session.request_data()).await else {
+        warn!(?wait, "no data connection from the client in time; closing visitor");
+        return;
+    };
+    if let Err(err) = write_frame(&mut data, &OpenStream { service, visitor: addr }).await {
+        debug!(%err, "data connection failed before use");
+        return;
+    }
+    let mut gate = StatusGate::new(data);
+    tokio::select! {
+        _ = token.cancelled() => debug!("visitor closed with its tunnel"),
+        result = relay(&mut visitor, &mut gate) => match result {
+            Ok((up, down)) => debug!(up, down, "visitor done"),
+            Err(err) => debug!(%err, "visitor closed"),
+        },
+    }
+}

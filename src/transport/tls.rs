@@ -1,0 +1,148 @@
+//! TLS set-up with rustls: the server's certificate and the client's trust.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+/// What can go wrong setting up TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate or key file could not be read or parsed.
+    #[error("cannot load {what} from {path}: {message}")]
+    Load {
+        /// "certificate" or "private key".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("tls configuration: {0}")]
+    Config(#[from] rustls::Error),
+    /// The remote host is not a valid TLS server name.
+    #[error("'{0}' is not a valid TLS server name")]
+    BadServerName(String),
+    /// No trusted root could be found.
+    #[error("no trusted root certificates found: {0}")]
+    NoRoots(String),
+}
+
+/// How the client decides to trust the server's certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RemoteTrust {
+    /// The operating system's root certificates.
+    #[default]
+    System,
+    /// Only the CA certificates in this PEM file (`--remote-cert`).
+    CaFile(PathBuf),
+    /// Any certificate (`--remote-cert-insecure`): encrypted but not authenticated.
+    Insecure,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |message: String| TlsError::Load { what: "certificate", path: path.to_owned(), message };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no PEM certificate in file".into()));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Load {
+        what: "private key",
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Builds the acceptor for the server's TLS listener from PEM files.
+pub fn server_tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(cert_file)?, load_key(key_file)?)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Builds the client's TLS configuration; one per client, so sessions resume.
+pub fn client_tls_config(trust: &RemoteTrust) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let config = match trust {
+        RemoteTrust::Insecure => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
+            .with_no_client_auth(),
+        RemoteTrust::CaFile(path) => builder.with_root_certificates(roots_from(load_certs(path)?)?).with_no_client_auth(),
+        RemoteTrust::System => {
+            let found = rustls_native_certs::load_native_certs();
+            if found.certs.is_empty() {
+                let why = found.errors.first().map(|e| e.to_string()).unwrap_or_else(|| "none installed".into());
+                return Err(TlsError::NoRoots(why));
+            }
+            builder.with_root_certificates(roots_from(found.certs)?).with_no_client_auth()
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+fn roots_from(certs: Vec<CertificateDer<'static>>) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(TlsError::NoRoots("no usable CA certificate".into()));
+    }
+    Ok(roots)
+}
+
+/// Accepts any server certificate but still checks handshake signatures.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
