@@ -48,7 +48,10 @@ struct ServiceCli {
 
 fn service_help() -> String {
     let help = ServiceCli::command().render_long_help().to_string();
-    let flags = help.split_once("Options:").map(|(_, flags)| flags).unwrap_or(&help);
+    let flags = help
+        .split_once("Options:")
+        .map(|(_, flags)| flags)
+        .unwrap_or(&help);
     format!(
         "Services (repeat for each; in a config file, items of `services:` with the same keys):\n\
          Each --local starts a service; the flags below, after it, belong to that service.\n{flags}\n\
@@ -69,7 +72,9 @@ pub fn parse_from(args: impl IntoIterator<Item = impl Into<OsString>>) -> Result
     let mut cli = Cli::try_parse_from(head)?;
     if let Command::Client(options) = &mut cli.command {
         for segment in segments {
-            options.services.push(ServiceCli::try_parse_from(segment)?.options);
+            options
+                .services
+                .push(ServiceCli::try_parse_from(segment)?.options);
         }
     }
     Ok(cli)
@@ -77,7 +82,11 @@ pub fn parse_from(args: impl IntoIterator<Item = impl Into<OsString>>) -> Result
 
 /// After `client`, cuts the arguments at each `--local`: the head, then one segment per service.
 fn split_services(args: Vec<OsString>) -> (Vec<OsString>, Vec<Vec<OsString>>) {
-    let is_client = args.iter().skip(1).find(|a| !a.to_string_lossy().starts_with('-')).is_some_and(|a| a == "client");
+    let is_client = args
+        .iter()
+        .skip(1)
+        .find(|a| !a.to_string_lossy().starts_with('-'))
+        .is_some_and(|a| a == "client");
     if !is_client {
         return (args, Vec::new());
     }
@@ -103,12 +112,27 @@ mod tests {
     #[test]
     fn services_take_the_flags_that_follow_them() {
         let cli = parse_from([
-            "ferry", "client", "--remote", "tcp://h:1", "--id", "a", "--secret", "s",
-            "--local", "tcp://127.0.0.1:22", "--remote-tcp-port", "2222",
-            "--local=127.0.0.1:80", "--remote-tcp-random", "--name", "web",
+            "ferry",
+            "client",
+            "--remote",
+            "tcp://h:1",
+            "--id",
+            "a",
+            "--secret",
+            "s",
+            "--local",
+            "tcp://127.0.0.1:22",
+            "--remote-tcp-port",
+            "2222",
+            "--local=127.0.0.1:80",
+            "--remote-tcp-random",
+            "--name",
+            "web",
         ])
         .unwrap();
-        let Command::Client(options) = cli.command else { panic!("not a client") };
+        let Command::Client(options) = cli.command else {
+            panic!("not a client")
+        };
         assert_eq!(options.services.len(), 2);
         assert_eq!(options.services[0].remote_tcp_port, Some(2222));
         assert_eq!(options.services[0].remote_tcp_random, None);
@@ -118,8 +142,23 @@ mod tests {
 
     #[test]
     fn server_flags_pair_ids_and_secrets() {
-        let cli = parse_from(["ferry", "server", "--id", "a", "--secret", "1", "--id", "b", "--secret", "2", "--allow-any-client"]).unwrap();
-        let Command::Server(options) = cli.command else { panic!("not a server") };
+        let cli = parse_from([
+            "ferry",
+            "server",
+            "--id",
+            "a",
+            "--secret",
+            "1",
+            "--id",
+            "b",
+            "--secret",
+            "2",
+            "--allow-any-client",
+        ])
+        .unwrap();
+        let Command::Server(options) = cli.command else {
+            panic!("not a server")
+        };
         let config = options.into_config().unwrap();
         assert_eq!(config.users.len(), 2);
         assert!(config.allow_any_client);

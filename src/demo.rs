@@ -10,7 +10,9 @@ use crate::transport::RemoteAddr;
 use crate::{Client, Server};
 
 /// Runs the demo until `shutdown` completes; prints what to try.
-pub async fn run(shutdown: impl std::future::Future<Output = ()>) -> Result<(), Box<dyn Error + Send + Sync>> {
+pub async fn run(
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
     let web = TcpListener::bind("127.0.0.1:0").await?;
     let web_addr = web.local_addr()?;
     tokio::spawn(serve_hello(web));
@@ -23,13 +25,18 @@ pub async fn run(shutdown: impl std::future::Future<Output = ()>) -> Result<(), 
 
     let remote = RemoteAddr::parse(&server.local_addr().to_string())?;
     let client = Client::connect(ClientConfig::new(remote, "demo", &secret)).await?;
-    let tunnel = client.add_service(ServiceConfig::tcp(&web_addr.to_string()).with_random_fallback()).await?;
+    let tunnel = client
+        .add_service(ServiceConfig::tcp(&web_addr.to_string()).with_random_fallback())
+        .await?;
 
     println!();
     println!("  ferry demo is running");
     println!("    server (clients connect here): {}", server.local_addr());
     println!("    local web service:             http://{web_addr}/");
-    println!("    public address of the tunnel:  http://{}/", tunnel.public_addr());
+    println!(
+        "    public address of the tunnel:  http://{}/",
+        tunnel.public_addr()
+    );
     println!();
     println!("  try:  curl http://{}/", tunnel.public_addr());
     println!("  stop: Ctrl-C");

@@ -34,12 +34,19 @@ pub struct StatusGate<S> {
 impl<S> StatusGate<S> {
     /// Wraps a data connection on which the open message was just sent.
     pub fn new(inner: S) -> Self {
-        StatusGate { inner, awaiting_status: true }
+        StatusGate {
+            inner,
+            awaiting_status: true,
+        }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for StatusGate<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.awaiting_status {
             let mut byte = [0u8; 1];
             let mut status = ReadBuf::new(&mut byte);
@@ -63,7 +70,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for StatusGate<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for StatusGate<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -85,7 +96,10 @@ mod tests {
     async fn gate_passes_after_ready_and_fails_on_refusal() {
         let (mut client, server) = tokio::io::duplex(64);
         let mut gate = StatusGate::new(server);
-        client.write_all(&[StreamStatus::Ready as u8]).await.unwrap();
+        client
+            .write_all(&[StreamStatus::Ready as u8])
+            .await
+            .unwrap();
         client.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         gate.read_exact(&mut buf).await.unwrap();
@@ -93,7 +107,10 @@ mod tests {
 
         let (mut client, server) = tokio::io::duplex(64);
         let mut gate = StatusGate::new(server);
-        client.write_all(&[StreamStatus::LocalUnavailable as u8]).await.unwrap();
+        client
+            .write_all(&[StreamStatus::LocalUnavailable as u8])
+            .await
+            .unwrap();
         let err = gate.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
     }

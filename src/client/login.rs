@@ -17,19 +17,35 @@ pub(crate) struct LoggedIn {
 }
 
 /// Connects and logs in; the secret itself never leaves this process.
-pub(crate) async fn login(connector: &Connector, config: &ClientConfig, instance: &str) -> Result<LoggedIn, ClientError> {
+pub(crate) async fn login(
+    connector: &Connector,
+    config: &ClientConfig,
+    instance: &str,
+) -> Result<LoggedIn, ClientError> {
     let mut stream = connector.connect().await.map_err(ClientError::Connect)?;
     write_preamble(&mut stream, LinkKind::Control).await?;
     let mut chan = ControlChannel::new(stream);
     let limit = config.remote_timeout;
     let (nonce, server_ephemeral) = match chan.recv_timeout::<ServerMessage>(limit).await? {
-        ServerMessage::Challenge { nonce, ephemeral_key } => (nonce, ephemeral_key),
+        ServerMessage::Challenge {
+            nonce,
+            ephemeral_key,
+        } => (nonce, ephemeral_key),
         other => return Err(unexpected(other)),
     };
-    let (login, key) = client_login(&config.id, &config.secret, &nonce, &server_ephemeral, instance);
+    let (login, key) = client_login(
+        &config.id,
+        &config.secret,
+        &nonce,
+        &server_ephemeral,
+        instance,
+    );
     chan.send(&login).await?;
     match chan.recv_timeout::<ServerMessage>(limit).await? {
-        ServerMessage::Welcome { session, heartbeat_interval_ms } => Ok(LoggedIn {
+        ServerMessage::Welcome {
+            session,
+            heartbeat_interval_ms,
+        } => Ok(LoggedIn {
             chan,
             session,
             key,

@@ -81,7 +81,11 @@ impl Client {
     ///
     /// Fails if the server cannot be reached or refuses the login.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let connector = Connector::new(config.remote.clone(), &config.remote_trust, config.remote_timeout)?;
+        let connector = Connector::new(
+            config.remote.clone(),
+            &config.remote_trust,
+            config.remote_timeout,
+        )?;
         let instance = format!("{:032x}", rand::random::<u128>());
         let first = login::login(&connector, &config, &instance).await?;
         let (commands, inbox) = mpsc::unbounded_channel();
@@ -108,9 +112,19 @@ impl Client {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let (closed_tx, closed) = watch::channel(None);
-        let command = Command::Add { key, config: service, reply, closed: closed_tx };
-        self.commands.send(command).map_err(|_| ClientError::Stopped)?;
-        let port = answer.await.map_err(|_| ClientError::Stopped)?.map_err(ClientError::Register)?;
+        let command = Command::Add {
+            key,
+            config: service,
+            reply,
+            closed: closed_tx,
+        };
+        self.commands
+            .send(command)
+            .map_err(|_| ClientError::Stopped)?;
+        let port = answer
+            .await
+            .map_err(|_| ClientError::Stopped)?
+            .map_err(ClientError::Register)?;
         Ok(Registration {
             key,
             port,

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::auth::SessionKey;
-use crate::proto::{read_frame, write_frame, write_preamble, DataHello, LinkKind, OpenStream, StreamStatus};
+use crate::proto::{
+    read_frame, write_frame, write_preamble, DataHello, LinkKind, OpenStream, StreamStatus,
+};
 use crate::relay::relay;
 use crate::transport::{Connector, Stream};
 
@@ -109,26 +111,40 @@ impl DataPool {
         };
         drop(permit);
         let span = tracing::info_span!("visitor", service = open.service, visitor = %open.visitor);
-        self.serve_visitor(link, open.service).instrument(span).await;
+        self.serve_visitor(link, open.service)
+            .instrument(span)
+            .await;
     }
 
     async fn open(&self) -> Result<Stream, crate::proto::ProtocolError> {
         let mut link = self.connector.connect().await?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let hello = DataHello { session: self.session, seq, mac: self.key.data_mac(self.session, seq) };
+        let hello = DataHello {
+            session: self.session,
+            seq,
+            mac: self.key.data_mac(self.session, seq),
+        };
         write_preamble(&mut link, LinkKind::Data).await?;
         write_frame(&mut link, &hello).await?;
         Ok(link)
     }
 
     async fn serve_visitor(&self, mut link: Stream, service: u32) {
-        let local_addr = self.routes.read().unwrap_or_else(|e| e.into_inner()).get(&service).cloned();
+        let local_addr = self
+            .routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&service)
+            .cloned();
         let Some(local_addr) = local_addr else {
             warn!("visitor for an unknown service; closing");
-            let _ = link.write_all(&[StreamStatus::LocalUnavailable as u8]).await;
+            let _ = link
+                .write_all(&[StreamStatus::LocalUnavailable as u8])
+                .await;
             return;
         };
-        let dialed = tokio::time::timeout(self.local_timeout, TcpStream::connect(&local_addr)).await;
+        let dialed =
+            tokio::time::timeout(self.local_timeout, TcpStream::connect(&local_addr)).await;
         let mut local = match dialed {
             Ok(Ok(local)) => local,
             Ok(Err(err)) => return refuse(link, &local_addr, &err.to_string()).await,
@@ -147,6 +163,8 @@ impl DataPool {
 
 async fn refuse(mut link: Stream, local_addr: &str, why: &str) {
     warn!(local = %local_addr, error = %why, "local service unavailable; closing visitor");
-    let _ = link.write_all(&[StreamStatus::LocalUnavailable as u8]).await;
+    let _ = link
+        .write_all(&[StreamStatus::LocalUnavailable as u8])
+        .await;
     let _ = link.shutdown().await;
 }

@@ -75,7 +75,12 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Adds a user with a secret; a convenience for programs and tests.
     pub fn with_user(mut self, id: &str, secret: &str) -> Self {
-        self.users.insert(id.to_owned(), UserConfig { secret: Secret::new(secret) });
+        self.users.insert(
+            id.to_owned(),
+            UserConfig {
+                secret: Secret::new(secret),
+            },
+        );
         self
     }
 }

@@ -161,7 +161,8 @@ pub struct ServiceOptions {
 
 /// Reads a config file: YAML, or TOML when the name ends in `.toml`. Errors name the key and line.
 pub fn load_file<T: DeserializeOwned + Default>(path: &Path) -> Result<T, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
     if text.trim().is_empty() {
         return Ok(T::default());
     }
@@ -191,14 +192,22 @@ pub fn overlay<T: Serialize + DeserializeOwned>(file: T, flags: T) -> Result<T, 
 }
 
 /// Loads the file named by `flags.config` (if any) and lays the flags over it.
-pub fn resolve<T: Serialize + DeserializeOwned + Default>(flags: T, config: Option<&Path>) -> Result<T, String> {
+pub fn resolve<T: Serialize + DeserializeOwned + Default>(
+    flags: T,
+    config: Option<&Path>,
+) -> Result<T, String> {
     match config {
         Some(path) => overlay(load_file(path)?, flags),
         None => Ok(flags),
     }
 }
 
-fn log_settings(level: &Option<String>, file: &Option<PathBuf>, size: Option<u64>, count: Option<usize>) -> LogSettings {
+fn log_settings(
+    level: &Option<String>,
+    file: &Option<PathBuf>,
+    size: Option<u64>,
+    count: Option<usize>,
+) -> LogSettings {
     let default = LogSettings::default();
     LogSettings {
         level: level.clone().unwrap_or(default.level),
@@ -211,7 +220,12 @@ fn log_settings(level: &Option<String>, file: &Option<PathBuf>, size: Option<u64
 impl ServerOptions {
     /// Logging settings with defaults applied.
     pub fn log_settings(&self) -> LogSettings {
-        log_settings(&self.log_level, &self.log_file, self.log_file_max_size, self.log_file_max_count)
+        log_settings(
+            &self.log_level,
+            &self.log_file,
+            self.log_file_max_size,
+            self.log_file_max_count,
+        )
     }
 
     /// Checks every value and builds the server configuration; errors name the key.
@@ -229,10 +243,19 @@ impl ServerOptions {
         config.cert_file = self.cert_file;
         config.key_file = self.key_file;
         if self.id.len() != self.secret.len() {
-            return Err(format!("id: {} id(s) but {} secret(s); give one --secret per --id", self.id.len(), self.secret.len()));
+            return Err(format!(
+                "id: {} id(s) but {} secret(s); give one --secret per --id",
+                self.id.len(),
+                self.secret.len()
+            ));
         }
         for (id, options) in self.users {
-            config.users.insert(id, UserConfig { secret: options.secret });
+            config.users.insert(
+                id,
+                UserConfig {
+                    secret: options.secret,
+                },
+            );
         }
         for (id, secret) in self.id.into_iter().zip(self.secret) {
             config.users.insert(id, UserConfig { secret });
@@ -249,24 +272,35 @@ impl ServerOptions {
 impl ClientOptions {
     /// Logging settings with defaults applied.
     pub fn log_settings(&self) -> LogSettings {
-        log_settings(&self.log_level, &self.log_file, self.log_file_max_size, self.log_file_max_count)
+        log_settings(
+            &self.log_level,
+            &self.log_file,
+            self.log_file_max_size,
+            self.log_file_max_count,
+        )
     }
 
     /// Checks every value and builds the client and service configurations; errors name the key.
     pub fn into_config(self) -> Result<(ClientConfig, Vec<ServiceConfig>), String> {
-        let remote = self.remote.ok_or("remote: missing (e.g. --remote tcp://example.com:7000)")?;
+        let remote = self
+            .remote
+            .ok_or("remote: missing (e.g. --remote tcp://example.com:7000)")?;
         let remote = RemoteAddr::parse(&remote).map_err(|e| format!("remote: {e}"))?;
         let id = self.id.ok_or("id: missing")?;
         let secret = self.secret.ok_or("secret: missing (or set FERRY_SECRET)")?;
         let mut config = ClientConfig::new(remote, &id, secret.expose());
         config.remote_trust = match (self.remote_cert, self.remote_cert_insecure.unwrap_or(false)) {
-            (Some(_), true) => return Err("remote-cert-insecure: cannot be combined with remote-cert".into()),
+            (Some(_), true) => {
+                return Err("remote-cert-insecure: cannot be combined with remote-cert".into())
+            }
             (Some(path), false) => RemoteTrust::CaFile(path),
             (None, true) => RemoteTrust::Insecure,
             (None, false) => RemoteTrust::System,
         };
         config.remote_timeout = self.remote_timeout.unwrap_or(config.remote_timeout);
-        config.remote_idle_connections = self.remote_idle_connections.unwrap_or(config.remote_idle_connections);
+        config.remote_idle_connections = self
+            .remote_idle_connections
+            .unwrap_or(config.remote_idle_connections);
         config.reconnect_delay = self.reconnect_delay.unwrap_or(config.reconnect_delay);
         config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
         config.local_timeout = self.local_timeout.unwrap_or(config.local_timeout);
@@ -286,11 +320,17 @@ impl ServiceOptions {
         let local = self.local.ok_or("local: missing")?;
         let address = match local.split_once("://") {
             Some(("tcp", rest)) => rest.trim_end_matches('/').to_owned(),
-            Some((scheme, _)) => return Err(format!("local: scheme '{scheme}' is not supported yet (use tcp://)")),
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "local: scheme '{scheme}' is not supported yet (use tcp://)"
+                ))
+            }
             None => local.clone(),
         };
         if !address.contains(':') {
-            return Err(format!("local: '{local}' needs a port, e.g. tcp://127.0.0.1:22"));
+            return Err(format!(
+                "local: '{local}' needs a port, e.g. tcp://127.0.0.1:22"
+            ));
         }
         Ok(ServiceConfig {
             name: self.name.unwrap_or_else(|| address.clone()),

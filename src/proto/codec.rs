@@ -67,13 +67,19 @@ pub struct ControlChannel<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> ControlChannel<S> {
     /// Wraps a stream whose preamble has already been exchanged.
     pub fn new(stream: S) -> Self {
-        Self { framed: Framed::new(stream, codec()) }
+        Self {
+            framed: Framed::new(stream, codec()),
+        }
     }
 
     /// Encodes and sends one message.
     pub async fn send<M: Serialize>(&mut self, message: &M) -> Result<(), ProtocolError> {
-        let body = serde_json::to_vec(message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-        self.framed.send(bytes::Bytes::from(body)).await.map_err(ProtocolError::from_codec)
+        let body =
+            serde_json::to_vec(message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        self.framed
+            .send(bytes::Bytes::from(body))
+            .await
+            .map_err(ProtocolError::from_codec)
     }
 
     /// Receives one message; a clean close is [`ProtocolError::Closed`].
@@ -86,7 +92,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ControlChannel<S> {
     }
 
     /// Like [`recv`](Self::recv), but gives up after `limit`.
-    pub async fn recv_timeout<M: DeserializeOwned>(&mut self, limit: Duration) -> Result<M, ProtocolError> {
+    pub async fn recv_timeout<M: DeserializeOwned>(
+        &mut self,
+        limit: Duration,
+    ) -> Result<M, ProtocolError> {
         tokio::time::timeout(limit, self.recv())
             .await
             .map_err(|_| ProtocolError::Timeout(limit))?
@@ -112,7 +121,9 @@ pub async fn write_frame<W: AsyncWrite + Unpin, M: Serialize>(
 }
 
 /// Reads exactly one frame and nothing after it, so raw bytes that follow stay in the stream.
-pub async fn read_frame<R: AsyncRead + Unpin, M: DeserializeOwned>(reader: &mut R) -> Result<M, ProtocolError> {
+pub async fn read_frame<R: AsyncRead + Unpin, M: DeserializeOwned>(
+    reader: &mut R,
+) -> Result<M, ProtocolError> {
     let mut len = [0u8; 4];
     reader.read_exact(&mut len).await.map_err(eof_as_closed)?;
     let len = u32::from_be_bytes(len) as usize;
@@ -160,7 +171,9 @@ mod tests {
     async fn oversized_length_is_refused_before_allocation() {
         let mut bytes = (u32::MAX).to_be_bytes().to_vec();
         bytes.extend_from_slice(b"xx");
-        let err = read_frame::<_, OpenStream>(&mut bytes.as_slice()).await.unwrap_err();
+        let err = read_frame::<_, OpenStream>(&mut bytes.as_slice())
+            .await
+            .unwrap_err();
         assert!(matches!(err, ProtocolError::FrameTooLarge(_)));
 
         let (a, mut b) = tokio::io::duplex(64);
@@ -173,18 +186,25 @@ mod tests {
     async fn truncated_and_garbage_frames_are_errors() {
         let mut truncated = 10u32.to_be_bytes().to_vec();
         truncated.extend_from_slice(b"{\"a\"");
-        let err = read_frame::<_, OpenStream>(&mut truncated.as_slice()).await.unwrap_err();
+        let err = read_frame::<_, OpenStream>(&mut truncated.as_slice())
+            .await
+            .unwrap_err();
         assert!(matches!(err, ProtocolError::Closed));
 
         let mut garbage = 4u32.to_be_bytes().to_vec();
         garbage.extend_from_slice(b"\xff\x00\x01\x02");
-        let err = read_frame::<_, OpenStream>(&mut garbage.as_slice()).await.unwrap_err();
+        let err = read_frame::<_, OpenStream>(&mut garbage.as_slice())
+            .await
+            .unwrap_err();
         assert!(matches!(err, ProtocolError::Malformed(_)));
     }
 
     #[tokio::test]
     async fn read_frame_leaves_following_bytes() {
-        let open = OpenStream { service: 7, visitor: "127.0.0.1:9".parse().unwrap() };
+        let open = OpenStream {
+            service: 7,
+            visitor: "127.0.0.1:9".parse().unwrap(),
+        };
         let mut bytes = Vec::new();
         write_frame(&mut bytes, &open).await.unwrap();
         bytes.extend_from_slice(b"raw");

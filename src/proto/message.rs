@@ -74,6 +74,14 @@ pub enum LoginRefusal {
         /// The id that was refused.
         id: String,
     },
+    /// The client speaks another protocol version.
+    #[error("protocol version mismatch: the server speaks {server}, the client {client}; run the same ferry version on both sides")]
+    VersionMismatch {
+        /// The server's protocol version.
+        server: u16,
+        /// The client's protocol version.
+        client: u16,
+    },
     /// The message was not a valid login.
     #[error("malformed login: {message}")]
     Malformed {

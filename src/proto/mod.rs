@@ -11,7 +11,9 @@ mod preamble;
 
 pub use codec::{read_frame, write_frame, ControlChannel, ProtocolError, MAX_FRAME_LEN};
 pub use message::{
-    ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, RegisterError,
-    ServerMessage, ServiceSpec, StreamStatus,
+    ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, RegisterError, ServerMessage,
+    ServiceSpec, StreamStatus,
 };
-pub use preamble::{read_preamble, write_preamble, LinkKind, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION};
+pub use preamble::{
+    read_preamble, write_preamble, LinkKind, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION,
+};

@@ -24,7 +24,10 @@ use tracing::{debug, info, warn};
 use crate::auth::UserTable;
 use crate::config::ServerConfig;
 use crate::error::ServerError;
-use crate::proto::{read_frame, read_preamble, DataHello, LinkKind, ProtocolError};
+use crate::proto::{
+    read_frame, read_preamble, write_frame, DataHello, LinkKind, LoginRefusal, ProtocolError,
+    ServerMessage,
+};
 use crate::transport::{server_tls_acceptor, Stream};
 use registry::Registry;
 
@@ -66,13 +69,18 @@ impl Server {
             None => None,
             Some(addr) => {
                 let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
-                    return Err(ServerError::Config("tls-addr needs cert-file and key-file".into()));
+                    return Err(ServerError::Config(
+                        "tls-addr needs cert-file and key-file".into(),
+                    ));
                 };
                 let acceptor = server_tls_acceptor(cert, key)?;
                 Some((bind(addr, "tls-addr").await?, acceptor))
             }
         };
-        let users = UserTable::new(config.users.iter().map(|(id, u)| (id.as_str(), &u.secret)), config.allow_any_client);
+        let users = UserTable::new(
+            config.users.iter().map(|(id, u)| (id.as_str(), &u.secret)),
+            config.allow_any_client,
+        );
         if config.users.is_empty() && !config.allow_any_client {
             warn!("no users configured and allow-any-client is off: every client will be refused");
         }
@@ -82,12 +90,18 @@ impl Server {
             registry: Registry::default(),
             shutdown: CancellationToken::new(),
         });
-        Ok(Server { shared, listener, tls })
+        Ok(Server {
+            shared,
+            listener,
+            tls,
+        })
     }
 
     /// The address clients connect to (useful when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.shared.config.addr)
+        self.listener
+            .local_addr()
+            .unwrap_or(self.shared.config.addr)
     }
 
     /// The TLS address clients connect to, if TLS is on.
@@ -97,7 +111,11 @@ impl Server {
 
     /// Serves until `shutdown` completes, then closes every tunnel and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { shared, listener, tls } = self;
+        let Server {
+            shared,
+            listener,
+            tls,
+        } = self;
         let links = TaskTracker::new();
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for clients");
         let plain = accept_links(shared.clone(), listener, None, links.clone());
@@ -118,7 +136,10 @@ impl Server {
         info!("shutting down");
         shared.shutdown.cancel();
         links.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, links.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, links.wait())
+            .await
+            .is_err()
+        {
             warn!("some sessions did not close within {SHUTDOWN_GRACE:?}");
         }
     }
@@ -130,7 +151,12 @@ impl Server {
         let tls_addr = self.tls_local_addr();
         let stop = token.clone();
         let task = tokio::spawn(async move { self.run(stop.cancelled_owned()).await });
-        ServerHandle { token, task, addr, tls_addr }
+        ServerHandle {
+            token,
+            task,
+            addr,
+            tls_addr,
+        }
     }
 }
 
@@ -162,10 +188,17 @@ impl ServerHandle {
 }
 
 async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, key, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, key, source })
 }
 
-async fn accept_links(shared: Arc<ServerShared>, listener: TcpListener, tls: Option<TlsAcceptor>, links: TaskTracker) {
+async fn accept_links(
+    shared: Arc<ServerShared>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    links: TaskTracker,
+) {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
@@ -180,13 +213,18 @@ async fn accept_links(shared: Arc<ServerShared>, listener: TcpListener, tls: Opt
 }
 
 /// Reads the preamble of a new link and hands it to the control or data path.
-async fn serve_link(shared: Arc<ServerShared>, tcp: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
+async fn serve_link(
+    shared: Arc<ServerShared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+) {
     let _ = tcp.set_nodelay(true);
     let limit = shared.config.handshake_timeout;
     let opened = tokio::time::timeout(limit, open_link(tcp, tls)).await;
     let (kind, stream) = match opened {
         Ok(Ok(link)) => link,
-        Ok(Err(err)) => return debug!(%peer, %err, "link refused"),
+        Ok(Err((err, stream))) => return refuse_link(stream, err, peer).await,
         Err(_) => return debug!(%peer, "link timed out before its preamble"),
     };
     match kind {
@@ -196,13 +234,33 @@ async fn serve_link(shared: Arc<ServerShared>, tcp: TcpStream, peer: SocketAddr,
     }
 }
 
-async fn open_link(tcp: TcpStream, tls: Option<TlsAcceptor>) -> Result<(LinkKind, Stream), ProtocolError> {
+type LinkRefusal = (ProtocolError, Option<Stream>);
+
+async fn open_link(
+    tcp: TcpStream,
+    tls: Option<TlsAcceptor>,
+) -> Result<(LinkKind, Stream), LinkRefusal> {
     let mut stream: Stream = match tls {
-        Some(acceptor) => Box::new(acceptor.accept(tcp).await?),
+        Some(acceptor) => Box::new(acceptor.accept(tcp).await.map_err(|e| (e.into(), None))?),
         None => Box::new(tcp),
     };
-    let kind = read_preamble(&mut stream).await?;
-    Ok((kind, stream))
+    match read_preamble(&mut stream).await {
+        Ok(kind) => Ok((kind, stream)),
+        Err(err) => Err((err, Some(stream))),
+    }
+}
+
+/// Drops a link whose preamble was wrong; a ferry of another version is told why first.
+async fn refuse_link(stream: Option<Stream>, err: ProtocolError, peer: SocketAddr) {
+    debug!(%peer, %err, "link refused");
+    if let (Some(mut stream), ProtocolError::VersionMismatch { peer: client, ours }) = (stream, err)
+    {
+        let refusal = LoginRefusal::VersionMismatch {
+            server: ours,
+            client,
+        };
+        let _ = write_frame(&mut stream, &ServerMessage::LoginRefused { refusal }).await;
+    }
 }
 
 /// Checks a data connection's hello and parks it in its session's pool.
@@ -220,6 +278,9 @@ async fn attach_data(shared: &ServerShared, mut stream: Stream, peer: SocketAddr
         return warn!(%peer, session = hello.session, "data connection refused: bad or replayed proof");
     }
     if !session.pool.push(stream) {
-        debug!(session = session.id, "data pool full; closing extra connection");
+        debug!(
+            session = session.id,
+            "data pool full; closing extra connection"
+        );
     }
 }

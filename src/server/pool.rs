@@ -33,7 +33,10 @@ impl DataPool {
     }
 
     fn pop(&self) -> Option<Stream> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
     }
 
     /// Takes a connection, waiting up to `wait`; `on_empty` runs whenever none is ready.
@@ -44,7 +47,10 @@ impl DataPool {
                 return Some(stream);
             }
             on_empty();
-            if tokio::time::timeout_at(deadline, self.arrived.notified()).await.is_err() {
+            if tokio::time::timeout_at(deadline, self.arrived.notified())
+                .await
+                .is_err()
+            {
                 return self.pop();
             }
         }

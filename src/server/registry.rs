@@ -61,7 +61,11 @@ impl Registry {
         let stale = t
             .sessions
             .values()
-            .find(|s| s.user == session.user && s.instance == session.instance && !s.closing.is_cancelled())
+            .find(|s| {
+                s.user == session.user
+                    && s.instance == session.instance
+                    && !s.closing.is_cancelled()
+            })
             .cloned();
         t.sessions.insert(session.id, session);
         stale
@@ -95,7 +99,12 @@ impl Registry {
             return Err(RegisterError::TcpDisabled);
         }
         if let Some(limit) = config.tcp_number {
-            let held = self.lock().ports.values().filter(|o| o.user == session.user).count();
+            let held = self
+                .lock()
+                .ports
+                .values()
+                .filter(|o| o.user == session.user)
+                .count();
             if held >= limit as usize {
                 return Err(RegisterError::PortLimit { limit });
             }
@@ -104,7 +113,10 @@ impl Registry {
             return self.reserve_random(config, session).await;
         };
         let refusal = if !ranges.iter().any(|r| r.contains(port)) {
-            RegisterError::PortNotAllowed { port, ranges: describe(ranges) }
+            RegisterError::PortNotAllowed {
+                port,
+                ranges: describe(ranges),
+            }
         } else {
             match self.reserve_exact(config, session, port).await {
                 Ok(listener) => return Ok((port, listener)),
@@ -138,10 +150,16 @@ impl Registry {
         if let Some(released) = pending_release {
             let _ = tokio::time::timeout(RELEASE_WAIT, released.cancelled()).await;
         }
-        self.try_bind(config, session, port).await.ok_or(RegisterError::PortTaken { port })
+        self.try_bind(config, session, port)
+            .await
+            .ok_or(RegisterError::PortTaken { port })
     }
 
-    async fn reserve_random(&self, config: &ServerConfig, session: &SessionShared) -> Result<(u16, TcpListener), RegisterError> {
+    async fn reserve_random(
+        &self,
+        config: &ServerConfig,
+        session: &SessionShared,
+    ) -> Result<(u16, TcpListener), RegisterError> {
         let total: u32 = config.tcp_ranges.iter().map(PortRange::len).sum();
         let start = rand::random::<u32>() % total;
         for i in 0..total {
@@ -150,11 +168,18 @@ impl Registry {
                 return Ok((port, listener));
             }
         }
-        Err(RegisterError::NoFreePort { ranges: describe(&config.tcp_ranges) })
+        Err(RegisterError::NoFreePort {
+            ranges: describe(&config.tcp_ranges),
+        })
     }
 
     /// Records `port` for `session` if free in the table, then binds it; undoes the record on failure.
-    async fn try_bind(&self, config: &ServerConfig, session: &SessionShared, port: u16) -> Option<TcpListener> {
+    async fn try_bind(
+        &self,
+        config: &ServerConfig,
+        session: &SessionShared,
+        port: u16,
+    ) -> Option<TcpListener> {
         {
             let mut t = self.lock();
             if t.ports.contains_key(&port) {
@@ -177,7 +202,6 @@ impl Registry {
             }
         }
     }
-
 }
 
 fn nth_port(ranges: &[PortRange], mut i: u32) -> u16 {
@@ -191,5 +215,9 @@ fn nth_port(ranges: &[PortRange], mut i: u32) -> u16 {
 }
 
 fn describe(ranges: &[PortRange]) -> String {
-    ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")
+    ranges
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -14,7 +14,10 @@ use tracing::{debug, info, warn, Instrument};
 use super::pool::DataPool;
 use super::{tcp, ServerShared};
 use crate::auth::{Ephemeral, ReplayGuard, SessionKey};
-use crate::proto::{ClientMessage, ControlChannel, LoginRefusal, ProtocolError, RegisterError, ServerMessage, ServiceSpec};
+use crate::proto::{
+    ClientMessage, ControlChannel, LoginRefusal, ProtocolError, RegisterError, ServerMessage,
+    ServiceSpec,
+};
 use crate::transport::Stream;
 
 /// Most tunnels one session may hold.
@@ -43,7 +46,11 @@ impl SessionShared {
     /// Checks a data connection's hello: right key, sequence number not used before.
     pub(crate) fn admit_data(&self, seq: u64, mac: &[u8; 32]) -> bool {
         self.key.verify_data_mac(self.id, seq, mac)
-            && self.replay.lock().unwrap_or_else(|e| e.into_inner()).accept(seq)
+            && self
+                .replay
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .accept(seq)
     }
 
     /// Asks the client for more data connections, without blocking.
@@ -76,15 +83,28 @@ pub(crate) async fn serve_control(shared: Arc<ServerShared>, stream: Stream, pee
     let span = tracing::info_span!("session", id = session.id, user = %session.user, %peer);
     async move {
         if let Some(stale) = shared.registry.insert_session(session.clone()) {
-            info!(stale = stale.id, "replacing a stale session of the same client");
+            info!(
+                stale = stale.id,
+                "replacing a stale session of the same client"
+            );
             stale.closing.cancel();
             stale.released.cancelled().await;
         }
         let interval = heartbeat_interval(shared.config.heartbeat_timeout);
-        let welcome = ServerMessage::Welcome { session: session.id, heartbeat_interval_ms: interval.as_millis() as u64 };
+        let welcome = ServerMessage::Welcome {
+            session: session.id,
+            heartbeat_interval_ms: interval.as_millis() as u64,
+        };
         if chan.send(&welcome).await.is_ok() {
             info!("client connected");
-            let reason = Control { shared: &shared, session: &session, chan, inbox }.run(interval).await;
+            let reason = Control {
+                shared: &shared,
+                session: &session,
+                chan,
+                inbox,
+            }
+            .run(interval)
+            .await;
             info!(%reason, "client disconnected");
         }
         close_session(&shared, &session).await;
@@ -105,12 +125,22 @@ async fn login(
 ) -> Option<(String, String, SessionKey)> {
     let nonce = rand::random::<[u8; 32]>();
     let ephemeral = Ephemeral::generate();
-    chan.send(&ServerMessage::Challenge { nonce, ephemeral_key: ephemeral.public }).await.ok()?;
-    let login = match chan.recv_timeout::<ClientMessage>(shared.config.handshake_timeout).await {
+    chan.send(&ServerMessage::Challenge {
+        nonce,
+        ephemeral_key: ephemeral.public,
+    })
+    .await
+    .ok()?;
+    let login = match chan
+        .recv_timeout::<ClientMessage>(shared.config.handshake_timeout)
+        .await
+    {
         Ok(login) => login,
         Err(err) => {
             debug!(%peer, %err, "no valid login");
-            let refusal = LoginRefusal::Malformed { message: err.to_string() };
+            let refusal = LoginRefusal::Malformed {
+                message: err.to_string(),
+            };
             let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
             return None;
         }
@@ -181,13 +211,21 @@ impl Control<'_> {
         }
     }
 
-    async fn handle(&mut self, message: ClientMessage, services: &mut usize) -> Result<(), ProtocolError> {
+    async fn handle(
+        &mut self,
+        message: ClientMessage,
+        services: &mut usize,
+    ) -> Result<(), ProtocolError> {
         match message {
             ClientMessage::Register { request, spec } => {
                 let reply = if *services >= MAX_SERVICES_PER_SESSION {
                     ServerMessage::RegisterFailed {
                         request,
-                        error: RegisterError::Other { message: format!("at most {MAX_SERVICES_PER_SESSION} tunnels per client") },
+                        error: RegisterError::Other {
+                            message: format!(
+                                "at most {MAX_SERVICES_PER_SESSION} tunnels per client"
+                            ),
+                        },
                     }
                 } else {
                     self.register(request, spec).await
@@ -221,7 +259,11 @@ impl Control<'_> {
                 let service = self.shared.registry.next_service_id();
                 info!(service, port, %name, "tcp tunnel opened");
                 tcp::spawn_tunnel(self.shared, self.session, service, port, listener);
-                ServerMessage::Registered { request, service, port }
+                ServerMessage::Registered {
+                    request,
+                    service,
+                    port,
+                }
             }
             Err(error) => {
                 warn!(%name, %error, "tunnel refused");

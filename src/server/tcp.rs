@@ -22,7 +22,11 @@ pub(crate) fn spawn_tunnel(
     listener: TcpListener,
 ) {
     let token = session.closing.child_token();
-    session.tunnels.lock().unwrap_or_else(|e| e.into_inner()).insert(service, token.clone());
+    session
+        .tunnels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(service, token.clone());
     let (shared, session) = (shared.clone(), session.clone());
     let span = tracing::info_span!("tunnel", service, port);
     let tasks = session.tasks.clone();
@@ -32,7 +36,11 @@ pub(crate) fn spawn_tunnel(
             // Drop the socket before giving the port back, so a re-registration can bind it.
             drop(listener);
             shared.registry.release_port(port);
-            session.tunnels.lock().unwrap_or_else(|e| e.into_inner()).remove(&service);
+            session
+                .tunnels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&service);
             info!("tcp tunnel closed");
         }
         .instrument(span),
@@ -41,7 +49,12 @@ pub(crate) fn spawn_tunnel(
 
 /// Closes one tunnel of a session; false if it does not exist.
 pub(crate) fn close_tunnel(session: &SessionShared, service: u32) -> bool {
-    let token = session.tunnels.lock().unwrap_or_else(|e| e.into_inner()).get(&service).cloned();
+    let token = session
+        .tunnels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&service)
+        .cloned();
     token.map(|t| t.cancel()).is_some()
 }
 
@@ -59,8 +72,17 @@ async fn accept_visitors(
         };
         match accepted {
             Ok((visitor, addr)) => {
-                let visit = serve_visitor(session.clone(), shared.config.data_wait_timeout, service, visitor, addr, token.clone());
-                session.tasks.spawn(visit.instrument(tracing::debug_span!("visitor", %addr)));
+                let visit = serve_visitor(
+                    session.clone(),
+                    shared.config.data_wait_timeout,
+                    service,
+                    visitor,
+                    addr,
+                    token.clone(),
+                );
+                session
+                    .tasks
+                    .spawn(visit.instrument(tracing::debug_span!("visitor", %addr)));
             }
             Err(err) => {
                 // Usually out of file descriptors: back off instead of spinning.
@@ -81,10 +103,21 @@ async fn serve_visitor(
 ) {
     let _ = visitor.set_nodelay(true);
     let Some(mut data) = session.pool.take(wait, || session.request_data()).await else {
-        warn!(?wait, "no data connection from the client in time; closing visitor");
+        warn!(
+            ?wait,
+            "no data connection from the client in time; closing visitor"
+        );
         return;
     };
-    if let Err(err) = write_frame(&mut data, &OpenStream { service, visitor: addr }).await {
+    if let Err(err) = write_frame(
+        &mut data,
+        &OpenStream {
+            service,
+            visitor: addr,
+        },
+    )
+    .await
+    {
         debug!(%err, "data connection failed before use");
         return;
     }

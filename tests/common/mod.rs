@@ -1,0 +1,138 @@
+//! Shared helpers: real servers, clients and local services on loopback.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry::{Client, ClientConfig, RemoteAddr, Server, ServerConfig, ServerHandle, ServiceConfig};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Fails the test instead of hanging it.
+pub async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .expect("test timed out")
+}
+
+/// A server config on 127.0.0.1:0 with user id1/secret1 and TCP ports 1024-65535.
+pub fn server_config() -> ServerConfig {
+    let mut config = ServerConfig::default().with_user("id1", "secret1");
+    config.addr = "127.0.0.1:0".parse().unwrap();
+    config.tcp_ranges = vec!["1024-65535".parse().unwrap()];
+    config
+}
+
+pub async fn start_server(config: ServerConfig) -> ServerHandle {
+    Server::bind(config).await.expect("server binds").spawn()
+}
+
+/// A client config with fast reconnects, for tests.
+pub fn client_config(server: SocketAddr, id: &str, secret: &str) -> ClientConfig {
+    let mut config = ClientConfig::new(RemoteAddr::parse(&server.to_string()).unwrap(), id, secret);
+    config.reconnect_delay = Duration::from_millis(50);
+    config.max_reconnect_delay = Duration::from_millis(400);
+    config.remote_idle_connections = 4;
+    config
+}
+
+pub async fn connect(server: SocketAddr) -> Client {
+    Client::connect(client_config(server, "id1", "secret1"))
+        .await
+        .expect("client connects")
+}
+
+/// A server, a client and an echo service tunnelled through them.
+pub struct Tunnel {
+    pub server: ServerHandle,
+    pub client: Client,
+    pub registration: ferry::Registration,
+    pub public: SocketAddr,
+}
+
+pub async fn echo_tunnel() -> Tunnel {
+    let server = start_server(server_config()).await;
+    let client = connect(server.local_addr()).await;
+    let echo = echo_server().await;
+    let registration = client
+        .add_service(ServiceConfig::tcp(&echo.to_string()))
+        .await
+        .expect("tunnel opens");
+    let public = registration.public_addr().parse().unwrap();
+    Tunnel {
+        server,
+        client,
+        registration,
+        public,
+    }
+}
+
+/// An echo service: copies what it reads back, then shuts its write side at EOF.
+pub async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.into_split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                let _ = writer.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `payload`, half-closes, reads everything back; returns what came back.
+pub async fn echo_through(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    let payload = payload.to_vec();
+    let send = tokio::spawn(async move {
+        writer.write_all(&payload).await?;
+        writer.shutdown().await
+    });
+    let mut received = Vec::new();
+    reader.read_to_end(&mut received).await?;
+    send.await.expect("sender task")?;
+    Ok(received)
+}
+
+/// Retries an echo round trip until it works (readiness after reconnects), bounded.
+pub async fn wait_until_echo(addr: SocketAddr) {
+    let probe = b"ping".to_vec();
+    for _ in 0..200 {
+        if let Ok(Ok(got)) =
+            tokio::time::timeout(Duration::from_secs(2), echo_through(addr, &probe)).await
+        {
+            if got == probe {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("tunnel at {addr} never echoed");
+}
+
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    bytes
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// A port that was free a moment ago.
+pub async fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

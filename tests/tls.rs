@@ -1,0 +1,130 @@
+//! TLS between client and server, with a certificate made in the test.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use ferry::{Client, RemoteAddr, RemoteTrust, ServiceConfig};
+
+struct Certs {
+    _dir: tempfile::TempDir,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn make_certs() -> Certs {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    Certs {
+        _dir: dir,
+        cert,
+        key,
+    }
+}
+
+async fn tls_server(certs: &Certs) -> ferry::ServerHandle {
+    let mut config = server_config();
+    config.tls_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.cert_file = Some(certs.cert.clone());
+    config.key_file = Some(certs.key.clone());
+    start_server(config).await
+}
+
+fn tls_client_config(server: &ferry::ServerHandle, trust: RemoteTrust) -> ferry::ClientConfig {
+    let port = server.tls_local_addr().unwrap().port();
+    let mut config = client_config(server.local_addr(), "id1", "secret1");
+    config.remote = RemoteAddr::parse(&format!("tls://localhost:{port}")).unwrap();
+    config.remote_trust = trust;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_over_tls_with_a_pinned_ca() {
+    within(60, async {
+        let certs = make_certs();
+        let server = tls_server(&certs).await;
+        let client = Client::connect(tls_client_config(
+            &server,
+            RemoteTrust::CaFile(certs.cert.clone()),
+        ))
+        .await
+        .unwrap();
+        let echo = echo_server().await;
+        let tunnel = client
+            .add_service(ServiceConfig::tcp(&echo.to_string()))
+            .await
+            .unwrap();
+        let public = format!("127.0.0.1:{}", tunnel.remote_port())
+            .parse()
+            .unwrap();
+        let payload = random_bytes(8 << 20);
+        let got = echo_through(public, &payload).await.unwrap();
+        assert_eq!(sha256(&got), sha256(&payload));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn insecure_mode_accepts_any_certificate() {
+    within(30, async {
+        let certs = make_certs();
+        let server = tls_server(&certs).await;
+        let client = Client::connect(tls_client_config(&server, RemoteTrust::Insecure))
+            .await
+            .unwrap();
+        let echo = echo_server().await;
+        let tunnel = client
+            .add_service(ServiceConfig::tcp(&echo.to_string()))
+            .await
+            .unwrap();
+        let public = format!("127.0.0.1:{}", tunnel.remote_port())
+            .parse()
+            .unwrap();
+        assert_eq!(echo_through(public, b"tls").await.unwrap(), b"tls");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn untrusted_certificate_is_refused() {
+    within(30, async {
+        let certs = make_certs();
+        let other = make_certs();
+        let server = tls_server(&certs).await;
+        let err = Client::connect(tls_client_config(
+            &server,
+            RemoteTrust::CaFile(other.cert.clone()),
+        ))
+        .await
+        .err()
+        .expect("a certificate from another CA must be refused");
+        assert!(
+            err.to_string().to_lowercase().contains("certificate"),
+            "{err}"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn plain_client_on_the_tls_port_fails_cleanly() {
+    within(30, async {
+        let certs = make_certs();
+        let server = tls_server(&certs).await;
+        let mut config = client_config(server.tls_local_addr().unwrap(), "id1", "secret1");
+        config.remote_timeout = std::time::Duration::from_secs(3);
+        assert!(Client::connect(config).await.is_err());
+        // The server still serves TLS clients.
+        Client::connect(tls_client_config(&server, RemoteTrust::Insecure))
+            .await
+            .unwrap()
+            .shutdown()
+            .await;
+    })
+    .await
+}
