@@ -16,7 +16,7 @@ use crate::transport::{parse_listen_addr, RemoteAddr, RemoteTrust};
 
 /// Server flags; each is also a config-file key of the same name.
 #[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServerOptions {
     /// Config file: YAML, or TOML when the name ends in .toml.
     #[arg(long)]
@@ -54,11 +54,11 @@ pub struct ServerOptions {
     pub tcp_number: Option<u32>,
     /// A client silent this long is dropped, e.g. 30s. [default: 30s]
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Option<Duration>,
     /// Limit for each handshake read from a new connection. [default: 10s]
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub handshake_timeout: Option<Duration>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive. [default: info]
     #[arg(long)]
@@ -76,7 +76,7 @@ pub struct ServerOptions {
 
 /// One user's settings in the config file's `users:` map.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct UserOptions {
     /// The user's secret.
     pub secret: Secret,
@@ -84,7 +84,7 @@ pub struct UserOptions {
 
 /// Client flags; each is also a config-file key of the same name.
 #[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ClientOptions {
     /// Config file: YAML, or TOML when the name ends in .toml.
     #[arg(long)]
@@ -107,22 +107,22 @@ pub struct ClientOptions {
     pub remote_cert_insecure: Option<bool>,
     /// Limit for connecting to the server and each handshake read. [default: 10s]
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub remote_timeout: Option<Duration>,
     /// Data connections kept ready for visitors. [default: 8]
     #[arg(long)]
     pub remote_idle_connections: Option<usize>,
     /// First delay before reconnecting; doubles up to a minute, with jitter. [default: 1s]
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub reconnect_delay: Option<Duration>,
     /// A server silent this long is considered gone. [default: 30s]
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Option<Duration>,
     /// Limit for dialing a local service. [default: 10s]
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub local_timeout: Option<Duration>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive. [default: info]
     #[arg(long)]
@@ -143,7 +143,7 @@ pub struct ClientOptions {
 
 /// One service: on the command line a `--local` and the flags after it, in a file an item of `services:`.
 #[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServiceOptions {
     /// The local service: tcp://127.0.0.1:22 (or 127.0.0.1:22).
     #[arg(long)]

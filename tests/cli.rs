@@ -1,0 +1,216 @@
+//! The `ferry` binary itself: processes, flags, config files.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use ferry::config::options::{load_file, resolve, ClientOptions, ServerOptions};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn ferry() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    command.kill_on_drop(true).stdin(Stdio::null());
+    command
+}
+
+async fn start_server_process(port: u16, extra: &[&str]) -> Child {
+    let addr = format!("127.0.0.1:{port}");
+    let mut args = vec!["server", "--addr", &addr, "--id", "id1", "--secret", "secret1", "--log-level", "warn"];
+    args.extend_from_slice(extra);
+    let child = ferry().args(&args).stderr(Stdio::null()).spawn().unwrap();
+    // Readiness: the listener accepts.
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            return child;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("ferry server never listened on {addr}");
+}
+
+fn client_process(server_port: u16, secret: &str, service: &[&str]) -> Command {
+    let remote = format!("tcp://127.0.0.1:{server_port}");
+    let mut command = ferry();
+    command
+        .args(["client", "--remote", &remote, "--id", "id1", "--secret", secret, "--log-level", "warn"])
+        .args(["--reconnect-delay", "50ms"])
+        .args(service)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Waits for the client's "... is reachable at HOST:PORT" line.
+async fn public_addr_of(child: &mut Child) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines.next_line().await.unwrap().expect("client printed nothing");
+    line.rsplit(' ').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_and_client_processes_tunnel_and_survive_a_client_kill() {
+    within(60, async {
+        let server_port = free_port().await;
+        let mut server = start_server_process(server_port, &["--tcp-range", "1024-65535"]).await;
+        let echo = echo_server().await;
+        let public_port = free_port().await;
+        let local = format!("tcp://{echo}");
+        let port_text = public_port.to_string();
+        let service = ["--local", local.as_str(), "--remote-tcp-port", port_text.as_str()];
+
+        let mut client = client_process(server_port, "secret1", &service).spawn().unwrap();
+        let public = public_addr_of(&mut client).await;
+        assert_eq!(public, format!("127.0.0.1:{public_port}"));
+        let payload = random_bytes(1 << 20);
+        assert_eq!(sha256(&echo_through(public.parse().unwrap(), &payload).await.unwrap()), sha256(&payload));
+
+        client.kill().await.unwrap(); // SIGKILL: no goodbye
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(&public).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut client = client_process(server_port, "secret1", &service).spawn().unwrap();
+        assert_eq!(public_addr_of(&mut client).await, public, "restarted client got another port");
+        assert_eq!(sha256(&echo_through(public.parse().unwrap(), &payload).await.unwrap()), sha256(&payload));
+        client.kill().await.unwrap();
+        server.kill().await.unwrap();
+    })
+    .await
+}
+
+async fn failing_client(server_port: u16, secret: &str, service: &[&str]) -> String {
+    let output = client_process(server_port, secret, service).output().await.unwrap();
+    assert!(!output.status.success(), "client should have failed");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn refused_clients_exit_with_the_cause() {
+    within(60, async {
+        let server_port = free_port().await;
+        let _server = start_server_process(server_port, &["--tcp-range", "20000-20010"]).await;
+        let stderr = failing_client(server_port, "wrong", &["--local", "tcp://127.0.0.1:1"]).await;
+        assert!(stderr.contains("authentication failed for id 'id1'"), "{stderr}");
+
+        let stderr = failing_client(server_port, "secret1", &["--local", "tcp://127.0.0.1:1", "--remote-tcp-port", "80"]).await;
+        assert!(stderr.contains("port 80 is not allowed; the server's tcp-range is 20000-20010"), "{stderr}");
+
+        let dead_port = free_port().await;
+        let stderr = failing_client(dead_port, "secret1", &["--local", "tcp://127.0.0.1:1"]).await;
+        assert!(stderr.contains("cannot reach the server"), "{stderr}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bad_config_files_name_the_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("server.yaml");
+    std::fs::write(&yaml, "addr: 127.0.0.1:0\nbogus-key: 1\n").unwrap();
+    let output = ferry().args(["server", "--config"]).arg(&yaml).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("bogus-key") && stderr.contains("line 2"), "{stderr}");
+
+    let toml = dir.path().join("client.toml");
+    std::fs::write(&toml, "remote = \"tcp://h:1\"\nreconnect-delay = \"soon\"\n").unwrap();
+    let output = ferry().args(["client", "--config"]).arg(&toml).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("reconnect-delay") && stderr.contains("line 2"), "{stderr}");
+
+    let output = ferry().args(["server", "--addr", "nowhere"]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("addr: 'nowhere' is not an address"), "{stderr}");
+}
+
+#[test]
+fn flags_override_the_file_and_the_file_overrides_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.yaml");
+    std::fs::write(&path, "addr: 127.0.0.1:7100\ntcp-number: 3\nheartbeat-timeout: 5s\nusers:\n  a:\n    secret: from-file\n").unwrap();
+    let flags = ServerOptions { tcp_number: Some(9), id: vec!["a".into()], secret: vec!["from-flag".parse().unwrap()], ..Default::default() };
+    let config = resolve(flags, Some(&path)).unwrap().into_config().unwrap();
+    assert_eq!(config.tcp_number, Some(9), "flag wins over file");
+    assert_eq!(config.addr.to_string(), "127.0.0.1:7100", "file wins over default");
+    assert_eq!(config.heartbeat_timeout, Duration::from_secs(5));
+    assert_eq!(config.handshake_timeout, Duration::from_secs(10), "default stays");
+    assert_eq!(config.users["a"].secret.expose(), "from-flag", "flag pair wins over the users map");
+}
+
+#[test]
+fn every_example_config_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("server") {
+            load_file::<ServerOptions>(&path).unwrap().into_config().unwrap_or_else(|e| panic!("{name}: {e}"));
+        } else if name.starts_with("client") {
+            let (_, services) = load_file::<ClientOptions>(&path).unwrap().into_config().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!services.is_empty(), "{name} has no services");
+        } else {
+            continue;
+        }
+        seen += 1;
+    }
+    assert!(seen >= 3, "only {seen} example configs found");
+}
+
+#[tokio::test]
+async fn help_explains_every_flag() {
+    let output = ferry().args(["client", "--help"]).output().await.unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in ["--remote ", "--id ", "--secret ", "--remote-cert ", "--remote-cert-insecure", "--reconnect-delay", "--heartbeat-timeout", "--local ", "--remote-tcp-port", "--remote-tcp-random", "--log-file-max-size", "--config"] {
+        assert!(help.contains(flag), "client --help lacks {flag}");
+    }
+    let output = ferry().args(["server", "--help"]).output().await.unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in ["--addr ", "--tls-addr", "--cert-file", "--key-file", "--allow-any-client", "--tcp-range", "--tcp-number", "--heartbeat-timeout", "--log-file-max-count"] {
+        assert!(help.contains(flag), "server --help lacks {flag}");
+    }
+}
+
+#[tokio::test]
+async fn log_file_rotates_by_size_and_never_holds_secrets() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("logs").join("server.log");
+        let log_text = log.to_string_lossy().into_owned();
+        let server_port = free_port().await;
+        let addr = format!("127.0.0.1:{server_port}");
+        let args = ["server", "--addr", &addr, "--id", "id1", "--secret", "secret1", "--log-level", "debug"];
+        let rotation = ["--log-file", &log_text, "--log-file-max-size", "600", "--log-file-max-count", "2"];
+        let mut server = ferry().args(args).args(rotation).spawn().unwrap();
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..8 {
+            failing_client(server_port, "wrong-secret-xyz", &["--local", "tcp://127.0.0.1:1"]).await;
+        }
+        server.kill().await.unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(log.parent().unwrap()).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        assert!(files.len() >= 2, "no rotation happened: {files:?}");
+        assert!(files.len() <= 3, "more files than --log-file-max-count keeps: {files:?}");
+        let mut all = String::new();
+        for file in &files {
+            all.push_str(&std::fs::read_to_string(file).unwrap());
+        }
+        assert!(all.contains("login refused"), "{all}");
+        assert!(!all.contains("wrong-secret-xyz") && !all.contains("secret1"), "a secret reached the log");
+    })
+    .await
+}
