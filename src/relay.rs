@@ -47,25 +47,33 @@ impl<S: AsyncRead + Unpin> AsyncRead for StatusGate<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.awaiting_status {
-            let mut byte = [0u8; 1];
-            let mut status = ReadBuf::new(&mut byte);
-            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut status))?;
-            if status.filled().is_empty() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "client closed the data connection before answering",
-                )));
-            }
-            if StreamStatus::from_byte(byte[0]) != StreamStatus::Ready {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    "client could not reach its local service",
-                )));
-            }
-            self.awaiting_status = false;
+        if !self.awaiting_status {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        // Read straight into the caller's buffer (one system call), then take the status byte off.
+        let start = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let Some(&status) = buf.filled().get(start) else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "client closed the data connection before answering",
+            )));
+        };
+        if StreamStatus::from_byte(status) != StreamStatus::Ready {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "client could not reach its local service",
+            )));
+        }
+        self.awaiting_status = false;
+        let end = buf.filled().len();
+        buf.filled_mut().copy_within(start + 1..end, start);
+        buf.set_filled(end - 1);
+        if end - 1 == start {
+            // Only the status byte came: read again so an empty read never looks like EOF.
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -96,22 +104,38 @@ mod tests {
     async fn gate_passes_after_ready_and_fails_on_refusal() {
         let (mut client, server) = tokio::io::duplex(64);
         let mut gate = StatusGate::new(server);
+        let mut buf = [0u8; 5];
         client
             .write_all(&[StreamStatus::Ready as u8])
             .await
             .unwrap();
+        // The status alone must not surface as an empty (end-of-stream) read.
+        let early = std::time::Duration::from_millis(50);
+        let pending = tokio::time::timeout(early, gate.read(&mut buf)).await;
+        assert!(
+            pending.is_err(),
+            "gate returned before any payload: {pending:?}"
+        );
         client.write_all(b"hello").await.unwrap();
-        let mut buf = [0u8; 5];
         gate.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
 
         let (mut client, server) = tokio::io::duplex(64);
         let mut gate = StatusGate::new(server);
-        client
-            .write_all(&[StreamStatus::LocalUnavailable as u8])
-            .await
-            .unwrap();
+        let refusal = [StreamStatus::LocalUnavailable as u8];
+        client.write_all(&refusal).await.unwrap();
         let err = gate.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[tokio::test]
+    async fn gate_strips_status_sent_together_with_data() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut gate = StatusGate::new(server);
+        client.write_all(b"\0abc").await.unwrap();
+        drop(client);
+        let mut all = Vec::new();
+        gate.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"abc");
     }
 }

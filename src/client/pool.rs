@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -14,10 +15,13 @@ use tracing::{debug, warn, Instrument};
 
 use crate::auth::SessionKey;
 use crate::proto::{
-    read_frame, write_frame, write_preamble, DataHello, LinkKind, OpenStream, StreamStatus,
+    encode_frame, preamble, read_frame_buffered, DataHello, LinkKind, OpenStream, StreamStatus,
 };
 use crate::relay::relay;
 use crate::transport::{Connector, Stream};
+
+/// Buffer for the open message and any visitor bytes that come with it.
+const EARLY_READ: usize = 4096;
 
 /// Upper bound of idle data connections, however many the server asks for.
 const MAX_IDLE: usize = 512;
@@ -105,13 +109,15 @@ impl DataPool {
                 return;
             }
         };
-        let open = match read_frame::<_, OpenStream>(&mut link).await {
+        // Visitor bytes may follow the open message in the same read: they are kept.
+        let mut early = BytesMut::with_capacity(EARLY_READ);
+        let open = match read_frame_buffered::<_, OpenStream>(&mut link, &mut early).await {
             Ok(open) => open,
             Err(err) => return debug!(%err, "idle data connection closed"),
         };
         drop(permit);
         let span = tracing::info_span!("visitor", service = open.service, visitor = %open.visitor);
-        self.serve_visitor(link, open.service)
+        self.serve_visitor(link, open.service, early)
             .instrument(span)
             .await;
     }
@@ -124,12 +130,14 @@ impl DataPool {
             seq,
             mac: self.key.data_mac(self.session, seq),
         };
-        write_preamble(&mut link, LinkKind::Data).await?;
-        write_frame(&mut link, &hello).await?;
+        // Preamble and hello leave in one write.
+        let mut first = preamble(LinkKind::Data).to_vec();
+        encode_frame(&hello, &mut first)?;
+        link.write_all(&first).await?;
         Ok(link)
     }
 
-    async fn serve_visitor(&self, mut link: Stream, service: u32) {
+    async fn serve_visitor(&self, mut link: Stream, service: u32, early: BytesMut) {
         let local_addr = self
             .routes
             .read()
@@ -152,6 +160,9 @@ impl DataPool {
         };
         let _ = local.set_nodelay(true);
         if link.write_all(&[StreamStatus::Ready as u8]).await.is_err() {
+            return;
+        }
+        if !early.is_empty() && local.write_all(&early).await.is_err() {
             return;
         }
         match relay(&mut link, &mut local).await {

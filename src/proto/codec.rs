@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 
 /// Largest frame either side accepts; a longer length prefix is an error before any allocation.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
@@ -72,6 +73,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ControlChannel<S> {
         }
     }
 
+    /// Wraps a stream of which `read` bytes were already read (they are parsed first).
+    pub fn with_buffer(stream: S, read: BytesMut) -> Self {
+        let mut parts = FramedParts::new::<bytes::Bytes>(stream, codec());
+        parts.read_buf = read;
+        Self {
+            framed: Framed::from_parts(parts),
+        }
+    }
+
     /// Encodes and sends one message.
     pub async fn send<M: Serialize>(&mut self, message: &M) -> Result<(), ProtocolError> {
         let body =
@@ -111,13 +121,58 @@ pub async fn write_frame<W: AsyncWrite + Unpin, M: Serialize>(
     writer: &mut W,
     message: &M,
 ) -> Result<(), ProtocolError> {
-    let body = serde_json::to_vec(message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    let len = u32::try_from(body.len()).map_err(|_| ProtocolError::FrameTooLarge(body.len()))?;
-    let mut bytes = Vec::with_capacity(4 + body.len());
-    bytes.extend_from_slice(&len.to_be_bytes());
-    bytes.extend_from_slice(&body);
+    let mut bytes = Vec::with_capacity(128);
+    encode_frame(message, &mut bytes)?;
     writer.write_all(&bytes).await?;
     Ok(())
+}
+
+/// Appends one encoded frame (length prefix and JSON body) to `out`.
+pub fn encode_frame<M: Serialize>(message: &M, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut *out, message)
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let len = out.len() - start - 4;
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge(len));
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Reads until `buf` holds at least `len` bytes; a close before that is [`ProtocolError::Closed`].
+pub(crate) async fn fill_to<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+) -> Result<(), ProtocolError> {
+    while buf.len() < len {
+        buf.reserve(len - buf.len());
+        if reader.read_buf(buf).await? == 0 {
+            return Err(ProtocolError::Closed);
+        }
+    }
+    Ok(())
+}
+
+/// Takes one frame off the front of `buf`, reading more when it is incomplete.
+///
+/// Bytes after the frame stay in `buf`: a caller that turns the stream raw must
+/// pass them on. Reading in whole chunks saves a system call per frame.
+pub async fn read_frame_buffered<R: AsyncRead + Unpin, M: DeserializeOwned>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<M, ProtocolError> {
+    fill_to(reader, buf, 4).await?;
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge(len));
+    }
+    fill_to(reader, buf, 4 + len).await?;
+    buf.advance(4);
+    let body = buf.split_to(len);
+    decode(&body)
 }
 
 /// Reads exactly one frame and nothing after it, so raw bytes that follow stay in the stream.

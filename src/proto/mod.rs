@@ -9,11 +9,15 @@ mod codec;
 mod message;
 mod preamble;
 
-pub use codec::{read_frame, write_frame, ControlChannel, ProtocolError, MAX_FRAME_LEN};
+pub use codec::{
+    encode_frame, read_frame, read_frame_buffered, write_frame, ControlChannel, ProtocolError,
+    MAX_FRAME_LEN,
+};
 pub use message::{
     ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, RegisterError, ServerMessage,
     ServiceSpec, StreamStatus,
 };
 pub use preamble::{
-    read_preamble, write_preamble, LinkKind, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION,
+    preamble, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC, PREAMBLE_LEN,
+    PROTOCOL_VERSION,
 };

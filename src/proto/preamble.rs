@@ -2,6 +2,9 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use bytes::{Buf, BytesMut};
+
+use super::codec::fill_to;
 use super::ProtocolError;
 
 /// Magic bytes that start every ferry link; they tell ferry apart from HTTP or TLS.
@@ -37,17 +40,35 @@ impl LinkKind {
     }
 }
 
-/// Writes `FERRY`, the protocol version (big-endian u16) and the link kind.
-pub async fn write_preamble<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    kind: LinkKind,
-) -> Result<(), ProtocolError> {
+/// The preamble bytes: `FERRY`, the protocol version (big-endian u16) and the link kind.
+pub fn preamble(kind: LinkKind) -> [u8; PREAMBLE_LEN] {
     let mut bytes = [0u8; PREAMBLE_LEN];
     bytes[..5].copy_from_slice(MAGIC);
     bytes[5..7].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
     bytes[7] = kind.to_byte();
-    writer.write_all(&bytes).await?;
+    bytes
+}
+
+/// Writes the preamble of a link.
+pub async fn write_preamble<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    kind: LinkKind,
+) -> Result<(), ProtocolError> {
+    writer.write_all(&preamble(kind)).await?;
     Ok(())
+}
+
+/// Reads the preamble into `buf` (with whatever follows it in the same read) and takes it off.
+pub async fn read_preamble_buffered<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<LinkKind, ProtocolError> {
+    fill_to(reader, buf, PREAMBLE_LEN).await?;
+    let mut bytes = [0u8; PREAMBLE_LEN];
+    bytes.copy_from_slice(&buf[..PREAMBLE_LEN]);
+    let kind = parse_preamble(&bytes)?;
+    buf.advance(PREAMBLE_LEN);
+    Ok(kind)
 }
 
 /// Reads and checks a preamble; a foreign version is reported, not guessed at.

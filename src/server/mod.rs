@@ -4,6 +4,7 @@
 //! session (`session.rs`); each tunnel accepts visitors (`tcp.rs`) and pairs
 //! them with idle data connections from the session's pool (`pool.rs`).
 
+mod link;
 mod pool;
 mod registry;
 mod session;
@@ -14,21 +15,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::auth::UserTable;
 use crate::config::ServerConfig;
 use crate::error::ServerError;
-use crate::proto::{
-    read_frame, read_preamble, write_frame, DataHello, LinkKind, LoginRefusal, ProtocolError,
-    ServerMessage,
-};
-use crate::transport::{server_tls_acceptor, Stream};
+use crate::transport::server_tls_acceptor;
 use registry::Registry;
 
 /// How long shutdown waits for sessions to close before returning anyway.
@@ -202,85 +199,12 @@ async fn accept_links(
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                links.spawn(serve_link(shared.clone(), tcp, peer, tls.clone()));
+                links.spawn(link::serve_link(shared.clone(), tcp, peer, tls.clone()));
             }
             Err(err) => {
                 warn!(%err, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    }
-}
-
-/// Reads the preamble of a new link and hands it to the control or data path.
-async fn serve_link(
-    shared: Arc<ServerShared>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
-) {
-    let _ = tcp.set_nodelay(true);
-    let limit = shared.config.handshake_timeout;
-    let opened = tokio::time::timeout(limit, open_link(tcp, tls)).await;
-    let (kind, stream) = match opened {
-        Ok(Ok(link)) => link,
-        Ok(Err((err, stream))) => return refuse_link(stream, err, peer).await,
-        Err(_) => return debug!(%peer, "link timed out before its preamble"),
-    };
-    match kind {
-        // The session watches the shutdown token itself, so it always runs its clean-up.
-        LinkKind::Control => session::serve_control(shared, stream, peer).await,
-        LinkKind::Data => attach_data(&shared, stream, peer).await,
-    }
-}
-
-type LinkRefusal = (ProtocolError, Option<Stream>);
-
-async fn open_link(
-    tcp: TcpStream,
-    tls: Option<TlsAcceptor>,
-) -> Result<(LinkKind, Stream), LinkRefusal> {
-    let mut stream: Stream = match tls {
-        Some(acceptor) => Box::new(acceptor.accept(tcp).await.map_err(|e| (e.into(), None))?),
-        None => Box::new(tcp),
-    };
-    match read_preamble(&mut stream).await {
-        Ok(kind) => Ok((kind, stream)),
-        Err(err) => Err((err, Some(stream))),
-    }
-}
-
-/// Drops a link whose preamble was wrong; a ferry of another version is told why first.
-async fn refuse_link(stream: Option<Stream>, err: ProtocolError, peer: SocketAddr) {
-    debug!(%peer, %err, "link refused");
-    if let (Some(mut stream), ProtocolError::VersionMismatch { peer: client, ours }) = (stream, err)
-    {
-        let refusal = LoginRefusal::VersionMismatch {
-            server: ours,
-            client,
-        };
-        let _ = write_frame(&mut stream, &ServerMessage::LoginRefused { refusal }).await;
-    }
-}
-
-/// Checks a data connection's hello and parks it in its session's pool.
-async fn attach_data(shared: &ServerShared, mut stream: Stream, peer: SocketAddr) {
-    let limit = shared.config.handshake_timeout;
-    let hello = match tokio::time::timeout(limit, read_frame::<_, DataHello>(&mut stream)).await {
-        Ok(Ok(hello)) => hello,
-        Ok(Err(err)) => return debug!(%peer, %err, "bad data hello"),
-        Err(_) => return debug!(%peer, "data hello timed out"),
-    };
-    let Some(session) = shared.registry.session(hello.session) else {
-        return debug!(%peer, session = hello.session, "data connection for an unknown session");
-    };
-    if session.closing.is_cancelled() || !session.admit_data(hello.seq, &hello.mac) {
-        return warn!(%peer, session = hello.session, "data connection refused: bad or replayed proof");
-    }
-    if !session.pool.push(stream) {
-        debug!(
-            session = session.id,
-            "data pool full; closing extra connection"
-        );
     }
 }

@@ -60,8 +60,11 @@ impl SessionShared {
 }
 
 /// Serves a control connection from its first message to its end.
-pub(crate) async fn serve_control(shared: Arc<ServerShared>, stream: Stream, peer: SocketAddr) {
-    let mut chan = ControlChannel::new(stream);
+pub(crate) async fn serve_control(
+    shared: Arc<ServerShared>,
+    mut chan: ControlChannel<Stream>,
+    peer: SocketAddr,
+) {
     let (user, instance, key) = match login(&shared, &mut chan, peer).await {
         Some(login) => login,
         None => return,

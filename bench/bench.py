@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Measures ferry, rathole and a direct connection to nginx/iperf3 on loopback.
+
+Every figure of every target is taken in the same run, alternating targets in
+each round, and the median of the rounds is reported. Called by bench/run.sh."""
+import datetime
+import os
+import re
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FERRY = os.path.join(ROOT, "target", "release", "ferry")
+DURATION = int(os.environ.get("DURATION", "10"))
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+IDLE = int(os.environ.get("IDLE", "1000"))
+NGINX, IPERF = 18080, 15201
+PORTS = {"direct": (NGINX, IPERF), "ferry": (17080, 17201), "rathole": (27080, 27201)}
+TARGETS = ["direct", "ferry", "rathole"]
+
+work = tempfile.mkdtemp(prefix="ferry-bench-")
+os.chmod(work, 0o755)
+procs = []
+
+
+def start(args, **kw):
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    procs.append(proc)
+    return proc
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_http(port, what):
+    for _ in range(200):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.05)
+    sys.exit(f"{what} never answered on port {port}")
+
+
+def start_nginx():
+    www = os.path.join(work, "www")
+    os.makedirs(www)
+    with open(os.path.join(www, "index.html"), "w") as f:
+        f.write("<html><body>" + "ferry bench " * 50 + "</body></html>\n")
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes auto;
+pid {work}/nginx.pid;
+error_log {work}/nginx.err warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{NGINX}; root {www}; }}
+}}
+""")
+    subprocess.run(["nginx", "-c", conf, "-p", work], check=True)
+    wait_http(NGINX, "nginx")
+
+
+def start_ferry():
+    secret = secrets.token_hex(16)
+    server = start([FERRY, "server", "--addr", "127.0.0.1:17000", "--id", "bench", "--secret", secret,
+                    "--tcp-range", "17001-17999", "--log-level", "warn"])
+    time.sleep(0.3)
+    client = start([FERRY, "client", "--remote", "tcp://127.0.0.1:17000", "--id", "bench", "--secret", secret,
+                    "--log-level", "warn",
+                    "--local", f"tcp://127.0.0.1:{NGINX}", "--remote-tcp-port", "17080",
+                    "--local", f"tcp://127.0.0.1:{IPERF}", "--remote-tcp-port", "17201"])
+    wait_http(17080, "ferry")
+    return server, client
+
+
+def start_rathole():
+    token = secrets.token_hex(16)
+    server_conf = os.path.join(work, "rathole-server.toml")
+    client_conf = os.path.join(work, "rathole-client.toml")
+    with open(server_conf, "w") as f:
+        f.write(f"""[server]
+bind_addr = "127.0.0.1:27000"
+[server.services.web]
+token = "{token}"
+bind_addr = "127.0.0.1:27080"
+[server.services.iperf]
+token = "{token}"
+bind_addr = "127.0.0.1:27201"
+""")
+    with open(client_conf, "w") as f:
+        f.write(f"""[client]
+remote_addr = "127.0.0.1:27000"
+[client.services.web]
+token = "{token}"
+local_addr = "127.0.0.1:{NGINX}"
+[client.services.iperf]
+token = "{token}"
+local_addr = "127.0.0.1:{IPERF}"
+""")
+    env = dict(os.environ, RUST_LOG="warn")
+    server = start(["rathole", "--server", server_conf], env=env)
+    time.sleep(0.3)
+    client = start(["rathole", "--client", client_conf], env=env)
+    wait_http(27080, "rathole")
+    return server, client
+
+
+def wrk(port, close):
+    args = ["wrk", "-t2", "-c100", f"-d{DURATION}s", "--latency"]
+    if close:
+        args += ["-H", "Connection: close"]
+    out = subprocess.run(args + [f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    value, unit = re.search(r"99%\s+([\d.]+)(us|ms|s)", out).groups()
+    p99_ms = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    errors = re.search(r"Socket errors: (.*)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, p99_ms, (errors.group(1) if errors else "") + (f" non2xx={non2xx.group(1)}" if non2xx else "")
+
+
+def iperf(port):
+    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "5", "-J"],
+                         capture_output=True, text=True, check=True).stdout
+    import json
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def idle_memory(port, pids):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "idle_visitors.py"), "--port", str(port),
+                          "--count", str(IDLE), "--pids", ",".join(str(p) for p in pids)],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line.split() for line in out.strip().splitlines()]
+    return [int(hwm) / 1024 for _, _, hwm in rows]  # peak RSS in MiB
+
+
+def version(args):
+    try:
+        return subprocess.run(args, capture_output=True, text=True).stdout.strip().splitlines()[0]
+    except Exception:
+        return "?"
+
+
+def main():
+    start_nginx()
+    start([ "iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF)])
+    time.sleep(0.3)
+    tunnels = {"ferry": start_ferry(), "rathole": start_rathole()}
+    figures = {t: {"ka": [], "ka99": [], "close": [], "close99": [], "iperf": []} for t in TARGETS}
+    notes = []
+    for round_no in range(ROUNDS):
+        for close in (False, True):
+            for target in TARGETS:
+                rps, p99, err = wrk(PORTS[target][0], close)
+                key = "close" if close else "ka"
+                figures[target][key].append(rps)
+                figures[target][key + "99"].append(p99)
+                if err.strip():
+                    notes.append(f"round {round_no + 1} {target} {key}: {err.strip()}")
+                print(f"round {round_no + 1} {target:8} {'close' if close else 'keep-alive':10} {rps:10.0f} req/s p99 {p99:7.2f} ms {err}", flush=True)
+        for target in TARGETS:
+            gbps = iperf(PORTS[target][1])
+            figures[target]["iperf"].append(gbps)
+            print(f"round {round_no + 1} {target:8} iperf3 {gbps:.2f} Gbit/s", flush=True)
+    # Memory: fresh processes, so the peak is that of the idle phase alone.
+    memory = {}
+    for target, starter in (("ferry", start_ferry), ("rathole", start_rathole)):
+        for proc in tunnels[target]:
+            stop(proc)
+        tunnels[target] = starter()
+        memory[target] = idle_memory(PORTS[target][0], [p.pid for p in tunnels[target]])
+        print(f"{target} peak RSS with {IDLE} idle visitors: server {memory[target][0]:.1f} MiB, client {memory[target][1]:.1f} MiB", flush=True)
+    write_results(figures, memory, notes)
+
+
+def med(values):
+    return statistics.median(values)
+
+
+def write_results(figures, memory, notes):
+    f = {t: {k: med(v) for k, v in figures[t].items()} for t in TARGETS}
+    def row(name, key, fmt, higher_better=True):
+        d, fe, r = f["direct"][key], f["ferry"][key], f["rathole"][key]
+        ratio = fe / r if higher_better else r / fe
+        return f"| {name} | {fmt.format(d)} | {fmt.format(fe)} ({fe / d:.0%} of direct) | {fmt.format(r)} ({r / d:.0%} of direct) | {ratio:.2f}× |"
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run on {datetime.date.today().isoformat()} by `bench/run.sh` on {os.cpu_count()} cores, everything on loopback",
+        f"(wrk, nginx, iperf3, the tunnel's server and client share the cores). Median of {ROUNDS} rounds;",
+        f"wrk `-t2 -c100 -d{DURATION}s` against an nginx static page; iperf3 5 s single stream.",
+        "",
+        f"- ferry: {version([FERRY, '--version'])} (TCP transport, release build)",
+        f"- rathole: {version(['rathole', '--version'])} (TCP transport, default config)",
+        f"- nginx: {version(['nginx', '-v']) or subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}",
+        f"- wrk: {version(['wrk', '--version']) or 'Debian package'}; iperf3: {version(['iperf3', '--version'])}",
+        "",
+        "The last column is ferry's advantage over rathole (above 1 is better for ferry; for latency and memory it is rathole's figure divided by ferry's).",
+        "",
+        "| figure | direct | ferry | rathole | ferry vs rathole |",
+        "| --- | --- | --- | --- | --- |",
+        row("HTTP keep-alive, requests/s", "ka", "{:,.0f}"),
+        row("HTTP keep-alive, p99 latency (ms)", "ka99", "{:.2f}", higher_better=False),
+        row("HTTP `Connection: close`, requests/s", "close", "{:,.0f}"),
+        row("HTTP `Connection: close`, p99 latency (ms)", "close99", "{:.2f}", higher_better=False),
+        row("iperf3 single stream, Gbit/s", "iperf", "{:.2f}"),
+    ]
+    fs, fc = memory["ferry"]
+    rs, rc = memory["rathole"]
+    lines += [
+        f"| peak RSS, server, {IDLE} idle visitors (MiB) | – | {fs:.1f} | {rs:.1f} | {rs / fs:.2f}× |",
+        f"| peak RSS, client, {IDLE} idle visitors (MiB) | – | {fc:.1f} | {rc:.1f} | {rc / fc:.2f}× |",
+        "",
+        "Raw rounds (requests/s keep-alive; requests/s close; Gbit/s):",
+        "",
+    ]
+    for t in TARGETS:
+        lines.append(f"- {t}: {', '.join(f'{v:.0f}' for v in figures[t]['ka'])}; "
+                     f"{', '.join(f'{v:.0f}' for v in figures[t]['close'])}; "
+                     f"{', '.join(f'{v:.2f}' for v in figures[t]['iperf'])}")
+    if notes:
+        lines += ["", "wrk reported errors:", ""] + [f"- {n}" for n in notes]
+    with open(os.path.join(ROOT, "bench", "RESULTS.md"), "w") as out:
+        out.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+try:
+    main()
+finally:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    pid_file = os.path.join(work, "nginx.pid")
+    if os.path.exists(pid_file):
+        subprocess.run(["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work, "-s", "stop"])

@@ -1,0 +1,108 @@
+//! A new connection from a client: TLS, preamble, then the control or data path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use super::{session, ServerShared};
+use crate::proto::{
+    read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello, LinkKind,
+    LoginRefusal, ProtocolError, ServerMessage,
+};
+use crate::transport::Stream;
+
+/// Room for the preamble and a data hello, read in one go.
+const FIRST_READ: usize = 512;
+
+/// Reads the preamble of a new link and hands it to the control or data path.
+pub(super) async fn serve_link(
+    shared: Arc<ServerShared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let limit = shared.config.handshake_timeout;
+    let mut read = BytesMut::with_capacity(FIRST_READ);
+    let (kind, stream) = match tokio::time::timeout(limit, open_link(tcp, tls, &mut read)).await {
+        Ok(Ok(link)) => link,
+        Ok(Err((err, stream))) => return refuse_link(stream, err, peer).await,
+        Err(_) => return debug!(%peer, "link timed out before its preamble"),
+    };
+    match kind {
+        // The session watches the shutdown token itself, so it always runs its clean-up.
+        LinkKind::Control => {
+            let chan = ControlChannel::with_buffer(stream, read);
+            session::serve_control(shared, chan, peer).await
+        }
+        LinkKind::Data => attach_data(&shared, stream, read, peer).await,
+    }
+}
+
+type LinkRefusal = (ProtocolError, Option<Stream>);
+
+async fn open_link(
+    tcp: TcpStream,
+    tls: Option<TlsAcceptor>,
+    read: &mut BytesMut,
+) -> Result<(LinkKind, Stream), LinkRefusal> {
+    let mut stream: Stream = match tls {
+        Some(acceptor) => Box::new(acceptor.accept(tcp).await.map_err(|e| (e.into(), None))?),
+        None => Box::new(tcp),
+    };
+    match read_preamble_buffered(&mut stream, read).await {
+        Ok(kind) => Ok((kind, stream)),
+        Err(err) => Err((err, Some(stream))),
+    }
+}
+
+/// Drops a link whose preamble was wrong; a ferry of another version is told why first.
+async fn refuse_link(stream: Option<Stream>, err: ProtocolError, peer: SocketAddr) {
+    debug!(%peer, %err, "link refused");
+    if let (Some(mut stream), ProtocolError::VersionMismatch { peer: client, ours }) = (stream, err)
+    {
+        let refusal = LoginRefusal::VersionMismatch {
+            server: ours,
+            client,
+        };
+        let _ = write_frame(&mut stream, &ServerMessage::LoginRefused { refusal }).await;
+    }
+}
+
+/// Checks a data connection's hello and parks it in its session's pool.
+async fn attach_data(
+    shared: &ServerShared,
+    mut stream: Stream,
+    mut read: BytesMut,
+    peer: SocketAddr,
+) {
+    let limit = shared.config.handshake_timeout;
+    let hello = tokio::time::timeout(
+        limit,
+        read_frame_buffered::<_, DataHello>(&mut stream, &mut read),
+    );
+    let hello = match hello.await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(err)) => return debug!(%peer, %err, "bad data hello"),
+        Err(_) => return debug!(%peer, "data hello timed out"),
+    };
+    if !read.is_empty() {
+        return debug!(%peer, "data connection sent bytes before being used");
+    }
+    let Some(session) = shared.registry.session(hello.session) else {
+        return debug!(%peer, session = hello.session, "data connection for an unknown session");
+    };
+    if session.closing.is_cancelled() || !session.admit_data(hello.seq, &hello.mac) {
+        return warn!(%peer, session = hello.session, "data connection refused: bad or replayed proof");
+    }
+    if !session.pool.push(stream) {
+        debug!(
+            session = session.id,
+            "data pool full; closing extra connection"
+        );
+    }
+}
