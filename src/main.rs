@@ -32,7 +32,8 @@ async fn run_server(flags: ServerOptions) -> anyhow::Result<()> {
     logging::init(&options.log_settings()).map_err(|e| anyhow!(e))?;
     let config = options.into_config().map_err(|e| anyhow!(e))?;
     let server = Server::bind(config).await?;
-    server.run(shutdown_signal()).await;
+    // Run on a worker thread: accepting on the main thread would hand every connection across threads.
+    tokio::spawn(server.run(shutdown_signal())).await?;
     Ok(())
 }
 

@@ -95,6 +95,72 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StatusGate<S> {
     }
 }
 
+/// The local service seen from the client: the [`StreamStatus::Ready`] byte is
+/// put in front of the first bytes read from it, so status and first reply
+/// leave in one write (and, on loopback or a LAN, one segment).
+pub struct ReadyPrefix<S> {
+    inner: S,
+    prefix_pending: bool,
+}
+
+impl<S> ReadyPrefix<S> {
+    /// Wraps a local service connection that has just been dialed.
+    pub fn new(inner: S) -> Self {
+        ReadyPrefix {
+            inner,
+            prefix_pending: true,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadyPrefix<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix_pending || buf.remaining() < 2 {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let start = buf.filled().len();
+        buf.put_slice(&[StreamStatus::Ready as u8]);
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Pending => {
+                // Nothing to send with it yet: take the byte back and wait.
+                buf.set_filled(start);
+                Poll::Pending
+            }
+            Poll::Ready(Err(err)) => {
+                buf.set_filled(start);
+                Poll::Ready(Err(err))
+            }
+            // Data, or end of stream: either way the status goes out now.
+            Poll::Ready(Ok(())) => {
+                self.prefix_pending = false;
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadyPrefix<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +203,42 @@ mod tests {
         let mut all = Vec::new();
         gate.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"abc");
+    }
+
+    #[tokio::test]
+    async fn prefix_rides_on_the_first_read_or_end_of_stream() {
+        let (mut service, local) = tokio::io::duplex(64);
+        let mut prefixed = ReadyPrefix::new(local);
+        let mut buf = [0u8; 8];
+        let early = std::time::Duration::from_millis(50);
+        assert!(tokio::time::timeout(early, prefixed.read(&mut buf))
+            .await
+            .is_err());
+        service.write_all(b"hi").await.unwrap();
+        let n = prefixed.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"\0hi");
+
+        let (service, local) = tokio::io::duplex(64);
+        drop(service);
+        let mut all = Vec::new();
+        ReadyPrefix::new(local).read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"\0");
+    }
+
+    #[tokio::test]
+    async fn prefix_and_gate_round_trip() {
+        let (mut service, local) = tokio::io::duplex(64);
+        let mut prefixed = ReadyPrefix::new(local);
+        let (link_client, link_server) = tokio::io::duplex(64);
+        let mut gate = StatusGate::new(link_server);
+        let mut link_client = link_client;
+        tokio::spawn(async move {
+            let _ = relay(&mut link_client, &mut prefixed).await;
+        });
+        service.write_all(b"reply").await.unwrap();
+        drop(service);
+        let mut got = Vec::new();
+        gate.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"reply");
     }
 }

@@ -2,26 +2,29 @@
 //! `OpenStream`, dials the local service, then relays.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::auth::SessionKey;
 use crate::proto::{
-    encode_frame, preamble, read_frame_buffered, DataHello, LinkKind, OpenStream, StreamStatus,
+    encode_frame, preamble, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError,
+    StreamStatus,
 };
-use crate::relay::relay;
+use crate::relay::{relay, ReadyPrefix};
 use crate::transport::{Connector, Stream};
 
 /// Buffer for the open message and any visitor bytes that come with it.
 const EARLY_READ: usize = 4096;
+
+/// Pause before reopening a data connection that failed.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// Upper bound of idle data connections, however many the server asks for.
 const MAX_IDLE: usize = 512;
@@ -30,6 +33,9 @@ const MAX_IDLE: usize = 512;
 pub(crate) type Routes = Arc<RwLock<HashMap<u32, String>>>;
 
 /// Keeps a number of idle data connections open for one session.
+///
+/// Each idle connection is served by its own task; when a visitor claims it,
+/// that task spawns its replacement at once, on the same worker thread.
 pub(crate) struct DataPool {
     connector: Connector,
     session: u64,
@@ -37,8 +43,8 @@ pub(crate) struct DataPool {
     seq: AtomicU64,
     routes: Routes,
     local_timeout: Duration,
-    idle_slots: Arc<Semaphore>,
-    slots: AtomicU64,
+    /// How many connections are kept idle; grows when the server asks.
+    target: AtomicUsize,
     token: CancellationToken,
 }
 
@@ -61,68 +67,65 @@ impl DataPool {
             seq: AtomicU64::new(0),
             routes,
             local_timeout,
-            idle_slots: Arc::new(Semaphore::new(idle)),
-            slots: AtomicU64::new(idle as u64),
+            target: AtomicUsize::new(idle),
             token,
         });
-        tokio::spawn(pool.clone().keep_filled());
+        for _ in 0..idle {
+            pool.spawn_worker();
+        }
         pool
     }
 
     /// The server saw visitors wait: keep more connections idle from now on.
-    pub(crate) fn grow(&self, count: u32) {
-        let slots = self.slots.load(Ordering::Relaxed) as usize;
-        let extra = (count as usize).min(MAX_IDLE.saturating_sub(slots));
-        if extra > 0 {
-            self.slots.fetch_add(extra as u64, Ordering::Relaxed);
-            self.idle_slots.add_permits(extra);
+    pub(crate) fn grow(self: &Arc<Self>, count: u32) {
+        let target = self.target.load(Ordering::Relaxed);
+        let extra = (count as usize).min(MAX_IDLE.saturating_sub(target));
+        self.target.fetch_add(extra, Ordering::Relaxed);
+        for _ in 0..extra {
+            self.spawn_worker();
         }
     }
 
-    /// Opens a data connection for every free slot; a used connection frees its slot.
-    async fn keep_filled(self: Arc<Self>) {
-        loop {
-            let permit = tokio::select! {
-                _ = self.token.cancelled() => return,
-                permit = self.idle_slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
-            let worker = self.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = worker.token.cancelled() => {},
-                    _ = worker.serve_one(permit) => {},
+    fn spawn_worker(self: &Arc<Self>) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let token = pool.token.clone();
+            tokio::select! {
+                _ = token.cancelled() => {},
+                _ = pool.serve_one() => {},
+            }
+        });
+    }
+
+    /// Holds one idle data connection until a visitor claims it, then serves that visitor.
+    async fn serve_one(self: Arc<Self>) {
+        let (link, open, early) = loop {
+            match self.wait_for_visitor().await {
+                Ok(claimed) => break claimed,
+                Err(err) => {
+                    debug!(%err, "data connection failed; retrying shortly");
+                    // Pausing keeps a dead or overloaded server from being hammered.
+                    tokio::time::sleep(RETRY_DELAY).await;
                 }
-            });
-        }
-    }
-
-    async fn serve_one(&self, permit: OwnedSemaphorePermit) {
-        let mut link = match self.open().await {
-            Ok(link) => link,
-            Err(err) => {
-                debug!(%err, "data connection failed; retrying shortly");
-                // Holding the permit during the pause keeps a dead server from being hammered.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                return;
             }
         };
-        // Visitor bytes may follow the open message in the same read: they are kept.
-        let mut early = BytesMut::with_capacity(EARLY_READ);
-        let open = match read_frame_buffered::<_, OpenStream>(&mut link, &mut early).await {
-            Ok(open) => open,
-            Err(err) => return debug!(%err, "idle data connection closed"),
-        };
-        drop(permit);
+        self.spawn_worker();
         let span = tracing::info_span!("visitor", service = open.service, visitor = %open.visitor);
         self.serve_visitor(link, open.service, early)
             .instrument(span)
             .await;
     }
 
-    async fn open(&self) -> Result<Stream, crate::proto::ProtocolError> {
+    /// Opens a data connection and waits for the server's open message on it.
+    async fn wait_for_visitor(&self) -> Result<(Stream, OpenStream, BytesMut), ProtocolError> {
+        let mut link = self.open().await?;
+        // Visitor bytes may follow the open message in the same read: they are kept.
+        let mut early = BytesMut::with_capacity(EARLY_READ);
+        let open = read_frame_buffered::<_, OpenStream>(&mut link, &mut early).await?;
+        Ok((link, open, early))
+    }
+
+    async fn open(&self) -> Result<Stream, ProtocolError> {
         let mut link = self.connector.connect().await?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let hello = DataHello {
@@ -159,12 +162,11 @@ impl DataPool {
             Err(_) => return refuse(link, &local_addr, "timed out").await,
         };
         let _ = local.set_nodelay(true);
-        if link.write_all(&[StreamStatus::Ready as u8]).await.is_err() {
-            return;
-        }
         if !early.is_empty() && local.write_all(&early).await.is_err() {
-            return;
+            return refuse(link, &local_addr, "closed before the first bytes").await;
         }
+        // The ready byte leaves with the local service's first reply.
+        let mut local = ReadyPrefix::new(local);
         match relay(&mut link, &mut local).await {
             Ok((down, up)) => debug!(to_local = down, from_local = up, "visitor done"),
             Err(err) => debug!(%err, "visitor closed"),

@@ -107,6 +107,9 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then closes every tunnel and returns.
+    ///
+    /// The accept loops run inside this future: spawn it on the runtime (or use
+    /// [`spawn`](Server::spawn)) rather than awaiting it from `block_on`'s thread.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
             shared,
