@@ -11,7 +11,7 @@
 //! - [`transport`]: TCP and TLS links behind one boxed stream type.
 //! - [`auth`]: keys from secrets, login signatures, session keys, users.
 //! - `server` and `client`: the two actors; [`config`]: what they are built from.
-//! - [`relay`]: the byte pump between visitor and data connection.
+//! - [`chunked`]: the data path: chunks, so data connections can be reused.
 //!
 //! # Example
 //! ```no_run
@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod chunked;
 pub mod cli;
 mod client;
 pub mod config;
@@ -42,7 +43,6 @@ pub mod demo;
 mod error;
 pub mod logging;
 pub mod proto;
-pub mod relay;
 mod server;
 pub mod transport;
 

@@ -17,7 +17,7 @@ use crate::proto::{
     encode_frame, preamble, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError,
     StreamStatus,
 };
-use crate::relay::{relay, ReadyPrefix};
+use crate::chunked::{relay_chunked, Status};
 use crate::transport::{Connector, Stream};
 
 /// Buffer for the open message and any visitor bytes that come with it.
@@ -45,6 +45,8 @@ pub(crate) struct DataPool {
     local_timeout: Duration,
     /// How many connections are kept idle; grows when the server asks.
     target: AtomicUsize,
+    /// How many connections wait for a visitor right now.
+    idle: AtomicUsize,
     token: CancellationToken,
 }
 
@@ -68,6 +70,7 @@ impl DataPool {
             routes,
             local_timeout,
             target: AtomicUsize::new(idle),
+            idle: AtomicUsize::new(0),
             token,
         });
         for _ in 0..idle {
@@ -97,32 +100,46 @@ impl DataPool {
         });
     }
 
-    /// Holds one idle data connection until a visitor claims it, then serves that visitor.
+    /// Holds one idle data connection until a visitor claims it, serves that
+    /// visitor, and goes back to waiting on the same connection when it ended cleanly.
     async fn serve_one(self: Arc<Self>) {
-        let (link, open, early) = loop {
-            match self.wait_for_visitor().await {
-                Ok(claimed) => break claimed,
-                Err(err) => {
-                    debug!(%err, "data connection failed; retrying shortly");
-                    // Pausing keeps a dead or overloaded server from being hammered.
+        let mut reusable: Option<(Stream, BytesMut)> = None;
+        loop {
+            let (link, read) = match reusable.take() {
+                Some(link) => link,
+                None => match self.open().await {
+                    Ok(link) => (link, BytesMut::with_capacity(EARLY_READ)),
+                    Err(err) => {
+                        debug!(%err, "data connection failed; retrying shortly");
+                        // Pausing keeps a dead or overloaded server from being hammered.
+                        tokio::time::sleep(RETRY_DELAY).await;
+                        continue;
+                    }
+                },
+            };
+            self.idle.fetch_add(1, Ordering::Relaxed);
+            let claimed = wait_for_visitor(link, read).await;
+            let idle = self.idle.fetch_sub(1, Ordering::Relaxed) - 1;
+            let below_target = idle < self.target.load(Ordering::Relaxed);
+            let (link, open, early) = match claimed {
+                Ok(claimed) => claimed,
+                // The server closed an idle connection (trimmed, or the session is ending).
+                Err(err) if below_target => {
+                    debug!(%err, "idle data connection closed; opening another");
                     tokio::time::sleep(RETRY_DELAY).await;
+                    continue;
                 }
+                Err(_) => return,
+            };
+            if below_target {
+                self.spawn_worker();
             }
-        };
-        self.spawn_worker();
-        let span = tracing::info_span!("visitor", service = open.service, visitor = %open.visitor);
-        self.serve_visitor(link, open.service, early)
-            .instrument(span)
-            .await;
-    }
-
-    /// Opens a data connection and waits for the server's open message on it.
-    async fn wait_for_visitor(&self) -> Result<(Stream, OpenStream, BytesMut), ProtocolError> {
-        let mut link = self.open().await?;
-        // Visitor bytes may follow the open message in the same read: they are kept.
-        let mut early = BytesMut::with_capacity(EARLY_READ);
-        let open = read_frame_buffered::<_, OpenStream>(&mut link, &mut early).await?;
-        Ok((link, open, early))
+            let span = tracing::info_span!("visitor", service = open.service, visitor = %open.visitor);
+            reusable = self.serve_visitor(link, open.service, early).instrument(span).await;
+            if reusable.is_none() {
+                return;
+            }
+        }
     }
 
     async fn open(&self) -> Result<Stream, ProtocolError> {
@@ -140,44 +157,62 @@ impl DataPool {
         Ok(link)
     }
 
-    async fn serve_visitor(&self, mut link: Stream, service: u32, early: BytesMut) {
-        let local_addr = self
-            .routes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&service)
-            .cloned();
+    fn local_addr(&self, service: u32) -> Option<String> {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        routes.get(&service).cloned()
+    }
+
+    /// Dials the local service and relays; returns the data connection (and any
+    /// bytes read past the visitor's end) when it can serve another visitor.
+    async fn serve_visitor(
+        &self,
+        mut link: Stream,
+        service: u32,
+        early: BytesMut,
+    ) -> Option<(Stream, BytesMut)> {
+        let local_addr = self.local_addr(service);
         let Some(local_addr) = local_addr else {
             warn!("visitor for an unknown service; closing");
-            let _ = link
-                .write_all(&[StreamStatus::LocalUnavailable as u8])
-                .await;
-            return;
+            let _ = link.write_all(&[StreamStatus::LocalUnavailable as u8]).await;
+            return None;
         };
-        let dialed =
-            tokio::time::timeout(self.local_timeout, TcpStream::connect(&local_addr)).await;
+        let dialed = tokio::time::timeout(self.local_timeout, TcpStream::connect(&local_addr)).await;
         let mut local = match dialed {
             Ok(Ok(local)) => local,
             Ok(Err(err)) => return refuse(link, &local_addr, &err.to_string()).await,
             Err(_) => return refuse(link, &local_addr, "timed out").await,
         };
         let _ = local.set_nodelay(true);
-        if !early.is_empty() && local.write_all(&early).await.is_err() {
-            return refuse(link, &local_addr, "closed before the first bytes").await;
-        }
-        // The ready byte leaves with the local service's first reply.
-        let mut local = ReadyPrefix::new(local);
-        match relay(&mut link, &mut local).await {
-            Ok((down, up)) => debug!(to_local = down, from_local = up, "visitor done"),
-            Err(err) => debug!(%err, "visitor closed"),
+        // The ready byte leaves with the local service's first reply (or its end).
+        match relay_chunked(&mut local, &mut link, Status::Send, early).await {
+            Ok(relayed) => {
+                debug!(from_local = relayed.out, to_local = relayed.r#in, "visitor done");
+                // Bytes read past the end marker belong to the next open message.
+                Some((link, relayed.leftover))
+            }
+            Err(err) => {
+                debug!(%err, "visitor closed");
+                None
+            }
         }
     }
 }
 
-async fn refuse(mut link: Stream, local_addr: &str, why: &str) {
+/// Waits for the server's open message on an idle data connection.
+async fn wait_for_visitor(
+    mut link: Stream,
+    mut read: BytesMut,
+) -> Result<(Stream, OpenStream, BytesMut), ProtocolError> {
+    // Visitor bytes may follow the open message in the same read: they are kept.
+    let open = read_frame_buffered::<_, OpenStream>(&mut link, &mut read).await?;
+    Ok((link, open, read))
+}
+
+async fn refuse(mut link: Stream, local_addr: &str, why: &str) -> Option<(Stream, BytesMut)> {
     warn!(local = %local_addr, error = %why, "local service unavailable; closing visitor");
     let _ = link
         .write_all(&[StreamStatus::LocalUnavailable as u8])
         .await;
     let _ = link.shutdown().await;
+    None
 }

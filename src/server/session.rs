@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use super::pool::DataPool;
+use super::pool::{DataPool, IDLE_TTL};
 use super::{tcp, ServerShared};
 use crate::auth::{Ephemeral, ReplayGuard, SessionKey};
 use crate::proto::{
@@ -205,6 +205,7 @@ impl Control<'_> {
                         return format!("no heartbeat for {timeout:?}");
                     }
                     ping_seq += 1;
+                    self.session.pool.trim(IDLE_TTL);
                     self.chan.send(&ServerMessage::Ping { seq: ping_seq }).await
                 }
             };

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -12,7 +13,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::session::SessionShared;
 use super::ServerShared;
 use crate::proto::{encode_frame, OpenStream, ProtocolError};
-use crate::relay::{relay, StatusGate};
+use crate::chunked::{relay_chunked, Status};
 use crate::transport::Stream;
 
 /// Starts accepting visitors on `listener` until the tunnel or its session closes.
@@ -119,13 +120,20 @@ async fn serve_visitor(
         debug!(%err, "data connection failed before use");
         return;
     }
-    let mut gate = StatusGate::new(data);
-    tokio::select! {
-        _ = token.cancelled() => debug!("visitor closed with its tunnel"),
-        result = relay(&mut visitor, &mut gate) => match result {
-            Ok((up, down)) => debug!(up, down, "visitor done"),
-            Err(err) => debug!(%err, "visitor closed"),
-        },
+    let relay = relay_chunked(&mut visitor, &mut data, Status::Expect, BytesMut::new());
+    let relayed = tokio::select! {
+        _ = token.cancelled() => return debug!("visitor closed with its tunnel"),
+        relayed = relay => relayed,
+    };
+    match relayed {
+        Ok(relayed) => {
+            debug!(up = relayed.out, down = relayed.r#in, "visitor done");
+            // A clean end on both sides: the data connection serves the next visitor.
+            if relayed.leftover.is_empty() && !token.is_cancelled() {
+                session.pool.push(data);
+            }
+        }
+        Err(err) => debug!(%err, "visitor closed"),
     }
 }
 
@@ -142,10 +150,16 @@ async fn send_open(
 ) -> Result<(), ProtocolError> {
     let mut first = Vec::with_capacity(128 + EARLY_BYTES);
     encode_frame(open, &mut first)?;
-    let header = first.len();
-    first.resize(header + EARLY_BYTES, 0);
-    let early = visitor.try_read(&mut first[header..]).unwrap_or(0);
-    first.truncate(header + early);
+    let chunk = first.len();
+    first.resize(chunk + 4 + EARLY_BYTES, 0);
+    match visitor.try_read(&mut first[chunk + 4..]) {
+        Ok(early) if early > 0 => {
+            first[chunk..chunk + 4].copy_from_slice(&(early as u32).to_be_bytes());
+            first.truncate(chunk + 4 + early);
+        }
+        // Nothing yet, or the visitor already left: the relay finds out next.
+        _ => first.truncate(chunk),
+    }
     data.write_all(&first).await?;
     Ok(())
 }

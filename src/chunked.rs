@@ -1,0 +1,335 @@
+//! The data path of a data connection: visitor bytes travel in chunks, so one
+//! connection can carry one visitor after another.
+//!
+//! Each chunk is a 4-byte big-endian length and that many bytes. A zero length
+//! ends one direction (a half-close). When both directions have ended cleanly
+//! the data connection goes back to the pool instead of being closed, which
+//! saves a TCP handshake, an accept and a login proof per visitor. Any error, or
+//! a connection that closes mid-stream, aborts: the connection is dropped and
+//! the peer closes its side.
+//!
+//! Both directions are driven from one future over `&mut` streams (as tokio's
+//! `copy_bidirectional` does), so no stream is split and no lock is taken.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::proto::StreamStatus;
+
+/// Size of each relay buffer; also the largest chunk this side writes.
+pub const CHUNK_BUF: usize = 8 * 1024;
+
+/// Largest chunk length accepted from a peer (chunks are streamed, never buffered whole).
+pub const MAX_CHUNK: u32 = 1 << 20;
+
+/// Appends one chunk (header and payload) to `out`; an empty payload is the end marker.
+pub fn encode_chunk(payload: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// How one side treats the status byte that opens the client's direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Client side: send the ready byte in front of the first chunk.
+    Send,
+    /// Server side: the first byte from the link must be the ready byte.
+    Expect,
+}
+
+/// What a finished relay leaves behind.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Bytes read from the plain side and sent as chunks.
+    pub out: u64,
+    /// Bytes received as chunks and written to the plain side.
+    pub r#in: u64,
+    /// Bytes read from the link after its end marker (the start of the next visitor).
+    pub leftover: BytesMut,
+}
+
+/// Relays between a plain stream (visitor or local service) and a data connection
+/// until both directions have ended cleanly.
+///
+/// `early` holds link bytes already read (they are parsed first).
+pub async fn relay_chunked<P, L>(
+    plain: &mut P,
+    link: &mut L,
+    status: Status,
+    early: BytesMut,
+) -> io::Result<Relayed>
+where
+    P: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    L: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut out = Outbound::new(status == Status::Send);
+    let mut inbound = Inbound::new(status == Status::Expect, early);
+    poll_fn(|cx| {
+        let out_done = out.poll(cx, &mut *plain, &mut *link)?.is_ready();
+        let in_done = inbound.poll(cx, &mut *link, &mut *plain)?.is_ready();
+        if out_done && in_done {
+            Poll::Ready(Ok::<(), io::Error>(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await?;
+    Ok(Relayed { out: out.total, r#in: inbound.total, leftover: inbound.leftover() })
+}
+
+/// Plain bytes → chunks, ending with the end marker.
+struct Outbound {
+    /// `[status][length][payload]`; a write goes out from `pos` to `end`.
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+    send_status: bool,
+    /// The end marker is queued or sent.
+    ending: bool,
+    done: bool,
+    total: u64,
+}
+
+impl Outbound {
+    fn new(send_status: bool) -> Self {
+        Outbound {
+            buf: vec![0u8; 5 + CHUNK_BUF].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+            send_status,
+            ending: false,
+            done: false,
+            total: 0,
+        }
+    }
+
+    fn poll<P, L>(&mut self, cx: &mut Context<'_>, plain: &mut P, link: &mut L) -> Poll<io::Result<()>>
+    where
+        P: AsyncRead + Unpin + ?Sized,
+        L: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.pos < self.end {
+                let n = ready!(Pin::new(&mut *link).poll_write(cx, &self.buf[self.pos..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                continue;
+            }
+            if self.ending {
+                ready!(Pin::new(&mut *link).poll_flush(cx))?;
+                self.done = true;
+                continue;
+            }
+            let mut read = ReadBuf::new(&mut self.buf[5..]);
+            ready!(Pin::new(&mut *plain).poll_read(cx, &mut read))?;
+            let n = read.filled().len();
+            self.buf[1..5].copy_from_slice(&(n as u32).to_be_bytes());
+            self.pos = if self.send_status { 0 } else { 1 };
+            if self.send_status {
+                self.buf[0] = StreamStatus::Ready as u8;
+                self.send_status = false;
+            }
+            self.end = 5 + n;
+            self.ending = n == 0;
+            self.total += n as u64;
+        }
+    }
+}
+
+/// Chunks → plain bytes, half-closing the plain side at the end marker.
+struct Inbound {
+    buf: Box<[u8]>,
+    /// Unparsed bytes are `buf[pos..len]`.
+    pos: usize,
+    len: usize,
+    expect_status: bool,
+    /// Payload bytes of the current chunk still to pass on.
+    chunk_left: usize,
+    shutting_down: bool,
+    done: bool,
+    total: u64,
+}
+
+impl Inbound {
+    fn new(expect_status: bool, early: BytesMut) -> Self {
+        let mut buf = vec![0u8; CHUNK_BUF.max(early.len())].into_boxed_slice();
+        buf[..early.len()].copy_from_slice(&early);
+        Inbound {
+            buf,
+            pos: 0,
+            len: early.len(),
+            expect_status,
+            chunk_left: 0,
+            shutting_down: false,
+            done: false,
+            total: 0,
+        }
+    }
+
+    fn leftover(&self) -> BytesMut {
+        BytesMut::from(&self.buf[self.pos..self.len])
+    }
+
+    fn poll<L, P>(&mut self, cx: &mut Context<'_>, link: &mut L, plain: &mut P) -> Poll<io::Result<()>>
+    where
+        L: AsyncRead + Unpin + ?Sized,
+        P: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.shutting_down {
+                ready!(Pin::new(&mut *plain).poll_shutdown(cx))?;
+                self.done = true;
+                continue;
+            }
+            let available = self.len - self.pos;
+            if self.chunk_left > 0 && available > 0 {
+                let take = available.min(self.chunk_left);
+                let n = ready!(Pin::new(&mut *plain).poll_write(cx, &self.buf[self.pos..self.pos + take]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.chunk_left -= n;
+                self.total += n as u64;
+                continue;
+            }
+            if self.chunk_left == 0 && self.parse_next()? {
+                continue;
+            }
+            ready!(self.poll_fill(cx, link))?;
+        }
+    }
+
+    /// Consumes the status byte or a chunk header if they are buffered; false if more bytes are needed.
+    fn parse_next(&mut self) -> io::Result<bool> {
+        let available = &self.buf[self.pos..self.len];
+        if self.expect_status {
+            let Some(&status) = available.first() else { return Ok(false) };
+            if StreamStatus::from_byte(status) != StreamStatus::Ready {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "client could not reach its local service",
+                ));
+            }
+            self.expect_status = false;
+            self.pos += 1;
+            return Ok(true);
+        }
+        let Some(header) = available.get(..4) else { return Ok(false) };
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        self.pos += 4;
+        if len > MAX_CHUNK {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("chunk of {len} bytes")));
+        }
+        self.chunk_left = len as usize;
+        self.shutting_down = len == 0;
+        Ok(true)
+    }
+
+    /// Reads more link bytes; the end of the link before the end marker is an error.
+    fn poll_fill<L: AsyncRead + Unpin + ?Sized>(&mut self, cx: &mut Context<'_>, link: &mut L) -> Poll<io::Result<()>> {
+        if self.pos == self.len {
+            self.pos = 0;
+            self.len = 0;
+        } else if self.len == self.buf.len() {
+            self.buf.copy_within(self.pos..self.len, 0);
+            self.len -= self.pos;
+            self.pos = 0;
+        }
+        let mut read = ReadBuf::new(&mut self.buf[self.len..]);
+        ready!(Pin::new(&mut *link).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        if n == 0 {
+            let what = if self.expect_status {
+                "client closed the data connection before answering"
+            } else {
+                "data connection closed mid-stream"
+            };
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, what)));
+        }
+        self.len += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// visitor <-> [server relay] <-> link <-> [client relay] <-> service, twice over one link.
+    #[tokio::test]
+    async fn chunks_round_trip_with_half_close_and_reuse() {
+        let (mut link_server, mut link_client) = tokio::io::duplex(1000);
+        let mut leftover = BytesMut::new();
+        for round in 0..3u8 {
+            let (mut visitor, mut visitor_side) = tokio::io::duplex(100);
+            let (mut service, mut service_side) = tokio::io::duplex(100);
+            let payload: Vec<u8> = (0..50_000u32).map(|i| (i as u8).wrapping_add(round)).collect();
+            let expected = payload.clone();
+            let server = relay_chunked(&mut visitor_side, &mut link_server, Status::Expect, BytesMut::new());
+            let client = relay_chunked(&mut service_side, &mut link_client, Status::Send, leftover.split());
+            let ends = async {
+                let send = async {
+                    visitor.write_all(&payload).await.unwrap();
+                    visitor.shutdown().await.unwrap();
+                    let mut back = Vec::new();
+                    visitor.read_to_end(&mut back).await.unwrap();
+                    back
+                };
+                let echo = async {
+                    let mut got = Vec::new();
+                    service.read_to_end(&mut got).await.unwrap();
+                    service.write_all(&got).await.unwrap();
+                    service.shutdown().await.unwrap();
+                };
+                tokio::join!(send, echo).0
+            };
+            let (server, client, back) = tokio::join!(server, client, ends);
+            let (server, client) = (server.unwrap(), client.unwrap());
+            assert_eq!((server.out, server.r#in), (50_000, 50_000));
+            assert_eq!((client.out, client.r#in), (50_000, 50_000));
+            assert!(server.leftover.is_empty());
+            leftover = client.leftover;
+            assert_eq!(back, expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn refusal_truncation_and_oversized_chunks_are_errors() {
+        let mut bytes = Vec::new();
+        encode_chunk(b"partial", &mut bytes);
+        bytes.extend_from_slice(&100u32.to_be_bytes());
+        let huge = (MAX_CHUNK + 1).to_be_bytes().to_vec();
+        let refusal = vec![StreamStatus::LocalUnavailable as u8];
+        let cases = [
+            (Status::Expect, refusal, io::ErrorKind::ConnectionRefused),
+            (Status::Send, bytes, io::ErrorKind::UnexpectedEof),
+            (Status::Send, huge, io::ErrorKind::InvalidData),
+        ];
+        for (status, link_bytes, expected) in cases {
+            // The plain side stays open and silent; the link yields `link_bytes`, then ends.
+            let (mut plain, _plain_peer) = tokio::io::duplex(64);
+            let (mut link, mut link_peer) = tokio::io::duplex(64);
+            link_peer.write_all(&link_bytes).await.unwrap();
+            drop(link_peer);
+            let relay = relay_chunked(&mut plain, &mut link, status, BytesMut::new());
+            let limit = std::time::Duration::from_secs(5);
+            let err = tokio::time::timeout(limit, relay).await.unwrap().unwrap_err();
+            assert_eq!(err.kind(), expected);
+        }
+    }
+}
