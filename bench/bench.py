@@ -165,8 +165,10 @@ def main():
     figures = {t: {"ka": [], "ka99": [], "close": [], "close99": [], "iperf": []} for t in TARGETS}
     notes = []
     for round_no in range(ROUNDS):
+        # Rotate the order each round, so no target always runs right after another.
+        order = TARGETS[round_no % 3:] + TARGETS[:round_no % 3]
         for close in (False, True):
-            for target in TARGETS:
+            for target in order:
                 rps, p99, err = wrk(PORTS[target][0], close)
                 key = "close" if close else "ka"
                 figures[target][key].append(rps)
@@ -174,7 +176,7 @@ def main():
                 if err.strip():
                     notes.append(f"round {round_no + 1} {target} {key}: {err.strip()}")
                 print(f"round {round_no + 1} {target:8} {'close' if close else 'keep-alive':10} {rps:10.0f} req/s p99 {p99:7.2f} ms {err}", flush=True)
-        for target in TARGETS:
+        for target in order:
             gbps = iperf(PORTS[target][1])
             figures[target]["iperf"].append(gbps)
             print(f"round {round_no + 1} {target:8} iperf3 {gbps:.2f} Gbit/s", flush=True)
@@ -207,8 +209,8 @@ def write_results(figures, memory, notes):
         f"wrk `-t2 -c100 -d{DURATION}s` against an nginx static page; iperf3 5 s single stream.",
         "",
         f"- ferry: {version([FERRY, '--version'])} (TCP transport, release build)",
-        f"- rathole: {version(['rathole', '--version'])} (TCP transport, default config)",
-        f"- nginx: {version(['nginx', '-v']) or subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}",
+        f"- rathole: {version(['rathole', '--version']).strip() or 'rathole'} 0.5.0 from crates.io (TCP transport, default config)",
+        f"- nginx: {subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}",
         f"- wrk: {version(['wrk', '--version']) or 'Debian package'}; iperf3: {version(['iperf3', '--version'])}",
         "",
         "The last column is ferry's advantage over rathole (above 1 is better for ferry; for latency and memory it is rathole's figure divided by ferry's).",

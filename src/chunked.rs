@@ -21,8 +21,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::proto::StreamStatus;
 
-/// Size of each relay buffer; also the largest chunk this side writes.
+/// First size of each relay buffer; a whole chunk (header included) fits in it.
 pub const CHUNK_BUF: usize = 8 * 1024;
+
+/// Largest size a relay buffer grows to while a stream moves bulk data.
+///
+/// Buffers start small so that thousands of mostly idle visitors stay cheap, and
+/// double each time a read fills them, so bulk transfers need fewer system calls.
+pub const MAX_BUF: usize = 64 * 1024;
+
+/// The chunk header: a big-endian payload length.
+const HEADER: usize = 4;
 
 /// Largest chunk length accepted from a peer (chunks are streamed, never buffered whole).
 pub const MAX_CHUNK: u32 = 1 << 20;
@@ -79,7 +88,11 @@ where
         }
     })
     .await?;
-    Ok(Relayed { out: out.total, r#in: inbound.total, leftover: inbound.leftover() })
+    Ok(Relayed {
+        out: out.total,
+        r#in: inbound.total,
+        leftover: inbound.leftover(),
+    })
 }
 
 /// Plain bytes → chunks, ending with the end marker.
@@ -98,7 +111,7 @@ struct Outbound {
 impl Outbound {
     fn new(send_status: bool) -> Self {
         Outbound {
-            buf: vec![0u8; 5 + CHUNK_BUF].into_boxed_slice(),
+            buf: vec![0u8; 1 + CHUNK_BUF].into_boxed_slice(),
             pos: 0,
             end: 0,
             send_status,
@@ -108,7 +121,19 @@ impl Outbound {
         }
     }
 
-    fn poll<P, L>(&mut self, cx: &mut Context<'_>, plain: &mut P, link: &mut L) -> Poll<io::Result<()>>
+    /// Doubles the buffer, keeping the chunk that is about to be written.
+    fn grow(&mut self) {
+        let mut bigger = vec![0u8; ((self.buf.len() - 1) * 2).min(MAX_BUF) + 1].into_boxed_slice();
+        bigger[..self.buf.len()].copy_from_slice(&self.buf);
+        self.buf = bigger;
+    }
+
+    fn poll<P, L>(
+        &mut self,
+        cx: &mut Context<'_>,
+        plain: &mut P,
+        link: &mut L,
+    ) -> Poll<io::Result<()>>
     where
         P: AsyncRead + Unpin + ?Sized,
         L: AsyncWrite + Unpin + ?Sized,
@@ -133,6 +158,9 @@ impl Outbound {
             let mut read = ReadBuf::new(&mut self.buf[5..]);
             ready!(Pin::new(&mut *plain).poll_read(cx, &mut read))?;
             let n = read.filled().len();
+            if 5 + n == self.buf.len() && self.buf.len() < 1 + MAX_BUF {
+                self.grow();
+            }
             self.buf[1..5].copy_from_slice(&(n as u32).to_be_bytes());
             self.pos = if self.send_status { 0 } else { 1 };
             if self.send_status {
@@ -180,7 +208,12 @@ impl Inbound {
         BytesMut::from(&self.buf[self.pos..self.len])
     }
 
-    fn poll<L, P>(&mut self, cx: &mut Context<'_>, link: &mut L, plain: &mut P) -> Poll<io::Result<()>>
+    fn poll<L, P>(
+        &mut self,
+        cx: &mut Context<'_>,
+        link: &mut L,
+        plain: &mut P,
+    ) -> Poll<io::Result<()>>
     where
         L: AsyncRead + Unpin + ?Sized,
         P: AsyncWrite + Unpin + ?Sized,
@@ -197,7 +230,9 @@ impl Inbound {
             let available = self.len - self.pos;
             if self.chunk_left > 0 && available > 0 {
                 let take = available.min(self.chunk_left);
-                let n = ready!(Pin::new(&mut *plain).poll_write(cx, &self.buf[self.pos..self.pos + take]))?;
+                let n = ready!(
+                    Pin::new(&mut *plain).poll_write(cx, &self.buf[self.pos..self.pos + take])
+                )?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -217,7 +252,9 @@ impl Inbound {
     fn parse_next(&mut self) -> io::Result<bool> {
         let available = &self.buf[self.pos..self.len];
         if self.expect_status {
-            let Some(&status) = available.first() else { return Ok(false) };
+            let Some(&status) = available.first() else {
+                return Ok(false);
+            };
             if StreamStatus::from_byte(status) != StreamStatus::Ready {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
@@ -228,23 +265,44 @@ impl Inbound {
             self.pos += 1;
             return Ok(true);
         }
-        let Some(header) = available.get(..4) else { return Ok(false) };
+        let Some(header) = available.get(..4) else {
+            return Ok(false);
+        };
         let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
         self.pos += 4;
         if len > MAX_CHUNK {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("chunk of {len} bytes")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("chunk of {len} bytes"),
+            ));
+        }
+        // The peer moves bulk data: take whole chunks in one read, up to MAX_BUF.
+        let wanted = (len as usize + HEADER).min(MAX_BUF + HEADER);
+        if wanted > self.buf.len() {
+            self.resize(wanted.next_power_of_two().min(MAX_BUF + HEADER));
         }
         self.chunk_left = len as usize;
         self.shutting_down = len == 0;
         Ok(true)
     }
 
+    /// Moves unparsed bytes to the front of a buffer of `size` bytes.
+    fn resize(&mut self, size: usize) {
+        let mut bigger = vec![0u8; size.max(self.len - self.pos)].into_boxed_slice();
+        bigger[..self.len - self.pos].copy_from_slice(&self.buf[self.pos..self.len]);
+        self.buf = bigger;
+        self.len -= self.pos;
+        self.pos = 0;
+    }
+
     /// Reads more link bytes; the end of the link before the end marker is an error.
-    fn poll_fill<L: AsyncRead + Unpin + ?Sized>(&mut self, cx: &mut Context<'_>, link: &mut L) -> Poll<io::Result<()>> {
-        if self.pos == self.len {
-            self.pos = 0;
-            self.len = 0;
-        } else if self.len == self.buf.len() {
+    fn poll_fill<L: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        link: &mut L,
+    ) -> Poll<io::Result<()>> {
+        // Keep what is unparsed at the front, so a whole chunk fits behind its header.
+        if self.pos > 0 {
             self.buf.copy_within(self.pos..self.len, 0);
             self.len -= self.pos;
             self.pos = 0;
@@ -278,10 +336,22 @@ mod tests {
         for round in 0..3u8 {
             let (mut visitor, mut visitor_side) = tokio::io::duplex(100);
             let (mut service, mut service_side) = tokio::io::duplex(100);
-            let payload: Vec<u8> = (0..50_000u32).map(|i| (i as u8).wrapping_add(round)).collect();
+            let payload: Vec<u8> = (0..50_000u32)
+                .map(|i| (i as u8).wrapping_add(round))
+                .collect();
             let expected = payload.clone();
-            let server = relay_chunked(&mut visitor_side, &mut link_server, Status::Expect, BytesMut::new());
-            let client = relay_chunked(&mut service_side, &mut link_client, Status::Send, leftover.split());
+            let server = relay_chunked(
+                &mut visitor_side,
+                &mut link_server,
+                Status::Expect,
+                BytesMut::new(),
+            );
+            let client = relay_chunked(
+                &mut service_side,
+                &mut link_client,
+                Status::Send,
+                leftover.split(),
+            );
             let ends = async {
                 let send = async {
                     visitor.write_all(&payload).await.unwrap();
@@ -328,7 +398,10 @@ mod tests {
             drop(link_peer);
             let relay = relay_chunked(&mut plain, &mut link, status, BytesMut::new());
             let limit = std::time::Duration::from_secs(5);
-            let err = tokio::time::timeout(limit, relay).await.unwrap().unwrap_err();
+            let err = tokio::time::timeout(limit, relay)
+                .await
+                .unwrap()
+                .unwrap_err();
             assert_eq!(err.kind(), expected);
         }
     }

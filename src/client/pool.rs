@@ -13,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::auth::SessionKey;
+use crate::chunked::{relay_chunked, Status};
 use crate::proto::{
     encode_frame, preamble, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError,
     StreamStatus,
 };
-use crate::chunked::{relay_chunked, Status};
 use crate::transport::{Connector, Stream};
 
 /// Buffer for the open message and any visitor bytes that come with it.
@@ -134,8 +134,12 @@ impl DataPool {
             if below_target {
                 self.spawn_worker();
             }
-            let span = tracing::info_span!("visitor", service = open.service, visitor = %open.visitor);
-            reusable = self.serve_visitor(link, open.service, early).instrument(span).await;
+            let span =
+                tracing::info_span!("visitor", service = open.service, visitor = %open.visitor);
+            reusable = self
+                .serve_visitor(link, open.service, early)
+                .instrument(span)
+                .await;
             if reusable.is_none() {
                 return;
             }
@@ -173,10 +177,13 @@ impl DataPool {
         let local_addr = self.local_addr(service);
         let Some(local_addr) = local_addr else {
             warn!("visitor for an unknown service; closing");
-            let _ = link.write_all(&[StreamStatus::LocalUnavailable as u8]).await;
+            let _ = link
+                .write_all(&[StreamStatus::LocalUnavailable as u8])
+                .await;
             return None;
         };
-        let dialed = tokio::time::timeout(self.local_timeout, TcpStream::connect(&local_addr)).await;
+        let dialed =
+            tokio::time::timeout(self.local_timeout, TcpStream::connect(&local_addr)).await;
         let mut local = match dialed {
             Ok(Ok(local)) => local,
             Ok(Err(err)) => return refuse(link, &local_addr, &err.to_string()).await,
@@ -186,7 +193,11 @@ impl DataPool {
         // The ready byte leaves with the local service's first reply (or its end).
         match relay_chunked(&mut local, &mut link, Status::Send, early).await {
             Ok(relayed) => {
-                debug!(from_local = relayed.out, to_local = relayed.r#in, "visitor done");
+                debug!(
+                    from_local = relayed.out,
+                    to_local = relayed.r#in,
+                    "visitor done"
+                );
                 // Bytes read past the end marker belong to the next open message.
                 Some((link, relayed.leftover))
             }

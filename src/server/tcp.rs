@@ -12,8 +12,8 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::session::SessionShared;
 use super::ServerShared;
-use crate::proto::{encode_frame, OpenStream, ProtocolError};
 use crate::chunked::{relay_chunked, Status};
+use crate::proto::{encode_frame, OpenStream, ProtocolError};
 use crate::transport::Stream;
 
 /// Starts accepting visitors on `listener` until the tunnel or its session closes.
