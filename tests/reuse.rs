@@ -3,7 +3,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use common::*;
 use ferry::{Client, ServiceConfig};
@@ -90,7 +89,7 @@ async fn aborted_visitors_do_not_disturb_the_next_ones() {
             let mut visitor = TcpStream::connect(noisy.public_addr()).await.unwrap();
             let mut some = [0u8; 1000];
             visitor.read_exact(&mut some).await.unwrap();
-            visitor.set_linger(Some(Duration::ZERO)).unwrap();
+            visitor.set_zero_linger().unwrap();
             drop(visitor);
             // Visitors after it, possibly on reused connections, get exactly their own bytes.
             for i in 0..5 {
