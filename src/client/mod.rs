@@ -89,7 +89,9 @@ impl Client {
         let instance = format!("{:032x}", rand::random::<u128>());
         let first = login::login(&connector, &config, &instance).await?;
         let (commands, inbox) = mpsc::unbounded_channel();
-        let (state_tx, state) = watch::channel(ClientState::Connecting);
+        let (state_tx, state) = watch::channel(ClientState::Connected {
+            session: first.session,
+        });
         let token = CancellationToken::new();
         let remote_host = config.remote.host.clone();
         let driver = Driver::new(config, connector, instance, inbox, state_tx, token.clone());

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
@@ -24,6 +25,7 @@ pub(super) async fn serve_link(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
+    handshake: OwnedSemaphorePermit,
 ) {
     let _ = tcp.set_nodelay(true);
     let limit = shared.config.handshake_timeout;
@@ -37,9 +39,12 @@ pub(super) async fn serve_link(
         // The session watches the shutdown token itself, so it always runs its clean-up.
         LinkKind::Control => {
             let chan = ControlChannel::with_buffer(stream, read);
-            session::serve_control(shared, chan, peer).await
+            session::serve_control(shared, chan, peer, handshake).await
         }
-        LinkKind::Data => attach_data(&shared, stream, read, peer).await,
+        LinkKind::Data => {
+            attach_data(&shared, stream, read, peer).await;
+            drop(handshake);
+        }
     }
 }
 

@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::UserTable;
 use crate::config::ServerConfig;
@@ -38,7 +39,12 @@ pub(crate) struct ServerShared {
     pub(crate) registry: Registry,
     /// Cancelled on shutdown; parent of every session token.
     pub(crate) shutdown: CancellationToken,
+    /// One permit per connection that has not finished its handshake.
+    pub(crate) handshakes: Arc<Semaphore>,
 }
+
+/// Most connections that may be in their handshake at once.
+const MAX_HANDSHAKES: usize = 4096;
 
 /// A bound ferry server, ready to [`run`](Server::run).
 ///
@@ -86,6 +92,7 @@ impl Server {
             users,
             registry: Registry::default(),
             shutdown: CancellationToken::new(),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
         });
         Ok(Server {
             shared,
@@ -202,7 +209,18 @@ async fn accept_links(
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                links.spawn(link::serve_link(shared.clone(), tcp, peer, tls.clone()));
+                // Unauthenticated peers are bounded: past the limit, new ones are dropped at once.
+                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                    debug!(%peer, "too many handshakes in progress; dropping connection");
+                    continue;
+                };
+                links.spawn(link::serve_link(
+                    shared.clone(),
+                    tcp,
+                    peer,
+                    tls.clone(),
+                    permit,
+                ));
             }
             Err(err) => {
                 warn!(%err, "accept failed");

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -64,11 +64,13 @@ pub(crate) async fn serve_control(
     shared: Arc<ServerShared>,
     mut chan: ControlChannel<Stream>,
     peer: SocketAddr,
+    handshake: OwnedSemaphorePermit,
 ) {
     let (user, instance, key) = match login(&shared, &mut chan, peer).await {
         Some(login) => login,
         None => return,
     };
+    drop(handshake);
     let (outbox, inbox) = mpsc::channel(64);
     let session = Arc::new(SessionShared {
         id: shared.registry.next_session_id(),

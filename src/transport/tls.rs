@@ -90,10 +90,16 @@ pub fn client_tls_config(trust: &RemoteTrust) -> Result<Arc<rustls::ClientConfig
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
     let config = match trust {
-        RemoteTrust::Insecure => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
-            .with_no_client_auth(),
+        RemoteTrust::Insecure => {
+            tracing::warn!(
+                "remote-cert-insecure: the server's certificate is not checked; \
+                 the link is encrypted, but anyone in the path can pose as the server"
+            );
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
+                .with_no_client_auth()
+        }
         RemoteTrust::CaFile(path) => builder
             .with_root_certificates(roots_from(load_certs(path)?)?)
             .with_no_client_auth(),
