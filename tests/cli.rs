@@ -174,19 +174,20 @@ async fn refused_clients_exit_with_the_cause() {
     .await
 }
 
+/// Runs the binary, expects it to fail, and returns what it printed on stderr.
+async fn stderr_of_failing(args: &[&std::ffi::OsStr]) -> String {
+    let output = ferry().args(args).output().await.unwrap();
+    assert!(!output.status.success(), "{args:?} should have failed");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[tokio::test]
 async fn bad_config_files_name_the_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = dir.path().join("server.yaml");
     std::fs::write(&yaml, "addr: 127.0.0.1:0\nbogus-key: 1\n").unwrap();
-    let output = ferry()
-        .args(["server", "--config"])
-        .arg(&yaml)
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let stderr =
+        stderr_of_failing(&["server".as_ref(), "--config".as_ref(), yaml.as_os_str()]).await;
     assert!(
         stderr.contains("bogus-key") && stderr.contains("line 2"),
         "{stderr}"
@@ -198,26 +199,15 @@ async fn bad_config_files_name_the_key_and_line() {
         "remote = \"tcp://h:1\"\nreconnect-delay = \"soon\"\n",
     )
     .unwrap();
-    let output = ferry()
-        .args(["client", "--config"])
-        .arg(&toml)
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let stderr =
+        stderr_of_failing(&["client".as_ref(), "--config".as_ref(), toml.as_os_str()]).await;
     assert!(
         stderr.contains("reconnect-delay") && stderr.contains("line 2"),
         "{stderr}"
     );
 
-    let output = ferry()
-        .args(["server", "--addr", "nowhere"])
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let stderr =
+        stderr_of_failing(&["server".as_ref(), "--addr".as_ref(), "nowhere".as_ref()]).await;
     assert!(
         stderr.contains("addr: 'nowhere' is not an address"),
         "{stderr}"

@@ -46,6 +46,20 @@ struct Wanted {
 }
 
 impl Wanted {
+    fn new(
+        config: ServiceConfig,
+        reply: RegisterReply,
+        closed: watch::Sender<Option<CloseReason>>,
+    ) -> Self {
+        Wanted {
+            config,
+            port: None,
+            server_id: None,
+            reply: Some(reply),
+            closed,
+        }
+    }
+
     fn spec(&self) -> ServiceSpec {
         ServiceSpec::Tcp {
             name: self.config.name.clone(),
@@ -180,16 +194,7 @@ impl Driver {
                 reply,
                 closed,
             } => {
-                self.wanted.insert(
-                    key,
-                    Wanted {
-                        config,
-                        port: None,
-                        server_id: None,
-                        reply: Some(reply),
-                        closed,
-                    },
-                );
+                self.wanted.insert(key, Wanted::new(config, reply, closed));
             }
             Command::Remove { key } => {
                 if let Some(wanted) = self.wanted.remove(&key) {
@@ -288,13 +293,7 @@ impl Driver {
                 reply,
                 closed,
             } => {
-                let wanted = Wanted {
-                    config,
-                    port: None,
-                    server_id: None,
-                    reply: Some(reply),
-                    closed,
-                };
+                let wanted = Wanted::new(config, reply, closed);
                 session
                     .chan
                     .send(&ClientMessage::Register {
