@@ -142,6 +142,7 @@ async fn silent_client_kept(server: std::net::SocketAddr, port: u16) {
         name: "silent".into(),
         port: Some(port),
         random: false,
+        proxy_protocol: None,
     };
     chan.send(&ClientMessage::Register { request: 1, spec })
         .await

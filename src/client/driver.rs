@@ -13,8 +13,8 @@ use tracing::{error, info, warn};
 use super::backoff::Backoff;
 use super::login::{login, LoggedIn};
 use super::pool::{DataPool, Routes};
-use super::{join_host_port, ClientState, RegisterReply};
-use crate::config::{ClientConfig, ServiceConfig};
+use super::{public_address, ClientState, Endpoint, RegisterReply};
+use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
 use crate::proto::{
     ClientMessage, CloseReason, ControlChannel, ProtocolError, ServerMessage, ServiceSpec,
 };
@@ -61,10 +61,19 @@ impl Wanted {
     }
 
     fn spec(&self) -> ServiceSpec {
-        ServiceSpec::Tcp {
-            name: self.config.name.clone(),
-            port: self.port.or(self.config.remote_tcp_port),
-            random: self.config.remote_tcp_random,
+        let config = &self.config;
+        match config.kind {
+            ServiceKind::Tcp => ServiceSpec::Tcp {
+                name: config.name.clone(),
+                port: self.port.or(config.remote_tcp_port),
+                random: config.remote_tcp_random,
+                proxy_protocol: config.proxy_protocol,
+            },
+            ServiceKind::Http => ServiceSpec::Http {
+                name: config.name.clone(),
+                prefix: config.host_prefix.clone(),
+                local_host: config.use_local_as_http_host.then(|| config.local.clone()),
+            },
         }
     }
 
@@ -334,6 +343,7 @@ impl Driver {
                 request,
                 service,
                 port,
+                host,
             } => {
                 let Some(wanted) = self.wanted.get_mut(&request) else {
                     // Cancelled while the request was in flight.
@@ -356,13 +366,10 @@ impl Driver {
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(service, wanted.config.local.clone());
-                info!(
-                    public = %join_host_port(&session.remote_host, port),
-                    local = %wanted.config.local,
-                    "tunnel open"
-                );
+                let public = public_address(&session.remote_host, port, host.as_deref());
+                info!(%public, local = %wanted.config.local, "tunnel open");
                 if let Some(reply) = wanted.reply.take() {
-                    let _ = reply.send(Ok(port));
+                    let _ = reply.send(Ok(Endpoint { port, host, public }));
                 }
             }
             ServerMessage::RegisterFailed { request, error } => {

@@ -70,7 +70,6 @@ pub struct Client {
     commands: mpsc::UnboundedSender<Command>,
     state: watch::Receiver<ClientState>,
     next_key: AtomicU64,
-    remote_host: String,
     driver: JoinHandle<()>,
     token: CancellationToken,
     _stop_on_drop: DropGuard,
@@ -93,14 +92,12 @@ impl Client {
             session: first.session,
         });
         let token = CancellationToken::new();
-        let remote_host = config.remote.host.clone();
         let driver = Driver::new(config, connector, instance, inbox, state_tx, token.clone());
         let driver = tokio::spawn(driver.run(first));
         Ok(Client {
             commands,
             state,
             next_key: AtomicU64::new(1),
-            remote_host,
             driver,
             _stop_on_drop: token.clone().drop_guard(),
             token,
@@ -123,14 +120,15 @@ impl Client {
         self.commands
             .send(command)
             .map_err(|_| ClientError::Stopped)?;
-        let port = answer
+        let endpoint = answer
             .await
             .map_err(|_| ClientError::Stopped)?
             .map_err(ClientError::Register)?;
         Ok(Registration {
             key,
-            port,
-            public_addr: join_host_port(&self.remote_host, port),
+            port: endpoint.port,
+            host: endpoint.host,
+            public_addr: endpoint.public,
             closed,
             commands: self.commands.clone(),
         })
@@ -153,20 +151,27 @@ impl Client {
 pub struct Registration {
     key: u64,
     port: u16,
+    host: Option<String>,
     public_addr: String,
     closed: watch::Receiver<Option<CloseReason>>,
     commands: mpsc::UnboundedSender<Command>,
 }
 
 impl Registration {
-    /// Where visitors connect: the server's host and the public port.
+    /// Where visitors connect: `host:port` for TCP; `http://HOST` for HTTP, where HOST is
+    /// the full host name when the server has a `domain`, else the label that routes.
     pub fn public_addr(&self) -> &str {
         &self.public_addr
     }
 
-    /// The public port on the server.
+    /// The public port on the server (0 for HTTP services, which share the server's HTTP port).
     pub fn remote_port(&self) -> u16 {
         self.port
+    }
+
+    /// HTTP services: the host name (or its first label) that routes to this service.
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref()
     }
 
     /// Asks the server to close the tunnel; [`closed`](Registration::closed) then completes.
@@ -192,4 +197,19 @@ fn join_host_port(host: &str, port: u16) -> String {
 }
 
 /// The answer to an add-service request.
-type RegisterReply = oneshot::Sender<Result<u16, RegisterError>>;
+type RegisterReply = oneshot::Sender<Result<Endpoint, RegisterError>>;
+
+/// Where the server exposes a service.
+pub(crate) struct Endpoint {
+    port: u16,
+    host: Option<String>,
+    public: String,
+}
+
+/// How visitors reach a service: `host:port` for TCP, `http://host` for HTTP.
+fn public_address(remote_host: &str, port: u16, host: Option<&str>) -> String {
+    match host {
+        Some(host) => format!("http://{host}"),
+        None => join_host_port(remote_host, port),
+    }
+}

@@ -15,6 +15,7 @@ use std::time::Duration;
 pub use port_range::PortRange;
 
 use crate::auth::Secret;
+use crate::proto::ProxyProtocol;
 use crate::transport::{RemoteAddr, RemoteTrust};
 
 /// Default heartbeat timeout on both sides.
@@ -52,6 +53,22 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long a visitor may wait for a free data connection.
     pub data_wait_timeout: Duration,
+    /// A listener for HTTP visitors only (`--http-addr`); `addr` serves them too.
+    pub http_addr: Option<SocketAddr>,
+    /// The server's domain, e.g. `example.com`, to tell clients their full host names.
+    pub domain: Option<String>,
+    /// How many host names one user may hold at a time; `None` is no limit.
+    pub host_number: Option<u32>,
+    /// Patterns a host prefix must match (any of them); empty allows any valid label.
+    pub host_regex: Vec<String>,
+    /// Route `ID-PREFIX.domain` instead of `PREFIX.domain`.
+    pub host_with_id: bool,
+    /// The request header that routes HTTP visitors.
+    pub http_mux_header: String,
+    /// Also route `http://server/ID/PREFIX/rest` (for servers without wildcard DNS).
+    pub http_path_routing: bool,
+    /// A request head not complete within this time closes the visitor.
+    pub http_header_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +85,14 @@ impl Default for ServerConfig {
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             handshake_timeout: Duration::from_secs(10),
             data_wait_timeout: Duration::from_secs(10),
+            http_addr: None,
+            domain: None,
+            host_number: None,
+            host_regex: Vec::new(),
+            host_with_id: false,
+            http_mux_header: "Host".into(),
+            http_path_routing: false,
+            http_header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -128,6 +153,16 @@ impl ClientConfig {
     }
 }
 
+/// What kind of public endpoint a service gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServiceKind {
+    /// Its own public TCP port (`--local tcp://...`).
+    #[default]
+    Tcp,
+    /// A virtual host on the server's HTTP port (`--local http://...`).
+    Http,
+}
+
 /// One local service to expose.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
@@ -135,10 +170,18 @@ pub struct ServiceConfig {
     pub name: String,
     /// The local service as `host:port`.
     pub local: String,
+    /// TCP port or HTTP virtual host.
+    pub kind: ServiceKind,
     /// Public TCP port to ask for; `None` lets the server choose.
     pub remote_tcp_port: Option<u16>,
     /// Take any free port when the one asked for is unavailable.
     pub remote_tcp_random: bool,
+    /// Announce each visitor to a TCP service with a PROXY protocol header.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// HTTP: reach the service at `PREFIX.domain` instead of `ID.domain`.
+    pub host_prefix: Option<String>,
+    /// HTTP: send the local address as the Host of requests.
+    pub use_local_as_http_host: bool,
 }
 
 impl ServiceConfig {
@@ -147,8 +190,20 @@ impl ServiceConfig {
         ServiceConfig {
             name: local.to_owned(),
             local: local.to_owned(),
+            kind: ServiceKind::Tcp,
             remote_tcp_port: None,
             remote_tcp_random: false,
+            proxy_protocol: None,
+            host_prefix: None,
+            use_local_as_http_host: false,
+        }
+    }
+
+    /// An HTTP service for `local` (`host:port`), reached by host name on the server's HTTP port.
+    pub fn http(local: &str) -> Self {
+        ServiceConfig {
+            kind: ServiceKind::Http,
+            ..ServiceConfig::tcp(local)
         }
     }
 
@@ -161,6 +216,18 @@ impl ServiceConfig {
     /// Falls back to a random free port when the asked one is unavailable.
     pub fn with_random_fallback(mut self) -> Self {
         self.remote_tcp_random = true;
+        self
+    }
+
+    /// HTTP: asks for the host prefix `prefix`.
+    pub fn with_host_prefix(mut self, prefix: &str) -> Self {
+        self.host_prefix = Some(prefix.to_owned());
+        self
+    }
+
+    /// TCP: announces visitors with a PROXY protocol header.
+    pub fn with_proxy_protocol(mut self, version: ProxyProtocol) -> Self {
+        self.proxy_protocol = Some(version);
         self
     }
 }

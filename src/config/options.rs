@@ -9,9 +9,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ClientConfig, PortRange, ServerConfig, ServiceConfig, UserConfig};
+use super::{ClientConfig, PortRange, ServerConfig, ServiceConfig, ServiceKind, UserConfig};
 use crate::auth::Secret;
 use crate::logging::LogSettings;
+use crate::proto::ProxyProtocol;
 use crate::transport::{parse_listen_addr, RemoteAddr, RemoteTrust};
 
 /// Server flags; each is also a config-file key of the same name.
@@ -60,6 +61,31 @@ pub struct ServerOptions {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Option<Duration>,
+    /// A listener for HTTP visitors only; --addr serves HTTP visitors too.
+    #[arg(long)]
+    pub http_addr: Option<String>,
+    /// The server's domain (e.g. example.com), so clients are told their full host names.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// How many host names one user may hold at a time. [default: no limit]
+    #[arg(long)]
+    pub host_number: Option<u32>,
+    /// A pattern host prefixes must match; repeatable (any one matches).
+    #[arg(long)]
+    pub host_regex: Vec<String>,
+    /// Route ID-PREFIX.domain instead of PREFIX.domain.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub host_with_id: Option<bool>,
+    /// The request header that routes HTTP visitors. [default: Host]
+    #[arg(long)]
+    pub http_mux_header: Option<String>,
+    /// Also route http://server/ID/PREFIX/rest, for servers without wildcard DNS.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub http_path_routing: Option<bool>,
+    /// Close HTTP visitors whose request head is not complete in this time. [default: 10s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub http_header_timeout: Option<Duration>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive. [default: info]
     #[arg(long)]
     pub log_level: Option<String>,
@@ -145,7 +171,7 @@ pub struct ClientOptions {
 #[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServiceOptions {
-    /// The local service: tcp://127.0.0.1:22 (or 127.0.0.1:22).
+    /// The local service: tcp://127.0.0.1:22 (or 127.0.0.1:22), or http://127.0.0.1:8080.
     #[arg(long)]
     pub local: Option<String>,
     /// Public port to ask the server for.
@@ -154,6 +180,15 @@ pub struct ServiceOptions {
     /// Take a random free port when --remote-tcp-port is taken or not allowed.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub remote_tcp_random: Option<bool>,
+    /// TCP: announce each visitor to the local service with a PROXY header (v1 or v2).
+    #[arg(long)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// HTTP: reach the service at PREFIX.domain (or ID-PREFIX.domain) instead of ID.domain.
+    #[arg(long)]
+    pub host_prefix: Option<String>,
+    /// HTTP: send requests to the local service with its own address as Host.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub use_local_as_http_host: Option<bool>,
     /// A name for logs. [default: the local address]
     #[arg(long)]
     pub name: Option<String>,
@@ -265,6 +300,24 @@ impl ServerOptions {
         config.tcp_number = self.tcp_number;
         config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
         config.handshake_timeout = self.handshake_timeout.unwrap_or(config.handshake_timeout);
+        if let Some(addr) = &self.http_addr {
+            config.http_addr =
+                Some(parse_listen_addr(addr).map_err(|e| format!("http-addr: {e}"))?);
+        }
+        config.domain = self.domain;
+        config.host_number = self.host_number;
+        for pattern in &self.host_regex {
+            regex::Regex::new(pattern).map_err(|e| format!("host-regex: '{pattern}': {e}"))?;
+        }
+        config.host_regex = self.host_regex;
+        config.host_with_id = self.host_with_id.unwrap_or(false);
+        if let Some(header) = self.http_mux_header {
+            config.http_mux_header = header;
+        }
+        config.http_path_routing = self.http_path_routing.unwrap_or(false);
+        config.http_header_timeout = self
+            .http_header_timeout
+            .unwrap_or(config.http_header_timeout);
         Ok(config)
     }
 }
@@ -318,25 +371,45 @@ impl ServiceOptions {
     /// Checks the values and builds the service configuration.
     pub fn into_config(self) -> Result<ServiceConfig, String> {
         let local = self.local.ok_or("local: missing")?;
-        let address = match local.split_once("://") {
-            Some(("tcp", rest)) => rest.trim_end_matches('/').to_owned(),
+        let (kind, address) = match local.split_once("://") {
+            Some(("tcp", rest)) => (ServiceKind::Tcp, rest),
+            Some(("http", rest)) => (ServiceKind::Http, rest),
             Some((scheme, _)) => {
                 return Err(format!(
-                    "local: scheme '{scheme}' is not supported yet (use tcp://)"
+                    "local: scheme '{scheme}' is not supported (use tcp:// or http://)"
                 ))
             }
-            None => local.clone(),
+            None => (ServiceKind::Tcp, local.as_str()),
         };
-        if !address.contains(':') {
-            return Err(format!(
-                "local: '{local}' needs a port, e.g. tcp://127.0.0.1:22"
-            ));
+        let address = address.trim_end_matches('/').to_owned();
+        let address = match (kind, address.contains(':')) {
+            (_, true) => address,
+            (ServiceKind::Http, false) => format!("{address}:80"),
+            (ServiceKind::Tcp, false) => {
+                return Err(format!(
+                    "local: '{local}' needs a port, e.g. tcp://127.0.0.1:22"
+                ))
+            }
+        };
+        if kind == ServiceKind::Http
+            && (self.remote_tcp_port.is_some() || self.proxy_protocol.is_some())
+        {
+            return Err("remote-tcp-port and proxy-protocol are for tcp:// services".into());
+        }
+        if kind == ServiceKind::Tcp
+            && (self.host_prefix.is_some() || self.use_local_as_http_host.is_some())
+        {
+            return Err("host-prefix and use-local-as-http-host are for http:// services".into());
         }
         Ok(ServiceConfig {
             name: self.name.unwrap_or_else(|| address.clone()),
             local: address,
+            kind,
             remote_tcp_port: self.remote_tcp_port,
             remote_tcp_random: self.remote_tcp_random.unwrap_or(false),
+            proxy_protocol: self.proxy_protocol,
+            host_prefix: self.host_prefix,
+            use_local_as_http_host: self.use_local_as_http_host.unwrap_or(false),
         })
     }
 }

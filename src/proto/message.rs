@@ -16,7 +16,43 @@ pub enum ServiceSpec {
         port: Option<u16>,
         /// Fall back to a free port in the range when `port` is taken or not allowed.
         random: bool,
+        /// Tell the local service who the visitor is with a PROXY protocol header.
+        #[serde(default)]
+        proxy_protocol: Option<ProxyProtocol>,
     },
+    /// A virtual host on the server's HTTP port, routed by the request's host name.
+    Http {
+        /// Name of the service, for logs and discovery.
+        name: String,
+        /// Host prefix asked for; `None` routes the client's id itself.
+        prefix: Option<String>,
+        /// Replace the routing header of requests with this value (`use-local-as-http-host`).
+        #[serde(default)]
+        local_host: Option<String>,
+    },
+}
+
+/// Which PROXY protocol header announces a visitor to a TCP service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// The human-readable header: `PROXY TCP4 src dst sport dport\r\n`.
+    V1,
+    /// The binary header.
+    V2,
+}
+
+impl std::str::FromStr for ProxyProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "v1" | "1" => Ok(ProxyProtocol::V1),
+            "v2" | "2" => Ok(ProxyProtocol::V2),
+            other => Err(format!(
+                "'{other}' is not a PROXY protocol version (use v1 or v2)"
+            )),
+        }
+    }
 }
 
 /// Messages a client sends on its control connection.
@@ -123,6 +159,26 @@ pub enum RegisterError {
         /// The allowed ranges, as configured.
         ranges: String,
     },
+    /// Another service already holds the host name.
+    #[error("host '{host}' is already in use")]
+    HostTaken {
+        /// The routing key asked for.
+        host: String,
+    },
+    /// The user already holds as many host names as `host-number` allows.
+    #[error("this user already holds {limit} host name(s), the server's host-number")]
+    HostLimit {
+        /// The configured limit.
+        limit: u32,
+    },
+    /// The prefix matches none of the server's `host-regex` patterns, or is not a valid label.
+    #[error("host prefix '{prefix}' is not allowed{why}")]
+    HostNotAllowed {
+        /// The prefix asked for.
+        prefix: String,
+        /// More detail, starting with a separator, or empty.
+        why: String,
+    },
     /// Anything else, said in words.
     #[error("{message}")]
     Other {
@@ -181,8 +237,11 @@ pub enum ServerMessage {
         request: u64,
         /// The server's id for the tunnel, used in `OpenStream`.
         service: u32,
-        /// The public port.
+        /// The public port (0 for HTTP services).
         port: u16,
+        /// For HTTP services: the host name label that routes to it.
+        #[serde(default)]
+        host: Option<String>,
     },
     /// A tunnel could not be opened.
     RegisterFailed {

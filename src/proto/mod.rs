@@ -9,13 +9,14 @@ mod codec;
 mod message;
 mod preamble;
 
+pub(crate) use codec::fill_to;
 pub use codec::{
     encode_frame, read_frame, read_frame_buffered, write_frame, ControlChannel, ProtocolError,
     MAX_FRAME_LEN,
 };
 pub use message::{
-    ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, RegisterError, ServerMessage,
-    ServiceSpec, StreamStatus,
+    ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, ProxyProtocol, RegisterError,
+    ServerMessage, ServiceSpec, StreamStatus,
 };
 pub use preamble::{
     preamble, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC, PREAMBLE_LEN,

@@ -9,10 +9,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use super::{session, ServerShared};
+use super::{http, session, ServerShared};
 use crate::proto::{
-    read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello, LinkKind,
-    LoginRefusal, ProtocolError, ServerMessage,
+    fill_to, read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello,
+    LinkKind, LoginRefusal, ProtocolError, ServerMessage, MAGIC,
 };
 use crate::transport::Stream;
 
@@ -25,13 +25,19 @@ pub(super) async fn serve_link(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
+    http_only: bool,
     handshake: OwnedSemaphorePermit,
 ) {
     let _ = tcp.set_nodelay(true);
     let limit = shared.config.handshake_timeout;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut read = BytesMut::with_capacity(FIRST_READ);
-    let (kind, stream) = match tokio::time::timeout(limit, open_link(tcp, tls, &mut read)).await {
-        Ok(Ok(link)) => link,
+    let opened = open_link(tcp, tls, http_only, &mut read);
+    let (kind, stream) = match tokio::time::timeout(limit, opened).await {
+        Ok(Ok(Opened::Ferry(kind, stream))) => (kind, stream),
+        Ok(Ok(Opened::Visitor(stream))) => {
+            return http::serve_visitor(shared, stream, peer, read, scheme, handshake).await
+        }
         Ok(Err((err, stream))) => return refuse_link(stream, err, peer).await,
         Err(_) => return debug!(%peer, "link timed out before its preamble"),
     };
@@ -50,17 +56,35 @@ pub(super) async fn serve_link(
 
 type LinkRefusal = (ProtocolError, Option<Stream>);
 
+/// A new connection, told apart by its first bytes.
+enum Opened {
+    /// A ferry client's control or data connection.
+    Ferry(LinkKind, Stream),
+    /// Anything else: an HTTP visitor.
+    Visitor(Stream),
+}
+
 async fn open_link(
     tcp: TcpStream,
     tls: Option<TlsAcceptor>,
+    http_only: bool,
     read: &mut BytesMut,
-) -> Result<(LinkKind, Stream), LinkRefusal> {
+) -> Result<Opened, LinkRefusal> {
     let mut stream: Stream = match tls {
         Some(acceptor) => Box::new(acceptor.accept(tcp).await.map_err(|e| (e.into(), None))?),
         None => Box::new(tcp),
     };
+    if http_only {
+        return Ok(Opened::Visitor(stream));
+    }
+    if let Err(err) = fill_to(&mut stream, read, MAGIC.len()).await {
+        return Err((err, Some(stream)));
+    }
+    if !read.starts_with(MAGIC) {
+        return Ok(Opened::Visitor(stream));
+    }
     match read_preamble_buffered(&mut stream, read).await {
-        Ok(kind) => Ok((kind, stream)),
+        Ok(kind) => Ok(Opened::Ferry(kind, stream)),
         Err(err) => Err((err, Some(stream))),
     }
 }

@@ -4,11 +4,15 @@
 //! session (`session.rs`); each tunnel accepts visitors (`tcp.rs`) and pairs
 //! them with idle data connections from the session's pool (`pool.rs`).
 
+mod hosts;
+mod http;
 mod link;
 mod pool;
+mod proxy_header;
 mod registry;
 mod session;
 mod tcp;
+mod visit;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,6 +31,7 @@ use crate::auth::UserTable;
 use crate::config::ServerConfig;
 use crate::error::ServerError;
 use crate::transport::server_tls_acceptor;
+use hosts::Hosts;
 use registry::Registry;
 
 /// How long shutdown waits for sessions to close before returning anyway.
@@ -41,6 +46,8 @@ pub(crate) struct ServerShared {
     pub(crate) shutdown: CancellationToken,
     /// One permit per connection that has not finished its handshake.
     pub(crate) handshakes: Arc<Semaphore>,
+    /// HTTP virtual hosts.
+    pub(crate) hosts: Hosts,
 }
 
 /// Most connections that may be in their handshake at once.
@@ -60,26 +67,55 @@ const MAX_HANDSHAKES: usize = 4096;
 /// ```
 pub struct Server {
     shared: Arc<ServerShared>,
-    listener: TcpListener,
-    tls: Option<(TcpListener, TlsAcceptor)>,
+    listeners: Vec<Listener>,
+}
+
+/// One bound listener and what it serves.
+struct Listener {
+    socket: TcpListener,
+    /// The config key it came from, for logs and lookups.
+    key: &'static str,
+    /// TLS is terminated here (clients over TLS, HTTPS visitors).
+    tls: Option<TlsAcceptor>,
+    /// Only HTTP visitors (`http-addr`); other listeners tell clients from visitors by their first bytes.
+    http_only: bool,
 }
 
 impl Server {
-    /// Binds the client listeners (`addr`, and `tls_addr` with its certificate).
+    /// Binds the listeners: `addr` (clients and HTTP visitors), `tls-addr` with its
+    /// certificate (clients over TLS and HTTPS visitors) and `http-addr` (HTTP visitors).
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
-        let listener = bind(config.addr, "addr").await?;
-        let tls = match config.tls_addr {
-            None => None,
-            Some(addr) => {
-                let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
-                    return Err(ServerError::Config(
-                        "tls-addr needs cert-file and key-file".into(),
-                    ));
-                };
-                let acceptor = server_tls_acceptor(cert, key)?;
-                Some((bind(addr, "tls-addr").await?, acceptor))
-            }
-        };
+        let mut listeners = vec![Listener {
+            socket: bind(config.addr, "addr").await?,
+            key: "addr",
+            tls: None,
+            http_only: false,
+        }];
+        if let Some(addr) = config.tls_addr {
+            let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
+                return Err(ServerError::Config(
+                    "tls-addr needs cert-file and key-file".into(),
+                ));
+            };
+            let acceptor = server_tls_acceptor(cert, key)?;
+            let socket = bind(addr, "tls-addr").await?;
+            listeners.push(Listener {
+                socket,
+                key: "tls-addr",
+                tls: Some(acceptor),
+                http_only: false,
+            });
+        }
+        if let Some(addr) = config.http_addr {
+            let socket = bind(addr, "http-addr").await?;
+            listeners.push(Listener {
+                socket,
+                key: "http-addr",
+                tls: None,
+                http_only: true,
+            });
+        }
+        let hosts = Hosts::new(&config).map_err(ServerError::Config)?;
         let users = UserTable::new(
             config.users.iter().map(|(id, u)| (id.as_str(), &u.secret)),
             config.allow_any_client,
@@ -93,53 +129,50 @@ impl Server {
             registry: Registry::default(),
             shutdown: CancellationToken::new(),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            hosts,
         });
-        Ok(Server {
-            shared,
-            listener,
-            tls,
-        })
+        Ok(Server { shared, listeners })
     }
 
-    /// The address clients connect to (useful when bound to port 0).
+    fn addr_of(&self, key: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.key == key)
+            .and_then(|l| l.socket.local_addr().ok())
+    }
+
+    /// The address clients (and HTTP visitors) connect to; useful when bound to port 0.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.shared.config.addr)
+        self.addr_of("addr").unwrap_or(self.shared.config.addr)
     }
 
-    /// The TLS address clients connect to, if TLS is on.
+    /// The TLS address (clients over TLS, HTTPS visitors), if TLS is on.
     pub fn tls_local_addr(&self) -> Option<SocketAddr> {
-        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
+        self.addr_of("tls-addr")
+    }
+
+    /// The HTTP-only address, if `http-addr` is set.
+    pub fn http_local_addr(&self) -> Option<SocketAddr> {
+        self.addr_of("http-addr")
     }
 
     /// Serves until `shutdown` completes, then closes every tunnel and returns.
     ///
-    /// The accept loops run inside this future: spawn it on the runtime (or use
-    /// [`spawn`](Server::spawn)) rather than awaiting it from `block_on`'s thread.
+    /// Spawn this future on the runtime (or use [`spawn`](Server::spawn)) rather than
+    /// awaiting it on `block_on`'s thread, where every accept would cross threads.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server {
-            shared,
-            listener,
-            tls,
-        } = self;
+        let Server { shared, listeners } = self;
         let links = TaskTracker::new();
-        info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for clients");
-        let plain = accept_links(shared.clone(), listener, None, links.clone());
-        let secure = async {
-            match tls {
-                Some((listener, acceptor)) => {
-                    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for tls clients");
-                    accept_links(shared.clone(), listener, Some(acceptor), links.clone()).await
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = shutdown => {},
-            _ = plain => {},
-            _ = secure => {},
+        for listener in listeners {
+            let addr = listener
+                .socket
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            info!(%addr, listener = listener.key, "listening");
+            tokio::spawn(accept_links(shared.clone(), listener, links.clone()));
         }
+        shutdown.await;
         info!("shutting down");
         shared.shutdown.cancel();
         links.close();
@@ -154,8 +187,11 @@ impl Server {
     /// Runs the server on a background task; the handle stops it.
     pub fn spawn(self) -> ServerHandle {
         let token = CancellationToken::new();
-        let addr = self.local_addr();
-        let tls_addr = self.tls_local_addr();
+        let (addr, tls_addr, http_addr) = (
+            self.local_addr(),
+            self.tls_local_addr(),
+            self.http_local_addr(),
+        );
         let stop = token.clone();
         let task = tokio::spawn(async move { self.run(stop.cancelled_owned()).await });
         ServerHandle {
@@ -163,6 +199,7 @@ impl Server {
             task,
             addr,
             tls_addr,
+            http_addr,
         }
     }
 }
@@ -174,17 +211,23 @@ pub struct ServerHandle {
     task: JoinHandle<()>,
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
 }
 
 impl ServerHandle {
-    /// The address clients connect to.
+    /// The address clients (and HTTP visitors) connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// The TLS address clients connect to, if TLS is on.
+    /// The TLS address, if TLS is on.
     pub fn tls_local_addr(&self) -> Option<SocketAddr> {
         self.tls_addr
+    }
+
+    /// The HTTP-only address, if `http-addr` is set.
+    pub fn http_local_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Stops accepting, closes every tunnel and waits for the server to finish.
@@ -200,27 +243,23 @@ async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, Server
         .map_err(|source| ServerError::Bind { addr, key, source })
 }
 
-async fn accept_links(
-    shared: Arc<ServerShared>,
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    links: TaskTracker,
-) {
+async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: TaskTracker) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.socket.accept() => accepted,
+        };
+        match accepted {
             Ok((tcp, peer)) => {
                 // Unauthenticated peers are bounded: past the limit, new ones are dropped at once.
                 let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
                     debug!(%peer, "too many handshakes in progress; dropping connection");
                     continue;
                 };
-                links.spawn(link::serve_link(
-                    shared.clone(),
-                    tcp,
-                    peer,
-                    tls.clone(),
-                    permit,
-                ));
+                let tls = listener.tls.clone();
+                let serve =
+                    link::serve_link(shared.clone(), tcp, peer, tls, listener.http_only, permit);
+                links.spawn(serve);
             }
             Err(err) => {
                 warn!(%err, "accept failed");

@@ -12,11 +12,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use super::pool::{DataPool, IDLE_TTL};
-use super::{tcp, ServerShared};
+use super::{http, tcp, ServerShared};
 use crate::auth::{Ephemeral, ReplayGuard, SessionKey};
 use crate::proto::{
-    ClientMessage, ControlChannel, LoginRefusal, ProtocolError, RegisterError, ServerMessage,
-    ServiceSpec,
+    ClientMessage, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, RegisterError,
+    ServerMessage, ServiceSpec,
 };
 use crate::transport::Stream;
 
@@ -51,6 +51,28 @@ impl SessionShared {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .accept(seq)
+    }
+
+    /// Starts tracking a tunnel; its token closes it and its visitors.
+    pub(crate) fn open_tunnel(&self, service: u32) -> CancellationToken {
+        let token = self.closing.child_token();
+        self.tunnels().insert(service, token.clone());
+        token
+    }
+
+    /// Stops tracking a closed tunnel.
+    pub(crate) fn forget_tunnel(&self, service: u32) {
+        self.tunnels().remove(&service);
+    }
+
+    /// Closes one tunnel; false if it does not exist.
+    pub(crate) fn close_tunnel(&self, service: u32) -> bool {
+        let token = self.tunnels().get(&service).cloned();
+        token.map(|t| t.cancel()).is_some()
+    }
+
+    fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, CancellationToken>> {
+        self.tunnels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Asks the client for more data connections, without blocking.
@@ -242,7 +264,7 @@ impl Control<'_> {
                 self.chan.send(&reply).await
             }
             ClientMessage::Unregister { service } => {
-                if tcp::close_tunnel(self.session, service) {
+                if self.session.close_tunnel(service) {
                     *services = services.saturating_sub(1);
                 }
                 Ok(())
@@ -254,21 +276,29 @@ impl Control<'_> {
     }
 
     async fn register(&mut self, request: u64, spec: ServiceSpec) -> ServerMessage {
-        let ServiceSpec::Tcp { name, port, random } = spec;
-        let reserved = self
-            .shared
-            .registry
-            .reserve_tcp_port(&self.shared.config, self.session, port, random)
-            .await;
-        match reserved {
-            Ok((port, listener)) => {
-                let service = self.shared.registry.next_service_id();
-                info!(service, port, %name, "tcp tunnel opened");
-                tcp::spawn_tunnel(self.shared, self.session, service, port, listener);
+        let name = match &spec {
+            ServiceSpec::Tcp { name, .. } | ServiceSpec::Http { name, .. } => name.clone(),
+        };
+        let service = self.shared.registry.next_service_id();
+        let opened = match spec {
+            ServiceSpec::Tcp {
+                port,
+                random,
+                proxy_protocol,
+                ..
+            } => self.open_tcp(service, port, random, proxy_protocol).await,
+            ServiceSpec::Http {
+                prefix, local_host, ..
+            } => http::open_host(self.shared, self.session, service, prefix, local_host).await,
+        };
+        match opened {
+            Ok((port, host)) => {
+                info!(service, port, host, %name, "tunnel opened");
                 ServerMessage::Registered {
                     request,
                     service,
                     port,
+                    host,
                 }
             }
             Err(error) => {
@@ -276,5 +306,27 @@ impl Control<'_> {
                 ServerMessage::RegisterFailed { request, error }
             }
         }
+    }
+
+    async fn open_tcp(
+        &mut self,
+        service: u32,
+        port: Option<u16>,
+        random: bool,
+        proxy_protocol: Option<ProxyProtocol>,
+    ) -> Result<(u16, Option<String>), RegisterError> {
+        let registry = &self.shared.registry;
+        let (port, listener) = registry
+            .reserve_tcp_port(&self.shared.config, self.session, port, random)
+            .await?;
+        tcp::spawn_tunnel(
+            self.shared,
+            self.session,
+            service,
+            port,
+            listener,
+            proxy_protocol,
+        );
+        Ok((port, None))
     }
 }

@@ -1,0 +1,254 @@
+//! HTTP virtual hosts: which service a host name (or path) routes to.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use regex::Regex;
+use tokio_util::sync::CancellationToken;
+
+use super::session::SessionShared;
+use crate::config::ServerConfig;
+use crate::proto::RegisterError;
+
+/// How long a registration waits for a closing session to give its host back.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Most host names remembered as offline (for 502 rather than 404 answers).
+const MAX_OFFLINE: usize = 100_000;
+
+/// Where a host name leads.
+#[derive(Clone)]
+pub(crate) struct HostRoute {
+    pub(crate) session: Arc<SessionShared>,
+    pub(crate) service: u32,
+    /// Cancelled when the service closes; its visitors go with it.
+    pub(crate) token: CancellationToken,
+    /// Replaces the Host header when set (`use-local-as-http-host`).
+    pub(crate) local_host: Option<String>,
+    /// The prefix asked for, if any (for path routing).
+    pub(crate) prefix: Option<String>,
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup {
+    /// A live service.
+    Online(HostRoute),
+    /// A host that had a service, or a known user's id, whose client is not connected.
+    Offline,
+    /// Nothing by that name.
+    Unknown,
+}
+
+#[derive(Default)]
+struct Table {
+    routes: HashMap<String, HostRoute>,
+    offline: HashSet<String>,
+}
+
+/// Host names of every HTTP service.
+pub(crate) struct Hosts {
+    table: Mutex<Table>,
+    patterns: Vec<Regex>,
+}
+
+impl Hosts {
+    /// Compiles the server's `host-regex` patterns.
+    pub(crate) fn new(config: &ServerConfig) -> Result<Self, String> {
+        let patterns = config
+            .host_regex
+            .iter()
+            .map(|p| Regex::new(p).map_err(|e| format!("host-regex '{p}': {e}")))
+            .collect::<Result<_, _>>()?;
+        Ok(Hosts {
+            table: Mutex::default(),
+            patterns,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The routing key for a user's prefix, checked against the server's rules.
+    pub(crate) fn key_for(
+        &self,
+        config: &ServerConfig,
+        user: &str,
+        prefix: Option<&str>,
+    ) -> Result<String, RegisterError> {
+        let Some(prefix) = prefix else {
+            return Ok(user.to_ascii_lowercase());
+        };
+        let refuse = |why: &str| RegisterError::HostNotAllowed {
+            prefix: prefix.to_owned(),
+            why: why.to_owned(),
+        };
+        if !is_label(prefix) {
+            return Err(refuse(": use letters, digits and '-', at most 63"));
+        }
+        if !self.patterns.is_empty() && !self.patterns.iter().any(|p| p.is_match(prefix)) {
+            return Err(refuse(": it matches no host-regex of the server"));
+        }
+        let prefix = prefix.to_ascii_lowercase();
+        Ok(if config.host_with_id {
+            format!("{}-{prefix}", user.to_ascii_lowercase())
+        } else {
+            prefix
+        })
+    }
+
+    /// Records `key` for a service of `session`, within the server's host-number.
+    pub(crate) async fn reserve(
+        &self,
+        config: &ServerConfig,
+        key: &str,
+        route: HostRoute,
+    ) -> Result<(), RegisterError> {
+        let user = route.session.user.clone();
+        let pending_release = {
+            let mut table = self.lock();
+            if let Some(limit) = config.host_number {
+                let held = table
+                    .routes
+                    .values()
+                    .filter(|r| r.session.user == user)
+                    .count();
+                if held >= limit as usize {
+                    return Err(RegisterError::HostLimit { limit });
+                }
+            }
+            match table.routes.get(key) {
+                Some(owner)
+                    if owner.session.closing.is_cancelled() && owner.session.user == user =>
+                {
+                    Some(owner.session.released.clone())
+                }
+                Some(_) => {
+                    return Err(RegisterError::HostTaken {
+                        host: key.to_owned(),
+                    })
+                }
+                None => {
+                    table.offline.remove(key);
+                    table.routes.insert(key.to_owned(), route);
+                    return Ok(());
+                }
+            }
+        };
+        if let Some(released) = pending_release {
+            let _ = tokio::time::timeout(RELEASE_WAIT, released.cancelled()).await;
+        }
+        let mut table = self.lock();
+        if table.routes.contains_key(key) {
+            return Err(RegisterError::HostTaken {
+                host: key.to_owned(),
+            });
+        }
+        table.offline.remove(key);
+        table.routes.insert(key.to_owned(), route);
+        Ok(())
+    }
+
+    /// Forgets a closed service's host; later visitors get "offline" instead of "unknown".
+    pub(crate) fn release(&self, key: &str, service: u32) {
+        let mut table = self.lock();
+        if table.routes.get(key).is_some_and(|r| r.service == service) {
+            table.routes.remove(key);
+            if table.offline.len() < MAX_OFFLINE {
+                table.offline.insert(key.to_owned());
+            }
+        }
+    }
+
+    /// Finds the service for a routing key.
+    pub(crate) fn lookup(&self, key: &str, known_user: bool) -> Lookup {
+        let table = self.lock();
+        match table.routes.get(key) {
+            Some(route) => Lookup::Online(route.clone()),
+            None if known_user || table.offline.contains(key) => Lookup::Offline,
+            None => Lookup::Unknown,
+        }
+    }
+
+    /// Finds the service for `/ID/PREFIX/...` or `/ID/...`; returns the route and how many
+    /// path segments it used.
+    pub(crate) fn lookup_path(
+        &self,
+        config: &ServerConfig,
+        id: &str,
+        prefix: Option<&str>,
+    ) -> Option<(HostRoute, usize)> {
+        let table = self.lock();
+        let owned_by = |key: &str| {
+            table
+                .routes
+                .get(key)
+                .filter(|r| r.session.user.eq_ignore_ascii_case(id))
+                .cloned()
+        };
+        if let Some(prefix) = prefix.filter(|p| is_label(p)) {
+            let prefix = prefix.to_ascii_lowercase();
+            let key = if config.host_with_id {
+                format!("{}-{prefix}", id.to_ascii_lowercase())
+            } else {
+                prefix.clone()
+            };
+            if let Some(route) = owned_by(&key).filter(|r| {
+                r.prefix
+                    .as_deref()
+                    .is_some_and(|p| p.eq_ignore_ascii_case(&prefix))
+            }) {
+                return Some((route, 2));
+            }
+        }
+        owned_by(&id.to_ascii_lowercase())
+            .filter(|r| r.prefix.is_none())
+            .map(|route| (route, 1))
+    }
+}
+
+/// A DNS label: 1 to 63 letters, digits or '-', not starting or ending with '-'.
+fn is_label(text: &str) -> bool {
+    (1..=63).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        assert!(is_label("web-1"));
+        assert!(
+            !is_label("-web") && !is_label("a.b") && !is_label("") && !is_label(&"a".repeat(64))
+        );
+    }
+
+    #[test]
+    fn keys_follow_the_rules() {
+        let mut config = ServerConfig {
+            host_regex: vec!["^[a-z]+$".into()],
+            ..ServerConfig::default()
+        };
+        let hosts = Hosts::new(&config).unwrap();
+        assert_eq!(hosts.key_for(&config, "Id1", None).unwrap(), "id1");
+        assert_eq!(
+            hosts
+                .key_for(&config, "id1", Some("Web"))
+                .err()
+                .map(|e| e.to_string()),
+            Some("host prefix 'Web' is not allowed: it matches no host-regex of the server".into())
+        );
+        assert_eq!(hosts.key_for(&config, "id1", Some("web")).unwrap(), "web");
+        config.host_with_id = true;
+        assert_eq!(
+            hosts.key_for(&config, "id1", Some("web")).unwrap(),
+            "id1-web"
+        );
+        assert!(hosts.key_for(&config, "id1", Some("a.b")).is_err());
+    }
+}

@@ -1,0 +1,57 @@
+//! One visitor, TCP or HTTP: pair it with a data connection and relay.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::session::SessionShared;
+use crate::chunked::{encode_chunk, relay_chunked, Status};
+use crate::proto::{encode_frame, OpenStream};
+use crate::transport::Stream;
+
+/// Takes an idle data connection of `session`, asking the client for more while none is ready.
+pub(crate) async fn take_data(session: &SessionShared, wait: Duration) -> Option<Stream> {
+    session.pool.take(wait, || session.request_data()).await
+}
+
+/// Sends the open message with `early` visitor bytes in one write, relays until both sides
+/// are done, and gives the data connection back to the pool after a clean end.
+pub(crate) async fn relay_visitor<V>(
+    session: &SessionShared,
+    mut data: Stream,
+    visitor: &mut V,
+    open: &OpenStream,
+    early: &[u8],
+    token: &CancellationToken,
+) where
+    V: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut first = Vec::with_capacity(128 + early.len());
+    if let Err(err) = encode_frame(open, &mut first) {
+        return debug!(%err, "cannot encode the open message");
+    }
+    if !early.is_empty() {
+        encode_chunk(early, &mut first);
+    }
+    if let Err(err) = data.write_all(&first).await {
+        return debug!(%err, "data connection failed before use");
+    }
+    let relay = relay_chunked(visitor, &mut data, Status::Expect, BytesMut::new());
+    let relayed = tokio::select! {
+        _ = token.cancelled() => return debug!("visitor closed with its tunnel"),
+        relayed = relay => relayed,
+    };
+    match relayed {
+        Ok(relayed) => {
+            debug!(up = relayed.out, down = relayed.r#in, "visitor done");
+            // A clean end on both sides: the data connection serves the next visitor.
+            if relayed.leftover.is_empty() && !token.is_cancelled() {
+                session.pool.push(data);
+            }
+        }
+        Err(err) => debug!(%err, "visitor closed"),
+    }
+}
