@@ -136,3 +136,4 @@ pub async fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+pub mod http;

@@ -1,0 +1,240 @@
+//! WebSocket through host routing, HTTPS terminated at the server, PROXY protocol headers.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::http::{http_service, request};
+use common::*;
+use ferry::proto::ProxyProtocol;
+use ferry::transport::{client_tls_config, RemoteTrust};
+use ferry::{ServerHandle, ServiceConfig};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A WebSocket service that echoes every message.
+async fn websocket_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = socket.next().await {
+                    if message.is_close() || socket.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn websocket_round_trips<S: AsyncRead + AsyncWrite + Unpin>(stream: S, url: &str) {
+    let (mut socket, response) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("upgrade");
+    assert_eq!(response.status(), 101);
+    for i in 0..20 {
+        let text = format!("message {i} {}", "x".repeat(i * 500));
+        socket.send(Message::text(text.clone())).await.unwrap();
+        let echoed = socket.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    let blob = random_bytes(300_000);
+    socket.send(Message::binary(blob.clone())).await.unwrap();
+    assert_eq!(
+        socket.next().await.unwrap().unwrap().into_data().as_ref(),
+        &blob[..]
+    );
+    socket.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn websocket_through_host_routing() {
+    within(30, async {
+        let server = start_server(server_config()).await;
+        let client = connect(server.local_addr()).await;
+        let ws = websocket_echo().await;
+        client
+            .add_service(ServiceConfig::http(&ws.to_string()).with_host_prefix("chat"))
+            .await
+            .unwrap();
+        let stream = TcpStream::connect(server.local_addr()).await.unwrap();
+        websocket_round_trips(stream, "ws://chat.example.com/socket").await;
+    })
+    .await
+}
+
+struct Certs {
+    _dir: tempfile::TempDir,
+    cert: PathBuf,
+}
+
+/// A TLS server for `*.example.test` with a certificate made here.
+async fn tls_server() -> (ServerHandle, Certs) {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["*.example.test".to_string()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let mut config = server_config();
+    config.tls_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.cert_file = Some(cert.clone());
+    config.key_file = Some(key);
+    (start_server(config).await, Certs { _dir: dir, cert })
+}
+
+async fn https_visitor(
+    server: &ServerHandle,
+    certs: &Certs,
+    host: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let config = client_tls_config(&RemoteTrust::CaFile(certs.cert.clone())).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&config));
+    let tcp = TcpStream::connect(server.tls_local_addr().unwrap())
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap();
+    connector
+        .connect(name, tcp)
+        .await
+        .expect("tls handshake with the server's certificate")
+}
+
+#[tokio::test]
+async fn https_terminated_at_the_server() {
+    within(30, async {
+        let (server, certs) = tls_server().await;
+        let client = connect(server.local_addr()).await;
+        let a = http_service("a").await;
+        client
+            .add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web"))
+            .await
+            .unwrap();
+        let mut visitor = https_visitor(&server, &certs, "web.example.test").await;
+        for i in 0..3 {
+            let response = request(
+                &mut visitor,
+                "GET",
+                &format!("/s{i}"),
+                "web.example.test",
+                "",
+                b"",
+            )
+            .await;
+            assert_eq!(response.status, 200);
+            let text = response.text();
+            assert!(text.starts_with(&format!("service=a path=/s{i}")), "{text}");
+            if i == 0 {
+                assert!(text.contains("proto=https"), "{text}");
+            }
+        }
+        let upload = random_bytes(5 << 20);
+        let response = request(
+            &mut visitor,
+            "PUT",
+            "/upload",
+            "web.example.test",
+            "",
+            &upload,
+        )
+        .await;
+        assert_eq!(
+            response.text(),
+            common::http::hex(&<sha2::Sha256 as sha2::Digest>::digest(&upload))
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn websocket_through_tls_termination() {
+    within(30, async {
+        let (server, certs) = tls_server().await;
+        let client = connect(server.local_addr()).await;
+        let ws = websocket_echo().await;
+        client
+            .add_service(ServiceConfig::http(&ws.to_string()).with_host_prefix("chat"))
+            .await
+            .unwrap();
+        let stream = https_visitor(&server, &certs, "chat.example.test").await;
+        websocket_round_trips(stream, "wss://chat.example.test/socket").await;
+    })
+    .await
+}
+
+/// A TCP service that parses a PROXY header, answers with the source it announced, then echoes.
+async fn proxy_aware_service(version: ProxyProtocol) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let source = match version {
+                    ProxyProtocol::V1 => read_v1(&mut stream).await,
+                    ProxyProtocol::V2 => read_v2(&mut stream).await,
+                };
+                stream
+                    .write_all(format!("{source}\n").as_bytes())
+                    .await
+                    .unwrap();
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn read_v1(stream: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    while !line.ends_with(b"\r\n") {
+        line.push(stream.read_u8().await.unwrap());
+    }
+    let line = String::from_utf8(line).unwrap();
+    let parts: Vec<&str> = line.trim_end().split(' ').collect();
+    assert_eq!((parts[0], parts[1]), ("PROXY", "TCP4"), "{line}");
+    format!("{}:{}", parts[2], parts[4])
+}
+
+async fn read_v2(stream: &mut TcpStream) -> String {
+    let mut fixed = [0u8; 16];
+    stream.read_exact(&mut fixed).await.unwrap();
+    assert_eq!(&fixed[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!((fixed[12], fixed[13]), (0x21, 0x11));
+    let len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
+    let mut addresses = vec![0u8; len];
+    stream.read_exact(&mut addresses).await.unwrap();
+    let ip = std::net::Ipv4Addr::new(addresses[0], addresses[1], addresses[2], addresses[3]);
+    format!("{ip}:{}", u16::from_be_bytes([addresses[8], addresses[9]]))
+}
+
+#[tokio::test]
+async fn proxy_protocol_tells_the_visitor_address() {
+    within(30, async {
+        let server = start_server(server_config()).await;
+        let client = connect(server.local_addr()).await;
+        for version in [ProxyProtocol::V1, ProxyProtocol::V2] {
+            let service = proxy_aware_service(version).await;
+            let config = ServiceConfig::tcp(&service.to_string()).with_proxy_protocol(version);
+            let tunnel = client.add_service(config).await.unwrap();
+            let mut visitor = TcpStream::connect(tunnel.public_addr()).await.unwrap();
+            let me = visitor.local_addr().unwrap();
+            visitor.write_all(b"after the header").await.unwrap();
+            visitor.shutdown().await.unwrap();
+            let mut reply = String::new();
+            visitor.read_to_string(&mut reply).await.unwrap();
+            assert_eq!(reply, format!("{me}\nafter the header"), "{version:?}");
+        }
+    })
+    .await
+}
