@@ -103,8 +103,7 @@ impl Transcript<'_> {
     }
 
     fn session_key(&self, shared: &[u8; 32]) -> SessionKey {
-        let mut mac =
-            <HmacSha256 as Mac>::new_from_slice(shared).expect("hmac takes any key length");
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(shared).expect("hmac takes any key length");
         mac.update(b"ferry v1 session key\0");
         mac.update(self.server_nonce);
         mac.update(self.client_nonce);
@@ -128,9 +127,7 @@ impl Ephemeral {
     }
 
     fn shared(&self, peer: &[u8; 32]) -> [u8; 32] {
-        self.secret
-            .diffie_hellman(&x25519_dalek::PublicKey::from(*peer))
-            .to_bytes()
+        self.secret.diffie_hellman(&x25519_dalek::PublicKey::from(*peer)).to_bytes()
     }
 }
 
@@ -175,8 +172,7 @@ pub struct SessionKey([u8; 32]);
 impl SessionKey {
     /// MAC that proves a data connection belongs to `session`, numbered `seq`.
     pub fn data_mac(&self, session: u64, seq: u64) -> [u8; 32] {
-        let mut mac =
-            <HmacSha256 as Mac>::new_from_slice(&self.0).expect("hmac takes any key length");
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.0).expect("hmac takes any key length");
         mac.update(b"ferry v1 data\0");
         mac.update(&session.to_be_bytes());
         mac.update(&seq.to_be_bytes());
@@ -223,24 +219,12 @@ pub struct UserTable {
 
 impl UserTable {
     /// Builds the table from `(id, secret)` pairs.
-    pub fn new<'a>(
-        users: impl IntoIterator<Item = (&'a str, &'a Secret)>,
-        allow_any_client: bool,
-    ) -> Self {
+    pub fn new<'a>(users: impl IntoIterator<Item = (&'a str, &'a Secret)>, allow_any_client: bool) -> Self {
         let known = users
             .into_iter()
-            .map(|(id, secret)| {
-                (
-                    id.to_owned(),
-                    user_signing_key(id, secret).verifying_key().to_bytes(),
-                )
-            })
+            .map(|(id, secret)| (id.to_owned(), user_signing_key(id, secret).verifying_key().to_bytes()))
             .collect();
-        UserTable {
-            known,
-            allow_any_client,
-            learned: Mutex::new(HashMap::new()),
-        }
+        UserTable { known, allow_any_client, learned: Mutex::new(HashMap::new()) }
     }
 
     /// Checks a login against a challenge; returns the session key on success.
@@ -250,18 +234,9 @@ impl UserTable {
         server_nonce: &[u8; 32],
         ephemeral: &Ephemeral,
     ) -> Result<(String, SessionKey), LoginRefusal> {
-        let ClientMessage::Login {
-            id,
-            client_nonce,
-            public_key,
-            ephemeral_key,
-            signature,
-            ..
-        } = login
+        let ClientMessage::Login { id, client_nonce, public_key, ephemeral_key, signature, .. } = login
         else {
-            return Err(LoginRefusal::Malformed {
-                message: "expected a login message".into(),
-            });
+            return Err(LoginRefusal::Malformed { message: "expected a login message".into() });
         };
         let refused = || LoginRefusal::AuthFailed { id: id.clone() };
         let transcript = Transcript {
@@ -274,16 +249,11 @@ impl UserTable {
         };
         let signature = Signature::from_slice(signature).map_err(|_| refused())?;
         let verifying = VerifyingKey::from_bytes(public_key).map_err(|_| refused())?;
-        verifying
-            .verify(&transcript.bytes(), &signature)
-            .map_err(|_| refused())?;
+        verifying.verify(&transcript.bytes(), &signature).map_err(|_| refused())?;
         if !self.key_matches(id, public_key) {
             return Err(refused());
         }
-        Ok((
-            id.clone(),
-            transcript.session_key(&ephemeral.shared(ephemeral_key)),
-        ))
+        Ok((id.clone(), transcript.session_key(&ephemeral.shared(ephemeral_key))))
     }
 
     /// The signature was valid for `public_key`; is that the right key for `id`?
@@ -304,15 +274,10 @@ impl UserTable {
 mod tests {
     use super::*;
 
-    fn login_with(
-        table: &UserTable,
-        id: &str,
-        secret: &str,
-    ) -> Result<(String, SessionKey), LoginRefusal> {
+    fn login_with(table: &UserTable, id: &str, secret: &str) -> Result<(String, SessionKey), LoginRefusal> {
         let nonce = rand::random::<[u8; 32]>();
         let server_eph = Ephemeral::generate();
-        let (login, client_key) =
-            client_login(id, &Secret::new(secret), &nonce, &server_eph.public, "i");
+        let (login, client_key) = client_login(id, &Secret::new(secret), &nonce, &server_eph.public, "i");
         let result = table.verify(&login, &nonce, &server_eph);
         if let Ok((_, server_key)) = &result {
             assert_eq!(server_key.data_mac(1, 2), client_key.data_mac(1, 2));

@@ -88,11 +88,7 @@ where
         }
     })
     .await?;
-    Ok(Relayed {
-        out: out.total,
-        r#in: inbound.total,
-        leftover: inbound.leftover(),
-    })
+    Ok(Relayed { out: out.total, r#in: inbound.total, leftover: inbound.leftover() })
 }
 
 /// Plain bytes → chunks, ending with the end marker.
@@ -128,12 +124,7 @@ impl Outbound {
         self.buf = bigger;
     }
 
-    fn poll<P, L>(
-        &mut self,
-        cx: &mut Context<'_>,
-        plain: &mut P,
-        link: &mut L,
-    ) -> Poll<io::Result<()>>
+    fn poll<P, L>(&mut self, cx: &mut Context<'_>, plain: &mut P, link: &mut L) -> Poll<io::Result<()>>
     where
         P: AsyncRead + Unpin + ?Sized,
         L: AsyncWrite + Unpin + ?Sized,
@@ -208,12 +199,7 @@ impl Inbound {
         BytesMut::from(&self.buf[self.pos..self.len])
     }
 
-    fn poll<L, P>(
-        &mut self,
-        cx: &mut Context<'_>,
-        link: &mut L,
-        plain: &mut P,
-    ) -> Poll<io::Result<()>>
+    fn poll<L, P>(&mut self, cx: &mut Context<'_>, link: &mut L, plain: &mut P) -> Poll<io::Result<()>>
     where
         L: AsyncRead + Unpin + ?Sized,
         P: AsyncWrite + Unpin + ?Sized,
@@ -230,9 +216,7 @@ impl Inbound {
             let available = self.len - self.pos;
             if self.chunk_left > 0 && available > 0 {
                 let take = available.min(self.chunk_left);
-                let n = ready!(
-                    Pin::new(&mut *plain).poll_write(cx, &self.buf[self.pos..self.pos + take])
-                )?;
+                let n = ready!(Pin::new(&mut *plain).poll_write(cx, &self.buf[self.pos..self.pos + take]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -271,10 +255,7 @@ impl Inbound {
         let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
         self.pos += 4;
         if len > MAX_CHUNK {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("chunk of {len} bytes"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("chunk of {len} bytes")));
         }
         // The peer moves bulk data: take whole chunks in one read, up to MAX_BUF.
         let wanted = (len as usize + HEADER).min(MAX_BUF + HEADER);
@@ -336,22 +317,10 @@ mod tests {
         for round in 0..3u8 {
             let (mut visitor, mut visitor_side) = tokio::io::duplex(100);
             let (mut service, mut service_side) = tokio::io::duplex(100);
-            let payload: Vec<u8> = (0..50_000u32)
-                .map(|i| (i as u8).wrapping_add(round))
-                .collect();
+            let payload: Vec<u8> = (0..50_000u32).map(|i| (i as u8).wrapping_add(round)).collect();
             let expected = payload.clone();
-            let server = relay_chunked(
-                &mut visitor_side,
-                &mut link_server,
-                Status::Expect,
-                BytesMut::new(),
-            );
-            let client = relay_chunked(
-                &mut service_side,
-                &mut link_client,
-                Status::Send,
-                leftover.split(),
-            );
+            let server = relay_chunked(&mut visitor_side, &mut link_server, Status::Expect, BytesMut::new());
+            let client = relay_chunked(&mut service_side, &mut link_client, Status::Send, leftover.split());
             let ends = async {
                 let send = async {
                     visitor.write_all(&payload).await.unwrap();
@@ -398,10 +367,7 @@ mod tests {
             drop(link_peer);
             let relay = relay_chunked(&mut plain, &mut link, status, BytesMut::new());
             let limit = std::time::Duration::from_secs(5);
-            let err = tokio::time::timeout(limit, relay)
-                .await
-                .unwrap()
-                .unwrap_err();
+            let err = tokio::time::timeout(limit, relay).await.unwrap().unwrap_err();
             assert_eq!(err.kind(), expected);
         }
     }

@@ -48,10 +48,7 @@ struct ServiceCli {
 
 fn service_help() -> String {
     let help = ServiceCli::command().render_long_help().to_string();
-    let flags = help
-        .split_once("Options:")
-        .map(|(_, flags)| flags)
-        .unwrap_or(&help);
+    let flags = help.split_once("Options:").map(|(_, flags)| flags).unwrap_or(&help);
     format!(
         "Services (repeat for each; in a config file, items of `services:` with the same keys):\n\
          Each --local starts a service; the flags below, after it, belong to that service.\n{flags}\n\
@@ -72,9 +69,7 @@ pub fn parse_from(args: impl IntoIterator<Item = impl Into<OsString>>) -> Result
     let mut cli = Cli::try_parse_from(head)?;
     if let Command::Client(options) = &mut cli.command {
         for segment in segments {
-            options
-                .services
-                .push(ServiceCli::try_parse_from(segment)?.options);
+            options.services.push(ServiceCli::try_parse_from(segment)?.options);
         }
     }
     Ok(cli)
@@ -82,11 +77,8 @@ pub fn parse_from(args: impl IntoIterator<Item = impl Into<OsString>>) -> Result
 
 /// After `client`, cuts the arguments at each `--local`: the head, then one segment per service.
 fn split_services(args: Vec<OsString>) -> (Vec<OsString>, Vec<Vec<OsString>>) {
-    let is_client = args
-        .iter()
-        .skip(1)
-        .find(|a| !a.to_string_lossy().starts_with('-'))
-        .is_some_and(|a| a == "client");
+    let is_client =
+        args.iter().skip(1).find(|a| !a.to_string_lossy().starts_with('-')).is_some_and(|a| a == "client");
     if !is_client {
         return (args, Vec::new());
     }
@@ -130,9 +122,7 @@ mod tests {
             "web",
         ])
         .unwrap();
-        let Command::Client(options) = cli.command else {
-            panic!("not a client")
-        };
+        let Command::Client(options) = cli.command else { panic!("not a client") };
         assert_eq!(options.services.len(), 2);
         assert_eq!(options.services[0].remote_tcp_port, Some(2222));
         assert_eq!(options.services[0].remote_tcp_random, None);
@@ -156,9 +146,7 @@ mod tests {
             "--allow-any-client",
         ])
         .unwrap();
-        let Command::Server(options) = cli.command else {
-            panic!("not a server")
-        };
+        let Command::Server(options) = cli.command else { panic!("not a server") };
         let config = options.into_config().unwrap();
         assert_eq!(config.users.len(), 2);
         assert!(config.allow_any_client);

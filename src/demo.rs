@@ -25,18 +25,13 @@ pub async fn run(
 
     let remote = RemoteAddr::parse(&server.local_addr().to_string())?;
     let client = Client::connect(ClientConfig::new(remote, "demo", &secret)).await?;
-    let tunnel = client
-        .add_service(ServiceConfig::tcp(&web_addr.to_string()).with_random_fallback())
-        .await?;
+    let tunnel = client.add_service(ServiceConfig::tcp(&web_addr.to_string()).with_random_fallback()).await?;
 
     println!();
     println!("  ferry demo is running");
     println!("    server (clients connect here): {}", server.local_addr());
     println!("    local web service:             http://{web_addr}/");
-    println!(
-        "    public address of the tunnel:  http://{}/",
-        tunnel.public_addr()
-    );
+    println!("    public address of the tunnel:  http://{}/", tunnel.public_addr());
     println!();
     println!("  try:  curl http://{}/", tunnel.public_addr());
     println!("  stop: Ctrl-C");

@@ -23,19 +23,14 @@ pub struct LogSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        LogSettings {
-            level: "info".into(),
-            file: None,
-            max_size: 512 * 1024 * 1024,
-            max_count: 7,
-        }
+        LogSettings { level: "info".into(), file: None, max_size: 512 * 1024 * 1024, max_count: 7 }
     }
 }
 
 /// Installs the global tracing subscriber; call once, from the binary.
 pub fn init(settings: &LogSettings) -> Result<(), String> {
-    let filter = EnvFilter::try_new(&settings.level)
-        .map_err(|e| format!("log-level: '{}': {e}", settings.level))?;
+    let filter =
+        EnvFilter::try_new(&settings.level).map_err(|e| format!("log-level: '{}': {e}", settings.level))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let installed = match &settings.file {
         None => builder.with_writer(std::io::stderr).try_init(),
@@ -52,10 +47,7 @@ pub fn init(settings: &LogSettings) -> Result<(), String> {
                 Compression::None,
                 None,
             );
-            builder
-                .with_ansi(false)
-                .with_writer(Mutex::new(file))
-                .try_init()
+            builder.with_ansi(false).with_writer(Mutex::new(file)).try_init()
         }
     };
     installed.map_err(|e| format!("cannot install the logger: {e}"))

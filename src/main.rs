@@ -46,16 +46,11 @@ async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
         tracing::warn!("no services given (--local); the client only keeps its connection");
     }
     let remote = config.remote.to_string();
-    let client = Client::connect(config)
-        .await
-        .with_context(|| format!("client for {remote}"))?;
+    let client = Client::connect(config).await.with_context(|| format!("client for {remote}"))?;
     let mut tunnels = Vec::new();
     for service in services {
         let local = service.local.clone();
-        let tunnel = client
-            .add_service(service)
-            .await
-            .with_context(|| format!("service {local}"))?;
+        let tunnel = client.add_service(service).await.with_context(|| format!("service {local}"))?;
         println!("{local} is reachable at {}", tunnel.public_addr());
         tunnels.push(tunnel);
     }
@@ -65,14 +60,9 @@ async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
 }
 
 async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
-    logging::init(&LogSettings {
-        level: options.log_level,
-        ..LogSettings::default()
-    })
-    .map_err(|e| anyhow!(e))?;
-    ferry::demo::run(shutdown_signal())
-        .await
-        .map_err(|e| anyhow!(e))
+    logging::init(&LogSettings { level: options.log_level, ..LogSettings::default() })
+        .map_err(|e| anyhow!(e))?;
+    ferry::demo::run(shutdown_signal()).await.map_err(|e| anyhow!(e))
 }
 
 /// Completes on Ctrl-C or SIGTERM.

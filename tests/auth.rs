@@ -9,8 +9,12 @@ use ferry::{Client, ClientError, LoginRefusal};
 async fn wrong_secret_gives_a_clear_error() {
     within(30, async {
         let server = start_server(server_config()).await;
-        let err = Client::connect(client_config(server.local_addr(), "id1", "wrong")).await.err().expect("refused");
-        assert!(matches!(err, ClientError::LoginRefused(LoginRefusal::AuthFailed { ref id }) if id == "id1"), "{err:?}");
+        let err =
+            Client::connect(client_config(server.local_addr(), "id1", "wrong")).await.err().expect("refused");
+        assert!(
+            matches!(err, ClientError::LoginRefused(LoginRefusal::AuthFailed { ref id }) if id == "id1"),
+            "{err:?}"
+        );
         assert_eq!(err.to_string(), "authentication failed for id 'id1'");
         assert!(err.is_fatal());
         // The right secret still works afterwards.
@@ -39,9 +43,8 @@ async fn allow_any_client_keeps_the_first_secret() {
         config.allow_any_client = true;
         let server = start_server(config).await;
         let addr = server.local_addr();
-        let first = Client::connect(client_config(addr, "newcomer", "first"))
-            .await
-            .expect("first secret accepted");
+        let first =
+            Client::connect(client_config(addr, "newcomer", "first")).await.expect("first secret accepted");
         let err = Client::connect(client_config(addr, "newcomer", "second"))
             .await
             .err()
@@ -55,9 +58,7 @@ async fn allow_any_client_keeps_the_first_secret() {
             .shutdown()
             .await;
         // Configured users keep their own secrets.
-        assert!(Client::connect(client_config(addr, "id1", "other"))
-            .await
-            .is_err());
+        assert!(Client::connect(client_config(addr, "id1", "other")).await.is_err());
     })
     .await
 }

@@ -19,17 +19,8 @@ fn ferry() -> Command {
 
 async fn start_server_process(port: u16, extra: &[&str]) -> Child {
     let addr = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "server",
-        "--addr",
-        &addr,
-        "--id",
-        "id1",
-        "--secret",
-        "secret1",
-        "--log-level",
-        "warn",
-    ];
+    let mut args =
+        vec!["server", "--addr", &addr, "--id", "id1", "--secret", "secret1", "--log-level", "warn"];
     args.extend_from_slice(extra);
     let child = ferry().args(&args).stderr(Stdio::null()).spawn().unwrap();
     // Readiness: the listener accepts.
@@ -46,17 +37,7 @@ fn client_process(server_port: u16, secret: &str, service: &[&str]) -> Command {
     let remote = format!("tcp://127.0.0.1:{server_port}");
     let mut command = ferry();
     command
-        .args([
-            "client",
-            "--remote",
-            &remote,
-            "--id",
-            "id1",
-            "--secret",
-            secret,
-            "--log-level",
-            "warn",
-        ])
+        .args(["client", "--remote", &remote, "--id", "id1", "--secret", secret, "--log-level", "warn"])
         .args(["--reconnect-delay", "50ms"])
         .args(service)
         .stdout(Stdio::piped())
@@ -68,11 +49,7 @@ fn client_process(server_port: u16, secret: &str, service: &[&str]) -> Command {
 async fn public_addr_of(child: &mut Child) -> String {
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
-    let line = lines
-        .next_line()
-        .await
-        .unwrap()
-        .expect("client printed nothing");
+    let line = lines.next_line().await.unwrap().expect("client printed nothing");
     line.rsplit(' ').next().unwrap().to_owned()
 }
 
@@ -85,27 +62,13 @@ async fn server_and_client_processes_tunnel_and_survive_a_client_kill() {
         let public_port = free_port().await;
         let local = format!("tcp://{echo}");
         let port_text = public_port.to_string();
-        let service = [
-            "--local",
-            local.as_str(),
-            "--remote-tcp-port",
-            port_text.as_str(),
-        ];
+        let service = ["--local", local.as_str(), "--remote-tcp-port", port_text.as_str()];
 
-        let mut client = client_process(server_port, "secret1", &service)
-            .spawn()
-            .unwrap();
+        let mut client = client_process(server_port, "secret1", &service).spawn().unwrap();
         let public = public_addr_of(&mut client).await;
         assert_eq!(public, format!("127.0.0.1:{public_port}"));
         let payload = random_bytes(1 << 20);
-        assert_eq!(
-            sha256(
-                &echo_through(public.parse().unwrap(), &payload)
-                    .await
-                    .unwrap()
-            ),
-            sha256(&payload)
-        );
+        assert_eq!(sha256(&echo_through(public.parse().unwrap(), &payload).await.unwrap()), sha256(&payload));
 
         client.kill().await.unwrap(); // SIGKILL: no goodbye
         for _ in 0..500 {
@@ -114,22 +77,9 @@ async fn server_and_client_processes_tunnel_and_survive_a_client_kill() {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let mut client = client_process(server_port, "secret1", &service)
-            .spawn()
-            .unwrap();
-        assert_eq!(
-            public_addr_of(&mut client).await,
-            public,
-            "restarted client got another port"
-        );
-        assert_eq!(
-            sha256(
-                &echo_through(public.parse().unwrap(), &payload)
-                    .await
-                    .unwrap()
-            ),
-            sha256(&payload)
-        );
+        let mut client = client_process(server_port, "secret1", &service).spawn().unwrap();
+        assert_eq!(public_addr_of(&mut client).await, public, "restarted client got another port");
+        assert_eq!(sha256(&echo_through(public.parse().unwrap(), &payload).await.unwrap()), sha256(&payload));
         client.kill().await.unwrap();
         server.kill().await.unwrap();
     })
@@ -137,10 +87,7 @@ async fn server_and_client_processes_tunnel_and_survive_a_client_kill() {
 }
 
 async fn failing_client(server_port: u16, secret: &str, service: &[&str]) -> String {
-    let output = client_process(server_port, secret, service)
-        .output()
-        .await
-        .unwrap();
+    let output = client_process(server_port, secret, service).output().await.unwrap();
     assert!(!output.status.success(), "client should have failed");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -151,10 +98,7 @@ async fn refused_clients_exit_with_the_cause() {
         let server_port = free_port().await;
         let _server = start_server_process(server_port, &["--tcp-range", "20000-20010"]).await;
         let stderr = failing_client(server_port, "wrong", &["--local", "tcp://127.0.0.1:1"]).await;
-        assert!(
-            stderr.contains("authentication failed for id 'id1'"),
-            "{stderr}"
-        );
+        assert!(stderr.contains("authentication failed for id 'id1'"), "{stderr}");
 
         let stderr = failing_client(
             server_port,
@@ -162,10 +106,7 @@ async fn refused_clients_exit_with_the_cause() {
             &["--local", "tcp://127.0.0.1:1", "--remote-tcp-port", "80"],
         )
         .await;
-        assert!(
-            stderr.contains("port 80 is not allowed; the server's tcp-range is 20000-20010"),
-            "{stderr}"
-        );
+        assert!(stderr.contains("port 80 is not allowed; the server's tcp-range is 20000-20010"), "{stderr}");
 
         let dead_port = free_port().await;
         let stderr = failing_client(dead_port, "secret1", &["--local", "tcp://127.0.0.1:1"]).await;
@@ -186,39 +127,27 @@ async fn bad_config_files_name_the_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = dir.path().join("server.yaml");
     std::fs::write(&yaml, "addr: 127.0.0.1:0\nbogus-key: 1\n").unwrap();
-    let stderr =
-        stderr_of_failing(&["server".as_ref(), "--config".as_ref(), yaml.as_os_str()]).await;
-    assert!(
-        stderr.contains("bogus-key") && stderr.contains("line 2"),
-        "{stderr}"
-    );
+    let stderr = stderr_of_failing(&["server".as_ref(), "--config".as_ref(), yaml.as_os_str()]).await;
+    assert!(stderr.contains("bogus-key") && stderr.contains("line 2"), "{stderr}");
 
     let toml = dir.path().join("client.toml");
-    std::fs::write(
-        &toml,
-        "remote = \"tcp://h:1\"\nreconnect-delay = \"soon\"\n",
-    )
-    .unwrap();
-    let stderr =
-        stderr_of_failing(&["client".as_ref(), "--config".as_ref(), toml.as_os_str()]).await;
-    assert!(
-        stderr.contains("reconnect-delay") && stderr.contains("line 2"),
-        "{stderr}"
-    );
+    std::fs::write(&toml, "remote = \"tcp://h:1\"\nreconnect-delay = \"soon\"\n").unwrap();
+    let stderr = stderr_of_failing(&["client".as_ref(), "--config".as_ref(), toml.as_os_str()]).await;
+    assert!(stderr.contains("reconnect-delay") && stderr.contains("line 2"), "{stderr}");
 
-    let stderr =
-        stderr_of_failing(&["server".as_ref(), "--addr".as_ref(), "nowhere".as_ref()]).await;
-    assert!(
-        stderr.contains("addr: 'nowhere' is not an address"),
-        "{stderr}"
-    );
+    let stderr = stderr_of_failing(&["server".as_ref(), "--addr".as_ref(), "nowhere".as_ref()]).await;
+    assert!(stderr.contains("addr: 'nowhere' is not an address"), "{stderr}");
 }
 
 #[test]
 fn flags_override_the_file_and_the_file_overrides_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("server.yaml");
-    std::fs::write(&path, "addr: 127.0.0.1:7100\ntcp-number: 3\nheartbeat-timeout: 5s\nusers:\n  a:\n    secret: from-file\n").unwrap();
+    std::fs::write(
+        &path,
+        "addr: 127.0.0.1:7100\ntcp-number: 3\nheartbeat-timeout: 5s\nusers:\n  a:\n    secret: from-file\n",
+    )
+    .unwrap();
     let flags = ServerOptions {
         tcp_number: Some(9),
         id: vec!["a".into()],
@@ -227,22 +156,10 @@ fn flags_override_the_file_and_the_file_overrides_defaults() {
     };
     let config = resolve(flags, Some(&path)).unwrap().into_config().unwrap();
     assert_eq!(config.tcp_number, Some(9), "flag wins over file");
-    assert_eq!(
-        config.addr.to_string(),
-        "127.0.0.1:7100",
-        "file wins over default"
-    );
+    assert_eq!(config.addr.to_string(), "127.0.0.1:7100", "file wins over default");
     assert_eq!(config.heartbeat_timeout, Duration::from_secs(5));
-    assert_eq!(
-        config.handshake_timeout,
-        Duration::from_secs(10),
-        "default stays"
-    );
-    assert_eq!(
-        config.users["a"].secret.expose(),
-        "from-flag",
-        "flag pair wins over the users map"
-    );
+    assert_eq!(config.handshake_timeout, Duration::from_secs(10), "default stays");
+    assert_eq!(config.users["a"].secret.expose(), "from-flag", "flag pair wins over the users map");
 }
 
 #[test]
@@ -316,25 +233,8 @@ async fn log_file_rotates_by_size_and_never_holds_secrets() {
         let log_text = log.to_string_lossy().into_owned();
         let server_port = free_port().await;
         let addr = format!("127.0.0.1:{server_port}");
-        let args = [
-            "server",
-            "--addr",
-            &addr,
-            "--id",
-            "id1",
-            "--secret",
-            "secret1",
-            "--log-level",
-            "debug",
-        ];
-        let rotation = [
-            "--log-file",
-            &log_text,
-            "--log-file-max-size",
-            "600",
-            "--log-file-max-count",
-            "2",
-        ];
+        let args = ["server", "--addr", &addr, "--id", "id1", "--secret", "secret1", "--log-level", "debug"];
+        let rotation = ["--log-file", &log_text, "--log-file-max-size", "600", "--log-file-max-count", "2"];
         let mut server = ferry().args(args).args(rotation).spawn().unwrap();
         for _ in 0..500 {
             if tokio::net::TcpStream::connect(&addr).await.is_ok() {
@@ -343,33 +243,20 @@ async fn log_file_rotates_by_size_and_never_holds_secrets() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         for _ in 0..8 {
-            failing_client(
-                server_port,
-                "wrong-secret-xyz",
-                &["--local", "tcp://127.0.0.1:1"],
-            )
-            .await;
+            failing_client(server_port, "wrong-secret-xyz", &["--local", "tcp://127.0.0.1:1"]).await;
         }
         server.kill().await.unwrap();
-        let mut files: Vec<_> = std::fs::read_dir(log.parent().unwrap())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut files: Vec<_> =
+            std::fs::read_dir(log.parent().unwrap()).unwrap().map(|e| e.unwrap().path()).collect();
         files.sort();
         assert!(files.len() >= 2, "no rotation happened: {files:?}");
-        assert!(
-            files.len() <= 3,
-            "more files than --log-file-max-count keeps: {files:?}"
-        );
+        assert!(files.len() <= 3, "more files than --log-file-max-count keeps: {files:?}");
         let mut all = String::new();
         for file in &files {
             all.push_str(&std::fs::read_to_string(file).unwrap());
         }
         assert!(all.contains("login refused"), "{all}");
-        assert!(
-            !all.contains("wrong-secret-xyz") && !all.contains("secret1"),
-            "a secret reached the log"
-        );
+        assert!(!all.contains("wrong-secret-xyz") && !all.contains("secret1"), "a secret reached the log");
     })
     .await
 }

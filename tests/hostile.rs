@@ -5,9 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ferry::proto::{
-    write_frame, write_preamble, ControlChannel, DataHello, LinkKind, ServerMessage,
-};
+use ferry::proto::{write_frame, write_preamble, ControlChannel, DataHello, LinkKind, ServerMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -24,9 +22,7 @@ async fn garbage_and_truncated_frames_leave_tunnels_serving() {
 
         // A valid preamble, then a frame that announces 1000 bytes and stops after 10.
         let mut truncated = TcpStream::connect(server_addr).await.unwrap();
-        write_preamble(&mut truncated, LinkKind::Control)
-            .await
-            .unwrap();
+        write_preamble(&mut truncated, LinkKind::Control).await.unwrap();
         truncated.write_all(&1000u32.to_be_bytes()).await.unwrap();
         truncated.write_all(b"{\"type\":\"l").await.unwrap();
         truncated.shutdown().await.unwrap();
@@ -38,22 +34,16 @@ async fn garbage_and_truncated_frames_leave_tunnels_serving() {
 
         // A login that is not JSON.
         let mut bad_login = TcpStream::connect(server_addr).await.unwrap();
-        write_preamble(&mut bad_login, LinkKind::Control)
-            .await
-            .unwrap();
+        write_preamble(&mut bad_login, LinkKind::Control).await.unwrap();
         bad_login.write_all(&5u32.to_be_bytes()).await.unwrap();
         bad_login.write_all(b"\x00\x01\x02\x03\x04").await.unwrap();
 
         // Each bad peer is dropped by the server...
-        for (name, mut stream) in [
-            ("garbage", garbage),
-            ("truncated", truncated),
-            ("huge", huge),
-            ("bad login", bad_login),
-        ] {
+        for (name, mut stream) in
+            [("garbage", garbage), ("truncated", truncated), ("huge", huge), ("bad login", bad_login)]
+        {
             let mut sink = Vec::new();
-            let closed =
-                tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
+            let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
             assert!(closed.is_ok(), "server kept the {name} connection open");
         }
         // ...and the existing tunnel serves on, intact.
@@ -71,32 +61,16 @@ async fn garbage_and_truncated_frames_leave_tunnels_serving() {
 async fn forged_data_connection_is_refused() {
     within(30, async {
         let tunnel = echo_tunnel().await;
-        let mut forged = TcpStream::connect(tunnel.server.local_addr())
-            .await
-            .unwrap();
+        let mut forged = TcpStream::connect(tunnel.server.local_addr()).await.unwrap();
         write_preamble(&mut forged, LinkKind::Data).await.unwrap();
-        write_frame(
-            &mut forged,
-            &DataHello {
-                session: 1,
-                seq: 999,
-                mac: [0u8; 32],
-            },
-        )
-        .await
-        .unwrap();
+        write_frame(&mut forged, &DataHello { session: 1, seq: 999, mac: [0u8; 32] }).await.unwrap();
         for _ in 0..20 {
             assert_eq!(echo_through(tunnel.public, b"mine").await.unwrap(), b"mine");
         }
         let mut got = Vec::new();
-        let read =
-            tokio::time::timeout(Duration::from_secs(10), forged.read_to_end(&mut got)).await;
+        let read = tokio::time::timeout(Duration::from_secs(10), forged.read_to_end(&mut got)).await;
         assert!(read.is_ok(), "forged data connection left open");
-        assert!(
-            got.is_empty(),
-            "forged data connection received {} bytes",
-            got.len()
-        );
+        assert!(got.is_empty(), "forged data connection received {} bytes", got.len());
     })
     .await
 }
@@ -106,9 +80,7 @@ async fn forged_data_connection_is_refused() {
 async fn version_mismatch_is_reported() {
     within(30, async {
         let tunnel = echo_tunnel().await;
-        let mut stream = TcpStream::connect(tunnel.server.local_addr())
-            .await
-            .unwrap();
+        let mut stream = TcpStream::connect(tunnel.server.local_addr()).await.unwrap();
         stream.write_all(b"FERRY\x00\x09C").await.unwrap();
         let mut chan = ControlChannel::new(stream);
         match chan.recv::<ServerMessage>().await {

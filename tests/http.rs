@@ -17,9 +17,7 @@ fn two_users() -> ServerConfig {
 }
 
 async fn client_for(server: SocketAddr, id: &str, secret: &str) -> Client {
-    Client::connect(client_config(server, id, secret))
-        .await
-        .expect("client connects")
+    Client::connect(client_config(server, id, secret)).await.expect("client connects")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,36 +30,18 @@ async fn two_clients_behind_one_port_by_host() {
         let a = http_service("a").await;
         let b = http_service("b").await;
         let c = http_service("c").await;
-        let web = one
-            .add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web"))
-            .await
-            .unwrap();
+        let web = one.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
         assert_eq!(web.host(), Some("web"));
         assert_eq!(web.public_addr(), "http://web");
-        let api = one
-            .add_service(ServiceConfig::http(&c.to_string()).with_host_prefix("api"))
-            .await
-            .unwrap();
+        let api = one.add_service(ServiceConfig::http(&c.to_string()).with_host_prefix("api")).await.unwrap();
         assert_eq!(api.host(), Some("api"));
-        let by_id = two
-            .add_service(ServiceConfig::http(&b.to_string()))
-            .await
-            .unwrap();
+        let by_id = two.add_service(ServiceConfig::http(&b.to_string())).await.unwrap();
         assert_eq!(by_id.host(), Some("id2"));
 
         // The same port serves clients and visitors.
-        assert!(get(addr, "/x", "web.example.com")
-            .await
-            .text()
-            .starts_with("service=a path=/x"));
-        assert!(get(addr, "/", "API.example.com:8080")
-            .await
-            .text()
-            .starts_with("service=c"));
-        assert!(get(addr, "/", "id2.example.com")
-            .await
-            .text()
-            .starts_with("service=b"));
+        assert!(get(addr, "/x", "web.example.com").await.text().starts_with("service=a path=/x"));
+        assert!(get(addr, "/", "API.example.com:8080").await.text().starts_with("service=c"));
+        assert!(get(addr, "/", "id2.example.com").await.text().starts_with("service=b"));
     })
     .await
 }
@@ -72,27 +52,13 @@ async fn keep_alive_requests_stay_with_their_service() {
         let server = start_server(two_users()).await;
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
-        client
-            .add_service(ServiceConfig::http(&a.to_string()))
-            .await
-            .unwrap();
+        client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
         let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
         for i in 0..5 {
-            let response = request(
-                &mut visitor,
-                "GET",
-                &format!("/r{i}"),
-                "id1.example.com",
-                "",
-                b"",
-            )
-            .await;
+            let response = request(&mut visitor, "GET", &format!("/r{i}"), "id1.example.com", "", b"").await;
             assert_eq!(response.status, 200);
             let text = response.text();
-            assert!(
-                text.starts_with(&format!("service=a path=/r{i} ")),
-                "{text}"
-            );
+            assert!(text.starts_with(&format!("service=a path=/r{i} ")), "{text}");
             // Only the first head is parsed and gets forwarding headers; the rest pass as they are.
             assert_eq!(text.contains("xff=127.0.0.1"), i == 0, "{text}");
         }
@@ -106,36 +72,16 @@ async fn fifty_mib_up_and_down() {
         let server = start_server(two_users()).await;
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
-        client
-            .add_service(ServiceConfig::http(&a.to_string()))
-            .await
-            .unwrap();
+        client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
         let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
         let upload = random_bytes(50 << 20);
-        let response = request(
-            &mut visitor,
-            "PUT",
-            "/upload",
-            "id1.example.com",
-            "",
-            &upload,
-        )
-        .await;
+        let response = request(&mut visitor, "PUT", "/upload", "id1.example.com", "", &upload).await;
         assert_eq!(response.text(), hex(&Sha256::digest(&upload)));
-        let response = request(
-            &mut visitor,
-            "GET",
-            &format!("/download?n={}", 50 << 20),
-            "id1.example.com",
-            "",
-            b"",
-        )
-        .await;
+        let response =
+            request(&mut visitor, "GET", &format!("/download?n={}", 50 << 20), "id1.example.com", "", b"")
+                .await;
         assert_eq!(response.body.len(), 50 << 20);
-        assert_eq!(
-            response.head.header("x-sha256"),
-            Some(hex(&Sha256::digest(&response.body)).as_str())
-        );
+        assert_eq!(response.head.header("x-sha256"), Some(hex(&Sha256::digest(&response.body)).as_str()));
     })
     .await
 }
@@ -148,7 +94,8 @@ async fn forwarding_headers_reach_the_local_service() {
         let a = http_service("a").await;
         client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
         let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
-        let spoofed = "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\n";
+        let spoofed =
+            "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\n";
         let text = request(&mut visitor, "GET", "/", "id1.example.com:7000", spoofed, b"").await.text();
         assert!(text.contains("xff=203.0.113.9, 127.0.0.1"), "{text}");
         assert!(text.contains("proto=http ") && text.contains("xhost=id1.example.com:7000"), "{text}");
@@ -166,9 +113,7 @@ async fn local_address_as_host() {
         let mut service = ServiceConfig::http(&a.to_string());
         service.use_local_as_http_host = true;
         client.add_service(service).await.unwrap();
-        let text = get(server.local_addr(), "/", "id1.example.com")
-            .await
-            .text();
+        let text = get(server.local_addr(), "/", "id1.example.com").await.text();
         assert!(text.contains(&format!("host={a} ")), "{text}");
         assert!(text.contains("xhost=id1.example.com"), "{text}");
     })
@@ -184,27 +129,16 @@ async fn path_routing_without_wildcard_dns() {
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
         let b = http_service("b").await;
-        client
-            .add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web"))
-            .await
-            .unwrap();
-        client
-            .add_service(ServiceConfig::http(&b.to_string()))
-            .await
-            .unwrap();
+        client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
+        client.add_service(ServiceConfig::http(&b.to_string())).await.unwrap();
         let host = server.local_addr().to_string();
-        let text = get(server.local_addr(), "/id1/web/api/items?x=1", &host)
-            .await
-            .text();
+        let text = get(server.local_addr(), "/id1/web/api/items?x=1", &host).await.text();
         assert!(text.starts_with("service=a path=/api/items?x=1 "), "{text}");
         let text = get(server.local_addr(), "/id1/other", &host).await.text();
         assert!(text.starts_with("service=b path=/other "), "{text}");
         let text = get(server.local_addr(), "/id1/web", &host).await.text();
         assert!(text.starts_with("service=a path=/ "), "{text}");
-        assert_eq!(
-            get(server.local_addr(), "/nobody/web", &host).await.status,
-            404
-        );
+        assert_eq!(get(server.local_addr(), "/nobody/web", &host).await.status, 404);
     })
     .await
 }
@@ -218,22 +152,11 @@ async fn separate_http_listener_and_custom_routing_header() {
         let server = start_server(config).await;
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
-        client
-            .add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web"))
-            .await
-            .unwrap();
+        client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
         let http = server.http_local_addr().unwrap();
         let mut visitor = TcpStream::connect(http).await.unwrap();
-        let text = request(
-            &mut visitor,
-            "GET",
-            "/",
-            "ignored.example.com",
-            "X-Tunnel: web\r\n",
-            b"",
-        )
-        .await
-        .text();
+        let text =
+            request(&mut visitor, "GET", "/", "ignored.example.com", "X-Tunnel: web\r\n", b"").await.text();
         assert!(text.starts_with("service=a"), "{text}");
         // The Host header no longer routes.
         assert_eq!(get(http, "/", "web.example.com").await.status, 400);
@@ -253,46 +176,18 @@ async fn host_rules_prefixes_numbers_and_ids() {
         let one = client_for(server.local_addr(), "id1", "secret1").await;
         let two = client_for(server.local_addr(), "id2", "secret2").await;
         let a = http_service("a").await;
-        let web = one
-            .add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web"))
-            .await
-            .unwrap();
+        let web = one.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
         assert_eq!(web.public_addr(), "http://id1-web.example.com");
-        let err = one
-            .add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web1"))
-            .await
-            .err();
-        assert!(
-            matches!(
-                err,
-                Some(ClientError::Register(RegisterError::HostNotAllowed { .. }))
-            ),
-            "{err:?}"
-        );
-        one.add_service(ServiceConfig::http(&a.to_string()))
-            .await
-            .unwrap();
-        let err = one
-            .add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("api"))
-            .await
-            .err();
-        assert!(
-            matches!(
-                err,
-                Some(ClientError::Register(RegisterError::HostLimit { limit: 2 }))
-            ),
-            "{err:?}"
-        );
+        let err = one.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web1")).await.err();
+        assert!(matches!(err, Some(ClientError::Register(RegisterError::HostNotAllowed { .. }))), "{err:?}");
+        one.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
+        let err = one.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("api")).await.err();
+        assert!(matches!(err, Some(ClientError::Register(RegisterError::HostLimit { limit: 2 }))), "{err:?}");
         // Another user's prefix of the same name is its own host.
-        let theirs = two
-            .add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web"))
-            .await
-            .unwrap();
+        let theirs =
+            two.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
         assert_eq!(theirs.host(), Some("id2-web.example.com"));
-        assert!(get(server.local_addr(), "/", "id1-web.example.com")
-            .await
-            .text()
-            .starts_with("service=a"));
+        assert!(get(server.local_addr(), "/", "id1-web.example.com").await.text().starts_with("service=a"));
     })
     .await
 }
@@ -320,18 +215,12 @@ async fn clear_errors_for_visitors() {
         let addr = server.local_addr();
         let client = connect(addr).await;
         let a = http_service("a").await;
-        let mut web = client
-            .add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web"))
-            .await
-            .unwrap();
+        let mut web =
+            client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
 
         let unknown = get(addr, "/", "<nobody>.example.com").await;
         assert_eq!(unknown.status, 404);
-        assert!(
-            unknown.text().contains("&lt;nobody&gt;.example.com"),
-            "{}",
-            unknown.text()
-        );
+        assert!(unknown.text().contains("&lt;nobody&gt;.example.com"), "{}", unknown.text());
 
         // A configured user that is not connected, and a host whose service went away.
         assert_eq!(get(addr, "/", "id2.example.com").await.status, 502);
@@ -343,34 +232,23 @@ async fn clear_errors_for_visitors() {
 
         // Malformed and oversized heads.
         let mut bad = TcpStream::connect(addr).await.unwrap();
-        bad.write_all(b"GET / HTTP/1.1\r\nHost id1\r\n\r\n")
-            .await
-            .unwrap();
+        bad.write_all(b"GET / HTTP/1.1\r\nHost id1\r\n\r\n").await.unwrap();
         assert!(read_all(&mut bad).await.starts_with("HTTP/1.1 400"));
         let mut huge = TcpStream::connect(addr).await.unwrap();
-        let long = format!(
-            "GET / HTTP/1.1\r\nHost: id1\r\nX-Pad: {}\r\n\r\n",
-            "a".repeat(70 * 1024)
-        );
+        let long = format!("GET / HTTP/1.1\r\nHost: id1\r\nX-Pad: {}\r\n\r\n", "a".repeat(70 * 1024));
         let _ = huge.write_all(long.as_bytes()).await;
         assert!(read_all(&mut huge).await.starts_with("HTTP/1.1 400"));
 
         // Slowloris: a head that never completes is closed after the header timeout,
         // while other visitors are served meanwhile.
         let mut slow = TcpStream::connect(addr).await.unwrap();
-        slow.write_all(b"GET / HTTP/1.1\r\nHost: id1.exa")
-            .await
-            .unwrap();
-        let other = client
-            .add_service(ServiceConfig::http(&a.to_string()))
-            .await
-            .unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: id1.exa").await.unwrap();
+        let other = client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
         assert_eq!(other.host(), Some("id1"));
         assert_eq!(get(addr, "/", "id1.example.com").await.status, 200);
         let started = std::time::Instant::now();
         let mut sink = Vec::new();
-        let closed =
-            tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut sink)).await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut sink)).await;
         assert!(closed.is_ok(), "slow visitor kept open");
         assert!(sink.is_empty());
         assert!(started.elapsed() < Duration::from_secs(3));

@@ -18,7 +18,10 @@ async fn port_outside_the_range_gives_a_clear_error() {
             .await
             .err()
             .expect("refused");
-        assert!(matches!(err, ClientError::Register(RegisterError::PortNotAllowed { port: 2222, .. })), "{err:?}");
+        assert!(
+            matches!(err, ClientError::Register(RegisterError::PortNotAllowed { port: 2222, .. })),
+            "{err:?}"
+        );
         assert_eq!(
             err.to_string(),
             "the server refused the tunnel: port 2222 is not allowed; the server's tcp-range is 30000-30010"
@@ -56,8 +59,11 @@ async fn taken_port_is_refused_or_replaced() {
 
         // A port held by another tunnel is taken too.
         let held = tunnel.remote_port();
-        let err = client.add_service(ServiceConfig::tcp(&echo.to_string()).with_remote_port(held)).await.err();
-        assert!(matches!(err, Some(ClientError::Register(RegisterError::PortTaken { port })) if port == held));
+        let err =
+            client.add_service(ServiceConfig::tcp(&echo.to_string()).with_remote_port(held)).await.err();
+        assert!(
+            matches!(err, Some(ClientError::Register(RegisterError::PortTaken { port })) if port == held)
+        );
     })
     .await
 }
@@ -70,35 +76,18 @@ async fn tcp_number_caps_ports_per_user() {
         let server = start_server(config).await;
         let client = connect(server.local_addr()).await;
         let echo = echo_server().await;
-        let first = client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await
-            .unwrap();
-        let err = client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await
-            .err()
-            .expect("second refused");
-        assert!(
-            matches!(
-                err,
-                ClientError::Register(RegisterError::PortLimit { limit: 1 })
-            ),
-            "{err:?}"
-        );
+        let first = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
+        let err =
+            client.add_service(ServiceConfig::tcp(&echo.to_string())).await.err().expect("second refused");
+        assert!(matches!(err, ClientError::Register(RegisterError::PortLimit { limit: 1 })), "{err:?}");
         // Another client of the same user counts against the same limit.
         let second_client = connect(server.local_addr()).await;
-        assert!(second_client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await
-            .is_err());
+        assert!(second_client.add_service(ServiceConfig::tcp(&echo.to_string())).await.is_err());
         // Cancelling frees the slot.
         let mut first = first;
         first.cancel();
         first.closed().await;
-        let again = second_client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await;
+        let again = second_client.add_service(ServiceConfig::tcp(&echo.to_string())).await;
         assert!(again.is_ok(), "{:?}", again.err());
     })
     .await
@@ -111,15 +100,8 @@ async fn no_tcp_policy_means_no_tcp_tunnels() {
         config.tcp_ranges.clear();
         let server = start_server(config).await;
         let client = connect(server.local_addr()).await;
-        let err = client
-            .add_service(ServiceConfig::tcp("127.0.0.1:1"))
-            .await
-            .err()
-            .expect("refused");
-        assert!(
-            matches!(err, ClientError::Register(RegisterError::TcpDisabled)),
-            "{err:?}"
-        );
+        let err = client.add_service(ServiceConfig::tcp("127.0.0.1:1")).await.err().expect("refused");
+        assert!(matches!(err, ClientError::Register(RegisterError::TcpDisabled)), "{err:?}");
     })
     .await
 }

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use ferry::auth::{client_login, Ephemeral, Secret};
 use ferry::proto::{
-    read_preamble, write_preamble, ClientMessage, ControlChannel, LinkKind, ServerMessage,
-    ServiceSpec,
+    read_preamble, write_preamble, ClientMessage, ControlChannel, LinkKind, ServerMessage, ServiceSpec,
 };
 use ferry::{Client, ClientState, Server, ServiceConfig};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,9 +36,7 @@ async fn killed_client_started_again_gets_the_same_port() {
         let again = second.add_service(service).await.expect("same port again");
         assert_eq!(again.remote_port(), port);
         let payload = random_bytes(100_000);
-        let got = echo_through(again.public_addr().parse().unwrap(), &payload)
-            .await
-            .unwrap();
+        let got = echo_through(again.public_addr().parse().unwrap(), &payload).await.unwrap();
         assert_eq!(sha256(&got), sha256(&payload));
     })
     .await
@@ -53,33 +50,21 @@ async fn client_reconnects_after_a_server_restart() {
         let client = connect(server_addr).await;
         let mut state = client.state();
         let echo = echo_server().await;
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await
-            .unwrap();
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
         let public = tunnel.public_addr().parse().unwrap();
         wait_until_echo(public).await;
 
         server.shutdown().await;
-        state
-            .wait_for(|s| matches!(s, ClientState::Disconnected { .. }))
-            .await
-            .unwrap();
+        state.wait_for(|s| matches!(s, ClientState::Disconnected { .. })).await.unwrap();
 
         let mut config = server_config();
         config.addr = server_addr;
         let restarted = start_server(config).await;
-        state
-            .wait_for(|s| matches!(s, ClientState::Connected { .. }))
-            .await
-            .unwrap();
+        state.wait_for(|s| matches!(s, ClientState::Connected { .. })).await.unwrap();
         // Same public port, served again, without anyone touching the client.
         wait_until_echo(public).await;
         let payload = random_bytes(1 << 20);
-        assert_eq!(
-            sha256(&echo_through(public, &payload).await.unwrap()),
-            sha256(&payload)
-        );
+        assert_eq!(sha256(&echo_through(public, &payload).await.unwrap()), sha256(&payload));
         restarted.shutdown().await;
     })
     .await
@@ -95,58 +80,30 @@ async fn server_drops_a_silent_client_after_the_heartbeat_timeout() {
         let started = Instant::now();
         let _silent = tokio::spawn(silent_client_kept(server.local_addr(), port));
         // Wait until the port is held, then until it is given back.
-        let held =
-            poll_until(|| async { TcpListener::bind(("127.0.0.1", port)).await.is_err() }).await;
+        let held = poll_until(|| async { TcpListener::bind(("127.0.0.1", port)).await.is_err() }).await;
         assert!(held, "the silent client never got its port");
-        let released =
-            poll_until(|| async { TcpListener::bind(("127.0.0.1", port)).await.is_ok() }).await;
+        let released = poll_until(|| async { TcpListener::bind(("127.0.0.1", port)).await.is_ok() }).await;
         assert!(released, "the silent client's port was never released");
         let elapsed = started.elapsed();
-        assert!(
-            elapsed >= Duration::from_millis(500),
-            "released too early: {elapsed:?}"
-        );
-        assert!(
-            elapsed < Duration::from_secs(5),
-            "released too late: {elapsed:?}"
-        );
+        assert!(elapsed >= Duration::from_millis(500), "released too early: {elapsed:?}");
+        assert!(elapsed < Duration::from_secs(5), "released too late: {elapsed:?}");
     })
     .await
 }
 
 async fn silent_client_kept(server: std::net::SocketAddr, port: u16) {
     let mut stream = TcpStream::connect(server).await.unwrap();
-    write_preamble(&mut stream, LinkKind::Control)
-        .await
-        .unwrap();
+    write_preamble(&mut stream, LinkKind::Control).await.unwrap();
     let mut chan = ControlChannel::new(stream);
-    let ServerMessage::Challenge {
-        nonce,
-        ephemeral_key,
-    } = chan.recv().await.unwrap()
-    else {
+    let ServerMessage::Challenge { nonce, ephemeral_key } = chan.recv().await.unwrap() else {
         panic!("no challenge")
     };
-    let (login, _) = client_login(
-        "id1",
-        &Secret::new("secret1"),
-        &nonce,
-        &ephemeral_key,
-        "silent",
-    );
+    let (login, _) = client_login("id1", &Secret::new("secret1"), &nonce, &ephemeral_key, "silent");
     chan.send(&login).await.unwrap();
-    let ServerMessage::Welcome { .. } = chan.recv().await.unwrap() else {
-        panic!("no welcome")
-    };
-    let spec = ServiceSpec::Tcp {
-        name: "silent".into(),
-        port: Some(port),
-        random: false,
-        proxy_protocol: None,
-    };
-    chan.send(&ClientMessage::Register { request: 1, spec })
-        .await
-        .unwrap();
+    let ServerMessage::Welcome { .. } = chan.recv().await.unwrap() else { panic!("no welcome") };
+    let spec =
+        ServiceSpec::Tcp { name: "silent".into(), port: Some(port), random: false, proxy_protocol: None };
+    chan.send(&ClientMessage::Register { request: 1, spec }).await.unwrap();
     // Never answer pings: keep the socket open until the server gives up on us.
     loop {
         match chan.recv::<ServerMessage>().await {
@@ -199,7 +156,10 @@ async fn client_notices_a_silent_server() {
         let mut state = client.state();
         let state = state.wait_for(|s| matches!(s, ClientState::Disconnected { .. })).await.unwrap().clone();
         let elapsed = started.elapsed();
-        assert!(matches!(&state, ClientState::Disconnected { reason } if reason.contains("no heartbeat")), "{state:?}");
+        assert!(
+            matches!(&state, ClientState::Disconnected { reason } if reason.contains("no heartbeat")),
+            "{state:?}"
+        );
         assert!(elapsed >= Duration::from_millis(400) && elapsed < Duration::from_secs(5), "{elapsed:?}");
     })
     .await
@@ -216,10 +176,7 @@ async fn server_shutdown_closes_tunnels_and_returns() {
         }));
         let client = connect(addr).await;
         let echo = echo_server().await;
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await
-            .unwrap();
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
         let public: std::net::SocketAddr = tunnel.public_addr().parse().unwrap();
         wait_until_echo(public).await;
         let mut visitor = TcpStream::connect(public).await.unwrap();

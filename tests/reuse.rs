@@ -18,11 +18,7 @@ fn sockets_towards(port: u16) -> usize {
         .skip(1)
         .filter_map(|line| line.split_whitespace().nth(2))
         .filter(|remote| {
-            remote
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok())
-                == Some(port)
+            remote.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
         })
         .count()
 }
@@ -34,10 +30,7 @@ async fn sequential_visitors_reuse_data_connections() {
         let server_port = server.local_addr().port();
         let client = connect(server.local_addr()).await; // 4 idle data connections
         let echo = echo_server().await;
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await
-            .unwrap();
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
         let public: SocketAddr = tunnel.public_addr().parse().unwrap();
         for i in 0..100usize {
             let payload = random_bytes(1000 + i * 100);
@@ -46,10 +39,7 @@ async fn sequential_visitors_reuse_data_connections() {
         }
         // One control connection and a handful of data connections, not one per visitor.
         let opened = sockets_towards(server_port);
-        assert!(
-            opened <= 16,
-            "{opened} connections to the server for 100 visitors"
-        );
+        assert!(opened <= 16, "{opened} connections to the server for 100 visitors");
     })
     .await
 }
@@ -74,15 +64,9 @@ async fn aborted_visitors_do_not_disturb_the_next_ones() {
                 });
             }
         });
-        let noisy = client
-            .add_service(ServiceConfig::tcp(&talker_addr.to_string()))
-            .await
-            .unwrap();
+        let noisy = client.add_service(ServiceConfig::tcp(&talker_addr.to_string())).await.unwrap();
         let echo = echo_server().await;
-        let quiet = client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await
-            .unwrap();
+        let quiet = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
         let quiet: SocketAddr = quiet.public_addr().parse().unwrap();
         for round in 0..10 {
             // Read a little, then reset the connection.
@@ -114,15 +98,10 @@ async fn services_that_speak_first_and_leave() {
             let mut n = 0u32;
             while let Ok((mut stream, _)) = greeter.accept().await {
                 n += 1;
-                let _ = stream
-                    .write_all(format!("220 hello {n}\r\n").as_bytes())
-                    .await;
+                let _ = stream.write_all(format!("220 hello {n}\r\n").as_bytes()).await;
             }
         });
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&greeter_addr.to_string()))
-            .await
-            .unwrap();
+        let tunnel = client.add_service(ServiceConfig::tcp(&greeter_addr.to_string())).await.unwrap();
         for n in 1..=30u32 {
             let mut visitor = TcpStream::connect(tunnel.public_addr()).await.unwrap();
             let mut banner = String::new();
@@ -139,20 +118,14 @@ async fn idle_pool_refills_after_the_client_reconnects() {
         let server = start_server(server_config()).await;
         let echo = echo_server().await;
         let client: Client = connect(server.local_addr()).await;
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await
-            .unwrap();
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
         let public: SocketAddr = tunnel.public_addr().parse().unwrap();
         // Many visitors at once: the pool grows beyond its idle target, then serves them all.
         let mut visitors = Vec::new();
         for i in 0..50usize {
             visitors.push(tokio::spawn(async move {
                 let payload = random_bytes(20_000 + i);
-                assert_eq!(
-                    sha256(&echo_through(public, &payload).await.unwrap()),
-                    sha256(&payload)
-                );
+                assert_eq!(sha256(&echo_through(public, &payload).await.unwrap()), sha256(&payload));
             }));
         }
         for visitor in visitors {

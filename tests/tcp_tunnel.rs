@@ -45,23 +45,12 @@ async fn sixty_four_mib_each_way() {
             sha256(&got)
         });
 
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&local_addr.to_string()))
-            .await
-            .unwrap();
+        let tunnel = client.add_service(ServiceConfig::tcp(&local_addr.to_string())).await.unwrap();
         let to_local = random_bytes(LEN);
         let received = echo_like_exchange(tunnel.public_addr(), to_local.clone()).await;
         assert_eq!(received.len(), LEN);
-        assert_eq!(
-            sha256(&received),
-            to_visitor_hash,
-            "local -> visitor corrupted"
-        );
-        assert_eq!(
-            local_task.await.unwrap(),
-            sha256(&to_local),
-            "visitor -> local corrupted"
-        );
+        assert_eq!(sha256(&received), to_visitor_hash, "local -> visitor corrupted");
+        assert_eq!(local_task.await.unwrap(), sha256(&to_local), "visitor -> local corrupted");
     })
     .await
 }
@@ -89,11 +78,7 @@ async fn two_hundred_concurrent_visitors() {
             visitors.push(tokio::spawn(async move {
                 let payload = random_bytes(16 * 1024 + i * 37);
                 let got = echo_through(addr, &payload).await.expect("visitor io");
-                assert_eq!(
-                    sha256(&got),
-                    sha256(&payload),
-                    "visitor {i} got other bytes"
-                );
+                assert_eq!(sha256(&got), sha256(&payload), "visitor {i} got other bytes");
             }));
         }
         for visitor in visitors {
@@ -119,10 +104,7 @@ async fn half_close_keeps_the_reply_flowing() {
             let reply = format!("got {} bytes", request.len()).repeat(1000);
             stream.write_all(reply.as_bytes()).await.unwrap();
         });
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&local_addr.to_string()))
-            .await
-            .unwrap();
+        let tunnel = client.add_service(ServiceConfig::tcp(&local_addr.to_string())).await.unwrap();
         let mut visitor = TcpStream::connect(tunnel.public_addr()).await.unwrap();
         visitor.write_all(&[7u8; 5000]).await.unwrap();
         visitor.shutdown().await.unwrap();
@@ -140,10 +122,7 @@ async fn refused_local_service_closes_the_visitor() {
         let server = start_server(server_config()).await;
         let client = connect(server.local_addr()).await;
         let dead = free_port().await;
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&format!("127.0.0.1:{dead}")))
-            .await
-            .unwrap();
+        let tunnel = client.add_service(ServiceConfig::tcp(&format!("127.0.0.1:{dead}"))).await.unwrap();
         let mut visitor = TcpStream::connect(tunnel.public_addr()).await.unwrap();
         let mut buf = [0u8; 16];
         let read = tokio::time::timeout(Duration::from_secs(5), visitor.read(&mut buf)).await;
@@ -175,17 +154,8 @@ async fn cancel_a_tunnel_at_run_time() {
         assert!(rebound.is_some(), "port {} was not released", tunnel.public);
         // Other tunnels of the client keep working.
         let echo = echo_server().await;
-        let other = tunnel
-            .client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await
-            .unwrap();
-        assert_eq!(
-            echo_through(other.public_addr().parse().unwrap(), b"x")
-                .await
-                .unwrap(),
-            b"x"
-        );
+        let other = tunnel.client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
+        assert_eq!(echo_through(other.public_addr().parse().unwrap(), b"x").await.unwrap(), b"x");
     })
     .await
 }
@@ -202,18 +172,9 @@ async fn ipv6_loopback() {
         let server = start_server(config).await;
         let client = connect(server.local_addr()).await;
         let echo = echo_server().await;
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await
-            .unwrap();
-        assert!(
-            tunnel.public_addr().starts_with("[::1]:"),
-            "{}",
-            tunnel.public_addr()
-        );
-        let got = echo_through(tunnel.public_addr().parse().unwrap(), b"six")
-            .await
-            .unwrap();
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
+        assert!(tunnel.public_addr().starts_with("[::1]:"), "{}", tunnel.public_addr());
+        let got = echo_through(tunnel.public_addr().parse().unwrap(), b"six").await.unwrap();
         assert_eq!(got, b"six");
     })
     .await
@@ -240,18 +201,14 @@ async fn slow_visitor_applies_backpressure() {
                 progress_tx.send_replace(sent);
             }
         });
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&local_addr.to_string()))
-            .await
-            .unwrap();
+        let tunnel = client.add_service(ServiceConfig::tcp(&local_addr.to_string())).await.unwrap();
         let mut visitor = TcpStream::connect(tunnel.public_addr()).await.unwrap();
         let mut first = [0u8; 1];
         visitor.read_exact(&mut first).await.unwrap();
         // Wait until the writer stops making progress for a while.
         let mut last = 0;
         loop {
-            let changed =
-                tokio::time::timeout(Duration::from_millis(500), progress.changed()).await;
+            let changed = tokio::time::timeout(Duration::from_millis(500), progress.changed()).await;
             let now = *progress.borrow();
             if changed.is_err() && now == last {
                 break;
@@ -263,10 +220,7 @@ async fn slow_visitor_applies_backpressure() {
             );
         }
         // Only socket buffers and the relays' fixed buffers hold data: far below the 512 MiB offered.
-        assert!(
-            last < 64 * 1024 * 1024,
-            "{last} bytes went in before the writer stalled"
-        );
+        assert!(last < 64 * 1024 * 1024, "{last} bytes went in before the writer stalled");
         // And the stream is still intact afterwards.
         let mut rest = vec![0u8; 1024 * 1024];
         visitor.read_exact(&mut rest).await.unwrap();

@@ -20,11 +20,7 @@ fn make_certs() -> Certs {
     let key = dir.path().join("key.pem");
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    Certs {
-        _dir: dir,
-        cert,
-        key,
-    }
+    Certs { _dir: dir, cert, key }
 }
 
 async fn tls_server(certs: &Certs) -> ferry::ServerHandle {
@@ -48,20 +44,12 @@ async fn tunnel_over_tls_with_a_pinned_ca() {
     within(60, async {
         let certs = make_certs();
         let server = tls_server(&certs).await;
-        let client = Client::connect(tls_client_config(
-            &server,
-            RemoteTrust::CaFile(certs.cert.clone()),
-        ))
-        .await
-        .unwrap();
-        let echo = echo_server().await;
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
+        let client = Client::connect(tls_client_config(&server, RemoteTrust::CaFile(certs.cert.clone())))
             .await
             .unwrap();
-        let public = format!("127.0.0.1:{}", tunnel.remote_port())
-            .parse()
-            .unwrap();
+        let echo = echo_server().await;
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
+        let public = format!("127.0.0.1:{}", tunnel.remote_port()).parse().unwrap();
         let payload = random_bytes(8 << 20);
         let got = echo_through(public, &payload).await.unwrap();
         assert_eq!(sha256(&got), sha256(&payload));
@@ -74,17 +62,10 @@ async fn insecure_mode_accepts_any_certificate() {
     within(30, async {
         let certs = make_certs();
         let server = tls_server(&certs).await;
-        let client = Client::connect(tls_client_config(&server, RemoteTrust::Insecure))
-            .await
-            .unwrap();
+        let client = Client::connect(tls_client_config(&server, RemoteTrust::Insecure)).await.unwrap();
         let echo = echo_server().await;
-        let tunnel = client
-            .add_service(ServiceConfig::tcp(&echo.to_string()))
-            .await
-            .unwrap();
-        let public = format!("127.0.0.1:{}", tunnel.remote_port())
-            .parse()
-            .unwrap();
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
+        let public = format!("127.0.0.1:{}", tunnel.remote_port()).parse().unwrap();
         assert_eq!(echo_through(public, b"tls").await.unwrap(), b"tls");
     })
     .await
@@ -96,17 +77,11 @@ async fn untrusted_certificate_is_refused() {
         let certs = make_certs();
         let other = make_certs();
         let server = tls_server(&certs).await;
-        let err = Client::connect(tls_client_config(
-            &server,
-            RemoteTrust::CaFile(other.cert.clone()),
-        ))
-        .await
-        .err()
-        .expect("a certificate from another CA must be refused");
-        assert!(
-            err.to_string().to_lowercase().contains("certificate"),
-            "{err}"
-        );
+        let err = Client::connect(tls_client_config(&server, RemoteTrust::CaFile(other.cert.clone())))
+            .await
+            .err()
+            .expect("a certificate from another CA must be refused");
+        assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
     })
     .await
 }
@@ -120,11 +95,7 @@ async fn plain_client_on_the_tls_port_fails_cleanly() {
         config.remote_timeout = std::time::Duration::from_secs(3);
         assert!(Client::connect(config).await.is_err());
         // The server still serves TLS clients.
-        Client::connect(tls_client_config(&server, RemoteTrust::Insecure))
-            .await
-            .unwrap()
-            .shutdown()
-            .await;
+        Client::connect(tls_client_config(&server, RemoteTrust::Insecure)).await.unwrap().shutdown().await;
     })
     .await
 }

@@ -38,9 +38,7 @@ async fn websocket_echo() -> SocketAddr {
 }
 
 async fn websocket_round_trips<S: AsyncRead + AsyncWrite + Unpin>(stream: S, url: &str) {
-    let (mut socket, response) = tokio_tungstenite::client_async(url, stream)
-        .await
-        .expect("upgrade");
+    let (mut socket, response) = tokio_tungstenite::client_async(url, stream).await.expect("upgrade");
     assert_eq!(response.status(), 101);
     for i in 0..20 {
         let text = format!("message {i} {}", "x".repeat(i * 500));
@@ -50,10 +48,7 @@ async fn websocket_round_trips<S: AsyncRead + AsyncWrite + Unpin>(stream: S, url
     }
     let blob = random_bytes(300_000);
     socket.send(Message::binary(blob.clone())).await.unwrap();
-    assert_eq!(
-        socket.next().await.unwrap().unwrap().into_data().as_ref(),
-        &blob[..]
-    );
+    assert_eq!(socket.next().await.unwrap().unwrap().into_data().as_ref(), &blob[..]);
     socket.close(None).await.unwrap();
 }
 
@@ -63,10 +58,7 @@ async fn websocket_through_host_routing() {
         let server = start_server(server_config()).await;
         let client = connect(server.local_addr()).await;
         let ws = websocket_echo().await;
-        client
-            .add_service(ServiceConfig::http(&ws.to_string()).with_host_prefix("chat"))
-            .await
-            .unwrap();
+        client.add_service(ServiceConfig::http(&ws.to_string()).with_host_prefix("chat")).await.unwrap();
         let stream = TcpStream::connect(server.local_addr()).await.unwrap();
         websocket_round_trips(stream, "ws://chat.example.com/socket").await;
     })
@@ -100,14 +92,9 @@ async fn https_visitor(
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let config = client_tls_config(&RemoteTrust::CaFile(certs.cert.clone())).unwrap();
     let connector = tokio_rustls::TlsConnector::from(Arc::clone(&config));
-    let tcp = TcpStream::connect(server.tls_local_addr().unwrap())
-        .await
-        .unwrap();
+    let tcp = TcpStream::connect(server.tls_local_addr().unwrap()).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap();
-    connector
-        .connect(name, tcp)
-        .await
-        .expect("tls handshake with the server's certificate")
+    connector.connect(name, tcp).await.expect("tls handshake with the server's certificate")
 }
 
 #[tokio::test]
@@ -116,21 +103,10 @@ async fn https_terminated_at_the_server() {
         let (server, certs) = tls_server().await;
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
-        client
-            .add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web"))
-            .await
-            .unwrap();
+        client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
         let mut visitor = https_visitor(&server, &certs, "web.example.test").await;
         for i in 0..3 {
-            let response = request(
-                &mut visitor,
-                "GET",
-                &format!("/s{i}"),
-                "web.example.test",
-                "",
-                b"",
-            )
-            .await;
+            let response = request(&mut visitor, "GET", &format!("/s{i}"), "web.example.test", "", b"").await;
             assert_eq!(response.status, 200);
             let text = response.text();
             assert!(text.starts_with(&format!("service=a path=/s{i}")), "{text}");
@@ -139,19 +115,8 @@ async fn https_terminated_at_the_server() {
             }
         }
         let upload = random_bytes(5 << 20);
-        let response = request(
-            &mut visitor,
-            "PUT",
-            "/upload",
-            "web.example.test",
-            "",
-            &upload,
-        )
-        .await;
-        assert_eq!(
-            response.text(),
-            common::http::hex(&<sha2::Sha256 as sha2::Digest>::digest(&upload))
-        );
+        let response = request(&mut visitor, "PUT", "/upload", "web.example.test", "", &upload).await;
+        assert_eq!(response.text(), common::http::hex(&<sha2::Sha256 as sha2::Digest>::digest(&upload)));
     })
     .await
 }
@@ -162,10 +127,7 @@ async fn websocket_through_tls_termination() {
         let (server, certs) = tls_server().await;
         let client = connect(server.local_addr()).await;
         let ws = websocket_echo().await;
-        client
-            .add_service(ServiceConfig::http(&ws.to_string()).with_host_prefix("chat"))
-            .await
-            .unwrap();
+        client.add_service(ServiceConfig::http(&ws.to_string()).with_host_prefix("chat")).await.unwrap();
         let stream = https_visitor(&server, &certs, "chat.example.test").await;
         websocket_round_trips(stream, "wss://chat.example.test/socket").await;
     })
@@ -183,10 +145,7 @@ async fn proxy_aware_service(version: ProxyProtocol) -> SocketAddr {
                     ProxyProtocol::V1 => read_v1(&mut stream).await,
                     ProxyProtocol::V2 => read_v2(&mut stream).await,
                 };
-                stream
-                    .write_all(format!("{source}\n").as_bytes())
-                    .await
-                    .unwrap();
+                stream.write_all(format!("{source}\n").as_bytes()).await.unwrap();
                 let (mut r, mut w) = stream.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });
@@ -235,6 +194,74 @@ async fn proxy_protocol_tells_the_visitor_address() {
             visitor.read_to_string(&mut reply).await.unwrap();
             assert_eq!(reply, format!("{me}\nafter the header"), "{version:?}");
         }
+    })
+    .await
+}
+
+/// A local TLS echo service with its own certificate for `secure.example.test`.
+async fn local_tls_echo(dir: &std::path::Path) -> (SocketAddr, PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["secure.example.test".to_string()]).unwrap();
+    let cert = dir.join("local-cert.pem");
+    let key = dir.join("local-key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let acceptor = ferry::transport::server_tls_acceptor(&cert, &key).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let (mut r, mut w) = tokio::io::split(tls);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, cert)
+}
+
+#[tokio::test]
+async fn tls_passed_through_by_server_name() {
+    within(30, async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = server_config();
+        config.sni_addr = Some("127.0.0.1:0".parse().unwrap());
+        let server = start_server(config).await;
+        let client = connect(server.local_addr()).await;
+        let (local, local_cert) = local_tls_echo(dir.path()).await;
+        let tunnel = client
+            .add_service(ServiceConfig::https(&local.to_string()).with_host_prefix("secure"))
+            .await
+            .unwrap();
+        assert_eq!(tunnel.public_addr(), "https://secure");
+
+        // The visitor trusts only the local service's certificate: the handshake succeeding
+        // proves the server passed the encrypted bytes through without terminating them.
+        let trust = client_tls_config(&RemoteTrust::CaFile(local_cert)).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(trust);
+        let sni = server.sni_local_addr().unwrap();
+        let tcp = TcpStream::connect(sni).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("secure.example.test").unwrap();
+        let mut tls = connector.connect(name, tcp).await.expect("handshake with the local service");
+        let payload = random_bytes(2 << 20);
+        let (mut r, mut w) = tokio::io::split(&mut tls);
+        let send = async {
+            w.write_all(&payload).await.unwrap();
+            w.flush().await.unwrap();
+        };
+        let mut back = vec![0u8; payload.len()];
+        let receive = r.read_exact(&mut back);
+        let ((), got) = tokio::join!(send, receive);
+        got.unwrap();
+        assert_eq!(sha256(&back), sha256(&payload));
+
+        // An unknown server name is closed without an answer.
+        let tcp = TcpStream::connect(sni).await.unwrap();
+        let config = client_tls_config(&RemoteTrust::Insecure).unwrap();
+        let name = rustls_pki_types::ServerName::try_from("nobody.example.test").unwrap();
+        assert!(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.is_err());
     })
     .await
 }

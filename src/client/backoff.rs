@@ -12,11 +12,7 @@ pub(crate) struct Backoff {
 impl Backoff {
     pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         let initial = initial.max(Duration::from_millis(1));
-        Backoff {
-            initial,
-            max: max.max(initial),
-            current: initial,
-        }
+        Backoff { initial, max: max.max(initial), current: initial }
     }
 
     /// The next delay to wait.

@@ -15,22 +15,13 @@ use super::login::{login, LoggedIn};
 use super::pool::{DataPool, Routes};
 use super::{public_address, ClientState, Endpoint, RegisterReply};
 use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
-use crate::proto::{
-    ClientMessage, CloseReason, ControlChannel, ProtocolError, ServerMessage, ServiceSpec,
-};
+use crate::proto::{ClientMessage, CloseReason, ControlChannel, ProtocolError, ServerMessage, ServiceSpec};
 use crate::transport::{Connector, Stream};
 
 /// Requests from the [`Client`](super::Client) handle.
 pub(crate) enum Command {
-    Add {
-        key: u64,
-        config: ServiceConfig,
-        reply: RegisterReply,
-        closed: watch::Sender<Option<CloseReason>>,
-    },
-    Remove {
-        key: u64,
-    },
+    Add { key: u64, config: ServiceConfig, reply: RegisterReply, closed: watch::Sender<Option<CloseReason>> },
+    Remove { key: u64 },
 }
 
 /// A tunnel the client wants, kept across reconnects.
@@ -46,18 +37,8 @@ struct Wanted {
 }
 
 impl Wanted {
-    fn new(
-        config: ServiceConfig,
-        reply: RegisterReply,
-        closed: watch::Sender<Option<CloseReason>>,
-    ) -> Self {
-        Wanted {
-            config,
-            port: None,
-            server_id: None,
-            reply: Some(reply),
-            closed,
-        }
+    fn new(config: ServiceConfig, reply: RegisterReply, closed: watch::Sender<Option<CloseReason>>) -> Self {
+        Wanted { config, port: None, server_id: None, reply: Some(reply), closed }
     }
 
     fn spec(&self) -> ServiceSpec {
@@ -74,6 +55,9 @@ impl Wanted {
                 prefix: config.host_prefix.clone(),
                 local_host: config.use_local_as_http_host.then(|| config.local.clone()),
             },
+            ServiceKind::Https => {
+                ServiceSpec::Https { name: config.name.clone(), prefix: config.host_prefix.clone() }
+            }
         }
     }
 
@@ -82,9 +66,7 @@ impl Wanted {
             Some(reply) => {
                 let error = match reason {
                     CloseReason::Refused(error) => error,
-                    other => crate::proto::RegisterError::Other {
-                        message: other.to_string(),
-                    },
+                    other => crate::proto::RegisterError::Other { message: other.to_string() },
                 };
                 let _ = reply.send(Err(error));
             }
@@ -114,21 +96,12 @@ impl Driver {
         state: watch::Sender<ClientState>,
         token: CancellationToken,
     ) -> Self {
-        Driver {
-            config,
-            connector,
-            instance,
-            inbox,
-            state,
-            token,
-            wanted: BTreeMap::new(),
-        }
+        Driver { config, connector, instance, inbox, state, token, wanted: BTreeMap::new() }
     }
 
     /// Serves the first session, then reconnects with backoff until cancelled.
     pub(crate) async fn run(mut self, first: LoggedIn) {
-        let mut backoff =
-            Backoff::new(self.config.reconnect_delay, self.config.max_reconnect_delay);
+        let mut backoff = Backoff::new(self.config.reconnect_delay, self.config.max_reconnect_delay);
         let mut next = Some(first);
         while !self.token.is_cancelled() {
             let logged = match next.take() {
@@ -144,9 +117,7 @@ impl Driver {
                 },
             };
             backoff.reset();
-            self.set_state(ClientState::Connected {
-                session: logged.session,
-            });
+            self.set_state(ClientState::Connected { session: logged.session });
             let reason = self.serve(logged).await;
             if self.token.is_cancelled() {
                 break;
@@ -197,12 +168,7 @@ impl Driver {
 
     fn apply_offline(&mut self, command: Command) {
         match command {
-            Command::Add {
-                key,
-                config,
-                reply,
-                closed,
-            } => {
+            Command::Add { key, config, reply, closed } => {
                 self.wanted.insert(key, Wanted::new(config, reply, closed));
             }
             Command::Remove { key } => {
@@ -215,12 +181,7 @@ impl Driver {
 
     /// Runs one session until it fails; returns why.
     async fn serve(&mut self, logged: LoggedIn) -> String {
-        let LoggedIn {
-            chan,
-            session,
-            key,
-            heartbeat_interval,
-        } = logged;
+        let LoggedIn { chan, session, key, heartbeat_interval } = logged;
         let session_token = self.token.child_token();
         let _stop_pool = session_token.clone().drop_guard();
         let routes = Routes::default();
@@ -233,13 +194,8 @@ impl Driver {
             self.config.local_timeout,
             session_token,
         );
-        let mut session = Session {
-            chan,
-            routes,
-            pool,
-            remote_host: self.config.remote.host.clone(),
-            heartbeat_interval,
-        };
+        let mut session =
+            Session { chan, routes, pool, remote_host: self.config.remote.host.clone(), heartbeat_interval };
         match self.session_loop(&mut session).await {
             Ok(reason) => reason,
             Err(err) => format!("control connection failed: {err}"),
@@ -249,18 +205,10 @@ impl Driver {
     async fn session_loop(&mut self, session: &mut Session) -> Result<String, ProtocolError> {
         for (key, wanted) in self.wanted.iter_mut() {
             wanted.server_id = None;
-            session
-                .chan
-                .send(&ClientMessage::Register {
-                    request: *key,
-                    spec: wanted.spec(),
-                })
-                .await?;
+            session.chan.send(&ClientMessage::Register { request: *key, spec: wanted.spec() }).await?;
         }
         let timeout = self.config.heartbeat_timeout;
-        let every = (timeout / 3)
-            .min(session.heartbeat_interval)
-            .max(Duration::from_millis(10));
+        let every = (timeout / 3).min(session.heartbeat_interval).max(Duration::from_millis(10));
         let mut ticker = tokio::time::interval(every);
         let mut last_heard = Instant::now();
         let mut ping_seq = 0;
@@ -290,40 +238,18 @@ impl Driver {
         }
     }
 
-    async fn apply_online(
-        &mut self,
-        command: Command,
-        session: &mut Session,
-    ) -> Result<(), ProtocolError> {
+    async fn apply_online(&mut self, command: Command, session: &mut Session) -> Result<(), ProtocolError> {
         match command {
-            Command::Add {
-                key,
-                config,
-                reply,
-                closed,
-            } => {
+            Command::Add { key, config, reply, closed } => {
                 let wanted = Wanted::new(config, reply, closed);
-                session
-                    .chan
-                    .send(&ClientMessage::Register {
-                        request: key,
-                        spec: wanted.spec(),
-                    })
-                    .await?;
+                session.chan.send(&ClientMessage::Register { request: key, spec: wanted.spec() }).await?;
                 self.wanted.insert(key, wanted);
             }
             Command::Remove { key } => {
                 if let Some(wanted) = self.wanted.remove(&key) {
                     if let Some(service) = wanted.server_id {
-                        session
-                            .routes
-                            .write()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&service);
-                        session
-                            .chan
-                            .send(&ClientMessage::Unregister { service })
-                            .await?;
+                        session.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&service);
+                        session.chan.send(&ClientMessage::Unregister { service }).await?;
                     }
                     info!(local = %wanted.config.local, "tunnel cancelled");
                     wanted.close(CloseReason::Cancelled);
@@ -339,25 +265,13 @@ impl Driver {
         session: &mut Session,
     ) -> Result<(), ProtocolError> {
         match message {
-            ServerMessage::Registered {
-                request,
-                service,
-                port,
-                host,
-            } => {
+            ServerMessage::Registered { request, service, port, host } => {
                 let Some(wanted) = self.wanted.get_mut(&request) else {
                     // Cancelled while the request was in flight.
-                    return session
-                        .chan
-                        .send(&ClientMessage::Unregister { service })
-                        .await;
+                    return session.chan.send(&ClientMessage::Unregister { service }).await;
                 };
                 if wanted.port.is_some_and(|old| old != port) {
-                    warn!(
-                        old = wanted.port,
-                        new = port,
-                        "the server gave a different public port"
-                    );
+                    warn!(old = wanted.port, new = port, "the server gave a different public port");
                 }
                 wanted.port = Some(port);
                 wanted.server_id = Some(service);
@@ -366,7 +280,7 @@ impl Driver {
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(service, wanted.config.local.clone());
-                let public = public_address(&session.remote_host, port, host.as_deref());
+                let public = public_address(&session.remote_host, port, host.as_deref(), wanted.config.kind);
                 info!(%public, local = %wanted.config.local, "tunnel open");
                 if let Some(reply) = wanted.reply.take() {
                     let _ = reply.send(Ok(Endpoint { port, host, public }));
@@ -379,16 +293,8 @@ impl Driver {
                 }
             }
             ServerMessage::ServiceClosed { service, message } => {
-                session
-                    .routes
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&service);
-                let key = self
-                    .wanted
-                    .iter()
-                    .find(|(_, w)| w.server_id == Some(service))
-                    .map(|(k, _)| *k);
+                session.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&service);
+                let key = self.wanted.iter().find(|(_, w)| w.server_id == Some(service)).map(|(k, _)| *k);
                 if let Some(wanted) = key.and_then(|k| self.wanted.remove(&k)) {
                     warn!(local = %wanted.config.local, %message, "tunnel closed by the server");
                     wanted.close(CloseReason::ByServer { message });
@@ -398,9 +304,7 @@ impl Driver {
             ServerMessage::Ping { seq } => session.chan.send(&ClientMessage::Pong { seq }).await?,
             ServerMessage::Pong { .. } => {}
             other => {
-                return Err(ProtocolError::Malformed(format!(
-                    "unexpected message after login: {other:?}"
-                )));
+                return Err(ProtocolError::Malformed(format!("unexpected message after login: {other:?}")));
             }
         }
         Ok(())

@@ -27,25 +27,13 @@ pub(crate) async fn login(
     let mut chan = ControlChannel::new(stream);
     let limit = config.remote_timeout;
     let (nonce, server_ephemeral) = match chan.recv_timeout::<ServerMessage>(limit).await? {
-        ServerMessage::Challenge {
-            nonce,
-            ephemeral_key,
-        } => (nonce, ephemeral_key),
+        ServerMessage::Challenge { nonce, ephemeral_key } => (nonce, ephemeral_key),
         other => return Err(unexpected(other)),
     };
-    let (login, key) = client_login(
-        &config.id,
-        &config.secret,
-        &nonce,
-        &server_ephemeral,
-        instance,
-    );
+    let (login, key) = client_login(&config.id, &config.secret, &nonce, &server_ephemeral, instance);
     chan.send(&login).await?;
     match chan.recv_timeout::<ServerMessage>(limit).await? {
-        ServerMessage::Welcome {
-            session,
-            heartbeat_interval_ms,
-        } => Ok(LoggedIn {
+        ServerMessage::Welcome { session, heartbeat_interval_ms } => Ok(LoggedIn {
             chan,
             session,
             key,

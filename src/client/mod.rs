@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::config::{ClientConfig, ServiceConfig};
+use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
 use crate::error::ClientError;
 use crate::proto::{CloseReason, RegisterError};
 use crate::transport::Connector;
@@ -80,17 +80,11 @@ impl Client {
     ///
     /// Fails if the server cannot be reached or refuses the login.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let connector = Connector::new(
-            config.remote.clone(),
-            &config.remote_trust,
-            config.remote_timeout,
-        )?;
+        let connector = Connector::new(config.remote.clone(), &config.remote_trust, config.remote_timeout)?;
         let instance = format!("{:032x}", rand::random::<u128>());
         let first = login::login(&connector, &config, &instance).await?;
         let (commands, inbox) = mpsc::unbounded_channel();
-        let (state_tx, state) = watch::channel(ClientState::Connected {
-            session: first.session,
-        });
+        let (state_tx, state) = watch::channel(ClientState::Connected { session: first.session });
         let token = CancellationToken::new();
         let driver = Driver::new(config, connector, instance, inbox, state_tx, token.clone());
         let driver = tokio::spawn(driver.run(first));
@@ -111,19 +105,9 @@ impl Client {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let (closed_tx, closed) = watch::channel(None);
-        let command = Command::Add {
-            key,
-            config: service,
-            reply,
-            closed: closed_tx,
-        };
-        self.commands
-            .send(command)
-            .map_err(|_| ClientError::Stopped)?;
-        let endpoint = answer
-            .await
-            .map_err(|_| ClientError::Stopped)?
-            .map_err(ClientError::Register)?;
+        let command = Command::Add { key, config: service, reply, closed: closed_tx };
+        self.commands.send(command).map_err(|_| ClientError::Stopped)?;
+        let endpoint = answer.await.map_err(|_| ClientError::Stopped)?.map_err(ClientError::Register)?;
         Ok(Registration {
             key,
             port: endpoint.port,
@@ -206,10 +190,11 @@ pub(crate) struct Endpoint {
     public: String,
 }
 
-/// How visitors reach a service: `host:port` for TCP, `http://host` for HTTP.
-fn public_address(remote_host: &str, port: u16, host: Option<&str>) -> String {
-    match host {
-        Some(host) => format!("http://{host}"),
-        None => join_host_port(remote_host, port),
+/// How visitors reach a service: `host:port` for TCP, `http://host` or `https://host` otherwise.
+fn public_address(remote_host: &str, port: u16, host: Option<&str>, kind: ServiceKind) -> String {
+    match (host, kind) {
+        (Some(host), ServiceKind::Https) => format!("https://{host}"),
+        (Some(host), _) => format!("http://{host}"),
+        (None, _) => join_host_port(remote_host, port),
     }
 }

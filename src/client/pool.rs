@@ -15,8 +15,7 @@ use tracing::{debug, warn, Instrument};
 use crate::auth::SessionKey;
 use crate::chunked::{relay_chunked, Status};
 use crate::proto::{
-    encode_frame, preamble, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError,
-    StreamStatus,
+    encode_frame, preamble, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
 };
 use crate::transport::{Connector, Stream};
 
@@ -134,12 +133,8 @@ impl DataPool {
             if below_target {
                 self.spawn_worker();
             }
-            let span =
-                tracing::info_span!("visitor", service = open.service, visitor = %open.visitor);
-            reusable = self
-                .serve_visitor(link, open.service, early)
-                .instrument(span)
-                .await;
+            let span = tracing::info_span!("visitor", service = open.service, visitor = %open.visitor);
+            reusable = self.serve_visitor(link, open.service, early).instrument(span).await;
             if reusable.is_none() {
                 return;
             }
@@ -149,11 +144,7 @@ impl DataPool {
     async fn open(&self) -> Result<Stream, ProtocolError> {
         let mut link = self.connector.connect().await?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let hello = DataHello {
-            session: self.session,
-            seq,
-            mac: self.key.data_mac(self.session, seq),
-        };
+        let hello = DataHello { session: self.session, seq, mac: self.key.data_mac(self.session, seq) };
         // Preamble and hello leave in one write.
         let mut first = preamble(LinkKind::Data).to_vec();
         encode_frame(&hello, &mut first)?;
@@ -177,13 +168,10 @@ impl DataPool {
         let local_addr = self.local_addr(service);
         let Some(local_addr) = local_addr else {
             warn!("visitor for an unknown service; closing");
-            let _ = link
-                .write_all(&[StreamStatus::LocalUnavailable as u8])
-                .await;
+            let _ = link.write_all(&[StreamStatus::LocalUnavailable as u8]).await;
             return None;
         };
-        let dialed =
-            tokio::time::timeout(self.local_timeout, TcpStream::connect(&local_addr)).await;
+        let dialed = tokio::time::timeout(self.local_timeout, TcpStream::connect(&local_addr)).await;
         let mut local = match dialed {
             Ok(Ok(local)) => local,
             Ok(Err(err)) => return refuse(link, &local_addr, &err.to_string()).await,
@@ -193,11 +181,7 @@ impl DataPool {
         // The ready byte leaves with the local service's first reply (or its end).
         match relay_chunked(&mut local, &mut link, Status::Send, early).await {
             Ok(relayed) => {
-                debug!(
-                    from_local = relayed.out,
-                    to_local = relayed.r#in,
-                    "visitor done"
-                );
+                debug!(from_local = relayed.out, to_local = relayed.r#in, "visitor done");
                 // Bytes read past the end marker belong to the next open message.
                 Some((link, relayed.leftover))
             }
@@ -221,9 +205,7 @@ async fn wait_for_visitor(
 
 async fn refuse(mut link: Stream, local_addr: &str, why: &str) -> Option<(Stream, BytesMut)> {
     warn!(local = %local_addr, error = %why, "local service unavailable; closing visitor");
-    let _ = link
-        .write_all(&[StreamStatus::LocalUnavailable as u8])
-        .await;
+    let _ = link.write_all(&[StreamStatus::LocalUnavailable as u8]).await;
     let _ = link.shutdown().await;
     None
 }

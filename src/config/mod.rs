@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub data_wait_timeout: Duration,
     /// A listener for HTTP visitors only (`--http-addr`); `addr` serves them too.
     pub http_addr: Option<SocketAddr>,
+    /// A listener for TLS visitors routed by server name and passed through (`--sni-addr`).
+    pub sni_addr: Option<SocketAddr>,
     /// The server's domain, e.g. `example.com`, to tell clients their full host names.
     pub domain: Option<String>,
     /// How many host names one user may hold at a time; `None` is no limit.
@@ -86,6 +88,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             data_wait_timeout: Duration::from_secs(10),
             http_addr: None,
+            sni_addr: None,
             domain: None,
             host_number: None,
             host_regex: Vec::new(),
@@ -100,12 +103,7 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Adds a user with a secret; a convenience for programs and tests.
     pub fn with_user(mut self, id: &str, secret: &str) -> Self {
-        self.users.insert(
-            id.to_owned(),
-            UserConfig {
-                secret: Secret::new(secret),
-            },
-        );
+        self.users.insert(id.to_owned(), UserConfig { secret: Secret::new(secret) });
         self
     }
 }
@@ -161,6 +159,8 @@ pub enum ServiceKind {
     Tcp,
     /// A virtual host on the server's HTTP port (`--local http://...`).
     Http,
+    /// A TLS service behind the server's SNI port, passed through encrypted (`--local https://...`).
+    Https,
 }
 
 /// One local service to expose.
@@ -201,10 +201,13 @@ impl ServiceConfig {
 
     /// An HTTP service for `local` (`host:port`), reached by host name on the server's HTTP port.
     pub fn http(local: &str) -> Self {
-        ServiceConfig {
-            kind: ServiceKind::Http,
-            ..ServiceConfig::tcp(local)
-        }
+        ServiceConfig { kind: ServiceKind::Http, ..ServiceConfig::tcp(local) }
+    }
+
+    /// A TLS service for `local` (`host:port`), reached through the server's SNI port; the
+    /// server relays the encrypted bytes and never holds the key.
+    pub fn https(local: &str) -> Self {
+        ServiceConfig { kind: ServiceKind::Https, ..ServiceConfig::tcp(local) }
     }
 
     /// Asks for a specific public port.

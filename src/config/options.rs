@@ -64,6 +64,10 @@ pub struct ServerOptions {
     /// A listener for HTTP visitors only; --addr serves HTTP visitors too.
     #[arg(long)]
     pub http_addr: Option<String>,
+    /// A listener for TLS visitors, routed by the server name of their ClientHello and
+    /// passed through encrypted to clients' https:// services.
+    #[arg(long)]
+    pub sni_addr: Option<String>,
     /// The server's domain (e.g. example.com), so clients are told their full host names.
     #[arg(long)]
     pub domain: Option<String>,
@@ -171,7 +175,8 @@ pub struct ClientOptions {
 #[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServiceOptions {
-    /// The local service: tcp://127.0.0.1:22 (or 127.0.0.1:22), or http://127.0.0.1:8080.
+    /// The local service: tcp://127.0.0.1:22 (or 127.0.0.1:22), http://127.0.0.1:8080 (a virtual
+    /// host on the server's HTTP port) or https://127.0.0.1:8443 (TLS passed through by SNI).
     #[arg(long)]
     pub local: Option<String>,
     /// Public port to ask the server for.
@@ -255,12 +260,7 @@ fn log_settings(
 impl ServerOptions {
     /// Logging settings with defaults applied.
     pub fn log_settings(&self) -> LogSettings {
-        log_settings(
-            &self.log_level,
-            &self.log_file,
-            self.log_file_max_size,
-            self.log_file_max_count,
-        )
+        log_settings(&self.log_level, &self.log_file, self.log_file_max_size, self.log_file_max_count)
     }
 
     /// Checks every value and builds the server configuration; errors name the key.
@@ -285,12 +285,7 @@ impl ServerOptions {
             ));
         }
         for (id, options) in self.users {
-            config.users.insert(
-                id,
-                UserConfig {
-                    secret: options.secret,
-                },
-            );
+            config.users.insert(id, UserConfig { secret: options.secret });
         }
         for (id, secret) in self.id.into_iter().zip(self.secret) {
             config.users.insert(id, UserConfig { secret });
@@ -301,8 +296,10 @@ impl ServerOptions {
         config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
         config.handshake_timeout = self.handshake_timeout.unwrap_or(config.handshake_timeout);
         if let Some(addr) = &self.http_addr {
-            config.http_addr =
-                Some(parse_listen_addr(addr).map_err(|e| format!("http-addr: {e}"))?);
+            config.http_addr = Some(parse_listen_addr(addr).map_err(|e| format!("http-addr: {e}"))?);
+        }
+        if let Some(addr) = &self.sni_addr {
+            config.sni_addr = Some(parse_listen_addr(addr).map_err(|e| format!("sni-addr: {e}"))?);
         }
         config.domain = self.domain;
         config.host_number = self.host_number;
@@ -315,9 +312,7 @@ impl ServerOptions {
             config.http_mux_header = header;
         }
         config.http_path_routing = self.http_path_routing.unwrap_or(false);
-        config.http_header_timeout = self
-            .http_header_timeout
-            .unwrap_or(config.http_header_timeout);
+        config.http_header_timeout = self.http_header_timeout.unwrap_or(config.http_header_timeout);
         Ok(config)
     }
 }
@@ -325,35 +320,25 @@ impl ServerOptions {
 impl ClientOptions {
     /// Logging settings with defaults applied.
     pub fn log_settings(&self) -> LogSettings {
-        log_settings(
-            &self.log_level,
-            &self.log_file,
-            self.log_file_max_size,
-            self.log_file_max_count,
-        )
+        log_settings(&self.log_level, &self.log_file, self.log_file_max_size, self.log_file_max_count)
     }
 
     /// Checks every value and builds the client and service configurations; errors name the key.
     pub fn into_config(self) -> Result<(ClientConfig, Vec<ServiceConfig>), String> {
-        let remote = self
-            .remote
-            .ok_or("remote: missing (e.g. --remote tcp://example.com:7000)")?;
+        let remote = self.remote.ok_or("remote: missing (e.g. --remote tcp://example.com:7000)")?;
         let remote = RemoteAddr::parse(&remote).map_err(|e| format!("remote: {e}"))?;
         let id = self.id.ok_or("id: missing")?;
         let secret = self.secret.ok_or("secret: missing (or set FERRY_SECRET)")?;
         let mut config = ClientConfig::new(remote, &id, secret.expose());
         config.remote_trust = match (self.remote_cert, self.remote_cert_insecure.unwrap_or(false)) {
-            (Some(_), true) => {
-                return Err("remote-cert-insecure: cannot be combined with remote-cert".into())
-            }
+            (Some(_), true) => return Err("remote-cert-insecure: cannot be combined with remote-cert".into()),
             (Some(path), false) => RemoteTrust::CaFile(path),
             (None, true) => RemoteTrust::Insecure,
             (None, false) => RemoteTrust::System,
         };
         config.remote_timeout = self.remote_timeout.unwrap_or(config.remote_timeout);
-        config.remote_idle_connections = self
-            .remote_idle_connections
-            .unwrap_or(config.remote_idle_connections);
+        config.remote_idle_connections =
+            self.remote_idle_connections.unwrap_or(config.remote_idle_connections);
         config.reconnect_delay = self.reconnect_delay.unwrap_or(config.reconnect_delay);
         config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
         config.local_timeout = self.local_timeout.unwrap_or(config.local_timeout);
@@ -374,9 +359,10 @@ impl ServiceOptions {
         let (kind, address) = match local.split_once("://") {
             Some(("tcp", rest)) => (ServiceKind::Tcp, rest),
             Some(("http", rest)) => (ServiceKind::Http, rest),
+            Some(("https", rest)) => (ServiceKind::Https, rest),
             Some((scheme, _)) => {
                 return Err(format!(
-                    "local: scheme '{scheme}' is not supported (use tcp:// or http://)"
+                    "local: scheme '{scheme}' is not supported (use tcp://, http:// or https://)"
                 ))
             }
             None => (ServiceKind::Tcp, local.as_str()),
@@ -385,20 +371,18 @@ impl ServiceOptions {
         let address = match (kind, address.contains(':')) {
             (_, true) => address,
             (ServiceKind::Http, false) => format!("{address}:80"),
+            (ServiceKind::Https, false) => format!("{address}:443"),
             (ServiceKind::Tcp, false) => {
-                return Err(format!(
-                    "local: '{local}' needs a port, e.g. tcp://127.0.0.1:22"
-                ))
+                return Err(format!("local: '{local}' needs a port, e.g. tcp://127.0.0.1:22"))
             }
         };
-        if kind == ServiceKind::Http
-            && (self.remote_tcp_port.is_some() || self.proxy_protocol.is_some())
-        {
+        if kind != ServiceKind::Tcp && (self.remote_tcp_port.is_some() || self.proxy_protocol.is_some()) {
             return Err("remote-tcp-port and proxy-protocol are for tcp:// services".into());
         }
-        if kind == ServiceKind::Tcp
-            && (self.host_prefix.is_some() || self.use_local_as_http_host.is_some())
-        {
+        if kind == ServiceKind::Https && self.use_local_as_http_host.is_some() {
+            return Err("use-local-as-http-host is for http:// services".into());
+        }
+        if kind == ServiceKind::Tcp && (self.host_prefix.is_some() || self.use_local_as_http_host.is_some()) {
             return Err("host-prefix and use-local-as-http-host are for http:// services".into());
         }
         Ok(ServiceConfig {

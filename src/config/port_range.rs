@@ -40,19 +40,13 @@ impl PortRange {
 impl FromStr for PortRange {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let parse = |p: &str| {
-            p.trim()
-                .parse::<u16>()
-                .map_err(|_| format!("bad port '{p}' in range '{s}'"))
-        };
+        let parse = |p: &str| p.trim().parse::<u16>().map_err(|_| format!("bad port '{p}' in range '{s}'"));
         let (start, end) = match s.split_once('-') {
             Some((a, b)) => (parse(a)?, parse(b)?),
             None => (parse(s)?, parse(s)?),
         };
         if start == 0 || start > end {
-            return Err(format!(
-                "bad range '{s}': expected start-end with 1 <= start <= end"
-            ));
+            return Err(format!("bad range '{s}': expected start-end with 1 <= start <= end"));
         }
         Ok(PortRange { start, end })
     }

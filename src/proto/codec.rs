@@ -54,10 +54,7 @@ impl ProtocolError {
 }
 
 fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_length(4)
-        .max_frame_length(MAX_FRAME_LEN)
-        .new_codec()
+    LengthDelimitedCodec::builder().length_field_length(4).max_frame_length(MAX_FRAME_LEN).new_codec()
 }
 
 /// A control connection: typed messages in both directions over any byte stream.
@@ -68,28 +65,20 @@ pub struct ControlChannel<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> ControlChannel<S> {
     /// Wraps a stream whose preamble has already been exchanged.
     pub fn new(stream: S) -> Self {
-        Self {
-            framed: Framed::new(stream, codec()),
-        }
+        Self { framed: Framed::new(stream, codec()) }
     }
 
     /// Wraps a stream of which `read` bytes were already read (they are parsed first).
     pub fn with_buffer(stream: S, read: BytesMut) -> Self {
         let mut parts = FramedParts::new::<bytes::Bytes>(stream, codec());
         parts.read_buf = read;
-        Self {
-            framed: Framed::from_parts(parts),
-        }
+        Self { framed: Framed::from_parts(parts) }
     }
 
     /// Encodes and sends one message.
     pub async fn send<M: Serialize>(&mut self, message: &M) -> Result<(), ProtocolError> {
-        let body =
-            serde_json::to_vec(message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-        self.framed
-            .send(bytes::Bytes::from(body))
-            .await
-            .map_err(ProtocolError::from_codec)
+        let body = serde_json::to_vec(message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        self.framed.send(bytes::Bytes::from(body)).await.map_err(ProtocolError::from_codec)
     }
 
     /// Receives one message; a clean close is [`ProtocolError::Closed`].
@@ -102,13 +91,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ControlChannel<S> {
     }
 
     /// Like [`recv`](Self::recv), but gives up after `limit`.
-    pub async fn recv_timeout<M: DeserializeOwned>(
-        &mut self,
-        limit: Duration,
-    ) -> Result<M, ProtocolError> {
-        tokio::time::timeout(limit, self.recv())
-            .await
-            .map_err(|_| ProtocolError::Timeout(limit))?
+    pub async fn recv_timeout<M: DeserializeOwned>(&mut self, limit: Duration) -> Result<M, ProtocolError> {
+        tokio::time::timeout(limit, self.recv()).await.map_err(|_| ProtocolError::Timeout(limit))?
     }
 }
 
@@ -131,8 +115,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin, M: Serialize>(
 pub fn encode_frame<M: Serialize>(message: &M, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    serde_json::to_writer(&mut *out, message)
-        .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    serde_json::to_writer(&mut *out, message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
     let len = out.len() - start - 4;
     if len > MAX_FRAME_LEN {
         return Err(ProtocolError::FrameTooLarge(len));
@@ -226,9 +209,7 @@ mod tests {
     async fn oversized_length_is_refused_before_allocation() {
         let mut bytes = (u32::MAX).to_be_bytes().to_vec();
         bytes.extend_from_slice(b"xx");
-        let err = read_frame::<_, OpenStream>(&mut bytes.as_slice())
-            .await
-            .unwrap_err();
+        let err = read_frame::<_, OpenStream>(&mut bytes.as_slice()).await.unwrap_err();
         assert!(matches!(err, ProtocolError::FrameTooLarge(_)));
 
         let (a, mut b) = tokio::io::duplex(64);
@@ -241,25 +222,18 @@ mod tests {
     async fn truncated_and_garbage_frames_are_errors() {
         let mut truncated = 10u32.to_be_bytes().to_vec();
         truncated.extend_from_slice(b"{\"a\"");
-        let err = read_frame::<_, OpenStream>(&mut truncated.as_slice())
-            .await
-            .unwrap_err();
+        let err = read_frame::<_, OpenStream>(&mut truncated.as_slice()).await.unwrap_err();
         assert!(matches!(err, ProtocolError::Closed));
 
         let mut garbage = 4u32.to_be_bytes().to_vec();
         garbage.extend_from_slice(b"\xff\x00\x01\x02");
-        let err = read_frame::<_, OpenStream>(&mut garbage.as_slice())
-            .await
-            .unwrap_err();
+        let err = read_frame::<_, OpenStream>(&mut garbage.as_slice()).await.unwrap_err();
         assert!(matches!(err, ProtocolError::Malformed(_)));
     }
 
     #[tokio::test]
     async fn read_frame_leaves_following_bytes() {
-        let open = OpenStream {
-            service: 7,
-            visitor: "127.0.0.1:9".parse().unwrap(),
-        };
+        let open = OpenStream { service: 7, visitor: "127.0.0.1:9".parse().unwrap() };
         let mut bytes = Vec::new();
         write_frame(&mut bytes, &open).await.unwrap();
         bytes.extend_from_slice(b"raw");

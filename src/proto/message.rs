@@ -30,6 +30,14 @@ pub enum ServiceSpec {
         #[serde(default)]
         local_host: Option<String>,
     },
+    /// A TLS service reached through the server's `sni-addr`, routed by the ClientHello's
+    /// server name; the bytes pass through encrypted.
+    Https {
+        /// Name of the service, for logs and discovery.
+        name: String,
+        /// Host prefix asked for; `None` routes the client's id itself.
+        prefix: Option<String>,
+    },
 }
 
 /// Which PROXY protocol header announces a visitor to a TCP service.
@@ -48,9 +56,7 @@ impl std::str::FromStr for ProxyProtocol {
         match s {
             "v1" | "1" => Ok(ProxyProtocol::V1),
             "v2" | "2" => Ok(ProxyProtocol::V2),
-            other => Err(format!(
-                "'{other}' is not a PROXY protocol version (use v1 or v2)"
-            )),
+            other => Err(format!("'{other}' is not a PROXY protocol version (use v1 or v2)")),
         }
     }
 }

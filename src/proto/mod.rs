@@ -11,8 +11,7 @@ mod preamble;
 
 pub(crate) use codec::fill_to;
 pub use codec::{
-    encode_frame, read_frame, read_frame_buffered, write_frame, ControlChannel, ProtocolError,
-    MAX_FRAME_LEN,
+    encode_frame, read_frame, read_frame_buffered, write_frame, ControlChannel, ProtocolError, MAX_FRAME_LEN,
 };
 pub use message::{
     ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, ProxyProtocol, RegisterError,

@@ -72,9 +72,7 @@ pub async fn read_preamble_buffered<R: AsyncRead + Unpin>(
 }
 
 /// Reads and checks a preamble; a foreign version is reported, not guessed at.
-pub async fn read_preamble<R: AsyncRead + Unpin>(
-    reader: &mut R,
-) -> Result<LinkKind, ProtocolError> {
+pub async fn read_preamble<R: AsyncRead + Unpin>(reader: &mut R) -> Result<LinkKind, ProtocolError> {
     let mut bytes = [0u8; PREAMBLE_LEN];
     reader.read_exact(&mut bytes).await?;
     parse_preamble(&bytes)
@@ -86,10 +84,7 @@ fn parse_preamble(bytes: &[u8; PREAMBLE_LEN]) -> Result<LinkKind, ProtocolError>
     }
     let version = u16::from_be_bytes([bytes[5], bytes[6]]);
     if version != PROTOCOL_VERSION {
-        return Err(ProtocolError::VersionMismatch {
-            peer: version,
-            ours: PROTOCOL_VERSION,
-        });
+        return Err(ProtocolError::VersionMismatch { peer: version, ours: PROTOCOL_VERSION });
     }
     LinkKind::from_byte(bytes[7]).ok_or(ProtocolError::Malformed("unknown link kind".into()))
 }
@@ -102,24 +97,15 @@ mod tests {
     async fn round_trip_and_rejections() {
         let mut buf = Vec::new();
         write_preamble(&mut buf, LinkKind::Data).await.unwrap();
-        assert_eq!(
-            read_preamble(&mut buf.as_slice()).await.unwrap(),
-            LinkKind::Data
-        );
+        assert_eq!(read_preamble(&mut buf.as_slice()).await.unwrap(), LinkKind::Data);
 
         let http = *b"GET / HT";
-        assert!(matches!(
-            parse_preamble(&http),
-            Err(ProtocolError::NotFerry)
-        ));
+        assert!(matches!(parse_preamble(&http), Err(ProtocolError::NotFerry)));
 
         let mut future = buf.clone();
         future[6] = 9;
         let err = read_preamble(&mut future.as_slice()).await.unwrap_err();
-        assert!(matches!(
-            err,
-            ProtocolError::VersionMismatch { peer: 9, ours: 1 }
-        ));
+        assert!(matches!(err, ProtocolError::VersionMismatch { peer: 9, ours: 1 }));
 
         let mut bad_kind = buf.clone();
         bad_kind[7] = b'?';

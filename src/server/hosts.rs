@@ -60,10 +60,7 @@ impl Hosts {
             .iter()
             .map(|p| Regex::new(p).map_err(|e| format!("host-regex '{p}': {e}")))
             .collect::<Result<_, _>>()?;
-        Ok(Hosts {
-            table: Mutex::default(),
-            patterns,
-        })
+        Ok(Hosts { table: Mutex::default(), patterns })
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -80,10 +77,8 @@ impl Hosts {
         let Some(prefix) = prefix else {
             return Ok(user.to_ascii_lowercase());
         };
-        let refuse = |why: &str| RegisterError::HostNotAllowed {
-            prefix: prefix.to_owned(),
-            why: why.to_owned(),
-        };
+        let refuse =
+            |why: &str| RegisterError::HostNotAllowed { prefix: prefix.to_owned(), why: why.to_owned() };
         if !is_label(prefix) {
             return Err(refuse(": use letters, digits and '-', at most 63"));
         }
@@ -91,11 +86,7 @@ impl Hosts {
             return Err(refuse(": it matches no host-regex of the server"));
         }
         let prefix = prefix.to_ascii_lowercase();
-        Ok(if config.host_with_id {
-            format!("{}-{prefix}", user.to_ascii_lowercase())
-        } else {
-            prefix
-        })
+        Ok(if config.host_with_id { format!("{}-{prefix}", user.to_ascii_lowercase()) } else { prefix })
     }
 
     /// Records `key` for a service of `session`, within the server's host-number.
@@ -109,26 +100,16 @@ impl Hosts {
         let pending_release = {
             let mut table = self.lock();
             if let Some(limit) = config.host_number {
-                let held = table
-                    .routes
-                    .values()
-                    .filter(|r| r.session.user == user)
-                    .count();
+                let held = table.routes.values().filter(|r| r.session.user == user).count();
                 if held >= limit as usize {
                     return Err(RegisterError::HostLimit { limit });
                 }
             }
             match table.routes.get(key) {
-                Some(owner)
-                    if owner.session.closing.is_cancelled() && owner.session.user == user =>
-                {
+                Some(owner) if owner.session.closing.is_cancelled() && owner.session.user == user => {
                     Some(owner.session.released.clone())
                 }
-                Some(_) => {
-                    return Err(RegisterError::HostTaken {
-                        host: key.to_owned(),
-                    })
-                }
+                Some(_) => return Err(RegisterError::HostTaken { host: key.to_owned() }),
                 None => {
                     table.offline.remove(key);
                     table.routes.insert(key.to_owned(), route);
@@ -141,9 +122,7 @@ impl Hosts {
         }
         let mut table = self.lock();
         if table.routes.contains_key(key) {
-            return Err(RegisterError::HostTaken {
-                host: key.to_owned(),
-            });
+            return Err(RegisterError::HostTaken { host: key.to_owned() });
         }
         table.offline.remove(key);
         table.routes.insert(key.to_owned(), route);
@@ -180,13 +159,8 @@ impl Hosts {
         prefix: Option<&str>,
     ) -> Option<(HostRoute, usize)> {
         let table = self.lock();
-        let owned_by = |key: &str| {
-            table
-                .routes
-                .get(key)
-                .filter(|r| r.session.user.eq_ignore_ascii_case(id))
-                .cloned()
-        };
+        let owned_by =
+            |key: &str| table.routes.get(key).filter(|r| r.session.user.eq_ignore_ascii_case(id)).cloned();
         if let Some(prefix) = prefix.filter(|p| is_label(p)) {
             let prefix = prefix.to_ascii_lowercase();
             let key = if config.host_with_id {
@@ -194,17 +168,13 @@ impl Hosts {
             } else {
                 prefix.clone()
             };
-            if let Some(route) = owned_by(&key).filter(|r| {
-                r.prefix
-                    .as_deref()
-                    .is_some_and(|p| p.eq_ignore_ascii_case(&prefix))
-            }) {
+            if let Some(route) = owned_by(&key)
+                .filter(|r| r.prefix.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(&prefix)))
+            {
                 return Some((route, 2));
             }
         }
-        owned_by(&id.to_ascii_lowercase())
-            .filter(|r| r.prefix.is_none())
-            .map(|route| (route, 1))
+        owned_by(&id.to_ascii_lowercase()).filter(|r| r.prefix.is_none()).map(|route| (route, 1))
     }
 }
 
@@ -223,32 +193,21 @@ mod tests {
     #[test]
     fn labels() {
         assert!(is_label("web-1"));
-        assert!(
-            !is_label("-web") && !is_label("a.b") && !is_label("") && !is_label(&"a".repeat(64))
-        );
+        assert!(!is_label("-web") && !is_label("a.b") && !is_label("") && !is_label(&"a".repeat(64)));
     }
 
     #[test]
     fn keys_follow_the_rules() {
-        let mut config = ServerConfig {
-            host_regex: vec!["^[a-z]+$".into()],
-            ..ServerConfig::default()
-        };
+        let mut config = ServerConfig { host_regex: vec!["^[a-z]+$".into()], ..ServerConfig::default() };
         let hosts = Hosts::new(&config).unwrap();
         assert_eq!(hosts.key_for(&config, "Id1", None).unwrap(), "id1");
         assert_eq!(
-            hosts
-                .key_for(&config, "id1", Some("Web"))
-                .err()
-                .map(|e| e.to_string()),
+            hosts.key_for(&config, "id1", Some("Web")).err().map(|e| e.to_string()),
             Some("host prefix 'Web' is not allowed: it matches no host-regex of the server".into())
         );
         assert_eq!(hosts.key_for(&config, "id1", Some("web")).unwrap(), "web");
         config.host_with_id = true;
-        assert_eq!(
-            hosts.key_for(&config, "id1", Some("web")).unwrap(),
-            "id1-web"
-        );
+        assert_eq!(hosts.key_for(&config, "id1", Some("web")).unwrap(), "id1-web");
         assert!(hosts.key_for(&config, "id1", Some("a.b")).is_err());
     }
 }

@@ -13,6 +13,7 @@ use tracing::{debug, info, Instrument};
 
 use super::hosts::{HostRoute, Lookup};
 use super::session::SessionShared;
+use super::sni::sni_key;
 use super::visit::{relay_visitor, take_data};
 use super::ServerShared;
 use crate::proto::{OpenStream, RegisterError};
@@ -31,18 +32,17 @@ pub(crate) async fn open_host(
     service: u32,
     prefix: Option<String>,
     local_host: Option<String>,
+    tls_passthrough: bool,
 ) -> Result<(u16, Option<String>), RegisterError> {
-    let key = shared
-        .hosts
-        .key_for(&shared.config, &session.user, prefix.as_deref())?;
+    if tls_passthrough && shared.config.sni_addr.is_none() {
+        return Err(RegisterError::Other {
+            message: "the server has no sni-addr for https:// services".into(),
+        });
+    }
+    let host_key = shared.hosts.key_for(&shared.config, &session.user, prefix.as_deref())?;
+    let key = if tls_passthrough { sni_key(&host_key) } else { host_key.clone() };
     let token = session.open_tunnel(service);
-    let route = HostRoute {
-        session: session.clone(),
-        service,
-        token: token.clone(),
-        local_host,
-        prefix,
-    };
+    let route = HostRoute { session: session.clone(), service, token: token.clone(), local_host, prefix };
     if let Err(error) = shared.hosts.reserve(&shared.config, &key, route).await {
         session.forget_tunnel(service);
         return Err(error);
@@ -55,8 +55,8 @@ pub(crate) async fn open_host(
         info!(host = %name, "http host closed");
     });
     let host = match &shared.config.domain {
-        Some(domain) => format!("{key}.{domain}"),
-        None => key,
+        Some(domain) => format!("{host_key}.{domain}"),
+        None => host_key,
     };
     Ok((0, Some(host)))
 }
@@ -85,13 +85,7 @@ pub(crate) async fn serve_visitor(
         Err(_) => return debug!(%peer, "request head not complete in time; closing"),
         Ok(Err(HeadError::Closed)) => return,
         Ok(Err(HeadError::TooLarge)) => {
-            return respond(
-                &mut visitor,
-                400,
-                "Bad Request",
-                "The request head is larger than 64 KiB.",
-            )
-            .await
+            return respond(&mut visitor, 400, "Bad Request", "The request head is larger than 64 KiB.").await
         }
         Ok(Ok(len)) => len,
     };
@@ -101,35 +95,18 @@ pub(crate) async fn serve_visitor(
     };
     let (route, path) = match find_route(&shared, &head) {
         Ok(found) => found,
-        Err((status, reason, message)) => {
-            return respond(&mut visitor, status, reason, &message).await
-        }
+        Err((status, reason, message)) => return respond(&mut visitor, status, reason, &message).await,
     };
     drop(handshake);
     let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
-        let message = format!(
-            "The client serving '{}' has no free connection.",
-            head.route_host
-        );
+        let message = format!("The client serving '{}' has no free connection.", head.route_host);
         return respond(&mut visitor, 502, "Bad Gateway", &message).await;
     };
     let mut early = rewrite_head(&head, &route, path.as_deref(), peer, scheme);
     early.extend_from_slice(&read[head_len..]);
-    let open = OpenStream {
-        service: route.service,
-        visitor: peer,
-    };
+    let open = OpenStream { service: route.service, visitor: peer };
     let span = tracing::debug_span!("http visitor", %peer, host = %head.route_host);
-    relay_visitor(
-        &route.session,
-        data,
-        &mut visitor,
-        &open,
-        &early,
-        &route.token,
-    )
-    .instrument(span)
-    .await;
+    relay_visitor(&route.session, data, &mut visitor, &open, &early, &route.token).instrument(span).await;
 }
 
 enum HeadError {
@@ -143,11 +120,7 @@ async fn read_head(visitor: &mut Stream, read: &mut BytesMut) -> Result<usize, H
     loop {
         if let Some(at) = read[searched..].windows(4).position(|w| w == b"\r\n\r\n") {
             let len = searched + at + 4;
-            return if len > MAX_HEAD {
-                Err(HeadError::TooLarge)
-            } else {
-                Ok(len)
-            };
+            return if len > MAX_HEAD { Err(HeadError::TooLarge) } else { Ok(len) };
         }
         if read.len() > MAX_HEAD {
             return Err(HeadError::TooLarge);
@@ -169,27 +142,18 @@ fn parse_head(bytes: &[u8], mux_header: &str) -> Result<Head, String> {
         Ok(httparse::Status::Partial) => return Err("The request head is incomplete.".into()),
         Err(err) => return Err(format!("The request head is malformed: {err}.")),
     }
-    let (Some(method), Some(path), Some(minor_version)) =
-        (request.method, request.path, request.version)
+    let (Some(method), Some(path), Some(minor_version)) = (request.method, request.path, request.version)
     else {
         return Err("The request line is incomplete.".into());
     };
-    let headers: Vec<(String, Vec<u8>)> = request
-        .headers
-        .iter()
-        .map(|h| (h.name.to_owned(), h.value.to_vec()))
-        .collect();
+    let headers: Vec<(String, Vec<u8>)> =
+        request.headers.iter().map(|h| (h.name.to_owned(), h.value.to_vec())).collect();
     // Route and authorise from the same parsed value: exactly one routing header.
-    let mut values = headers
-        .iter()
-        .filter(|(name, _)| name.eq_ignore_ascii_case(mux_header));
+    let mut values = headers.iter().filter(|(name, _)| name.eq_ignore_ascii_case(mux_header));
     let (Some((_, value)), None) = (values.next(), values.next()) else {
-        return Err(format!(
-            "The request needs exactly one {mux_header} header."
-        ));
+        return Err(format!("The request needs exactly one {mux_header} header."));
     };
-    let value =
-        std::str::from_utf8(value).map_err(|_| format!("The {mux_header} header is not text."))?;
+    let value = std::str::from_utf8(value).map_err(|_| format!("The {mux_header} header is not text."))?;
     Ok(Head {
         method: method.to_owned(),
         path: path.to_owned(),
@@ -213,11 +177,7 @@ type Refusal = (u16, &'static str, String);
 /// Finds the service for a request: by the first label of its host, else (when enabled) by path.
 fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<String>), Refusal> {
     let label = head.route_host.split('.').next().unwrap_or_default();
-    let known_user = shared
-        .config
-        .users
-        .keys()
-        .any(|id| id.eq_ignore_ascii_case(label));
+    let known_user = shared.config.users.keys().any(|id| id.eq_ignore_ascii_case(label));
     let lookup = shared.hosts.lookup(label, known_user);
     if let Lookup::Online(route) = lookup {
         return Ok((route, None));
@@ -228,33 +188,21 @@ fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<S
         }
     }
     match lookup {
-        Lookup::Offline => Err((
-            502,
-            "Bad Gateway",
-            format!("The client serving '{}' is offline.", head.route_host),
-        )),
-        _ => Err((
-            404,
-            "Not Found",
-            format!("No tunnel serves the host '{}'.", head.route_host),
-        )),
+        Lookup::Offline => {
+            Err((502, "Bad Gateway", format!("The client serving '{}' is offline.", head.route_host)))
+        }
+        _ => Err((404, "Not Found", format!("No tunnel serves the host '{}'.", head.route_host))),
     }
 }
 
 /// `/ID/PREFIX/rest` or `/ID/rest` → the route and the path `/rest` (query kept).
 fn route_by_path(shared: &ServerShared, path: &str) -> Option<(HostRoute, Option<String>)> {
-    let (path_only, query) = path
-        .split_once('?')
-        .map_or((path, None), |(p, q)| (p, Some(q)));
+    let (path_only, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
     let mut segments = path_only.strip_prefix('/')?.split('/');
     let id = segments.next().filter(|s| !s.is_empty())?;
     let second = segments.next();
     let (route, used) = shared.hosts.lookup_path(&shared.config, id, second)?;
-    let rest: Vec<&str> = path_only
-        .trim_start_matches('/')
-        .split('/')
-        .skip(used)
-        .collect();
+    let rest: Vec<&str> = path_only.trim_start_matches('/').split('/').skip(used).collect();
     let mut new_path = format!("/{}", rest.join("/"));
     if let Some(query) = query {
         new_path.push('?');
@@ -273,9 +221,7 @@ fn rewrite_head(
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     let path = path.unwrap_or(&head.path);
-    out.extend_from_slice(
-        format!("{} {path} HTTP/1.{}\r\n", head.method, head.minor_version).as_bytes(),
-    );
+    out.extend_from_slice(format!("{} {path} HTTP/1.{}\r\n", head.method, head.minor_version).as_bytes());
     let mut forwarded_for: Vec<u8> = Vec::new();
     let mut original_host: Option<&[u8]> = None;
     for (name, value) in &head.headers {
@@ -285,9 +231,7 @@ fn rewrite_head(
             continue;
         }
         // Ours replace whatever the visitor claimed.
-        if name.eq_ignore_ascii_case("x-forwarded-proto")
-            || name.eq_ignore_ascii_case("x-forwarded-host")
-        {
+        if name.eq_ignore_ascii_case("x-forwarded-proto") || name.eq_ignore_ascii_case("x-forwarded-host") {
             continue;
         }
         let value: &[u8] = if name.eq_ignore_ascii_case("host") {
@@ -301,11 +245,7 @@ fn rewrite_head(
     forwarded_for.extend_from_slice(peer.ip().to_canonical().to_string().as_bytes());
     push_header(&mut out, b"X-Forwarded-For", &forwarded_for);
     push_header(&mut out, b"X-Forwarded-Proto", scheme.as_bytes());
-    push_header(
-        &mut out,
-        b"X-Forwarded-Host",
-        original_host.unwrap_or(head.route_host.as_bytes()),
-    );
+    push_header(&mut out, b"X-Forwarded-Host", original_host.unwrap_or(head.route_host.as_bytes()));
     out.extend_from_slice(b"\r\n");
     out
 }
@@ -354,16 +294,9 @@ mod tests {
 
     #[test]
     fn heads_parse_and_refuse() {
-        let head = parse_head(
-            b"GET /a HTTP/1.1\r\nHost: Web.Example.com:8080\r\n\r\n",
-            "Host",
-        )
-        .unwrap();
+        let head = parse_head(b"GET /a HTTP/1.1\r\nHost: Web.Example.com:8080\r\n\r\n", "Host").unwrap();
         assert_eq!(head.route_host, "web.example.com");
-        assert_eq!(
-            (head.method.as_str(), head.path.as_str(), head.minor_version),
-            ("GET", "/a", 1)
-        );
+        assert_eq!((head.method.as_str(), head.path.as_str(), head.minor_version), ("GET", "/a", 1));
         let twice = parse_head(b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", "Host");
         assert!(twice.is_err());
         assert!(parse_head(b"GET / HTTP/1.1\r\n\r\n", "Host").is_err());
@@ -377,9 +310,6 @@ mod tests {
         assert_eq!(strip_port("a.b:80"), "a.b");
         assert_eq!(strip_port("[::1]:80"), "::1");
         assert_eq!(strip_port("a.b"), "a.b");
-        assert_eq!(
-            escape_html("<script>&'\""),
-            "&lt;script&gt;&amp;&#39;&quot;"
-        );
+        assert_eq!(escape_html("<script>&'\""), "&lt;script&gt;&amp;&#39;&quot;");
     }
 }

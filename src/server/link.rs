@@ -11,8 +11,8 @@ use tracing::{debug, warn};
 
 use super::{http, session, ServerShared};
 use crate::proto::{
-    fill_to, read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello,
-    LinkKind, LoginRefusal, ProtocolError, ServerMessage, MAGIC,
+    fill_to, read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello, LinkKind,
+    LoginRefusal, ProtocolError, ServerMessage, MAGIC,
 };
 use crate::transport::Stream;
 
@@ -92,28 +92,16 @@ async fn open_link(
 /// Drops a link whose preamble was wrong; a ferry of another version is told why first.
 async fn refuse_link(stream: Option<Stream>, err: ProtocolError, peer: SocketAddr) {
     debug!(%peer, %err, "link refused");
-    if let (Some(mut stream), ProtocolError::VersionMismatch { peer: client, ours }) = (stream, err)
-    {
-        let refusal = LoginRefusal::VersionMismatch {
-            server: ours,
-            client,
-        };
+    if let (Some(mut stream), ProtocolError::VersionMismatch { peer: client, ours }) = (stream, err) {
+        let refusal = LoginRefusal::VersionMismatch { server: ours, client };
         let _ = write_frame(&mut stream, &ServerMessage::LoginRefused { refusal }).await;
     }
 }
 
 /// Checks a data connection's hello and parks it in its session's pool.
-async fn attach_data(
-    shared: &ServerShared,
-    mut stream: Stream,
-    mut read: BytesMut,
-    peer: SocketAddr,
-) {
+async fn attach_data(shared: &ServerShared, mut stream: Stream, mut read: BytesMut, peer: SocketAddr) {
     let limit = shared.config.handshake_timeout;
-    let hello = tokio::time::timeout(
-        limit,
-        read_frame_buffered::<_, DataHello>(&mut stream, &mut read),
-    );
+    let hello = tokio::time::timeout(limit, read_frame_buffered::<_, DataHello>(&mut stream, &mut read));
     let hello = match hello.await {
         Ok(Ok(hello)) => hello,
         Ok(Err(err)) => return debug!(%peer, %err, "bad data hello"),
@@ -129,9 +117,6 @@ async fn attach_data(
         return warn!(%peer, session = hello.session, "data connection refused: bad or replayed proof");
     }
     if !session.pool.push(stream) {
-        debug!(
-            session = session.id,
-            "data pool full; closing extra connection"
-        );
+        debug!(session = session.id, "data pool full; closing extra connection");
     }
 }

@@ -11,6 +11,7 @@ mod pool;
 mod proxy_header;
 mod registry;
 mod session;
+mod sni;
 mod tcp;
 mod visit;
 
@@ -77,8 +78,19 @@ struct Listener {
     key: &'static str,
     /// TLS is terminated here (clients over TLS, HTTPS visitors).
     tls: Option<TlsAcceptor>,
-    /// Only HTTP visitors (`http-addr`); other listeners tell clients from visitors by their first bytes.
-    http_only: bool,
+    /// Who connects here.
+    serves: Serves,
+}
+
+/// What a listener serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Serves {
+    /// Clients and HTTP visitors, told apart by their first bytes (`addr`, `tls-addr`).
+    ClientsAndVisitors,
+    /// HTTP visitors only (`http-addr`).
+    HttpVisitors,
+    /// TLS visitors routed by server name and passed through (`sni-addr`).
+    TlsVisitors,
 }
 
 impl Server {
@@ -89,13 +101,11 @@ impl Server {
             socket: bind(config.addr, "addr").await?,
             key: "addr",
             tls: None,
-            http_only: false,
+            serves: Serves::ClientsAndVisitors,
         }];
         if let Some(addr) = config.tls_addr {
             let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
-                return Err(ServerError::Config(
-                    "tls-addr needs cert-file and key-file".into(),
-                ));
+                return Err(ServerError::Config("tls-addr needs cert-file and key-file".into()));
             };
             let acceptor = server_tls_acceptor(cert, key)?;
             let socket = bind(addr, "tls-addr").await?;
@@ -103,17 +113,16 @@ impl Server {
                 socket,
                 key: "tls-addr",
                 tls: Some(acceptor),
-                http_only: false,
+                serves: Serves::ClientsAndVisitors,
             });
         }
         if let Some(addr) = config.http_addr {
             let socket = bind(addr, "http-addr").await?;
-            listeners.push(Listener {
-                socket,
-                key: "http-addr",
-                tls: None,
-                http_only: true,
-            });
+            listeners.push(Listener { socket, key: "http-addr", tls: None, serves: Serves::HttpVisitors });
+        }
+        if let Some(addr) = config.sni_addr {
+            let socket = bind(addr, "sni-addr").await?;
+            listeners.push(Listener { socket, key: "sni-addr", tls: None, serves: Serves::TlsVisitors });
         }
         let hosts = Hosts::new(&config).map_err(ServerError::Config)?;
         let users = UserTable::new(
@@ -135,10 +144,7 @@ impl Server {
     }
 
     fn addr_of(&self, key: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|l| l.key == key)
-            .and_then(|l| l.socket.local_addr().ok())
+        self.listeners.iter().find(|l| l.key == key).and_then(|l| l.socket.local_addr().ok())
     }
 
     /// The address clients (and HTTP visitors) connect to; useful when bound to port 0.
@@ -156,6 +162,11 @@ impl Server {
         self.addr_of("http-addr")
     }
 
+    /// The TLS passthrough address, if `sni-addr` is set.
+    pub fn sni_local_addr(&self) -> Option<SocketAddr> {
+        self.addr_of("sni-addr")
+    }
+
     /// Serves until `shutdown` completes, then closes every tunnel and returns.
     ///
     /// Spawn this future on the runtime (or use [`spawn`](Server::spawn)) rather than
@@ -164,11 +175,7 @@ impl Server {
         let Server { shared, listeners } = self;
         let links = TaskTracker::new();
         for listener in listeners {
-            let addr = listener
-                .socket
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
+            let addr = listener.socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
             info!(%addr, listener = listener.key, "listening");
             tokio::spawn(accept_links(shared.clone(), listener, links.clone()));
         }
@@ -176,10 +183,7 @@ impl Server {
         info!("shutting down");
         shared.shutdown.cancel();
         links.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, links.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(SHUTDOWN_GRACE, links.wait()).await.is_err() {
             warn!("some sessions did not close within {SHUTDOWN_GRACE:?}");
         }
     }
@@ -187,20 +191,11 @@ impl Server {
     /// Runs the server on a background task; the handle stops it.
     pub fn spawn(self) -> ServerHandle {
         let token = CancellationToken::new();
-        let (addr, tls_addr, http_addr) = (
-            self.local_addr(),
-            self.tls_local_addr(),
-            self.http_local_addr(),
-        );
+        let (addr, tls_addr, http_addr) = (self.local_addr(), self.tls_local_addr(), self.http_local_addr());
+        let sni_addr = self.sni_local_addr();
         let stop = token.clone();
         let task = tokio::spawn(async move { self.run(stop.cancelled_owned()).await });
-        ServerHandle {
-            token,
-            task,
-            addr,
-            tls_addr,
-            http_addr,
-        }
+        ServerHandle { token, task, addr, tls_addr, http_addr, sni_addr }
     }
 }
 
@@ -212,6 +207,7 @@ pub struct ServerHandle {
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    sni_addr: Option<SocketAddr>,
 }
 
 impl ServerHandle {
@@ -230,6 +226,11 @@ impl ServerHandle {
         self.http_addr
     }
 
+    /// The TLS passthrough address, if `sni-addr` is set.
+    pub fn sni_local_addr(&self) -> Option<SocketAddr> {
+        self.sni_addr
+    }
+
     /// Stops accepting, closes every tunnel and waits for the server to finish.
     pub async fn shutdown(self) {
         self.token.cancel();
@@ -238,9 +239,7 @@ impl ServerHandle {
 }
 
 async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind { addr, key, source })
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, key, source })
 }
 
 async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: TaskTracker) {
@@ -256,10 +255,21 @@ async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: Task
                     debug!(%peer, "too many handshakes in progress; dropping connection");
                     continue;
                 };
-                let tls = listener.tls.clone();
-                let serve =
-                    link::serve_link(shared.clone(), tcp, peer, tls, listener.http_only, permit);
-                links.spawn(serve);
+                let shared = shared.clone();
+                match listener.serves {
+                    Serves::TlsVisitors => links.spawn(sni::serve_visitor(shared, tcp, peer, permit)),
+                    serves => {
+                        let http_only = serves == Serves::HttpVisitors;
+                        links.spawn(link::serve_link(
+                            shared,
+                            tcp,
+                            peer,
+                            listener.tls.clone(),
+                            http_only,
+                            permit,
+                        ))
+                    }
+                };
             }
             Err(err) => {
                 warn!(%err, "accept failed");

@@ -56,10 +56,7 @@ impl DataPool {
                 return Some(stream);
             }
             on_empty();
-            if tokio::time::timeout_at(deadline, self.arrived.notified())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, self.arrived.notified()).await.is_err() {
                 return self.pop();
             }
         }

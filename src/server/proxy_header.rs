@@ -7,21 +7,13 @@ use crate::proto::ProxyProtocol;
 const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
 /// The header announcing a connection from `visitor` to `public` (the tunnel's port).
-pub(crate) fn proxy_header(
-    version: ProxyProtocol,
-    visitor: SocketAddr,
-    public: SocketAddr,
-) -> Vec<u8> {
+pub(crate) fn proxy_header(version: ProxyProtocol, visitor: SocketAddr, public: SocketAddr) -> Vec<u8> {
     let (source, destination) = same_family(visitor.ip(), public.ip());
     match version {
         ProxyProtocol::V1 => {
             let family = if source.is_ipv4() { "TCP4" } else { "TCP6" };
-            format!(
-                "PROXY {family} {source} {destination} {} {}\r\n",
-                visitor.port(),
-                public.port()
-            )
-            .into_bytes()
+            format!("PROXY {family} {source} {destination} {} {}\r\n", visitor.port(), public.port())
+                .into_bytes()
         }
         ProxyProtocol::V2 => {
             let mut header = V2_SIGNATURE.to_vec();

@@ -61,11 +61,7 @@ impl Registry {
         let stale = t
             .sessions
             .values()
-            .find(|s| {
-                s.user == session.user
-                    && s.instance == session.instance
-                    && !s.closing.is_cancelled()
-            })
+            .find(|s| s.user == session.user && s.instance == session.instance && !s.closing.is_cancelled())
             .cloned();
         t.sessions.insert(session.id, session);
         stale
@@ -99,12 +95,7 @@ impl Registry {
             return Err(RegisterError::TcpDisabled);
         }
         if let Some(limit) = config.tcp_number {
-            let held = self
-                .lock()
-                .ports
-                .values()
-                .filter(|o| o.user == session.user)
-                .count();
+            let held = self.lock().ports.values().filter(|o| o.user == session.user).count();
             if held >= limit as usize {
                 return Err(RegisterError::PortLimit { limit });
             }
@@ -113,10 +104,7 @@ impl Registry {
             return self.reserve_random(config, session).await;
         };
         let refusal = if !ranges.iter().any(|r| r.contains(port)) {
-            RegisterError::PortNotAllowed {
-                port,
-                ranges: describe(ranges),
-            }
+            RegisterError::PortNotAllowed { port, ranges: describe(ranges) }
         } else {
             match self.reserve_exact(config, session, port).await {
                 Ok(listener) => return Ok((port, listener)),
@@ -150,9 +138,7 @@ impl Registry {
         if let Some(released) = pending_release {
             let _ = tokio::time::timeout(RELEASE_WAIT, released.cancelled()).await;
         }
-        self.try_bind(config, session, port)
-            .await
-            .ok_or(RegisterError::PortTaken { port })
+        self.try_bind(config, session, port).await.ok_or(RegisterError::PortTaken { port })
     }
 
     async fn reserve_random(
@@ -168,9 +154,7 @@ impl Registry {
                 return Ok((port, listener));
             }
         }
-        Err(RegisterError::NoFreePort {
-            ranges: describe(&config.tcp_ranges),
-        })
+        Err(RegisterError::NoFreePort { ranges: describe(&config.tcp_ranges) })
     }
 
     /// Records `port` for `session` if free in the table, then binds it; undoes the record on failure.
@@ -215,9 +199,5 @@ fn nth_port(ranges: &[PortRange], mut i: u32) -> u16 {
 }
 
 fn describe(ranges: &[PortRange]) -> String {
-    ranges
-        .iter()
-        .map(|r| r.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+    ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")
 }

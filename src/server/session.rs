@@ -15,8 +15,8 @@ use super::pool::{DataPool, IDLE_TTL};
 use super::{http, tcp, ServerShared};
 use crate::auth::{Ephemeral, ReplayGuard, SessionKey};
 use crate::proto::{
-    ClientMessage, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, RegisterError,
-    ServerMessage, ServiceSpec,
+    ClientMessage, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, RegisterError, ServerMessage,
+    ServiceSpec,
 };
 use crate::transport::Stream;
 
@@ -46,11 +46,7 @@ impl SessionShared {
     /// Checks a data connection's hello: right key, sequence number not used before.
     pub(crate) fn admit_data(&self, seq: u64, mac: &[u8; 32]) -> bool {
         self.key.verify_data_mac(self.id, seq, mac)
-            && self
-                .replay
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .accept(seq)
+            && self.replay.lock().unwrap_or_else(|e| e.into_inner()).accept(seq)
     }
 
     /// Starts tracking a tunnel; its token closes it and its visitors.
@@ -110,10 +106,7 @@ pub(crate) async fn serve_control(
     let span = tracing::info_span!("session", id = session.id, user = %session.user, %peer);
     async move {
         if let Some(stale) = shared.registry.insert_session(session.clone()) {
-            info!(
-                stale = stale.id,
-                "replacing a stale session of the same client"
-            );
+            info!(stale = stale.id, "replacing a stale session of the same client");
             stale.closing.cancel();
             stale.released.cancelled().await;
         }
@@ -124,14 +117,7 @@ pub(crate) async fn serve_control(
         };
         if chan.send(&welcome).await.is_ok() {
             info!("client connected");
-            let reason = Control {
-                shared: &shared,
-                session: &session,
-                chan,
-                inbox,
-            }
-            .run(interval)
-            .await;
+            let reason = Control { shared: &shared, session: &session, chan, inbox }.run(interval).await;
             info!(%reason, "client disconnected");
         }
         close_session(&shared, &session).await;
@@ -152,22 +138,12 @@ async fn login(
 ) -> Option<(String, String, SessionKey)> {
     let nonce = rand::random::<[u8; 32]>();
     let ephemeral = Ephemeral::generate();
-    chan.send(&ServerMessage::Challenge {
-        nonce,
-        ephemeral_key: ephemeral.public,
-    })
-    .await
-    .ok()?;
-    let login = match chan
-        .recv_timeout::<ClientMessage>(shared.config.handshake_timeout)
-        .await
-    {
+    chan.send(&ServerMessage::Challenge { nonce, ephemeral_key: ephemeral.public }).await.ok()?;
+    let login = match chan.recv_timeout::<ClientMessage>(shared.config.handshake_timeout).await {
         Ok(login) => login,
         Err(err) => {
             debug!(%peer, %err, "no valid login");
-            let refusal = LoginRefusal::Malformed {
-                message: err.to_string(),
-            };
+            let refusal = LoginRefusal::Malformed { message: err.to_string() };
             let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
             return None;
         }
@@ -239,20 +215,14 @@ impl Control<'_> {
         }
     }
 
-    async fn handle(
-        &mut self,
-        message: ClientMessage,
-        services: &mut usize,
-    ) -> Result<(), ProtocolError> {
+    async fn handle(&mut self, message: ClientMessage, services: &mut usize) -> Result<(), ProtocolError> {
         match message {
             ClientMessage::Register { request, spec } => {
                 let reply = if *services >= MAX_SERVICES_PER_SESSION {
                     ServerMessage::RegisterFailed {
                         request,
                         error: RegisterError::Other {
-                            message: format!(
-                                "at most {MAX_SERVICES_PER_SESSION} tunnels per client"
-                            ),
+                            message: format!("at most {MAX_SERVICES_PER_SESSION} tunnels per client"),
                         },
                     }
                 } else {
@@ -277,29 +247,26 @@ impl Control<'_> {
 
     async fn register(&mut self, request: u64, spec: ServiceSpec) -> ServerMessage {
         let name = match &spec {
-            ServiceSpec::Tcp { name, .. } | ServiceSpec::Http { name, .. } => name.clone(),
+            ServiceSpec::Tcp { name, .. }
+            | ServiceSpec::Http { name, .. }
+            | ServiceSpec::Https { name, .. } => name.clone(),
         };
         let service = self.shared.registry.next_service_id();
         let opened = match spec {
-            ServiceSpec::Tcp {
-                port,
-                random,
-                proxy_protocol,
-                ..
-            } => self.open_tcp(service, port, random, proxy_protocol).await,
-            ServiceSpec::Http {
-                prefix, local_host, ..
-            } => http::open_host(self.shared, self.session, service, prefix, local_host).await,
+            ServiceSpec::Tcp { port, random, proxy_protocol, .. } => {
+                self.open_tcp(service, port, random, proxy_protocol).await
+            }
+            ServiceSpec::Http { prefix, local_host, .. } => {
+                http::open_host(self.shared, self.session, service, prefix, local_host, false).await
+            }
+            ServiceSpec::Https { prefix, .. } => {
+                http::open_host(self.shared, self.session, service, prefix, None, true).await
+            }
         };
         match opened {
             Ok((port, host)) => {
                 info!(service, port, host, %name, "tunnel opened");
-                ServerMessage::Registered {
-                    request,
-                    service,
-                    port,
-                    host,
-                }
+                ServerMessage::Registered { request, service, port, host }
             }
             Err(error) => {
                 warn!(%name, %error, "tunnel refused");
@@ -316,17 +283,9 @@ impl Control<'_> {
         proxy_protocol: Option<ProxyProtocol>,
     ) -> Result<(u16, Option<String>), RegisterError> {
         let registry = &self.shared.registry;
-        let (port, listener) = registry
-            .reserve_tcp_port(&self.shared.config, self.session, port, random)
-            .await?;
-        tcp::spawn_tunnel(
-            self.shared,
-            self.session,
-            service,
-            port,
-            listener,
-            proxy_protocol,
-        );
+        let (port, listener) =
+            registry.reserve_tcp_port(&self.shared.config, self.session, port, random).await?;
+        tcp::spawn_tunnel(self.shared, self.session, service, port, listener, proxy_protocol);
         Ok((port, None))
     }
 }

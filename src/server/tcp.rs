@@ -64,9 +64,7 @@ async fn accept_visitors(
                     addr,
                     token.clone(),
                 );
-                session
-                    .tasks
-                    .spawn(visit.instrument(tracing::debug_span!("visitor", %addr)));
+                session.tasks.spawn(visit.instrument(tracing::debug_span!("visitor", %addr)));
             }
             Err(err) => {
                 // Usually out of file descriptors: back off instead of spinning.
@@ -91,10 +89,7 @@ async fn serve_visitor(
 ) {
     let _ = visitor.set_nodelay(true);
     let Some(data) = take_data(&session, wait).await else {
-        return warn!(
-            ?wait,
-            "no data connection from the client in time; closing visitor"
-        );
+        return warn!(?wait, "no data connection from the client in time; closing visitor");
     };
     // What the local service reads first: the PROXY header, then whatever the visitor
     // already sent, all in the open message's write.
@@ -106,9 +101,6 @@ async fn serve_visitor(
     early.resize(header + EARLY_BYTES, 0);
     let read = visitor.try_read(&mut early[header..]).unwrap_or(0);
     early.truncate(header + read);
-    let open = OpenStream {
-        service,
-        visitor: addr,
-    };
+    let open = OpenStream { service, visitor: addr };
     relay_visitor(&session, data, &mut visitor, &open, &early, &token).await;
 }

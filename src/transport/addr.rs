@@ -30,16 +30,13 @@ impl RemoteAddr {
             Some(("tcp", rest)) => (Scheme::Tcp, rest),
             Some(("tls", rest)) => (Scheme::Tls, rest),
             Some((other, _)) => {
-                return Err(format!(
-                    "unknown scheme '{other}' in '{text}' (use tcp:// or tls://)"
-                ))
+                return Err(format!("unknown scheme '{other}' in '{text}' (use tcp:// or tls://)"))
             }
             None => (Scheme::Tcp, text),
         };
         let rest = rest.trim_end_matches('/');
         let default_port = if scheme == Scheme::Tls { 443 } else { 7000 };
-        let (host, port) =
-            split_host_port(rest, default_port).map_err(|e| format!("{e} in '{text}'"))?;
+        let (host, port) = split_host_port(rest, default_port).map_err(|e| format!("{e} in '{text}'"))?;
         if host.is_empty() {
             return Err(format!("no host in '{text}'"));
         }
@@ -49,11 +46,7 @@ impl RemoteAddr {
 
 impl fmt::Display for RemoteAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.scheme == Scheme::Tls {
-            "tls"
-        } else {
-            "tcp"
-        };
+        let scheme = if self.scheme == Scheme::Tls { "tls" } else { "tcp" };
         if self.host.contains(':') {
             write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
@@ -101,15 +94,9 @@ mod tests {
     #[test]
     fn remote_forms() {
         let r = RemoteAddr::parse("tls://example.com").unwrap();
-        assert_eq!(
-            (r.scheme, r.host.as_str(), r.port),
-            (Scheme::Tls, "example.com", 443)
-        );
+        assert_eq!((r.scheme, r.host.as_str(), r.port), (Scheme::Tls, "example.com", 443));
         let r = RemoteAddr::parse("127.0.0.1:9000").unwrap();
-        assert_eq!(
-            (r.scheme, r.host.as_str(), r.port),
-            (Scheme::Tcp, "127.0.0.1", 9000)
-        );
+        assert_eq!((r.scheme, r.host.as_str(), r.port), (Scheme::Tcp, "127.0.0.1", 9000));
         let r = RemoteAddr::parse("tcp://[::1]:7001").unwrap();
         assert_eq!((r.host.as_str(), r.port), ("::1", 7001));
         assert_eq!(r.to_string(), "tcp://[::1]:7001");
@@ -119,18 +106,9 @@ mod tests {
 
     #[test]
     fn listen_forms() {
-        assert_eq!(
-            parse_listen_addr("7000").unwrap(),
-            "0.0.0.0:7000".parse().unwrap()
-        );
-        assert_eq!(
-            parse_listen_addr(":7000").unwrap(),
-            "0.0.0.0:7000".parse().unwrap()
-        );
-        assert_eq!(
-            parse_listen_addr("[::1]:80").unwrap(),
-            "[::1]:80".parse().unwrap()
-        );
+        assert_eq!(parse_listen_addr("7000").unwrap(), "0.0.0.0:7000".parse().unwrap());
+        assert_eq!(parse_listen_addr(":7000").unwrap(), "0.0.0.0:7000".parse().unwrap());
+        assert_eq!(parse_listen_addr("[::1]:80").unwrap(), "[::1]:80".parse().unwrap());
         assert!(parse_listen_addr("nope").is_err());
     }
 }

@@ -24,20 +24,13 @@ pub type Stream = Box<dyn AsyncStream>;
 #[derive(Clone)]
 pub struct Connector {
     remote: RemoteAddr,
-    tls: Option<(
-        tokio_rustls::TlsConnector,
-        rustls_pki_types::ServerName<'static>,
-    )>,
+    tls: Option<(tokio_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)>,
     timeout: Duration,
 }
 
 impl Connector {
     /// Builds a connector; `trust` matters only for `tls://` addresses.
-    pub fn new(
-        remote: RemoteAddr,
-        trust: &RemoteTrust,
-        timeout: Duration,
-    ) -> Result<Self, TlsError> {
+    pub fn new(remote: RemoteAddr, trust: &RemoteTrust, timeout: Duration) -> Result<Self, TlsError> {
         let tls = match remote.scheme {
             Scheme::Tcp => None,
             Scheme::Tls => {
@@ -47,11 +40,7 @@ impl Connector {
                 Some((tokio_rustls::TlsConnector::from(config), name))
             }
         };
-        Ok(Connector {
-            remote,
-            tls,
-            timeout,
-        })
+        Ok(Connector { remote, tls, timeout })
     }
 
     /// The address this connector dials.
@@ -74,9 +63,9 @@ impl Connector {
             }
         };
         match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(result) => result.map_err(|e: io::Error| {
-                io::Error::new(e.kind(), format!("connect to {target}: {e}"))
-            }),
+            Ok(result) => {
+                result.map_err(|e: io::Error| io::Error::new(e.kind(), format!("connect to {target}: {e}")))
+            }
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("connect to {target}: timed out after {:?}", self.timeout),

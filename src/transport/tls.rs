@@ -50,11 +50,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let err = |message: String| TlsError::Load {
-        what: "certificate",
-        path: path.to_owned(),
-        message,
-    };
+    let err = |message: String| TlsError::Load { what: "certificate", path: path.to_owned(), message };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -74,10 +70,7 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// Builds the acceptor for the server's TLS listener from PEM files.
-pub fn server_tls_acceptor(
-    cert_file: &Path,
-    key_file: &Path,
-) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+pub fn server_tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -87,8 +80,8 @@ pub fn server_tls_acceptor(
 
 /// Builds the client's TLS configuration; one per client, so sessions resume.
 pub fn client_tls_config(trust: &RemoteTrust) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?;
+    let builder =
+        rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let config = match trust {
         RemoteTrust::Insecure => {
             tracing::warn!(
@@ -100,22 +93,17 @@ pub fn client_tls_config(trust: &RemoteTrust) -> Result<Arc<rustls::ClientConfig
                 .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
                 .with_no_client_auth()
         }
-        RemoteTrust::CaFile(path) => builder
-            .with_root_certificates(roots_from(load_certs(path)?)?)
-            .with_no_client_auth(),
+        RemoteTrust::CaFile(path) => {
+            builder.with_root_certificates(roots_from(load_certs(path)?)?).with_no_client_auth()
+        }
         RemoteTrust::System => {
             let found = rustls_native_certs::load_native_certs();
             if found.certs.is_empty() {
-                let why = found
-                    .errors
-                    .first()
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "none installed".into());
+                let why =
+                    found.errors.first().map(|e| e.to_string()).unwrap_or_else(|| "none installed".into());
                 return Err(TlsError::NoRoots(why));
             }
-            builder
-                .with_root_certificates(roots_from(found.certs)?)
-                .with_no_client_auth()
+            builder.with_root_certificates(roots_from(found.certs)?).with_no_client_auth()
         }
     };
     Ok(Arc::new(config))
@@ -152,12 +140,7 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -166,12 +149,7 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -14,24 +14,16 @@ pub struct Head {
 
 impl Head {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     fn content_length(&self) -> usize {
-        self.header("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        self.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 }
 
 /// Reads one head; `None` at a clean end of stream.
-pub async fn read_head<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    buffered: &mut Vec<u8>,
-) -> Option<Head> {
+pub async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, buffered: &mut Vec<u8>) -> Option<Head> {
     loop {
         if let Some(end) = buffered.windows(4).position(|w| w == b"\r\n\r\n") {
             let text = String::from_utf8_lossy(&buffered[..end]).into_owned();
@@ -42,10 +34,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(
                 .filter_map(|l| l.split_once(':'))
                 .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
                 .collect();
-            return Some(Head {
-                first_line,
-                headers,
-            });
+            return Some(Head { first_line, headers });
         }
         let mut chunk = [0u8; 8192];
         match stream.read(&mut chunk).await {
@@ -69,10 +58,7 @@ async fn read_body<S: AsyncRead + Unpin>(
     left -= first;
     let mut chunk = vec![0u8; 64 * 1024];
     while left > 0 {
-        let n = stream
-            .read(&mut chunk[..left.min(64 * 1024)])
-            .await
-            .expect("body");
+        let n = stream.read(&mut chunk[..left.min(64 * 1024)]).await.expect("body");
         assert!(n > 0, "body ended early");
         sink(&chunk[..n]);
         left -= n;
@@ -101,10 +87,7 @@ async fn serve(mut stream: TcpStream, name: &'static str) {
     while let Some(head) = read_head(&mut stream, &mut buffered).await {
         let path = head.first_line.split(' ').nth(1).unwrap_or("/").to_owned();
         let mut hasher = Sha256::new();
-        read_body(&mut stream, &mut buffered, head.content_length(), |piece| {
-            hasher.update(piece)
-        })
-        .await;
+        read_body(&mut stream, &mut buffered, head.content_length(), |piece| hasher.update(piece)).await;
         let (body, extra) = if path == "/upload" {
             (hex(&hasher.finalize()).into_bytes(), String::new())
         } else if let Some(n) = path.strip_prefix("/download?n=") {
@@ -122,13 +105,8 @@ async fn serve(mut stream: TcpStream, name: &'static str) {
             );
             (text.into_bytes(), String::new())
         };
-        let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{extra}\r\n",
-            body.len()
-        );
-        if stream.write_all(head.as_bytes()).await.is_err()
-            || stream.write_all(&body).await.is_err()
-        {
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{extra}\r\n", body.len());
+        if stream.write_all(head.as_bytes()).await.is_err() || stream.write_all(&body).await.is_err() {
             return;
         }
     }
@@ -163,20 +141,10 @@ pub async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(body).await.unwrap();
     let mut buffered = Vec::new();
-    let head = read_head(stream, &mut buffered)
-        .await
-        .expect("a response head");
-    let status = head
-        .first_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let head = read_head(stream, &mut buffered).await.expect("a response head");
+    let status = head.first_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut body = Vec::new();
-    read_body(stream, &mut buffered, head.content_length(), |piece| {
-        body.extend_from_slice(piece)
-    })
-    .await;
+    read_body(stream, &mut buffered, head.content_length(), |piece| body.extend_from_slice(piece)).await;
     Response { status, head, body }
 }
 

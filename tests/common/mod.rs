@@ -13,9 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Fails the test instead of hanging it.
 pub async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), fut)
-        .await
-        .expect("test timed out")
+    tokio::time::timeout(Duration::from_secs(secs), fut).await.expect("test timed out")
 }
 
 /// A server config on 127.0.0.1:0 with user id1/secret1 and TCP ports 1024-65535.
@@ -40,9 +38,7 @@ pub fn client_config(server: SocketAddr, id: &str, secret: &str) -> ClientConfig
 }
 
 pub async fn connect(server: SocketAddr) -> Client {
-    Client::connect(client_config(server, "id1", "secret1"))
-        .await
-        .expect("client connects")
+    Client::connect(client_config(server, "id1", "secret1")).await.expect("client connects")
 }
 
 /// A server, a client and an echo service tunnelled through them.
@@ -57,17 +53,9 @@ pub async fn echo_tunnel() -> Tunnel {
     let server = start_server(server_config()).await;
     let client = connect(server.local_addr()).await;
     let echo = echo_server().await;
-    let registration = client
-        .add_service(ServiceConfig::tcp(&echo.to_string()))
-        .await
-        .expect("tunnel opens");
+    let registration = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.expect("tunnel opens");
     let public = registration.public_addr().parse().unwrap();
-    Tunnel {
-        server,
-        client,
-        registration,
-        public,
-    }
+    Tunnel { server, client, registration, public }
 }
 
 /// An echo service: copies what it reads back, then shuts its write side at EOF.
@@ -105,9 +93,7 @@ pub async fn echo_through(addr: SocketAddr, payload: &[u8]) -> std::io::Result<V
 pub async fn wait_until_echo(addr: SocketAddr) {
     let probe = b"ping".to_vec();
     for _ in 0..200 {
-        if let Ok(Ok(got)) =
-            tokio::time::timeout(Duration::from_secs(2), echo_through(addr, &probe)).await
-        {
+        if let Ok(Ok(got)) = tokio::time::timeout(Duration::from_secs(2), echo_through(addr, &probe)).await {
             if got == probe {
                 return;
             }
@@ -129,11 +115,6 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 
 /// A port that was free a moment ago.
 pub async fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
 }
 pub mod http;
