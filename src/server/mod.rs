@@ -86,11 +86,11 @@ struct Listener {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Serves {
     /// Clients and HTTP visitors, told apart by their first bytes (`addr`, `tls-addr`).
-    ClientsAndVisitors,
+    ClientsAndHttp,
     /// HTTP visitors only (`http-addr`).
-    HttpVisitors,
+    HttpOnly,
     /// TLS visitors routed by server name and passed through (`sni-addr`).
-    TlsVisitors,
+    TlsPassthrough,
 }
 
 impl Server {
@@ -101,7 +101,7 @@ impl Server {
             socket: bind(config.addr, "addr").await?,
             key: "addr",
             tls: None,
-            serves: Serves::ClientsAndVisitors,
+            serves: Serves::ClientsAndHttp,
         }];
         if let Some(addr) = config.tls_addr {
             let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
@@ -113,16 +113,16 @@ impl Server {
                 socket,
                 key: "tls-addr",
                 tls: Some(acceptor),
-                serves: Serves::ClientsAndVisitors,
+                serves: Serves::ClientsAndHttp,
             });
         }
         if let Some(addr) = config.http_addr {
             let socket = bind(addr, "http-addr").await?;
-            listeners.push(Listener { socket, key: "http-addr", tls: None, serves: Serves::HttpVisitors });
+            listeners.push(Listener { socket, key: "http-addr", tls: None, serves: Serves::HttpOnly });
         }
         if let Some(addr) = config.sni_addr {
             let socket = bind(addr, "sni-addr").await?;
-            listeners.push(Listener { socket, key: "sni-addr", tls: None, serves: Serves::TlsVisitors });
+            listeners.push(Listener { socket, key: "sni-addr", tls: None, serves: Serves::TlsPassthrough });
         }
         let hosts = Hosts::new(&config).map_err(ServerError::Config)?;
         let users = UserTable::new(
@@ -257,9 +257,9 @@ async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: Task
                 };
                 let shared = shared.clone();
                 match listener.serves {
-                    Serves::TlsVisitors => links.spawn(sni::serve_visitor(shared, tcp, peer, permit)),
+                    Serves::TlsPassthrough => links.spawn(sni::serve_visitor(shared, tcp, peer, permit)),
                     serves => {
-                        let http_only = serves == Serves::HttpVisitors;
+                        let http_only = serves == Serves::HttpOnly;
                         links.spawn(link::serve_link(
                             shared,
                             tcp,
