@@ -26,8 +26,8 @@ fn make_certs() -> Certs {
 async fn tls_server(certs: &Certs) -> ferry::ServerHandle {
     let mut config = server_config();
     config.tls_addr = Some("127.0.0.1:0".parse().unwrap());
-    config.cert_file = Some(certs.cert.clone());
-    config.key_file = Some(certs.key.clone());
+    config.cert_file = vec![certs.cert.clone()];
+    config.key_file = vec![certs.key.clone()];
     start_server(config).await
 }
 

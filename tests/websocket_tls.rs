@@ -80,8 +80,8 @@ async fn tls_server() -> (ServerHandle, Certs) {
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
     let mut config = server_config();
     config.tls_addr = Some("127.0.0.1:0".parse().unwrap());
-    config.cert_file = Some(cert.clone());
-    config.key_file = Some(key);
+    config.cert_file = vec![cert.clone()];
+    config.key_file = vec![key];
     (start_server(config).await, Certs { _dir: dir, cert })
 }
 
@@ -205,7 +205,8 @@ async fn local_tls_echo(dir: &std::path::Path) -> (SocketAddr, PathBuf) {
     let key = dir.join("local-key.pem");
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    let acceptor = ferry::transport::server_tls_acceptor(&cert, &key).unwrap();
+    let acceptor =
+        ferry::transport::server_tls_acceptor(&[(cert.clone(), key.clone())], Default::default()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -264,4 +265,63 @@ async fn tls_passed_through_by_server_name() {
         assert!(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.is_err());
     })
     .await
+}
+
+fn cert_pair(dir: &std::path::Path, name: &str, san: &str) -> (PathBuf, PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec![san.to_string()]).unwrap();
+    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[tokio::test]
+async fn certificates_chosen_by_server_name_and_minimum_version() {
+    within(30, async {
+        let dir = tempfile::tempdir().unwrap();
+        let (alpha_cert, alpha_key) = cert_pair(dir.path(), "alpha", "*.alpha.test");
+        let (beta_cert, beta_key) = cert_pair(dir.path(), "beta", "*.beta.test");
+        let mut config = server_config();
+        config.tls_addr = Some("127.0.0.1:0".parse().unwrap());
+        config.cert_file = vec![alpha_cert.clone(), beta_cert.clone()];
+        config.key_file = vec![alpha_key, beta_key];
+        config.tls_min_version = ferry::transport::TlsVersion::Tls13;
+        let server = start_server(config).await;
+        let client = connect(server.local_addr()).await;
+        let a = http_service("a").await;
+        client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
+        let tls_addr = server.tls_local_addr().unwrap();
+        // Each name gets the certificate made for it: trusting only that one is enough.
+        for (host, cert) in [("web.alpha.test", &alpha_cert), ("web.beta.test", &beta_cert)] {
+            let trust = client_tls_config(&RemoteTrust::CaFile(cert.clone())).unwrap();
+            let name = rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap();
+            let tcp = TcpStream::connect(tls_addr).await.unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(trust).connect(name, tcp).await.expect(host);
+            let response = request(&mut tls, "GET", "/", host, "", b"").await;
+            assert!(response.text().starts_with("service=a"), "{host}: {}", response.text());
+        }
+        // A TLS 1.2-only visitor is refused by a tls1.3 minimum.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let old = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates({
+                let mut roots = rustls::RootCertStore::empty();
+                let pem = std::fs::read(&alpha_cert).unwrap();
+                for cert in rustls_pemfile_certs(&pem) {
+                    roots.add(cert).unwrap();
+                }
+                roots
+            })
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(tls_addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("web.alpha.test").unwrap();
+        assert!(tokio_rustls::TlsConnector::from(Arc::new(old)).connect(name, tcp).await.is_err());
+    })
+    .await
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem).map(|c| c.unwrap()).collect()
 }

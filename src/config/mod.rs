@@ -16,7 +16,7 @@ pub use port_range::PortRange;
 
 use crate::auth::Secret;
 use crate::proto::ProxyProtocol;
-use crate::transport::{RemoteAddr, RemoteTrust};
+use crate::transport::{RemoteAddr, RemoteTrust, TlsVersion};
 
 /// Default heartbeat timeout on both sides.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,10 +35,13 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
     /// Where clients connect over TLS (`--tls-addr`), if anywhere.
     pub tls_addr: Option<SocketAddr>,
-    /// PEM certificate chain for the TLS listener.
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key for the TLS listener.
-    pub key_file: Option<PathBuf>,
+    /// PEM certificate chains for the TLS listener; the i-th goes with the i-th key,
+    /// and each handshake gets the one valid for its server name.
+    pub cert_file: Vec<PathBuf>,
+    /// PEM private keys for the TLS listener.
+    pub key_file: Vec<PathBuf>,
+    /// The oldest TLS version accepted on the TLS listener.
+    pub tls_min_version: TlsVersion,
     /// Known users by id.
     pub users: BTreeMap<String, UserConfig>,
     /// Accept any id; the first secret seen for an id wins.
@@ -78,8 +81,9 @@ impl Default for ServerConfig {
         ServerConfig {
             addr: SocketAddr::from(([0, 0, 0, 0], 7000)),
             tls_addr: None,
-            cert_file: None,
-            key_file: None,
+            cert_file: Vec::new(),
+            key_file: Vec::new(),
+            tls_min_version: TlsVersion::Tls12,
             users: BTreeMap::new(),
             allow_any_client: false,
             tcp_ranges: Vec::new(),

@@ -13,7 +13,7 @@ use super::{ClientConfig, PortRange, ServerConfig, ServiceConfig, ServiceKind, U
 use crate::auth::Secret;
 use crate::logging::LogSettings;
 use crate::proto::ProxyProtocol;
-use crate::transport::{parse_listen_addr, RemoteAddr, RemoteTrust};
+use crate::transport::{parse_listen_addr, RemoteAddr, RemoteTrust, TlsVersion};
 
 /// Server flags; each is also a config-file key of the same name.
 #[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
@@ -29,12 +29,18 @@ pub struct ServerOptions {
     /// Address for clients over TLS (needs --cert-file and --key-file).
     #[arg(long)]
     pub tls_addr: Option<String>,
-    /// PEM certificate chain for --tls-addr.
+    /// PEM certificate chain for --tls-addr; repeatable with --key-file (several
+    /// certificates, picked by the server name each visitor asks for).
     #[arg(long)]
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key for --tls-addr.
+    #[serde(deserialize_with = "one_or_many")]
+    pub cert_file: Vec<PathBuf>,
+    /// PEM private key of the matching --cert-file.
     #[arg(long)]
-    pub key_file: Option<PathBuf>,
+    #[serde(deserialize_with = "one_or_many")]
+    pub key_file: Vec<PathBuf>,
+    /// Oldest TLS version accepted on --tls-addr: tls1.2 or tls1.3. [default: tls1.2]
+    #[arg(long)]
+    pub tls_min_version: Option<TlsVersion>,
     /// A user id; repeatable, the i-th --id goes with the i-th --secret.
     #[arg(long)]
     pub id: Vec<String>,
@@ -199,6 +205,24 @@ pub struct ServiceOptions {
     pub name: Option<String>,
 }
 
+/// Accepts a single value or a list, so `cert-file: a.pem` and `cert-file: [a.pem, b.pem]` both work.
+fn one_or_many<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany<T> {
+        One(T),
+        Many(Vec<T>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
+}
+
 /// Reads a config file: YAML, or TOML when the name ends in `.toml`. Errors name the key and line.
 pub fn load_file<T: DeserializeOwned + Default>(path: &Path) -> Result<T, String> {
     let text = std::fs::read_to_string(path)
@@ -271,12 +295,13 @@ impl ServerOptions {
         }
         if let Some(addr) = &self.tls_addr {
             config.tls_addr = Some(parse_listen_addr(addr).map_err(|e| format!("tls-addr: {e}"))?);
-            if self.cert_file.is_none() || self.key_file.is_none() {
-                return Err("tls-addr: needs cert-file and key-file".into());
+            if self.cert_file.is_empty() || self.cert_file.len() != self.key_file.len() {
+                return Err("tls-addr: needs cert-file and key-file, one key-file for each cert-file".into());
             }
         }
         config.cert_file = self.cert_file;
         config.key_file = self.key_file;
+        config.tls_min_version = self.tls_min_version.unwrap_or_default();
         if self.id.len() != self.secret.len() {
             return Err(format!(
                 "id: {} id(s) but {} secret(s); give one --secret per --id",

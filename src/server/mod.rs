@@ -104,10 +104,12 @@ impl Server {
             serves: Serves::ClientsAndHttp,
         }];
         if let Some(addr) = config.tls_addr {
-            let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
-                return Err(ServerError::Config("tls-addr needs cert-file and key-file".into()));
-            };
-            let acceptor = server_tls_acceptor(cert, key)?;
+            if config.cert_file.is_empty() || config.cert_file.len() != config.key_file.len() {
+                return Err(ServerError::Config("tls-addr needs one key-file for each cert-file".into()));
+            }
+            let pairs: Vec<_> =
+                config.cert_file.iter().cloned().zip(config.key_file.iter().cloned()).collect();
+            let acceptor = server_tls_acceptor(&pairs, config.tls_min_version)?;
             let socket = bind(addr, "tls-addr").await?;
             listeners.push(Listener {
                 socket,

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 pub use addr::{parse_listen_addr, RemoteAddr, Scheme};
-pub use tls::{client_tls_config, server_tls_acceptor, RemoteTrust, TlsError};
+pub use tls::{client_tls_config, server_tls_acceptor, RemoteTrust, TlsError, TlsVersion};
 
 /// Anything that carries bytes both ways.
 pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}

@@ -1,6 +1,10 @@
 //! TLS set-up with rustls: the server's certificate and the client's trust.
 
 use std::path::{Path, PathBuf};
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -69,13 +73,73 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// Builds the acceptor for the server's TLS listener from PEM files.
-pub fn server_tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
-    let config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
+/// The oldest TLS version the server accepts from visitors and clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "tls1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "tls1.3")]
+    Tls13,
+}
+
+impl std::str::FromStr for TlsVersion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tls1.2" => Ok(TlsVersion::Tls12),
+            "tls1.3" => Ok(TlsVersion::Tls13),
+            other => Err(format!("'{other}' is not a TLS version (use tls1.2 or tls1.3)")),
+        }
+    }
+}
+
+/// Builds the acceptor for the server's TLS listener from PEM certificate/key pairs.
+///
+/// With several pairs, each handshake gets the first certificate valid for the server
+/// name the visitor asked for (wildcards included), or the first pair when none is.
+pub fn server_tls_acceptor(
+    pairs: &[(PathBuf, PathBuf)],
+    min: TlsVersion,
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    let provider = provider();
+    let mut keys = Vec::with_capacity(pairs.len());
+    for (cert_file, key_file) in pairs {
+        let signing = provider.key_provider.load_private_key(load_key(key_file)?)?;
+        keys.push(Arc::new(CertifiedKey::new(load_certs(cert_file)?, signing)));
+    }
+    if keys.is_empty() {
+        return Err(TlsError::NoRoots("no certificate configured (cert-file, key-file)".into()));
+    }
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match min {
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)?
         .with_no_client_auth()
-        .with_single_cert(load_certs(cert_file)?, load_key(key_file)?)?;
+        .with_cert_resolver(Arc::new(CertBySni { keys }));
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Picks the certificate for the server name of each handshake.
+#[derive(Debug)]
+struct CertBySni {
+    keys: Vec<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for CertBySni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let wanted = hello.server_name().and_then(|name| ServerName::try_from(name.to_owned()).ok());
+        let fits = |key: &&Arc<CertifiedKey>| {
+            let (Some(name), Some(leaf)) = (&wanted, key.cert.first()) else { return false };
+            webpki::EndEntityCert::try_from(leaf)
+                .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(name).is_ok())
+        };
+        self.keys.iter().find(fits).or(self.keys.first()).cloned()
+    }
 }
 
 /// Builds the client's TLS configuration; one per client, so sessions resume.
