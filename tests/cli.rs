@@ -260,3 +260,47 @@ async fn log_file_rotates_by_size_and_never_holds_secrets() {
     })
     .await
 }
+
+#[test]
+fn service_schemes_and_their_options() {
+    use ferry::config::ServiceKind;
+    let cli = ferry::cli::parse_from([
+        "ferry",
+        "client",
+        "--local",
+        "http://127.0.0.1",
+        "--host-prefix",
+        "web",
+        "--use-local-as-http-host",
+        "--local",
+        "https://127.0.0.1:8443",
+        "--local",
+        "tcp://127.0.0.1:22",
+        "--proxy-protocol",
+        "v1",
+    ])
+    .unwrap();
+    let ferry::cli::Command::Client(options) = cli.command else { panic!("not a client") };
+    let services: Vec<_> = options.services.into_iter().map(|s| s.into_config().unwrap()).collect();
+    assert_eq!((services[0].kind, services[0].local.as_str()), (ServiceKind::Http, "127.0.0.1:80"));
+    assert_eq!(services[0].host_prefix.as_deref(), Some("web"));
+    assert!(services[0].use_local_as_http_host);
+    assert_eq!(services[1].kind, ServiceKind::Https);
+    assert_eq!(services[2].proxy_protocol, Some(ferry::proto::ProxyProtocol::V1));
+    // Options that do not fit the scheme are errors.
+    let cli = ferry::cli::parse_from(["ferry", "client", "--local", "http://a:1", "--remote-tcp-port", "80"])
+        .unwrap();
+    let ferry::cli::Command::Client(options) = cli.command else { panic!("not a client") };
+    assert!(options.services[0].clone().into_config().is_err());
+}
+
+#[test]
+fn certificate_lists_in_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.yaml");
+    std::fs::write(&path, "tls-addr: 7443\ncert-file: a.pem\nkey-file: [a.key]\ntls-min-version: tls1.3\n")
+        .unwrap();
+    let config = load_file::<ServerOptions>(&path).unwrap().into_config().unwrap();
+    assert_eq!(config.cert_file.len(), 1);
+    assert_eq!(config.tls_min_version, ferry::transport::TlsVersion::Tls13);
+}
