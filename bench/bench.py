@@ -20,7 +20,9 @@ FERRY = os.path.join(ROOT, "target", "release", "ferry")
 DURATION = int(os.environ.get("DURATION", "10"))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 IDLE = int(os.environ.get("IDLE", "1000"))
-NGINX, IPERF = 18080, 15201
+NGINX, IPERF, NGINX_TLS = 18080, 15201, 18443
+FERRY_TLS = 17443
+HOST = "web.bench.test"
 PORTS = {"direct": (NGINX, IPERF), "ferry": (17080, 17201), "rathole": (27080, 27201)}
 TARGETS = ["direct", "ferry", "rathole"]
 
@@ -55,7 +57,15 @@ def wait_http(port, what):
     sys.exit(f"{what} never answered on port {port}")
 
 
+def make_cert():
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=" + HOST, "-addext", "subjectAltName=DNS:*.bench.test",
+                    "-keyout", f"{work}/key.pem", "-out", f"{work}/cert.pem"],
+                   check=True, capture_output=True)
+
+
 def start_nginx():
+    make_cert()
     www = os.path.join(work, "www")
     os.makedirs(www)
     with open(os.path.join(www, "index.html"), "w") as f:
@@ -71,6 +81,8 @@ http {{
   access_log off;
   keepalive_requests 1000000;
   server {{ listen 127.0.0.1:{NGINX}; root {www}; }}
+  server {{ listen 127.0.0.1:{NGINX_TLS} ssl; root {www};
+           ssl_certificate {work}/cert.pem; ssl_certificate_key {work}/key.pem; }}
 }}
 """)
     subprocess.run(["nginx", "-c", conf, "-p", work], check=True)
@@ -80,12 +92,15 @@ http {{
 def start_ferry():
     secret = secrets.token_hex(16)
     server = start([FERRY, "server", "--addr", "127.0.0.1:17000", "--id", "bench", "--secret", secret,
-                    "--tcp-range", "17001-17999", "--log-level", "warn"])
+                    "--tcp-range", "17001-17999", "--log-level", "warn",
+                    "--tls-addr", f"127.0.0.1:{FERRY_TLS}", "--cert-file", f"{work}/cert.pem",
+                    "--key-file", f"{work}/key.pem"])
     time.sleep(0.3)
     client = start([FERRY, "client", "--remote", "tcp://127.0.0.1:17000", "--id", "bench", "--secret", secret,
                     "--log-level", "warn",
                     "--local", f"tcp://127.0.0.1:{NGINX}", "--remote-tcp-port", "17080",
-                    "--local", f"tcp://127.0.0.1:{IPERF}", "--remote-tcp-port", "17201"])
+                    "--local", f"tcp://127.0.0.1:{IPERF}", "--remote-tcp-port", "17201",
+                    "--local", f"http://127.0.0.1:{NGINX}", "--host-prefix", "web"])
     wait_http(17080, "ferry")
     return server, client
 
@@ -122,11 +137,13 @@ local_addr = "127.0.0.1:{IPERF}"
     return server, client
 
 
-def wrk(port, close):
+def wrk(port, close, host=None, scheme="http"):
     args = ["wrk", "-t2", "-c100", f"-d{DURATION}s", "--latency"]
     if close:
         args += ["-H", "Connection: close"]
-    out = subprocess.run(args + [f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    if host:
+        args += ["-H", f"Host: {host}"]
+    out = subprocess.run(args + [f"{scheme}://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     value, unit = re.search(r"99%\s+([\d.]+)(us|ms|s)", out).groups()
     p99_ms = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
@@ -163,6 +180,7 @@ def main():
     time.sleep(0.3)
     tunnels = {"ferry": start_ferry(), "rathole": start_rathole()}
     figures = {t: {"ka": [], "ka99": [], "close": [], "close99": [], "iperf": []} for t in TARGETS}
+    web = {k: [] for k in ("host_ka", "host_close", "tls_ka", "tls_direct_ka")}
     notes = []
     for round_no in range(ROUNDS):
         # Rotate the order each round, so no target always runs right after another.
@@ -176,6 +194,19 @@ def main():
                 if err.strip():
                     notes.append(f"round {round_no + 1} {target} {key}: {err.strip()}")
                 print(f"round {round_no + 1} {target:8} {'close' if close else 'keep-alive':10} {rps:10.0f} req/s p99 {p99:7.2f} ms {err}", flush=True)
+        # Virtual hosts and TLS termination: ferry only (rathole has neither; its TCP tunnel
+        # above is the nearest equivalent), against nginx itself over TLS.
+        for key, port, close, host, scheme in (
+            ("host_ka", 17000, False, HOST, "http"),
+            ("host_close", 17000, True, HOST, "http"),
+            ("tls_ka", FERRY_TLS, False, HOST, "https"),
+            ("tls_direct_ka", NGINX_TLS, False, None, "https"),
+        ):
+            rps, p99, err = wrk(port, close, host, scheme)
+            web[key].append(rps)
+            if err.strip():
+                notes.append(f"round {round_no + 1} {key}: {err.strip()}")
+            print(f"round {round_no + 1} {key:14} {rps:10.0f} req/s p99 {p99:7.2f} ms {err}", flush=True)
         for target in order:
             gbps = iperf(PORTS[target][1])
             figures[target]["iperf"].append(gbps)
@@ -188,14 +219,14 @@ def main():
         tunnels[target] = starter()
         memory[target] = idle_memory(PORTS[target][0], [p.pid for p in tunnels[target]])
         print(f"{target} peak RSS with {IDLE} idle visitors: server {memory[target][0]:.1f} MiB, client {memory[target][1]:.1f} MiB", flush=True)
-    write_results(figures, memory, notes)
+    write_results(figures, memory, notes, web)
 
 
 def med(values):
     return statistics.median(values)
 
 
-def write_results(figures, memory, notes):
+def write_results(figures, memory, notes, web):
     f = {t: {k: med(v) for k, v in figures[t].items()} for t in TARGETS}
     def row(name, key, fmt, higher_better=True):
         d, fe, r = f["direct"][key], f["ferry"][key], f["rathole"][key]
@@ -228,6 +259,15 @@ def write_results(figures, memory, notes):
     lines += [
         f"| peak RSS, server, {IDLE} idle visitors (MiB) | – | {fs:.1f} | {rs:.1f} | {rs / fs:.2f}× |",
         f"| peak RSS, client, {IDLE} idle visitors (MiB) | – | {fc:.1f} | {rc:.1f} | {rc / fc:.2f}× |",
+        "",
+        "Virtual hosts and TLS termination (requests/s; rathole has neither, so ferry's routed figure",
+        "is set against rathole's plain TCP tunnel to the same nginx, its nearest equivalent):",
+        "",
+        "| figure | direct | ferry | rathole (TCP tunnel) | ferry vs rathole |",
+        "| --- | --- | --- | --- | --- |",
+        f"| host routing, keep-alive | {f['direct']['ka']:,.0f} | {med(web['host_ka']):,.0f} | {f['rathole']['ka']:,.0f} | {med(web['host_ka']) / f['rathole']['ka']:.2f}× |",
+        f"| host routing, `Connection: close` | {f['direct']['close']:,.0f} | {med(web['host_close']):,.0f} | {f['rathole']['close']:,.0f} | {med(web['host_close']) / f['rathole']['close']:.2f}× |",
+        f"| HTTPS keep-alive (TLS ended by nginx itself / by the ferry server) | {med(web['tls_direct_ka']):,.0f} | {med(web['tls_ka']):,.0f} | – | – |",
         "",
         "Raw rounds (requests/s keep-alive; requests/s close; Gbit/s):",
         "",
