@@ -46,7 +46,9 @@ pub(crate) async fn serve_visitor(
     };
     let open = OpenStream { service: route.service, visitor: peer };
     let span = tracing::debug_span!("tls visitor", %peer, %name);
-    relay_visitor(&route.session, data, &mut visitor, &open, &hello, &route.token).instrument(span).await;
+    relay_visitor(&route.session, data, &mut visitor, &open, hello.to_vec(), &route.token)
+        .instrument(span)
+        .await;
 }
 
 /// The routing key of a passthrough host; kept apart from HTTP hosts of the same name.

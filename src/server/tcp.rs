@@ -102,5 +102,5 @@ async fn serve_visitor(
     let read = visitor.try_read(&mut early[header..]).unwrap_or(0);
     early.truncate(header + read);
     let open = OpenStream { service, visitor: addr };
-    relay_visitor(&session, data, &mut visitor, &open, &early, &token).await;
+    relay_visitor(&session, data, &mut visitor, &open, early, &token).await;
 }

@@ -9,7 +9,7 @@ use tracing::debug;
 
 use super::session::SessionShared;
 use crate::chunked::{encode_chunk, relay_chunked, Status};
-use crate::proto::{encode_frame, OpenStream};
+use crate::proto::{encode_frame, OpenStream, ProtocolError};
 use crate::transport::Stream;
 
 /// Takes an idle data connection of `session`, asking the client for more while none is ready.
@@ -24,19 +24,12 @@ pub(crate) async fn relay_visitor<V>(
     mut data: Stream,
     visitor: &mut V,
     open: &OpenStream,
-    early: &[u8],
+    early: Vec<u8>,
     token: &CancellationToken,
 ) where
     V: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut first = Vec::with_capacity(128 + early.len());
-    if let Err(err) = encode_frame(open, &mut first) {
-        return debug!(%err, "cannot encode the open message");
-    }
-    if !early.is_empty() {
-        encode_chunk(early, &mut first);
-    }
-    if let Err(err) = data.write_all(&first).await {
+    if let Err(err) = send_open(&mut data, open, early).await {
         return debug!(%err, "data connection failed before use");
     }
     let relay = relay_chunked(visitor, &mut data, Status::Expect, BytesMut::new());
@@ -54,4 +47,17 @@ pub(crate) async fn relay_visitor<V>(
         }
         Err(err) => debug!(%err, "visitor closed"),
     }
+}
+
+/// Writes the open message and the first chunk; both buffers are freed before the relay,
+/// so an idle visitor holds only the relay's own buffers.
+async fn send_open(data: &mut Stream, open: &OpenStream, early: Vec<u8>) -> Result<(), ProtocolError> {
+    let mut first = Vec::with_capacity(128 + early.len());
+    encode_frame(open, &mut first)?;
+    if !early.is_empty() {
+        encode_chunk(&early, &mut first);
+    }
+    drop(early);
+    data.write_all(&first).await?;
+    Ok(())
 }
