@@ -103,7 +103,7 @@ async fn silent_client_kept(server: std::net::SocketAddr, port: u16) {
     let ServerMessage::Welcome { .. } = chan.recv().await.unwrap() else { panic!("no welcome") };
     let spec =
         ServiceSpec::Tcp { name: "silent".into(), port: Some(port), random: false, proxy_protocol: None };
-    chan.send(&ClientMessage::Register { request: 1, spec }).await.unwrap();
+    chan.send(&ClientMessage::Register { request: 1, spec, control: Default::default() }).await.unwrap();
     // Never answer pings: keep the socket open until the server gives up on us.
     loop {
         match chan.recv::<ServerMessage>().await {

@@ -61,6 +61,10 @@ impl Wanted {
         }
     }
 
+    fn register(&self, request: u64) -> ClientMessage {
+        ClientMessage::Register { request, spec: self.spec(), control: self.config.control() }
+    }
+
     fn close(self, reason: CloseReason) {
         match self.reply {
             Some(reply) => {
@@ -205,7 +209,7 @@ impl Driver {
     async fn session_loop(&mut self, session: &mut Session) -> Result<String, ProtocolError> {
         for (key, wanted) in self.wanted.iter_mut() {
             wanted.server_id = None;
-            session.chan.send(&ClientMessage::Register { request: *key, spec: wanted.spec() }).await?;
+            session.chan.send(&wanted.register(*key)).await?;
         }
         let timeout = self.config.heartbeat_timeout;
         let every = (timeout / 3).min(session.heartbeat_interval).max(Duration::from_millis(10));
@@ -242,7 +246,7 @@ impl Driver {
         match command {
             Command::Add { key, config, reply, closed } => {
                 let wanted = Wanted::new(config, reply, closed);
-                session.chan.send(&ClientMessage::Register { request: key, spec: wanted.spec() }).await?;
+                session.chan.send(&wanted.register(key)).await?;
                 self.wanted.insert(key, wanted);
             }
             Command::Remove { key } => {
@@ -292,12 +296,12 @@ impl Driver {
                     wanted.close(CloseReason::Refused(error));
                 }
             }
-            ServerMessage::ServiceClosed { service, message } => {
+            ServerMessage::ServiceClosed { service, reason } => {
                 session.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&service);
                 let key = self.wanted.iter().find(|(_, w)| w.server_id == Some(service)).map(|(k, _)| *k);
                 if let Some(wanted) = key.and_then(|k| self.wanted.remove(&k)) {
-                    warn!(local = %wanted.config.local, %message, "tunnel closed by the server");
-                    wanted.close(CloseReason::ByServer { message });
+                    warn!(local = %wanted.config.local, %reason, "tunnel closed by the server");
+                    wanted.close(reason);
                 }
             }
             ServerMessage::NeedData { count } => session.pool.grow(count),

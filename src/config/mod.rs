@@ -15,7 +15,7 @@ use std::time::Duration;
 pub use port_range::PortRange;
 
 use crate::auth::Secret;
-use crate::proto::ProxyProtocol;
+use crate::proto::{ProxyProtocol, ServiceControl};
 use crate::transport::{RemoteAddr, RemoteTrust, TlsVersion};
 
 /// Default heartbeat timeout on both sides.
@@ -186,6 +186,12 @@ pub struct ServiceConfig {
     pub host_prefix: Option<String>,
     /// HTTP: send the local address as the Host of requests.
     pub use_local_as_http_host: bool,
+    /// At most this many visitors at once (`max-serve-conn`); the next is refused at once.
+    pub max_serve_conn: Option<u32>,
+    /// This many visitors in total, then the tunnel closes (`max-serve-count`).
+    pub max_serve_count: Option<u64>,
+    /// The tunnel closes this long after it opened (`max-serve-time`).
+    pub max_serve_time: Option<Duration>,
 }
 
 impl ServiceConfig {
@@ -200,6 +206,9 @@ impl ServiceConfig {
             proxy_protocol: None,
             host_prefix: None,
             use_local_as_http_host: false,
+            max_serve_conn: None,
+            max_serve_count: None,
+            max_serve_time: None,
         }
     }
 
@@ -230,6 +239,28 @@ impl ServiceConfig {
     pub fn with_host_prefix(mut self, prefix: &str) -> Self {
         self.host_prefix = Some(prefix.to_owned());
         self
+    }
+
+    /// Limits the tunnel (proxylite's service control): visitors at once, in total, and lifetime.
+    pub fn with_limits(
+        mut self,
+        at_once: Option<u32>,
+        in_total: Option<u64>,
+        lifetime: Option<Duration>,
+    ) -> Self {
+        self.max_serve_conn = at_once;
+        self.max_serve_count = in_total;
+        self.max_serve_time = lifetime;
+        self
+    }
+
+    /// The limits as the protocol carries them.
+    pub fn control(&self) -> ServiceControl {
+        ServiceControl {
+            max_serve_conn: self.max_serve_conn,
+            max_serve_count: self.max_serve_count,
+            max_serve_time_ms: self.max_serve_time.map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
+        }
     }
 
     /// TCP: announces visitors with a PROXY protocol header.

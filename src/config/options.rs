@@ -200,6 +200,16 @@ pub struct ServiceOptions {
     /// HTTP: send requests to the local service with its own address as Host.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub use_local_as_http_host: Option<bool>,
+    /// At most this many visitors at once; the next is refused at once.
+    #[arg(long)]
+    pub max_serve_conn: Option<u32>,
+    /// Serve this many visitors in total, then close the tunnel.
+    #[arg(long)]
+    pub max_serve_count: Option<u64>,
+    /// Close the tunnel this long after it opened, e.g. 10m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub max_serve_time: Option<Duration>,
     /// A name for logs. [default: the local address]
     #[arg(long)]
     pub name: Option<String>,
@@ -419,6 +429,9 @@ impl ServiceOptions {
             proxy_protocol: self.proxy_protocol,
             host_prefix: self.host_prefix,
             use_local_as_http_host: self.use_local_as_http_host.unwrap_or(false),
+            max_serve_conn: self.max_serve_conn,
+            max_serve_count: self.max_serve_count,
+            max_serve_time: self.max_serve_time,
         })
     }
 }

@@ -61,6 +61,20 @@ impl std::str::FromStr for ProxyProtocol {
     }
 }
 
+/// proxylite's service control: limits the server enforces on one tunnel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceControl {
+    /// At most this many visitors at once; the next is refused at once.
+    #[serde(default)]
+    pub max_serve_conn: Option<u32>,
+    /// This many visitors in total, then the tunnel closes.
+    #[serde(default)]
+    pub max_serve_count: Option<u64>,
+    /// The tunnel closes this long after it opened, in milliseconds.
+    #[serde(default)]
+    pub max_serve_time_ms: Option<u64>,
+}
+
 /// Messages a client sends on its control connection.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -88,6 +102,9 @@ pub enum ClientMessage {
         request: u64,
         /// What to expose.
         spec: ServiceSpec,
+        /// Limits for the tunnel.
+        #[serde(default)]
+        control: ServiceControl,
     },
     /// Closes a tunnel the client no longer wants.
     Unregister {
@@ -209,6 +226,18 @@ pub enum CloseReason {
         /// The server's words.
         message: String,
     },
+    /// It served its `max-serve-count` visitors.
+    #[error("served its {count} visitors (max-serve-count)")]
+    MaxServeCount {
+        /// The limit.
+        count: u64,
+    },
+    /// It was open for its `max-serve-time`.
+    #[error("open for its max-serve-time ({millis} ms)")]
+    MaxServeTime {
+        /// The limit, in milliseconds.
+        millis: u64,
+    },
     /// Re-registering after a reconnect failed.
     #[error("could not re-register: {0}")]
     Refused(RegisterError),
@@ -260,8 +289,8 @@ pub enum ServerMessage {
     ServiceClosed {
         /// The tunnel.
         service: u32,
-        /// Why, in words.
-        message: String,
+        /// Why.
+        reason: CloseReason,
     },
     /// Visitors are waiting for data connections: open this many more.
     NeedData {

@@ -15,7 +15,7 @@ pub use codec::{
 };
 pub use message::{
     ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, ProxyProtocol, RegisterError,
-    ServerMessage, ServiceSpec, StreamStatus,
+    ServerMessage, ServiceControl, ServiceSpec, StreamStatus,
 };
 pub use preamble::{
     preamble, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC, PREAMBLE_LEN,

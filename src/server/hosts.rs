@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use regex::Regex;
-use tokio_util::sync::CancellationToken;
 
 use super::session::SessionShared;
+use super::tunnel::Tunnel;
 use crate::config::ServerConfig;
 use crate::proto::RegisterError;
 
@@ -21,9 +21,8 @@ const MAX_OFFLINE: usize = 100_000;
 #[derive(Clone)]
 pub(crate) struct HostRoute {
     pub(crate) session: Arc<SessionShared>,
-    pub(crate) service: u32,
-    /// Cancelled when the service closes; its visitors go with it.
-    pub(crate) token: CancellationToken,
+    /// The tunnel: its token closes it, its limits admit visitors.
+    pub(crate) tunnel: Arc<Tunnel>,
     /// Replaces the Host header when set (`use-local-as-http-host`).
     pub(crate) local_host: Option<String>,
     /// The prefix asked for, if any (for path routing).
@@ -132,7 +131,7 @@ impl Hosts {
     /// Forgets a closed service's host; later visitors get "offline" instead of "unknown".
     pub(crate) fn release(&self, key: &str, service: u32) {
         let mut table = self.lock();
-        if table.routes.get(key).is_some_and(|r| r.service == service) {
+        if table.routes.get(key).is_some_and(|r| r.tunnel.service == service) {
             table.routes.remove(key);
             if table.offline.len() < MAX_OFFLINE {
                 table.offline.insert(key.to_owned());

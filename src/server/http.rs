@@ -14,6 +14,7 @@ use tracing::{debug, info, Instrument};
 use super::hosts::{HostRoute, Lookup};
 use super::session::SessionShared;
 use super::sni::sni_key;
+use super::tunnel::{Refusal, Tunnel};
 use super::visit::{relay_visitor, take_data};
 use super::ServerShared;
 use crate::proto::{OpenStream, RegisterError};
@@ -29,7 +30,7 @@ const MAX_HEADERS: usize = 128;
 pub(crate) async fn open_host(
     shared: &Arc<ServerShared>,
     session: &Arc<SessionShared>,
-    service: u32,
+    tunnel: Arc<Tunnel>,
     prefix: Option<String>,
     local_host: Option<String>,
     tls_passthrough: bool,
@@ -41,12 +42,9 @@ pub(crate) async fn open_host(
     }
     let host_key = shared.hosts.key_for(&shared.config, &session.user, prefix.as_deref())?;
     let key = if tls_passthrough { sni_key(&host_key) } else { host_key.clone() };
-    let token = session.open_tunnel(service);
-    let route = HostRoute { session: session.clone(), service, token: token.clone(), local_host, prefix };
-    if let Err(error) = shared.hosts.reserve(&shared.config, &key, route).await {
-        session.forget_tunnel(service);
-        return Err(error);
-    }
+    let (service, token) = (tunnel.service, tunnel.token.clone());
+    let route = HostRoute { session: session.clone(), tunnel, local_host, prefix };
+    shared.hosts.reserve(&shared.config, &key, route).await?;
     let (owner, sessions, name) = (shared.clone(), session.clone(), key.clone());
     session.tasks.spawn(async move {
         token.cancelled().await;
@@ -98,15 +96,28 @@ pub(crate) async fn serve_visitor(
         Err((status, reason, message)) => return respond(&mut visitor, status, reason, &message).await,
     };
     drop(handshake);
+    let _admitted = match route.tunnel.admit() {
+        Ok(admitted) => admitted,
+        Err(Refusal::AtCapacity) => {
+            let message = format!("The service for '{}' has all the visitors it takes.", head.route_host);
+            return respond(&mut visitor, 503, "Service Unavailable", &message).await;
+        }
+        Err(Refusal::Closed) => {
+            let message = format!("The service for '{}' has closed.", head.route_host);
+            return respond(&mut visitor, 502, "Bad Gateway", &message).await;
+        }
+    };
     let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
         let message = format!("The client serving '{}' has no free connection.", head.route_host);
         return respond(&mut visitor, 502, "Bad Gateway", &message).await;
     };
     let mut early = rewrite_head(&head, &route, path.as_deref(), peer, scheme);
     early.extend_from_slice(&read[head_len..]);
-    let open = OpenStream { service: route.service, visitor: peer };
+    let open = OpenStream { service: route.tunnel.service, visitor: peer };
     let span = tracing::debug_span!("http visitor", %peer, host = %head.route_host);
-    relay_visitor(&route.session, data, &mut visitor, &open, early, &route.token).instrument(span).await;
+    relay_visitor(&route.session, data, &mut visitor, &open, early, &route.tunnel.token)
+        .instrument(span)
+        .await;
 }
 
 enum HeadError {
@@ -172,10 +183,10 @@ fn strip_port(host: &str) -> &str {
         .map_or(host, |(h, _)| h)
 }
 
-type Refusal = (u16, &'static str, String);
+type ErrorPage = (u16, &'static str, String);
 
 /// Finds the service for a request: by the first label of its host, else (when enabled) by path.
-fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<String>), Refusal> {
+fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<String>), ErrorPage> {
     let label = head.route_host.split('.').next().unwrap_or_default();
     let known_user = shared.config.users.keys().any(|id| id.eq_ignore_ascii_case(label));
     let lookup = shared.hosts.lookup(label, known_user);

@@ -13,6 +13,7 @@ mod registry;
 mod session;
 mod sni;
 mod tcp;
+mod tunnel;
 mod visit;
 
 use std::future::Future;

@@ -12,11 +12,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use super::pool::{DataPool, IDLE_TTL};
+use super::tunnel::Tunnel;
 use super::{http, tcp, ServerShared};
 use crate::auth::{Ephemeral, ReplayGuard, SessionKey};
 use crate::proto::{
-    ClientMessage, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, RegisterError, ServerMessage,
-    ServiceSpec,
+    ClientMessage, CloseReason, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, RegisterError,
+    ServerMessage, ServiceControl, ServiceSpec,
 };
 use crate::transport::Stream;
 
@@ -39,7 +40,7 @@ pub(crate) struct SessionShared {
     pub(crate) released: CancellationToken,
     pub(crate) tasks: TaskTracker,
     /// Open tunnels by service number; cancelling one closes the tunnel and its visitors.
-    pub(crate) tunnels: Mutex<HashMap<u32, CancellationToken>>,
+    pub(crate) tunnels: Mutex<HashMap<u32, Arc<Tunnel>>>,
 }
 
 impl SessionShared {
@@ -49,25 +50,50 @@ impl SessionShared {
             && self.replay.lock().unwrap_or_else(|e| e.into_inner()).accept(seq)
     }
 
-    /// Starts tracking a tunnel; its token closes it and its visitors.
-    pub(crate) fn open_tunnel(&self, service: u32) -> CancellationToken {
-        let token = self.closing.child_token();
-        self.tunnels().insert(service, token.clone());
-        token
+    /// Starts tracking a tunnel. Its token closes it and its visitors; when the server
+    /// closes it (a limit reached), the client is told why.
+    pub(crate) fn open_tunnel(&self, service: u32, control: ServiceControl) -> Arc<Tunnel> {
+        let tunnel = Tunnel::new(service, self.closing.child_token(), control);
+        self.tunnels().insert(service, tunnel.clone());
+        let (watched, outbox) = (tunnel.clone(), self.outbox.clone());
+        self.tasks.spawn(async move {
+            let deadline = async {
+                match watched.max_serve_time() {
+                    Some(limit) => tokio::time::sleep(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = watched.token.cancelled() => {}
+                _ = deadline => {
+                    let millis = watched.max_serve_time().unwrap_or_default().as_millis() as u64;
+                    watched.close(CloseReason::MaxServeTime { millis });
+                }
+            }
+            if let Some(reason) = watched.reason() {
+                info!(service = watched.service, %reason, "tunnel closed by its limits");
+                let _ = outbox
+                    .send(ServerMessage::ServiceClosed { service: watched.service, reason: reason.clone() })
+                    .await;
+            }
+        });
+        tunnel
     }
 
-    /// Stops tracking a closed tunnel.
+    /// Stops tracking a tunnel and closes it.
     pub(crate) fn forget_tunnel(&self, service: u32) {
-        self.tunnels().remove(&service);
+        if let Some(tunnel) = self.tunnels().remove(&service) {
+            tunnel.token.cancel();
+        }
     }
 
-    /// Closes one tunnel; false if it does not exist.
+    /// Closes one tunnel at the client's request; false if it does not exist.
     pub(crate) fn close_tunnel(&self, service: u32) -> bool {
-        let token = self.tunnels().get(&service).cloned();
-        token.map(|t| t.cancel()).is_some()
+        let tunnel = self.tunnels().get(&service).cloned();
+        tunnel.map(|t| t.token.cancel()).is_some()
     }
 
-    fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, CancellationToken>> {
+    fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Tunnel>>> {
         self.tunnels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -217,7 +243,7 @@ impl Control<'_> {
 
     async fn handle(&mut self, message: ClientMessage, services: &mut usize) -> Result<(), ProtocolError> {
         match message {
-            ClientMessage::Register { request, spec } => {
+            ClientMessage::Register { request, spec, control } => {
                 let reply = if *services >= MAX_SERVICES_PER_SESSION {
                     ServerMessage::RegisterFailed {
                         request,
@@ -226,7 +252,7 @@ impl Control<'_> {
                         },
                     }
                 } else {
-                    self.register(request, spec).await
+                    self.register(request, spec, control).await
                 };
                 if matches!(reply, ServerMessage::Registered { .. }) {
                     *services += 1;
@@ -245,24 +271,28 @@ impl Control<'_> {
         }
     }
 
-    async fn register(&mut self, request: u64, spec: ServiceSpec) -> ServerMessage {
+    async fn register(&mut self, request: u64, spec: ServiceSpec, control: ServiceControl) -> ServerMessage {
         let name = match &spec {
             ServiceSpec::Tcp { name, .. }
             | ServiceSpec::Http { name, .. }
             | ServiceSpec::Https { name, .. } => name.clone(),
         };
         let service = self.shared.registry.next_service_id();
+        let tunnel = self.session.open_tunnel(service, control);
         let opened = match spec {
             ServiceSpec::Tcp { port, random, proxy_protocol, .. } => {
-                self.open_tcp(service, port, random, proxy_protocol).await
+                self.open_tcp(tunnel, port, random, proxy_protocol).await
             }
             ServiceSpec::Http { prefix, local_host, .. } => {
-                http::open_host(self.shared, self.session, service, prefix, local_host, false).await
+                http::open_host(self.shared, self.session, tunnel, prefix, local_host, false).await
             }
             ServiceSpec::Https { prefix, .. } => {
-                http::open_host(self.shared, self.session, service, prefix, None, true).await
+                http::open_host(self.shared, self.session, tunnel, prefix, None, true).await
             }
         };
+        if opened.is_err() {
+            self.session.forget_tunnel(service);
+        }
         match opened {
             Ok((port, host)) => {
                 info!(service, port, host, %name, "tunnel opened");
@@ -277,7 +307,7 @@ impl Control<'_> {
 
     async fn open_tcp(
         &mut self,
-        service: u32,
+        tunnel: Arc<Tunnel>,
         port: Option<u16>,
         random: bool,
         proxy_protocol: Option<ProxyProtocol>,
@@ -285,7 +315,7 @@ impl Control<'_> {
         let registry = &self.shared.registry;
         let (port, listener) =
             registry.reserve_tcp_port(&self.shared.config, self.session, port, random).await?;
-        tcp::spawn_tunnel(self.shared, self.session, service, port, listener, proxy_protocol);
+        tcp::spawn_tunnel(self.shared, self.session, tunnel, port, listener, proxy_protocol);
         Ok((port, None))
     }
 }

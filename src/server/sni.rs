@@ -41,12 +41,15 @@ pub(crate) async fn serve_visitor(
         return debug!(%peer, %name, "no tunnel for this TLS server name; closing");
     };
     drop(handshake);
+    let Ok(_admitted) = route.tunnel.admit() else {
+        return debug!(%peer, %name, "visitor refused by the tunnel's limits");
+    };
     let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
         return debug!(%peer, %name, "no free data connection; closing");
     };
-    let open = OpenStream { service: route.service, visitor: peer };
+    let open = OpenStream { service: route.tunnel.service, visitor: peer };
     let span = tracing::debug_span!("tls visitor", %peer, %name);
-    relay_visitor(&route.session, data, &mut visitor, &open, hello.to_vec(), &route.token)
+    relay_visitor(&route.session, data, &mut visitor, &open, hello.to_vec(), &route.tunnel.token)
         .instrument(span)
         .await;
 }

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::proxy_header::proxy_header;
 use super::session::SessionShared;
+use super::tunnel::{Tunnel, Visit};
 use super::visit::{relay_visitor, take_data};
 use super::ServerShared;
 use crate::proto::{OpenStream, ProxyProtocol};
@@ -18,19 +19,18 @@ use crate::proto::{OpenStream, ProxyProtocol};
 pub(crate) fn spawn_tunnel(
     shared: &Arc<ServerShared>,
     session: &Arc<SessionShared>,
-    service: u32,
+    tunnel: Arc<Tunnel>,
     port: u16,
     listener: TcpListener,
     proxy_protocol: Option<ProxyProtocol>,
 ) {
-    let token = session.open_tunnel(service);
+    let service = tunnel.service;
     let (shared, session) = (shared.clone(), session.clone());
     let span = tracing::info_span!("tunnel", service, port);
     let tasks = session.tasks.clone();
     tasks.spawn(
         async move {
-            let tunnel = (service, proxy_protocol);
-            accept_visitors(&shared, &session, tunnel, &listener, &token).await;
+            accept_visitors(&shared, &session, &tunnel, proxy_protocol, &listener).await;
             // Drop the socket before giving the port back, so a re-registration can bind it.
             drop(listener);
             shared.registry.release_port(port);
@@ -44,25 +44,33 @@ pub(crate) fn spawn_tunnel(
 async fn accept_visitors(
     shared: &ServerShared,
     session: &Arc<SessionShared>,
-    (service, proxy_protocol): (u32, Option<ProxyProtocol>),
+    tunnel: &Arc<Tunnel>,
+    proxy_protocol: Option<ProxyProtocol>,
     listener: &TcpListener,
-    token: &CancellationToken,
 ) {
     loop {
         let accepted = tokio::select! {
-            _ = token.cancelled() => return,
+            _ = tunnel.token.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((visitor, addr)) => {
+                // Over a max-serve limit the visitor is closed at once.
+                let admitted = match tunnel.admit() {
+                    Ok(admitted) => admitted,
+                    Err(refusal) => {
+                        debug!(%addr, ?refusal, "visitor refused by the tunnel's limits");
+                        continue;
+                    }
+                };
                 let visit = serve_visitor(
                     session.clone(),
                     shared.config.data_wait_timeout,
-                    service,
+                    (tunnel.service, admitted),
                     proxy_protocol,
                     visitor,
                     addr,
-                    token.clone(),
+                    tunnel.token.clone(),
                 );
                 session.tasks.spawn(visit.instrument(tracing::debug_span!("visitor", %addr)));
             }
@@ -81,7 +89,7 @@ const EARLY_BYTES: usize = 16 * 1024;
 async fn serve_visitor(
     session: Arc<SessionShared>,
     wait: Duration,
-    service: u32,
+    (service, _admitted): (u32, Visit),
     proxy_protocol: Option<ProxyProtocol>,
     mut visitor: TcpStream,
     addr: SocketAddr,

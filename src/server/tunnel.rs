@@ -1,0 +1,118 @@
+//! One open tunnel on the server: the token that closes it, and proxylite's
+//! service control (at most N visitors at once, M in total, open for D).
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::{CloseReason, ServiceControl};
+
+/// A tunnel's limits and live counters.
+pub(crate) struct Tunnel {
+    pub(crate) service: u32,
+    /// Cancelled when the tunnel closes; its visitors go with it.
+    pub(crate) token: CancellationToken,
+    control: ServiceControl,
+    active: AtomicU32,
+    served: AtomicU64,
+    /// Why the server closed it, when the server did.
+    closed_because: OnceLock<CloseReason>,
+}
+
+/// Why a visitor was turned away.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// `max-serve-conn` visitors are already connected.
+    AtCapacity,
+    /// The tunnel is closed or has served `max-serve-count` visitors.
+    Closed,
+}
+
+impl Tunnel {
+    pub(crate) fn new(service: u32, token: CancellationToken, control: ServiceControl) -> Arc<Self> {
+        Arc::new(Tunnel {
+            service,
+            token,
+            control,
+            active: AtomicU32::new(0),
+            served: AtomicU64::new(0),
+            closed_because: OnceLock::new(),
+        })
+    }
+
+    /// How long the tunnel may stay open, if limited.
+    pub(crate) fn max_serve_time(&self) -> Option<Duration> {
+        self.control.max_serve_time_ms.map(Duration::from_millis)
+    }
+
+    /// Lets one more visitor in; the returned guard counts it until dropped.
+    pub(crate) fn admit(self: &Arc<Self>) -> Result<Visit, Refusal> {
+        if self.token.is_cancelled() {
+            return Err(Refusal::Closed);
+        }
+        let max = self.control.max_serve_conn.unwrap_or(u32::MAX);
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map_err(|_| Refusal::AtCapacity)?;
+        let visit = Visit { tunnel: self.clone() };
+        let served = self.served.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.control.max_serve_count.is_some_and(|max| served > max) {
+            return Err(Refusal::Closed); // `visit` drops and gives its slot back
+        }
+        Ok(visit)
+    }
+
+    /// Closes the tunnel for `reason`; the first reason given is the one reported.
+    pub(crate) fn close(&self, reason: CloseReason) {
+        let _ = self.closed_because.set(reason);
+        self.token.cancel();
+    }
+
+    /// Why the server closed the tunnel, if it did.
+    pub(crate) fn reason(&self) -> Option<&CloseReason> {
+        self.closed_because.get()
+    }
+}
+
+/// One admitted visitor; dropping it frees its slot, and closes a tunnel that has
+/// served its `max-serve-count` once the last visitor is gone.
+pub(crate) struct Visit {
+    tunnel: Arc<Tunnel>,
+}
+
+impl Drop for Visit {
+    fn drop(&mut self) {
+        let tunnel = &self.tunnel;
+        let active = tunnel.active.fetch_sub(1, Ordering::AcqRel) - 1;
+        if let Some(count) = tunnel.control.max_serve_count {
+            if active == 0 && tunnel.served.load(Ordering::Acquire) >= count {
+                tunnel.close(CloseReason::MaxServeCount { count });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_admit_refuse_and_close() {
+        let control =
+            ServiceControl { max_serve_conn: Some(2), max_serve_count: Some(3), max_serve_time_ms: None };
+        let tunnel = Tunnel::new(1, CancellationToken::new(), control);
+        let a = tunnel.admit().unwrap();
+        let b = tunnel.admit().unwrap();
+        assert_eq!(tunnel.admit().err(), Some(Refusal::AtCapacity));
+        drop(a);
+        let c = tunnel.admit().unwrap();
+        drop(b);
+        assert_eq!(tunnel.admit().err(), Some(Refusal::Closed), "a fourth visitor in total");
+        assert!(!tunnel.token.is_cancelled(), "still serving its last visitor");
+        drop(c);
+        assert!(tunnel.token.is_cancelled());
+        assert_eq!(tunnel.reason(), Some(&CloseReason::MaxServeCount { count: 3 }));
+    }
+}

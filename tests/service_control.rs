@@ -1,0 +1,114 @@
+//! proxylite's service control: visitors at once, visitors in total, lifetime.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::http::{get, http_service};
+use common::*;
+use ferry::{CloseReason, ServiceConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Connects and proves the visitor reaches the echo service; the connection stays open.
+async fn connected_visitor(addr: &str) -> TcpStream {
+    let mut visitor = TcpStream::connect(addr).await.unwrap();
+    visitor.write_all(b"hi").await.unwrap();
+    let mut back = [0u8; 2];
+    visitor.read_exact(&mut back).await.unwrap();
+    visitor
+}
+
+/// True when the peer closed the connection without sending anything.
+async fn closed_at_once(mut visitor: TcpStream) -> bool {
+    let mut buf = [0u8; 1];
+    matches!(tokio::time::timeout(Duration::from_secs(5), visitor.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test]
+async fn max_serve_conn_refuses_the_next_visitor_at_once() {
+    within(30, async {
+        let server = start_server(server_config()).await;
+        let client = connect(server.local_addr()).await;
+        let echo = echo_server().await;
+        let service = ServiceConfig::tcp(&echo.to_string()).with_limits(Some(2), None, None);
+        let tunnel = client.add_service(service).await.unwrap();
+        let first = connected_visitor(tunnel.public_addr()).await;
+        let _second = connected_visitor(tunnel.public_addr()).await;
+        let third = TcpStream::connect(tunnel.public_addr()).await.unwrap();
+        assert!(closed_at_once(third).await, "a third visitor was let in");
+        drop(first);
+        // The freed slot is taken again (the close reaches the server asynchronously).
+        let mut admitted = false;
+        for _ in 0..100 {
+            let mut visitor = TcpStream::connect(tunnel.public_addr()).await.unwrap();
+            if visitor.write_all(b"hi").await.is_ok() {
+                let mut back = [0u8; 2];
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_millis(200), visitor.read_exact(&mut back)).await
+                {
+                    admitted = true;
+                    break;
+                }
+            }
+        }
+        assert!(admitted, "the slot of the visitor that left was never given back");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn max_serve_count_closes_the_tunnel_after_its_visitors() {
+    within(30, async {
+        let server = start_server(server_config()).await;
+        let client = connect(server.local_addr()).await;
+        let echo = echo_server().await;
+        let service = ServiceConfig::tcp(&echo.to_string()).with_limits(None, Some(3), None);
+        let mut tunnel = client.add_service(service).await.unwrap();
+        let public = tunnel.public_addr().parse().unwrap();
+        for i in 0..3u8 {
+            assert_eq!(echo_through(public, &[i; 10]).await.unwrap(), [i; 10]);
+        }
+        assert_eq!(tunnel.closed().await, CloseReason::MaxServeCount { count: 3 });
+        assert!(TcpStream::connect(public).await.is_err(), "the port stayed open");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn max_serve_time_closes_the_tunnel_and_its_visitors() {
+    within(30, async {
+        let server = start_server(server_config()).await;
+        let client = connect(server.local_addr()).await;
+        let echo = echo_server().await;
+        let service =
+            ServiceConfig::tcp(&echo.to_string()).with_limits(None, None, Some(Duration::from_millis(600)));
+        let started = Instant::now();
+        let mut tunnel = client.add_service(service).await.unwrap();
+        let visitor = connected_visitor(tunnel.public_addr()).await;
+        assert_eq!(tunnel.closed().await, CloseReason::MaxServeTime { millis: 600 });
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(500) && elapsed < Duration::from_secs(5), "{elapsed:?}");
+        assert!(closed_at_once(visitor).await, "the open visitor outlived its tunnel");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn http_services_answer_503_at_capacity() {
+    within(30, async {
+        let server = start_server(server_config()).await;
+        let client = connect(server.local_addr()).await;
+        let a = http_service("a").await;
+        let service = ServiceConfig::http(&a.to_string()).with_limits(Some(1), None, None);
+        client.add_service(service).await.unwrap();
+        // One visitor holds the only slot: it was served once and keeps its connection alive.
+        let mut holder = TcpStream::connect(server.local_addr()).await.unwrap();
+        let served = common::http::request(&mut holder, "GET", "/", "id1.example.com", "", b"").await;
+        assert_eq!(served.status, 200);
+        let refused = get(server.local_addr(), "/", "id1.example.com").await;
+        assert_eq!(refused.status, 503);
+        assert!(refused.text().contains("all the visitors it takes"), "{}", refused.text());
+    })
+    .await
+}
