@@ -74,6 +74,10 @@ pub struct ServerConfig {
     pub http_path_routing: bool,
     /// A request head not complete within this time closes the visitor.
     pub http_header_timeout: Duration,
+    /// Failed logins in a row (per address, and per id) before a ban; 0 turns bans off.
+    pub reconnect_times: u32,
+    /// How long a ban lasts.
+    pub reconnect_duration: Duration,
 }
 
 impl Default for ServerConfig {
@@ -100,6 +104,8 @@ impl Default for ServerConfig {
             http_mux_header: "Host".into(),
             http_path_routing: false,
             http_header_timeout: Duration::from_secs(10),
+            reconnect_times: 3,
+            reconnect_duration: Duration::from_secs(300),
         }
     }
 }

@@ -92,6 +92,14 @@ pub struct ServerOptions {
     /// Also route http://server/ID/PREFIX/rest, for servers without wildcard DNS.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub http_path_routing: Option<bool>,
+    /// Failed logins in a row, from one address or for one id, before a ban; 0 turns bans off.
+    /// [default: 3]
+    #[arg(long)]
+    pub reconnect_times: Option<u32>,
+    /// How long a ban lasts. [default: 5m]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub reconnect_duration: Option<Duration>,
     /// Close HTTP visitors whose request head is not complete in this time. [default: 10s]
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -348,6 +356,8 @@ impl ServerOptions {
         }
         config.http_path_routing = self.http_path_routing.unwrap_or(false);
         config.http_header_timeout = self.http_header_timeout.unwrap_or(config.http_header_timeout);
+        config.reconnect_times = self.reconnect_times.unwrap_or(config.reconnect_times);
+        config.reconnect_duration = self.reconnect_duration.unwrap_or(config.reconnect_duration);
         Ok(config)
     }
 }

@@ -141,6 +141,12 @@ pub enum LoginRefusal {
         /// The client's protocol version.
         client: u16,
     },
+    /// Too many failed logins from this address or for this id.
+    #[error("too many failed logins; banned for {seconds} more second(s)")]
+    Banned {
+        /// How long the ban still lasts.
+        seconds: u64,
+    },
     /// The message was not a valid login.
     #[error("malformed login: {message}")]
     Malformed {

@@ -4,6 +4,7 @@
 //! session (`session.rs`); each tunnel accepts visitors (`tcp.rs`) and pairs
 //! them with idle data connections from the session's pool (`pool.rs`).
 
+mod bans;
 mod hosts;
 mod http;
 mod link;
@@ -33,6 +34,7 @@ use crate::auth::UserTable;
 use crate::config::ServerConfig;
 use crate::error::ServerError;
 use crate::transport::server_tls_acceptor;
+use bans::Bans;
 use hosts::Hosts;
 use registry::Registry;
 
@@ -50,6 +52,8 @@ pub(crate) struct ServerShared {
     pub(crate) handshakes: Arc<Semaphore>,
     /// HTTP virtual hosts.
     pub(crate) hosts: Hosts,
+    /// Failed logins and bans.
+    pub(crate) bans: Bans,
 }
 
 /// Most connections that may be in their handshake at once.
@@ -128,6 +132,7 @@ impl Server {
             listeners.push(Listener { socket, key: "sni-addr", tls: None, serves: Serves::TlsPassthrough });
         }
         let hosts = Hosts::new(&config).map_err(ServerError::Config)?;
+        let bans = Bans::new(config.reconnect_times, config.reconnect_duration);
         let users = UserTable::new(
             config.users.iter().map(|(id, u)| (id.as_str(), &u.secret)),
             config.allow_any_client,
@@ -142,6 +147,7 @@ impl Server {
             shutdown: CancellationToken::new(),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             hosts,
+            bans,
         });
         Ok(Server { shared, listeners })
     }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+use super::bans::Offender;
 use super::pool::{DataPool, IDLE_TTL};
 use super::tunnel::Tunnel;
 use super::{http, tcp, ServerShared};
@@ -162,6 +163,12 @@ async fn login(
     chan: &mut ControlChannel<Stream>,
     peer: SocketAddr,
 ) -> Option<(String, String, SessionKey)> {
+    let addr = Offender::Addr(peer.ip().to_canonical());
+    // A banned address is answered before any cryptographic work.
+    if let Some(left) = shared.bans.banned(&addr) {
+        debug!(%peer, "refusing a banned address");
+        return refuse_banned(chan, left).await;
+    }
     let nonce = rand::random::<[u8; 32]>();
     let ephemeral = Ephemeral::generate();
     chan.send(&ServerMessage::Challenge { nonce, ephemeral_key: ephemeral.public }).await.ok()?;
@@ -169,23 +176,48 @@ async fn login(
         Ok(login) => login,
         Err(err) => {
             debug!(%peer, %err, "no valid login");
+            if matches!(err, ProtocolError::Malformed(_)) && shared.bans.failed(addr) {
+                warn!(%peer, "address banned after repeated failed logins");
+            }
             let refusal = LoginRefusal::Malformed { message: err.to_string() };
             let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
             return None;
         }
     };
-    let instance = match &login {
-        ClientMessage::Login { instance, .. } => instance.clone(),
-        _ => String::new(),
+    let (id, instance) = match &login {
+        ClientMessage::Login { id, instance, .. } => (Offender::Id(id.clone()), instance.clone()),
+        _ => (Offender::Id(String::new()), String::new()),
     };
+    if let Some(left) = shared.bans.banned(&id) {
+        debug!(%peer, "refusing a banned id");
+        return refuse_banned(chan, left).await;
+    }
     match shared.users.verify(&login, &nonce, &ephemeral) {
-        Ok((user, key)) => Some((user, instance, key)),
+        Ok((user, key)) => {
+            shared.bans.succeeded(&addr);
+            shared.bans.succeeded(&id);
+            Some((user, instance, key))
+        }
         Err(refusal) => {
             warn!(%peer, %refusal, "login refused");
+            for who in [addr, id] {
+                if shared.bans.failed(who.clone()) {
+                    warn!(%peer, ?who, "banned after repeated failed logins");
+                }
+            }
             let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
             None
         }
     }
+}
+
+async fn refuse_banned(
+    chan: &mut ControlChannel<Stream>,
+    left: Duration,
+) -> Option<(String, String, SessionKey)> {
+    let refusal = LoginRefusal::Banned { seconds: left.as_secs().max(1) };
+    let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
+    None
 }
 
 /// Stops every tunnel and visitor of the session, then forgets it.
