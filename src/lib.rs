@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod cancel;
 pub mod chunked;
 pub mod cli;
 mod client;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::auth::SessionKey;
+use crate::cancel::until_cancelled;
 use crate::chunked::{relay_chunked, Status};
 use crate::proto::{
     encode_frame, preamble, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
@@ -92,10 +93,7 @@ impl DataPool {
         let pool = self.clone();
         tokio::spawn(async move {
             let token = pool.token.clone();
-            tokio::select! {
-                _ = token.cancelled() => {},
-                _ = pool.serve_one() => {},
-            }
+            until_cancelled(&token, pool.serve_one()).await;
         });
     }
 

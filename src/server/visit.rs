@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::session::SessionShared;
+use crate::cancel::until_cancelled;
 use crate::chunked::{encode_chunk, relay_chunked, Status};
 use crate::proto::{encode_frame, OpenStream, ProtocolError};
 use crate::transport::Stream;
@@ -33,9 +34,8 @@ pub(crate) async fn relay_visitor<V>(
         return debug!(%err, "data connection failed before use");
     }
     let relay = relay_chunked(visitor, &mut data, Status::Expect, BytesMut::new());
-    let relayed = tokio::select! {
-        _ = token.cancelled() => return debug!("visitor closed with its tunnel"),
-        relayed = relay => relayed,
+    let Some(relayed) = until_cancelled(token, relay).await else {
+        return debug!("visitor closed with its tunnel");
     };
     match relayed {
         Ok(relayed) => {
