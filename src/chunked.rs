@@ -11,13 +11,16 @@
 //! Both directions are driven from one future over `&mut` streams (as tokio's
 //! `copy_bidirectional` does), so no stream is split and no lock is taken.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 use crate::proto::StreamStatus;
 
@@ -71,6 +74,7 @@ pub async fn relay_chunked<P, L>(
     link: &mut L,
     status: Status,
     early: BytesMut,
+    idle: Option<IdleLimit>,
 ) -> io::Result<Relayed>
 where
     P: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -78,17 +82,83 @@ where
 {
     let mut out = Outbound::new(status == Status::Send);
     let mut inbound = Inbound::new(status == Status::Expect, early);
+    let mut watch = idle.map(IdleWatch::new);
     poll_fn(|cx| {
         let out_done = out.poll(cx, &mut *plain, &mut *link)?.is_ready();
         let in_done = inbound.poll(cx, &mut *link, &mut *plain)?.is_ready();
         if out_done && in_done {
-            Poll::Ready(Ok::<(), io::Error>(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok::<(), io::Error>(()));
         }
+        if let Some(watch) = watch.as_mut() {
+            watch.poll(cx, out.total, inbound.total)?;
+        }
+        Poll::Pending
     })
     .await?;
     Ok(Relayed { out: out.total, r#in: inbound.total, leftover: inbound.leftover() })
+}
+
+/// When a visitor that moves no bytes is closed (`timeout`, GT's
+/// `timeout-on-unidirectional-traffic`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleLimit {
+    /// Close after this long without a byte in either direction.
+    pub timeout: Duration,
+    /// Also close when one direction alone has been silent this long.
+    pub unidirectional: bool,
+}
+
+/// Watches the byte counts; the timer is touched only when it fires, not per byte.
+struct IdleWatch {
+    limit: IdleLimit,
+    timer: Pin<Box<Sleep>>,
+    seen: (u64, u64),
+    last: (Instant, Instant),
+}
+
+impl IdleWatch {
+    fn new(limit: IdleLimit) -> Self {
+        let now = Instant::now();
+        IdleWatch {
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit.timeout)),
+            seen: (0, 0),
+            last: (now, now),
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>, out: u64, r#in: u64) -> io::Result<()> {
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if out != self.seen.0 {
+            self.last.0 = now;
+        }
+        if r#in != self.seen.1 {
+            self.last.1 = now;
+        }
+        self.seen = (out, r#in);
+        let silent = |since: Instant| now.saturating_duration_since(since) >= self.limit.timeout;
+        let (out_silent, in_silent) = (silent(self.last.0), silent(self.last.1));
+        if out_silent && in_silent {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no traffic for the idle timeout"));
+        }
+        if self.limit.unidirectional && (out_silent || in_silent) {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "traffic went one way only for the timeout"));
+        }
+        let oldest = if self.limit.unidirectional {
+            self.last.0.min(self.last.1)
+        } else {
+            self.last.0.max(self.last.1)
+        };
+        self.timer.as_mut().reset(oldest + self.limit.timeout);
+        // Poll once more so the reset timer is registered with this task.
+        if self.timer.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
+        }
+        Ok(())
+    }
 }
 
 /// Plain bytes → chunks, ending with the end marker.
@@ -319,8 +389,10 @@ mod tests {
             let (mut service, mut service_side) = tokio::io::duplex(100);
             let payload: Vec<u8> = (0..50_000u32).map(|i| (i as u8).wrapping_add(round)).collect();
             let expected = payload.clone();
-            let server = relay_chunked(&mut visitor_side, &mut link_server, Status::Expect, BytesMut::new());
-            let client = relay_chunked(&mut service_side, &mut link_client, Status::Send, leftover.split());
+            let server =
+                relay_chunked(&mut visitor_side, &mut link_server, Status::Expect, BytesMut::new(), None);
+            let client =
+                relay_chunked(&mut service_side, &mut link_client, Status::Send, leftover.split(), None);
             let ends = async {
                 let send = async {
                     visitor.write_all(&payload).await.unwrap();
@@ -365,7 +437,7 @@ mod tests {
             let (mut link, mut link_peer) = tokio::io::duplex(64);
             link_peer.write_all(&link_bytes).await.unwrap();
             drop(link_peer);
-            let relay = relay_chunked(&mut plain, &mut link, status, BytesMut::new());
+            let relay = relay_chunked(&mut plain, &mut link, status, BytesMut::new(), None);
             let limit = std::time::Duration::from_secs(5);
             let err = tokio::time::timeout(limit, relay).await.unwrap().unwrap_err();
             assert_eq!(err.kind(), expected);

@@ -177,7 +177,7 @@ impl DataPool {
         };
         let _ = local.set_nodelay(true);
         // The ready byte leaves with the local service's first reply (or its end).
-        match relay_chunked(&mut local, &mut link, Status::Send, early).await {
+        match relay_chunked(&mut local, &mut link, Status::Send, early, None).await {
             Ok(relayed) => {
                 debug!(from_local = relayed.out, to_local = relayed.r#in, "visitor done");
                 // Bytes read past the end marker belong to the next open message.

@@ -15,6 +15,7 @@ use std::time::Duration;
 pub use port_range::PortRange;
 
 use crate::auth::Secret;
+use crate::chunked::IdleLimit;
 use crate::proto::{ProxyProtocol, ServiceControl};
 use crate::transport::{RemoteAddr, RemoteTrust, TlsVersion};
 
@@ -78,6 +79,10 @@ pub struct ServerConfig {
     pub reconnect_times: u32,
     /// How long a ban lasts.
     pub reconnect_duration: Duration,
+    /// Close a visitor connection with no traffic in either direction for this long.
+    pub timeout: Option<Duration>,
+    /// With `timeout`: also close one whose traffic has gone one way only for that long.
+    pub timeout_on_unidirectional_traffic: bool,
 }
 
 impl Default for ServerConfig {
@@ -106,11 +111,19 @@ impl Default for ServerConfig {
             http_header_timeout: Duration::from_secs(10),
             reconnect_times: 3,
             reconnect_duration: Duration::from_secs(300),
+            timeout: None,
+            timeout_on_unidirectional_traffic: false,
         }
     }
 }
 
 impl ServerConfig {
+    /// The idle rule for visitor connections, if `timeout` is set.
+    pub fn idle_limit(&self) -> Option<IdleLimit> {
+        self.timeout
+            .map(|timeout| IdleLimit { timeout, unidirectional: self.timeout_on_unidirectional_traffic })
+    }
+
     /// Adds a user with a secret; a convenience for programs and tests.
     pub fn with_user(mut self, id: &str, secret: &str) -> Self {
         self.users.insert(id.to_owned(), UserConfig { secret: Secret::new(secret) });

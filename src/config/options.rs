@@ -100,6 +100,14 @@ pub struct ServerOptions {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub reconnect_duration: Option<Duration>,
+    /// Close a visitor connection with no traffic either way for this long, e.g. 90s.
+    /// [default: never]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// With --timeout: also close a visitor whose traffic has gone one way only for that long.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub timeout_on_unidirectional_traffic: Option<bool>,
     /// Close HTTP visitors whose request head is not complete in this time. [default: 10s]
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -357,6 +365,8 @@ impl ServerOptions {
         config.http_path_routing = self.http_path_routing.unwrap_or(false);
         config.http_header_timeout = self.http_header_timeout.unwrap_or(config.http_header_timeout);
         config.reconnect_times = self.reconnect_times.unwrap_or(config.reconnect_times);
+        config.timeout = self.timeout;
+        config.timeout_on_unidirectional_traffic = self.timeout_on_unidirectional_traffic.unwrap_or(false);
         config.reconnect_duration = self.reconnect_duration.unwrap_or(config.reconnect_duration);
         Ok(config)
     }

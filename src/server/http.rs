@@ -115,9 +115,17 @@ pub(crate) async fn serve_visitor(
     early.extend_from_slice(&read[head_len..]);
     let open = OpenStream { service: route.tunnel.service, visitor: peer };
     let span = tracing::debug_span!("http visitor", %peer, host = %head.route_host);
-    relay_visitor(&route.session, data, &mut visitor, &open, early, &route.tunnel.token)
-        .instrument(span)
-        .await;
+    relay_visitor(
+        &route.session,
+        data,
+        &mut visitor,
+        &open,
+        early,
+        &route.tunnel.token,
+        shared.config.idle_limit(),
+    )
+    .instrument(span)
+    .await;
 }
 
 enum HeadError {

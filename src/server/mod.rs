@@ -183,14 +183,19 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server { shared, listeners } = self;
         let links = TaskTracker::new();
+        let mut accepting = Vec::with_capacity(listeners.len());
         for listener in listeners {
             let addr = listener.socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
             info!(%addr, listener = listener.key, "listening");
-            tokio::spawn(accept_links(shared.clone(), listener, links.clone()));
+            accepting.push(tokio::spawn(accept_links(shared.clone(), listener, links.clone())));
         }
         shutdown.await;
         info!("shutting down");
         shared.shutdown.cancel();
+        // The listeners are closed once their accept loops are gone: the ports are free on return.
+        for accept in accepting {
+            let _ = accept.await;
+        }
         links.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, links.wait()).await.is_err() {
             warn!("some sessions did not close within {SHUTDOWN_GRACE:?}");

@@ -49,7 +49,8 @@ pub(crate) async fn serve_visitor(
     };
     let open = OpenStream { service: route.tunnel.service, visitor: peer };
     let span = tracing::debug_span!("tls visitor", %peer, %name);
-    relay_visitor(&route.session, data, &mut visitor, &open, hello.to_vec(), &route.tunnel.token)
+    let idle = shared.config.idle_limit();
+    relay_visitor(&route.session, data, &mut visitor, &open, hello.to_vec(), &route.tunnel.token, idle)
         .instrument(span)
         .await;
 }

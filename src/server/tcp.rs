@@ -13,6 +13,7 @@ use super::session::SessionShared;
 use super::tunnel::{Tunnel, Visit};
 use super::visit::{relay_visitor, take_data};
 use super::ServerShared;
+use crate::chunked::IdleLimit;
 use crate::proto::{OpenStream, ProxyProtocol};
 
 /// Starts accepting visitors on `listener` until the tunnel or its session closes.
@@ -65,7 +66,7 @@ async fn accept_visitors(
                 };
                 let visit = serve_visitor(
                     session.clone(),
-                    shared.config.data_wait_timeout,
+                    (shared.config.data_wait_timeout, shared.config.idle_limit()),
                     (tunnel.service, admitted),
                     proxy_protocol,
                     visitor,
@@ -88,7 +89,7 @@ const EARLY_BYTES: usize = 16 * 1024;
 
 async fn serve_visitor(
     session: Arc<SessionShared>,
-    wait: Duration,
+    (wait, idle): (Duration, Option<IdleLimit>),
     (service, _admitted): (u32, Visit),
     proxy_protocol: Option<ProxyProtocol>,
     mut visitor: TcpStream,
@@ -110,5 +111,5 @@ async fn serve_visitor(
     let read = visitor.try_read(&mut early[header..]).unwrap_or(0);
     early.truncate(header + read);
     let open = OpenStream { service, visitor: addr };
-    relay_visitor(&session, data, &mut visitor, &open, early, &token).await;
+    relay_visitor(&session, data, &mut visitor, &open, early, &token, idle).await;
 }

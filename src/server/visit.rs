@@ -9,7 +9,7 @@ use tracing::debug;
 
 use super::session::SessionShared;
 use crate::cancel::until_cancelled;
-use crate::chunked::{encode_chunk, relay_chunked, Status};
+use crate::chunked::{encode_chunk, relay_chunked, IdleLimit, Status};
 use crate::proto::{encode_frame, OpenStream, ProtocolError};
 use crate::transport::Stream;
 
@@ -27,13 +27,14 @@ pub(crate) async fn relay_visitor<V>(
     open: &OpenStream,
     early: Vec<u8>,
     token: &CancellationToken,
+    idle: Option<IdleLimit>,
 ) where
     V: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     if let Err(err) = send_open(&mut data, open, early).await {
         return debug!(%err, "data connection failed before use");
     }
-    let relay = relay_chunked(visitor, &mut data, Status::Expect, BytesMut::new());
+    let relay = relay_chunked(visitor, &mut data, Status::Expect, BytesMut::new(), idle);
     let Some(relayed) = until_cancelled(token, relay).await else {
         return debug!("visitor closed with its tunnel");
     };
