@@ -47,6 +47,8 @@ pub(crate) struct DataPool {
     target: AtomicUsize,
     /// How many connections wait for a visitor right now.
     idle: AtomicUsize,
+    /// The configured number of idle connections; the target never goes below it.
+    base: usize,
     token: CancellationToken,
 }
 
@@ -71,6 +73,7 @@ impl DataPool {
             local_timeout,
             target: AtomicUsize::new(idle),
             idle: AtomicUsize::new(0),
+            base: idle,
             token,
         });
         for _ in 0..idle {
@@ -121,12 +124,19 @@ impl DataPool {
             let (link, open, early) = match claimed {
                 Ok(claimed) => claimed,
                 // The server closed an idle connection (trimmed, or the session is ending).
-                Err(err) if below_target => {
+                Err(err) if idle < self.base => {
                     debug!(%err, "idle data connection closed; opening another");
                     tokio::time::sleep(RETRY_DELAY).await;
                     continue;
                 }
-                Err(_) => return,
+                // Above the configured size the server trims what a burst left over: shrink back.
+                Err(_) => {
+                    let base = self.base;
+                    let _ = self
+                        .target
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| (t > base).then(|| t - 1));
+                    return;
+                }
             };
             if below_target {
                 self.spawn_worker();
