@@ -1,5 +1,5 @@
-//! Authentication: keys derived from secrets, the login signature, session keys
-//! for data connections, and the server's table of users.
+//! Authentication: keys derived from secrets, the login signature, and session keys
+//! for data connections.
 //!
 //! The secret never crosses the wire. Both sides derive an Ed25519 key pair from
 //! `(id, secret)`; the client signs a transcript holding fresh nonces of both
@@ -7,13 +7,18 @@
 //! itself (or, with allow-any-client, the first key it saw for that id). An
 //! X25519 exchange inside the same transcript yields a session key that data
 //! connections use to prove they belong to the session.
+//!
+//! One exception: a server that checks users with an auth API must hand the
+//! secret to that API. It asks for it in the challenge, and the client then
+//! sends it sealed (ChaCha20-Poly1305) under a key derived from the session key,
+//! and only over a verified TLS connection or to a loopback server.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::Mutex;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use hmac::{Hmac, Mac};
+use ring::aead;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -21,6 +26,9 @@ use subtle::ConstantTimeEq;
 use crate::proto::{ClientMessage, LoginRefusal};
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Longest secret a server accepts in a login.
+const MAX_SECRET_LEN: usize = 1024;
 
 /// A secret whose `Debug` and `Display` print a mask, so it never lands in logs.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +146,7 @@ pub fn client_login(
     server_nonce: &[u8; 32],
     server_ephemeral: &[u8; 32],
     instance: &str,
+    reveal_secret: bool,
 ) -> (ClientMessage, SessionKey) {
     let signing = user_signing_key(id, secret);
     let public_key = signing.verifying_key().to_bytes();
@@ -153,6 +162,7 @@ pub fn client_login(
     };
     let signature = signing.sign(&transcript.bytes()).to_bytes().to_vec();
     let key = transcript.session_key(&ephemeral.shared(server_ephemeral));
+    let sealed_secret = reveal_secret.then(|| key.seal_secret(secret));
     let login = ClientMessage::Login {
         id: id.to_owned(),
         client_nonce,
@@ -161,6 +171,7 @@ pub fn client_login(
         signature,
         instance: instance.to_owned(),
         software: env!("CARGO_PKG_VERSION").to_owned(),
+        sealed_secret,
     };
     (login, key)
 }
@@ -177,6 +188,37 @@ impl SessionKey {
         mac.update(&session.to_be_bytes());
         mac.update(&seq.to_be_bytes());
         mac.finalize().into_bytes().into()
+    }
+
+    /// Encrypts the secret for the server that shares this key (auth API logins only).
+    fn seal_secret(&self, secret: &Secret) -> Vec<u8> {
+        let mut sealed = secret.expose().as_bytes().to_vec();
+        // One key per login and one message per key: a zero nonce is never reused.
+        let nonce = aead::Nonce::assume_unique_for_key([0; 12]);
+        // Sealing fails only for messages over 256 GiB; frames are capped at 64 KiB.
+        if self.seal_key().seal_in_place_append_tag(nonce, aead::Aad::empty(), &mut sealed).is_err() {
+            sealed.clear();
+        }
+        sealed
+    }
+
+    /// Decrypts a sealed secret; `None` if it was not sealed with this key or is too long.
+    fn open_secret(&self, sealed: &[u8]) -> Option<Secret> {
+        if sealed.len() > MAX_SECRET_LEN + aead::CHACHA20_POLY1305.tag_len() {
+            return None;
+        }
+        let mut buffer = sealed.to_vec();
+        let nonce = aead::Nonce::assume_unique_for_key([0; 12]);
+        let plain = self.seal_key().open_in_place(nonce, aead::Aad::empty(), &mut buffer).ok()?;
+        String::from_utf8(plain.to_vec()).ok().map(Secret)
+    }
+
+    fn seal_key(&self) -> aead::LessSafeKey {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.0).expect("hmac takes any key length");
+        mac.update(b"ferry v1 sealed secret\0");
+        let key: [u8; 32] = mac.finalize().into_bytes().into();
+        let unbound = aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &key).expect("32-byte key");
+        aead::LessSafeKey::new(unbound)
     }
 
     /// Checks a data connection's MAC in constant time.
@@ -210,110 +252,97 @@ impl ReplayGuard {
     }
 }
 
-/// The users a server knows, and what it learned under allow-any-client.
-pub struct UserTable {
-    known: HashMap<String, [u8; 32]>,
-    allow_any_client: bool,
-    learned: Mutex<HashMap<String, [u8; 32]>>,
+/// A login whose signature checks out for the public key it presents; whether that key
+/// belongs to the id is the server's user directory's call.
+pub struct VerifiedLogin {
+    /// The id the client claims.
+    pub id: String,
+    /// The Ed25519 key the client signed with (derived from id and secret).
+    pub public_key: [u8; 32],
+    /// The session key both sides now share.
+    pub session_key: SessionKey,
+    /// The secret, when the server asked for it (auth API) and the client gave it.
+    pub secret: Option<Secret>,
 }
 
-impl UserTable {
-    /// Builds the table from `(id, secret)` pairs.
-    pub fn new<'a>(users: impl IntoIterator<Item = (&'a str, &'a Secret)>, allow_any_client: bool) -> Self {
-        let known = users
-            .into_iter()
-            .map(|(id, secret)| (id.to_owned(), user_signing_key(id, secret).verifying_key().to_bytes()))
-            .collect();
-        UserTable { known, allow_any_client, learned: Mutex::new(HashMap::new()) }
+impl VerifiedLogin {
+    /// Whether `secret` is the one the client signed with (compared through the derived key).
+    pub fn signed_with(&self, secret: &Secret) -> bool {
+        let expected = user_signing_key(&self.id, secret).verifying_key().to_bytes();
+        expected.ct_eq(&self.public_key).into()
     }
+}
 
-    /// Checks a login against a challenge; returns the session key on success.
-    pub fn verify(
-        &self,
-        login: &ClientMessage,
-        server_nonce: &[u8; 32],
-        ephemeral: &Ephemeral,
-    ) -> Result<(String, SessionKey), LoginRefusal> {
-        let ClientMessage::Login { id, client_nonce, public_key, ephemeral_key, signature, .. } = login
-        else {
-            return Err(LoginRefusal::Malformed { message: "expected a login message".into() });
-        };
-        let refused = || LoginRefusal::AuthFailed { id: id.clone() };
-        let transcript = Transcript {
-            id,
-            server_nonce,
-            client_nonce,
-            server_ephemeral: &ephemeral.public,
-            client_ephemeral: ephemeral_key,
-            public_key,
-        };
-        let signature = Signature::from_slice(signature).map_err(|_| refused())?;
-        let verifying = VerifyingKey::from_bytes(public_key).map_err(|_| refused())?;
-        verifying.verify(&transcript.bytes(), &signature).map_err(|_| refused())?;
-        if !self.key_matches(id, public_key) {
-            return Err(refused());
-        }
-        Ok((id.clone(), transcript.session_key(&ephemeral.shared(ephemeral_key))))
-    }
-
-    /// The signature was valid for `public_key`; is that the right key for `id`?
-    fn key_matches(&self, id: &str, public_key: &[u8; 32]) -> bool {
-        if let Some(expected) = self.known.get(id) {
-            return expected.ct_eq(public_key).into();
-        }
-        if !self.allow_any_client {
-            return false;
-        }
-        let mut learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
-        let first = learned.entry(id.to_owned()).or_insert(*public_key);
-        first.ct_eq(public_key).into()
-    }
+/// Checks a login's signature over the transcript of this challenge; on success both
+/// sides share a session key. A sealed secret that does not open is a refusal.
+pub fn verify_login(
+    login: &ClientMessage,
+    server_nonce: &[u8; 32],
+    ephemeral: &Ephemeral,
+) -> Result<VerifiedLogin, LoginRefusal> {
+    let ClientMessage::Login {
+        id, client_nonce, public_key, ephemeral_key, signature, sealed_secret, ..
+    } = login
+    else {
+        return Err(LoginRefusal::Malformed { message: "expected a login message".into() });
+    };
+    let refused = || LoginRefusal::AuthFailed { id: id.clone() };
+    let transcript = Transcript {
+        id,
+        server_nonce,
+        client_nonce,
+        server_ephemeral: &ephemeral.public,
+        client_ephemeral: ephemeral_key,
+        public_key,
+    };
+    let signature = Signature::from_slice(signature).map_err(|_| refused())?;
+    let verifying = VerifyingKey::from_bytes(public_key).map_err(|_| refused())?;
+    verifying.verify(&transcript.bytes(), &signature).map_err(|_| refused())?;
+    let session_key = transcript.session_key(&ephemeral.shared(ephemeral_key));
+    let secret = match sealed_secret {
+        Some(sealed) => Some(session_key.open_secret(sealed).ok_or_else(refused)?),
+        None => None,
+    };
+    Ok(VerifiedLogin { id: id.clone(), public_key: *public_key, session_key, secret })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn login_with(table: &UserTable, id: &str, secret: &str) -> Result<(String, SessionKey), LoginRefusal> {
+    #[test]
+    fn logins_verify_and_share_a_session_key() {
         let nonce = rand::random::<[u8; 32]>();
         let server_eph = Ephemeral::generate();
-        let (login, client_key) = client_login(id, &Secret::new(secret), &nonce, &server_eph.public, "i");
-        let result = table.verify(&login, &nonce, &server_eph);
-        if let Ok((_, server_key)) = &result {
-            assert_eq!(server_key.data_mac(1, 2), client_key.data_mac(1, 2));
-        }
-        result
-    }
-
-    #[test]
-    fn known_users_and_wrong_secrets() {
         let secret = Secret::new("s1");
-        let table = UserTable::new([("id1", &secret)], false);
-        assert!(login_with(&table, "id1", "s1").is_ok());
-        assert_eq!(
-            login_with(&table, "id1", "nope").err(),
-            Some(LoginRefusal::AuthFailed { id: "id1".into() })
-        );
-        assert!(login_with(&table, "stranger", "s1").is_err());
+        let (login, client_key) = client_login("id1", &secret, &nonce, &server_eph.public, "i", false);
+        let verified = verify_login(&login, &nonce, &server_eph).unwrap();
+        assert_eq!(verified.session_key.data_mac(1, 2), client_key.data_mac(1, 2));
+        assert!(verified.signed_with(&secret));
+        assert!(!verified.signed_with(&Secret::new("s2")));
+        assert!(verified.secret.is_none(), "not revealed unless asked");
     }
 
     #[test]
-    fn allow_any_client_keeps_first_secret() {
-        let table = UserTable::new([], true);
-        assert!(login_with(&table, "a", "first").is_ok());
-        assert!(login_with(&table, "a", "first").is_ok());
-        assert!(login_with(&table, "a", "second").is_err());
-        assert!(login_with(&table, "b", "second").is_ok());
+    fn a_revealed_secret_is_sealed_and_opens_only_on_the_server() {
+        let nonce = rand::random::<[u8; 32]>();
+        let server_eph = Ephemeral::generate();
+        let secret = Secret::new("hunter2");
+        let (login, _) = client_login("id1", &secret, &nonce, &server_eph.public, "i", true);
+        let wire = serde_json::to_string(&login).unwrap();
+        assert!(!wire.contains("hunter2"));
+        let verified = verify_login(&login, &nonce, &server_eph).unwrap();
+        assert_eq!(verified.secret.as_ref().map(Secret::expose), Some("hunter2"));
+        assert!(verify_login(&login, &nonce, &Ephemeral::generate()).is_err(), "another server's key");
     }
 
     #[test]
     fn tampered_transcript_fails() {
         let secret = Secret::new("s1");
-        let table = UserTable::new([("id1", &secret)], false);
         let nonce = [7u8; 32];
         let eph = Ephemeral::generate();
-        let (login, _) = client_login("id1", &secret, &nonce, &eph.public, "i");
-        assert!(table.verify(&login, &[8u8; 32], &eph).is_err());
+        let (login, _) = client_login("id1", &secret, &nonce, &eph.public, "i", false);
+        assert!(verify_login(&login, &[8u8; 32], &eph).is_err());
     }
 
     #[test]

@@ -54,9 +54,11 @@ impl ClientError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            ClientError::LoginRefused(_)
-                | ClientError::Tls(_)
-                | ClientError::Protocol(ProtocolError::VersionMismatch { .. })
+            ClientError::LoginRefused(refusal)
+                if !matches!(refusal, LoginRefusal::AuthUnavailable | LoginRefusal::TooManySessions { .. })
+        ) || matches!(
+            self,
+            ClientError::Tls(_) | ClientError::Protocol(ProtocolError::VersionMismatch { .. })
         )
     }
 }

@@ -43,13 +43,17 @@ pub mod config;
 pub mod demo;
 mod error;
 pub mod logging;
+pub mod pid_file;
 pub mod proto;
 mod server;
+pub mod throttle;
 pub mod transport;
 
 pub use client::{Client, ClientState, Registration};
-pub use config::{ClientConfig, PortRange, ServerConfig, ServiceConfig, UserConfig};
+pub use config::{
+    AuthApiConfig, ClientConfig, PortRange, ServerConfig, ServiceConfig, TcpAllowance, UserConfig,
+};
 pub use error::{ClientError, ServerError};
 pub use proto::{CloseReason, LoginRefusal, RegisterError};
-pub use server::{Server, ServerHandle};
+pub use server::{Reloader, Server, ServerHandle};
 pub use transport::{RemoteAddr, RemoteTrust};

@@ -6,7 +6,8 @@ use anyhow::{anyhow, Context};
 use ferry::cli::{Command, DemoOptions};
 use ferry::config::options::{resolve, ClientOptions, ServerOptions};
 use ferry::logging::{self, LogSettings};
-use ferry::{Client, Server};
+use ferry::pid_file::{signal_process, PidFile};
+use ferry::{Client, Reloader, Server};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -28,13 +29,48 @@ async fn main() -> ExitCode {
 
 async fn run_server(flags: ServerOptions) -> anyhow::Result<()> {
     let config_file = flags.config.clone();
-    let options = resolve(flags, config_file.as_deref()).map_err(|e| anyhow!(e))?;
+    let signal = flags.signal;
+    let options = resolve(flags.clone(), config_file.as_deref()).map_err(|e| anyhow!(e))?;
+    if let Some(signal) = signal {
+        let path = options
+            .pid_file
+            .clone()
+            .ok_or_else(|| anyhow!("-s needs --pid-file (or pid-file in --config)"))?;
+        let pid = signal_process(&path, signal).map_err(|e| anyhow!(e))?;
+        println!("sent {signal:?} to ferry server {pid}");
+        return Ok(());
+    }
     logging::init(&options.log_settings()).map_err(|e| anyhow!(e))?;
+    let pid_file = options.pid_file.clone();
     let config = options.into_config().map_err(|e| anyhow!(e))?;
     let server = Server::bind(config).await?;
+    let _pid_file = pid_file.as_deref().map(PidFile::create).transpose().map_err(|e| anyhow!(e))?;
+    tokio::spawn(reload_on_hangup(server.reloader(), flags));
     // Run on a worker thread: accepting on the main thread would hand every connection across threads.
     tokio::spawn(server.run(shutdown_signal())).await?;
     Ok(())
+}
+
+/// On each SIGHUP, reads the flags' config and users files again and reloads the users.
+async fn reload_on_hangup(reloader: Reloader, flags: ServerOptions) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return tracing::warn!("cannot listen for SIGHUP; reload is unavailable");
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading");
+            let config_file = flags.config.clone();
+            let config = resolve(flags.clone(), config_file.as_deref()).and_then(|o| o.into_config());
+            let result = config.and_then(|c| reloader.reload(&c).map_err(|e| e.to_string()));
+            if let Err(err) = result {
+                tracing::error!("reload failed, keeping the running configuration: {err}");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (reloader, flags);
 }
 
 async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {

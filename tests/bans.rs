@@ -26,11 +26,11 @@ async fn login_from(source: &str, server: SocketAddr, id: &str, secret: &str) ->
     write_preamble(&mut stream, LinkKind::Control).await.unwrap();
     let mut chan = ControlChannel::new(stream);
     let (nonce, ephemeral_key) = match chan.recv::<ServerMessage>().await.unwrap() {
-        ServerMessage::Challenge { nonce, ephemeral_key } => (nonce, ephemeral_key),
+        ServerMessage::Challenge { nonce, ephemeral_key, .. } => (nonce, ephemeral_key),
         ServerMessage::LoginRefused { refusal } => return Err(refusal),
         other => panic!("unexpected {other:?}"),
     };
-    let (login, _) = client_login(id, &Secret::new(secret), &nonce, &ephemeral_key, "test");
+    let (login, _) = client_login(id, &Secret::new(secret), &nonce, &ephemeral_key, "test", false);
     chan.send(&login).await.unwrap();
     match chan.recv::<ServerMessage>().await.unwrap() {
         ServerMessage::Welcome { .. } => Ok(()),

@@ -95,10 +95,10 @@ async fn silent_client_kept(server: std::net::SocketAddr, port: u16) {
     let mut stream = TcpStream::connect(server).await.unwrap();
     write_preamble(&mut stream, LinkKind::Control).await.unwrap();
     let mut chan = ControlChannel::new(stream);
-    let ServerMessage::Challenge { nonce, ephemeral_key } = chan.recv().await.unwrap() else {
+    let ServerMessage::Challenge { nonce, ephemeral_key, .. } = chan.recv().await.unwrap() else {
         panic!("no challenge")
     };
-    let (login, _) = client_login("id1", &Secret::new("secret1"), &nonce, &ephemeral_key, "silent");
+    let (login, _) = client_login("id1", &Secret::new("secret1"), &nonce, &ephemeral_key, "silent", false);
     chan.send(&login).await.unwrap();
     let ServerMessage::Welcome { .. } = chan.recv().await.unwrap() else { panic!("no welcome") };
     let spec =
@@ -142,7 +142,11 @@ async fn client_notices_a_silent_server() {
                 }
                 let mut chan = ControlChannel::new(stream);
                 let ephemeral = Ephemeral::generate();
-                let challenge = ServerMessage::Challenge { nonce: [1; 32], ephemeral_key: ephemeral.public };
+                let challenge = ServerMessage::Challenge {
+                    nonce: [1; 32],
+                    ephemeral_key: ephemeral.public,
+                    wants_secret: false,
+                };
                 chan.send(&challenge).await.unwrap();
                 let _login: ClientMessage = chan.recv().await.unwrap();
                 chan.send(&ServerMessage::Welcome { session: 1, heartbeat_interval_ms: 100 }).await.unwrap();

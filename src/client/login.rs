@@ -1,12 +1,15 @@
 //! Opening a control connection: preamble, challenge, signed login, welcome.
 
+use std::net::IpAddr;
 use std::time::Duration;
+
+use tracing::warn;
 
 use crate::auth::{client_login, SessionKey};
 use crate::config::ClientConfig;
 use crate::error::ClientError;
 use crate::proto::{write_preamble, ControlChannel, LinkKind, ServerMessage};
-use crate::transport::{Connector, Stream};
+use crate::transport::{Connector, RemoteTrust, Scheme, Stream};
 
 /// A logged-in control connection.
 pub(crate) struct LoggedIn {
@@ -26,11 +29,19 @@ pub(crate) async fn login(
     write_preamble(&mut stream, LinkKind::Control).await?;
     let mut chan = ControlChannel::new(stream);
     let limit = config.remote_timeout;
-    let (nonce, server_ephemeral) = match chan.recv_timeout::<ServerMessage>(limit).await? {
-        ServerMessage::Challenge { nonce, ephemeral_key } => (nonce, ephemeral_key),
+    let (nonce, server_ephemeral, wants_secret) = match chan.recv_timeout::<ServerMessage>(limit).await? {
+        ServerMessage::Challenge { nonce, ephemeral_key, wants_secret } => {
+            (nonce, ephemeral_key, wants_secret)
+        }
         other => return Err(unexpected(other)),
     };
-    let (login, key) = client_login(&config.id, &config.secret, &nonce, &server_ephemeral, instance);
+    let reveal = wants_secret && may_reveal_secret(config);
+    if wants_secret && !reveal {
+        warn!(
+            "the server asks for the secret (auth API) over a connection that does not protect it; not sent"
+        );
+    }
+    let (login, key) = client_login(&config.id, &config.secret, &nonce, &server_ephemeral, instance, reveal);
     chan.send(&login).await?;
     match chan.recv_timeout::<ServerMessage>(limit).await? {
         ServerMessage::Welcome { session, heartbeat_interval_ms } => Ok(LoggedIn {
@@ -41,6 +52,15 @@ pub(crate) async fn login(
         }),
         other => Err(unexpected(other)),
     }
+}
+
+/// The secret leaves this process only inside TLS with a verified certificate, or to a
+/// server on this host: otherwise a man in the middle could open the seal.
+fn may_reveal_secret(config: &ClientConfig) -> bool {
+    let verified_tls = config.remote.scheme == Scheme::Tls && config.remote_trust != RemoteTrust::Insecure;
+    let host = config.remote.host.as_str();
+    let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    verified_tls || loopback
 }
 
 fn unexpected(message: ServerMessage) -> ClientError {

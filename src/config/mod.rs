@@ -22,11 +22,53 @@ use crate::transport::{RemoteAddr, RemoteTrust, TlsVersion};
 /// Default heartbeat timeout on both sides.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Settings of one user on the server.
+/// Settings of one user on the server; `None` (or empty) falls back to the server-wide value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserConfig {
     /// The user's secret.
     pub secret: Secret,
+    /// TCP ports the user may open: each range with how many ports of it at a time.
+    /// `None` uses the server's `tcp-range`/`tcp-number`; `Some(empty)` allows no TCP tunnels.
+    pub tcp: Option<Vec<TcpAllowance>>,
+    /// How many host names the user may hold at a time.
+    pub host_number: Option<u32>,
+    /// Patterns the user's host prefixes must match (any of them).
+    pub host_regex: Option<Vec<String>>,
+    /// Route the user's hosts as `ID-PREFIX.domain`.
+    pub host_with_id: Option<bool>,
+    /// Bytes per second across all the user's visitors, each direction.
+    pub speed: Option<u64>,
+    /// Visitor connections the user may have open at once.
+    pub connections: Option<u32>,
+    /// Client sessions the user may have connected at once.
+    pub sessions: Option<u32>,
+}
+
+impl UserConfig {
+    /// A user with only a secret: every limit is the server's.
+    pub fn new(secret: &str) -> Self {
+        UserConfig { secret: Secret::new(secret), ..UserConfig::default() }
+    }
+}
+
+/// Up to `number` ports at a time out of `range` (GT's `tcp: [{number, range}]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpAllowance {
+    /// The ports.
+    pub range: PortRange,
+    /// How many of them one user may hold at a time; `None` is no limit.
+    pub number: Option<u32>,
+}
+
+/// An external HTTP service that says whether an id and secret may log in (`--auth-api`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthApiConfig {
+    /// `https://...`, or `http://` on a loopback address.
+    pub url: String,
+    /// An answer not complete within this time counts as a refusal.
+    pub timeout: Duration,
+    /// How long an accepted id and secret are remembered without asking again.
+    pub cache: Duration,
 }
 
 /// Everything a [`Server`](crate::Server) needs.
@@ -47,6 +89,14 @@ pub struct ServerConfig {
     pub users: BTreeMap<String, UserConfig>,
     /// Accept any id; the first secret seen for an id wins.
     pub allow_any_client: bool,
+    /// Ask an HTTP service about ids that are not in `users`.
+    pub auth_api: Option<AuthApiConfig>,
+    /// Bytes per second per user (each direction, across the user's visitors); `None` is no limit.
+    pub speed: Option<u64>,
+    /// Visitor connections per user at once; `None` is no limit.
+    pub connections: Option<u32>,
+    /// Client sessions per user at once; `None` is no limit.
+    pub sessions: Option<u32>,
     /// Ports the server may open for TCP tunnels; empty means no TCP tunnels.
     pub tcp_ranges: Vec<PortRange>,
     /// How many TCP ports one user may hold at a time; `None` is no limit.
@@ -95,6 +145,10 @@ impl Default for ServerConfig {
             tls_min_version: TlsVersion::Tls12,
             users: BTreeMap::new(),
             allow_any_client: false,
+            auth_api: None,
+            speed: None,
+            connections: None,
+            sessions: None,
             tcp_ranges: Vec::new(),
             tcp_number: None,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
@@ -126,7 +180,7 @@ impl ServerConfig {
 
     /// Adds a user with a secret; a convenience for programs and tests.
     pub fn with_user(mut self, id: &str, secret: &str) -> Self {
-        self.users.insert(id.to_owned(), UserConfig { secret: Secret::new(secret) });
+        self.users.insert(id.to_owned(), UserConfig::new(secret));
         self
     }
 }

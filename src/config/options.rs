@@ -9,7 +9,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ClientConfig, PortRange, ServerConfig, ServiceConfig, ServiceKind, UserConfig};
+use super::{
+    AuthApiConfig, ClientConfig, PortRange, ServerConfig, ServiceConfig, ServiceKind, TcpAllowance,
+    UserConfig,
+};
 use crate::auth::Secret;
 use crate::logging::LogSettings;
 use crate::proto::ProxyProtocol;
@@ -47,9 +50,35 @@ pub struct ServerOptions {
     /// The secret of the matching --id.
     #[arg(long)]
     pub secret: Vec<Secret>,
-    /// Users by id (config file only): `users: {id1: {secret: s1}}`.
+    /// Users by id (config file only): `users: {id1: {secret: s1, speed: 1048576}}`.
     #[arg(skip)]
     pub users: BTreeMap<String, UserOptions>,
+    /// A YAML (or .toml) file of users by id, with the same settings as `users:`; it
+    /// overrides the config file's users, and --id/--secret override it. Re-read on reload.
+    #[arg(long = "users", value_name = "FILE")]
+    pub users_file: Option<PathBuf>,
+    /// Ask this HTTP service whether ids that are not configured here may log in:
+    /// https://..., or http:// on a loopback address (it receives the secret).
+    #[arg(long)]
+    pub auth_api: Option<String>,
+    /// An auth API answer not complete in this time is a refusal. [default: 5s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub auth_api_timeout: Option<Duration>,
+    /// How long an id and secret accepted by the auth API are remembered. [default: 30s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub auth_api_cache: Option<Duration>,
+    /// Bytes per second each user may move, each direction, across all their visitors.
+    /// [default: no limit]
+    #[arg(long)]
+    pub speed: Option<u64>,
+    /// Visitor connections each user may have open at once. [default: no limit]
+    #[arg(long)]
+    pub connections: Option<u32>,
+    /// Client sessions each user may have connected at once. [default: no limit]
+    #[arg(long)]
+    pub sessions: Option<u32>,
     /// Accept any id; the first secret seen for an id wins.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub allow_any_client: Option<bool>,
@@ -124,14 +153,106 @@ pub struct ServerOptions {
     /// How many rotated log files to keep. [default: 7]
     #[arg(long)]
     pub log_file_max_count: Option<usize>,
+    /// Write the process id here, so `-s reload` and `-s stop` can find the server.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Instead of serving, signal the running server found through --pid-file:
+    /// reload (re-read the config and users files) or stop.
+    #[arg(short = 's', long = "signal", value_name = "SIGNAL")]
+    #[serde(skip)]
+    pub signal: Option<ProcessSignal>,
 }
 
-/// One user's settings in the config file's `users:` map.
+/// A signal for a running process (`-s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProcessSignal {
+    /// Re-read the configuration (SIGHUP).
+    Reload,
+    /// Stop gracefully (SIGTERM).
+    Stop,
+}
+
+/// One user's settings in the config file's `users:` map, the users file, or an auth API answer.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct UserOptions {
-    /// The user's secret.
-    pub secret: Secret,
+    /// The user's secret (not needed in an auth API answer).
+    pub secret: Option<Secret>,
+    /// TCP ports: a list of `{number, range}`; an empty list allows none.
+    pub tcp: Option<Vec<TcpOptions>>,
+    /// Host names: `{number, regex, with-id}`.
+    pub host: Option<HostOptions>,
+    /// Bytes per second, each direction, across the user's visitors.
+    pub speed: Option<u64>,
+    /// Visitor connections at once.
+    pub connections: Option<u32>,
+    /// Client sessions at once.
+    pub sessions: Option<u32>,
+}
+
+/// One entry of a user's `tcp:` list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TcpOptions {
+    /// Ports, e.g. `1024-65535`.
+    pub range: PortRange,
+    /// How many of them at a time. [default: no limit]
+    #[serde(default)]
+    pub number: Option<u32>,
+}
+
+/// A user's `host:` settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HostOptions {
+    /// Host names at a time.
+    pub number: Option<u32>,
+    /// Patterns a host prefix must match (one or a list).
+    #[serde(deserialize_with = "one_or_many_opt")]
+    pub regex: Option<Vec<String>>,
+    /// Route ID-PREFIX.domain.
+    pub with_id: Option<bool>,
+}
+
+impl UserOptions {
+    /// Checks the values; `needs_secret` is false for auth API answers.
+    pub fn into_config(self, needs_secret: bool) -> Result<UserConfig, String> {
+        let secret = match (self.secret, needs_secret) {
+            (Some(secret), _) => secret,
+            (None, false) => Secret::default(),
+            (None, true) => return Err("secret: missing".into()),
+        };
+        let host = self.host.unwrap_or_default();
+        for pattern in host.regex.iter().flatten() {
+            regex::Regex::new(pattern).map_err(|e| format!("host.regex: '{pattern}': {e}"))?;
+        }
+        Ok(UserConfig {
+            secret,
+            tcp: self.tcp.map(|list| {
+                list.into_iter().map(|t| TcpAllowance { range: t.range, number: t.number }).collect()
+            }),
+            host_number: host.number,
+            host_regex: host.regex,
+            host_with_id: host.with_id,
+            speed: self.speed,
+            connections: self.connections,
+            sessions: self.sessions,
+        })
+    }
+}
+
+/// Reads a users file: a map of id to settings (YAML, or TOML when the name ends in `.toml`).
+pub fn load_users_file(path: &Path) -> Result<BTreeMap<String, UserConfig>, String> {
+    let users: BTreeMap<String, UserOptions> =
+        load_file(path).map_err(|e| e.replace("config file", "users file"))?;
+    users
+        .into_iter()
+        .map(|(id, user)| {
+            let user =
+                user.into_config(true).map_err(|e| format!("users file {}: {id}.{e}", path.display()))?;
+            Ok((id, user))
+        })
+        .collect()
 }
 
 /// Client flags; each is also a config-file key of the same name.
@@ -229,6 +350,15 @@ pub struct ServiceOptions {
     /// A name for logs. [default: the local address]
     #[arg(long)]
     pub name: Option<String>,
+}
+
+/// Like `one_or_many`, for optional lists.
+fn one_or_many_opt<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    one_or_many(deserializer).map(Some)
 }
 
 /// Accepts a single value or a list, so `cert-file: a.pem` and `cert-file: [a.pem, b.pem]` both work.
@@ -335,13 +465,31 @@ impl ServerOptions {
                 self.secret.len()
             ));
         }
+        // Precedence: --id/--secret > users file > the config file's `users:`.
         for (id, options) in self.users {
-            config.users.insert(id, UserConfig { secret: options.secret });
+            let user = options.into_config(true).map_err(|e| format!("users.{id}.{e}"))?;
+            config.users.insert(id, user);
+        }
+        if let Some(path) = &self.users_file {
+            config.users.extend(load_users_file(path)?);
         }
         for (id, secret) in self.id.into_iter().zip(self.secret) {
-            config.users.insert(id, UserConfig { secret });
+            config.users.entry(id).or_default().secret = secret;
         }
         config.allow_any_client = self.allow_any_client.unwrap_or(false);
+        if let Some(url) = self.auth_api {
+            let defaults = (Duration::from_secs(5), Duration::from_secs(30));
+            let api = AuthApiConfig {
+                url,
+                timeout: self.auth_api_timeout.unwrap_or(defaults.0),
+                cache: self.auth_api_cache.unwrap_or(defaults.1),
+            };
+            crate::server::check_auth_api_url(&api.url).map_err(|e| format!("auth-api: {e}"))?;
+            config.auth_api = Some(api);
+        }
+        config.speed = self.speed;
+        config.connections = self.connections;
+        config.sessions = self.sessions;
         config.tcp_ranges = self.tcp_range;
         config.tcp_number = self.tcp_number;
         config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);

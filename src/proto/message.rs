@@ -95,6 +95,9 @@ pub enum ClientMessage {
         instance: String,
         /// The client's software version, for logs.
         software: String,
+        /// The secret, sealed with the session key, when the challenge asked for it (auth API).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sealed_secret: Option<Vec<u8>>,
     },
     /// Asks for a tunnel; answered by `Registered` or `RegisterFailed` with the same `request`.
     Register {
@@ -147,6 +150,20 @@ pub enum LoginRefusal {
         /// How long the ban still lasts.
         seconds: u64,
     },
+    /// The auth API could not be asked; try again later.
+    #[error("the server cannot check credentials right now; try again later")]
+    AuthUnavailable,
+    /// The user already has as many client sessions as allowed.
+    #[error("user '{id}' already has {limit} client session(s) connected, the most allowed")]
+    TooManySessions {
+        /// The user.
+        id: String,
+        /// The limit.
+        limit: u32,
+    },
+    /// The server needs the secret for its auth API, and the connection cannot carry it safely.
+    #[error("the server checks this id with an auth API, which needs the secret: connect with tls:// and a verified certificate")]
+    SecretNeeded,
     /// The message was not a valid login.
     #[error("malformed login: {message}")]
     Malformed {
@@ -259,6 +276,9 @@ pub enum ServerMessage {
         nonce: [u8; 32],
         /// The server's X25519 ephemeral key for the session key.
         ephemeral_key: [u8; 32],
+        /// The server checks ids with an auth API and needs the (sealed) secret.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        wants_secret: bool,
     },
     /// The login succeeded.
     Welcome {

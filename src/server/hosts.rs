@@ -4,11 +4,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use regex::Regex;
-
 use super::session::SessionShared;
 use super::tunnel::Tunnel;
-use crate::config::ServerConfig;
+use super::users::Rules;
 use crate::proto::RegisterError;
 
 /// How long a registration waits for a closing session to give its host back.
@@ -46,30 +44,20 @@ struct Table {
 }
 
 /// Host names of every HTTP service.
+#[derive(Default)]
 pub(crate) struct Hosts {
     table: Mutex<Table>,
-    patterns: Vec<Regex>,
 }
 
 impl Hosts {
-    /// Compiles the server's `host-regex` patterns.
-    pub(crate) fn new(config: &ServerConfig) -> Result<Self, String> {
-        let patterns = config
-            .host_regex
-            .iter()
-            .map(|p| Regex::new(p).map_err(|e| format!("host-regex '{p}': {e}")))
-            .collect::<Result<_, _>>()?;
-        Ok(Hosts { table: Mutex::default(), patterns })
-    }
-
     fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The routing key for a user's prefix, checked against the server's rules.
+    /// The routing key for a user's prefix, checked against the user's rules.
     pub(crate) fn key_for(
         &self,
-        config: &ServerConfig,
+        rules: &Rules,
         user: &str,
         prefix: Option<&str>,
     ) -> Result<String, RegisterError> {
@@ -81,24 +69,25 @@ impl Hosts {
         if !is_label(prefix) {
             return Err(refuse(": use letters, digits and '-', at most 63"));
         }
-        if !self.patterns.is_empty() && !self.patterns.iter().any(|p| p.is_match(prefix)) {
+        let patterns = &rules.host_patterns;
+        if !patterns.is_empty() && !patterns.iter().any(|p| p.is_match(prefix)) {
             return Err(refuse(": it matches no host-regex of the server"));
         }
         let prefix = prefix.to_ascii_lowercase();
-        Ok(if config.host_with_id { format!("{}-{prefix}", user.to_ascii_lowercase()) } else { prefix })
+        Ok(if rules.host_with_id { format!("{}-{prefix}", user.to_ascii_lowercase()) } else { prefix })
     }
 
-    /// Records `key` for a service of `session`, within the server's host-number.
+    /// Records `key` for a service of `session`, within the user's host-number.
     pub(crate) async fn reserve(
         &self,
-        config: &ServerConfig,
+        host_number: Option<u32>,
         key: &str,
         route: HostRoute,
     ) -> Result<(), RegisterError> {
         let user = route.session.user.clone();
         let pending_release = {
             let mut table = self.lock();
-            if let Some(limit) = config.host_number {
+            if let Some(limit) = host_number {
                 let held = table.routes.values().filter(|r| r.session.user == user).count();
                 if held >= limit as usize {
                     return Err(RegisterError::HostLimit { limit });
@@ -151,26 +140,20 @@ impl Hosts {
 
     /// Finds the service for `/ID/PREFIX/...` or `/ID/...`; returns the route and how many
     /// path segments it used.
-    pub(crate) fn lookup_path(
-        &self,
-        config: &ServerConfig,
-        id: &str,
-        prefix: Option<&str>,
-    ) -> Option<(HostRoute, usize)> {
+    pub(crate) fn lookup_path(&self, id: &str, prefix: Option<&str>) -> Option<(HostRoute, usize)> {
         let table = self.lock();
         let owned_by =
             |key: &str| table.routes.get(key).filter(|r| r.session.user.eq_ignore_ascii_case(id)).cloned();
         if let Some(prefix) = prefix.filter(|p| is_label(p)) {
             let prefix = prefix.to_ascii_lowercase();
-            let key = if config.host_with_id {
-                format!("{}-{prefix}", id.to_ascii_lowercase())
-            } else {
-                prefix.clone()
-            };
-            if let Some(route) = owned_by(&key)
-                .filter(|r| r.prefix.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(&prefix)))
-            {
-                return Some((route, 2));
+            // With or without host-with-id (a per-user rule), the route must be the user's own.
+            let with_id = format!("{}-{prefix}", id.to_ascii_lowercase());
+            for key in [with_id.as_str(), prefix.as_str()] {
+                if let Some(route) = owned_by(key)
+                    .filter(|r| r.prefix.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(&prefix)))
+                {
+                    return Some((route, 2));
+                }
             }
         }
         owned_by(&id.to_ascii_lowercase()).filter(|r| r.prefix.is_none()).map(|route| (route, 1))
@@ -197,16 +180,19 @@ mod tests {
 
     #[test]
     fn keys_follow_the_rules() {
-        let mut config = ServerConfig { host_regex: vec!["^[a-z]+$".into()], ..ServerConfig::default() };
-        let hosts = Hosts::new(&config).unwrap();
-        assert_eq!(hosts.key_for(&config, "Id1", None).unwrap(), "id1");
+        let mut config =
+            crate::ServerConfig { host_regex: vec!["^[a-z]+$".into()], ..crate::ServerConfig::default() };
+        let rules = Rules::resolve(&config, None).unwrap();
+        let hosts = Hosts::default();
+        assert_eq!(hosts.key_for(&rules, "Id1", None).unwrap(), "id1");
         assert_eq!(
-            hosts.key_for(&config, "id1", Some("Web")).err().map(|e| e.to_string()),
+            hosts.key_for(&rules, "id1", Some("Web")).err().map(|e| e.to_string()),
             Some("host prefix 'Web' is not allowed: it matches no host-regex of the server".into())
         );
-        assert_eq!(hosts.key_for(&config, "id1", Some("web")).unwrap(), "web");
+        assert_eq!(hosts.key_for(&rules, "id1", Some("web")).unwrap(), "web");
         config.host_with_id = true;
-        assert_eq!(hosts.key_for(&config, "id1", Some("web")).unwrap(), "id1-web");
-        assert!(hosts.key_for(&config, "id1", Some("a.b")).is_err());
+        let rules = Rules::resolve(&config, None).unwrap();
+        assert_eq!(hosts.key_for(&rules, "id1", Some("web")).unwrap(), "id1-web");
+        assert!(hosts.key_for(&rules, "id1", Some("a.b")).is_err());
     }
 }

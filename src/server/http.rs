@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{debug, info, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::hosts::{HostRoute, Lookup};
 use super::session::SessionShared;
@@ -40,11 +40,12 @@ pub(crate) async fn open_host(
             message: "the server has no sni-addr for https:// services".into(),
         });
     }
-    let host_key = shared.hosts.key_for(&shared.config, &session.user, prefix.as_deref())?;
+    let rules = session.account.rules();
+    let host_key = shared.hosts.key_for(&rules, &session.user, prefix.as_deref())?;
     let key = if tls_passthrough { sni_key(&host_key) } else { host_key.clone() };
     let (service, token) = (tunnel.service, tunnel.token.clone());
     let route = HostRoute { session: session.clone(), tunnel, local_host, prefix };
-    shared.hosts.reserve(&shared.config, &key, route).await?;
+    shared.hosts.reserve(rules.host_number, &key, route).await?;
     let (owner, sessions, name) = (shared.clone(), session.clone(), key.clone());
     session.tasks.spawn(async move {
         token.cancelled().await;
@@ -99,6 +100,11 @@ pub(crate) async fn serve_visitor(
     let _admitted = match route.tunnel.admit() {
         Ok(admitted) => admitted,
         Err(Refusal::AtCapacity) => {
+            let message = format!("The service for '{}' has all the visitors it takes.", head.route_host);
+            return respond(&mut visitor, 503, "Service Unavailable", &message).await;
+        }
+        Err(Refusal::UserLimit { limit }) => {
+            warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
             let message = format!("The service for '{}' has all the visitors it takes.", head.route_host);
             return respond(&mut visitor, 503, "Service Unavailable", &message).await;
         }
@@ -196,7 +202,7 @@ type ErrorPage = (u16, &'static str, String);
 /// Finds the service for a request: by the first label of its host, else (when enabled) by path.
 fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<String>), ErrorPage> {
     let label = head.route_host.split('.').next().unwrap_or_default();
-    let known_user = shared.config.users.keys().any(|id| id.eq_ignore_ascii_case(label));
+    let known_user = shared.users.directory().has_id_ignoring_case(label);
     let lookup = shared.hosts.lookup(label, known_user);
     if let Lookup::Online(route) = lookup {
         return Ok((route, None));
@@ -220,7 +226,7 @@ fn route_by_path(shared: &ServerShared, path: &str) -> Option<(HostRoute, Option
     let mut segments = path_only.strip_prefix('/')?.split('/');
     let id = segments.next().filter(|s| !s.is_empty())?;
     let second = segments.next();
-    let (route, used) = shared.hosts.lookup_path(&shared.config, id, second)?;
+    let (route, used) = shared.hosts.lookup_path(id, second)?;
     let rest: Vec<&str> = path_only.trim_start_matches('/').split('/').skip(used).collect();
     let mut new_path = format!("/{}", rest.join("/"));
     if let Some(query) = query {

@@ -31,6 +31,7 @@ pub(super) async fn serve_link(
     let _ = tcp.set_nodelay(true);
     let limit = shared.config.handshake_timeout;
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let over_tls = tls.is_some();
     let mut read = BytesMut::with_capacity(FIRST_READ);
     let opened = open_link(tcp, tls, http_only, &mut read);
     let (kind, stream) = match tokio::time::timeout(limit, opened).await {
@@ -45,7 +46,7 @@ pub(super) async fn serve_link(
         // The session watches the shutdown token itself, so it always runs its clean-up.
         LinkKind::Control => {
             let chan = ControlChannel::with_buffer(stream, read);
-            session::serve_control(shared, chan, peer, handshake).await
+            session::serve_control(shared, chan, peer, over_tls, handshake).await
         }
         LinkKind::Data => {
             attach_data(&shared, stream, read, peer).await;

@@ -4,6 +4,7 @@
 //! session (`session.rs`); each tunnel accepts visitors (`tcp.rs`) and pairs
 //! them with idle data connections from the session's pool (`pool.rs`).
 
+mod auth_api;
 mod bans;
 mod hosts;
 mod http;
@@ -15,6 +16,7 @@ mod session;
 mod sni;
 mod tcp;
 mod tunnel;
+mod users;
 mod visit;
 
 use std::future::Future;
@@ -30,13 +32,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::auth::UserTable;
 use crate::config::ServerConfig;
 use crate::error::ServerError;
 use crate::transport::server_tls_acceptor;
 use bans::Bans;
 use hosts::Hosts;
 use registry::Registry;
+use users::{Directory, Users};
 
 /// How long shutdown waits for sessions to close before returning anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -44,7 +46,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// State shared by every task of one server.
 pub(crate) struct ServerShared {
     pub(crate) config: ServerConfig,
-    pub(crate) users: UserTable,
+    /// Who may log in and with which rules; replaced on reload.
+    pub(crate) users: Users,
     pub(crate) registry: Registry,
     /// Cancelled on shutdown; parent of every session token.
     pub(crate) shutdown: CancellationToken,
@@ -131,22 +134,19 @@ impl Server {
             let socket = bind(addr, "sni-addr").await?;
             listeners.push(Listener { socket, key: "sni-addr", tls: None, serves: Serves::TlsPassthrough });
         }
-        let hosts = Hosts::new(&config).map_err(ServerError::Config)?;
         let bans = Bans::new(config.reconnect_times, config.reconnect_duration);
-        let users = UserTable::new(
-            config.users.iter().map(|(id, u)| (id.as_str(), &u.secret)),
-            config.allow_any_client,
-        );
-        if config.users.is_empty() && !config.allow_any_client {
-            warn!("no users configured and allow-any-client is off: every client will be refused");
+        let directory = Directory::new(&config).map_err(ServerError::Config)?;
+        if directory.is_closed() {
+            warn!("no users, no auth-api and allow-any-client is off: every client will be refused");
         }
+        let users = Users::new(directory);
         let shared = Arc::new(ServerShared {
             config,
             users,
             registry: Registry::default(),
             shutdown: CancellationToken::new(),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
-            hosts,
+            hosts: Hosts::default(),
             bans,
         });
         Ok(Server { shared, listeners })
@@ -202,14 +202,20 @@ impl Server {
         }
     }
 
+    /// A handle that reloads the users of this server while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader { shared: self.shared.clone() }
+    }
+
     /// Runs the server on a background task; the handle stops it.
     pub fn spawn(self) -> ServerHandle {
         let token = CancellationToken::new();
         let (addr, tls_addr, http_addr) = (self.local_addr(), self.tls_local_addr(), self.http_local_addr());
         let sni_addr = self.sni_local_addr();
         let stop = token.clone();
+        let reloader = self.reloader();
         let task = tokio::spawn(async move { self.run(stop.cancelled_owned()).await });
-        ServerHandle { token, task, addr, tls_addr, http_addr, sni_addr }
+        ServerHandle { token, task, addr, tls_addr, http_addr, sni_addr, reloader }
     }
 }
 
@@ -222,9 +228,15 @@ pub struct ServerHandle {
     tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     sni_addr: Option<SocketAddr>,
+    reloader: Reloader,
 }
 
 impl ServerHandle {
+    /// Applies the users of `config` to the running server; see [`Reloader::reload`].
+    pub fn reload(&self, config: &ServerConfig) -> Result<usize, ServerError> {
+        self.reloader.reload(config)
+    }
+
     /// The address clients (and HTTP visitors) connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -250,6 +262,40 @@ impl ServerHandle {
         self.token.cancel();
         let _ = self.task.await;
     }
+}
+
+/// Reloads a running server's users (`ferry server -s reload`, SIGHUP).
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<ServerShared>,
+}
+
+impl Reloader {
+    /// Applies the users part of `config`: users and their settings, `allow-any-client`,
+    /// `auth-api`, and the server-wide per-user limits (`tcp-range`, `tcp-number`, `host-*`,
+    /// `speed`, `connections`, `sessions`). Sessions of users who are gone, or whose secret
+    /// changed, are closed; changed limits apply to new connections and tunnels. Listeners,
+    /// certificates and timeouts keep their values until a restart. Returns how many
+    /// sessions were closed.
+    pub fn reload(&self, config: &ServerConfig) -> Result<usize, ServerError> {
+        let directory = Directory::new(config).map_err(ServerError::Config)?;
+        self.shared.users.replace(directory);
+        let mut closed = 0;
+        for session in self.shared.registry.sessions() {
+            if !session.closing.is_cancelled() && !session.still_allowed(&self.shared.users) {
+                info!(session = session.id, user = %session.user, "closing the session of a removed user");
+                session.closing.cancel();
+                closed += 1;
+            }
+        }
+        info!(users = config.users.len(), closed, "users reloaded");
+        Ok(closed)
+    }
+}
+
+/// Checks an `auth-api` URL: https://, or http:// on a loopback address.
+pub(crate) fn check_auth_api_url(url: &str) -> Result<(), String> {
+    auth_api::check_url(url).map(drop)
 }
 
 async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {

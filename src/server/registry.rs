@@ -72,6 +72,11 @@ impl Registry {
         self.lock().sessions.remove(&id);
     }
 
+    /// Every session, for reloads.
+    pub(crate) fn sessions(&self) -> Vec<Arc<SessionShared>> {
+        self.lock().sessions.values().cloned().collect()
+    }
+
     /// Finds a session for a data connection.
     pub(crate) fn session(&self, id: u64) -> Option<Arc<SessionShared>> {
         self.lock().sessions.get(&id).cloned()
@@ -82,7 +87,7 @@ impl Registry {
         self.lock().ports.remove(&port);
     }
 
-    /// Picks, binds and records a public TCP port for `session` as the server's policy allows.
+    /// Picks, binds and records a public TCP port for `session` as the user's rules allow.
     pub(crate) async fn reserve_tcp_port(
         &self,
         config: &ServerConfig,
@@ -90,29 +95,42 @@ impl Registry {
         asked: Option<u16>,
         random: bool,
     ) -> Result<(u16, TcpListener), RegisterError> {
-        let ranges = &config.tcp_ranges;
-        if ranges.is_empty() {
+        let rules = session.account.rules();
+        let allowances = &rules.tcp;
+        if allowances.is_empty() {
             return Err(RegisterError::TcpDisabled);
         }
-        if let Some(limit) = config.tcp_number {
-            let held = self.lock().ports.values().filter(|o| o.user == session.user).count();
-            if held >= limit as usize {
+        let held: Vec<u16> =
+            self.lock().ports.iter().filter(|(_, o)| o.user == session.user).map(|(&p, _)| p).collect();
+        if let Some(limit) = rules.tcp_number {
+            if held.len() >= limit as usize {
                 return Err(RegisterError::PortLimit { limit });
             }
         }
+        // Ranges where the user may take one more port.
+        let open: Vec<PortRange> = allowances
+            .iter()
+            .filter(|a| {
+                a.number.map_or(true, |n| held.iter().filter(|&&p| a.range.contains(p)).count() < n as usize)
+            })
+            .map(|a| a.range)
+            .collect();
         let Some(port) = asked else {
-            return self.reserve_random(config, session).await;
+            return self.reserve_random(config, session, &open).await;
         };
-        let refusal = if !ranges.iter().any(|r| r.contains(port)) {
-            RegisterError::PortNotAllowed { port, ranges: describe(ranges) }
-        } else {
+        let refusal = if open.iter().any(|r| r.contains(port)) {
             match self.reserve_exact(config, session, port).await {
                 Ok(listener) => return Ok((port, listener)),
                 Err(refusal) => refusal,
             }
+        } else if let Some(full) = allowances.iter().find(|a| a.range.contains(port)) {
+            RegisterError::PortLimit { limit: full.number.unwrap_or_default() }
+        } else {
+            let ranges: Vec<PortRange> = allowances.iter().map(|a| a.range).collect();
+            RegisterError::PortNotAllowed { port, ranges: describe(&ranges) }
         };
         if random {
-            self.reserve_random(config, session).await
+            self.reserve_random(config, session, &open).await
         } else {
             Err(refusal)
         }
@@ -145,16 +163,21 @@ impl Registry {
         &self,
         config: &ServerConfig,
         session: &SessionShared,
+        ranges: &[PortRange],
     ) -> Result<(u16, TcpListener), RegisterError> {
-        let total: u32 = config.tcp_ranges.iter().map(PortRange::len).sum();
+        let total: u32 = ranges.iter().map(PortRange::len).sum();
+        if total == 0 {
+            let limit = session.account.rules().tcp.iter().filter_map(|a| a.number).sum();
+            return Err(RegisterError::PortLimit { limit });
+        }
         let start = rand::random::<u32>() % total;
         for i in 0..total {
-            let port = nth_port(&config.tcp_ranges, (start + i) % total);
+            let port = nth_port(ranges, (start + i) % total);
             if let Some(listener) = self.try_bind(config, session, port).await {
                 return Ok((port, listener));
             }
         }
-        Err(RegisterError::NoFreePort { ranges: describe(&config.tcp_ranges) })
+        Err(RegisterError::NoFreePort { ranges: describe(ranges) })
     }
 
     /// Records `port` for `session` if free in the table, then binds it; undoes the record on failure.

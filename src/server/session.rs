@@ -14,8 +14,9 @@ use tracing::{debug, info, warn, Instrument};
 use super::bans::Offender;
 use super::pool::{DataPool, IDLE_TTL};
 use super::tunnel::Tunnel;
+use super::users::{Account, Counted, Grant, Rules, Slot, Users};
 use super::{http, tcp, ServerShared};
-use crate::auth::{Ephemeral, ReplayGuard, SessionKey};
+use crate::auth::{verify_login, Ephemeral, ReplayGuard, SessionKey, VerifiedLogin};
 use crate::proto::{
     ClientMessage, CloseReason, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, RegisterError,
     ServerMessage, ServiceControl, ServiceSpec,
@@ -30,6 +31,13 @@ pub(crate) struct SessionShared {
     pub(crate) id: u64,
     pub(crate) user: String,
     pub(crate) instance: String,
+    /// The user's live account: rules, counters, speed buckets.
+    pub(crate) account: Arc<Account>,
+    /// The key the client logged in with and how it was accepted, for reloads.
+    public_key: [u8; 32],
+    grant: Grant,
+    /// This session's place in the user's `sessions` limit.
+    slot: Mutex<Option<Slot>>,
     key: SessionKey,
     replay: Mutex<ReplayGuard>,
     pub(crate) pool: DataPool,
@@ -54,7 +62,7 @@ impl SessionShared {
     /// Starts tracking a tunnel. Its token closes it and its visitors; when the server
     /// closes it (a limit reached), the client is told why.
     pub(crate) fn open_tunnel(&self, service: u32, control: ServiceControl) -> Arc<Tunnel> {
-        let tunnel = Tunnel::new(service, self.closing.child_token(), control);
+        let tunnel = Tunnel::new(service, self.closing.child_token(), control, self.account.clone());
         self.tunnels().insert(service, tunnel.clone());
         let (watched, outbox) = (tunnel.clone(), self.outbox.clone());
         self.tasks.spawn(async move {
@@ -98,6 +106,11 @@ impl SessionShared {
         self.tunnels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the user may keep this session under the current directory (after a reload).
+    pub(crate) fn still_allowed(&self, users: &Users) -> bool {
+        users.still_allowed(&self.user, &self.public_key, self.grant)
+    }
+
     /// Asks the client for more data connections, without blocking.
     pub(crate) fn request_data(&self) {
         let _ = self.outbox.try_send(ServerMessage::NeedData { count: 1 });
@@ -109,19 +122,24 @@ pub(crate) async fn serve_control(
     shared: Arc<ServerShared>,
     mut chan: ControlChannel<Stream>,
     peer: SocketAddr,
+    tls: bool,
     handshake: OwnedSemaphorePermit,
 ) {
-    let (user, instance, key) = match login(&shared, &mut chan, peer).await {
-        Some(login) => login,
-        None => return,
+    let Some(accepted) = login(&shared, &mut chan, peer, tls).await else {
+        return;
     };
     drop(handshake);
     let (outbox, inbox) = mpsc::channel(64);
+    let account = shared.users.account(&accepted.verified.id, accepted.rules, accepted.grant);
     let session = Arc::new(SessionShared {
         id: shared.registry.next_session_id(),
-        user,
-        instance,
-        key,
+        user: accepted.verified.id,
+        instance: accepted.instance,
+        account,
+        public_key: accepted.verified.public_key,
+        grant: accepted.grant,
+        slot: Mutex::new(None),
+        key: accepted.verified.session_key,
         replay: Mutex::default(),
         pool: DataPool::default(),
         outbox,
@@ -136,6 +154,17 @@ pub(crate) async fn serve_control(
             info!(stale = stale.id, "replacing a stale session of the same client");
             stale.closing.cancel();
             stale.released.cancelled().await;
+        }
+        // Counted once a stale session of the same client has given its place back.
+        match session.account.admit(Counted::Sessions) {
+            Ok(slot) => *session.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot),
+            Err(limit) => {
+                warn!(limit, "login refused: the user's sessions limit is reached");
+                let refusal = LoginRefusal::TooManySessions { id: session.user.clone(), limit };
+                let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
+                shared.registry.remove_session(session.id);
+                return;
+            }
         }
         let interval = heartbeat_interval(shared.config.heartbeat_timeout);
         let welcome = ServerMessage::Welcome {
@@ -157,12 +186,21 @@ fn heartbeat_interval(timeout: Duration) -> Duration {
     (timeout / 3).max(Duration::from_millis(10))
 }
 
+/// A login the server accepted.
+struct Accepted {
+    verified: VerifiedLogin,
+    instance: String,
+    rules: Arc<Rules>,
+    grant: Grant,
+}
+
 /// Sends the challenge and checks the answer; on failure tells the client why.
 async fn login(
     shared: &ServerShared,
     chan: &mut ControlChannel<Stream>,
     peer: SocketAddr,
-) -> Option<(String, String, SessionKey)> {
+    tls: bool,
+) -> Option<Accepted> {
     let addr = Offender::Addr(peer.ip().to_canonical());
     // A banned address is answered before any cryptographic work.
     if let Some(left) = shared.bans.banned(&addr) {
@@ -171,7 +209,11 @@ async fn login(
     }
     let nonce = rand::random::<[u8; 32]>();
     let ephemeral = Ephemeral::generate();
-    chan.send(&ServerMessage::Challenge { nonce, ephemeral_key: ephemeral.public }).await.ok()?;
+    // The secret is asked for (for the auth API) only where it travels inside TLS or stays on this host.
+    let wants_secret =
+        shared.users.directory().wants_secret() && (tls || peer.ip().to_canonical().is_loopback());
+    let challenge = ServerMessage::Challenge { nonce, ephemeral_key: ephemeral.public, wants_secret };
+    chan.send(&challenge).await.ok()?;
     let login = match chan.recv_timeout::<ClientMessage>(shared.config.handshake_timeout).await {
         Ok(login) => login,
         Err(err) => {
@@ -192,11 +234,24 @@ async fn login(
         debug!(%peer, "refusing a banned id");
         return refuse_banned(chan, left).await;
     }
-    match shared.users.verify(&login, &nonce, &ephemeral) {
-        Ok((user, key)) => {
+    let outcome = match verify_login(&login, &nonce, &ephemeral) {
+        Ok(verified) => match shared.users.authorize(&verified, peer).await {
+            Ok((rules, grant)) => Ok((verified, rules, grant)),
+            Err(refusal) => Err(refusal),
+        },
+        Err(refusal) => Err(refusal),
+    };
+    match outcome {
+        Ok((verified, rules, grant)) => {
             shared.bans.succeeded(&addr);
             shared.bans.succeeded(&id);
-            Some((user, instance, key))
+            Some(Accepted { verified, instance, rules, grant })
+        }
+        Err(refusal) if !matches!(refusal, LoginRefusal::AuthFailed { .. }) => {
+            // Not the client's fault (API down) or not a guess (no secret given): no ban.
+            warn!(%peer, %refusal, "login refused");
+            let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
+            None
         }
         Err(refusal) => {
             warn!(%peer, %refusal, "login refused");
@@ -211,10 +266,7 @@ async fn login(
     }
 }
 
-async fn refuse_banned(
-    chan: &mut ControlChannel<Stream>,
-    left: Duration,
-) -> Option<(String, String, SessionKey)> {
+async fn refuse_banned(chan: &mut ControlChannel<Stream>, left: Duration) -> Option<Accepted> {
     let refusal = LoginRefusal::Banned { seconds: left.as_secs().max(1) };
     let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
     None

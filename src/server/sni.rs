@@ -9,9 +9,10 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{debug, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use super::hosts::Lookup;
+use super::tunnel::Refusal;
 use super::visit::{relay_visitor, take_data};
 use super::ServerShared;
 use crate::proto::OpenStream;
@@ -41,8 +42,12 @@ pub(crate) async fn serve_visitor(
         return debug!(%peer, %name, "no tunnel for this TLS server name; closing");
     };
     drop(handshake);
-    let Ok(_admitted) = route.tunnel.admit() else {
-        return debug!(%peer, %name, "visitor refused by the tunnel's limits");
+    let _admitted = match route.tunnel.admit() {
+        Ok(admitted) => admitted,
+        Err(Refusal::UserLimit { limit }) => {
+            return warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
+        }
+        Err(refusal) => return debug!(%peer, %name, ?refusal, "visitor refused by the tunnel's limits"),
     };
     let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
         return debug!(%peer, %name, "no free data connection; closing");

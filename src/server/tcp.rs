@@ -10,7 +10,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::proxy_header::proxy_header;
 use super::session::SessionShared;
-use super::tunnel::{Tunnel, Visit};
+use super::tunnel::{Refusal, Tunnel, Visit};
 use super::visit::{relay_visitor, take_data};
 use super::ServerShared;
 use crate::chunked::IdleLimit;
@@ -59,6 +59,10 @@ async fn accept_visitors(
                 // Over a max-serve limit the visitor is closed at once.
                 let admitted = match tunnel.admit() {
                     Ok(admitted) => admitted,
+                    Err(Refusal::UserLimit { limit }) => {
+                        warn!(%addr, user = %session.user, limit, "visitor refused: the user's connections limit is reached");
+                        continue;
+                    }
                     Err(refusal) => {
                         debug!(%addr, ?refusal, "visitor refused by the tunnel's limits");
                         continue;

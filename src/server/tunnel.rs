@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::users::{Account, Counted, Slot};
 use crate::proto::{CloseReason, ServiceControl};
 
 /// A tunnel's limits and live counters.
@@ -19,6 +20,8 @@ pub(crate) struct Tunnel {
     served: AtomicU64,
     /// Why the server closed it, when the server did.
     closed_because: OnceLock<CloseReason>,
+    /// The owner's account, for per-user visitor limits.
+    account: Arc<Account>,
 }
 
 /// Why a visitor was turned away.
@@ -28,14 +31,25 @@ pub(crate) enum Refusal {
     AtCapacity,
     /// The tunnel is closed or has served `max-serve-count` visitors.
     Closed,
+    /// The owner has `connections` visitors already, across all their tunnels.
+    UserLimit {
+        /// The user's limit.
+        limit: u32,
+    },
 }
 
 impl Tunnel {
-    pub(crate) fn new(service: u32, token: CancellationToken, control: ServiceControl) -> Arc<Self> {
+    pub(crate) fn new(
+        service: u32,
+        token: CancellationToken,
+        control: ServiceControl,
+        account: Arc<Account>,
+    ) -> Arc<Self> {
         Arc::new(Tunnel {
             service,
             token,
             control,
+            account,
             active: AtomicU32::new(0),
             served: AtomicU64::new(0),
             closed_because: OnceLock::new(),
@@ -52,11 +66,12 @@ impl Tunnel {
         if self.token.is_cancelled() {
             return Err(Refusal::Closed);
         }
+        let slot = self.account.admit(Counted::Visitors).map_err(|limit| Refusal::UserLimit { limit })?;
         let max = self.control.max_serve_conn.unwrap_or(u32::MAX);
         self.active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .map_err(|_| Refusal::AtCapacity)?;
-        let visit = Visit { tunnel: self.clone() };
+        let visit = Visit { tunnel: self.clone(), _slot: slot };
         let served = self.served.fetch_add(1, Ordering::AcqRel) + 1;
         if self.control.max_serve_count.is_some_and(|max| served > max) {
             return Err(Refusal::Closed); // `visit` drops and gives its slot back
@@ -80,6 +95,8 @@ impl Tunnel {
 /// served its `max-serve-count` once the last visitor is gone.
 pub(crate) struct Visit {
     tunnel: Arc<Tunnel>,
+    /// The visitor's place in the user's `connections`.
+    _slot: Slot,
 }
 
 impl Drop for Visit {
@@ -96,13 +113,17 @@ impl Drop for Visit {
 
 #[cfg(test)]
 mod tests {
+    use super::super::users::{Directory, Grant, Rules, Users};
     use super::*;
 
     #[test]
     fn limits_admit_refuse_and_close() {
         let control =
             ServiceControl { max_serve_conn: Some(2), max_serve_count: Some(3), max_serve_time_ms: None };
-        let tunnel = Tunnel::new(1, CancellationToken::new(), control);
+        let rules = Arc::new(Rules::resolve(&Default::default(), None).unwrap());
+        let account =
+            Users::new(Directory::new(&Default::default()).unwrap()).account("a", rules, Grant::Known);
+        let tunnel = Tunnel::new(1, CancellationToken::new(), control, account);
         let a = tunnel.admit().unwrap();
         let b = tunnel.admit().unwrap();
         assert_eq!(tunnel.admit().err(), Some(Refusal::AtCapacity));

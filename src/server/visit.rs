@@ -11,6 +11,7 @@ use super::session::SessionShared;
 use crate::cancel::until_cancelled;
 use crate::chunked::{encode_chunk, relay_chunked, IdleLimit, Status};
 use crate::proto::{encode_frame, OpenStream, ProtocolError};
+use crate::throttle::Throttled;
 use crate::transport::Stream;
 
 /// Takes an idle data connection of `session`, asking the client for more while none is ready.
@@ -34,8 +35,17 @@ pub(crate) async fn relay_visitor<V>(
     if let Err(err) = send_open(&mut data, open, early).await {
         return debug!(%err, "data connection failed before use");
     }
-    let relay = relay_chunked(visitor, &mut data, Status::Expect, BytesMut::new(), idle);
-    let Some(relayed) = until_cancelled(token, relay).await else {
+    let account = &session.account;
+    let relayed = if account.is_throttled() {
+        // Reads from the visitor are uploads, writes to it downloads; both shared by the user.
+        let mut throttled = Throttled::new(visitor, &account.upload, &account.download);
+        let relay = relay_chunked(&mut throttled, &mut data, Status::Expect, BytesMut::new(), idle);
+        until_cancelled(token, relay).await
+    } else {
+        let relay = relay_chunked(visitor, &mut data, Status::Expect, BytesMut::new(), idle);
+        until_cancelled(token, relay).await
+    };
+    let Some(relayed) = relayed else {
         return debug!("visitor closed with its tunnel");
     };
     match relayed {

@@ -1,0 +1,185 @@
+//! `--auth-api`: asking an external HTTP service whether an id and secret may log in.
+//!
+//! Request: `POST <url>` with `Content-Type: application/json` and the body
+//! `{"id": "...", "secret": "...", "address": "ip:port"}` (the client's address).
+//! Answer: `200` with `{"allow": true}` or `{"allow": false}`; an allowed answer may
+//! carry the user's settings as in the users file, e.g.
+//! `{"allow": true, "user": {"speed": 1048576, "connections": 10}}`. `401`, `403` and
+//! `404` mean "no". Anything else, a malformed body, no answer within the timeout or
+//! no connection at all is "unavailable": the login is refused and the error logged.
+//! Allowed answers are remembered for the cache time, keyed by id and a hash of the secret.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::auth::Secret;
+use crate::config::options::UserOptions;
+use crate::config::{AuthApiConfig, UserConfig};
+use crate::transport::{Connector, RemoteAddr, RemoteTrust, Scheme};
+
+/// Largest answer body read.
+const MAX_ANSWER: usize = 64 * 1024;
+/// Most cached answers; past it, the cache is emptied.
+const MAX_CACHED: usize = 10_000;
+
+/// What the API said.
+#[derive(Debug)]
+pub(crate) enum ApiAnswer {
+    /// Allowed, with the user's settings (secret left empty).
+    Allowed(UserConfig),
+    /// Refused.
+    Denied,
+}
+
+#[derive(Serialize)]
+struct Question<'a> {
+    id: &'a str,
+    secret: &'a str,
+    address: String,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    allow: bool,
+    #[serde(default)]
+    user: Option<UserOptions>,
+}
+
+/// An id and the SHA-256 of its secret.
+type CacheKey = (String, [u8; 32]);
+
+/// A configured auth API with its cache.
+pub(crate) struct AuthApi {
+    config: AuthApiConfig,
+    uri: hyper::Uri,
+    connector: Connector,
+    cache: Mutex<HashMap<CacheKey, (Instant, UserConfig)>>,
+}
+
+/// Checks an auth API URL: https://, or http:// to a loopback address (the API receives secrets).
+pub(crate) fn check_url(url: &str) -> Result<(hyper::Uri, RemoteAddr), String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("'{url}' is not a URL: {e}"))?;
+    let host = uri.host().ok_or_else(|| format!("'{url}' has no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let (scheme, default_port) = match uri.scheme_str() {
+        Some("https") => (Scheme::Tls, 443),
+        Some("http") => {
+            let loopback =
+                host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(format!(
+                    "'{url}': plain http:// is allowed only on a loopback address, since the API receives \
+                     secrets; use https://"
+                ));
+            }
+            (Scheme::Tcp, 80)
+        }
+        _ => return Err(format!("'{url}': use https:// (or http:// on loopback)")),
+    };
+    let port = uri.port_u16().unwrap_or(default_port);
+    Ok((uri, RemoteAddr { scheme, host, port }))
+}
+
+impl AuthApi {
+    pub(crate) fn new(config: &AuthApiConfig) -> Result<Self, String> {
+        let (uri, remote) = check_url(&config.url).map_err(|e| format!("auth-api: {e}"))?;
+        let connector = Connector::new(remote, &RemoteTrust::System, config.timeout)
+            .map_err(|e| format!("auth-api: {e}"))?;
+        Ok(AuthApi { config: config.clone(), uri, connector, cache: Mutex::default() })
+    }
+
+    /// Asks (or remembers) whether `id` with `secret` may log in; `Err` when the API cannot answer.
+    pub(crate) async fn check(
+        &self,
+        id: &str,
+        secret: &Secret,
+        peer: SocketAddr,
+    ) -> Result<ApiAnswer, String> {
+        let key = (id.to_owned(), Sha256::digest(secret.expose().as_bytes()).into());
+        if let Some(user) = self.cached(&key) {
+            debug!(id, "auth API answer from cache");
+            return Ok(ApiAnswer::Allowed(user));
+        }
+        let question = Question { id, secret: secret.expose(), address: peer.to_string() };
+        let answer = tokio::time::timeout(self.config.timeout, self.ask(&question))
+            .await
+            .map_err(|_| format!("no answer within {:?}", self.config.timeout))??;
+        if let ApiAnswer::Allowed(user) = &answer {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            cache.retain(|_, (expires, _)| *expires > now);
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+            cache.insert(key, (now + self.config.cache, user.clone()));
+        }
+        Ok(answer)
+    }
+
+    fn cached(&self, key: &CacheKey) -> Option<UserConfig> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(key).filter(|(expires, _)| *expires > Instant::now()).map(|(_, user)| user.clone())
+    }
+
+    async fn ask(&self, question: &Question<'_>) -> Result<ApiAnswer, String> {
+        let stream = self.connector.connect().await.map_err(|e| e.to_string())?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let body = serde_json::to_vec(question).map_err(|e| e.to_string())?;
+        let authority = self.uri.authority().map(|a| a.as_str()).unwrap_or_default();
+        let path = self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let request = Request::post(path)
+            .header(hyper::header::HOST, authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::USER_AGENT, concat!("ferry/", env!("CARGO_PKG_VERSION")))
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        if matches!(status, 401 | 403 | 404) {
+            return Ok(ApiAnswer::Denied);
+        }
+        if status != 200 {
+            return Err(format!("status {status}"));
+        }
+        let body = Limited::new(response.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        let answer: Answer = serde_json::from_slice(&body).map_err(|e| format!("malformed answer: {e}"))?;
+        if !answer.allow {
+            return Ok(ApiAnswer::Denied);
+        }
+        let user = answer.user.unwrap_or_default().into_config(false).map_err(|e| format!("user.{e}"))?;
+        Ok(ApiAnswer::Allowed(user))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_must_protect_the_secret() {
+        assert!(check_url("https://auth.example.com/check").is_ok());
+        assert!(check_url("http://127.0.0.1:8080/check").is_ok());
+        assert!(check_url("http://[::1]:8080/").is_ok());
+        assert!(check_url("http://localhost/").is_ok());
+        assert!(check_url("http://auth.example.com/check").unwrap_err().contains("loopback"));
+        assert!(check_url("ftp://x/").is_err());
+    }
+}

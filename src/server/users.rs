@@ -1,0 +1,368 @@
+//! Who may log in and what each user may do.
+//!
+//! The [`Directory`] is built from the configuration and swapped whole on reload.
+//! Each connected user has an [`Account`]: the user's current [`Rules`], live
+//! counters (visitors, sessions) and the speed buckets shared by every session and
+//! tunnel of that user.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use regex::Regex;
+use subtle::ConstantTimeEq;
+use tracing::warn;
+
+use super::auth_api::{ApiAnswer, AuthApi};
+use crate::auth::{user_signing_key, VerifiedLogin};
+use crate::config::{ServerConfig, TcpAllowance, UserConfig};
+use crate::proto::LoginRefusal;
+use crate::throttle::Bucket;
+
+/// What one user may do: the user's own settings over the server-wide ones.
+#[derive(Debug)]
+pub(crate) struct Rules {
+    /// Port ranges, each with how many of its ports the user may hold.
+    pub(crate) tcp: Vec<TcpAllowance>,
+    /// TCP ports in all, across the ranges.
+    pub(crate) tcp_number: Option<u32>,
+    pub(crate) host_number: Option<u32>,
+    /// A host prefix must match one of these, if there are any.
+    pub(crate) host_patterns: Vec<Regex>,
+    pub(crate) host_with_id: bool,
+    /// Bytes per second, each direction.
+    pub(crate) speed: Option<u64>,
+    /// Visitor connections at once.
+    pub(crate) connections: Option<u32>,
+    /// Client sessions at once.
+    pub(crate) sessions: Option<u32>,
+}
+
+impl Rules {
+    /// Resolves `user`'s settings over the server's; 0 means no limit for speed and counts.
+    pub(crate) fn resolve(config: &ServerConfig, user: Option<&UserConfig>) -> Result<Rules, String> {
+        let (tcp, tcp_number) = match user.and_then(|u| u.tcp.clone()) {
+            Some(list) => (list, None),
+            None => (
+                config.tcp_ranges.iter().map(|&range| TcpAllowance { range, number: None }).collect(),
+                config.tcp_number,
+            ),
+        };
+        let patterns = user.and_then(|u| u.host_regex.as_ref()).unwrap_or(&config.host_regex);
+        let host_patterns = patterns
+            .iter()
+            .map(|p| Regex::new(p).map_err(|e| format!("host-regex '{p}': {e}")))
+            .collect::<Result<_, _>>()?;
+        let nonzero32 = |n: Option<u32>| n.filter(|&n| n > 0);
+        Ok(Rules {
+            tcp,
+            tcp_number,
+            host_number: user.and_then(|u| u.host_number).or(config.host_number),
+            host_patterns,
+            host_with_id: user.and_then(|u| u.host_with_id).unwrap_or(config.host_with_id),
+            speed: user.and_then(|u| u.speed).or(config.speed).filter(|&n| n > 0),
+            connections: nonzero32(user.and_then(|u| u.connections).or(config.connections)),
+            sessions: nonzero32(user.and_then(|u| u.sessions).or(config.sessions)),
+        })
+    }
+}
+
+/// A configured user: the public key derived from id and secret, and the rules.
+struct Known {
+    public_key: [u8; 32],
+    rules: Arc<Rules>,
+}
+
+/// The users of one configuration; replaced whole on reload.
+pub(crate) struct Directory {
+    known: HashMap<String, Known>,
+    /// Lower-cased ids, for telling "offline" from "unknown" host names.
+    lower_ids: HashSet<String>,
+    /// Rules of users that are not configured (allow-any-client, auth API).
+    defaults: Arc<Rules>,
+    /// The configuration the rules came from, for auth API answers.
+    config: ServerConfig,
+    allow_any_client: bool,
+    api: Option<Arc<AuthApi>>,
+}
+
+impl Directory {
+    /// Derives every user's key and resolves every user's rules.
+    pub(crate) fn new(config: &ServerConfig) -> Result<Directory, String> {
+        let mut known = HashMap::new();
+        for (id, user) in &config.users {
+            let rules = Rules::resolve(config, Some(user)).map_err(|e| format!("user {id}: {e}"))?;
+            let public_key = user_signing_key(id, &user.secret).verifying_key().to_bytes();
+            known.insert(id.clone(), Known { public_key, rules: Arc::new(rules) });
+        }
+        let api = config.auth_api.as_ref().map(AuthApi::new).transpose()?.map(Arc::new);
+        Ok(Directory {
+            lower_ids: known.keys().map(|id| id.to_ascii_lowercase()).collect(),
+            known,
+            defaults: Arc::new(Rules::resolve(config, None)?),
+            config: config.clone(),
+            allow_any_client: config.allow_any_client,
+            api,
+        })
+    }
+
+    /// Whether some configured user has this id, ignoring case.
+    pub(crate) fn has_id_ignoring_case(&self, id: &str) -> bool {
+        self.lower_ids.contains(&id.to_ascii_lowercase())
+    }
+
+    /// Whether logins need the secret (an auth API is configured).
+    pub(crate) fn wants_secret(&self) -> bool {
+        self.api.is_some()
+    }
+
+    /// Whether nobody at all can log in.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.known.is_empty() && !self.allow_any_client && self.api.is_none()
+    }
+}
+
+/// How a login was accepted; decides whether a reload keeps the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Grant {
+    /// A configured user with this key.
+    Known,
+    /// An unknown id under allow-any-client (first key wins).
+    Learned,
+    /// The auth API said yes.
+    Api,
+}
+
+/// The server's users: the current directory and the accounts of connected users.
+pub(crate) struct Users {
+    directory: RwLock<Arc<Directory>>,
+    /// Keys learned under allow-any-client; kept across reloads.
+    learned: Mutex<HashMap<String, [u8; 32]>>,
+    accounts: Mutex<HashMap<String, Weak<Account>>>,
+}
+
+impl Users {
+    pub(crate) fn new(directory: Directory) -> Self {
+        Users {
+            directory: RwLock::new(Arc::new(directory)),
+            learned: Mutex::default(),
+            accounts: Mutex::default(),
+        }
+    }
+
+    /// The current directory.
+    pub(crate) fn directory(&self) -> Arc<Directory> {
+        self.directory.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Installs a new directory; connected users of it get its rules for new connections.
+    pub(crate) fn replace(&self, directory: Directory) {
+        let directory = Arc::new(directory);
+        *self.directory.write().unwrap_or_else(|e| e.into_inner()) = directory.clone();
+        let accounts: Vec<Arc<Account>> = self.accounts().values().filter_map(Weak::upgrade).collect();
+        for account in accounts {
+            match directory.known.get(&account.id) {
+                Some(known) => account.set_rules(known.rules.clone()),
+                None if account.grant() != Grant::Api => account.set_rules(directory.defaults.clone()),
+                None => {}
+            }
+        }
+    }
+
+    /// Decides whether a login with a valid signature may in, and with which rules.
+    pub(crate) async fn authorize(
+        &self,
+        login: &VerifiedLogin,
+        peer: SocketAddr,
+    ) -> Result<(Arc<Rules>, Grant), LoginRefusal> {
+        let directory = self.directory();
+        let refused = || LoginRefusal::AuthFailed { id: login.id.clone() };
+        if let Some(known) = directory.known.get(&login.id) {
+            let matches: bool = known.public_key.ct_eq(&login.public_key).into();
+            return if matches { Ok((known.rules.clone(), Grant::Known)) } else { Err(refused()) };
+        }
+        if let Some(api) = &directory.api {
+            let Some(secret) = &login.secret else {
+                return Err(LoginRefusal::SecretNeeded);
+            };
+            if !login.signed_with(secret) {
+                return Err(refused());
+            }
+            return match api.check(&login.id, secret, peer).await {
+                Ok(ApiAnswer::Allowed(user)) => {
+                    let rules = Rules::resolve(&directory.config, Some(&user)).map_err(|e| {
+                        warn!(id = %login.id, error = %e, "auth API answered with invalid settings");
+                        refused()
+                    })?;
+                    Ok((Arc::new(rules), Grant::Api))
+                }
+                Ok(ApiAnswer::Denied) => Err(refused()),
+                Err(err) => {
+                    warn!(id = %login.id, %err, "auth API unavailable; refusing the login");
+                    Err(LoginRefusal::AuthUnavailable)
+                }
+            };
+        }
+        if directory.allow_any_client {
+            let mut learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
+            let first = learned.entry(login.id.clone()).or_insert(login.public_key);
+            let matches: bool = first.ct_eq(&login.public_key).into();
+            return if matches { Ok((directory.defaults.clone(), Grant::Learned)) } else { Err(refused()) };
+        }
+        Err(refused())
+    }
+
+    /// Whether a session that logged in as `id` with `public_key` may stay after a reload.
+    pub(crate) fn still_allowed(&self, id: &str, public_key: &[u8; 32], grant: Grant) -> bool {
+        let directory = self.directory();
+        match directory.known.get(id) {
+            Some(known) => known.public_key.ct_eq(public_key).into(),
+            None => match grant {
+                Grant::Known => directory.allow_any_client || directory.api.is_some(),
+                Grant::Learned => directory.allow_any_client,
+                Grant::Api => directory.api.is_some(),
+            },
+        }
+    }
+
+    /// The live account of `id`, created on first use; `rules` become its rules.
+    pub(crate) fn account(&self, id: &str, rules: Arc<Rules>, grant: Grant) -> Arc<Account> {
+        let mut accounts = self.accounts();
+        if let Some(account) = accounts.get(id).and_then(Weak::upgrade) {
+            account.set_grant(grant);
+            account.set_rules(rules);
+            return account;
+        }
+        accounts.retain(|_, account| account.strong_count() > 0);
+        let account = Arc::new(Account::new(id, rules, grant));
+        accounts.insert(id.to_owned(), Arc::downgrade(&account));
+        account
+    }
+
+    fn accounts(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<Account>>> {
+        self.accounts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One connected user: rules, counters and speed buckets shared by all the user's sessions.
+pub(crate) struct Account {
+    pub(crate) id: String,
+    rules: RwLock<Arc<Rules>>,
+    grant: Mutex<Grant>,
+    visitors: AtomicU32,
+    sessions: AtomicU32,
+    /// Bytes from visitors to the user's services.
+    pub(crate) upload: Bucket,
+    /// Bytes from the user's services to visitors.
+    pub(crate) download: Bucket,
+}
+
+/// What an account's counter limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Counted {
+    Visitors,
+    Sessions,
+}
+
+/// One counted visitor or session; dropping it frees the place.
+pub(crate) struct Slot {
+    account: Arc<Account>,
+    counted: Counted,
+}
+
+impl Account {
+    fn new(id: &str, rules: Arc<Rules>, grant: Grant) -> Self {
+        Account {
+            id: id.to_owned(),
+            upload: Bucket::new(rules.speed),
+            download: Bucket::new(rules.speed),
+            rules: RwLock::new(rules),
+            grant: Mutex::new(grant),
+            visitors: AtomicU32::new(0),
+            sessions: AtomicU32::new(0),
+        }
+    }
+
+    /// The user's current rules.
+    pub(crate) fn rules(&self) -> Arc<Rules> {
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_rules(&self, rules: Arc<Rules>) {
+        self.upload.set_rate(rules.speed);
+        self.download.set_rate(rules.speed);
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
+    }
+
+    fn grant(&self) -> Grant {
+        *self.grant.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_grant(&self, grant: Grant) {
+        *self.grant.lock().unwrap_or_else(|e| e.into_inner()) = grant;
+    }
+
+    /// Counts one more visitor or session within the user's limit; `Err(limit)` when full.
+    pub(crate) fn admit(self: &Arc<Self>, counted: Counted) -> Result<Slot, u32> {
+        let rules = self.rules();
+        let (counter, limit) = match counted {
+            Counted::Visitors => (&self.visitors, rules.connections),
+            Counted::Sessions => (&self.sessions, rules.sessions),
+        };
+        let max = limit.unwrap_or(u32::MAX);
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map_err(|_| max)?;
+        Ok(Slot { account: self.clone(), counted })
+    }
+
+    /// Whether the user's traffic is shaped.
+    pub(crate) fn is_throttled(&self) -> bool {
+        self.upload.is_limited()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let counter = match self.counted {
+            Counted::Visitors => &self.account.visitors,
+            Counted::Sessions => &self.account.sessions,
+        };
+        counter.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_settings_override_the_server_ones() {
+        let mut config = ServerConfig::default().with_user("a", "s").with_user("b", "s");
+        config.speed = Some(100);
+        config.tcp_ranges = vec!["1000-2000".parse().unwrap()];
+        config.tcp_number = Some(3);
+        let b = config.users.get_mut("b").unwrap();
+        b.speed = Some(5);
+        b.tcp = Some(vec![]);
+        b.connections = Some(0);
+        let a = Rules::resolve(&config, config.users.get("a")).unwrap();
+        let b = Rules::resolve(&config, config.users.get("b")).unwrap();
+        assert_eq!((a.speed, a.tcp.len(), a.tcp_number), (Some(100), 1, Some(3)));
+        assert_eq!((b.speed, b.tcp.len(), b.tcp_number, b.connections), (Some(5), 0, None, None));
+    }
+
+    #[test]
+    fn counters_stop_at_the_limit_and_free_on_drop() {
+        let config = ServerConfig { connections: Some(2), ..ServerConfig::default() };
+        let rules = Arc::new(Rules::resolve(&config, None).unwrap());
+        let account = Arc::new(Account::new("a", rules, Grant::Known));
+        let one = account.admit(Counted::Visitors).unwrap();
+        let _two = account.admit(Counted::Visitors).unwrap();
+        assert_eq!(account.admit(Counted::Visitors).err(), Some(2));
+        drop(one);
+        assert!(account.admit(Counted::Visitors).is_ok());
+        assert!(account.admit(Counted::Sessions).is_ok(), "sessions are not limited");
+    }
+}
