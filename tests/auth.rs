@@ -10,7 +10,7 @@ async fn wrong_secret_gives_a_clear_error() {
     within(30, async {
         let server = start_server(server_config()).await;
         let err =
-            Client::connect(client_config(server.local_addr(), "id1", "wrong")).await.err().expect("refused");
+            Client::connect(client_config(server.local_addr(), "id1", "wrong")).await.expect_err("refused");
         assert!(
             matches!(err, ClientError::LoginRefused(LoginRefusal::AuthFailed { ref id }) if id == "id1"),
             "{err:?}"
@@ -27,10 +27,8 @@ async fn wrong_secret_gives_a_clear_error() {
 async fn unknown_id_is_refused_without_allow_any_client() {
     within(30, async {
         let server = start_server(server_config()).await;
-        let err = Client::connect(client_config(server.local_addr(), "stranger", "x"))
-            .await
-            .err()
-            .expect("refused");
+        let err =
+            Client::connect(client_config(server.local_addr(), "stranger", "x")).await.expect_err("refused");
         assert_eq!(err.to_string(), "authentication failed for id 'stranger'");
     })
     .await
@@ -47,8 +45,7 @@ async fn allow_any_client_keeps_the_first_secret() {
             Client::connect(client_config(addr, "newcomer", "first")).await.expect("first secret accepted");
         let err = Client::connect(client_config(addr, "newcomer", "second"))
             .await
-            .err()
-            .expect("second secret refused");
+            .expect_err("second secret refused");
         assert_eq!(err.to_string(), "authentication failed for id 'newcomer'");
         // The first secret keeps working, also after its client left.
         first.shutdown().await;

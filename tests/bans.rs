@@ -81,7 +81,7 @@ async fn an_id_is_banned_whatever_the_address() {
         // ...and other ids are not.
         login_from("127.0.0.33", addr, "id2", "secret2").await.unwrap();
         // The library client reports the ban as a clear, fatal error.
-        let err = Client::connect(client_config(addr, "id1", "secret1")).await.err().expect("banned");
+        let err = Client::connect(client_config(addr, "id1", "secret1")).await.expect_err("banned");
         assert!(
             matches!(err, ClientError::LoginRefused(LoginRefusal::Banned { .. })) && err.is_fatal(),
             "{err:?}"

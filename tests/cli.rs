@@ -180,12 +180,16 @@ fn every_example_config_parses() {
                 .into_config()
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!services.is_empty(), "{name} has no services");
+        } else if name.starts_with("users") {
+            let users =
+                ferry::config::options::load_users_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(users.values().all(|u| !u.secret.expose().is_empty()), "{name}: a user without secret");
         } else {
             continue;
         }
         seen += 1;
     }
-    assert!(seen >= 3, "only {seen} example configs found");
+    assert!(seen >= 4, "only {seen} example configs found");
 }
 
 #[tokio::test]
@@ -303,4 +307,69 @@ fn certificate_lists_in_files() {
     let config = load_file::<ServerOptions>(&path).unwrap().into_config().unwrap();
     assert_eq!(config.cert_file.len(), 1);
     assert_eq!(config.tls_min_version, ferry::transport::TlsVersion::Tls13);
+}
+
+/// Logs in as `id` with a library client; true when the server accepts.
+async fn can_log_in(port: u16, id: &str, secret: &str) -> bool {
+    let server = format!("127.0.0.1:{port}").parse().unwrap();
+    ferry::Client::connect(client_config(server, id, secret)).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_reload_rereads_the_users_file_and_signal_stop_stops() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let users = dir.path().join("users.yaml");
+        let pid_file = dir.path().join("ferry.pid");
+        std::fs::write(&users, "alice: {secret: a}\n").unwrap();
+        let port = free_port().await;
+        let (users_arg, pid_arg) = (users.to_str().unwrap(), pid_file.to_str().unwrap());
+        let log = dir.path().join("server.log");
+        let log_arg = log.to_str().unwrap();
+        let mut server =
+            start_server_process(port, &["--users", users_arg, "--pid-file", pid_arg, "--log-file", log_arg])
+                .await;
+        let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        assert_eq!(Some(pid), server.id());
+        assert!(can_log_in(port, "alice", "a").await);
+        assert!(!can_log_in(port, "bob", "b").await);
+        // Reload with a users file that is broken: the running users stay.
+        std::fs::write(&users, "bob: [not, a, map]\n").unwrap();
+        let signal = |name: &'static str| {
+            let pid_arg = pid_arg.to_owned();
+            async move {
+                let output =
+                    ferry().args(["server", "-s", name, "--pid-file", &pid_arg]).output().await.unwrap();
+                assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+            }
+        };
+        signal("reload").await;
+        let mut refused = false;
+        for _ in 0..200 {
+            if std::fs::read_to_string(&log).unwrap_or_default().contains("reload failed") {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(refused, "the broken users file was not reported");
+        assert!(can_log_in(port, "alice", "a").await, "a failed reload changed the users");
+        std::fs::write(&users, "bob: {secret: b}\n").unwrap();
+        signal("reload").await;
+        let mut reloaded = false;
+        for _ in 0..200 {
+            if can_log_in(port, "bob", "b").await {
+                reloaded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(reloaded, "bob was never let in after the reload");
+        assert!(!can_log_in(port, "alice", "a").await, "alice was removed from the users file");
+        signal("stop").await;
+        let status = tokio::time::timeout(Duration::from_secs(10), server.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "{status:?}");
+        assert!(!pid_file.exists(), "the pid file was left behind");
+    })
+    .await
 }

@@ -16,8 +16,7 @@ async fn port_outside_the_range_gives_a_clear_error() {
         let err = client
             .add_service(ServiceConfig::tcp(&echo.to_string()).with_remote_port(2222))
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(
             matches!(err, ClientError::Register(RegisterError::PortNotAllowed { port: 2222, .. })),
             "{err:?}"
@@ -47,8 +46,7 @@ async fn taken_port_is_refused_or_replaced() {
         let err = client
             .add_service(ServiceConfig::tcp(&echo.to_string()).with_remote_port(taken))
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert_eq!(err.to_string(), format!("the server refused the tunnel: port {taken} is already in use"));
         let tunnel = client
             .add_service(ServiceConfig::tcp(&echo.to_string()).with_remote_port(taken).with_random_fallback())
@@ -78,7 +76,7 @@ async fn tcp_number_caps_ports_per_user() {
         let echo = echo_server().await;
         let first = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
         let err =
-            client.add_service(ServiceConfig::tcp(&echo.to_string())).await.err().expect("second refused");
+            client.add_service(ServiceConfig::tcp(&echo.to_string())).await.expect_err("second refused");
         assert!(matches!(err, ClientError::Register(RegisterError::PortLimit { limit: 1 })), "{err:?}");
         // Another client of the same user counts against the same limit.
         let second_client = connect(server.local_addr()).await;
@@ -100,7 +98,7 @@ async fn no_tcp_policy_means_no_tcp_tunnels() {
         config.tcp_ranges.clear();
         let server = start_server(config).await;
         let client = connect(server.local_addr()).await;
-        let err = client.add_service(ServiceConfig::tcp("127.0.0.1:1")).await.err().expect("refused");
+        let err = client.add_service(ServiceConfig::tcp("127.0.0.1:1")).await.expect_err("refused");
         assert!(matches!(err, ClientError::Register(RegisterError::TcpDisabled)), "{err:?}");
     })
     .await

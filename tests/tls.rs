@@ -79,8 +79,7 @@ async fn untrusted_certificate_is_refused() {
         let server = tls_server(&certs).await;
         let err = Client::connect(tls_client_config(&server, RemoteTrust::CaFile(other.cert.clone())))
             .await
-            .err()
-            .expect("a certificate from another CA must be refused");
+            .expect_err("a certificate from another CA must be refused");
         assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
     })
     .await

@@ -71,3 +71,24 @@ fn unexpected(message: ServerMessage) -> ClientError {
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::RemoteAddr;
+
+    fn config(remote: &str, trust: RemoteTrust) -> ClientConfig {
+        let mut config = ClientConfig::new(RemoteAddr::parse(remote).unwrap(), "id", "secret");
+        config.remote_trust = trust;
+        config
+    }
+
+    #[test]
+    fn the_secret_goes_only_where_no_one_can_read_it() {
+        assert!(may_reveal_secret(&config("tls://example.com", RemoteTrust::System)));
+        assert!(may_reveal_secret(&config("tcp://127.0.0.1:7000", RemoteTrust::System)));
+        assert!(may_reveal_secret(&config("tcp://localhost:7000", RemoteTrust::System)));
+        assert!(!may_reveal_secret(&config("tcp://example.com:7000", RemoteTrust::System)));
+        assert!(!may_reveal_secret(&config("tls://example.com", RemoteTrust::Insecure)));
+    }
+}

@@ -66,6 +66,7 @@ impl fmt::Display for ClientState {
 /// println!("tunnel ended: {}", ssh.closed().await);
 /// # Ok(()) }
 /// ```
+#[derive(Debug)]
 pub struct Client {
     commands: mpsc::UnboundedSender<Command>,
     state: watch::Receiver<ClientState>,
@@ -132,6 +133,7 @@ impl Client {
 }
 
 /// One open tunnel. Dropping it leaves the tunnel open; [`cancel`](Registration::cancel) closes it.
+#[derive(Debug)]
 pub struct Registration {
     key: u64,
     port: u16,
