@@ -171,6 +171,7 @@ pub fn client_login(
         signature,
         instance: instance.to_owned(),
         software: env!("CARGO_PKG_VERSION").to_owned(),
+        tags: Vec::new(),
         sealed_secret,
     };
     (login, key)

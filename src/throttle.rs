@@ -1,5 +1,5 @@
-//! Speed limits: a token bucket shared by many connections, and a stream wrapper
-//! that makes reads and writes wait for it.
+//! Traffic accounting and speed limits: a token bucket shared by many connections,
+//! and a stream wrapper that counts reads and writes and makes them wait for it.
 //!
 //! A read or write is never cut short; its bytes are charged afterwards and may put
 //! the bucket in debt, which the next read or write waits out. Overshoot is thus at
@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -97,24 +98,71 @@ impl BucketState {
     }
 }
 
-/// A stream whose reads draw on one bucket and whose writes draw on another.
-pub struct Throttled<'a, S: ?Sized> {
+/// Bytes moved each way, counted as they pass.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// From visitors to the service.
+    pub up: AtomicU64,
+    /// From the service to visitors.
+    pub down: AtomicU64,
+}
+
+impl Traffic {
+    /// The two counts now: (up, down).
+    pub fn get(&self) -> (u64, u64) {
+        (self.up.load(Ordering::Relaxed), self.down.load(Ordering::Relaxed))
+    }
+}
+
+/// Where one direction of a [`Metered`] stream is counted and, optionally, shaped.
+#[derive(Clone, Copy)]
+pub struct Meter<'a> {
+    /// The bucket that shapes this direction, if any.
+    pub bucket: Option<&'a Bucket>,
+    /// Counters that each get every byte (e.g. the tunnel's and the user's).
+    pub counters: [&'a AtomicU64; 2],
+}
+
+impl Meter<'_> {
+    /// Counts (and charges) bytes that passed outside the wrapper, e.g. read ahead.
+    pub fn record(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        for counter in self.counters {
+            counter.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        if let Some(bucket) = self.bucket {
+            bucket.charge(bytes);
+        }
+    }
+}
+
+/// A stream whose reads and writes are counted, and shaped where a bucket is given.
+pub struct Metered<'a, S: ?Sized> {
     inner: &'a mut S,
-    reads: &'a Bucket,
-    writes: &'a Bucket,
+    reads: Meter<'a>,
+    writes: Meter<'a>,
     read_wait: Option<Pin<Box<Sleep>>>,
     write_wait: Option<Pin<Box<Sleep>>>,
 }
 
-impl<'a, S: ?Sized> Throttled<'a, S> {
-    /// Wraps `inner`: bytes read are charged to `reads`, bytes written to `writes`.
-    pub fn new(inner: &'a mut S, reads: &'a Bucket, writes: &'a Bucket) -> Self {
-        Throttled { inner, reads, writes, read_wait: None, write_wait: None }
+impl<'a, S: ?Sized> Metered<'a, S> {
+    /// Wraps `inner`: bytes read go to `reads`, bytes written to `writes`.
+    pub fn new(inner: &'a mut S, reads: Meter<'a>, writes: Meter<'a>) -> Self {
+        Metered { inner, reads, writes, read_wait: None, write_wait: None }
     }
 }
 
 /// Waits until `bucket` is out of debt; Ready once bytes may pass.
-fn poll_bucket(bucket: &Bucket, wait: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<()> {
+fn poll_bucket(
+    bucket: Option<&Bucket>,
+    wait: &mut Option<Pin<Box<Sleep>>>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let Some(bucket) = bucket else {
+        return Poll::Ready(());
+    };
     loop {
         if let Some(sleep) = wait {
             ready!(sleep.as_mut().poll(cx));
@@ -127,23 +175,23 @@ fn poll_bucket(bucket: &Bucket, wait: &mut Option<Pin<Box<Sleep>>>, cx: &mut Con
     }
 }
 
-impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Throttled<'_, S> {
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Metered<'_, S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(poll_bucket(this.reads, &mut this.read_wait, cx));
+        ready!(poll_bucket(this.reads.bucket, &mut this.read_wait, cx));
         let before = buf.filled().len();
         ready!(Pin::new(&mut *this.inner).poll_read(cx, buf))?;
-        this.reads.charge(buf.filled().len() - before);
+        this.reads.record(buf.filled().len() - before);
         Poll::Ready(Ok(()))
     }
 }
 
-impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Throttled<'_, S> {
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Metered<'_, S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        ready!(poll_bucket(this.writes, &mut this.write_wait, cx));
+        ready!(poll_bucket(this.writes.bucket, &mut this.write_wait, cx));
         let written = ready!(Pin::new(&mut *this.inner).poll_write(cx, data))?;
-        this.writes.charge(written);
+        this.writes.record(written);
         Poll::Ready(Ok(written))
     }
 

@@ -8,7 +8,7 @@ use tracing::warn;
 use crate::auth::{client_login, SessionKey};
 use crate::config::ClientConfig;
 use crate::error::ClientError;
-use crate::proto::{write_preamble, ControlChannel, LinkKind, ServerMessage};
+use crate::proto::{write_preamble, ClientMessage, ControlChannel, LinkKind, ServerMessage};
 use crate::transport::{Connector, RemoteTrust, Scheme, Stream};
 
 /// A logged-in control connection.
@@ -41,7 +41,11 @@ pub(crate) async fn login(
             "the server asks for the secret (auth API) over a connection that does not protect it; not sent"
         );
     }
-    let (login, key) = client_login(&config.id, &config.secret, &nonce, &server_ephemeral, instance, reveal);
+    let (mut login, key) =
+        client_login(&config.id, &config.secret, &nonce, &server_ephemeral, instance, reveal);
+    if let ClientMessage::Login { tags, .. } = &mut login {
+        tags.clone_from(&config.tags);
+    }
     chan.send(&login).await?;
     match chan.recv_timeout::<ServerMessage>(limit).await? {
         ServerMessage::Welcome { session, heartbeat_interval_ms } => Ok(LoggedIn {

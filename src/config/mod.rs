@@ -133,6 +133,12 @@ pub struct ServerConfig {
     pub timeout: Option<Duration>,
     /// With `timeout`: also close one whose traffic has gone one way only for that long.
     pub timeout_on_unidirectional_traffic: bool,
+    /// The management API and dashboard (`--api-addr`), if anywhere.
+    pub api_addr: Option<SocketAddr>,
+    /// PEM certificate and key to serve the API over HTTPS.
+    pub api_tls: Option<(PathBuf, PathBuf)>,
+    /// Bearer token the API requires; needed unless `api_addr` is a loopback address.
+    pub api_token: Option<Secret>,
 }
 
 impl Default for ServerConfig {
@@ -167,6 +173,9 @@ impl Default for ServerConfig {
             reconnect_duration: Duration::from_secs(300),
             timeout: None,
             timeout_on_unidirectional_traffic: false,
+            api_addr: None,
+            api_tls: None,
+            api_token: None,
         }
     }
 }
@@ -208,6 +217,9 @@ pub struct ClientConfig {
     pub remote_idle_connections: usize,
     /// Limit for dialing a local service.
     pub local_timeout: Duration,
+    /// Labels for this client (`--tag`): clients of one user with a tag in common that
+    /// expose services of the same name share their public address, round-robin.
+    pub tags: Vec<String>,
 }
 
 impl ClientConfig {
@@ -224,6 +236,7 @@ impl ClientConfig {
             remote_timeout: Duration::from_secs(10),
             remote_idle_connections: 8,
             local_timeout: Duration::from_secs(10),
+            tags: Vec::new(),
         }
     }
 }

@@ -153,6 +153,18 @@ pub struct ServerOptions {
     /// How many rotated log files to keep. [default: 7]
     #[arg(long)]
     pub log_file_max_count: Option<usize>,
+    /// Address of the management API and dashboard, e.g. 127.0.0.1:7500.
+    #[arg(long)]
+    pub api_addr: Option<String>,
+    /// PEM certificate to serve the API over HTTPS (with --api-key-file).
+    #[arg(long)]
+    pub api_cert_file: Option<PathBuf>,
+    /// PEM private key of --api-cert-file.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Bearer token for the API (or FERRY_API_TOKEN); required unless --api-addr is loopback.
+    #[arg(long, env = "FERRY_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<Secret>,
     /// Write the process id here, so `-s reload` and `-s stop` can find the server.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
@@ -297,6 +309,10 @@ pub struct ClientOptions {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub local_timeout: Option<Duration>,
+    /// A label for this client; repeatable. Clients of one user sharing a tag and a
+    /// service name share that service's public address, visitors spread round-robin.
+    #[arg(long)]
+    pub tag: Vec<String>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive. [default: info]
     #[arg(long)]
     pub log_level: Option<String>,
@@ -487,6 +503,19 @@ impl ServerOptions {
             crate::server::check_auth_api_url(&api.url).map_err(|e| format!("auth-api: {e}"))?;
             config.auth_api = Some(api);
         }
+        if let Some(addr) = &self.api_addr {
+            let addr = parse_listen_addr(addr).map_err(|e| format!("api-addr: {e}"))?;
+            if !addr.ip().is_loopback() && self.api_token.is_none() {
+                return Err("api-addr: an API reachable from other hosts needs api-token".into());
+            }
+            config.api_addr = Some(addr);
+        }
+        config.api_tls = match (self.api_cert_file, self.api_key_file) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err("api-cert-file: needs api-key-file, and the other way round".into()),
+        };
+        config.api_token = self.api_token;
         config.speed = self.speed;
         config.connections = self.connections;
         config.sessions = self.sessions;
@@ -545,6 +574,7 @@ impl ClientOptions {
         config.reconnect_delay = self.reconnect_delay.unwrap_or(config.reconnect_delay);
         config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
         config.local_timeout = self.local_timeout.unwrap_or(config.local_timeout);
+        config.tags = self.tag;
         let services = self
             .services
             .into_iter()

@@ -95,6 +95,9 @@ pub enum ClientMessage {
         instance: String,
         /// The client's software version, for logs.
         software: String,
+        /// Labels of this client, for load balancing and the management API.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tags: Vec<String>,
         /// The secret, sealed with the session key, when the challenge asked for it (auth API).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sealed_secret: Option<Vec<u8>>,

@@ -113,6 +113,7 @@ pub(crate) async fn serve_visitor(
             return respond(&mut visitor, 502, "Bad Gateway", &message).await;
         }
     };
+    shared.metrics.visitor();
     let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
         let message = format!("The client serving '{}' has no free connection.", head.route_host);
         return respond(&mut visitor, 502, "Bad Gateway", &message).await;
@@ -123,11 +124,11 @@ pub(crate) async fn serve_visitor(
     let span = tracing::debug_span!("http visitor", %peer, host = %head.route_host);
     relay_visitor(
         &route.session,
+        &route.tunnel,
         data,
         &mut visitor,
         &open,
-        early,
-        &route.tunnel.token,
+        (early, read.len()),
         shared.config.idle_limit(),
     )
     .instrument(span)

@@ -4,6 +4,7 @@
 //! session (`session.rs`); each tunnel accepts visitors (`tcp.rs`) and pairs
 //! them with idle data connections from the session's pool (`pool.rs`).
 
+mod api;
 mod auth_api;
 mod bans;
 mod hosts;
@@ -34,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
 use crate::error::ServerError;
-use crate::transport::server_tls_acceptor;
+use crate::transport::{server_tls_acceptor, TlsVersion};
 use bans::Bans;
 use hosts::Hosts;
 use registry::Registry;
@@ -57,6 +58,8 @@ pub(crate) struct ServerShared {
     pub(crate) hosts: Hosts,
     /// Failed logins and bans.
     pub(crate) bans: Bans,
+    /// Event counters for `/metrics`.
+    pub(crate) metrics: api::Metrics,
 }
 
 /// Most connections that may be in their handshake at once.
@@ -77,6 +80,8 @@ const MAX_HANDSHAKES: usize = 4096;
 pub struct Server {
     shared: Arc<ServerShared>,
     listeners: Vec<Listener>,
+    /// The management API's listener and TLS, if `api-addr` is set.
+    api: Option<(TcpListener, Option<TlsAcceptor>)>,
 }
 
 /// One bound listener and what it serves.
@@ -134,6 +139,19 @@ impl Server {
             let socket = bind(addr, "sni-addr").await?;
             listeners.push(Listener { socket, key: "sni-addr", tls: None, serves: Serves::TlsPassthrough });
         }
+        let api = match config.api_addr {
+            Some(addr) => {
+                if !addr.ip().is_loopback() && config.api_token.is_none() {
+                    return Err(ServerError::Config("api-addr off loopback needs an api-token".into()));
+                }
+                let tls = match &config.api_tls {
+                    Some(pair) => Some(server_tls_acceptor(std::slice::from_ref(pair), TlsVersion::Tls12)?),
+                    None => None,
+                };
+                Some((bind(addr, "api-addr").await?, tls))
+            }
+            None => None,
+        };
         let bans = Bans::new(config.reconnect_times, config.reconnect_duration);
         let directory = Directory::new(&config).map_err(ServerError::Config)?;
         if directory.is_closed() {
@@ -148,8 +166,9 @@ impl Server {
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             hosts: Hosts::default(),
             bans,
+            metrics: api::Metrics::default(),
         });
-        Ok(Server { shared, listeners })
+        Ok(Server { shared, listeners, api })
     }
 
     fn addr_of(&self, key: &str) -> Option<SocketAddr> {
@@ -176,14 +195,24 @@ impl Server {
         self.addr_of("sni-addr")
     }
 
+    /// The management API's address, if `api-addr` is set.
+    pub fn api_local_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes, then closes every tunnel and returns.
     ///
     /// Spawn this future on the runtime (or use [`spawn`](Server::spawn)) rather than
     /// awaiting it on `block_on`'s thread, where every accept would cross threads.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { shared, listeners } = self;
+        let Server { shared, listeners, api } = self;
         let links = TaskTracker::new();
-        let mut accepting = Vec::with_capacity(listeners.len());
+        let mut accepting = Vec::with_capacity(listeners.len() + 1);
+        if let Some((listener, tls)) = api {
+            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            info!(%addr, listener = "api-addr", https = tls.is_some(), "listening");
+            accepting.push(tokio::spawn(api::serve(shared.clone(), listener, tls, shared.shutdown.clone())));
+        }
         for listener in listeners {
             let addr = listener.socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
             info!(%addr, listener = listener.key, "listening");
@@ -212,10 +241,11 @@ impl Server {
         let token = CancellationToken::new();
         let (addr, tls_addr, http_addr) = (self.local_addr(), self.tls_local_addr(), self.http_local_addr());
         let sni_addr = self.sni_local_addr();
+        let api_addr = self.api_local_addr();
         let stop = token.clone();
         let reloader = self.reloader();
         let task = tokio::spawn(async move { self.run(stop.cancelled_owned()).await });
-        ServerHandle { token, task, addr, tls_addr, http_addr, sni_addr, reloader }
+        ServerHandle { token, task, addr, tls_addr, http_addr, sni_addr, api_addr, reloader }
     }
 }
 
@@ -228,6 +258,7 @@ pub struct ServerHandle {
     tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     sni_addr: Option<SocketAddr>,
+    api_addr: Option<SocketAddr>,
     reloader: Reloader,
 }
 
@@ -255,6 +286,11 @@ impl ServerHandle {
     /// The TLS passthrough address, if `sni-addr` is set.
     pub fn sni_local_addr(&self) -> Option<SocketAddr> {
         self.sni_addr
+    }
+
+    /// The management API's address, if `api-addr` is set.
+    pub fn api_local_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
     }
 
     /// Stops accepting, closes every tunnel and waits for the server to finish.

@@ -72,6 +72,11 @@ impl Registry {
         self.lock().sessions.remove(&id);
     }
 
+    /// Ports held by tunnels now.
+    pub(crate) fn held_ports(&self) -> std::collections::HashSet<u16> {
+        self.lock().ports.keys().copied().collect()
+    }
+
     /// Every session, for reloads.
     pub(crate) fn sessions(&self) -> Vec<Arc<SessionShared>> {
         self.lock().sessions.values().cloned().collect()

@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,6 +38,14 @@ pub(crate) struct SessionShared {
     grant: Grant,
     /// This session's place in the user's `sessions` limit.
     slot: Mutex<Option<Slot>>,
+    /// The client's address.
+    pub(crate) peer: SocketAddr,
+    /// The client's tags (`--tag`).
+    pub(crate) tags: Vec<String>,
+    /// When the client logged in.
+    pub(crate) since: SystemTime,
+    /// Round trips asked for by the API, by ping number.
+    pings: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     key: SessionKey,
     replay: Mutex<ReplayGuard>,
     pub(crate) pool: DataPool,
@@ -61,8 +69,13 @@ impl SessionShared {
 
     /// Starts tracking a tunnel. Its token closes it and its visitors; when the server
     /// closes it (a limit reached), the client is told why.
-    pub(crate) fn open_tunnel(&self, service: u32, control: ServiceControl) -> Arc<Tunnel> {
-        let tunnel = Tunnel::new(service, self.closing.child_token(), control, self.account.clone());
+    pub(crate) fn open_tunnel(
+        &self,
+        (service, name, kind): (u32, String, &'static str),
+        control: ServiceControl,
+    ) -> Arc<Tunnel> {
+        let tunnel =
+            Tunnel::new((service, name, kind), self.closing.child_token(), control, self.account.clone());
         self.tunnels().insert(service, tunnel.clone());
         let (watched, outbox) = (tunnel.clone(), self.outbox.clone());
         self.tasks.spawn(async move {
@@ -102,13 +115,32 @@ impl SessionShared {
         tunnel.map(|t| t.token.cancel()).is_some()
     }
 
-    fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Tunnel>>> {
+    pub(crate) fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Tunnel>>> {
         self.tunnels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether the user may keep this session under the current directory (after a reload).
     pub(crate) fn still_allowed(&self, users: &Users) -> bool {
         users.still_allowed(&self.user, &self.public_key, self.grant)
+    }
+
+    /// Measures a round trip to the client over the control connection.
+    pub(crate) async fn ping(&self, timeout: Duration) -> Option<Duration> {
+        // API pings use the upper half of the sequence space; heartbeats count from 1.
+        let seq = (1 << 63) | rand::random::<u64>() >> 1;
+        let (done, answered) = oneshot::channel();
+        self.pings.lock().unwrap_or_else(|e| e.into_inner()).insert(seq, done);
+        let started = Instant::now();
+        let sent = self.outbox.send(ServerMessage::Ping { seq }).await.is_ok();
+        let answered = sent && matches!(tokio::time::timeout(timeout, answered).await, Ok(Ok(())));
+        self.pings.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq);
+        answered.then(|| started.elapsed())
+    }
+
+    fn pong(&self, seq: u64) {
+        if let Some(done) = self.pings.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq) {
+            let _ = done.send(());
+        }
     }
 
     /// Asks the client for more data connections, without blocking.
@@ -139,6 +171,10 @@ pub(crate) async fn serve_control(
         public_key: accepted.verified.public_key,
         grant: accepted.grant,
         slot: Mutex::new(None),
+        peer,
+        tags: accepted.tags,
+        since: SystemTime::now(),
+        pings: Mutex::default(),
         key: accepted.verified.session_key,
         replay: Mutex::default(),
         pool: DataPool::default(),
@@ -190,6 +226,7 @@ fn heartbeat_interval(timeout: Duration) -> Duration {
 struct Accepted {
     verified: VerifiedLogin,
     instance: String,
+    tags: Vec<String>,
     rules: Arc<Rules>,
     grant: Grant,
 }
@@ -207,6 +244,7 @@ async fn login(
         debug!(%peer, "refusing a banned address");
         return refuse_banned(chan, left).await;
     }
+    let started = Instant::now();
     let nonce = rand::random::<[u8; 32]>();
     let ephemeral = Ephemeral::generate();
     // The secret is asked for (for the auth API) only where it travels inside TLS or stays on this host.
@@ -226,9 +264,11 @@ async fn login(
             return None;
         }
     };
-    let (id, instance) = match &login {
-        ClientMessage::Login { id, instance, .. } => (Offender::Id(id.clone()), instance.clone()),
-        _ => (Offender::Id(String::new()), String::new()),
+    let (id, instance, tags) = match &login {
+        ClientMessage::Login { id, instance, tags, .. } => {
+            (Offender::Id(id.clone()), instance.clone(), valid_tags(tags))
+        }
+        _ => (Offender::Id(String::new()), String::new(), Vec::new()),
     };
     if let Some(left) = shared.bans.banned(&id) {
         debug!(%peer, "refusing a banned id");
@@ -243,9 +283,10 @@ async fn login(
     };
     match outcome {
         Ok((verified, rules, grant)) => {
+            shared.metrics.handshake(started.elapsed());
             shared.bans.succeeded(&addr);
             shared.bans.succeeded(&id);
-            Some(Accepted { verified, instance, rules, grant })
+            Some(Accepted { verified, instance, tags, rules, grant })
         }
         Err(refusal) if !matches!(refusal, LoginRefusal::AuthFailed { .. }) => {
             // Not the client's fault (API down) or not a guess (no secret given): no ban.
@@ -254,9 +295,11 @@ async fn login(
             None
         }
         Err(refusal) => {
+            shared.metrics.auth_failed();
             warn!(%peer, %refusal, "login refused");
             for who in [addr, id] {
                 if shared.bans.failed(who.clone()) {
+                    shared.metrics.banned();
                     warn!(%peer, ?who, "banned after repeated failed logins");
                 }
             }
@@ -264,6 +307,22 @@ async fn login(
             None
         }
     }
+}
+
+/// Most tags a client may carry, and the longest tag.
+const MAX_TAGS: usize = 16;
+const MAX_TAG_LEN: usize = 64;
+
+/// The client's tags that are well-formed (letters, digits, `-`, `_`, `.`), at most `MAX_TAGS`.
+fn valid_tags(tags: &[String]) -> Vec<String> {
+    tags.iter()
+        .filter(|t| {
+            (1..=MAX_TAG_LEN).contains(&t.len())
+                && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+        .take(MAX_TAGS)
+        .cloned()
+        .collect()
 }
 
 async fn refuse_banned(chan: &mut ControlChannel<Stream>, left: Duration) -> Option<Accepted> {
@@ -350,19 +409,22 @@ impl Control<'_> {
                 Ok(())
             }
             ClientMessage::Ping { seq } => self.chan.send(&ServerMessage::Pong { seq }).await,
-            ClientMessage::Pong { .. } => Ok(()),
+            ClientMessage::Pong { seq } => {
+                self.session.pong(seq);
+                Ok(())
+            }
             ClientMessage::Login { .. } => Err(ProtocolError::Malformed("login sent twice".into())),
         }
     }
 
     async fn register(&mut self, request: u64, spec: ServiceSpec, control: ServiceControl) -> ServerMessage {
-        let name = match &spec {
-            ServiceSpec::Tcp { name, .. }
-            | ServiceSpec::Http { name, .. }
-            | ServiceSpec::Https { name, .. } => name.clone(),
+        let (name, kind) = match &spec {
+            ServiceSpec::Tcp { name, .. } => (name.clone(), "tcp"),
+            ServiceSpec::Http { name, .. } => (name.clone(), "http"),
+            ServiceSpec::Https { name, .. } => (name.clone(), "https"),
         };
         let service = self.shared.registry.next_service_id();
-        let tunnel = self.session.open_tunnel(service, control);
+        let tunnel = self.session.open_tunnel((service, name.clone(), kind), control);
         let opened = match spec {
             ServiceSpec::Tcp { port, random, proxy_protocol, .. } => {
                 self.open_tcp(tunnel, port, random, proxy_protocol).await
@@ -379,6 +441,9 @@ impl Control<'_> {
         }
         match opened {
             Ok((port, host)) => {
+                if let Some(tunnel) = self.session.tunnels().get(&service) {
+                    let _ = tunnel.endpoint.set((port, host.clone()));
+                }
                 info!(service, port, host, %name, "tunnel opened");
                 ServerMessage::Registered { request, service, port, host }
             }

@@ -49,13 +49,15 @@ pub(crate) async fn serve_visitor(
         }
         Err(refusal) => return debug!(%peer, %name, ?refusal, "visitor refused by the tunnel's limits"),
     };
+    shared.metrics.visitor();
     let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
         return debug!(%peer, %name, "no free data connection; closing");
     };
     let open = OpenStream { service: route.tunnel.service, visitor: peer };
     let span = tracing::debug_span!("tls visitor", %peer, %name);
     let idle = shared.config.idle_limit();
-    relay_visitor(&route.session, data, &mut visitor, &open, hello.to_vec(), &route.tunnel.token, idle)
+    let early = (hello.to_vec(), hello.len());
+    relay_visitor(&route.session, &route.tunnel, data, &mut visitor, &open, early, idle)
         .instrument(span)
         .await;
 }

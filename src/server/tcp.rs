@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::proxy_header::proxy_header;
@@ -68,14 +67,14 @@ async fn accept_visitors(
                         continue;
                     }
                 };
+                shared.metrics.visitor();
                 let visit = serve_visitor(
                     session.clone(),
                     (shared.config.data_wait_timeout, shared.config.idle_limit()),
-                    (tunnel.service, admitted),
+                    (tunnel.clone(), admitted),
                     proxy_protocol,
                     visitor,
                     addr,
-                    tunnel.token.clone(),
                 );
                 session.tasks.spawn(visit.instrument(tracing::debug_span!("visitor", %addr)));
             }
@@ -94,11 +93,10 @@ const EARLY_BYTES: usize = 16 * 1024;
 async fn serve_visitor(
     session: Arc<SessionShared>,
     (wait, idle): (Duration, Option<IdleLimit>),
-    (service, _admitted): (u32, Visit),
+    (tunnel, _admitted): (Arc<Tunnel>, Visit),
     proxy_protocol: Option<ProxyProtocol>,
     mut visitor: TcpStream,
     addr: SocketAddr,
-    token: CancellationToken,
 ) {
     let _ = visitor.set_nodelay(true);
     let Some(data) = take_data(&session, wait).await else {
@@ -114,6 +112,6 @@ async fn serve_visitor(
     early.resize(header + EARLY_BYTES, 0);
     let read = visitor.try_read(&mut early[header..]).unwrap_or(0);
     early.truncate(header + read);
-    let open = OpenStream { service, visitor: addr };
-    relay_visitor(&session, data, &mut visitor, &open, early, &token, idle).await;
+    let open = OpenStream { service: tunnel.service, visitor: addr };
+    relay_visitor(&session, &tunnel, data, &mut visitor, &open, (early, read), idle).await;
 }

@@ -3,16 +3,26 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
 use super::users::{Account, Counted, Slot};
 use crate::proto::{CloseReason, ServiceControl};
+use crate::throttle::Traffic;
 
 /// A tunnel's limits and live counters.
 pub(crate) struct Tunnel {
     pub(crate) service: u32,
+    /// The client's name for the service.
+    pub(crate) name: String,
+    /// `tcp`, `http` or `https`.
+    pub(crate) kind: &'static str,
+    pub(crate) born: SystemTime,
+    /// The public port (TCP) or host (HTTP, HTTPS), once open.
+    pub(crate) endpoint: OnceLock<(u16, Option<String>)>,
+    /// Bytes through its visitors.
+    pub(crate) traffic: Traffic,
     /// Cancelled when the tunnel closes; its visitors go with it.
     pub(crate) token: CancellationToken,
     control: ServiceControl,
@@ -40,13 +50,18 @@ pub(crate) enum Refusal {
 
 impl Tunnel {
     pub(crate) fn new(
-        service: u32,
+        (service, name, kind): (u32, String, &'static str),
         token: CancellationToken,
         control: ServiceControl,
         account: Arc<Account>,
     ) -> Arc<Self> {
         Arc::new(Tunnel {
             service,
+            name,
+            kind,
+            born: SystemTime::now(),
+            endpoint: OnceLock::new(),
+            traffic: Traffic::default(),
             token,
             control,
             account,
@@ -59,6 +74,16 @@ impl Tunnel {
     /// How long the tunnel may stay open, if limited.
     pub(crate) fn max_serve_time(&self) -> Option<Duration> {
         self.control.max_serve_time_ms.map(Duration::from_millis)
+    }
+
+    /// The limits it was opened with.
+    pub(crate) fn control(&self) -> &ServiceControl {
+        &self.control
+    }
+
+    /// Visitors connected now, and admitted in all.
+    pub(crate) fn visitors(&self) -> (u32, u64) {
+        (self.active.load(Ordering::Acquire), self.served.load(Ordering::Acquire))
     }
 
     /// Lets one more visitor in; the returned guard counts it until dropped.
@@ -123,7 +148,7 @@ mod tests {
         let rules = Arc::new(Rules::resolve(&Default::default(), None).unwrap());
         let account =
             Users::new(Directory::new(&Default::default()).unwrap()).account("a", rules, Grant::Known);
-        let tunnel = Tunnel::new(1, CancellationToken::new(), control, account);
+        let tunnel = Tunnel::new((1, "t".into(), "tcp"), CancellationToken::new(), control, account);
         let a = tunnel.admit().unwrap();
         let b = tunnel.admit().unwrap();
         assert_eq!(tunnel.admit().err(), Some(Refusal::AtCapacity));

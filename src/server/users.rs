@@ -18,7 +18,7 @@ use super::auth_api::{ApiAnswer, AuthApi};
 use crate::auth::{user_signing_key, VerifiedLogin};
 use crate::config::{ServerConfig, TcpAllowance, UserConfig};
 use crate::proto::LoginRefusal;
-use crate::throttle::Bucket;
+use crate::throttle::{Bucket, Traffic};
 
 /// What one user may do: the user's own settings over the server-wide ones.
 #[derive(Debug)]
@@ -140,7 +140,12 @@ pub(crate) struct Users {
     /// Keys learned under allow-any-client; kept across reloads.
     learned: Mutex<HashMap<String, [u8; 32]>>,
     accounts: Mutex<HashMap<String, Weak<Account>>>,
+    /// Bytes per user, kept while the server runs.
+    traffic: Mutex<HashMap<String, Arc<Traffic>>>,
 }
+
+/// Most users with their own traffic counters (allow-any-client could mint ids without end).
+const MAX_TRAFFIC_ENTRIES: usize = 100_000;
 
 impl Users {
     pub(crate) fn new(directory: Directory) -> Self {
@@ -148,6 +153,7 @@ impl Users {
             directory: RwLock::new(Arc::new(directory)),
             learned: Mutex::default(),
             accounts: Mutex::default(),
+            traffic: Mutex::default(),
         }
     }
 
@@ -235,9 +241,29 @@ impl Users {
             return account;
         }
         accounts.retain(|_, account| account.strong_count() > 0);
-        let account = Arc::new(Account::new(id, rules, grant));
+        let traffic = self.traffic_of(id);
+        let account = Arc::new(Account::new(id, rules, grant, traffic));
         accounts.insert(id.to_owned(), Arc::downgrade(&account));
         account
+    }
+
+    /// The lasting traffic counters of `id`; past `MAX_TRAFFIC_ENTRIES` users, new ids share one.
+    fn traffic_of(&self, id: &str) -> Arc<Traffic> {
+        let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = traffic.get(id) {
+            return known.clone();
+        }
+        let key = if traffic.len() < MAX_TRAFFIC_ENTRIES { id } else { "(others)" };
+        traffic.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// Bytes moved per user since the server started: (user, up, down).
+    pub(crate) fn traffic(&self) -> Vec<(String, u64, u64)> {
+        let traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        traffic
+            .iter()
+            .map(|(id, t)| (id.clone(), t.up.load(Ordering::Relaxed), t.down.load(Ordering::Relaxed)))
+            .collect()
     }
 
     fn accounts(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<Account>>> {
@@ -256,6 +282,8 @@ pub(crate) struct Account {
     pub(crate) upload: Bucket,
     /// Bytes from the user's services to visitors.
     pub(crate) download: Bucket,
+    /// Bytes moved for the user, kept across the user's sessions.
+    pub(crate) traffic: Arc<Traffic>,
 }
 
 /// What an account's counter limits.
@@ -272,9 +300,10 @@ pub(crate) struct Slot {
 }
 
 impl Account {
-    fn new(id: &str, rules: Arc<Rules>, grant: Grant) -> Self {
+    fn new(id: &str, rules: Arc<Rules>, grant: Grant, traffic: Arc<Traffic>) -> Self {
         Account {
             id: id.to_owned(),
+            traffic,
             upload: Bucket::new(rules.speed),
             download: Bucket::new(rules.speed),
             rules: RwLock::new(rules),
@@ -357,7 +386,7 @@ mod tests {
     fn counters_stop_at_the_limit_and_free_on_drop() {
         let config = ServerConfig { connections: Some(2), ..ServerConfig::default() };
         let rules = Arc::new(Rules::resolve(&config, None).unwrap());
-        let account = Arc::new(Account::new("a", rules, Grant::Known));
+        let account = Arc::new(Account::new("a", rules, Grant::Known, Arc::default()));
         let one = account.admit(Counted::Visitors).unwrap();
         let _two = account.admit(Counted::Visitors).unwrap();
         assert_eq!(account.admit(Counted::Visitors).err(), Some(2));

@@ -4,14 +4,14 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::session::SessionShared;
+use super::tunnel::Tunnel;
 use crate::cancel::until_cancelled;
 use crate::chunked::{encode_chunk, relay_chunked, IdleLimit, Status};
 use crate::proto::{encode_frame, OpenStream, ProtocolError};
-use crate::throttle::Throttled;
+use crate::throttle::{Meter, Metered};
 use crate::transport::Stream;
 
 /// Takes an idle data connection of `session`, asking the client for more while none is ready.
@@ -19,15 +19,16 @@ pub(crate) async fn take_data(session: &SessionShared, wait: Duration) -> Option
     session.pool.take(wait, || session.request_data()).await
 }
 
-/// Sends the open message with `early` visitor bytes in one write, relays until both sides
-/// are done, and gives the data connection back to the pool after a clean end.
+/// Sends the open message with `early` bytes in one write, relays until both sides are
+/// done, and gives the data connection back to the pool after a clean end. `read_ahead`
+/// visitor bytes were read before the relay; they are counted with the rest.
 pub(crate) async fn relay_visitor<V>(
     session: &SessionShared,
+    tunnel: &Tunnel,
     mut data: Stream,
     visitor: &mut V,
     open: &OpenStream,
-    early: Vec<u8>,
-    token: &CancellationToken,
+    (early, read_ahead): (Vec<u8>, usize),
     idle: Option<IdleLimit>,
 ) where
     V: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -35,17 +36,23 @@ pub(crate) async fn relay_visitor<V>(
     if let Err(err) = send_open(&mut data, open, early).await {
         return debug!(%err, "data connection failed before use");
     }
+    let token = &tunnel.token;
     let account = &session.account;
-    let relayed = if account.is_throttled() {
-        // Reads from the visitor are uploads, writes to it downloads; both shared by the user.
-        let mut throttled = Throttled::new(visitor, &account.upload, &account.download);
-        let relay = relay_chunked(&mut throttled, &mut data, Status::Expect, BytesMut::new(), idle);
-        until_cancelled(token, relay).await
-    } else {
-        let relay = relay_chunked(visitor, &mut data, Status::Expect, BytesMut::new(), idle);
-        until_cancelled(token, relay).await
+    let shaped = account.is_throttled();
+    // Reads from the visitor are uploads, writes to it downloads: counted for the tunnel and
+    // the user, and shaped by the user's buckets (shared by all the user's visitors).
+    let up = Meter {
+        bucket: shaped.then_some(&account.upload),
+        counters: [&tunnel.traffic.up, &account.traffic.up],
     };
-    let Some(relayed) = relayed else {
+    let down = Meter {
+        bucket: shaped.then_some(&account.download),
+        counters: [&tunnel.traffic.down, &account.traffic.down],
+    };
+    up.record(read_ahead);
+    let mut metered = Metered::new(visitor, up, down);
+    let relay = relay_chunked(&mut metered, &mut data, Status::Expect, BytesMut::new(), idle);
+    let Some(relayed) = until_cancelled(token, relay).await else {
         return debug!("visitor closed with its tunnel");
     };
     match relayed {

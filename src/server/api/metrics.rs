@@ -1,0 +1,114 @@
+//! Prometheus metrics: counters kept as events happen, and gauges and per-service and
+//! per-user byte counts read from the live state at each scrape.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::server::ServerShared;
+
+/// Label pairs of one time series.
+type Labels = Vec<(&'static str, String)>;
+
+/// Counters of server events.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    auth_failures: Counter,
+    bans: Counter,
+    visitors: Counter,
+    handshakes: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            auth_failures: Counter::default(),
+            bans: Counter::default(),
+            visitors: Counter::default(),
+            // 0.5 ms to about 4 s.
+            handshakes: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+        }
+    }
+}
+
+impl Metrics {
+    /// A login or API token check failed.
+    pub(crate) fn auth_failed(&self) {
+        self.auth_failures.inc();
+    }
+
+    /// An address or id was banned.
+    pub(crate) fn banned(&self) {
+        self.bans.inc();
+    }
+
+    /// A visitor was admitted to a tunnel.
+    pub(crate) fn visitor(&self) {
+        self.visitors.inc();
+    }
+
+    /// A client logged in; `took` from the challenge to the verified login.
+    pub(crate) fn handshake(&self, took: Duration) {
+        self.handshakes.observe(took.as_secs_f64());
+    }
+
+    /// The text exposition of every metric.
+    pub(crate) fn render(&self, shared: &ServerShared) -> Result<String, std::fmt::Error> {
+        let mut registry = Registry::with_prefix("ferry");
+        registry.register("auth_failures", "Failed logins and API token checks", self.auth_failures.clone());
+        registry.register("bans", "Addresses or ids banned after repeated failures", self.bans.clone());
+        registry.register("visitors", "Visitors admitted to tunnels", self.visitors.clone());
+        registry.register(
+            "handshake_seconds",
+            "Time from challenge to verified login",
+            self.handshakes.clone(),
+        );
+
+        let sessions: Vec<_> =
+            shared.registry.sessions().into_iter().filter(|s| !s.closing.is_cancelled()).collect();
+        let (clients, services, active) =
+            (Gauge::<i64>::default(), Gauge::<i64>::default(), Gauge::<i64>::default());
+        let service_bytes = Family::<Labels, Counter>::default();
+        clients.set(sessions.len() as i64);
+        for session in &sessions {
+            let tunnels: Vec<_> = session.tunnels().values().cloned().collect();
+            for tunnel in tunnels.iter().filter(|t| !t.token.is_cancelled()) {
+                services.inc();
+                active.inc_by(i64::from(tunnel.visitors().0));
+                let (up, down) = tunnel.traffic.get();
+                let labels = |direction: &'static str| {
+                    vec![
+                        ("service", tunnel.service.to_string()),
+                        ("name", tunnel.name.clone()),
+                        ("user", session.user.clone()),
+                        ("direction", direction.to_owned()),
+                    ]
+                };
+                service_bytes.get_or_create(&labels("in")).inc_by(up);
+                service_bytes.get_or_create(&labels("out")).inc_by(down);
+            }
+        }
+        let user_bytes = Family::<Labels, Counter>::default();
+        for (user, up, down) in shared.users.traffic() {
+            user_bytes.get_or_create(&vec![("user", user.clone()), ("direction", "in".into())]).inc_by(up);
+            user_bytes.get_or_create(&vec![("user", user), ("direction", "out".into())]).inc_by(down);
+        }
+        registry.register("clients", "Connected clients", clients);
+        registry.register("services", "Open tunnels", services);
+        registry.register("visitors_active", "Visitors connected now", active);
+        registry.register(
+            "service_bytes",
+            "Bytes through each open tunnel (in: from visitors)",
+            service_bytes,
+        );
+        registry.register("user_bytes", "Bytes through each user's tunnels since start", user_bytes);
+        let mut text = String::new();
+        encode(&mut text, &registry)?;
+        Ok(text)
+    }
+}

@@ -1,0 +1,223 @@
+//! The management API with a live server and clients: every route, the token, bans,
+//! metrics that move with traffic, HTTPS, and the OpenAPI document.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::http::request;
+use common::*;
+use ferry::transport::Connector;
+use ferry::{Client, ClientState, CloseReason, RemoteAddr, RemoteTrust, ServerConfig, ServiceConfig};
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+const TOKEN: &str = "api-token-1";
+
+/// Sends one API request; returns the status and the body parsed as JSON (or as a string).
+async fn call(api: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut stream = TcpStream::connect(api).await.unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let response = request(&mut stream, method, path, "ferry-api", &auth, b"").await;
+    let body = serde_json::from_slice(&response.body).unwrap_or_else(|_| Value::String(response.text()));
+    (response.status, body)
+}
+
+async fn get(api: SocketAddr, path: &str) -> Value {
+    let (status, body) = call(api, "GET", path, Some(TOKEN)).await;
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
+}
+
+fn api_config() -> ServerConfig {
+    let mut config = server_config().with_user("other", "s2");
+    config.api_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.api_token = Some(TOKEN.into());
+    config
+}
+
+async fn tagged_client(server: SocketAddr, id: &str, secret: &str, tag: &str) -> Client {
+    let mut config = client_config(server, id, secret);
+    config.tags = vec![tag.to_owned()];
+    Client::connect(config).await.unwrap()
+}
+
+/// The value of the first metric line starting with `prefix`.
+fn metric(text: &str, prefix: &str) -> f64 {
+    let line =
+        text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} in\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_from_the_live_server() {
+    within(60, async {
+        let server = start_server(api_config()).await;
+        let api = server.api_local_addr().unwrap();
+        let blue = tagged_client(server.local_addr(), "id1", "secret1", "blue").await;
+        let red = tagged_client(server.local_addr(), "other", "s2", "red").await;
+        let echo = echo_server().await.to_string();
+        let limits = (Some(5), Some(100), Some(Duration::from_secs(3600)));
+        let mut tcp = blue
+            .add_service(ServiceConfig::tcp(&echo).with_limits(limits.0, limits.1, limits.2))
+            .await
+            .unwrap();
+        let _web = red.add_service(ServiceConfig::http(&echo)).await.unwrap();
+
+        let status = get(api, "/status").await;
+        assert_eq!(status["status"], "ok");
+        assert!(status["version"].as_str().unwrap().starts_with("ferry "));
+        assert_eq!(call(api, "GET", "/status", None).await.0, 401);
+        assert_eq!(call(api, "GET", "/clients", Some("wrong")).await.0, 401);
+        let health = get(api, "/health").await;
+        assert_eq!((health["clients"].as_u64(), health["services"].as_u64()), (Some(2), Some(2)));
+
+        let clients = get(api, "/clients").await;
+        assert_eq!(clients.as_array().unwrap().len(), 2);
+        let only_blue = get(api, "/clients?tags=green,blue").await;
+        assert_eq!(only_blue.as_array().unwrap().len(), 1);
+        assert_eq!(only_blue[0]["user"], "id1");
+        assert_eq!(only_blue[0]["tags"][0], "blue");
+        assert!(only_blue[0]["address"].as_str().unwrap().starts_with("127.0.0.1:"));
+        assert_eq!(only_blue[0]["services"][0]["port"].as_u64(), Some(u64::from(tcp.remote_port())));
+        let cid = only_blue[0]["cid"].as_u64().unwrap();
+        assert_eq!(get(api, "/clients?id=other").await[0]["user"], "other");
+        assert!(get(api, "/clients?tags=green").await.as_array().unwrap().is_empty());
+
+        // Traffic moves the service's figures and the metrics.
+        let payload = random_bytes(100 * 1024);
+        let echoed = echo_through(tcp.public_addr().parse().unwrap(), &payload).await.unwrap();
+        assert_eq!(sha256(&echoed), sha256(&payload));
+        let services = get(api, &format!("/services?cid={cid}")).await;
+        let service = &services[0];
+        assert_eq!((service["name"].as_str(), service["kind"].as_str()), (Some(echo.as_str()), Some("tcp")));
+        assert_eq!(service["served"], 1);
+        assert_eq!((service["capacity"].as_u64(), service["total_allowed"].as_u64()), (Some(5), Some(100)));
+        let (birth, deadline) = (service["birth"].as_u64().unwrap(), service["deadline"].as_u64().unwrap());
+        assert_eq!(deadline - birth, 3600);
+        assert_eq!(service["bytes_in"].as_u64(), Some(payload.len() as u64));
+        assert_eq!(service["bytes_out"].as_u64(), Some(payload.len() as u64));
+
+        let (status, text) = call(api, "GET", "/metrics", Some(TOKEN)).await;
+        let text = text.as_str().unwrap().to_owned();
+        assert_eq!(status, 200);
+        assert_eq!(metric(&text, "ferry_clients "), 2.0);
+        assert_eq!(metric(&text, "ferry_services "), 2.0);
+        assert!(metric(&text, "ferry_visitors_total") >= 1.0);
+        assert!(metric(&text, "ferry_auth_failures_total") >= 2.0, "the two bad tokens");
+        assert!(metric(&text, "ferry_handshake_seconds_count") >= 2.0);
+        let service_in = format!("ferry_service_bytes_total{{service=\"{}\"", service["id"]);
+        let line =
+            text.lines().find(|l| l.starts_with(&service_in) && l.contains("direction=\"in\"")).unwrap();
+        assert!(line.ends_with(&format!(" {}", payload.len())), "{line}");
+        assert!(text.contains("ferry_user_bytes_total{user=\"id1\",direction=\"out\"} 102400"), "{text}");
+
+        let free = get(api, "/ports/free?limit=3").await;
+        let free: Vec<u64> = free["free"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
+        assert_eq!(free.len(), 3);
+        assert!(!free.contains(&u64::from(tcp.remote_port())));
+
+        let ping = get(api, &format!("/ping?cid={cid}")).await;
+        assert!(ping["rtt_ms"].as_f64().unwrap() >= 0.0);
+        assert_eq!(call(api, "GET", "/ping?cid=999999", Some(TOKEN)).await.0, 404);
+
+        // Closing a service tells its client why; kicking a client disconnects it.
+        let id = service["id"].as_u64().unwrap();
+        assert_eq!(call(api, "DELETE", &format!("/services/{id}"), Some(TOKEN)).await.0, 200);
+        let reason = tokio::time::timeout(Duration::from_secs(5), tcp.closed()).await.unwrap();
+        assert!(matches!(reason, CloseReason::ByServer { .. }), "{reason:?}");
+        assert!(get(api, &format!("/services?cid={cid}")).await.as_array().unwrap().is_empty());
+        assert_eq!(call(api, "DELETE", &format!("/services/{id}"), Some(TOKEN)).await.0, 404);
+        let mut state = red.state();
+        let red_cid = get(api, "/clients?id=other").await[0]["cid"].as_u64().unwrap();
+        assert_eq!(call(api, "DELETE", &format!("/clients/{red_cid}"), Some(TOKEN)).await.0, 200);
+        let kicked =
+            state.wait_for(|s| !matches!(s, ClientState::Connected { session } if *session == red_cid));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), kicked).await.is_ok(),
+            "the client was not kicked"
+        );
+
+        // The OpenAPI document names every route used here.
+        let (status, openapi) = call(api, "GET", "/openapi.json", None).await;
+        assert_eq!(status, 200, "the document needs no token");
+        for path in ["/status", "/health", "/clients", "/clients/{cid}", "/services", "/services/{id}"] {
+            assert!(openapi["paths"][path].is_object(), "{path} is not documented");
+        }
+        for path in ["/ports/free", "/ping", "/metrics", "/"] {
+            assert!(openapi["paths"][path].is_object(), "{path} is not documented");
+        }
+        server.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bad_tokens_get_the_address_banned_and_off_loopback_a_token_is_required() {
+    within(30, async {
+        let mut config = api_config();
+        config.reconnect_times = 2;
+        let server = start_server(config).await;
+        let api = server.api_local_addr().unwrap();
+        assert_eq!(call(api, "GET", "/health", Some("guess-1")).await.0, 401);
+        assert_eq!(call(api, "GET", "/health", Some("guess-2")).await.0, 401);
+        let (status, body) = call(api, "GET", "/health", Some(TOKEN)).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("banned"));
+        server.shutdown().await;
+
+        let options = ferry::config::options::ServerOptions {
+            api_addr: Some("0.0.0.0:0".into()),
+            ..Default::default()
+        };
+        assert!(options.into_config().unwrap_err().contains("api-token"));
+        let mut open = api_config();
+        open.api_addr = Some("0.0.0.0:0".parse().unwrap());
+        open.api_token = None;
+        assert!(ferry::Server::bind(open).await.is_err(), "an API off loopback without a token");
+        // A loopback API without a token answers everyone.
+        let mut local = api_config();
+        local.api_token = None;
+        let server = start_server(local).await;
+        assert_eq!(call(server.api_local_addr().unwrap(), "GET", "/health", None).await.0, 200);
+        server.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_api_speaks_https_with_its_own_certificate() {
+    within(30, async {
+        let dir = tempfile::tempdir().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key) = (dir.path().join("api.pem"), dir.path().join("api.key"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let mut config = api_config();
+        config.api_tls = Some((cert.clone(), key));
+        let server = start_server(config).await;
+        let port = server.api_local_addr().unwrap().port();
+        let remote = RemoteAddr::parse(&format!("tls://localhost:{port}")).unwrap();
+        let connector = Connector::new(remote, &RemoteTrust::CaFile(cert), Duration::from_secs(5)).unwrap();
+        let mut stream = connector.connect().await.unwrap();
+        let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+        let response = request(&mut stream, "GET", "/status", "localhost", &auth, b"").await;
+        assert_eq!(response.status, 200);
+        assert!(response.text().contains("\"ok\""));
+        // Plain HTTP on the HTTPS port gets nothing.
+        let plain = tokio::time::timeout(Duration::from_secs(15), async {
+            let mut stream = TcpStream::connect(server.api_local_addr().unwrap()).await.unwrap();
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+            let mut buf = Vec::new();
+            let _ = stream.read_to_end(&mut buf).await;
+            buf
+        })
+        .await
+        .unwrap();
+        assert!(!String::from_utf8_lossy(&plain).contains("\"ok\""));
+        server.shutdown().await;
+    })
+    .await
+}
