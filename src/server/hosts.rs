@@ -37,9 +37,50 @@ pub(crate) enum Lookup {
     Unknown,
 }
 
+/// The services behind one host name: one, or several clients of one user sharing a tag
+/// that serve a service of the same name, taken in turn.
+struct HostPool {
+    members: Vec<HostRoute>,
+    next: usize,
+}
+
+impl HostPool {
+    /// The next member, round-robin, preferring members whose session is not closing.
+    fn pick(&mut self, only: impl Fn(&HostRoute) -> bool) -> Option<HostRoute> {
+        let count = self.members.len();
+        let start = self.next;
+        self.next = self.next.wrapping_add(1);
+        let candidates = (0..count).map(|i| &self.members[(start + i) % count]).filter(|r| only(r));
+        let mut fallback = None;
+        for route in candidates {
+            if !route.session.closing.is_cancelled() {
+                return Some(route.clone());
+            }
+            fallback.get_or_insert(route);
+        }
+        fallback.cloned()
+    }
+
+    fn owned_by(&self, user: &str) -> bool {
+        self.members.iter().any(|r| r.session.user == user)
+    }
+
+    /// Whether `route` may join: same user and service name, and a tag shared with a live member.
+    fn welcomes(&self, route: &HostRoute) -> bool {
+        let session = &route.session;
+        !session.tags.is_empty()
+            && self.members.iter().any(|m| {
+                !m.session.closing.is_cancelled()
+                    && m.session.user == session.user
+                    && m.tunnel.name == route.tunnel.name
+                    && m.session.tags.iter().any(|t| session.tags.contains(t))
+            })
+    }
+}
+
 #[derive(Default)]
 struct Table {
-    routes: HashMap<String, HostRoute>,
+    routes: HashMap<String, HostPool>,
     offline: HashSet<String>,
 }
 
@@ -87,20 +128,32 @@ impl Hosts {
         let user = route.session.user.clone();
         let pending_release = {
             let mut table = self.lock();
+            if let Some(pool) = table.routes.get_mut(key) {
+                if pool.welcomes(&route) {
+                    pool.members.push(route);
+                    return Ok(());
+                }
+            }
             if let Some(limit) = host_number {
-                let held = table.routes.values().filter(|r| r.session.user == user).count();
+                let held = table.routes.values().filter(|p| p.owned_by(&user)).count();
                 if held >= limit as usize {
                     return Err(RegisterError::HostLimit { limit });
                 }
             }
             match table.routes.get(key) {
-                Some(owner) if owner.session.closing.is_cancelled() && owner.session.user == user => {
-                    Some(owner.session.released.clone())
+                // A closing session of the same user may still hold the name for a moment.
+                Some(pool)
+                    if pool
+                        .members
+                        .iter()
+                        .all(|r| r.session.closing.is_cancelled() && r.session.user == user) =>
+                {
+                    pool.members.first().map(|r| r.session.released.clone())
                 }
                 Some(_) => return Err(RegisterError::HostTaken { host: key.to_owned() }),
                 None => {
                     table.offline.remove(key);
-                    table.routes.insert(key.to_owned(), route);
+                    table.routes.insert(key.to_owned(), HostPool { members: vec![route], next: 0 });
                     return Ok(());
                 }
             }
@@ -113,14 +166,16 @@ impl Hosts {
             return Err(RegisterError::HostTaken { host: key.to_owned() });
         }
         table.offline.remove(key);
-        table.routes.insert(key.to_owned(), route);
+        table.routes.insert(key.to_owned(), HostPool { members: vec![route], next: 0 });
         Ok(())
     }
 
     /// Forgets a closed service's host; later visitors get "offline" instead of "unknown".
     pub(crate) fn release(&self, key: &str, service: u32) {
         let mut table = self.lock();
-        if table.routes.get(key).is_some_and(|r| r.tunnel.service == service) {
+        let Some(pool) = table.routes.get_mut(key) else { return };
+        pool.members.retain(|r| r.tunnel.service != service);
+        if pool.members.is_empty() {
             table.routes.remove(key);
             if table.offline.len() < MAX_OFFLINE {
                 table.offline.insert(key.to_owned());
@@ -128,22 +183,32 @@ impl Hosts {
         }
     }
 
-    /// Finds the service for a routing key.
+    /// Finds the service for a routing key (the next one, when several serve it).
     pub(crate) fn lookup(&self, key: &str, known_user: bool) -> Lookup {
-        let table = self.lock();
-        match table.routes.get(key) {
-            Some(route) => Lookup::Online(route.clone()),
-            None if known_user || table.offline.contains(key) => Lookup::Offline,
-            None => Lookup::Unknown,
+        let mut table = self.lock();
+        if let Some(route) = table.routes.get_mut(key).and_then(|pool| pool.pick(|_| true)) {
+            return Lookup::Online(route);
         }
+        if known_user || table.offline.contains(key) {
+            Lookup::Offline
+        } else {
+            Lookup::Unknown
+        }
+    }
+
+    /// The service for a routing key served by one client (`CID--label`), if that client serves it.
+    pub(crate) fn lookup_client(&self, key: &str, cid: u64) -> Option<HostRoute> {
+        let mut table = self.lock();
+        table.routes.get_mut(key)?.pick(|r| r.session.id == cid)
     }
 
     /// Finds the service for `/ID/PREFIX/...` or `/ID/...`; returns the route and how many
     /// path segments it used.
     pub(crate) fn lookup_path(&self, id: &str, prefix: Option<&str>) -> Option<(HostRoute, usize)> {
-        let table = self.lock();
-        let owned_by =
-            |key: &str| table.routes.get(key).filter(|r| r.session.user.eq_ignore_ascii_case(id)).cloned();
+        let mut table = self.lock();
+        let mut owned_by = |key: &str| {
+            table.routes.get_mut(key).and_then(|pool| pool.pick(|r| r.session.user.eq_ignore_ascii_case(id)))
+        };
         if let Some(prefix) = prefix.filter(|p| is_label(p)) {
             let prefix = prefix.to_ascii_lowercase();
             // With or without host-with-id (a per-user rule), the route must be the user's own.

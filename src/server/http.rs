@@ -14,7 +14,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::hosts::{HostRoute, Lookup};
 use super::session::SessionShared;
 use super::sni::sni_key;
-use super::tunnel::{Refusal, Tunnel};
+use super::tunnel::{Refusal, Tunnel, Visit};
 use super::visit::{relay_visitor, take_data};
 use super::ServerShared;
 use crate::proto::{OpenStream, RegisterError};
@@ -92,31 +92,27 @@ pub(crate) async fn serve_visitor(
         Ok(head) => head,
         Err(why) => return respond(&mut visitor, 400, "Bad Request", &why).await,
     };
-    let (route, path) = match find_route(&shared, &head) {
-        Ok(found) => found,
-        Err((status, reason, message)) => return respond(&mut visitor, status, reason, &message).await,
-    };
     drop(handshake);
-    let _admitted = match route.tunnel.admit() {
-        Ok(admitted) => admitted,
-        Err(Refusal::AtCapacity) => {
-            let message = format!("The service for '{}' has all the visitors it takes.", head.route_host);
-            return respond(&mut visitor, 503, "Service Unavailable", &message).await;
+    // When the chosen client turns out to be gone, the next one serving the host gets the visitor.
+    let mut attempts = 0;
+    let (route, path, _admitted, data) = loop {
+        attempts += 1;
+        let (route, path) = match find_route(&shared, &head) {
+            Ok(found) => found,
+            Err((status, reason, message)) => return respond(&mut visitor, status, reason, &message).await,
+        };
+        let admitted = match admit(&route, &head, peer) {
+            Ok(admitted) => admitted,
+            Err((status, reason, message)) => return respond(&mut visitor, status, reason, &message).await,
+        };
+        shared.metrics.visitor();
+        if let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await {
+            break (route, path, admitted, data);
         }
-        Err(Refusal::UserLimit { limit }) => {
-            warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
-            let message = format!("The service for '{}' has all the visitors it takes.", head.route_host);
-            return respond(&mut visitor, 503, "Service Unavailable", &message).await;
-        }
-        Err(Refusal::Closed) => {
-            let message = format!("The service for '{}' has closed.", head.route_host);
+        if !route.session.closing.is_cancelled() || attempts >= MAX_ATTEMPTS {
+            let message = format!("The client serving '{}' has no free connection.", head.route_host);
             return respond(&mut visitor, 502, "Bad Gateway", &message).await;
         }
-    };
-    shared.metrics.visitor();
-    let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
-        let message = format!("The client serving '{}' has no free connection.", head.route_host);
-        return respond(&mut visitor, 502, "Bad Gateway", &message).await;
     };
     let mut early = rewrite_head(&head, &route, path.as_deref(), peer, scheme);
     early.extend_from_slice(&read[head_len..]);
@@ -133,6 +129,29 @@ pub(crate) async fn serve_visitor(
     )
     .instrument(span)
     .await;
+}
+
+/// Most clients one visitor is offered to when the chosen ones turn out to be gone.
+const MAX_ATTEMPTS: usize = 4;
+
+/// Lets the visitor into the route's tunnel, or says which error page it gets.
+fn admit(route: &HostRoute, head: &Head, peer: SocketAddr) -> Result<Visit, ErrorPage> {
+    match route.tunnel.admit() {
+        Ok(admitted) => Ok(admitted),
+        Err(Refusal::AtCapacity) => {
+            let message = format!("The service for '{}' has all the visitors it takes.", head.route_host);
+            Err((503, "Service Unavailable", message))
+        }
+        Err(Refusal::UserLimit { limit }) => {
+            warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
+            let message = format!("The service for '{}' has all the visitors it takes.", head.route_host);
+            Err((503, "Service Unavailable", message))
+        }
+        Err(Refusal::Closed) => {
+            let message = format!("The service for '{}' has closed.", head.route_host);
+            Err((502, "Bad Gateway", message))
+        }
+    }
 }
 
 enum HeadError {
@@ -200,9 +219,16 @@ fn strip_port(host: &str) -> &str {
 
 type ErrorPage = (u16, &'static str, String);
 
-/// Finds the service for a request: by the first label of its host, else (when enabled) by path.
+/// Finds the service for a request: by the first label of its host, else (when enabled) by
+/// path. `CID--label` asks for the client with that id among those serving `label`.
 fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<String>), ErrorPage> {
     let label = head.route_host.split('.').next().unwrap_or_default();
+    if let Some((cid, rest)) = label.split_once("--").filter(|(c, _)| c.bytes().all(|b| b.is_ascii_digit())) {
+        return match cid.parse().ok().and_then(|cid| shared.hosts.lookup_client(rest, cid)) {
+            Some(route) => Ok((route, None)),
+            None => Err((404, "Not Found", format!("Client {cid} serves no tunnel for '{rest}'."))),
+        };
+    }
     let known_user = shared.users.directory().has_id_ignoring_case(label);
     let lookup = shared.hosts.lookup(label, known_user);
     if let Lookup::Online(route) = lookup {

@@ -60,6 +60,8 @@ pub(crate) struct ServerShared {
     pub(crate) bans: Bans,
     /// Event counters for `/metrics`.
     pub(crate) metrics: api::Metrics,
+    /// Public TCP ports and the tunnels behind each.
+    pub(crate) tcp_pools: tcp::TcpPools,
 }
 
 /// Most connections that may be in their handshake at once.
@@ -167,6 +169,7 @@ impl Server {
             hosts: Hosts::default(),
             bans,
             metrics: api::Metrics::default(),
+            tcp_pools: tcp::TcpPools::default(),
         });
         Ok(Server { shared, listeners, api })
     }

@@ -5,9 +5,12 @@
 //! connections age at the bottom and are closed by [`DataPool::trim`].
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -44,8 +47,15 @@ impl DataPool {
         true
     }
 
+    /// The most recent idle connection that the client has not closed meanwhile.
     fn pop(&self) -> Option<Stream> {
-        self.idle().pop_back().map(|(stream, _)| stream)
+        let mut idle = self.idle();
+        while let Some((mut stream, _)) = idle.pop_back() {
+            if still_open(&mut stream) {
+                return Some(stream);
+            }
+        }
+        None
     }
 
     /// Takes a connection, waiting up to `wait`; `on_empty` runs whenever none is ready.
@@ -70,8 +80,57 @@ impl DataPool {
         }
     }
 
+    /// How many connections are idle now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.idle().len()
+    }
+
     /// Closes every idle connection.
     pub(crate) fn clear(&self) {
         self.idle().clear();
+    }
+}
+
+/// Whether an idle connection is still open: it must have nothing to read. A closed
+/// one reads end-of-file (or an error) at once. This costs no system call when the
+/// runtime has not seen the socket become readable.
+fn still_open(stream: &mut Stream) -> bool {
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    matches!(Pin::new(stream).poll_read(&mut cx, &mut buf), Poll::Pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    #[tokio::test]
+    async fn connections_closed_while_idle_are_skipped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = DataPool::default();
+        let (open_client, closed_client) =
+            (TcpStream::connect(addr).await.unwrap(), TcpStream::connect(addr).await.unwrap());
+        let (open_server, _) = listener.accept().await.unwrap();
+        let (closed_server, _) = listener.accept().await.unwrap();
+        pool.push(Box::new(open_server));
+        pool.push(Box::new(closed_server));
+        drop(closed_client);
+        // Let the runtime see the close.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let mut probe = pool.idle();
+            let (last, _) = probe.back_mut().unwrap();
+            if !still_open(last) {
+                break;
+            }
+        }
+        assert!(pool.take(Duration::from_millis(10), || {}).await.is_some(), "the open one");
+        assert_eq!(pool.len(), 0, "the closed one was dropped, not handed out");
+        drop(open_client);
     }
 }

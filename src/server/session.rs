@@ -461,10 +461,16 @@ impl Control<'_> {
         random: bool,
         proxy_protocol: Option<ProxyProtocol>,
     ) -> Result<(u16, Option<String>), RegisterError> {
+        // Clients of one user that share a tag serve a service of the same name together.
+        if let Some(pool) = self.shared.tcp_pools.joinable(self.session, &tunnel.name, port) {
+            info!(port = pool.port(), name = %tunnel.name, "joining the clients that serve this port");
+            pool.join(self.session, tunnel, proxy_protocol);
+            return Ok((pool.port(), None));
+        }
         let registry = &self.shared.registry;
-        let (port, listener) =
-            registry.reserve_tcp_port(&self.shared.config, self.session, port, random).await?;
-        tcp::spawn_tunnel(self.shared, self.session, tunnel, port, listener, proxy_protocol);
+        let reserved = registry.reserve_tcp_port(&self.shared.config, self.session, port, random).await?;
+        let port = reserved.0;
+        tcp::open_pool(self.shared, self.session, tunnel, reserved, proxy_protocol);
         Ok((port, None))
     }
 }

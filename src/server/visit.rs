@@ -14,9 +14,13 @@ use crate::proto::{encode_frame, OpenStream, ProtocolError};
 use crate::throttle::{Meter, Metered};
 use crate::transport::Stream;
 
-/// Takes an idle data connection of `session`, asking the client for more while none is ready.
+/// Takes an idle data connection of `session`, asking the client for more while none is
+/// ready; `None` after `wait`, or at once when the session closes.
 pub(crate) async fn take_data(session: &SessionShared, wait: Duration) -> Option<Stream> {
-    session.pool.take(wait, || session.request_data()).await
+    tokio::select! {
+        data = session.pool.take(wait, || session.request_data()) => data,
+        _ = session.closing.cancelled() => None,
+    }
 }
 
 /// Sends the open message with `early` bytes in one write, relays until both sides are
