@@ -47,6 +47,9 @@ pub enum ClientError {
     /// The client was shut down.
     #[error("the client is shut down")]
     Stopped,
+    /// The client is between connections; try again once it is connected.
+    #[error("the client is not connected to the server right now")]
+    NotConnected,
 }
 
 impl ClientError {

@@ -49,11 +49,11 @@ mod server;
 pub mod throttle;
 pub mod transport;
 
-pub use client::{Client, ClientState, Registration};
+pub use client::{discover, free_ports, Client, ClientState, Registration};
 pub use config::{
     AuthApiConfig, ClientConfig, PortRange, ServerConfig, ServiceConfig, TcpAllowance, UserConfig,
 };
 pub use error::{ClientError, ServerError};
-pub use proto::{CloseReason, LoginRefusal, RegisterError};
+pub use proto::{CloseReason, LoginRefusal, RegisterError, ServiceInfo};
 pub use server::{Reloader, Server, ServerHandle};
 pub use transport::{RemoteAddr, RemoteTrust};

@@ -2,10 +2,10 @@
 //! re-registers every tunnel, answers heartbeats and follows the server's
 //! messages.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -15,13 +15,17 @@ use super::login::{login, LoggedIn};
 use super::pool::{DataPool, Routes};
 use super::{public_address, ClientState, Endpoint, RegisterReply};
 use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
-use crate::proto::{ClientMessage, CloseReason, ControlChannel, ProtocolError, ServerMessage, ServiceSpec};
+use crate::error::ClientError;
+use crate::proto::{
+    Answer, ClientMessage, CloseReason, ControlChannel, ProtocolError, Query, ServerMessage, ServiceSpec,
+};
 use crate::transport::{Connector, Stream};
 
 /// Requests from the [`Client`](super::Client) handle.
 pub(crate) enum Command {
     Add { key: u64, config: ServiceConfig, reply: RegisterReply, closed: watch::Sender<Option<CloseReason>> },
     Remove { key: u64 },
+    Ask { query: Query, reply: oneshot::Sender<Result<Answer, ClientError>> },
 }
 
 /// A tunnel the client wants, kept across reconnects.
@@ -89,6 +93,9 @@ pub(crate) struct Driver {
     state: watch::Sender<ClientState>,
     token: CancellationToken,
     wanted: BTreeMap<u64, Wanted>,
+    /// Questions sent in this session, by request number.
+    questions: HashMap<u64, oneshot::Sender<Result<Answer, ClientError>>>,
+    next_question: u64,
 }
 
 impl Driver {
@@ -100,7 +107,17 @@ impl Driver {
         state: watch::Sender<ClientState>,
         token: CancellationToken,
     ) -> Self {
-        Driver { config, connector, instance, inbox, state, token, wanted: BTreeMap::new() }
+        Driver {
+            config,
+            connector,
+            instance,
+            inbox,
+            state,
+            token,
+            wanted: BTreeMap::new(),
+            questions: HashMap::new(),
+            next_question: 0,
+        }
     }
 
     /// Serves the first session, then reconnects with backoff until cancelled.
@@ -180,6 +197,9 @@ impl Driver {
                     wanted.close(CloseReason::Cancelled);
                 }
             }
+            Command::Ask { reply, .. } => {
+                let _ = reply.send(Err(ClientError::NotConnected));
+            }
         }
     }
 
@@ -200,10 +220,14 @@ impl Driver {
         );
         let mut session =
             Session { chan, routes, pool, remote_host: self.config.remote.host.clone(), heartbeat_interval };
-        match self.session_loop(&mut session).await {
+        let reason = match self.session_loop(&mut session).await {
             Ok(reason) => reason,
             Err(err) => format!("control connection failed: {err}"),
+        };
+        for (_, question) in self.questions.drain() {
+            let _ = question.send(Err(ClientError::NotConnected));
         }
+        reason
     }
 
     async fn session_loop(&mut self, session: &mut Session) -> Result<String, ProtocolError> {
@@ -259,6 +283,12 @@ impl Driver {
                     wanted.close(CloseReason::Cancelled);
                 }
             }
+            Command::Ask { query, reply } => {
+                self.next_question += 1;
+                let request = self.next_question;
+                session.chan.send(&ClientMessage::Query { request, query }).await?;
+                self.questions.insert(request, reply);
+            }
         }
         Ok(())
     }
@@ -305,6 +335,11 @@ impl Driver {
                 }
             }
             ServerMessage::NeedData { count } => session.pool.grow(count),
+            ServerMessage::Answer { request, answer } => {
+                if let Some(question) = self.questions.remove(&request) {
+                    let _ = question.send(Ok(answer));
+                }
+            }
             ServerMessage::Ping { seq } => session.chan.send(&ClientMessage::Pong { seq }).await?,
             ServerMessage::Pong { .. } => {}
             other => {

@@ -19,7 +19,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
 use crate::error::ClientError;
-use crate::proto::{CloseReason, RegisterError};
+use crate::proto::{Answer, CloseReason, ProtocolError, Query, RegisterError, ServiceInfo};
 use crate::transport::Connector;
 use driver::{Command, Driver};
 
@@ -97,6 +97,30 @@ impl Client {
             _stop_on_drop: token.clone().drop_guard(),
             token,
         })
+    }
+
+    /// The open services of this client's user on the server, with live figures
+    /// (proxylite's DiscoverServices).
+    pub async fn discover(&self) -> Result<Vec<ServiceInfo>, ClientError> {
+        match self.ask(Query::Services).await? {
+            Answer::Services { services } => Ok(services),
+            other => Err(unexpected_answer(other)),
+        }
+    }
+
+    /// Up to `limit` ports this client's user could open a TCP tunnel on now
+    /// (proxylite's AvailablePorts; `free_ports(1)` is AskFreePort).
+    pub async fn free_ports(&self, limit: u32) -> Result<Vec<u16>, ClientError> {
+        match self.ask(Query::FreePorts { limit }).await? {
+            Answer::FreePorts { ports } => Ok(ports),
+            other => Err(unexpected_answer(other)),
+        }
+    }
+
+    async fn ask(&self, query: Query) -> Result<Answer, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Ask { query, reply }).map_err(|_| ClientError::Stopped)?;
+        answer.await.map_err(|_| ClientError::NotConnected)?
     }
 
     /// Opens a tunnel to a local service and waits until the server has opened its public port.
@@ -199,4 +223,24 @@ fn public_address(remote_host: &str, port: u16, host: Option<&str>, kind: Servic
         (Some(host), _) => format!("http://{host}"),
         (None, _) => join_host_port(remote_host, port),
     }
+}
+
+fn unexpected_answer(answer: Answer) -> ClientError {
+    ClientError::Protocol(ProtocolError::Malformed(format!("unexpected answer: {answer:?}")))
+}
+
+/// Connects with `config`, lists the open services of its user, and disconnects.
+pub async fn discover(config: ClientConfig) -> Result<Vec<ServiceInfo>, ClientError> {
+    let client = Client::connect(config).await?;
+    let services = client.discover().await;
+    client.shutdown().await;
+    services
+}
+
+/// Connects with `config`, asks for up to `limit` free ports, and disconnects.
+pub async fn free_ports(config: ClientConfig, limit: u32) -> Result<Vec<u16>, ClientError> {
+    let client = Client::connect(config).await?;
+    let ports = client.free_ports(limit).await;
+    client.shutdown().await;
+    ports
 }

@@ -117,6 +117,13 @@ pub enum ClientMessage {
         /// The id the server gave in `Registered`.
         service: u32,
     },
+    /// Asks the server something; answered by `Answer` with the same `request`.
+    Query {
+        /// Chosen by the client to match the answer.
+        request: u64,
+        /// The question.
+        query: Query,
+    },
     /// Heartbeat; the peer answers `Pong` with the same number.
     Ping {
         /// Echoed back.
@@ -321,6 +328,13 @@ pub enum ServerMessage {
         /// Why.
         reason: CloseReason,
     },
+    /// The answer to a `Query`.
+    Answer {
+        /// The client's request number.
+        request: u64,
+        /// The answer.
+        answer: Answer,
+    },
     /// Visitors are waiting for data connections: open this many more.
     NeedData {
         /// How many.
@@ -376,4 +390,70 @@ impl StreamStatus {
             StreamStatus::LocalUnavailable
         }
     }
+}
+
+/// Questions a client may ask the server (proxylite's discovery and free ports).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "query", rename_all = "snake_case")]
+pub enum Query {
+    /// The open services of the client's user, with live figures.
+    Services,
+    /// Up to `limit` ports the user could open a TCP tunnel on now.
+    FreePorts {
+        /// Most ports wanted (the server caps it at 1000).
+        limit: u32,
+    },
+}
+
+/// The server's answers to [`Query`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum Answer {
+    /// Open services.
+    Services {
+        /// One per open tunnel.
+        services: Vec<ServiceInfo>,
+    },
+    /// Free ports.
+    FreePorts {
+        /// Ports free now (another program may take one before it is asked for).
+        ports: Vec<u16>,
+    },
+}
+
+/// One open service, as discovery and the management API show it (proxylite's ServiceInfo).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    /// The server's id for the tunnel.
+    pub id: u32,
+    /// The client (session) serving it.
+    pub cid: u64,
+    /// Its user.
+    pub user: String,
+    /// Its client's tags.
+    pub tags: Vec<String>,
+    /// The client's name for it.
+    pub name: String,
+    /// `tcp`, `http` or `https`.
+    pub kind: String,
+    /// TCP: the public port; 0 for HTTP and HTTPS.
+    pub port: u16,
+    /// HTTP and HTTPS: the public host name.
+    pub host: Option<String>,
+    /// Opened at, seconds since the Unix epoch.
+    pub birth: u64,
+    /// Visitors connected now.
+    pub online: u32,
+    /// Visitors allowed at once (`max-serve-conn`).
+    pub capacity: Option<u32>,
+    /// Visitors admitted so far.
+    pub served: u64,
+    /// Visitors allowed in all (`max-serve-count`).
+    pub total_allowed: Option<u64>,
+    /// Closes at (`max-serve-time`), seconds since the Unix epoch.
+    pub deadline: Option<u64>,
+    /// Bytes from visitors to the service.
+    pub bytes_in: u64,
+    /// Bytes from the service to visitors.
+    pub bytes_out: u64,
 }

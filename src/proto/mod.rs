@@ -14,8 +14,8 @@ pub use codec::{
     encode_frame, read_frame, read_frame_buffered, write_frame, ControlChannel, ProtocolError, MAX_FRAME_LEN,
 };
 pub use message::{
-    ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, ProxyProtocol, RegisterError,
-    ServerMessage, ServiceControl, ServiceSpec, StreamStatus,
+    Answer, ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, ProxyProtocol, Query,
+    RegisterError, ServerMessage, ServiceControl, ServiceInfo, ServiceSpec, StreamStatus,
 };
 pub use preamble::{
     preamble, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC, PREAMBLE_LEN,

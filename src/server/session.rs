@@ -11,17 +11,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+use super::api::views;
 use super::bans::Offender;
 use super::pool::{DataPool, IDLE_TTL};
 use super::tunnel::Tunnel;
 use super::users::{Account, Counted, Grant, Rules, Slot, Users};
 use super::{http, tcp, ServerShared};
 use crate::auth::{verify_login, Ephemeral, ReplayGuard, SessionKey, VerifiedLogin};
+use crate::config::PortRange;
 use crate::proto::{
-    ClientMessage, CloseReason, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, RegisterError,
-    ServerMessage, ServiceControl, ServiceSpec,
+    Answer, ClientMessage, CloseReason, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, Query,
+    RegisterError, ServerMessage, ServiceControl, ServiceSpec,
 };
 use crate::transport::Stream;
+
+/// Most free ports one query returns.
+const MAX_FREE_PORTS: usize = 1000;
 
 /// Most tunnels one session may hold.
 const MAX_SERVICES_PER_SESSION: usize = 1024;
@@ -408,6 +413,10 @@ impl Control<'_> {
                 }
                 Ok(())
             }
+            ClientMessage::Query { request, query } => {
+                let answer = answer(self.shared, self.session, query).await;
+                self.chan.send(&ServerMessage::Answer { request, answer }).await
+            }
             ClientMessage::Ping { seq } => self.chan.send(&ServerMessage::Pong { seq }).await,
             ClientMessage::Pong { seq } => {
                 self.session.pong(seq);
@@ -472,5 +481,22 @@ impl Control<'_> {
         let port = reserved.0;
         tcp::open_pool(self.shared, self.session, tunnel, reserved, proxy_protocol);
         Ok((port, None))
+    }
+}
+
+/// Discovery: the user's own open services, and free ports of the user's ranges.
+async fn answer(shared: &ServerShared, session: &SessionShared, query: Query) -> Answer {
+    match query {
+        Query::Services => {
+            let mut sessions = shared.registry.sessions();
+            sessions.retain(|s| s.user == session.user && !s.closing.is_cancelled());
+            sessions.sort_by_key(|s| s.id);
+            Answer::Services { services: sessions.iter().flat_map(|s| views::open_services(s)).collect() }
+        }
+        Query::FreePorts { limit } => {
+            let ranges: Vec<PortRange> = session.account.rules().tcp.iter().map(|a| a.range).collect();
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX).min(MAX_FREE_PORTS);
+            Answer::FreePorts { ports: views::free_ports_in(shared, &ranges, limit).await }
+        }
     }
 }

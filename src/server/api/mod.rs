@@ -7,7 +7,7 @@
 //! loopback). A wrong or missing token is a failed login for the ban rules.
 
 mod metrics;
-mod views;
+pub(crate) mod views;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -179,7 +179,7 @@ async fn health(State(shared): State<Arc<ServerShared>>) -> Json<serde_json::Val
 
 /// Filters shared by the listing routes.
 #[derive(Debug, Default, Deserialize)]
-struct Filter {
+pub(crate) struct Filter {
     /// Comma-separated tags; a client matches with any of them.
     tags: Option<String>,
     /// A user id.

@@ -5,6 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::Filter;
+use crate::config::PortRange;
+use crate::proto::ServiceInfo;
 use crate::server::session::SessionShared;
 use crate::server::tunnel::Tunnel;
 use crate::server::ServerShared;
@@ -19,38 +21,7 @@ pub(crate) struct ClientView {
     address: String,
     /// Seconds since the Unix epoch.
     connected_since: u64,
-    services: Vec<ServiceView>,
-}
-
-/// One open tunnel (proxylite's ServiceInfo and more).
-#[derive(Debug, Serialize)]
-pub(crate) struct ServiceView {
-    id: u32,
-    cid: u64,
-    user: String,
-    tags: Vec<String>,
-    name: String,
-    kind: &'static str,
-    /// TCP: the public port; 0 for HTTP and HTTPS.
-    port: u16,
-    /// HTTP and HTTPS: the public host name.
-    host: Option<String>,
-    /// Seconds since the Unix epoch.
-    birth: u64,
-    /// Visitors connected now.
-    online: u32,
-    /// Visitors allowed at once (`max-serve-conn`).
-    capacity: Option<u32>,
-    /// Visitors admitted so far.
-    served: u64,
-    /// Visitors allowed in all (`max-serve-count`).
-    total_allowed: Option<u64>,
-    /// When it closes (`max-serve-time`), seconds since the Unix epoch.
-    deadline: Option<u64>,
-    /// Bytes from visitors to the service.
-    bytes_in: u64,
-    /// Bytes from the service to visitors.
-    bytes_out: u64,
+    services: Vec<ServiceInfo>,
 }
 
 fn unix_seconds(time: SystemTime) -> u64 {
@@ -68,18 +39,19 @@ fn matches(session: &SessionShared, filter: &Filter) -> bool {
     }
 }
 
-fn service_view(session: &SessionShared, tunnel: &Tunnel) -> ServiceView {
+/// What discovery and the API tell about one tunnel.
+pub(crate) fn service_info(session: &SessionShared, tunnel: &Tunnel) -> ServiceInfo {
     let (online, served) = tunnel.visitors();
     let (bytes_in, bytes_out) = tunnel.traffic.get();
     let control = tunnel.control();
     let (port, host) = tunnel.endpoint.get().cloned().unwrap_or_default();
-    ServiceView {
+    ServiceInfo {
         id: tunnel.service,
         cid: session.id,
         user: session.user.clone(),
         tags: session.tags.clone(),
         name: tunnel.name.clone(),
-        kind: tunnel.kind,
+        kind: tunnel.kind.to_owned(),
         port,
         host,
         birth: unix_seconds(tunnel.born),
@@ -94,12 +66,12 @@ fn service_view(session: &SessionShared, tunnel: &Tunnel) -> ServiceView {
 }
 
 /// Open tunnels of `session`, by service id.
-fn open_services(session: &SessionShared) -> Vec<ServiceView> {
+pub(crate) fn open_services(session: &SessionShared) -> Vec<ServiceInfo> {
     let tunnels: Vec<_> = session.tunnels().values().cloned().collect();
-    let mut views: Vec<ServiceView> = tunnels
+    let mut views: Vec<ServiceInfo> = tunnels
         .iter()
         .filter(|t| !t.token.is_cancelled() && t.endpoint.get().is_some())
-        .map(|t| service_view(session, t))
+        .map(|t| service_info(session, t))
         .collect();
     views.sort_by_key(|v| v.id);
     views
@@ -132,7 +104,7 @@ pub(crate) fn clients(shared: &ServerShared, filter: &Filter) -> Vec<ClientView>
 }
 
 /// Open services of the clients that pass the filter.
-pub(crate) fn services(shared: &ServerShared, filter: &Filter) -> Vec<ServiceView> {
+pub(crate) fn services(shared: &ServerShared, filter: &Filter) -> Vec<ServiceInfo> {
     live_sessions(shared, filter).iter().flat_map(|s| open_services(s)).collect()
 }
 
@@ -147,22 +119,31 @@ pub(crate) struct FreePorts {
     free: Vec<u16>,
 }
 
-/// Up to `limit` free ports, checked by binding them.
+/// Up to `limit` free ports of the server's ranges.
 pub(crate) async fn free_ports(shared: &ServerShared, limit: usize) -> FreePorts {
     let ranges = &shared.config.tcp_ranges;
+    let free = free_ports_in(shared, ranges, limit).await;
+    let used = shared.registry.held_ports().len();
+    FreePorts { ranges: ranges.iter().map(ToString::to_string).collect(), used, free }
+}
+
+/// Up to `limit` ports of `ranges` that no tunnel holds and that bind now; gives up after
+/// a bounded number of tries.
+pub(crate) async fn free_ports_in(shared: &ServerShared, ranges: &[PortRange], limit: usize) -> Vec<u16> {
     let held = shared.registry.held_ports();
+    let mut tries = limit.saturating_mul(4).saturating_add(100);
     let mut free = Vec::new();
-    'ranges: for range in ranges {
-        for port in range.start..=range.end {
-            if free.len() >= limit {
-                break 'ranges;
-            }
-            if !held.contains(&port)
-                && tokio::net::TcpListener::bind((shared.config.addr.ip(), port)).await.is_ok()
-            {
-                free.push(port);
-            }
+    for port in ranges.iter().flat_map(|r| r.start..=r.end) {
+        if free.len() >= limit || tries == 0 {
+            break;
+        }
+        if held.contains(&port) {
+            continue;
+        }
+        tries -= 1;
+        if tokio::net::TcpListener::bind((shared.config.addr.ip(), port)).await.is_ok() {
+            free.push(port);
         }
     }
-    FreePorts { ranges: ranges.iter().map(ToString::to_string).collect(), used: held.len(), free }
+    free
 }
