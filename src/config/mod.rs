@@ -278,6 +278,10 @@ pub struct ServiceConfig {
     pub max_serve_count: Option<u64>,
     /// The tunnel closes this long after it opened (`max-serve-time`).
     pub max_serve_time: Option<Duration>,
+    /// Only visitors from these networks (`allow-ip`, CIDR); empty allows all.
+    pub allow_ip: Vec<ipnet::IpNet>,
+    /// Visitors from these networks are refused (`deny-ip`, CIDR).
+    pub deny_ip: Vec<ipnet::IpNet>,
 }
 
 impl ServiceConfig {
@@ -295,6 +299,8 @@ impl ServiceConfig {
             max_serve_conn: None,
             max_serve_count: None,
             max_serve_time: None,
+            allow_ip: Vec::new(),
+            deny_ip: Vec::new(),
         }
     }
 
@@ -346,6 +352,8 @@ impl ServiceConfig {
             max_serve_conn: self.max_serve_conn,
             max_serve_count: self.max_serve_count,
             max_serve_time_ms: self.max_serve_time.map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
+            allow_ip: self.allow_ip.clone(),
+            deny_ip: self.deny_ip.clone(),
         }
     }
 

@@ -363,9 +363,22 @@ pub struct ServiceOptions {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub max_serve_time: Option<Duration>,
+    /// Only let in visitors from this network (CIDR, e.g. 203.0.113.0/24); repeatable.
+    #[arg(long, value_parser = parse_net)]
+    pub allow_ip: Vec<ipnet::IpNet>,
+    /// Refuse visitors from this network (CIDR); repeatable; wins over --allow-ip.
+    #[arg(long, value_parser = parse_net)]
+    pub deny_ip: Vec<ipnet::IpNet>,
     /// A name for logs. [default: the local address]
     #[arg(long)]
     pub name: Option<String>,
+}
+
+/// A network in CIDR notation; a bare address is a network of one.
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("'{text}' is not an address or network such as 10.0.0.0/8"))
 }
 
 /// Like `one_or_many`, for optional lists.
@@ -630,6 +643,8 @@ impl ServiceOptions {
             max_serve_conn: self.max_serve_conn,
             max_serve_count: self.max_serve_count,
             max_serve_time: self.max_serve_time,
+            allow_ip: self.allow_ip,
+            deny_ip: self.deny_ip,
         })
     }
 }

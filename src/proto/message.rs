@@ -62,7 +62,7 @@ impl std::str::FromStr for ProxyProtocol {
 }
 
 /// proxylite's service control: limits the server enforces on one tunnel.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceControl {
     /// At most this many visitors at once; the next is refused at once.
     #[serde(default)]
@@ -73,6 +73,21 @@ pub struct ServiceControl {
     /// The tunnel closes this long after it opened, in milliseconds.
     #[serde(default)]
     pub max_serve_time_ms: Option<u64>,
+    /// Only visitors from these networks are let in (when not empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_ip: Vec<ipnet::IpNet>,
+    /// Visitors from these networks are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_ip: Vec<ipnet::IpNet>,
+}
+
+impl ServiceControl {
+    /// Whether a visitor from `ip` passes `allow-ip` and `deny-ip`.
+    pub fn admits_ip(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        !self.deny_ip.iter().any(|net| net.contains(&ip))
+            && (self.allow_ip.is_empty() || self.allow_ip.iter().any(|net| net.contains(&ip)))
+    }
 }
 
 /// Messages a client sends on its control connection.

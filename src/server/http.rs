@@ -15,7 +15,7 @@ use super::hosts::{HostRoute, Lookup};
 use super::session::SessionShared;
 use super::sni::sni_key;
 use super::tunnel::{Refusal, Tunnel, Visit};
-use super::visit::{relay_visitor, take_data};
+use super::visit::{relay_visitor, take_data, visitor_allowed};
 use super::ServerShared;
 use crate::proto::{OpenStream, RegisterError};
 use crate::transport::Stream;
@@ -101,6 +101,11 @@ pub(crate) async fn serve_visitor(
             Ok(found) => found,
             Err((status, reason, message)) => return respond(&mut visitor, status, reason, &message).await,
         };
+        if !visitor_allowed(&shared, &route.session, &route.tunnel, peer) {
+            let message =
+                format!("The service for '{}' does not take visitors from your address.", head.route_host);
+            return respond(&mut visitor, 403, "Forbidden", &message).await;
+        }
         let admitted = match admit(&route, &head, peer) {
             Ok(admitted) => admitted,
             Err((status, reason, message)) => return respond(&mut visitor, status, reason, &message).await,

@@ -7,6 +7,7 @@
 mod api;
 mod auth_api;
 mod bans;
+pub mod hooks;
 mod hosts;
 mod http;
 mod link;
@@ -22,7 +23,7 @@ mod visit;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -37,6 +38,7 @@ use crate::config::ServerConfig;
 use crate::error::ServerError;
 use crate::transport::{server_tls_acceptor, TlsVersion};
 use bans::Bans;
+use hooks::{NoHooks, ServerHooks};
 use hosts::Hosts;
 use registry::Registry;
 use users::{Directory, Users};
@@ -62,6 +64,23 @@ pub(crate) struct ServerShared {
     pub(crate) metrics: api::Metrics,
     /// Public TCP ports and the tunnels behind each.
     pub(crate) tcp_pools: tcp::TcpPools,
+    /// The embedding program's hooks, if it gave any.
+    hooks: OnceLock<Arc<dyn ServerHooks>>,
+}
+
+impl ServerShared {
+    /// The embedding program's hooks (ones that change nothing when it gave none).
+    pub(crate) fn hooks(&self) -> &dyn ServerHooks {
+        match self.hooks.get() {
+            Some(hooks) => hooks.as_ref(),
+            None => &NoHooks,
+        }
+    }
+
+    /// Whether the program gave hooks (so visitor callbacks are worth building).
+    pub(crate) fn has_hooks(&self) -> bool {
+        self.hooks.get().is_some()
+    }
 }
 
 /// Most connections that may be in their handshake at once.
@@ -170,6 +189,7 @@ impl Server {
             bans,
             metrics: api::Metrics::default(),
             tcp_pools: tcp::TcpPools::default(),
+            hooks: OnceLock::new(),
         });
         Ok(Server { shared, listeners, api })
     }
@@ -232,6 +252,14 @@ impl Server {
         if tokio::time::timeout(SHUTDOWN_GRACE, links.wait()).await.is_err() {
             warn!("some sessions did not close within {SHUTDOWN_GRACE:?}");
         }
+    }
+
+    /// Installs the embedding program's hooks (custom authentication and callbacks).
+    pub fn with_hooks(self, hooks: Arc<dyn ServerHooks>) -> Self {
+        if self.shared.hooks.set(hooks).is_err() {
+            warn!("hooks were installed already; keeping the first ones");
+        }
+        self
     }
 
     /// A handle that reloads the users of this server while it runs.

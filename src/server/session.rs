@@ -13,6 +13,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::api::views;
 use super::bans::Offender;
+use super::hooks::ClientInfo;
 use super::pool::{DataPool, IDLE_TTL};
 use super::tunnel::Tunnel;
 use super::users::{Account, Counted, Grant, Rules, Slot, Users};
@@ -75,7 +76,8 @@ impl SessionShared {
     /// Starts tracking a tunnel. Its token closes it and its visitors; when the server
     /// closes it (a limit reached), the client is told why.
     pub(crate) fn open_tunnel(
-        &self,
+        self: &Arc<Self>,
+        shared: &Arc<ServerShared>,
         (service, name, kind): (u32, String, &'static str),
         control: ServiceControl,
     ) -> Arc<Tunnel> {
@@ -83,6 +85,7 @@ impl SessionShared {
             Tunnel::new((service, name, kind), self.closing.child_token(), control, self.account.clone());
         self.tunnels().insert(service, tunnel.clone());
         let (watched, outbox) = (tunnel.clone(), self.outbox.clone());
+        let (shared, session) = (shared.clone(), self.clone());
         self.tasks.spawn(async move {
             let deadline = async {
                 match watched.max_serve_time() {
@@ -97,6 +100,9 @@ impl SessionShared {
                     watched.close(CloseReason::MaxServeTime { millis });
                 }
             }
+            if watched.endpoint.get().is_some() && shared.has_hooks() {
+                shared.hooks().tunnel_closed(&views::service_info(&session, &watched));
+            }
             if let Some(reason) = watched.reason() {
                 info!(service = watched.service, %reason, "tunnel closed by its limits");
                 let _ = outbox
@@ -105,6 +111,17 @@ impl SessionShared {
             }
         });
         tunnel
+    }
+
+    /// What hooks are told about this client.
+    pub(crate) fn client_info(&self) -> ClientInfo {
+        ClientInfo {
+            cid: self.id,
+            user: self.user.clone(),
+            tags: self.tags.clone(),
+            address: self.peer,
+            since: self.since,
+        }
     }
 
     /// Stops tracking a tunnel and closes it.
@@ -207,6 +224,14 @@ pub(crate) async fn serve_control(
                 return;
             }
         }
+        let client = session.client_info();
+        if let Err(why) = shared.hooks().check_login(&client) {
+            warn!(%why, "login refused by the program's hook");
+            let refusal = LoginRefusal::AuthFailed { id: session.user.clone() };
+            let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
+            shared.registry.remove_session(session.id);
+            return;
+        }
         let interval = heartbeat_interval(shared.config.heartbeat_timeout);
         let welcome = ServerMessage::Welcome {
             session: session.id,
@@ -214,8 +239,12 @@ pub(crate) async fn serve_control(
         };
         if chan.send(&welcome).await.is_ok() {
             info!("client connected");
+            shared.hooks().client_connected(&client);
             let reason = Control { shared: &shared, session: &session, chan, inbox }.run(interval).await;
             info!(%reason, "client disconnected");
+            close_session(&shared, &session).await;
+            shared.hooks().client_disconnected(&client, &reason);
+            return;
         }
         close_session(&shared, &session).await;
     }
@@ -280,7 +309,7 @@ async fn login(
         return refuse_banned(chan, left).await;
     }
     let outcome = match verify_login(&login, &nonce, &ephemeral) {
-        Ok(verified) => match shared.users.authorize(&verified, peer).await {
+        Ok(verified) => match shared.users.authorize(&verified, peer, shared.hooks()).await {
             Ok((rules, grant)) => Ok((verified, rules, grant)),
             Err(refusal) => Err(refusal),
         },
@@ -433,7 +462,7 @@ impl Control<'_> {
             ServiceSpec::Https { name, .. } => (name.clone(), "https"),
         };
         let service = self.shared.registry.next_service_id();
-        let tunnel = self.session.open_tunnel((service, name.clone(), kind), control);
+        let tunnel = self.session.open_tunnel(self.shared, (service, name.clone(), kind), control);
         let opened = match spec {
             ServiceSpec::Tcp { port, random, proxy_protocol, .. } => {
                 self.open_tcp(tunnel, port, random, proxy_protocol).await
@@ -450,8 +479,12 @@ impl Control<'_> {
         }
         match opened {
             Ok((port, host)) => {
-                if let Some(tunnel) = self.session.tunnels().get(&service) {
+                let tunnel = self.session.tunnels().get(&service).cloned();
+                if let Some(tunnel) = tunnel {
                     let _ = tunnel.endpoint.set((port, host.clone()));
+                    if self.shared.has_hooks() {
+                        self.shared.hooks().tunnel_opened(&views::service_info(self.session, &tunnel));
+                    }
                 }
                 info!(service, port, host, %name, "tunnel opened");
                 ServerMessage::Registered { request, service, port, host }

@@ -13,7 +13,7 @@ use tracing::{debug, warn, Instrument};
 
 use super::hosts::Lookup;
 use super::tunnel::Refusal;
-use super::visit::{relay_visitor, take_data};
+use super::visit::{relay_visitor, take_data, visitor_allowed};
 use super::ServerShared;
 use crate::proto::OpenStream;
 
@@ -42,6 +42,9 @@ pub(crate) async fn serve_visitor(
         return debug!(%peer, %name, "no tunnel for this TLS server name; closing");
     };
     drop(handshake);
+    if !visitor_allowed(&shared, &route.session, &route.tunnel, peer) {
+        return;
+    }
     let _admitted = match route.tunnel.admit() {
         Ok(admitted) => admitted,
         Err(Refusal::UserLimit { limit }) => {

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::proxy_header::proxy_header;
 use super::session::SessionShared;
 use super::tunnel::{Refusal, Tunnel, Visit};
-use super::visit::{relay_visitor, take_data};
+use super::visit::{relay_visitor, take_data, visitor_allowed};
 use super::ServerShared;
 use crate::proto::{OpenStream, ProxyProtocol};
 
@@ -182,8 +182,11 @@ async fn accept_visitors(shared: &Arc<ServerShared>, pool: &Arc<TcpPool>, listen
                 let rotation = pool.rotation();
                 // The first member whose limits let the visitor in serves it.
                 let mut refusal = None;
-                let chosen =
-                    rotation.iter().enumerate().find_map(|(i, member)| match member.tunnel.admit() {
+                let chosen = rotation
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| visitor_allowed(shared, &m.session, &m.tunnel, addr))
+                    .find_map(|(i, member)| match member.tunnel.admit() {
                         Ok(admitted) => Some((i, admitted)),
                         Err(why) => {
                             refusal.get_or_insert((why, member.session.user.clone()));
@@ -240,6 +243,7 @@ async fn serve_visitor(
         }
         // Its client left while the visitor waited: try the next member of the pool.
         let next = std::iter::from_fn(|| (!fallbacks.is_empty()).then(|| fallbacks.remove(0)))
+            .filter(|m| visitor_allowed(&shared, &m.session, &m.tunnel, addr))
             .find_map(|m| m.tunnel.admit().ok().map(|admitted| (m, admitted)));
         let Some((next, next_admitted)) = next else {
             return debug!("the client left and no other serves this port; closing visitor");

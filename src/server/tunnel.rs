@@ -144,7 +144,7 @@ mod tests {
     #[test]
     fn limits_admit_refuse_and_close() {
         let control =
-            ServiceControl { max_serve_conn: Some(2), max_serve_count: Some(3), max_serve_time_ms: None };
+            ServiceControl { max_serve_conn: Some(2), max_serve_count: Some(3), ..Default::default() };
         let rules = Arc::new(Rules::resolve(&Default::default(), None).unwrap());
         let account =
             Users::new(Directory::new(&Default::default()).unwrap()).account("a", rules, Grant::Known);

@@ -15,6 +15,7 @@ use subtle::ConstantTimeEq;
 use tracing::warn;
 
 use super::auth_api::{ApiAnswer, AuthApi};
+use super::hooks::ServerHooks;
 use crate::auth::{user_signing_key, VerifiedLogin};
 use crate::config::{ServerConfig, TcpAllowance, UserConfig};
 use crate::proto::LoginRefusal;
@@ -132,6 +133,8 @@ pub(crate) enum Grant {
     Learned,
     /// The auth API said yes.
     Api,
+    /// The embedding program's hooks knew the secret.
+    Hook,
 }
 
 /// The server's users: the current directory and the accounts of connected users.
@@ -170,7 +173,9 @@ impl Users {
         for account in accounts {
             match directory.known.get(&account.id) {
                 Some(known) => account.set_rules(known.rules.clone()),
-                None if account.grant() != Grant::Api => account.set_rules(directory.defaults.clone()),
+                None if !matches!(account.grant(), Grant::Api) => {
+                    account.set_rules(directory.defaults.clone())
+                }
                 None => {}
             }
         }
@@ -181,12 +186,20 @@ impl Users {
         &self,
         login: &VerifiedLogin,
         peer: SocketAddr,
+        hooks: &dyn ServerHooks,
     ) -> Result<(Arc<Rules>, Grant), LoginRefusal> {
         let directory = self.directory();
         let refused = || LoginRefusal::AuthFailed { id: login.id.clone() };
         if let Some(known) = directory.known.get(&login.id) {
             let matches: bool = known.public_key.ct_eq(&login.public_key).into();
             return if matches { Ok((known.rules.clone(), Grant::Known)) } else { Err(refused()) };
+        }
+        if let Some(secret) = hooks.secret_for(&login.id) {
+            return if login.signed_with(&secret) {
+                Ok((directory.defaults.clone(), Grant::Hook))
+            } else {
+                Err(refused())
+            };
         }
         if let Some(api) = &directory.api {
             let Some(secret) = &login.secret else {
@@ -228,6 +241,7 @@ impl Users {
                 Grant::Known => directory.allow_any_client || directory.api.is_some(),
                 Grant::Learned => directory.allow_any_client,
                 Grant::Api => directory.api.is_some(),
+                Grant::Hook => true,
             },
         }
     }

@@ -1,18 +1,50 @@
 //! One visitor, TCP or HTTP: pair it with a data connection and relay.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
+use super::hooks::VisitorInfo;
 use super::session::SessionShared;
 use super::tunnel::Tunnel;
+use super::ServerShared;
 use crate::cancel::until_cancelled;
 use crate::chunked::{encode_chunk, relay_chunked, IdleLimit, Status};
 use crate::proto::{encode_frame, OpenStream, ProtocolError};
 use crate::throttle::{Meter, Metered};
 use crate::transport::Stream;
+
+/// Whether a visitor from `peer` may use `tunnel`: its `allow-ip`/`deny-ip`, then the
+/// embedding program's hook.
+pub(crate) fn visitor_allowed(
+    shared: &ServerShared,
+    session: &SessionShared,
+    tunnel: &Tunnel,
+    peer: SocketAddr,
+) -> bool {
+    if !tunnel.control().admits_ip(peer.ip()) {
+        debug!(%peer, service = tunnel.service, "visitor refused by allow-ip/deny-ip");
+        return false;
+    }
+    if !shared.has_hooks() {
+        return true;
+    }
+    let visitor = VisitorInfo {
+        address: peer,
+        service: tunnel.service,
+        name: tunnel.name.clone(),
+        user: session.user.clone(),
+        cid: session.id,
+    };
+    let allowed = shared.hooks().allow_visitor(&visitor);
+    if !allowed {
+        debug!(%peer, service = tunnel.service, "visitor refused by the program's hook");
+    }
+    allowed
+}
 
 /// Takes an idle data connection of `session`, asking the client for more while none is
 /// ready; `None` after `wait`, or at once when the session closes.
