@@ -42,6 +42,7 @@ mod client;
 pub mod config;
 pub mod demo;
 mod error;
+pub mod error_reporting;
 pub mod logging;
 pub mod pid_file;
 pub mod proto;

@@ -6,7 +6,12 @@ use std::sync::Mutex;
 use file_rotate::compression::Compression;
 use file_rotate::suffix::AppendCount;
 use file_rotate::{ContentLimit, FileRotate};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::error_reporting::{self, SentrySettings};
 
 /// Where and how much to log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,13 +32,14 @@ impl Default for LogSettings {
     }
 }
 
-/// Installs the global tracing subscriber; call once, from the binary.
-pub fn init(settings: &LogSettings) -> Result<(), String> {
+/// Installs the global tracing subscriber, with Sentry reporting when `sentry` is given;
+/// call once, from the binary.
+pub fn init(settings: &LogSettings, sentry: Option<&SentrySettings>) -> Result<(), String> {
     let filter =
         EnvFilter::try_new(&settings.level).map_err(|e| format!("log-level: '{}': {e}", settings.level))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let installed = match &settings.file {
-        None => builder.with_writer(std::io::stderr).try_init(),
+    let sentry = sentry.map(error_reporting::init).transpose()?;
+    let (writer, ansi) = match &settings.file {
+        None => (BoxMakeWriter::new(std::io::stderr), true),
         Some(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)
@@ -47,8 +53,13 @@ pub fn init(settings: &LogSettings) -> Result<(), String> {
                 Compression::None,
                 None,
             );
-            builder.with_ansi(false).with_writer(Mutex::new(file)).try_init()
+            (BoxMakeWriter::new(Mutex::new(file)), false)
         }
     };
-    installed.map_err(|e| format!("cannot install the logger: {e}"))
+    let output = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer);
+    tracing_subscriber::registry()
+        .with(output.with_filter(filter))
+        .with(sentry)
+        .try_init()
+        .map_err(|e| format!("cannot install the logger: {e}"))
 }

@@ -17,14 +17,17 @@ async fn main() -> ExitCode {
         Command::Client(flags) => run_client(flags).await,
         Command::Demo(options) => run_demo(options).await,
     };
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Whatever is queued for Sentry goes out before the process ends.
+    ferry::error_reporting::flush(std::time::Duration::from_secs(2));
+    code
 }
 
 async fn run_server(flags: ServerOptions) -> anyhow::Result<()> {
@@ -40,7 +43,8 @@ async fn run_server(flags: ServerOptions) -> anyhow::Result<()> {
         println!("sent {signal:?} to ferry server {pid}");
         return Ok(());
     }
-    logging::init(&options.log_settings()).map_err(|e| anyhow!(e))?;
+    let sentry = options.sentry_settings().map_err(|e| anyhow!(e))?;
+    logging::init(&options.log_settings(), sentry.as_ref()).map_err(|e| anyhow!(e))?;
     let pid_file = options.pid_file.clone();
     let config = options.into_config().map_err(|e| anyhow!(e))?;
     let server = Server::bind(config).await?;
@@ -76,7 +80,8 @@ async fn reload_on_hangup(reloader: Reloader, flags: ServerOptions) {
 async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
     let config_file = flags.config.clone();
     let options = resolve(flags, config_file.as_deref()).map_err(|e| anyhow!(e))?;
-    logging::init(&options.log_settings()).map_err(|e| anyhow!(e))?;
+    let sentry = options.sentry_settings().map_err(|e| anyhow!(e))?;
+    logging::init(&options.log_settings(), sentry.as_ref()).map_err(|e| anyhow!(e))?;
     let (config, services) = options.into_config().map_err(|e| anyhow!(e))?;
     if services.is_empty() {
         tracing::warn!("no services given (--local); the client only keeps its connection");
@@ -96,7 +101,7 @@ async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
 }
 
 async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
-    logging::init(&LogSettings { level: options.log_level, ..LogSettings::default() })
+    logging::init(&LogSettings { level: options.log_level, ..LogSettings::default() }, None)
         .map_err(|e| anyhow!(e))?;
     ferry::demo::run(shutdown_signal()).await.map_err(|e| anyhow!(e))
 }

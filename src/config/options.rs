@@ -14,6 +14,7 @@ use super::{
     UserConfig,
 };
 use crate::auth::Secret;
+use crate::error_reporting::{parse_level, SentrySettings};
 use crate::logging::LogSettings;
 use crate::proto::ProxyProtocol;
 use crate::transport::{parse_listen_addr, RemoteAddr, RemoteTrust, TlsVersion};
@@ -153,6 +154,27 @@ pub struct ServerOptions {
     /// How many rotated log files to keep. [default: 7]
     #[arg(long)]
     pub log_file_max_count: Option<usize>,
+    /// Report errors to Sentry at this DSN (e.g. https://KEY@o0.ingest.sentry.io/0).
+    #[arg(long)]
+    pub sentry_dsn: Option<String>,
+    /// The least severe level sent to Sentry as an event: error or warn. [default: error]
+    #[arg(long)]
+    pub sentry_level: Option<String>,
+    /// Share of events sent to Sentry, 0.0 to 1.0. [default: 1.0]
+    #[arg(long)]
+    pub sentry_sample_rate: Option<f32>,
+    /// Sentry environment, e.g. production.
+    #[arg(long)]
+    pub sentry_environment: Option<String>,
+    /// Sentry release. [default: ferry@VERSION]
+    #[arg(long)]
+    pub sentry_release: Option<String>,
+    /// Sentry server name. [default: the host name]
+    #[arg(long)]
+    pub sentry_server_name: Option<String>,
+    /// Print the Sentry client's own diagnostics.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub sentry_debug: Option<bool>,
     /// Address of the management API and dashboard, e.g. 127.0.0.1:7500.
     #[arg(long)]
     pub api_addr: Option<String>,
@@ -325,6 +347,27 @@ pub struct ClientOptions {
     /// How many rotated log files to keep. [default: 7]
     #[arg(long)]
     pub log_file_max_count: Option<usize>,
+    /// Report errors to Sentry at this DSN (e.g. https://KEY@o0.ingest.sentry.io/0).
+    #[arg(long)]
+    pub sentry_dsn: Option<String>,
+    /// The least severe level sent to Sentry as an event: error or warn. [default: error]
+    #[arg(long)]
+    pub sentry_level: Option<String>,
+    /// Share of events sent to Sentry, 0.0 to 1.0. [default: 1.0]
+    #[arg(long)]
+    pub sentry_sample_rate: Option<f32>,
+    /// Sentry environment, e.g. production.
+    #[arg(long)]
+    pub sentry_environment: Option<String>,
+    /// Sentry release. [default: ferry@VERSION]
+    #[arg(long)]
+    pub sentry_release: Option<String>,
+    /// Sentry server name. [default: the host name]
+    #[arg(long)]
+    pub sentry_server_name: Option<String>,
+    /// Print the Sentry client's own diagnostics.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub sentry_debug: Option<bool>,
     /// Services to expose: each `--local` on the command line starts one (config file: `services:`).
     #[arg(skip)]
     pub services: Vec<ServiceOptions>,
@@ -451,6 +494,33 @@ pub fn resolve<T: Serialize + DeserializeOwned + Default>(
     }
 }
 
+/// The `sentry-*` values of a command.
+struct SentryOptions<'a> {
+    dsn: &'a Option<String>,
+    level: &'a Option<String>,
+    sample_rate: Option<f32>,
+    environment: &'a Option<String>,
+    release: &'a Option<String>,
+    server_name: &'a Option<String>,
+    debug: Option<bool>,
+}
+
+fn sentry_settings(options: SentryOptions<'_>) -> Result<Option<SentrySettings>, String> {
+    let Some(dsn) = options.dsn else {
+        return Ok(None);
+    };
+    let level = options.level.as_deref().map(parse_level).transpose()?.unwrap_or(tracing::Level::ERROR);
+    Ok(Some(SentrySettings {
+        dsn: dsn.clone(),
+        level,
+        sample_rate: options.sample_rate.unwrap_or(1.0),
+        environment: options.environment.clone(),
+        release: options.release.clone(),
+        server_name: options.server_name.clone(),
+        debug: options.debug.unwrap_or(false),
+    }))
+}
+
 fn log_settings(
     level: &Option<String>,
     file: &Option<PathBuf>,
@@ -470,6 +540,19 @@ impl ServerOptions {
     /// Logging settings with defaults applied.
     pub fn log_settings(&self) -> LogSettings {
         log_settings(&self.log_level, &self.log_file, self.log_file_max_size, self.log_file_max_count)
+    }
+
+    /// Sentry settings, when `sentry-dsn` is given.
+    pub fn sentry_settings(&self) -> Result<Option<SentrySettings>, String> {
+        sentry_settings(SentryOptions {
+            dsn: &self.sentry_dsn,
+            level: &self.sentry_level,
+            sample_rate: self.sentry_sample_rate,
+            environment: &self.sentry_environment,
+            release: &self.sentry_release,
+            server_name: &self.sentry_server_name,
+            debug: self.sentry_debug,
+        })
     }
 
     /// Checks every value and builds the server configuration; errors name the key.
@@ -566,6 +649,19 @@ impl ClientOptions {
     /// Logging settings with defaults applied.
     pub fn log_settings(&self) -> LogSettings {
         log_settings(&self.log_level, &self.log_file, self.log_file_max_size, self.log_file_max_count)
+    }
+
+    /// Sentry settings, when `sentry-dsn` is given.
+    pub fn sentry_settings(&self) -> Result<Option<SentrySettings>, String> {
+        sentry_settings(SentryOptions {
+            dsn: &self.sentry_dsn,
+            level: &self.sentry_level,
+            sample_rate: self.sentry_sample_rate,
+            environment: &self.sentry_environment,
+            release: &self.sentry_release,
+            server_name: &self.sentry_server_name,
+            debug: self.sentry_debug,
+        })
     }
 
     /// Checks every value and builds the client and service configurations; errors name the key.
