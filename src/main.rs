@@ -7,7 +7,7 @@ use ferry::cli::{Command, DemoOptions};
 use ferry::config::options::{resolve, ClientOptions, ServerOptions};
 use ferry::logging::{self, LogSettings};
 use ferry::pid_file::{signal_process, PidFile};
-use ferry::{Client, Reloader, Server};
+use ferry::{Client, Registration, Reloader, Server, ServiceConfig};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -57,47 +57,130 @@ async fn run_server(flags: ServerOptions) -> anyhow::Result<()> {
 
 /// On each SIGHUP, reads the flags' config and users files again and reloads the users.
 async fn reload_on_hangup(reloader: Reloader, flags: ServerOptions) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            return tracing::warn!("cannot listen for SIGHUP; reload is unavailable");
-        };
-        while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading");
-            let config_file = flags.config.clone();
-            let config = resolve(flags.clone(), config_file.as_deref()).and_then(|o| o.into_config());
-            let result = config.and_then(|c| reloader.reload(&c).map_err(|e| e.to_string()));
-            if let Err(err) = result {
-                tracing::error!("reload failed, keeping the running configuration: {err}");
-            }
+    let mut hangups = Hangups::new();
+    loop {
+        hangups.next().await;
+        tracing::info!("SIGHUP: reloading");
+        let config_file = flags.config.clone();
+        let config = resolve(flags.clone(), config_file.as_deref()).and_then(|o| o.into_config());
+        let result = config.and_then(|c| reloader.reload(&c).map_err(|e| e.to_string()));
+        if let Err(err) = result {
+            tracing::error!("reload failed, keeping the running configuration: {err}");
         }
     }
-    #[cfg(not(unix))]
-    let _ = (reloader, flags);
 }
 
 async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
     let config_file = flags.config.clone();
-    let options = resolve(flags, config_file.as_deref()).map_err(|e| anyhow!(e))?;
+    let signal = flags.signal;
+    let options = resolve(flags.clone(), config_file.as_deref()).map_err(|e| anyhow!(e))?;
+    if let Some(signal) = signal {
+        let path = options
+            .pid_file
+            .clone()
+            .ok_or_else(|| anyhow!("-s needs --pid-file (or pid-file in --config)"))?;
+        let pid = signal_process(&path, signal).map_err(|e| anyhow!(e))?;
+        println!("sent {signal:?} to ferry client {pid}");
+        return Ok(());
+    }
     let sentry = options.sentry_settings().map_err(|e| anyhow!(e))?;
     logging::init(&options.log_settings(), sentry.as_ref()).map_err(|e| anyhow!(e))?;
+    let pid_file = options.pid_file.clone();
     let (config, services) = options.into_config().map_err(|e| anyhow!(e))?;
     if services.is_empty() {
         tracing::warn!("no services given (--local); the client only keeps its connection");
     }
     let remote = config.remote.to_string();
     let client = Client::connect(config).await.with_context(|| format!("client for {remote}"))?;
+    let _pid_file = pid_file.as_deref().map(PidFile::create).transpose().map_err(|e| anyhow!(e))?;
     let mut tunnels = Vec::new();
     for service in services {
         let local = service.local.clone();
-        let tunnel = client.add_service(service).await.with_context(|| format!("service {local}"))?;
+        let tunnel = client.add_service(service.clone()).await.with_context(|| format!("service {local}"))?;
         println!("{local} is reachable at {}", tunnel.public_addr());
-        tunnels.push(tunnel);
+        tunnels.push((service, tunnel));
     }
-    shutdown_signal().await;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut hangups = Hangups::new();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = hangups.next() => {
+                tracing::info!("SIGHUP: reloading the services");
+                if let Err(err) = reload_services(&client, &flags, &mut tunnels).await {
+                    tracing::error!("reload failed, keeping the running services: {err}");
+                }
+            }
+        }
+    }
     client.shutdown().await;
     Ok(())
+}
+
+/// Reads the client's configuration again: services no longer listed are closed, new ones
+/// opened, the rest keep running (server, id and secret need a restart).
+async fn reload_services(
+    client: &Client,
+    flags: &ClientOptions,
+    tunnels: &mut Vec<(ServiceConfig, Registration)>,
+) -> Result<(), String> {
+    let options = resolve(flags.clone(), flags.config.as_deref())?;
+    let (_, wanted) = options.into_config()?;
+    tunnels.retain(|(config, tunnel)| {
+        let keep = wanted.contains(config);
+        if !keep {
+            tracing::info!(local = %config.local, "service removed by reload");
+            tunnel.cancel();
+        }
+        keep
+    });
+    for service in wanted {
+        if tunnels.iter().any(|(config, _)| *config == service) {
+            continue;
+        }
+        let local = service.local.clone();
+        match client.add_service(service.clone()).await {
+            Ok(tunnel) => {
+                println!("{local} is reachable at {}", tunnel.public_addr());
+                tunnels.push((service, tunnel));
+            }
+            Err(err) => tracing::error!(%local, %err, "service added by reload was refused"),
+        }
+    }
+    Ok(())
+}
+
+/// SIGHUP, as a stream of wake-ups (never on systems without it).
+struct Hangups {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            if signal.is_none() {
+                tracing::warn!("cannot listen for SIGHUP; reload is unavailable");
+            }
+            Hangups { signal }
+        }
+        #[cfg(not(unix))]
+        Hangups {}
+    }
+
+    /// Completes at the next SIGHUP.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = self.signal.as_mut() {
+            if signal.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    }
 }
 
 async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use ferry::config::options::{load_file, resolve, ClientOptions, ServerOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 fn ferry() -> Command {
@@ -368,6 +369,66 @@ async fn signal_reload_rereads_the_users_file_and_signal_stop_stops() {
         assert!(!can_log_in(port, "alice", "a").await, "alice was removed from the users file");
         signal("stop").await;
         let status = tokio::time::timeout(Duration::from_secs(10), server.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "{status:?}");
+        assert!(!pid_file.exists(), "the pid file was left behind");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reload_adds_and_removes_services_and_stop_stops() {
+    within(60, async {
+        let server_port = free_port().await;
+        let _server = start_server_process(server_port, &["--tcp-range", "1024-65535"]).await;
+        let (first, second) = (echo_server().await, echo_server().await);
+        let dir = tempfile::tempdir().unwrap();
+        let (config, pid_file) = (dir.path().join("client.yaml"), dir.path().join("client.pid"));
+        let write_config = |locals: &[std::net::SocketAddr]| {
+            let services: String = locals.iter().map(|l| format!("  - local: tcp://{l}\n")).collect();
+            let text = format!(
+                "remote: tcp://127.0.0.1:{server_port}\nid: id1\nsecret: secret1\npid-file: {}\nservices:\n{services}",
+                pid_file.display()
+            );
+            std::fs::write(&config, text).unwrap();
+        };
+        write_config(&[first]);
+        let mut client = ferry()
+            .args(["client", "--config", config.to_str().unwrap(), "--log-level", "warn"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+        let reachable = |line: String| line.rsplit(' ').next().unwrap().to_owned();
+        let first_public = reachable(lines.next_line().await.unwrap().expect("first service"));
+        let payload = random_bytes(64 * 1024);
+        assert_eq!(echo_through(first_public.parse().unwrap(), &payload).await.unwrap(), payload);
+        assert!(pid_file.exists());
+
+        write_config(&[second]);
+        let signal = |name: &'static str| {
+            let config = config.clone();
+            async move {
+                let output = ferry().args(["client", "-s", name, "--config", config.to_str().unwrap()]).output();
+                let output = output.await.unwrap();
+                assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+            }
+        };
+        signal("reload").await;
+        let second_public = reachable(lines.next_line().await.unwrap().expect("the added service"));
+        assert_eq!(echo_through(second_public.parse().unwrap(), &payload).await.unwrap(), payload);
+        let mut removed = false;
+        for _ in 0..200 {
+            if TcpStream::connect(&first_public).await.is_err() {
+                removed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(removed, "the service dropped from the config is still open");
+
+        signal("stop").await;
+        let status = tokio::time::timeout(Duration::from_secs(10), client.wait()).await.unwrap().unwrap();
         assert!(status.success(), "{status:?}");
         assert!(!pid_file.exists(), "the pid file was left behind");
     })

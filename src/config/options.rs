@@ -368,6 +368,14 @@ pub struct ClientOptions {
     /// Print the Sentry client's own diagnostics.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub sentry_debug: Option<bool>,
+    /// Write the process id here, so `-s reload` and `-s stop` can find the client.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Instead of running, signal the running client found through --pid-file: reload
+    /// (read the config again: services added or removed) or stop.
+    #[arg(short = 's', long = "signal", value_name = "SIGNAL")]
+    #[serde(skip)]
+    pub signal: Option<ProcessSignal>,
     /// Services to expose: each `--local` on the command line starts one (config file: `services:`).
     #[arg(skip)]
     pub services: Vec<ServiceOptions>,
