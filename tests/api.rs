@@ -59,10 +59,9 @@ async fn every_route_answers_from_the_live_server() {
         let red = tagged_client(server.local_addr(), "other", "s2", "red").await;
         let echo = echo_server().await.to_string();
         let limits = (Some(5), Some(100), Some(Duration::from_secs(3600)));
-        let mut tcp = blue
-            .add_service(ServiceConfig::tcp(&echo).with_limits(limits.0, limits.1, limits.2))
-            .await
-            .unwrap();
+        let mut described = ServiceConfig::tcp(&echo).with_limits(limits.0, limits.1, limits.2);
+        described.message = Some("the echo of blue".into());
+        let mut tcp = blue.add_service(described).await.unwrap();
         let _web = red.add_service(ServiceConfig::http(&echo)).await.unwrap();
 
         let status = get(api, "/status").await;
@@ -93,6 +92,8 @@ async fn every_route_answers_from_the_live_server() {
         let service = &services[0];
         assert_eq!((service["name"].as_str(), service["kind"].as_str()), (Some(echo.as_str()), Some("tcp")));
         assert_eq!(service["served"], 1);
+        assert_eq!(service["message"], "the echo of blue");
+        assert_eq!(service["address"].as_str(), Some(tcp.public_addr()));
         assert_eq!((service["capacity"].as_u64(), service["total_allowed"].as_u64()), (Some(5), Some(100)));
         let (birth, deadline) = (service["birth"].as_u64().unwrap(), service["deadline"].as_u64().unwrap());
         assert_eq!(deadline - birth, 3600);

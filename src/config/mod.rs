@@ -282,6 +282,8 @@ pub struct ServiceConfig {
     pub allow_ip: Vec<ipnet::IpNet>,
     /// Visitors from these networks are refused (`deny-ip`, CIDR).
     pub deny_ip: Vec<ipnet::IpNet>,
+    /// A description shown by discovery and the management API (`message`).
+    pub message: Option<String>,
 }
 
 impl ServiceConfig {
@@ -301,6 +303,7 @@ impl ServiceConfig {
             max_serve_time: None,
             allow_ip: Vec::new(),
             deny_ip: Vec::new(),
+            message: None,
         }
     }
 
@@ -354,6 +357,7 @@ impl ServiceConfig {
             max_serve_time_ms: self.max_serve_time.map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
             allow_ip: self.allow_ip.clone(),
             deny_ip: self.deny_ip.clone(),
+            message: self.message.clone(),
         }
     }
 

@@ -420,6 +420,9 @@ pub struct ServiceOptions {
     /// Refuse visitors from this network (CIDR); repeatable; wins over --allow-ip.
     #[arg(long, value_parser = parse_net)]
     pub deny_ip: Vec<ipnet::IpNet>,
+    /// A description shown by discovery and the server's API.
+    #[arg(long)]
+    pub message: Option<String>,
     /// A name for logs. [default: the local address]
     #[arg(long)]
     pub name: Option<String>,
@@ -749,6 +752,7 @@ impl ServiceOptions {
             max_serve_time: self.max_serve_time,
             allow_ip: self.allow_ip,
             deny_ip: self.deny_ip,
+            message: self.message,
         })
     }
 }

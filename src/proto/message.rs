@@ -79,6 +79,9 @@ pub struct ServiceControl {
     /// Visitors from these networks are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny_ip: Vec<ipnet::IpNet>,
+    /// A free-form description shown by discovery and the API (proxylite's message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl ServiceControl {
@@ -449,8 +452,13 @@ pub struct ServiceInfo {
     pub tags: Vec<String>,
     /// The client's name for it.
     pub name: String,
+    /// The client's description of it (`message`).
+    pub message: Option<String>,
     /// `tcp`, `http` or `https`.
     pub kind: String,
+    /// Where visitors reach it: `host:port` for TCP (the server's domain, else its
+    /// listening address), the host name for HTTP and HTTPS.
+    pub address: String,
     /// TCP: the public port; 0 for HTTP and HTTPS.
     pub port: u16,
     /// HTTP and HTTPS: the public host name.

@@ -482,6 +482,12 @@ impl Control<'_> {
                 let tunnel = self.session.tunnels().get(&service).cloned();
                 if let Some(tunnel) = tunnel {
                     let _ = tunnel.endpoint.set((port, host.clone()));
+                    let address = match (&host, &self.shared.config.domain) {
+                        (Some(host), _) => host.clone(),
+                        (None, Some(domain)) => format!("{domain}:{port}"),
+                        (None, None) => SocketAddr::new(self.shared.config.addr.ip(), port).to_string(),
+                    };
+                    let _ = tunnel.address.set(address);
                     if self.shared.has_hooks() {
                         self.shared.hooks().tunnel_opened(&views::service_info(self.session, &tunnel));
                     }

@@ -21,6 +21,8 @@ pub(crate) struct Tunnel {
     pub(crate) born: SystemTime,
     /// The public port (TCP) or host (HTTP, HTTPS), once open.
     pub(crate) endpoint: OnceLock<(u16, Option<String>)>,
+    /// Where visitors reach it, once open.
+    pub(crate) address: OnceLock<String>,
     /// Bytes through its visitors.
     pub(crate) traffic: Traffic,
     /// Cancelled when the tunnel closes; its visitors go with it.
@@ -61,6 +63,7 @@ impl Tunnel {
             kind,
             born: SystemTime::now(),
             endpoint: OnceLock::new(),
+            address: OnceLock::new(),
             traffic: Traffic::default(),
             token,
             control,

@@ -24,6 +24,9 @@ pub(crate) struct ClientView {
     services: Vec<ServiceInfo>,
 }
 
+/// Longest service description shown.
+const MAX_MESSAGE_CHARS: usize = 256;
+
 fn unix_seconds(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
 }
@@ -51,7 +54,9 @@ pub(crate) fn service_info(session: &SessionShared, tunnel: &Tunnel) -> ServiceI
         user: session.user.clone(),
         tags: session.tags.clone(),
         name: tunnel.name.clone(),
+        message: control.message.as_ref().map(|m| m.chars().take(MAX_MESSAGE_CHARS).collect()),
         kind: tunnel.kind.to_owned(),
+        address: tunnel.address.get().cloned().unwrap_or_default(),
         port,
         host,
         birth: unix_seconds(tunnel.born),
