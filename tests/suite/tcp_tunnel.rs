@@ -1,10 +1,8 @@
 //! The data path of TCP tunnels: integrity, concurrency, half-close, refusals.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ferry::{CloseReason, ServiceConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

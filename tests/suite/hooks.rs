@@ -1,12 +1,10 @@
 //! Hooks for programs embedding the server, and per-service allow-ip / deny-ip.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::http::{get, http_service};
-use common::*;
+use crate::common::http::{get, http_service};
+use crate::common::*;
 use ferry::auth::Secret;
 use ferry::{
     Client, ClientError, ClientInfo, LoginRefusal, Server, ServerHooks, ServiceConfig, ServiceInfo,

@@ -1,10 +1,8 @@
 //! Liveness: restarts on either side, heartbeats, shutdown.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use ferry::auth::{client_login, Ephemeral, Secret};
 use ferry::proto::{
     read_preamble, write_preamble, ClientMessage, ControlChannel, LinkKind, ServerMessage, ServiceSpec,

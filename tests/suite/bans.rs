@@ -1,11 +1,9 @@
 //! Bans after repeated failed logins, per source address and per id.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use ferry::auth::{client_login, Secret};
 use ferry::proto::{write_preamble, ControlChannel, LinkKind, ServerMessage};
 use ferry::{Client, ClientError, LoginRefusal, ServerConfig};

@@ -1,8 +1,6 @@
 //! Logins: wrong secrets, unknown ids, allow-any-client.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use ferry::{Client, ClientError, LoginRefusal};
 
 #[tokio::test]

@@ -1,10 +1,8 @@
 //! The dashboard page in a real headless browser (Debian's chromium, which `.ci/run` installs).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ferry::ServiceConfig;
 use tokio::process::Command;
 

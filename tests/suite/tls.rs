@@ -1,10 +1,8 @@
 //! TLS between client and server, with a certificate made in the test.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use ferry::{Client, RemoteAddr, RemoteTrust, ServiceConfig};
 
 struct Certs {

@@ -1,10 +1,8 @@
 //! Hostile or broken input on the client port never disturbs existing tunnels.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ferry::proto::{write_frame, write_preamble, ControlChannel, DataHello, LinkKind, ServerMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

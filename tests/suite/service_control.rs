@@ -1,11 +1,9 @@
 //! proxylite's service control: visitors at once, visitors in total, lifetime.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::http::{get, http_service};
-use common::*;
+use crate::common::http::{get, http_service};
+use crate::common::*;
 use ferry::{CloseReason, ServiceConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -104,7 +102,7 @@ async fn http_services_answer_503_at_capacity() {
         client.add_service(service).await.unwrap();
         // One visitor holds the only slot: it was served once and keeps its connection alive.
         let mut holder = TcpStream::connect(server.local_addr()).await.unwrap();
-        let served = common::http::request(&mut holder, "GET", "/", "id1.example.com", "", b"").await;
+        let served = crate::common::http::request(&mut holder, "GET", "/", "id1.example.com", "", b"").await;
         assert_eq!(served.status, 200);
         let refused = get(server.local_addr(), "/", "id1.example.com").await;
         assert_eq!(refused.status, 503);

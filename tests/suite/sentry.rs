@@ -1,16 +1,14 @@
 //! `--sentry-dsn`: errors reach a Sentry endpoint (here a local one that records envelopes).
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::*;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::Router;
-use common::*;
 
 type Envelopes = Arc<Mutex<Vec<(String, String)>>>;
 

@@ -1,13 +1,11 @@
 //! Multi-user servers: where users come from, per-user rules, speed and connection
 //! limits, and reloading users while other transfers go on.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use ferry::config::options::{resolve, ServerOptions};
 use ferry::{Client, ClientError, ClientState, LoginRefusal, RegisterError, ServerConfig, ServiceConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

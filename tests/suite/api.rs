@@ -1,13 +1,11 @@
 //! The management API with a live server and clients: every route, the token, bans,
 //! metrics that move with traffic, HTTPS, and the OpenAPI document.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::http::request;
-use common::*;
+use crate::common::http::request;
+use crate::common::*;
 use ferry::transport::Connector;
 use ferry::{Client, ClientState, CloseReason, RemoteAddr, RemoteTrust, ServerConfig, ServiceConfig};
 use serde_json::Value;

@@ -1,12 +1,10 @@
 //! HTTP virtual hosts: routing by host and path, forwarding headers, errors.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::http::{get, hex, http_service, request};
-use common::*;
+use crate::common::http::{get, hex, http_service, request};
+use crate::common::*;
 use ferry::{Client, ClientError, RegisterError, ServerConfig, ServiceConfig};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

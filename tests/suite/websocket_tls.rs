@@ -1,13 +1,11 @@
 //! WebSocket through host routing, HTTPS terminated at the server, PROXY protocol headers.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::http::{http_service, request};
-use common::*;
+use crate::common::http::{http_service, request};
+use crate::common::*;
 use ferry::proto::ProxyProtocol;
 use ferry::transport::{client_tls_config, RemoteTrust};
 use ferry::{ServerHandle, ServiceConfig};
@@ -116,7 +114,10 @@ async fn https_terminated_at_the_server() {
         }
         let upload = random_bytes(5 << 20);
         let response = request(&mut visitor, "PUT", "/upload", "web.example.test", "", &upload).await;
-        assert_eq!(response.text(), common::http::hex(&<sha2::Sha256 as sha2::Digest>::digest(&upload)));
+        assert_eq!(
+            response.text(),
+            crate::common::http::hex(&<sha2::Sha256 as sha2::Digest>::digest(&upload))
+        );
     })
     .await
 }

@@ -1,8 +1,6 @@
 //! The server's TCP port policy: ranges, taken ports, random fallback, per-user numbers.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use ferry::{ClientError, RegisterError, ServiceConfig};
 
 #[tokio::test]

@@ -1,12 +1,10 @@
 //! The `ferry` binary itself: processes, flags, config files.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ferry::config::options::{load_file, resolve, ClientOptions, ServerOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;

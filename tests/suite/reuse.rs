@@ -1,10 +1,8 @@
 //! Data connections carry one visitor after another; no visitor may disturb the next.
 
-mod common;
-
 use std::net::SocketAddr;
 
-use common::*;
+use crate::common::*;
 use ferry::{Client, ServiceConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

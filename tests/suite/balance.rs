@@ -1,15 +1,13 @@
 //! Tags and load balancing (AeRO): clients of one user that share a tag and expose a
 //! service of the same name share its public address; visitors go round-robin.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::http::{get, http_service};
-use common::*;
+use crate::common::http::{get, http_service};
+use crate::common::*;
 use ferry::{Client, ClientError, ClientState, RegisterError, ServiceConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};

@@ -1,10 +1,8 @@
 //! Discovery and free ports from the library (proxylite's DiscoverServices and AskFreePort).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ferry::ServiceConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,26 @@
+//! The integration suite, one binary (one link) for every feature area: real servers, clients
+//! and local services on loopback.
+
+mod common;
+
+mod api;
+mod auth;
+mod auth_api;
+mod balance;
+mod bans;
+mod cli;
+mod dashboard;
+mod discovery;
+mod hooks;
+mod hostile;
+mod http;
+mod ports;
+mod reconnect;
+mod reuse;
+mod sentry;
+mod service_control;
+mod tcp_tunnel;
+mod timeouts;
+mod tls;
+mod users;
+mod websocket_tls;
