@@ -13,6 +13,7 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::pin;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
 
 use crate::proto::StreamStatus;
 
@@ -65,6 +67,23 @@ pub struct Relayed {
     pub leftover: BytesMut,
 }
 
+/// Why a relay stopped before both directions ended cleanly.
+#[derive(Debug)]
+pub struct RelayFailed {
+    /// What went wrong.
+    pub error: io::Error,
+    /// The link failed before the client answered (no status byte came back) and no
+    /// plain bytes were sent after the open message: the visitor may be offered to
+    /// another client with the same first bytes.
+    pub unanswered: bool,
+}
+
+impl std::fmt::Display for RelayFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
 /// Relays between a plain stream (visitor or local service) and a data connection
 /// until both directions have ended cleanly.
 ///
@@ -75,7 +94,25 @@ pub async fn relay_chunked<P, L>(
     status: Status,
     early: BytesMut,
     idle: Option<IdleLimit>,
-) -> io::Result<Relayed>
+) -> Result<Relayed, RelayFailed>
+where
+    P: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    L: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    relay_chunked_until(plain, link, status, early, idle, &CancellationToken::new()).await
+}
+
+/// [`relay_chunked`] that also stops (with an `Interrupted` error) when `stop` is cancelled.
+///
+/// The task registers with the token once; afterwards each wake-up only reads its flag.
+pub async fn relay_chunked_until<P, L>(
+    plain: &mut P,
+    link: &mut L,
+    status: Status,
+    early: BytesMut,
+    idle: Option<IdleLimit>,
+    stop: &CancellationToken,
+) -> Result<Relayed, RelayFailed>
 where
     P: AsyncRead + AsyncWrite + Unpin + ?Sized,
     L: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -83,7 +120,15 @@ where
     let mut out = Outbound::new(status == Status::Send);
     let mut inbound = Inbound::new(status == Status::Expect, early);
     let mut watch = idle.map(IdleWatch::new);
-    poll_fn(|cx| {
+    let mut stopped = pin!(stop.cancelled());
+    let mut registered = false;
+    let relayed = poll_fn(|cx| {
+        // The waker of a spawned task stays the same, so one registration is enough.
+        let cancelled = if registered { stop.is_cancelled() } else { stopped.as_mut().poll(cx).is_ready() };
+        registered = true;
+        if cancelled {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::Interrupted, "the tunnel closed")));
+        }
         let out_done = out.poll(cx, &mut *plain, &mut *link)?.is_ready();
         let in_done = inbound.poll(cx, &mut *link, &mut *plain)?.is_ready();
         if out_done && in_done {
@@ -94,8 +139,15 @@ where
         }
         Poll::Pending
     })
-    .await?;
-    Ok(Relayed { out: out.total, r#in: inbound.total, leftover: inbound.leftover() })
+    .await;
+    match relayed {
+        Ok(()) => Ok(Relayed { out: out.total, r#in: inbound.total, leftover: inbound.leftover() }),
+        Err(error) => {
+            let link_failed = out.link_failed || inbound.link_failed || stop.is_cancelled();
+            let unanswered = link_failed && inbound.expect_status && out.untouched();
+            Err(RelayFailed { error, unanswered })
+        }
+    }
 }
 
 /// When a visitor that moves no bytes is closed (`timeout`, GT's
@@ -172,6 +224,8 @@ struct Outbound {
     ending: bool,
     done: bool,
     total: u64,
+    /// Writing to the link failed or it closed.
+    link_failed: bool,
 }
 
 impl Outbound {
@@ -184,7 +238,18 @@ impl Outbound {
             ending: false,
             done: false,
             total: 0,
+            link_failed: false,
         }
+    }
+
+    fn fail_link(&mut self, err: io::Error) -> Poll<io::Result<()>> {
+        self.link_failed = true;
+        Poll::Ready(Err(err))
+    }
+
+    /// Nothing was read from the plain side yet (not even its end).
+    fn untouched(&self) -> bool {
+        self.total == 0 && !self.ending
     }
 
     /// Doubles the buffer, keeping the chunk that is about to be written.
@@ -204,15 +269,19 @@ impl Outbound {
                 return Poll::Ready(Ok(()));
             }
             if self.pos < self.end {
-                let n = ready!(Pin::new(&mut *link).poll_write(cx, &self.buf[self.pos..self.end]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
+                let written = ready!(Pin::new(&mut *link).poll_write(cx, &self.buf[self.pos..self.end]));
+                let n = match written {
+                    Ok(n) if n > 0 => n,
+                    Ok(_) => return self.fail_link(io::ErrorKind::WriteZero.into()),
+                    Err(err) => return self.fail_link(err),
+                };
                 self.pos += n;
                 continue;
             }
             if self.ending {
-                ready!(Pin::new(&mut *link).poll_flush(cx))?;
+                if let Err(err) = ready!(Pin::new(&mut *link).poll_flush(cx)) {
+                    return self.fail_link(err);
+                }
                 self.done = true;
                 continue;
             }
@@ -247,6 +316,8 @@ struct Inbound {
     shutting_down: bool,
     done: bool,
     total: u64,
+    /// Reading the link failed or it closed before its end marker.
+    link_failed: bool,
 }
 
 impl Inbound {
@@ -262,6 +333,7 @@ impl Inbound {
             shutting_down: false,
             done: false,
             total: 0,
+            link_failed: false,
         }
     }
 
@@ -359,9 +431,13 @@ impl Inbound {
             self.pos = 0;
         }
         let mut read = ReadBuf::new(&mut self.buf[self.len..]);
-        ready!(Pin::new(&mut *link).poll_read(cx, &mut read))?;
+        if let Err(err) = ready!(Pin::new(&mut *link).poll_read(cx, &mut read)) {
+            self.link_failed = true;
+            return Poll::Ready(Err(err));
+        }
         let n = read.filled().len();
         if n == 0 {
+            self.link_failed = true;
             let what = if self.expect_status {
                 "client closed the data connection before answering"
             } else {
@@ -440,7 +516,8 @@ mod tests {
             let relay = relay_chunked(&mut plain, &mut link, status, BytesMut::new(), None);
             let limit = std::time::Duration::from_secs(5);
             let err = tokio::time::timeout(limit, relay).await.unwrap().unwrap_err();
-            assert_eq!(err.kind(), expected);
+            assert_eq!(err.error.kind(), expected);
+            assert!(!err.unanswered || status == Status::Expect);
         }
     }
 }

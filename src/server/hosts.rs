@@ -196,6 +196,12 @@ impl Hosts {
         }
     }
 
+    /// Splits `CID--label` (the client with that id among those serving `label`).
+    pub(crate) fn split_client(label: &str) -> Option<(u64, &str)> {
+        let (cid, rest) = label.split_once("--")?;
+        Some((cid.parse().ok().filter(|_| cid.bytes().all(|b| b.is_ascii_digit()))?, rest))
+    }
+
     /// The service for a routing key served by one client (`CID--label`), if that client serves it.
     pub(crate) fn lookup_client(&self, key: &str, cid: u64) -> Option<HostRoute> {
         let mut table = self.lock();

@@ -11,11 +11,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn, Instrument};
 
-use super::hosts::{HostRoute, Lookup};
+use super::hosts::{HostRoute, Hosts, Lookup};
 use super::session::SessionShared;
 use super::sni::sni_key;
 use super::tunnel::{Refusal, Tunnel, Visit};
-use super::visit::{relay_visitor, take_data, visitor_allowed};
+use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
 use super::ServerShared;
 use crate::proto::{OpenStream, RegisterError};
 use crate::transport::Stream;
@@ -94,9 +94,9 @@ pub(crate) async fn serve_visitor(
     };
     drop(handshake);
     // When the chosen client turns out to be gone, the next one serving the host gets the visitor.
-    let mut attempts = 0;
-    let (route, path, _admitted, data) = loop {
-        attempts += 1;
+    let span = tracing::debug_span!("http visitor", %peer, host = %head.route_host);
+    let mut read_ahead = read.len();
+    for attempt in 1..=MAX_ATTEMPTS {
         let (route, path) = match find_route(&shared, &head) {
             Ok(found) => found,
             Err((status, reason, message)) => return respond(&mut visitor, status, reason, &message).await,
@@ -106,38 +106,36 @@ pub(crate) async fn serve_visitor(
                 format!("The service for '{}' does not take visitors from your address.", head.route_host);
             return respond(&mut visitor, 403, "Forbidden", &message).await;
         }
-        let admitted = match admit(&route, &head, peer) {
+        let _admitted = match admit(&route, &head, peer) {
             Ok(admitted) => admitted,
             Err((status, reason, message)) => return respond(&mut visitor, status, reason, &message).await,
         };
-        shared.metrics.visitor();
-        if let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await {
-            break (route, path, admitted, data);
+        if attempt == 1 {
+            shared.metrics.visitor();
         }
-        if !route.session.closing.is_cancelled() || attempts >= MAX_ATTEMPTS {
-            let message = format!("The client serving '{}' has no free connection.", head.route_host);
-            return respond(&mut visitor, 502, "Bad Gateway", &message).await;
+        let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
+            if route.session.closing.is_cancelled() {
+                continue;
+            }
+            break;
+        };
+        let mut early = rewrite_head(&head, &route, path.as_deref(), peer, scheme);
+        early.extend_from_slice(&read[head_len..]);
+        let open = OpenStream { service: route.tunnel.service, visitor: peer };
+        let idle = shared.config.idle_limit();
+        let first = (early.as_slice(), read_ahead);
+        let relay = relay_visitor(&route.session, &route.tunnel, data, &mut visitor, &open, first, idle);
+        if relay.instrument(span.clone()).await == Relay::Finished {
+            return;
         }
-    };
-    let mut early = rewrite_head(&head, &route, path.as_deref(), peer, scheme);
-    early.extend_from_slice(&read[head_len..]);
-    let open = OpenStream { service: route.tunnel.service, visitor: peer };
-    let span = tracing::debug_span!("http visitor", %peer, host = %head.route_host);
-    relay_visitor(
-        &route.session,
-        &route.tunnel,
-        data,
-        &mut visitor,
-        &open,
-        (early, read.len()),
-        shared.config.idle_limit(),
-    )
-    .instrument(span)
-    .await;
+        read_ahead = 0;
+    }
+    let message = format!("The client serving '{}' has no free connection.", head.route_host);
+    respond(&mut visitor, 502, "Bad Gateway", &message).await
 }
 
 /// Most clients one visitor is offered to when the chosen ones turn out to be gone.
-const MAX_ATTEMPTS: usize = 4;
+pub(crate) const MAX_ATTEMPTS: usize = 4;
 
 /// Lets the visitor into the route's tunnel, or says which error page it gets.
 fn admit(route: &HostRoute, head: &Head, peer: SocketAddr) -> Result<Visit, ErrorPage> {
@@ -228,8 +226,8 @@ type ErrorPage = (u16, &'static str, String);
 /// path. `CID--label` asks for the client with that id among those serving `label`.
 fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<String>), ErrorPage> {
     let label = head.route_host.split('.').next().unwrap_or_default();
-    if let Some((cid, rest)) = label.split_once("--").filter(|(c, _)| c.bytes().all(|b| b.is_ascii_digit())) {
-        return match cid.parse().ok().and_then(|cid| shared.hosts.lookup_client(rest, cid)) {
+    if let Some((cid, rest)) = Hosts::split_client(label) {
+        return match shared.hosts.lookup_client(rest, cid) {
             Some(route) => Ok((route, None)),
             None => Err((404, "Not Found", format!("Client {cid} serves no tunnel for '{rest}'."))),
         };

@@ -11,9 +11,10 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, warn, Instrument};
 
-use super::hosts::Lookup;
+use super::hosts::{Hosts, Lookup};
+use super::http::MAX_ATTEMPTS;
 use super::tunnel::Refusal;
-use super::visit::{relay_visitor, take_data, visitor_allowed};
+use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
 use super::ServerShared;
 use crate::proto::OpenStream;
 
@@ -37,32 +38,56 @@ pub(crate) async fn serve_visitor(
         Ok(None) => return debug!(%peer, "no server name in the TLS ClientHello; closing"),
         Err(_) => return debug!(%peer, "TLS ClientHello not complete in time; closing"),
     };
-    let label = name.split('.').next().unwrap_or_default().to_ascii_lowercase();
-    let Lookup::Online(route) = shared.hosts.lookup(&sni_key(&label), false) else {
-        return debug!(%peer, %name, "no tunnel for this TLS server name; closing");
-    };
     drop(handshake);
-    if !visitor_allowed(&shared, &route.session, &route.tunnel, peer) {
-        return;
-    }
-    let _admitted = match route.tunnel.admit() {
-        Ok(admitted) => admitted,
-        Err(Refusal::UserLimit { limit }) => {
-            return warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
+    let label = name.split('.').next().unwrap_or_default().to_ascii_lowercase();
+    for attempt in 1..=MAX_ATTEMPTS {
+        let route = match Hosts::split_client(&label) {
+            Some((cid, rest)) => shared.hosts.lookup_client(&sni_key(rest), cid),
+            None => match shared.hosts.lookup(&sni_key(&label), false) {
+                Lookup::Online(route) => Some(route),
+                _ => None,
+            },
+        };
+        let Some(route) = route else {
+            return debug!(%peer, %name, "no tunnel for this TLS server name; closing");
+        };
+        if !visitor_allowed(&shared, &route.session, &route.tunnel, peer) {
+            return;
         }
-        Err(refusal) => return debug!(%peer, %name, ?refusal, "visitor refused by the tunnel's limits"),
-    };
-    shared.metrics.visitor();
-    let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
-        return debug!(%peer, %name, "no free data connection; closing");
-    };
-    let open = OpenStream { service: route.tunnel.service, visitor: peer };
-    let span = tracing::debug_span!("tls visitor", %peer, %name);
-    let idle = shared.config.idle_limit();
-    let early = (hello.to_vec(), hello.len());
-    relay_visitor(&route.session, &route.tunnel, data, &mut visitor, &open, early, idle)
-        .instrument(span)
-        .await;
+        let _admitted = match route.tunnel.admit() {
+            Ok(admitted) => admitted,
+            Err(Refusal::UserLimit { limit }) => {
+                return warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
+            }
+            Err(refusal) => return debug!(%peer, %name, ?refusal, "visitor refused by the tunnel's limits"),
+        };
+        if attempt == 1 {
+            shared.metrics.visitor();
+        }
+        let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
+            if route.session.closing.is_cancelled() {
+                continue;
+            }
+            return debug!(%peer, %name, "no free data connection; closing");
+        };
+        let open = OpenStream { service: route.tunnel.service, visitor: peer };
+        let span = tracing::debug_span!("tls visitor", %peer, %name);
+        let idle = shared.config.idle_limit();
+        let read_ahead = if attempt == 1 { hello.len() } else { 0 };
+        let relay = relay_visitor(
+            &route.session,
+            &route.tunnel,
+            data,
+            &mut visitor,
+            &open,
+            (&hello, read_ahead),
+            idle,
+        );
+        if relay.instrument(span).await == Relay::Finished {
+            return;
+        }
+    }
+    debug!(%peer, %name, "no client answered; closing");
 }
 
 /// The routing key of a passthrough host; kept apart from HTTP hosts of the same name.

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::proxy_header::proxy_header;
 use super::session::SessionShared;
 use super::tunnel::{Refusal, Tunnel, Visit};
-use super::visit::{relay_visitor, take_data, visitor_allowed};
+use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
 use super::ServerShared;
 use crate::proto::{OpenStream, ProxyProtocol};
 
@@ -224,7 +224,7 @@ async fn accept_visitors(shared: &Arc<ServerShared>, pool: &Arc<TcpPool>, listen
 const EARLY_BYTES: usize = 16 * 1024;
 
 /// Serves a visitor through `member`; when that member's client turns out to be gone
-/// before anything was sent, the visitor moves on to the `fallbacks`.
+/// before it answered, the visitor moves on to the `fallbacks`.
 async fn serve_visitor(
     shared: Arc<ServerShared>,
     (mut member, mut admitted): (Member, Visit),
@@ -234,14 +234,28 @@ async fn serve_visitor(
 ) {
     let _ = visitor.set_nodelay(true);
     let wait = shared.config.data_wait_timeout;
-    let data = loop {
+    // The visitor's first bytes, kept until a client answers so they can be offered again.
+    let mut early = Vec::new();
+    let mut read_ahead = None;
+    loop {
         if let Some(data) = take_data(&member.session, wait).await {
-            break data;
-        }
-        if !member.session.closing.is_cancelled() {
+            let read = *read_ahead.get_or_insert_with(|| read_early(&mut visitor, &mut early));
+            let with_header = proxy_header_for(&member, &visitor, addr, &early);
+            let open = OpenStream { service: member.tunnel.service, visitor: addr };
+            let idle = shared.config.idle_limit();
+            let first = (with_header.as_deref().unwrap_or(&early), read);
+            let relay =
+                relay_visitor(&member.session, &member.tunnel, data, &mut visitor, &open, first, idle);
+            if relay.await == Relay::Finished {
+                return;
+            }
+            read_ahead = Some(0);
+            debug!(cid = member.session.id, "client did not answer; offering the visitor to the next one");
+        } else if !member.session.closing.is_cancelled() {
             return warn!(?wait, "no data connection from the client in time; closing visitor");
         }
         // Its client left while the visitor waited: try the next member of the pool.
+        drop(admitted);
         let next = std::iter::from_fn(|| (!fallbacks.is_empty()).then(|| fallbacks.remove(0)))
             .filter(|m| visitor_allowed(&shared, &m.session, &m.tunnel, addr))
             .find_map(|m| m.tunnel.admit().ok().map(|admitted| (m, admitted)));
@@ -249,19 +263,23 @@ async fn serve_visitor(
             return debug!("the client left and no other serves this port; closing visitor");
         };
         (member, admitted) = (next, next_admitted);
-    };
-    let _admitted = admitted;
-    // What the local service reads first: the PROXY header, then whatever the visitor
-    // already sent, all in the open message's write.
-    let mut early = match (member.proxy_protocol, visitor.local_addr()) {
-        (Some(version), Ok(public)) => proxy_header(version, addr, public),
-        _ => Vec::new(),
-    };
-    let header = early.len();
-    early.resize(header + EARLY_BYTES, 0);
-    let read = visitor.try_read(&mut early[header..]).unwrap_or(0);
-    early.truncate(header + read);
-    let open = OpenStream { service: member.tunnel.service, visitor: addr };
-    let idle = shared.config.idle_limit();
-    relay_visitor(&member.session, &member.tunnel, data, &mut visitor, &open, (early, read), idle).await;
+    }
+}
+
+/// Reads what the visitor already sent (without waiting) into `early`; returns its length.
+fn read_early(visitor: &mut TcpStream, early: &mut Vec<u8>) -> usize {
+    early.resize(EARLY_BYTES, 0);
+    let read = visitor.try_read(early).unwrap_or(0);
+    early.truncate(read);
+    early.shrink_to_fit();
+    read
+}
+
+/// The PROXY header and the early bytes, when the member's service asks for the header.
+fn proxy_header_for(member: &Member, visitor: &TcpStream, addr: SocketAddr, early: &[u8]) -> Option<Vec<u8>> {
+    let version = member.proxy_protocol?;
+    let public = visitor.local_addr().ok()?;
+    let mut first = proxy_header(version, addr, public);
+    first.extend_from_slice(early);
+    Some(first)
 }

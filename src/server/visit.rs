@@ -11,8 +11,7 @@ use super::hooks::VisitorInfo;
 use super::session::SessionShared;
 use super::tunnel::Tunnel;
 use super::ServerShared;
-use crate::cancel::until_cancelled;
-use crate::chunked::{encode_chunk, relay_chunked, IdleLimit, Status};
+use crate::chunked::{encode_chunk, relay_chunked_until, IdleLimit, Status};
 use crate::proto::{encode_frame, OpenStream, ProtocolError};
 use crate::throttle::{Meter, Metered};
 use crate::transport::Stream;
@@ -55,6 +54,16 @@ pub(crate) async fn take_data(session: &SessionShared, wait: Duration) -> Option
     }
 }
 
+/// How a visitor's relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Relay {
+    /// Served, or failed in a way that ends the visitor.
+    Finished,
+    /// The data connection broke before the client answered and before any visitor byte
+    /// beyond the open message's went out: another client may serve the visitor.
+    Unanswered,
+}
+
 /// Sends the open message with `early` bytes in one write, relays until both sides are
 /// done, and gives the data connection back to the pool after a clean end. `read_ahead`
 /// visitor bytes were read before the relay; they are counted with the rest.
@@ -64,13 +73,15 @@ pub(crate) async fn relay_visitor<V>(
     mut data: Stream,
     visitor: &mut V,
     open: &OpenStream,
-    (early, read_ahead): (Vec<u8>, usize),
+    (early, read_ahead): (&[u8], usize),
     idle: Option<IdleLimit>,
-) where
+) -> Relay
+where
     V: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     if let Err(err) = send_open(&mut data, open, early).await {
-        return debug!(%err, "data connection failed before use");
+        debug!(%err, "data connection failed before use");
+        return Relay::Unanswered;
     }
     let token = &tunnel.token;
     let account = &session.account;
@@ -87,31 +98,34 @@ pub(crate) async fn relay_visitor<V>(
     };
     up.record(read_ahead);
     let mut metered = Metered::new(visitor, up, down);
-    let relay = relay_chunked(&mut metered, &mut data, Status::Expect, BytesMut::new(), idle);
-    let Some(relayed) = until_cancelled(token, relay).await else {
-        return debug!("visitor closed with its tunnel");
-    };
-    match relayed {
+    let relayed = relay_chunked_until(&mut metered, &mut data, Status::Expect, BytesMut::new(), idle, token);
+    match relayed.await {
         Ok(relayed) => {
             debug!(up = relayed.out, down = relayed.r#in, "visitor done");
             // A clean end on both sides: the data connection serves the next visitor.
             if relayed.leftover.is_empty() && !token.is_cancelled() {
                 session.pool.push(data);
             }
+            Relay::Finished
         }
-        Err(err) => debug!(%err, "visitor closed"),
+        Err(failed) if failed.unanswered => {
+            debug!(err = %failed, "data connection broke before the client answered");
+            Relay::Unanswered
+        }
+        Err(failed) => {
+            debug!(err = %failed, "visitor closed");
+            Relay::Finished
+        }
     }
 }
 
-/// Writes the open message and the first chunk; both buffers are freed before the relay,
-/// so an idle visitor holds only the relay's own buffers.
-async fn send_open(data: &mut Stream, open: &OpenStream, early: Vec<u8>) -> Result<(), ProtocolError> {
+/// Writes the open message and the first chunk in one write.
+async fn send_open(data: &mut Stream, open: &OpenStream, early: &[u8]) -> Result<(), ProtocolError> {
     let mut first = Vec::with_capacity(128 + early.len());
     encode_frame(open, &mut first)?;
     if !early.is_empty() {
-        encode_chunk(&early, &mut first);
+        encode_chunk(early, &mut first);
     }
-    drop(early);
     data.write_all(&first).await?;
     Ok(())
 }

@@ -201,13 +201,7 @@ async fn proxy_protocol_tells_the_visitor_address() {
 
 /// A local TLS echo service with its own certificate for `secure.example.test`.
 async fn local_tls_echo(dir: &std::path::Path) -> (SocketAddr, PathBuf) {
-    let certified = rcgen::generate_simple_self_signed(vec!["secure.example.test".to_string()]).unwrap();
-    let cert = dir.join("local-cert.pem");
-    let key = dir.join("local-key.pem");
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    let acceptor =
-        ferry::transport::server_tls_acceptor(&[(cert.clone(), key.clone())], Default::default()).unwrap();
+    let (acceptor, cert) = self_signed_acceptor(dir);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

@@ -118,3 +118,15 @@ pub async fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
 }
 pub mod http;
+
+/// A TLS acceptor with a fresh self-signed certificate for `secure.example.test`, written
+/// to `dir`; returns it and the certificate's path (for visitors that trust only it).
+pub fn self_signed_acceptor(dir: &std::path::Path) -> (tokio_rustls::TlsAcceptor, std::path::PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["secure.example.test".to_string()]).unwrap();
+    let cert = dir.join("local-cert.pem");
+    let key = dir.join("local-key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let acceptor = ferry::transport::server_tls_acceptor(&[(cert.clone(), key)], Default::default()).unwrap();
+    (acceptor, cert)
+}
