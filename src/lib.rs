@@ -47,6 +47,7 @@ pub mod logging;
 pub mod pid_file;
 pub mod proto;
 mod server;
+pub mod signals;
 pub mod throttle;
 pub mod transport;
 

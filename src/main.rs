@@ -7,6 +7,7 @@ use ferry::cli::{Command, DemoOptions};
 use ferry::config::options::{resolve, ClientOptions, ServerOptions};
 use ferry::logging::{self, LogSettings};
 use ferry::pid_file::{signal_process, PidFile};
+use ferry::signals::{Hangups, Signals};
 use ferry::{Client, Registration, Reloader, Server, ServiceConfig};
 
 #[tokio::main]
@@ -48,16 +49,16 @@ async fn run_server(flags: ServerOptions) -> anyhow::Result<()> {
     let pid_file = options.pid_file.clone();
     let config = options.into_config().map_err(|e| anyhow!(e))?;
     let server = Server::bind(config).await?;
+    let (hangups, shutdown) = Signals::install().split();
     let _pid_file = pid_file.as_deref().map(PidFile::create).transpose().map_err(|e| anyhow!(e))?;
-    tokio::spawn(reload_on_hangup(server.reloader(), flags));
+    tokio::spawn(reload_on_hangup(server.reloader(), flags, hangups));
     // Run on a worker thread: accepting on the main thread would hand every connection across threads.
-    tokio::spawn(server.run(shutdown_signal())).await?;
+    tokio::spawn(server.run(shutdown.wait())).await?;
     Ok(())
 }
 
 /// On each SIGHUP, reads the flags' config and users files again and reloads the users.
-async fn reload_on_hangup(reloader: Reloader, flags: ServerOptions) {
-    let mut hangups = Hangups::new();
+async fn reload_on_hangup(reloader: Reloader, flags: ServerOptions, mut hangups: Hangups) {
     loop {
         hangups.next().await;
         tracing::info!("SIGHUP: reloading");
@@ -91,6 +92,7 @@ async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
         tracing::warn!("no services given (--local); the client only keeps its connection");
     }
     let remote = config.remote.to_string();
+    let (mut hangups, shutdown) = Signals::install().split();
     let client = Client::connect(config).await.with_context(|| format!("client for {remote}"))?;
     let _pid_file = pid_file.as_deref().map(PidFile::create).transpose().map_err(|e| anyhow!(e))?;
     let mut tunnels = Vec::new();
@@ -100,9 +102,8 @@ async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
         println!("{local} is reachable at {}", tunnel.public_addr());
         tunnels.push((service, tunnel));
     }
-    let shutdown = shutdown_signal();
+    let shutdown = shutdown.wait();
     tokio::pin!(shutdown);
-    let mut hangups = Hangups::new();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -151,62 +152,8 @@ async fn reload_services(
     Ok(())
 }
 
-/// SIGHUP, as a stream of wake-ups (never on systems without it).
-struct Hangups {
-    #[cfg(unix)]
-    signal: Option<tokio::signal::unix::Signal>,
-}
-
-impl Hangups {
-    fn new() -> Self {
-        #[cfg(unix)]
-        {
-            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-            if signal.is_none() {
-                tracing::warn!("cannot listen for SIGHUP; reload is unavailable");
-            }
-            Hangups { signal }
-        }
-        #[cfg(not(unix))]
-        Hangups {}
-    }
-
-    /// Completes at the next SIGHUP.
-    async fn next(&mut self) {
-        #[cfg(unix)]
-        if let Some(signal) = self.signal.as_mut() {
-            if signal.recv().await.is_some() {
-                return;
-            }
-        }
-        std::future::pending::<()>().await
-    }
-}
-
 async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
     logging::init(&LogSettings { level: options.log_level, ..LogSettings::default() }, None)
         .map_err(|e| anyhow!(e))?;
-    ferry::demo::run(shutdown_signal()).await.map_err(|e| anyhow!(e))
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
+    ferry::demo::run(Signals::install().split().1.wait()).await.map_err(|e| anyhow!(e))
 }

@@ -16,8 +16,14 @@ impl PidFile {
         if let Some(pid) = read_pid(path).ok().filter(|&pid| is_alive(pid) && pid != std::process::id()) {
             return Err(format!("pid-file {}: process {pid} is running already", path.display()));
         }
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("pid-file {}: {e}", path.display()))?;
+        // Written beside and renamed into place, so a reader never sees a half-written file.
+        let partial = path.with_extension(format!("tmp{}", std::process::id()));
+        let written = std::fs::write(&partial, format!("{}\n", std::process::id()))
+            .and_then(|()| std::fs::rename(&partial, path));
+        if let Err(err) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(format!("pid-file {}: {err}", path.display()));
+        }
         Ok(PidFile { path: path.to_owned() })
     }
 }

@@ -308,6 +308,17 @@ fn certificate_lists_in_files() {
     assert_eq!(config.tls_min_version, ferry::transport::TlsVersion::Tls13);
 }
 
+/// Waits for a process to write its pid file; returns the pid in it.
+async fn wait_for_pid_file(path: &std::path::Path) -> u32 {
+    for _ in 0..5000 {
+        if let Some(pid) = std::fs::read_to_string(path).ok().and_then(|t| t.trim().parse().ok()) {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("no pid file at {}", path.display());
+}
+
 /// Logs in as `id` with a library client; true when the server accepts.
 async fn can_log_in(port: u16, id: &str, secret: &str) -> bool {
     let server = format!("127.0.0.1:{port}").parse().unwrap();
@@ -325,13 +336,16 @@ async fn signal_reload_rereads_the_users_file_and_signal_stop_stops() {
         let (users_arg, pid_arg) = (users.to_str().unwrap(), pid_file.to_str().unwrap());
         let log = dir.path().join("server.log");
         let log_arg = log.to_str().unwrap();
-        let mut server =
-            start_server_process(port, &["--users", users_arg, "--pid-file", pid_arg, "--log-file", log_arg])
-                .await;
-        let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        // No bans: the test's own refused logins while it waits for a reload must not count.
+        let flags =
+            ["--users", users_arg, "--pid-file", pid_arg, "--log-file", log_arg, "--reconnect-times", "0"];
+        let mut server = start_server_process(port, &flags).await;
+        let pid = wait_for_pid_file(&pid_file).await;
         assert_eq!(Some(pid), server.id());
         assert!(can_log_in(port, "alice", "a").await);
         assert!(!can_log_in(port, "bob", "b").await);
+        let server_addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let alice = ferry::Client::connect(client_config(server_addr, "alice", "a")).await.unwrap();
         // Reload with a users file that is broken: the running users stay.
         std::fs::write(&users, "bob: [not, a, map]\n").unwrap();
         let signal = |name: &'static str| {
@@ -365,6 +379,13 @@ async fn signal_reload_rereads_the_users_file_and_signal_stop_stops() {
         }
         assert!(reloaded, "bob was never let in after the reload");
         assert!(!can_log_in(port, "alice", "a").await, "alice was removed from the users file");
+        let mut state = alice.state();
+        let dropped = state.wait_for(|s| !matches!(s, ferry::ClientState::Connected { .. }));
+        tokio::time::timeout(Duration::from_secs(10), dropped)
+            .await
+            .expect("alice's running session outlived her removal")
+            .unwrap();
+        alice.shutdown().await;
         signal("stop").await;
         let status = tokio::time::timeout(Duration::from_secs(10), server.wait()).await.unwrap().unwrap();
         assert!(status.success(), "{status:?}");
@@ -429,6 +450,38 @@ async fn client_reload_adds_and_removes_services_and_stop_stops() {
         let status = tokio::time::timeout(Duration::from_secs(10), client.wait()).await.unwrap().unwrap();
         assert!(status.success(), "{status:?}");
         assert!(!pid_file.exists(), "the pid file was left behind");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_sent_as_soon_as_the_pid_file_appears_does_not_kill_the_client() {
+    within(60, async {
+        let server_port = free_port().await;
+        let _server = start_server_process(server_port, &["--tcp-range", "1024-65535"]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("client.pid");
+        let local = echo_server().await;
+        let mut client = ferry()
+            .args(["client", "--remote", &format!("tcp://127.0.0.1:{server_port}"), "--id", "id1"])
+            .args(["--secret", "secret1", "--pid-file", pid_file.to_str().unwrap(), "--log-level", "warn"])
+            .args(["--local", &format!("tcp://{local}"), "--local", &format!("tcp://{local}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = wait_for_pid_file(&pid_file).await;
+        let target = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+        nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGHUP).unwrap();
+        let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+        for _ in 0..2 {
+            let line = lines.next_line().await.unwrap();
+            assert!(line.is_some_and(|l| l.contains("is reachable at")), "the client died on SIGHUP");
+        }
+        assert!(client.try_wait().unwrap().is_none(), "the client exited after SIGHUP");
+        nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), client.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "{status:?}");
     })
     .await
 }
