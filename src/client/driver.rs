@@ -3,6 +3,8 @@
 //! messages.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -12,12 +14,13 @@ use tracing::{error, info, warn};
 
 use super::backoff::Backoff;
 use super::login::{login, LoggedIn};
-use super::pool::{DataPool, Routes};
+use super::pool::{DataPool, Route, Routes};
 use super::{public_address, ClientState, Endpoint, RegisterReply};
 use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
 use crate::error::ClientError;
 use crate::proto::{
-    Answer, ClientMessage, CloseReason, ControlChannel, ProtocolError, Query, ServerMessage, ServiceSpec,
+    Answer, ClientMessage, CloseReason, ControlChannel, ProtocolError, Query, ServerMessage, ServiceControl,
+    ServiceSpec,
 };
 use crate::transport::{Connector, Stream};
 
@@ -38,11 +41,33 @@ struct Wanted {
     /// Pending answer to `add_service`, until the first registration.
     reply: Option<RegisterReply>,
     closed: watch::Sender<Option<CloseReason>>,
+    /// When the server first opened it: `max-serve-time` runs from here, across reconnects.
+    opened: Option<Instant>,
+    /// Visitors served so far, across reconnects (for `max-serve-count`).
+    served: Arc<AtomicU64>,
 }
 
 impl Wanted {
     fn new(config: ServiceConfig, reply: RegisterReply, closed: watch::Sender<Option<CloseReason>>) -> Self {
-        Wanted { config, port: None, server_id: None, reply: Some(reply), closed }
+        let served = Arc::default();
+        Wanted { config, port: None, server_id: None, reply: Some(reply), closed, opened: None, served }
+    }
+
+    /// The service's limits less what it used before a reconnect; the reason it is over
+    /// when nothing is left.
+    fn remaining_control(&self) -> Result<ServiceControl, CloseReason> {
+        let mut control = self.config.control();
+        let Some(opened) = self.opened else { return Ok(control) };
+        if let Some(millis) = control.max_serve_time_ms {
+            let used = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let left = millis.checked_sub(used).filter(|&left| left > 0);
+            control.max_serve_time_ms = Some(left.ok_or(CloseReason::MaxServeTime { millis })?);
+        }
+        if let Some(count) = control.max_serve_count {
+            let left = count.checked_sub(self.served.load(Ordering::Relaxed)).filter(|&left| left > 0);
+            control.max_serve_count = Some(left.ok_or(CloseReason::MaxServeCount { count })?);
+        }
+        Ok(control)
     }
 
     fn spec(&self) -> ServiceSpec {
@@ -65,8 +90,22 @@ impl Wanted {
         }
     }
 
-    fn register(&self, request: u64) -> ClientMessage {
-        ClientMessage::Register { request, spec: self.spec(), control: self.config.control() }
+    /// The server knows only the limits left after a reconnect: name the configured ones.
+    fn whole_limit(&self, reason: CloseReason) -> CloseReason {
+        match reason {
+            CloseReason::MaxServeCount { count } => {
+                CloseReason::MaxServeCount { count: self.config.max_serve_count.unwrap_or(count) }
+            }
+            CloseReason::MaxServeTime { millis } => CloseReason::MaxServeTime {
+                millis: self.config.control().max_serve_time_ms.unwrap_or(millis),
+            },
+            other => other,
+        }
+    }
+
+    /// The registration, with the limits that are left.
+    fn register(&self, request: u64) -> Result<ClientMessage, CloseReason> {
+        Ok(ClientMessage::Register { request, spec: self.spec(), control: self.remaining_control()? })
     }
 
     fn close(self, reason: CloseReason) {
@@ -231,9 +270,20 @@ impl Driver {
     }
 
     async fn session_loop(&mut self, session: &mut Session) -> Result<String, ProtocolError> {
+        let mut spent = Vec::new();
         for (key, wanted) in self.wanted.iter_mut() {
             wanted.server_id = None;
-            session.chan.send(&wanted.register(*key)).await?;
+            match wanted.register(*key) {
+                Ok(register) => session.chan.send(&register).await?,
+                Err(reason) => spent.push((*key, reason)),
+            }
+        }
+        // Limits used up while disconnected: the tunnel ends as it would have on the server.
+        for (key, reason) in spent {
+            if let Some(wanted) = self.wanted.remove(&key) {
+                warn!(local = %wanted.config.local, %reason, "tunnel closed by its limits");
+                wanted.close(reason);
+            }
         }
         let timeout = self.config.heartbeat_timeout;
         let every = (timeout / 3).min(session.heartbeat_interval).max(Duration::from_millis(10));
@@ -270,7 +320,9 @@ impl Driver {
         match command {
             Command::Add { key, config, reply, closed } => {
                 let wanted = Wanted::new(config, reply, closed);
-                session.chan.send(&wanted.register(key)).await?;
+                if let Ok(register) = wanted.register(key) {
+                    session.chan.send(&register).await?;
+                }
                 self.wanted.insert(key, wanted);
             }
             Command::Remove { key } => {
@@ -309,11 +361,9 @@ impl Driver {
                 }
                 wanted.port = Some(port);
                 wanted.server_id = Some(service);
-                session
-                    .routes
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(service, wanted.config.local.clone());
+                wanted.opened.get_or_insert_with(Instant::now);
+                let route = Route { local: wanted.config.local.clone(), served: wanted.served.clone() };
+                session.routes.write().unwrap_or_else(|e| e.into_inner()).insert(service, route);
                 let public = public_address(&session.remote_host, port, host.as_deref(), wanted.config.kind);
                 info!(%public, local = %wanted.config.local, "tunnel open");
                 if let Some(reply) = wanted.reply.take() {
@@ -330,6 +380,7 @@ impl Driver {
                 session.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&service);
                 let key = self.wanted.iter().find(|(_, w)| w.server_id == Some(service)).map(|(k, _)| *k);
                 if let Some(wanted) = key.and_then(|k| self.wanted.remove(&k)) {
+                    let reason = wanted.whole_limit(reason);
                     warn!(local = %wanted.config.local, %reason, "tunnel closed by the server");
                     wanted.close(reason);
                 }

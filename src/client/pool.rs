@@ -30,7 +30,16 @@ const RETRY_DELAY: Duration = Duration::from_millis(500);
 const MAX_IDLE: usize = 512;
 
 /// Local addresses by the server's service number, for the current session.
-pub(crate) type Routes = Arc<RwLock<HashMap<u32, String>>>;
+pub(crate) type Routes = Arc<RwLock<HashMap<u32, Route>>>;
+
+/// Where the visitors of one of the server's service numbers go.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    /// The local service's address.
+    pub(crate) local: String,
+    /// Visitors sent to it so far, across reconnects.
+    pub(crate) served: Arc<AtomicU64>,
+}
 
 /// Keeps a number of idle data connections open for one session.
 ///
@@ -160,9 +169,12 @@ impl DataPool {
         Ok(link)
     }
 
+    /// The local address of `service`, counting the visitor.
     fn local_addr(&self, service: u32) -> Option<String> {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
-        routes.get(&service).cloned()
+        let route = routes.get(&service)?;
+        route.served.fetch_add(1, Ordering::Relaxed);
+        Some(route.local.clone())
     }
 
     /// Dials the local service and relays; returns the data connection (and any

@@ -298,6 +298,40 @@ fn service_schemes_and_their_options() {
 }
 
 #[test]
+fn service_control_from_flags_and_files() {
+    let cli = ferry::cli::parse_from([
+        "ferry",
+        "client",
+        "--local",
+        "tcp://127.0.0.1:22",
+        "--max-serve-conn",
+        "3",
+        "--max-serve-count",
+        "1000",
+        "--max-serve-time",
+        "10m",
+        "--local",
+        "tcp://127.0.0.1:23",
+    ])
+    .unwrap();
+    let ferry::cli::Command::Client(options) = cli.command else { panic!("not a client") };
+    let services: Vec<_> = options.services.into_iter().map(|s| s.into_config().unwrap()).collect();
+    let limits = |s: &ferry::ServiceConfig| (s.max_serve_conn, s.max_serve_count, s.max_serve_time);
+    assert_eq!(limits(&services[0]), (Some(3), Some(1000), Some(Duration::from_secs(600))));
+    assert_eq!(limits(&services[1]), (None, None, None), "limits belong to the service they follow");
+
+    let (_, services) = load_file::<ClientOptions>(std::path::Path::new("examples/client.yaml"))
+        .unwrap()
+        .into_config()
+        .unwrap();
+    let postgres = services.iter().find(|s| s.name == "postgres").unwrap();
+    assert_eq!(limits(postgres), (Some(5), Some(100), Some(Duration::from_secs(24 * 3600))));
+    assert_eq!(postgres.allow_ip, vec!["203.0.113.0/24".parse::<ipnet::IpNet>().unwrap()]);
+    let bad = ferry::cli::parse_from(["ferry", "client", "--local", "tcp://a:1", "--max-serve-time", "soon"]);
+    assert!(bad.is_err(), "a bad duration is refused");
+}
+
+#[test]
 fn certificate_lists_in_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("server.yaml");

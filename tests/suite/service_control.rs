@@ -110,3 +110,60 @@ async fn http_services_answer_503_at_capacity() {
     })
     .await
 }
+
+/// Restarts the server on the same address and waits until `client` is connected again.
+async fn restart(server: ferry::ServerHandle, client: &ferry::Client) -> ferry::ServerHandle {
+    let addr = server.local_addr();
+    let mut state = client.state();
+    server.shutdown().await;
+    state.wait_for(|s| !matches!(s, ferry::ClientState::Connected { .. })).await.unwrap();
+    let mut config = server_config();
+    config.addr = addr;
+    let restarted = start_server(config).await;
+    state.wait_for(|s| matches!(s, ferry::ClientState::Connected { .. })).await.unwrap();
+    restarted
+}
+
+/// One echo visit, retried while the public port is not open yet (refused visits reach no
+/// tunnel, so they do not count).
+async fn one_visit(public: std::net::SocketAddr) {
+    for _ in 0..500 {
+        if let Ok(got) = echo_through(public, b"ping").await {
+            assert_eq!(got, b"ping");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the tunnel never served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_serve_count_and_time_hold_across_a_reconnect() {
+    within(60, async {
+        let server = start_server(server_config()).await;
+        let client = connect(server.local_addr()).await;
+        let echo = echo_server().await;
+        let counted = ServiceConfig::tcp(&echo.to_string()).with_limits(None, Some(3), None);
+        let mut counted = client.add_service(counted).await.unwrap();
+        let opened = Instant::now();
+        let timed =
+            ServiceConfig::tcp(&echo.to_string()).with_limits(None, None, Some(Duration::from_secs(4)));
+        let mut timed = client.add_service(timed).await.unwrap();
+        let public = counted.public_addr().parse().unwrap();
+        one_visit(public).await;
+        one_visit(public).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await; // part of the timed tunnel's life
+        let server = restart(server, &client).await;
+        // One visitor left of three, and about 2.5 s of four.
+        one_visit(public).await;
+        let reason = tokio::time::timeout(Duration::from_secs(10), counted.closed()).await.unwrap();
+        assert_eq!(reason, CloseReason::MaxServeCount { count: 3 });
+        let reason = timed.closed().await;
+        let lived = opened.elapsed();
+        assert_eq!(reason, CloseReason::MaxServeTime { millis: 4000 });
+        // Starting over at the reconnect would have given at least 1.5 s + 4 s.
+        assert!(lived < Duration::from_millis(5200), "the lifetime restarted at the reconnect: {lived:?}");
+        server.shutdown().await;
+    })
+    .await
+}
