@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::hosts::{Hosts, Lookup};
 use super::http::MAX_ATTEMPTS;
@@ -59,7 +59,7 @@ pub(crate) async fn serve_visitor(
             Err(Refusal::UserLimit { limit }) => {
                 return warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
             }
-            Err(refusal) => return debug!(%peer, %name, ?refusal, "visitor refused by the tunnel's limits"),
+            Err(refusal) => return info!(%peer, %name, ?refusal, "visitor refused by the tunnel's limits"),
         };
         if attempt == 1 {
             shared.metrics.visitor();

@@ -199,7 +199,7 @@ async fn accept_visitors(shared: &Arc<ServerShared>, pool: &Arc<TcpPool>, listen
                             warn!(%addr, %user, limit, "visitor refused: the user's connections limit is reached")
                         }
                         other => {
-                            debug!(%addr, refusal = ?other.map(|r| r.0), "visitor refused by the tunnel's limits")
+                            info!(%addr, refusal = ?other.map(|r| r.0), "visitor refused by the tunnel's limits")
                         }
                     }
                     continue;
