@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use crate::common::http::request;
 use crate::common::*;
+use ferry::config::options::ServerOptions;
 use ferry::transport::Connector;
 use ferry::{Client, ClientState, CloseReason, RemoteAddr, RemoteTrust, ServerConfig, ServiceConfig};
 use serde_json::Value;
 use tokio::net::TcpStream;
 
-const TOKEN: &str = "api-token-1";
+const TOKEN: &str = "api-token-0123456789";
 
 /// Sends one API request; returns the status and the body parsed as JSON (or as a string).
 async fn call(api: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
@@ -180,6 +181,74 @@ async fn bad_tokens_get_the_address_banned_and_off_loopback_a_token_is_required(
         local.api_token = None;
         let server = start_server(local).await;
         assert_eq!(call(server.api_local_addr().unwrap(), "GET", "/health", None).await.0, 200);
+        server.shutdown().await;
+    })
+    .await
+}
+
+/// Server options with an API on `addr` and `token`.
+fn api_options(addr: &str, token: &str) -> ServerOptions {
+    ServerOptions { api_addr: Some(addr.into()), api_token: Some(token.into()), ..Default::default() }
+}
+
+#[tokio::test]
+async fn empty_and_short_tokens_are_refused_at_start() {
+    within(30, async {
+        for addr in ["0.0.0.0:0", "127.0.0.1:0"] {
+            let empty = api_options(addr, "").into_config().unwrap_err();
+            assert!(empty.starts_with("api-token: empty"), "{empty}");
+            let short = api_options(addr, "fifteen-bytes!!").into_config().unwrap_err();
+            assert!(short.starts_with("api-token: 15 bytes is too short"), "{short}");
+            assert!(api_options(addr, "sixteen-bytes!!!").into_config().is_ok());
+        }
+        // The library refuses them too, whatever the address.
+        for (addr, token) in [("0.0.0.0:0", ""), ("127.0.0.1:0", ""), ("0.0.0.0:0", "short")] {
+            let mut config = api_config();
+            config.api_addr = Some(addr.parse().unwrap());
+            config.api_token = Some(token.into());
+            let err = ferry::Server::bind(config).await.err().expect("the token is refused");
+            assert!(err.to_string().contains("api-token"), "{err}");
+        }
+        // The binary: an empty --api-token, and an empty FERRY_API_TOKEN, stop it at once.
+        let flag = ["--api-addr", "0.0.0.0:0", "--api-token", ""];
+        let env_only = ["--api-addr", "0.0.0.0:0"];
+        for (args, env) in [(&flag[..], None), (&env_only[..], Some(""))] {
+            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+            command.args(["server", "--addr", "127.0.0.1:0", "--id", "a", "--secret", "b"]).args(args);
+            command.env_remove("FERRY_API_TOKEN").kill_on_drop(true);
+            if let Some(value) = env {
+                command.env("FERRY_API_TOKEN", value);
+            }
+            let output = command.output().await.unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "started with an empty token: {stderr}");
+            assert!(stderr.contains("api-token: empty"), "{stderr}");
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn off_loopback_requests_without_the_token_are_refused() {
+    within(30, async {
+        let mut config = api_config();
+        config.api_addr = Some("0.0.0.0:0".parse().unwrap());
+        config.reconnect_times = 0; // Bans off: every refusal here is a 401, not a 403.
+        let server = start_server(config).await;
+        let port = server.api_local_addr().unwrap().port();
+        let api: SocketAddr = ([127, 0, 0, 1], port).into();
+        for path in ["/status", "/clients", "/services", "/metrics"] {
+            assert_eq!(call(api, "GET", path, None).await.0, 401, "{path} with no token");
+            assert_eq!(call(api, "GET", path, Some("")).await.0, 401, "{path} with an empty bearer");
+        }
+        let mut stream = TcpStream::connect(api).await.unwrap();
+        let bare =
+            request(&mut stream, "GET", "/status", "ferry-api", "Authorization: Bearer\r\n", b"").await;
+        assert_eq!(bare.status, 401, "a bare 'Bearer'");
+        let prefix = &TOKEN[..TOKEN.len() - 1];
+        assert_eq!(call(api, "GET", "/status", Some(prefix)).await.0, 401, "a prefix of the token");
+        assert_eq!(call(api, "GET", "/status", Some(TOKEN)).await.0, 200);
+        assert_eq!(call(api, "GET", "/", None).await.0, 200, "the page itself is public");
         server.shutdown().await;
     })
     .await

@@ -4,9 +4,11 @@
 //!
 //! Every route but the dashboard page and the OpenAPI document needs
 //! `Authorization: Bearer <api-token>` when a token is configured (it must be off
-//! loopback). A wrong or missing token is a failed login for the ban rules.
+//! loopback; without one there, every request is refused). A wrong or missing token is
+//! a failed login for the ban rules.
 
 mod metrics;
+mod token;
 pub(crate) mod views;
 
 use std::net::SocketAddr;
@@ -22,7 +24,6 @@ use axum::{Json, Router};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,7 @@ use tower_service::Service;
 use tracing::{debug, info, warn};
 
 pub(crate) use metrics::Metrics;
+use token::Access;
 
 use super::bans::Offender;
 use super::ServerShared;
@@ -124,28 +126,25 @@ fn router(shared: Arc<ServerShared>) -> Router {
         .with_state(shared)
 }
 
-/// Checks the bearer token (when one is configured) in constant time; failures count toward bans.
+/// Checks the bearer token (see `token::check`); failures count toward bans.
 async fn require_token(
     State(shared): State<Arc<ServerShared>>,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(token) = &shared.config.api_token else {
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let access = token::check(&shared.config, given);
+    if access == Access::Open {
         return next.run(request).await;
-    };
+    }
     let peer = request.extensions().get::<Peer>().map(|p| p.0);
     let offender = peer.map(|p| Offender::Addr(p.ip().to_canonical()));
     if let Some(left) = offender.as_ref().and_then(|o| shared.bans.banned(o)) {
         let message = format!("banned for {} more second(s)", left.as_secs().max(1));
         return error(StatusCode::FORBIDDEN, &message);
     }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
+    if access == Access::Granted {
         if let Some(offender) = &offender {
             shared.bans.succeeded(offender);
         }
