@@ -117,6 +117,8 @@ async fn every_route_answers_from_the_live_server() {
         let free: Vec<u64> = free["free"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
         assert_eq!(free.len(), 3);
         assert!(!free.contains(&u64::from(tcp.remote_port())));
+        let capped = get(api, "/ports/free?limit=100000").await;
+        assert_eq!(capped["free"].as_array().unwrap().len(), 100, "limit is clamped to 100");
 
         let ping = get(api, &format!("/ping?cid={cid}")).await;
         assert!(ping["rtt_ms"].as_f64().unwrap() >= 0.0);

@@ -195,6 +195,7 @@ async fn services(State(shared): State<Arc<ServerShared>>, Query(filter): Query<
     Json(views::services(&shared, &filter)).into_response()
 }
 
+/// `/ports/free?limit=N`: how many ports to list (clamped to `views::MAX_FREE_PORTS`).
 #[derive(Debug, Deserialize)]
 struct FreePortsQuery {
     limit: Option<usize>,
@@ -204,7 +205,7 @@ async fn free_ports(
     State(shared): State<Arc<ServerShared>>,
     Query(query): Query<FreePortsQuery>,
 ) -> Response {
-    Json(views::free_ports(&shared, query.limit.unwrap_or(10).min(1000)).await).into_response()
+    Json(views::free_ports(&shared, query.limit).await).into_response()
 }
 
 #[derive(Debug, Deserialize)]
