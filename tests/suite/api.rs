@@ -10,6 +10,7 @@ use ferry::config::options::ServerOptions;
 use ferry::transport::Connector;
 use ferry::{Client, ClientState, CloseReason, RemoteAddr, RemoteTrust, ServerConfig, ServiceConfig};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const TOKEN: &str = "api-token-0123456789";
@@ -49,11 +50,36 @@ fn metric(text: &str, prefix: &str) -> f64 {
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+/// The Prometheus text of `/metrics`.
+async fn metrics(api: SocketAddr) -> String {
+    let (status, text) = call(api, "GET", "/metrics", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{text}");
+    text.as_str().expect("metrics are text").to_owned()
+}
+
+/// Polls `/metrics` (bounded) until the metric starting with `prefix` is `want`.
+async fn until_metric(api: SocketAddr, prefix: &str, want: f64) {
+    let mut text = String::new();
+    for _ in 0..500 {
+        text = metrics(api).await;
+        if metric(&text, prefix) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{prefix} never became {want}:\n{text}");
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_answers_from_the_live_server() {
     within(60, async {
         let server = start_server(api_config()).await;
         let api = server.api_local_addr().unwrap();
+        let started = unix_now();
         let blue = tagged_client(server.local_addr(), "id1", "secret1", "blue").await;
         let red = tagged_client(server.local_addr(), "other", "s2", "red").await;
         let echo = echo_server().await.to_string();
@@ -61,7 +87,7 @@ async fn every_route_answers_from_the_live_server() {
         let mut described = ServiceConfig::tcp(&echo).with_limits(limits.0, limits.1, limits.2);
         described.message = Some("the echo of blue".into());
         let mut tcp = blue.add_service(described).await.unwrap();
-        let _web = red.add_service(ServiceConfig::http(&echo)).await.unwrap();
+        let web = red.add_service(ServiceConfig::http(&echo)).await.unwrap();
 
         let status = get(api, "/status").await;
         assert_eq!(status["status"], "ok");
@@ -80,8 +106,30 @@ async fn every_route_answers_from_the_live_server() {
         assert!(only_blue[0]["address"].as_str().unwrap().starts_with("127.0.0.1:"));
         assert_eq!(only_blue[0]["services"][0]["port"].as_u64(), Some(u64::from(tcp.remote_port())));
         let cid = only_blue[0]["cid"].as_u64().unwrap();
-        assert_eq!(get(api, "/clients?id=other").await[0]["user"], "other");
+        let since = only_blue[0]["connected_since"].as_u64().unwrap();
+        assert!((started..=unix_now()).contains(&since), "connected_since {since}, test began {started}");
+        let only_red = get(api, "/clients?id=other").await;
+        assert_eq!(only_red.as_array().unwrap().len(), 1);
+        assert_eq!(only_red[0]["user"], "other");
+        assert_eq!(only_red[0]["services"][0]["kind"], "http");
+        assert_eq!(only_red[0]["services"][0]["host"].as_str(), web.host());
+        assert!(web.host().is_some_and(|h| !h.is_empty()));
+        assert!(only_blue[0]["services"][0]["host"].is_null(), "a tcp service has no host");
         assert!(get(api, "/clients?tags=green").await.as_array().unwrap().is_empty());
+
+        // The same filters on /services: one that matches, one that does not.
+        let blue_services = get(api, "/services?tags=blue").await;
+        assert_eq!(blue_services.as_array().unwrap().len(), 1);
+        assert_eq!(
+            (blue_services[0]["user"].as_str(), blue_services[0]["kind"].as_str()),
+            (Some("id1"), Some("tcp"))
+        );
+        assert!(get(api, "/services?tags=green").await.as_array().unwrap().is_empty());
+        let red_services = get(api, "/services?id=other").await;
+        assert_eq!(red_services.as_array().unwrap().len(), 1);
+        assert_eq!(red_services[0]["host"].as_str(), web.host());
+        assert!(get(api, "/services?id=nobody").await.as_array().unwrap().is_empty());
+        assert_eq!(get(api, "/services").await.as_array().unwrap().len(), 2);
 
         // Traffic moves the service's figures and the metrics.
         let payload = random_bytes(100 * 1024);
@@ -99,14 +147,12 @@ async fn every_route_answers_from_the_live_server() {
         assert_eq!(service["bytes_in"].as_u64(), Some(payload.len() as u64));
         assert_eq!(service["bytes_out"].as_u64(), Some(payload.len() as u64));
 
-        let (status, text) = call(api, "GET", "/metrics", Some(TOKEN)).await;
-        let text = text.as_str().unwrap().to_owned();
-        assert_eq!(status, 200);
+        let text = metrics(api).await;
         assert_eq!(metric(&text, "ferry_clients "), 2.0);
         assert_eq!(metric(&text, "ferry_services "), 2.0);
-        assert!(metric(&text, "ferry_visitors_total") >= 1.0);
-        assert!(metric(&text, "ferry_auth_failures_total") >= 2.0, "the two bad tokens");
-        assert!(metric(&text, "ferry_handshake_seconds_count") >= 2.0);
+        assert_eq!(metric(&text, "ferry_visitors_total "), 1.0, "the one echo");
+        assert_eq!(metric(&text, "ferry_auth_failures_total "), 2.0, "the two bad tokens");
+        assert_eq!(metric(&text, "ferry_handshake_seconds_count "), 2.0, "the two logins");
         let service_in = format!("ferry_service_bytes_total{{service=\"{}\"", service["id"]);
         let line =
             text.lines().find(|l| l.starts_with(&service_in) && l.contains("direction=\"in\"")).unwrap();
@@ -150,6 +196,67 @@ async fn every_route_answers_from_the_live_server() {
         for path in ["/ports/free", "/ping", "/metrics", "/"] {
             assert!(openapi["paths"][path].is_object(), "{path} is not documented");
         }
+        server.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_real_traffic() {
+    within(60, async {
+        let mut config = api_config();
+        config.reconnect_times = 2;
+        config.reconnect_duration = Duration::from_secs(60);
+        let server = start_server(config).await;
+        let api = server.api_local_addr().unwrap();
+        let start = metrics(api).await;
+
+        // A login: one more handshake observed, one more client.
+        let client = connect(server.local_addr()).await;
+        let logged_in = metrics(api).await;
+        let handshakes = "ferry_handshake_seconds_count ";
+        assert_eq!(metric(&logged_in, handshakes), metric(&start, handshakes) + 1.0);
+        assert_eq!(metric(&logged_in, "ferry_clients "), metric(&start, "ferry_clients ") + 1.0);
+
+        let echo = echo_server().await.to_string();
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo)).await.unwrap();
+        let public: SocketAddr = tunnel.public_addr().parse().unwrap();
+        let idle = metrics(api).await;
+        let (active, total) = ("ferry_visitors_active ", "ferry_visitors_total ");
+        let (active_before, total_before) = (metric(&idle, active), metric(&idle, total));
+        assert_eq!(active_before, 0.0);
+
+        // A visitor held open is active, and online on /services; closed, it is not.
+        let mut held = TcpStream::connect(public).await.unwrap();
+        held.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        held.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello", "the visitor is through");
+        assert_eq!(metric(&metrics(api).await, active), active_before + 1.0);
+        assert_eq!(get(api, "/services").await[0]["online"], 1);
+        drop(held);
+        until_metric(api, active, active_before).await;
+        assert_eq!(get(api, "/services").await[0]["online"], 0);
+
+        // Three more visitors, one after the other: four in all.
+        for _ in 0..3 {
+            assert_eq!(echo_through(public, b"ping").await.unwrap(), b"ping");
+        }
+        let visited = metrics(api).await;
+        assert_eq!(metric(&visited, total), total_before + 4.0);
+        assert_eq!(get(api, "/services").await[0]["served"], 4);
+
+        // Two failed logins from another address: two auth failures, one ban (of the address).
+        let (failures, bans) = ("ferry_auth_failures_total ", "ferry_bans_total ");
+        let addr = server.local_addr();
+        for id in ["nobody-a", "nobody-b"] {
+            assert!(login_from("127.0.0.51", addr, id, "guess").await.is_err(), "{id} got in");
+        }
+        let banned = metrics(api).await;
+        assert_eq!(metric(&banned, failures), metric(&visited, failures) + 2.0);
+        assert_eq!(metric(&banned, bans), metric(&visited, bans) + 1.0);
+        let refusal = login_from("127.0.0.51", addr, "id1", "secret1").await.unwrap_err();
+        assert!(matches!(refusal, ferry::LoginRefusal::Banned { .. }), "{refusal:?}");
         server.shutdown().await;
     })
     .await
@@ -278,7 +385,6 @@ async fn the_api_speaks_https_with_its_own_certificate() {
         // Plain HTTP on the HTTPS port gets nothing.
         let plain = tokio::time::timeout(Duration::from_secs(15), async {
             let mut stream = TcpStream::connect(server.api_local_addr().unwrap()).await.unwrap();
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             stream.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
             let mut buf = Vec::new();
             let _ = stream.read_to_end(&mut buf).await;
