@@ -11,13 +11,28 @@ use ferry::transport::Connector;
 use ferry::{Client, ClientState, CloseReason, RemoteAddr, RemoteTrust, ServerConfig, ServiceConfig};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
+
+mod openapi;
 
 const TOKEN: &str = "api-token-0123456789";
 
 /// Sends one API request; returns the status and the body parsed as JSON (or as a string).
 async fn call(api: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
-    let mut stream = TcpStream::connect(api).await.unwrap();
+    call_from("127.0.0.1", api, method, path, token).await
+}
+
+/// Like `call`, from `source` (any 127.0.0.0/8 address), so bans of one address leave the others be.
+async fn call_from(
+    source: &str,
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(api).await.unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let response = request(&mut stream, method, path, "ferry-api", &auth, b"").await;
     let body = serde_json::from_slice(&response.body).unwrap_or_else(|_| Value::String(response.text()));
@@ -187,15 +202,6 @@ async fn every_route_answers_from_the_live_server() {
             "the client was not kicked"
         );
 
-        // The OpenAPI document names every route used here.
-        let (status, openapi) = call(api, "GET", "/openapi.json", None).await;
-        assert_eq!(status, 200, "the document needs no token");
-        for path in ["/status", "/health", "/clients", "/clients/{cid}", "/services", "/services/{id}"] {
-            assert!(openapi["paths"][path].is_object(), "{path} is not documented");
-        }
-        for path in ["/ports/free", "/ping", "/metrics", "/"] {
-            assert!(openapi["paths"][path].is_object(), "{path} is not documented");
-        }
         server.shutdown().await;
     })
     .await

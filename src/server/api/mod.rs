@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::handler::Handler;
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -107,23 +108,55 @@ pub(crate) async fn serve(
     connections.wait().await;
 }
 
+/// One route: its path, its method (kept for the OpenAPI check) and its handler.
+type Route = (&'static str, Method, MethodRouter<Arc<ServerShared>>);
+
+/// A route answering `method` on `path` with `handler`.
+fn route<H, T>(path: &'static str, method: Method, handler: H) -> Route
+where
+    H: Handler<T, Arc<ServerShared>>,
+    T: 'static,
+{
+    // Every method used below is a standard one, which always has a filter.
+    let filter = MethodFilter::try_from(method.clone()).expect("a standard HTTP method");
+    (path, method, on(filter, handler))
+}
+
+/// Routes anyone may load: the dashboard page and the OpenAPI document.
+fn open_routes() -> Vec<Route> {
+    vec![route("/", Method::GET, dashboard), route("/openapi.json", Method::GET, openapi)]
+}
+
+/// Routes behind the token (`require_token`).
+fn guarded_routes() -> Vec<Route> {
+    vec![
+        route("/status", Method::GET, status),
+        route("/health", Method::GET, health),
+        route("/clients", Method::GET, clients),
+        route("/clients/{cid}", Method::DELETE, kick_client),
+        route("/services", Method::GET, services),
+        route("/services/{id}", Method::DELETE, close_service),
+        route("/ports/free", Method::GET, free_ports),
+        route("/ping", Method::GET, ping),
+        route("/metrics", Method::GET, metrics),
+    ]
+}
+
 fn router(shared: Arc<ServerShared>) -> Router {
-    let guarded = Router::new()
-        .route("/status", get(status))
-        .route("/health", get(health))
-        .route("/clients", get(clients))
-        .route("/clients/{cid}", delete(kick_client))
-        .route("/services", get(services))
-        .route("/services/{id}", delete(close_service))
-        .route("/ports/free", get(free_ports))
-        .route("/ping", get(ping))
-        .route("/metrics", get(metrics))
+    let add = |router: Router<_>, (path, _, handler): Route| router.route(path, handler);
+    let guarded = guarded_routes()
+        .into_iter()
+        .fold(Router::new(), add)
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
-    Router::new()
-        .route("/", get(|| async { Html(DASHBOARD) }))
-        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
-        .merge(guarded)
-        .with_state(shared)
+    open_routes().into_iter().fold(Router::new(), add).merge(guarded).with_state(shared)
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 /// Checks the bearer token (see `token::check`); failures count toward bans.
@@ -255,5 +288,45 @@ async fn metrics(State(shared): State<Arc<ServerShared>>) -> Response {
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
         }
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "metrics could not be encoded"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every route the router serves is in the OpenAPI document with the statuses its kind
+    /// can return (a guarded one: 401 and 403; a path or query parameter: 400), and the
+    /// document names no route the router does not serve.
+    #[test]
+    fn the_openapi_document_matches_the_router() {
+        let document: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        let mut served = BTreeSet::new();
+        for (guarded, routes) in [(false, open_routes()), (true, guarded_routes())] {
+            for (path, method, _) in routes {
+                let method = method.as_str().to_ascii_lowercase();
+                let operation = &document["paths"][path][&method];
+                let responses = &operation["responses"];
+                assert!(responses["200"].is_object(), "{method} {path}: no 200");
+                for status in ["401", "403"] {
+                    assert_eq!(responses[status].is_object(), guarded, "{method} {path}: {status}");
+                }
+                assert_eq!(operation["security"] == json!([]), !guarded, "{method} {path}: security");
+                if path.contains('{') || operation["parameters"].is_array() {
+                    assert!(responses["400"].is_object(), "{method} {path}: parameters but no 400");
+                }
+                served.insert(format!("{method} {path}"));
+            }
+        }
+        let paths = document["paths"].as_object().expect("paths");
+        let documented: BTreeSet<String> = paths
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object().into_iter().flatten().map(move |(m, _)| format!("{m} {path}"))
+            })
+            .collect();
+        assert_eq!(documented, served);
     }
 }
