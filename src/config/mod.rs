@@ -22,6 +22,9 @@ use crate::transport::{RemoteAddr, RemoteTrust, TlsVersion};
 /// Default heartbeat timeout on both sides.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Shortest management API token accepted, in bytes.
+pub const MIN_API_TOKEN_LEN: usize = 16;
+
 /// Settings of one user on the server; `None` (or empty) falls back to the server-wide value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserConfig {
@@ -137,7 +140,8 @@ pub struct ServerConfig {
     pub api_addr: Option<SocketAddr>,
     /// PEM certificate and key to serve the API over HTTPS.
     pub api_tls: Option<(PathBuf, PathBuf)>,
-    /// Bearer token the API requires; needed unless `api_addr` is a loopback address.
+    /// Bearer token the API requires; needed unless `api_addr` is a loopback address, and
+    /// at least [`MIN_API_TOKEN_LEN`] bytes when given.
     pub api_token: Option<Secret>,
 }
 
@@ -185,6 +189,36 @@ impl ServerConfig {
     pub fn idle_limit(&self) -> Option<IdleLimit> {
         self.timeout
             .map(|timeout| IdleLimit { timeout, unidirectional: self.timeout_on_unidirectional_traffic })
+    }
+
+    /// Whether the management API must demand a token: it listens off loopback.
+    pub fn api_token_required(&self) -> bool {
+        self.api_addr.is_some_and(|addr| !addr.ip().is_loopback())
+    }
+
+    /// Checks the management API's access rules: a token, when given, is at least
+    /// [`MIN_API_TOKEN_LEN`] bytes, and an API off loopback has one. Errors name the key.
+    pub fn check_api_access(&self) -> Result<(), String> {
+        match &self.api_token {
+            Some(token) if token.expose().is_empty() => {
+                return Err(format!(
+                    "api-token: empty (from --api-token, FERRY_API_TOKEN or the config file); give at \
+                     least {MIN_API_TOKEN_LEN} bytes"
+                ))
+            }
+            Some(token) if token.expose().len() < MIN_API_TOKEN_LEN => {
+                return Err(format!(
+                    "api-token: {} bytes is too short; give at least {MIN_API_TOKEN_LEN} (e.g. `openssl rand \
+                     -hex 16`)",
+                    token.expose().len()
+                ))
+            }
+            _ => {}
+        }
+        if self.api_token_required() && self.api_token.is_none() {
+            return Err("api-addr: an API reachable from other hosts needs api-token".into());
+        }
+        Ok(())
     }
 
     /// Adds a user with a secret; a convenience for programs and tests.

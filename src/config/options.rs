@@ -611,11 +611,7 @@ impl ServerOptions {
             config.auth_api = Some(api);
         }
         if let Some(addr) = &self.api_addr {
-            let addr = parse_listen_addr(addr).map_err(|e| format!("api-addr: {e}"))?;
-            if !addr.ip().is_loopback() && self.api_token.is_none() {
-                return Err("api-addr: an API reachable from other hosts needs api-token".into());
-            }
-            config.api_addr = Some(addr);
+            config.api_addr = Some(parse_listen_addr(addr).map_err(|e| format!("api-addr: {e}"))?);
         }
         config.api_tls = match (self.api_cert_file, self.api_key_file) {
             (Some(cert), Some(key)) => Some((cert, key)),
@@ -623,6 +619,7 @@ impl ServerOptions {
             _ => return Err("api-cert-file: needs api-key-file, and the other way round".into()),
         };
         config.api_token = self.api_token;
+        config.check_api_access()?;
         config.speed = self.speed;
         config.connections = self.connections;
         config.sessions = self.sessions;

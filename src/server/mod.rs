@@ -131,6 +131,7 @@ impl Server {
     /// Binds the listeners: `addr` (clients and HTTP visitors), `tls-addr` with its
     /// certificate (clients over TLS and HTTPS visitors) and `http-addr` (HTTP visitors).
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        config.check_api_access().map_err(ServerError::Config)?;
         let mut listeners = vec![Listener {
             socket: bind(config.addr, "addr").await?,
             key: "addr",
@@ -162,9 +163,6 @@ impl Server {
         }
         let api = match config.api_addr {
             Some(addr) => {
-                if !addr.ip().is_loopback() && config.api_token.is_none() {
-                    return Err(ServerError::Config("api-addr off loopback needs an api-token".into()));
-                }
                 let tls = match &config.api_tls {
                     Some(pair) => Some(server_tls_acceptor(std::slice::from_ref(pair), TlsVersion::Tls12)?),
                     None => None,

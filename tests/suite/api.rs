@@ -6,16 +6,33 @@ use std::time::Duration;
 
 use crate::common::http::request;
 use crate::common::*;
+use ferry::config::options::ServerOptions;
 use ferry::transport::Connector;
 use ferry::{Client, ClientState, CloseReason, RemoteAddr, RemoteTrust, ServerConfig, ServiceConfig};
 use serde_json::Value;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 
-const TOKEN: &str = "api-token-1";
+mod openapi;
+
+const TOKEN: &str = "api-token-0123456789";
 
 /// Sends one API request; returns the status and the body parsed as JSON (or as a string).
 async fn call(api: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
-    let mut stream = TcpStream::connect(api).await.unwrap();
+    call_from("127.0.0.1", api, method, path, token).await
+}
+
+/// Like `call`, from `source` (any 127.0.0.0/8 address), so bans of one address leave the others be.
+async fn call_from(
+    source: &str,
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(api).await.unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let response = request(&mut stream, method, path, "ferry-api", &auth, b"").await;
     let body = serde_json::from_slice(&response.body).unwrap_or_else(|_| Value::String(response.text()));
@@ -48,11 +65,36 @@ fn metric(text: &str, prefix: &str) -> f64 {
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+/// The Prometheus text of `/metrics`.
+async fn metrics(api: SocketAddr) -> String {
+    let (status, text) = call(api, "GET", "/metrics", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{text}");
+    text.as_str().expect("metrics are text").to_owned()
+}
+
+/// Polls `/metrics` (bounded) until the metric starting with `prefix` is `want`.
+async fn until_metric(api: SocketAddr, prefix: &str, want: f64) {
+    let mut text = String::new();
+    for _ in 0..500 {
+        text = metrics(api).await;
+        if metric(&text, prefix) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{prefix} never became {want}:\n{text}");
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_answers_from_the_live_server() {
     within(60, async {
         let server = start_server(api_config()).await;
         let api = server.api_local_addr().unwrap();
+        let started = unix_now();
         let blue = tagged_client(server.local_addr(), "id1", "secret1", "blue").await;
         let red = tagged_client(server.local_addr(), "other", "s2", "red").await;
         let echo = echo_server().await.to_string();
@@ -60,7 +102,7 @@ async fn every_route_answers_from_the_live_server() {
         let mut described = ServiceConfig::tcp(&echo).with_limits(limits.0, limits.1, limits.2);
         described.message = Some("the echo of blue".into());
         let mut tcp = blue.add_service(described).await.unwrap();
-        let _web = red.add_service(ServiceConfig::http(&echo)).await.unwrap();
+        let web = red.add_service(ServiceConfig::http(&echo)).await.unwrap();
 
         let status = get(api, "/status").await;
         assert_eq!(status["status"], "ok");
@@ -79,8 +121,30 @@ async fn every_route_answers_from_the_live_server() {
         assert!(only_blue[0]["address"].as_str().unwrap().starts_with("127.0.0.1:"));
         assert_eq!(only_blue[0]["services"][0]["port"].as_u64(), Some(u64::from(tcp.remote_port())));
         let cid = only_blue[0]["cid"].as_u64().unwrap();
-        assert_eq!(get(api, "/clients?id=other").await[0]["user"], "other");
+        let since = only_blue[0]["connected_since"].as_u64().unwrap();
+        assert!((started..=unix_now()).contains(&since), "connected_since {since}, test began {started}");
+        let only_red = get(api, "/clients?id=other").await;
+        assert_eq!(only_red.as_array().unwrap().len(), 1);
+        assert_eq!(only_red[0]["user"], "other");
+        assert_eq!(only_red[0]["services"][0]["kind"], "http");
+        assert_eq!(only_red[0]["services"][0]["host"].as_str(), web.host());
+        assert!(web.host().is_some_and(|h| !h.is_empty()));
+        assert!(only_blue[0]["services"][0]["host"].is_null(), "a tcp service has no host");
         assert!(get(api, "/clients?tags=green").await.as_array().unwrap().is_empty());
+
+        // The same filters on /services: one that matches, one that does not.
+        let blue_services = get(api, "/services?tags=blue").await;
+        assert_eq!(blue_services.as_array().unwrap().len(), 1);
+        assert_eq!(
+            (blue_services[0]["user"].as_str(), blue_services[0]["kind"].as_str()),
+            (Some("id1"), Some("tcp"))
+        );
+        assert!(get(api, "/services?tags=green").await.as_array().unwrap().is_empty());
+        let red_services = get(api, "/services?id=other").await;
+        assert_eq!(red_services.as_array().unwrap().len(), 1);
+        assert_eq!(red_services[0]["host"].as_str(), web.host());
+        assert!(get(api, "/services?id=nobody").await.as_array().unwrap().is_empty());
+        assert_eq!(get(api, "/services").await.as_array().unwrap().len(), 2);
 
         // Traffic moves the service's figures and the metrics.
         let payload = random_bytes(100 * 1024);
@@ -98,14 +162,12 @@ async fn every_route_answers_from_the_live_server() {
         assert_eq!(service["bytes_in"].as_u64(), Some(payload.len() as u64));
         assert_eq!(service["bytes_out"].as_u64(), Some(payload.len() as u64));
 
-        let (status, text) = call(api, "GET", "/metrics", Some(TOKEN)).await;
-        let text = text.as_str().unwrap().to_owned();
-        assert_eq!(status, 200);
+        let text = metrics(api).await;
         assert_eq!(metric(&text, "ferry_clients "), 2.0);
         assert_eq!(metric(&text, "ferry_services "), 2.0);
-        assert!(metric(&text, "ferry_visitors_total") >= 1.0);
-        assert!(metric(&text, "ferry_auth_failures_total") >= 2.0, "the two bad tokens");
-        assert!(metric(&text, "ferry_handshake_seconds_count") >= 2.0);
+        assert_eq!(metric(&text, "ferry_visitors_total "), 1.0, "the one echo");
+        assert_eq!(metric(&text, "ferry_auth_failures_total "), 2.0, "the two bad tokens");
+        assert_eq!(metric(&text, "ferry_handshake_seconds_count "), 2.0, "the two logins");
         let service_in = format!("ferry_service_bytes_total{{service=\"{}\"", service["id"]);
         let line =
             text.lines().find(|l| l.starts_with(&service_in) && l.contains("direction=\"in\"")).unwrap();
@@ -116,6 +178,8 @@ async fn every_route_answers_from_the_live_server() {
         let free: Vec<u64> = free["free"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
         assert_eq!(free.len(), 3);
         assert!(!free.contains(&u64::from(tcp.remote_port())));
+        let capped = get(api, "/ports/free?limit=100000").await;
+        assert_eq!(capped["free"].as_array().unwrap().len(), 100, "limit is clamped to 100");
 
         let ping = get(api, &format!("/ping?cid={cid}")).await;
         assert!(ping["rtt_ms"].as_f64().unwrap() >= 0.0);
@@ -138,15 +202,67 @@ async fn every_route_answers_from_the_live_server() {
             "the client was not kicked"
         );
 
-        // The OpenAPI document names every route used here.
-        let (status, openapi) = call(api, "GET", "/openapi.json", None).await;
-        assert_eq!(status, 200, "the document needs no token");
-        for path in ["/status", "/health", "/clients", "/clients/{cid}", "/services", "/services/{id}"] {
-            assert!(openapi["paths"][path].is_object(), "{path} is not documented");
+        server.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_real_traffic() {
+    within(60, async {
+        let mut config = api_config();
+        config.reconnect_times = 2;
+        config.reconnect_duration = Duration::from_secs(60);
+        let server = start_server(config).await;
+        let api = server.api_local_addr().unwrap();
+        let start = metrics(api).await;
+
+        // A login: one more handshake observed, one more client.
+        let client = connect(server.local_addr()).await;
+        let logged_in = metrics(api).await;
+        let handshakes = "ferry_handshake_seconds_count ";
+        assert_eq!(metric(&logged_in, handshakes), metric(&start, handshakes) + 1.0);
+        assert_eq!(metric(&logged_in, "ferry_clients "), metric(&start, "ferry_clients ") + 1.0);
+
+        let echo = echo_server().await.to_string();
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo)).await.unwrap();
+        let public: SocketAddr = tunnel.public_addr().parse().unwrap();
+        let idle = metrics(api).await;
+        let (active, total) = ("ferry_visitors_active ", "ferry_visitors_total ");
+        let (active_before, total_before) = (metric(&idle, active), metric(&idle, total));
+        assert_eq!(active_before, 0.0);
+
+        // A visitor held open is active, and online on /services; closed, it is not.
+        let mut held = TcpStream::connect(public).await.unwrap();
+        held.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        held.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello", "the visitor is through");
+        assert_eq!(metric(&metrics(api).await, active), active_before + 1.0);
+        assert_eq!(get(api, "/services").await[0]["online"], 1);
+        drop(held);
+        until_metric(api, active, active_before).await;
+        assert_eq!(get(api, "/services").await[0]["online"], 0);
+
+        // Three more visitors, one after the other: four in all.
+        for _ in 0..3 {
+            assert_eq!(echo_through(public, b"ping").await.unwrap(), b"ping");
         }
-        for path in ["/ports/free", "/ping", "/metrics", "/"] {
-            assert!(openapi["paths"][path].is_object(), "{path} is not documented");
+        let visited = metrics(api).await;
+        assert_eq!(metric(&visited, total), total_before + 4.0);
+        assert_eq!(get(api, "/services").await[0]["served"], 4);
+
+        // Two failed logins from another address: two auth failures, one ban (of the address).
+        let (failures, bans) = ("ferry_auth_failures_total ", "ferry_bans_total ");
+        let addr = server.local_addr();
+        for id in ["nobody-a", "nobody-b"] {
+            assert!(login_from("127.0.0.51", addr, id, "guess").await.is_err(), "{id} got in");
         }
+        let banned = metrics(api).await;
+        assert_eq!(metric(&banned, failures), metric(&visited, failures) + 2.0);
+        assert_eq!(metric(&banned, bans), metric(&visited, bans) + 1.0);
+        let refusal = login_from("127.0.0.51", addr, "id1", "secret1").await.unwrap_err();
+        assert!(matches!(refusal, ferry::LoginRefusal::Banned { .. }), "{refusal:?}");
         server.shutdown().await;
     })
     .await
@@ -185,6 +301,74 @@ async fn bad_tokens_get_the_address_banned_and_off_loopback_a_token_is_required(
     .await
 }
 
+/// Server options with an API on `addr` and `token`.
+fn api_options(addr: &str, token: &str) -> ServerOptions {
+    ServerOptions { api_addr: Some(addr.into()), api_token: Some(token.into()), ..Default::default() }
+}
+
+#[tokio::test]
+async fn empty_and_short_tokens_are_refused_at_start() {
+    within(30, async {
+        for addr in ["0.0.0.0:0", "127.0.0.1:0"] {
+            let empty = api_options(addr, "").into_config().unwrap_err();
+            assert!(empty.starts_with("api-token: empty"), "{empty}");
+            let short = api_options(addr, "fifteen-bytes!!").into_config().unwrap_err();
+            assert!(short.starts_with("api-token: 15 bytes is too short"), "{short}");
+            assert!(api_options(addr, "sixteen-bytes!!!").into_config().is_ok());
+        }
+        // The library refuses them too, whatever the address.
+        for (addr, token) in [("0.0.0.0:0", ""), ("127.0.0.1:0", ""), ("0.0.0.0:0", "short")] {
+            let mut config = api_config();
+            config.api_addr = Some(addr.parse().unwrap());
+            config.api_token = Some(token.into());
+            let err = ferry::Server::bind(config).await.err().expect("the token is refused");
+            assert!(err.to_string().contains("api-token"), "{err}");
+        }
+        // The binary: an empty --api-token, and an empty FERRY_API_TOKEN, stop it at once.
+        let flag = ["--api-addr", "0.0.0.0:0", "--api-token", ""];
+        let env_only = ["--api-addr", "0.0.0.0:0"];
+        for (args, env) in [(&flag[..], None), (&env_only[..], Some(""))] {
+            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+            command.args(["server", "--addr", "127.0.0.1:0", "--id", "a", "--secret", "b"]).args(args);
+            command.env_remove("FERRY_API_TOKEN").kill_on_drop(true);
+            if let Some(value) = env {
+                command.env("FERRY_API_TOKEN", value);
+            }
+            let output = command.output().await.unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "started with an empty token: {stderr}");
+            assert!(stderr.contains("api-token: empty"), "{stderr}");
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn off_loopback_requests_without_the_token_are_refused() {
+    within(30, async {
+        let mut config = api_config();
+        config.api_addr = Some("0.0.0.0:0".parse().unwrap());
+        config.reconnect_times = 0; // Bans off: every refusal here is a 401, not a 403.
+        let server = start_server(config).await;
+        let port = server.api_local_addr().unwrap().port();
+        let api: SocketAddr = ([127, 0, 0, 1], port).into();
+        for path in ["/status", "/clients", "/services", "/metrics"] {
+            assert_eq!(call(api, "GET", path, None).await.0, 401, "{path} with no token");
+            assert_eq!(call(api, "GET", path, Some("")).await.0, 401, "{path} with an empty bearer");
+        }
+        let mut stream = TcpStream::connect(api).await.unwrap();
+        let bare =
+            request(&mut stream, "GET", "/status", "ferry-api", "Authorization: Bearer\r\n", b"").await;
+        assert_eq!(bare.status, 401, "a bare 'Bearer'");
+        let prefix = &TOKEN[..TOKEN.len() - 1];
+        assert_eq!(call(api, "GET", "/status", Some(prefix)).await.0, 401, "a prefix of the token");
+        assert_eq!(call(api, "GET", "/status", Some(TOKEN)).await.0, 200);
+        assert_eq!(call(api, "GET", "/", None).await.0, 200, "the page itself is public");
+        server.shutdown().await;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn the_api_speaks_https_with_its_own_certificate() {
     within(30, async {
@@ -207,7 +391,6 @@ async fn the_api_speaks_https_with_its_own_certificate() {
         // Plain HTTP on the HTTPS port gets nothing.
         let plain = tokio::time::timeout(Duration::from_secs(15), async {
             let mut stream = TcpStream::connect(server.api_local_addr().unwrap()).await.unwrap();
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             stream.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
             let mut buf = Vec::new();
             let _ = stream.read_to_end(&mut buf).await;

@@ -1,40 +1,15 @@
 //! Bans after repeated failed logins, per source address and per id.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use ferry::auth::{client_login, Secret};
-use ferry::proto::{write_preamble, ControlChannel, LinkKind, ServerMessage};
 use ferry::{Client, ClientError, LoginRefusal, ServerConfig};
-use tokio::net::TcpSocket;
 
 fn banning(times: u32, duration: Duration) -> ServerConfig {
     let mut config = server_config().with_user("id2", "secret2");
     config.reconnect_times = times;
     config.reconnect_duration = duration;
     config
-}
-
-/// Logs in by hand from `source` (any 127.0.0.0/8 address); `Ok` on welcome.
-async fn login_from(source: &str, server: SocketAddr, id: &str, secret: &str) -> Result<(), LoginRefusal> {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let mut stream = socket.connect(server).await.unwrap();
-    write_preamble(&mut stream, LinkKind::Control).await.unwrap();
-    let mut chan = ControlChannel::new(stream);
-    let (nonce, ephemeral_key) = match chan.recv::<ServerMessage>().await.unwrap() {
-        ServerMessage::Challenge { nonce, ephemeral_key, .. } => (nonce, ephemeral_key),
-        ServerMessage::LoginRefused { refusal } => return Err(refusal),
-        other => panic!("unexpected {other:?}"),
-    };
-    let (login, _) = client_login(id, &Secret::new(secret), &nonce, &ephemeral_key, "test", false);
-    chan.send(&login).await.unwrap();
-    match chan.recv::<ServerMessage>().await.unwrap() {
-        ServerMessage::Welcome { .. } => Ok(()),
-        ServerMessage::LoginRefused { refusal } => Err(refusal),
-        other => panic!("unexpected {other:?}"),
-    }
 }
 
 #[tokio::test]

@@ -127,6 +127,34 @@ async fn hooks_authenticate_watch_and_refuse_visitors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_visitor_hook_turns_http_visitors_away_with_403() {
+    within(60, async {
+        let hooks = Arc::new(Recorder::default());
+        let server = Server::bind(server_config()).await.unwrap().with_hooks(hooks.clone()).spawn();
+        let client =
+            Client::connect(client_config(server.local_addr(), "app-user", "app-secret")).await.unwrap();
+        let web = http_service("web").await.to_string();
+        for name in ["public", "private"] {
+            let mut service = ServiceConfig::http(&web).with_host_prefix(name);
+            service.name = name.to_owned();
+            client.add_service(service).await.unwrap();
+        }
+
+        let refused = get(server.local_addr(), "/", "private").await;
+        assert_eq!(refused.status, 403, "{}", refused.text());
+        assert!(!refused.text().contains("service=web"), "the service answered: {}", refused.text());
+        until_recorded(&hooks, "visitor private from 127.0.0.1").await;
+        // The same service behind a name the hook lets in answers.
+        let allowed = get(server.local_addr(), "/", "public").await;
+        assert_eq!(allowed.status, 200, "{}", allowed.text());
+        assert!(allowed.text().starts_with("service=web path=/"), "{}", allowed.text());
+        until_recorded(&hooks, "visitor public from 127.0.0.1").await;
+        server.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allow_ip_and_deny_ip_filter_visitors() {
     within(60, async {
         let server = start_server(server_config()).await;

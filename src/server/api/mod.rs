@@ -4,9 +4,11 @@
 //!
 //! Every route but the dashboard page and the OpenAPI document needs
 //! `Authorization: Bearer <api-token>` when a token is configured (it must be off
-//! loopback). A wrong or missing token is a failed login for the ban rules.
+//! loopback; without one there, every request is refused). A wrong or missing token is
+//! a failed login for the ban rules.
 
 mod metrics;
+mod token;
 pub(crate) mod views;
 
 use std::net::SocketAddr;
@@ -14,15 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::handler::Handler;
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +33,7 @@ use tower_service::Service;
 use tracing::{debug, info, warn};
 
 pub(crate) use metrics::Metrics;
+use token::Access;
 
 use super::bans::Offender;
 use super::ServerShared;
@@ -105,47 +108,76 @@ pub(crate) async fn serve(
     connections.wait().await;
 }
 
-fn router(shared: Arc<ServerShared>) -> Router {
-    let guarded = Router::new()
-        .route("/status", get(status))
-        .route("/health", get(health))
-        .route("/clients", get(clients))
-        .route("/clients/{cid}", delete(kick_client))
-        .route("/services", get(services))
-        .route("/services/{id}", delete(close_service))
-        .route("/ports/free", get(free_ports))
-        .route("/ping", get(ping))
-        .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
-    Router::new()
-        .route("/", get(|| async { Html(DASHBOARD) }))
-        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
-        .merge(guarded)
-        .with_state(shared)
+/// One route: its path, its method (kept for the OpenAPI check) and its handler.
+type Route = (&'static str, Method, MethodRouter<Arc<ServerShared>>);
+
+/// A route answering `method` on `path` with `handler`.
+fn route<H, T>(path: &'static str, method: Method, handler: H) -> Route
+where
+    H: Handler<T, Arc<ServerShared>>,
+    T: 'static,
+{
+    // Every method used below is a standard one, which always has a filter.
+    let filter = MethodFilter::try_from(method.clone()).expect("a standard HTTP method");
+    (path, method, on(filter, handler))
 }
 
-/// Checks the bearer token (when one is configured) in constant time; failures count toward bans.
+/// Routes anyone may load: the dashboard page and the OpenAPI document.
+fn open_routes() -> Vec<Route> {
+    vec![route("/", Method::GET, dashboard), route("/openapi.json", Method::GET, openapi)]
+}
+
+/// Routes behind the token (`require_token`).
+fn guarded_routes() -> Vec<Route> {
+    vec![
+        route("/status", Method::GET, status),
+        route("/health", Method::GET, health),
+        route("/clients", Method::GET, clients),
+        route("/clients/{cid}", Method::DELETE, kick_client),
+        route("/services", Method::GET, services),
+        route("/services/{id}", Method::DELETE, close_service),
+        route("/ports/free", Method::GET, free_ports),
+        route("/ping", Method::GET, ping),
+        route("/metrics", Method::GET, metrics),
+    ]
+}
+
+fn router(shared: Arc<ServerShared>) -> Router {
+    let add = |router: Router<_>, (path, _, handler): Route| router.route(path, handler);
+    let guarded = guarded_routes()
+        .into_iter()
+        .fold(Router::new(), add)
+        .route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
+    open_routes().into_iter().fold(Router::new(), add).merge(guarded).with_state(shared)
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// Checks the bearer token (see `token::check`); failures count toward bans.
 async fn require_token(
     State(shared): State<Arc<ServerShared>>,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(token) = &shared.config.api_token else {
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let access = token::check(&shared.config, given);
+    if access == Access::Open {
         return next.run(request).await;
-    };
+    }
     let peer = request.extensions().get::<Peer>().map(|p| p.0);
     let offender = peer.map(|p| Offender::Addr(p.ip().to_canonical()));
     if let Some(left) = offender.as_ref().and_then(|o| shared.bans.banned(o)) {
         let message = format!("banned for {} more second(s)", left.as_secs().max(1));
         return error(StatusCode::FORBIDDEN, &message);
     }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
+    if access == Access::Granted {
         if let Some(offender) = &offender {
             shared.bans.succeeded(offender);
         }
@@ -196,6 +228,7 @@ async fn services(State(shared): State<Arc<ServerShared>>, Query(filter): Query<
     Json(views::services(&shared, &filter)).into_response()
 }
 
+/// `/ports/free?limit=N`: how many ports to list (clamped to `views::MAX_FREE_PORTS`).
 #[derive(Debug, Deserialize)]
 struct FreePortsQuery {
     limit: Option<usize>,
@@ -205,7 +238,7 @@ async fn free_ports(
     State(shared): State<Arc<ServerShared>>,
     Query(query): Query<FreePortsQuery>,
 ) -> Response {
-    Json(views::free_ports(&shared, query.limit.unwrap_or(10).min(1000)).await).into_response()
+    Json(views::free_ports(&shared, query.limit).await).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -255,5 +288,45 @@ async fn metrics(State(shared): State<Arc<ServerShared>>) -> Response {
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
         }
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "metrics could not be encoded"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every route the router serves is in the OpenAPI document with the statuses its kind
+    /// can return (a guarded one: 401 and 403; a path or query parameter: 400), and the
+    /// document names no route the router does not serve.
+    #[test]
+    fn the_openapi_document_matches_the_router() {
+        let document: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        let mut served = BTreeSet::new();
+        for (guarded, routes) in [(false, open_routes()), (true, guarded_routes())] {
+            for (path, method, _) in routes {
+                let method = method.as_str().to_ascii_lowercase();
+                let operation = &document["paths"][path][&method];
+                let responses = &operation["responses"];
+                assert!(responses["200"].is_object(), "{method} {path}: no 200");
+                for status in ["401", "403"] {
+                    assert_eq!(responses[status].is_object(), guarded, "{method} {path}: {status}");
+                }
+                assert_eq!(operation["security"] == json!([]), !guarded, "{method} {path}: security");
+                if path.contains('{') || operation["parameters"].is_array() {
+                    assert!(responses["400"].is_object(), "{method} {path}: parameters but no 400");
+                }
+                served.insert(format!("{method} {path}"));
+            }
+        }
+        let paths = document["paths"].as_object().expect("paths");
+        let documented: BTreeSet<String> = paths
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object().into_iter().flatten().map(move |(m, _)| format!("{m} {path}"))
+            })
+            .collect();
+        assert_eq!(documented, served);
     }
 }

@@ -124,8 +124,15 @@ pub(crate) struct FreePorts {
     free: Vec<u16>,
 }
 
-/// Up to `limit` free ports of the server's ranges.
-pub(crate) async fn free_ports(shared: &ServerShared, limit: usize) -> FreePorts {
+/// How many free ports `/ports/free` lists without `?limit=`.
+pub(crate) const DEFAULT_FREE_PORTS: usize = 10;
+/// Most free ports one `/ports/free` request lists: each is checked by binding it.
+pub(crate) const MAX_FREE_PORTS: usize = 100;
+
+/// Up to `limit` (default [`DEFAULT_FREE_PORTS`], at most [`MAX_FREE_PORTS`]) free ports of
+/// the server's ranges.
+pub(crate) async fn free_ports(shared: &ServerShared, limit: Option<usize>) -> FreePorts {
+    let limit = limit.unwrap_or(DEFAULT_FREE_PORTS).min(MAX_FREE_PORTS);
     let ranges = &shared.config.tcp_ranges;
     let free = free_ports_in(shared, ranges, limit).await;
     let used = shared.registry.held_ports().len();

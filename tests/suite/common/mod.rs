@@ -5,11 +5,15 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry::{Client, ClientConfig, RemoteAddr, Server, ServerConfig, ServerHandle, ServiceConfig};
+use ferry::auth::{client_login, Secret};
+use ferry::proto::{write_preamble, ControlChannel, LinkKind, ServerMessage};
+use ferry::{
+    Client, ClientConfig, LoginRefusal, RemoteAddr, Server, ServerConfig, ServerHandle, ServiceConfig,
+};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Fails the test instead of hanging it.
 pub async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
@@ -117,6 +121,33 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 pub async fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
 }
+
+/// Logs in by hand from `source` (any 127.0.0.0/8 address); `Ok` on welcome.
+pub async fn login_from(
+    source: &str,
+    server: SocketAddr,
+    id: &str,
+    secret: &str,
+) -> Result<(), LoginRefusal> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(server).await.unwrap();
+    write_preamble(&mut stream, LinkKind::Control).await.unwrap();
+    let mut chan = ControlChannel::new(stream);
+    let (nonce, ephemeral_key) = match chan.recv::<ServerMessage>().await.unwrap() {
+        ServerMessage::Challenge { nonce, ephemeral_key, .. } => (nonce, ephemeral_key),
+        ServerMessage::LoginRefused { refusal } => return Err(refusal),
+        other => panic!("unexpected {other:?}"),
+    };
+    let (login, _) = client_login(id, &Secret::new(secret), &nonce, &ephemeral_key, "test", false);
+    chan.send(&login).await.unwrap();
+    match chan.recv::<ServerMessage>().await.unwrap() {
+        ServerMessage::Welcome { .. } => Ok(()),
+        ServerMessage::LoginRefused { refusal } => Err(refusal),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 pub mod http;
 
 /// A TLS acceptor with a fresh self-signed certificate for `secure.example.test`, written
