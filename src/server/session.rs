@@ -272,7 +272,7 @@ async fn login(
     peer: SocketAddr,
     tls: bool,
 ) -> Option<Accepted> {
-    let addr = Offender::Addr(peer.ip().to_canonical());
+    let addr = Offender::source(peer.ip());
     // A banned address is answered before any cryptographic work.
     if let Some(left) = shared.bans.banned(&addr) {
         debug!(%peer, "refusing a banned address");
