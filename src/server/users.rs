@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use regex::Regex;
 use subtle::ConstantTimeEq;
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::auth_api::{ApiAnswer, AuthApi};
 use super::hooks::ServerHooks;
@@ -218,7 +218,7 @@ impl Users {
                 }
                 Ok(ApiAnswer::Denied) => Err(refused()),
                 Err(err) => {
-                    warn!(id = %login.id, %err, "auth API unavailable; refusing the login");
+                    error!(id = %login.id, %err, "auth API unavailable; refusing the login");
                     Err(LoginRefusal::AuthUnavailable)
                 }
             };
