@@ -233,12 +233,15 @@ impl Users {
     }
 
     /// Whether a session that logged in as `id` with `public_key` may stay after a reload.
+    /// A user configured before and not now leaves, even where allow-any-client or the
+    /// auth API could let the id in: the operator removed the user, so the client must
+    /// log in again and be judged by what the server now says.
     pub(crate) fn still_allowed(&self, id: &str, public_key: &[u8; 32], grant: Grant) -> bool {
         let directory = self.directory();
         match directory.known.get(id) {
             Some(known) => known.public_key.ct_eq(public_key).into(),
             None => match grant {
-                Grant::Known => directory.allow_any_client || directory.api.is_some(),
+                Grant::Known => false,
                 Grant::Learned => directory.allow_any_client,
                 Grant::Api => directory.api.is_some(),
                 Grant::Hook => true,
