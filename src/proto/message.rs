@@ -178,6 +178,10 @@ pub enum LoginRefusal {
         /// How long the ban still lasts.
         seconds: u64,
     },
+    /// The server (with allow-any-client) already remembers as many ids as it keeps; it
+    /// learns no new ones until it restarts. Ids it knows still log in.
+    #[error("the server accepts no new ids: it already remembers the most it keeps (allow-any-client); ask its operator")]
+    TooManyIds,
     /// The auth API could not be asked; try again later.
     #[error("the server cannot check credentials right now; try again later")]
     AuthUnavailable,

@@ -323,7 +323,7 @@ async fn login(
             Some(Accepted { verified, instance, tags, rules, grant })
         }
         Err(refusal) if !matches!(refusal, LoginRefusal::AuthFailed { .. }) => {
-            // Not the client's fault (API down) or not a guess (no secret given): no ban.
+            // Not the client's fault (API down, server full) or not a guess (no secret given): no ban.
             warn!(%peer, %refusal, "login refused");
             let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
             None
