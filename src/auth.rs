@@ -139,13 +139,13 @@ impl Ephemeral {
     }
 }
 
-/// Builds the client's login answer to a challenge, and the session key it yields.
+/// Builds the client's login answer to a challenge for `id` (the id its hello named), and
+/// the session key it yields.
 pub fn client_login(
     id: &str,
     secret: &Secret,
     server_nonce: &[u8; 32],
     server_ephemeral: &[u8; 32],
-    instance: &str,
     reveal_secret: bool,
 ) -> (ClientMessage, SessionKey) {
     let signing = user_signing_key(id, secret);
@@ -164,14 +164,10 @@ pub fn client_login(
     let key = transcript.session_key(&ephemeral.shared(server_ephemeral));
     let sealed_secret = reveal_secret.then(|| key.seal_secret(secret));
     let login = ClientMessage::Login {
-        id: id.to_owned(),
         client_nonce,
         public_key,
         ephemeral_key: ephemeral.public,
         signature,
-        instance: instance.to_owned(),
-        software: env!("CARGO_PKG_VERSION").to_owned(),
-        tags: Vec::new(),
         sealed_secret,
     };
     (login, key)
@@ -274,20 +270,20 @@ impl VerifiedLogin {
     }
 }
 
-/// Checks a login's signature over the transcript of this challenge; on success both
-/// sides share a session key. A sealed secret that does not open is a refusal.
+/// Checks a login's signature over the transcript of this challenge to `id` (named by the
+/// client's hello); on success both sides share a session key. A sealed secret that does
+/// not open is a refusal.
 pub fn verify_login(
+    id: &str,
     login: &ClientMessage,
     server_nonce: &[u8; 32],
     ephemeral: &Ephemeral,
 ) -> Result<VerifiedLogin, LoginRefusal> {
-    let ClientMessage::Login {
-        id, client_nonce, public_key, ephemeral_key, signature, sealed_secret, ..
-    } = login
+    let ClientMessage::Login { client_nonce, public_key, ephemeral_key, signature, sealed_secret } = login
     else {
         return Err(LoginRefusal::Malformed { message: "expected a login message".into() });
     };
-    let refused = || LoginRefusal::AuthFailed { id: id.clone() };
+    let refused = || LoginRefusal::AuthFailed { id: id.to_owned() };
     let transcript = Transcript {
         id,
         server_nonce,
@@ -304,7 +300,7 @@ pub fn verify_login(
         Some(sealed) => Some(session_key.open_secret(sealed).ok_or_else(refused)?),
         None => None,
     };
-    Ok(VerifiedLogin { id: id.clone(), public_key: *public_key, session_key, secret })
+    Ok(VerifiedLogin { id: id.to_owned(), public_key: *public_key, session_key, secret })
 }
 
 #[cfg(test)]
@@ -316,8 +312,8 @@ mod tests {
         let nonce = rand::random::<[u8; 32]>();
         let server_eph = Ephemeral::generate();
         let secret = Secret::new("s1");
-        let (login, client_key) = client_login("id1", &secret, &nonce, &server_eph.public, "i", false);
-        let verified = verify_login(&login, &nonce, &server_eph).unwrap();
+        let (login, client_key) = client_login("id1", &secret, &nonce, &server_eph.public, false);
+        let verified = verify_login("id1", &login, &nonce, &server_eph).unwrap();
         assert_eq!(verified.session_key.data_mac(1, 2), client_key.data_mac(1, 2));
         assert!(verified.signed_with(&secret));
         assert!(!verified.signed_with(&Secret::new("s2")));
@@ -329,12 +325,12 @@ mod tests {
         let nonce = rand::random::<[u8; 32]>();
         let server_eph = Ephemeral::generate();
         let secret = Secret::new("hunter2");
-        let (login, _) = client_login("id1", &secret, &nonce, &server_eph.public, "i", true);
+        let (login, _) = client_login("id1", &secret, &nonce, &server_eph.public, true);
         let wire = serde_json::to_string(&login).unwrap();
         assert!(!wire.contains("hunter2"));
-        let verified = verify_login(&login, &nonce, &server_eph).unwrap();
+        let verified = verify_login("id1", &login, &nonce, &server_eph).unwrap();
         assert_eq!(verified.secret.as_ref().map(Secret::expose), Some("hunter2"));
-        assert!(verify_login(&login, &nonce, &Ephemeral::generate()).is_err(), "another server's key");
+        assert!(verify_login("id1", &login, &nonce, &Ephemeral::generate()).is_err(), "another server's key");
     }
 
     #[test]
@@ -342,8 +338,9 @@ mod tests {
         let secret = Secret::new("s1");
         let nonce = [7u8; 32];
         let eph = Ephemeral::generate();
-        let (login, _) = client_login("id1", &secret, &nonce, &eph.public, "i", false);
-        assert!(verify_login(&login, &[8u8; 32], &eph).is_err());
+        let (login, _) = client_login("id1", &secret, &nonce, &eph.public, false);
+        assert!(verify_login("id1", &login, &[8u8; 32], &eph).is_err());
+        assert!(verify_login("id2", &login, &nonce, &eph).is_err(), "signed for another id");
     }
 
     #[test]

@@ -436,8 +436,8 @@ mod tests {
 
     fn verified(id: &str, secret: &str) -> VerifiedLogin {
         let (nonce, ephemeral) = ([1u8; 32], Ephemeral::generate());
-        let (login, _) = client_login(id, &Secret::new(secret), &nonce, &ephemeral.public, "i", false);
-        verify_login(&login, &nonce, &ephemeral).unwrap()
+        let (login, _) = client_login(id, &Secret::new(secret), &nonce, &ephemeral.public, false);
+        verify_login(id, &login, &nonce, &ephemeral).unwrap()
     }
 
     #[tokio::test]

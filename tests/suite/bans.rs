@@ -4,10 +4,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use ferry::auth::{client_login, Secret};
-use ferry::proto::{write_preamble, ControlChannel, LinkKind, ServerMessage};
+use ferry::proto::ServerMessage;
 use ferry::{Client, ClientError, LoginRefusal, ServerConfig};
-use tokio::net::TcpSocket;
 
 fn banning(times: u32, duration: Duration) -> ServerConfig {
     let mut config = server_config().with_user("id2", "secret2");
@@ -18,23 +16,17 @@ fn banning(times: u32, duration: Duration) -> ServerConfig {
 
 /// Logs in by hand from `source` (any 127.0.0.0/8 address); `Ok` on welcome.
 async fn login_from(source: &str, server: SocketAddr, id: &str, secret: &str) -> Result<(), LoginRefusal> {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let mut stream = socket.connect(server).await.unwrap();
-    write_preamble(&mut stream, LinkKind::Control).await.unwrap();
-    let mut chan = ControlChannel::new(stream);
-    let (nonce, ephemeral_key) = match chan.recv::<ServerMessage>().await.unwrap() {
-        ServerMessage::Challenge { nonce, ephemeral_key, .. } => (nonce, ephemeral_key),
-        ServerMessage::LoginRefused { refusal } => return Err(refusal),
-        other => panic!("unexpected {other:?}"),
-    };
-    let (login, _) = client_login(id, &Secret::new(secret), &nonce, &ephemeral_key, "test", false);
-    chan.send(&login).await.unwrap();
-    match chan.recv::<ServerMessage>().await.unwrap() {
-        ServerMessage::Welcome { .. } => Ok(()),
-        ServerMessage::LoginRefused { refusal } => Err(refusal),
-        other => panic!("unexpected {other:?}"),
-    }
+    let stream = raw::connect_from(source, server).await;
+    raw::login_by_hand(stream, id, secret, "test").await.map(drop)
+}
+
+/// The server's first answer to a hello from `source` naming `id`.
+async fn answer_to_hello(source: &str, server: SocketAddr, id: &str) -> ServerMessage {
+    raw::hello(raw::connect_from(source, server).await, id, "test").await.1
+}
+
+fn is_banned(answer: &ServerMessage) -> bool {
+    matches!(answer, ServerMessage::LoginRefused { refusal: LoginRefusal::Banned { .. } })
 }
 
 #[tokio::test]
@@ -84,6 +76,34 @@ async fn an_id_is_banned_whatever_the_address() {
             matches!(err, ClientError::LoginRefused(LoginRefusal::Banned { .. })) && err.is_fatal(),
             "{err:?}"
         );
+    })
+    .await
+}
+
+/// A banned address or id gets its refusal in answer to the hello: the server makes no
+/// key and sends no challenge for it.
+#[tokio::test]
+async fn banned_peers_are_refused_before_any_challenge() {
+    within(30, async {
+        let server = start_server(banning(2, Duration::from_secs(30))).await;
+        let addr = server.local_addr();
+        let fresh = answer_to_hello("127.0.0.61", addr, "id1").await;
+        assert!(matches!(fresh, ServerMessage::Challenge { .. }), "{fresh:?}");
+
+        // The address: two failures under unknown ids.
+        assert!(login_from("127.0.0.62", addr, "nobody-a", "x").await.is_err());
+        assert!(login_from("127.0.0.62", addr, "nobody-b", "x").await.is_err());
+        let answer = answer_to_hello("127.0.0.62", addr, "id2").await;
+        assert!(is_banned(&answer), "a banned address was sent {answer:?}");
+
+        // The id: two failures from two addresses; a third address asks for it.
+        assert!(login_from("127.0.0.63", addr, "id1", "guess-1").await.is_err());
+        assert!(login_from("127.0.0.64", addr, "id1", "guess-2").await.is_err());
+        let answer = answer_to_hello("127.0.0.65", addr, "id1").await;
+        assert!(is_banned(&answer), "a banned id was sent {answer:?}");
+        // The same address asking for another id gets its challenge.
+        let other = answer_to_hello("127.0.0.65", addr, "id2").await;
+        assert!(matches!(other, ServerMessage::Challenge { .. }), "{other:?}");
     })
     .await
 }

@@ -118,3 +118,4 @@ pub async fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
 }
 pub mod http;
+pub mod raw;
