@@ -30,6 +30,19 @@ type HmacSha256 = Hmac<Sha256>;
 /// Longest secret a server accepts in a login.
 const MAX_SECRET_LEN: usize = 1024;
 
+/// Longest user id, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+
+/// What a user id may be made of, for error messages.
+pub const ID_RULE: &str = "1 to 64 ASCII letters, digits, '-', '_', '.' or '@'";
+
+/// Whether `id` is a well-formed user id ([`ID_RULE`]). Servers refuse other ids at login,
+/// before any cryptographic work, so ids in logs, hosts and the API are always plain.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=MAX_ID_LEN).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+}
+
 /// A secret whose `Debug` and `Display` print a mask, so it never lands in logs.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -354,6 +367,16 @@ mod tests {
             assert!(guard.accept(seq));
         }
         assert!(!guard.accept(5));
+    }
+
+    #[test]
+    fn ids_are_short_and_plain() {
+        for good in ["id1", "a", "alice@example.com", "A_b-c.d", &"x".repeat(MAX_ID_LEN)] {
+            assert!(is_valid_id(good), "{good}");
+        }
+        for bad in ["", "a b", "a\nb", "é", "a/b", "a:b", &"x".repeat(MAX_ID_LEN + 1)] {
+            assert!(!is_valid_id(bad), "{bad:?}");
+        }
     }
 
     #[test]

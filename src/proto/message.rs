@@ -183,6 +183,9 @@ pub enum LoginRefusal {
         /// How long the ban still lasts.
         seconds: u64,
     },
+    /// The id is not one the server accepts (see [`crate::auth::ID_RULE`]).
+    #[error("the id is not valid: use {}", crate::auth::ID_RULE)]
+    InvalidId,
     /// The server (with allow-any-client) already remembers as many ids as it keeps; it
     /// learns no new ones until it restarts. Ids it knows still log in.
     #[error("the server accepts no new ids: it already remembers the most it keeps (allow-any-client); ask its operator")]

@@ -92,7 +92,7 @@ async fn open_link(
 
 /// Drops a link whose preamble was wrong; a ferry of another version is told why first.
 async fn refuse_link(stream: Option<Stream>, err: ProtocolError, peer: SocketAddr) {
-    debug!(%peer, %err, "link refused");
+    debug!(%peer, ?err, "link refused");
     if let (Some(mut stream), ProtocolError::VersionMismatch { peer: client, ours }) = (stream, err) {
         let refusal = LoginRefusal::VersionMismatch { server: ours, client };
         let _ = write_frame(&mut stream, &ServerMessage::LoginRefused { refusal }).await;
@@ -105,7 +105,7 @@ async fn attach_data(shared: &ServerShared, mut stream: Stream, mut read: BytesM
     let hello = tokio::time::timeout(limit, read_frame_buffered::<_, DataHello>(&mut stream, &mut read));
     let hello = match hello.await {
         Ok(Ok(hello)) => hello,
-        Ok(Err(err)) => return debug!(%peer, %err, "bad data hello"),
+        Ok(Err(err)) => return debug!(%peer, ?err, "bad data hello"),
         Err(_) => return debug!(%peer, "data hello timed out"),
     };
     if !read.is_empty() {

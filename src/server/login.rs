@@ -1,8 +1,8 @@
 //! The login on a control connection: hello, challenge, signed login.
 //!
-//! The client names its id in a hello that arrives with the preamble. A banned source or
-//! a banned id is refused then, before the server makes an ephemeral key or sends a
-//! challenge: banned peers cost it no cryptographic work.
+//! The client names its id in a hello that arrives with the preamble. A banned source, a
+//! malformed id or a banned id is refused then, before the server makes an ephemeral key
+//! or sends a challenge: banned and bogus peers cost it no cryptographic work.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use super::bans::Offender;
 use super::users::{Grant, Rules};
 use super::ServerShared;
-use crate::auth::{verify_login, Ephemeral, VerifiedLogin};
+use crate::auth::{is_valid_id, verify_login, Ephemeral, VerifiedLogin};
 use crate::proto::{ClientMessage, ControlChannel, LoginRefusal, ProtocolError, ServerMessage};
 use crate::transport::Stream;
 
@@ -102,7 +102,8 @@ pub(super) async fn login(
     }
 }
 
-/// Checks the hello.
+/// Checks the hello. Nothing the client sent is logged before it is checked, except with
+/// `Debug` formatting (no line breaks or control characters get through).
 async fn check_hello(
     shared: &ServerShared,
     chan: &mut ControlChannel<Stream>,
@@ -117,6 +118,12 @@ async fn check_hello(
         }
         Err(err) => return refuse_malformed(shared, chan, peer, err).await,
     };
+    if !is_valid_id(&id) {
+        debug!(%peer, ?id, "login refused: not a valid id");
+        count_failure(shared, peer, Offender::source(peer.ip()));
+        let _ = chan.send(&ServerMessage::LoginRefused { refusal: LoginRefusal::InvalidId }).await;
+        return None;
+    }
     if !is_token(&instance) {
         let err = ProtocolError::Malformed("instance: use 1 to 64 letters, digits, '-', '_' or '.'".into());
         return refuse_malformed(shared, chan, peer, err).await;

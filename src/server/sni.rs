@@ -39,7 +39,7 @@ pub(crate) async fn serve_visitor(
     };
     let label = name.split('.').next().unwrap_or_default().to_ascii_lowercase();
     let Lookup::Online(route) = shared.hosts.lookup(&sni_key(&label), false) else {
-        return debug!(%peer, %name, "no tunnel for this TLS server name; closing");
+        return debug!(%peer, ?name, "no tunnel for this TLS server name; closing");
     };
     drop(handshake);
     if !visitor_allowed(&shared, &route.session, &route.tunnel, peer) {
@@ -50,14 +50,14 @@ pub(crate) async fn serve_visitor(
         Err(Refusal::UserLimit { limit }) => {
             return warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
         }
-        Err(refusal) => return debug!(%peer, %name, ?refusal, "visitor refused by the tunnel's limits"),
+        Err(refusal) => return debug!(%peer, ?name, ?refusal, "visitor refused by the tunnel's limits"),
     };
     shared.metrics.visitor();
     let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
-        return debug!(%peer, %name, "no free data connection; closing");
+        return debug!(%peer, ?name, "no free data connection; closing");
     };
     let open = OpenStream { service: route.tunnel.service, visitor: peer };
-    let span = tracing::debug_span!("tls visitor", %peer, %name);
+    let span = tracing::debug_span!("tls visitor", %peer, ?name);
     let idle = shared.config.idle_limit();
     let early = (hello.to_vec(), hello.len());
     relay_visitor(&route.session, &route.tunnel, data, &mut visitor, &open, early, idle)

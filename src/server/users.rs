@@ -18,7 +18,7 @@ use tracing::{debug, error, warn};
 
 use super::auth_api::{ApiAnswer, AuthApi};
 use super::hooks::ServerHooks;
-use crate::auth::{user_signing_key, VerifiedLogin};
+use crate::auth::{is_valid_id, user_signing_key, VerifiedLogin, ID_RULE};
 use crate::config::{ServerConfig, TcpAllowance, UserConfig};
 use crate::proto::LoginRefusal;
 use crate::throttle::{Bucket, Traffic};
@@ -95,6 +95,9 @@ impl Directory {
     pub(crate) fn new(config: &ServerConfig) -> Result<Directory, String> {
         let mut known = HashMap::new();
         for (id, user) in &config.users {
+            if !is_valid_id(id) {
+                return Err(format!("user {id:?}: not a valid id; use {ID_RULE}"));
+            }
             let rules = Rules::resolve(config, Some(user)).map_err(|e| format!("user {id}: {e}"))?;
             let public_key = user_signing_key(id, &user.secret).verifying_key().to_bytes();
             known.insert(id.clone(), Known { public_key, rules: Arc::new(rules) });
@@ -458,6 +461,12 @@ mod tests {
         assert!(users.authorize(&verified("a", "s"), peer, &NoHooks).await.is_ok());
         assert_eq!(users.authorize(&verified("b", "t"), peer, &NoHooks).await.err(), Some(refusal("b")));
         assert_eq!(users.learned.lock().unwrap().keys.len(), 2);
+    }
+
+    #[test]
+    fn configured_ids_must_be_valid() {
+        let config = ServerConfig::default().with_user("bad id", "s");
+        assert!(Directory::new(&config).err().is_some_and(|e| e.contains("not a valid id")));
     }
 
     #[test]
