@@ -1,4 +1,8 @@
 //! A new connection from a client: TLS, preamble, then the control or data path.
+//!
+//! On the TLS listener a banned source is closed right after accept, before any TLS
+//! work: it gets no refusal message (there is no channel to say it on), and HTTPS
+//! visitors from it are turned away too while the ban lasts.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +13,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use super::bans::Offender;
 use super::{http, session, ServerShared};
 use crate::proto::{
     fill_to, read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello, LinkKind,
@@ -28,6 +33,10 @@ pub(super) async fn serve_link(
     http_only: bool,
     handshake: OwnedSemaphorePermit,
 ) {
+    if tls.is_some() && shared.bans.banned(&Offender::source(peer.ip())).is_some() {
+        // No TLS handshake for a banned source, and no way to say why without one.
+        return debug!(%peer, "banned address on the TLS port; closing before the handshake");
+    }
     let _ = tcp.set_nodelay(true);
     let limit = shared.config.handshake_timeout;
     let scheme = if tls.is_some() { "https" } else { "http" };
