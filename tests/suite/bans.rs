@@ -108,17 +108,27 @@ async fn banned_peers_are_refused_before_any_challenge() {
     .await
 }
 
+/// With three failures allowed: fail, fail, succeed, fail, fail is not banned (the success
+/// reset the count), and the next failure is the third in a row, which bans.
 #[tokio::test]
 async fn a_successful_login_clears_the_count() {
     within(30, async {
-        let server = start_server(banning(2, Duration::from_secs(30))).await;
+        let server = start_server(banning(3, Duration::from_secs(30))).await;
         let addr = server.local_addr();
-        for _ in 0..5 {
-            assert!(login_from("127.0.0.41", addr, "id1", "wrong").await.is_err());
-            login_from("127.0.0.42", addr, "id2", "secret2").await.unwrap();
-            // One failure, then a success from the same address: never two in a row.
-            login_from("127.0.0.41", addr, "id2", "secret2").await.unwrap();
+        let source = "127.0.0.41";
+        let wrong = || login_from(source, addr, "id1", "wrong");
+        for _ in 0..2 {
+            assert!(matches!(wrong().await, Err(LoginRefusal::AuthFailed { .. })));
         }
+        login_from(source, addr, "id1", "secret1").await.expect("two failures do not ban");
+        for _ in 0..2 {
+            assert!(matches!(wrong().await, Err(LoginRefusal::AuthFailed { .. })));
+        }
+        // Without the reset this would be the fifth failure, long banned.
+        let third = wrong().await;
+        assert!(matches!(third, Err(LoginRefusal::AuthFailed { .. })), "banned too early: {third:?}");
+        let after = login_from(source, addr, "id1", "secret1").await;
+        assert!(matches!(after, Err(LoginRefusal::Banned { .. })), "three failures in a row: {after:?}");
     })
     .await
 }
