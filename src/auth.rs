@@ -30,6 +30,19 @@ type HmacSha256 = Hmac<Sha256>;
 /// Longest secret a server accepts in a login.
 const MAX_SECRET_LEN: usize = 1024;
 
+/// Longest user id, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+
+/// What a user id may be made of, for error messages.
+pub const ID_RULE: &str = "1 to 64 ASCII letters, digits, '-', '_', '.' or '@'";
+
+/// Whether `id` is a well-formed user id ([`ID_RULE`]). Servers refuse other ids at login,
+/// before any cryptographic work, so ids in logs, hosts and the API are always plain.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=MAX_ID_LEN).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+}
+
 /// A secret whose `Debug` and `Display` print a mask, so it never lands in logs.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -139,13 +152,13 @@ impl Ephemeral {
     }
 }
 
-/// Builds the client's login answer to a challenge, and the session key it yields.
+/// Builds the client's login answer to a challenge for `id` (the id its hello named), and
+/// the session key it yields.
 pub fn client_login(
     id: &str,
     secret: &Secret,
     server_nonce: &[u8; 32],
     server_ephemeral: &[u8; 32],
-    instance: &str,
     reveal_secret: bool,
 ) -> (ClientMessage, SessionKey) {
     let signing = user_signing_key(id, secret);
@@ -164,14 +177,10 @@ pub fn client_login(
     let key = transcript.session_key(&ephemeral.shared(server_ephemeral));
     let sealed_secret = reveal_secret.then(|| key.seal_secret(secret));
     let login = ClientMessage::Login {
-        id: id.to_owned(),
         client_nonce,
         public_key,
         ephemeral_key: ephemeral.public,
         signature,
-        instance: instance.to_owned(),
-        software: env!("CARGO_PKG_VERSION").to_owned(),
-        tags: Vec::new(),
         sealed_secret,
     };
     (login, key)
@@ -274,20 +283,20 @@ impl VerifiedLogin {
     }
 }
 
-/// Checks a login's signature over the transcript of this challenge; on success both
-/// sides share a session key. A sealed secret that does not open is a refusal.
+/// Checks a login's signature over the transcript of this challenge to `id` (named by the
+/// client's hello); on success both sides share a session key. A sealed secret that does
+/// not open is a refusal.
 pub fn verify_login(
+    id: &str,
     login: &ClientMessage,
     server_nonce: &[u8; 32],
     ephemeral: &Ephemeral,
 ) -> Result<VerifiedLogin, LoginRefusal> {
-    let ClientMessage::Login {
-        id, client_nonce, public_key, ephemeral_key, signature, sealed_secret, ..
-    } = login
+    let ClientMessage::Login { client_nonce, public_key, ephemeral_key, signature, sealed_secret } = login
     else {
         return Err(LoginRefusal::Malformed { message: "expected a login message".into() });
     };
-    let refused = || LoginRefusal::AuthFailed { id: id.clone() };
+    let refused = || LoginRefusal::AuthFailed { id: id.to_owned() };
     let transcript = Transcript {
         id,
         server_nonce,
@@ -304,7 +313,7 @@ pub fn verify_login(
         Some(sealed) => Some(session_key.open_secret(sealed).ok_or_else(refused)?),
         None => None,
     };
-    Ok(VerifiedLogin { id: id.clone(), public_key: *public_key, session_key, secret })
+    Ok(VerifiedLogin { id: id.to_owned(), public_key: *public_key, session_key, secret })
 }
 
 #[cfg(test)]
@@ -316,8 +325,8 @@ mod tests {
         let nonce = rand::random::<[u8; 32]>();
         let server_eph = Ephemeral::generate();
         let secret = Secret::new("s1");
-        let (login, client_key) = client_login("id1", &secret, &nonce, &server_eph.public, "i", false);
-        let verified = verify_login(&login, &nonce, &server_eph).unwrap();
+        let (login, client_key) = client_login("id1", &secret, &nonce, &server_eph.public, false);
+        let verified = verify_login("id1", &login, &nonce, &server_eph).unwrap();
         assert_eq!(verified.session_key.data_mac(1, 2), client_key.data_mac(1, 2));
         assert!(verified.signed_with(&secret));
         assert!(!verified.signed_with(&Secret::new("s2")));
@@ -329,12 +338,12 @@ mod tests {
         let nonce = rand::random::<[u8; 32]>();
         let server_eph = Ephemeral::generate();
         let secret = Secret::new("hunter2");
-        let (login, _) = client_login("id1", &secret, &nonce, &server_eph.public, "i", true);
+        let (login, _) = client_login("id1", &secret, &nonce, &server_eph.public, true);
         let wire = serde_json::to_string(&login).unwrap();
         assert!(!wire.contains("hunter2"));
-        let verified = verify_login(&login, &nonce, &server_eph).unwrap();
+        let verified = verify_login("id1", &login, &nonce, &server_eph).unwrap();
         assert_eq!(verified.secret.as_ref().map(Secret::expose), Some("hunter2"));
-        assert!(verify_login(&login, &nonce, &Ephemeral::generate()).is_err(), "another server's key");
+        assert!(verify_login("id1", &login, &nonce, &Ephemeral::generate()).is_err(), "another server's key");
     }
 
     #[test]
@@ -342,8 +351,9 @@ mod tests {
         let secret = Secret::new("s1");
         let nonce = [7u8; 32];
         let eph = Ephemeral::generate();
-        let (login, _) = client_login("id1", &secret, &nonce, &eph.public, "i", false);
-        assert!(verify_login(&login, &[8u8; 32], &eph).is_err());
+        let (login, _) = client_login("id1", &secret, &nonce, &eph.public, false);
+        assert!(verify_login("id1", &login, &[8u8; 32], &eph).is_err());
+        assert!(verify_login("id2", &login, &nonce, &eph).is_err(), "signed for another id");
     }
 
     #[test]
@@ -357,6 +367,16 @@ mod tests {
             assert!(guard.accept(seq));
         }
         assert!(!guard.accept(5));
+    }
+
+    #[test]
+    fn ids_are_short_and_plain() {
+        for good in ["id1", "a", "alice@example.com", "A_b-c.d", &"x".repeat(MAX_ID_LEN)] {
+            assert!(is_valid_id(good), "{good}");
+        }
+        for bad in ["", "a b", "a\nb", "é", "a/b", "a:b", &"x".repeat(MAX_ID_LEN + 1)] {
+            assert!(!is_valid_id(bad), "{bad:?}");
+        }
     }
 
     #[test]

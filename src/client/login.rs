@@ -1,14 +1,15 @@
-//! Opening a control connection: preamble, challenge, signed login, welcome.
+//! Opening a control connection: preamble and hello, challenge, signed login, welcome.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tracing::warn;
 
 use crate::auth::{client_login, SessionKey};
 use crate::config::ClientConfig;
 use crate::error::ClientError;
-use crate::proto::{write_preamble, ClientMessage, ControlChannel, LinkKind, ServerMessage};
+use crate::proto::{preamble_with, ClientMessage, ControlChannel, LinkKind, ProtocolError, ServerMessage};
 use crate::transport::{Connector, RemoteTrust, Scheme, Stream};
 
 /// A logged-in control connection.
@@ -26,7 +27,14 @@ pub(crate) async fn login(
     instance: &str,
 ) -> Result<LoggedIn, ClientError> {
     let mut stream = connector.connect().await.map_err(ClientError::Connect)?;
-    write_preamble(&mut stream, LinkKind::Control).await?;
+    let hello = ClientMessage::Hello {
+        id: config.id.clone(),
+        instance: instance.to_owned(),
+        software: env!("CARGO_PKG_VERSION").to_owned(),
+        tags: config.tags.clone(),
+    };
+    // The hello leaves with the preamble: naming the id first costs no round trip.
+    stream.write_all(&preamble_with(LinkKind::Control, &hello)?).await.map_err(ProtocolError::from)?;
     let mut chan = ControlChannel::new(stream);
     let limit = config.remote_timeout;
     let (nonce, server_ephemeral, wants_secret) = match chan.recv_timeout::<ServerMessage>(limit).await? {
@@ -41,11 +49,7 @@ pub(crate) async fn login(
             "the server asks for the secret (auth API) over a connection that does not protect it; not sent"
         );
     }
-    let (mut login, key) =
-        client_login(&config.id, &config.secret, &nonce, &server_ephemeral, instance, reveal);
-    if let ClientMessage::Login { tags, .. } = &mut login {
-        tags.clone_from(&config.tags);
-    }
+    let (login, key) = client_login(&config.id, &config.secret, &nonce, &server_ephemeral, reveal);
     chan.send(&login).await?;
     match chan.recv_timeout::<ServerMessage>(limit).await? {
         ServerMessage::Welcome { session, heartbeat_interval_ms } => Ok(LoggedIn {

@@ -16,7 +16,7 @@ use crate::auth::SessionKey;
 use crate::cancel::until_cancelled;
 use crate::chunked::{relay_chunked, Status};
 use crate::proto::{
-    encode_frame, preamble, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
+    preamble_with, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
 };
 use crate::transport::{Connector, Stream};
 
@@ -163,9 +163,7 @@ impl DataPool {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let hello = DataHello { session: self.session, seq, mac: self.key.data_mac(self.session, seq) };
         // Preamble and hello leave in one write.
-        let mut first = preamble(LinkKind::Data).to_vec();
-        encode_frame(&hello, &mut first)?;
-        link.write_all(&first).await?;
+        link.write_all(&preamble_with(LinkKind::Data, &hello)?).await?;
         Ok(link)
     }
 

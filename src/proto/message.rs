@@ -97,25 +97,30 @@ impl ServiceControl {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
-    /// Sent once, in answer to [`ServerMessage::Challenge`]: proves the client knows its secret.
-    Login {
+    /// Sent first, in the same write as the preamble: who the client is. The server checks
+    /// the id (well-formed, not banned) before it does any cryptographic work.
+    Hello {
         /// The user id.
         id: String,
+        /// Random id of this client process; a reconnect with the same one replaces a stale session.
+        instance: String,
+        /// The client's software version.
+        software: String,
+        /// Labels of this client, for load balancing and the management API.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tags: Vec<String>,
+    },
+    /// Sent once, in answer to [`ServerMessage::Challenge`]: proves the client knows the
+    /// secret of the id its hello named.
+    Login {
         /// Fresh random bytes of the client, part of what is signed.
         client_nonce: [u8; 32],
         /// Ed25519 public key derived from id and secret.
         public_key: [u8; 32],
         /// X25519 ephemeral key for the session key.
         ephemeral_key: [u8; 32],
-        /// Ed25519 signature over the transcript (see `auth::login_transcript`).
+        /// Ed25519 signature over the transcript (see `auth::Transcript`).
         signature: Vec<u8>,
-        /// Random id of this client process; a reconnect with the same one replaces a stale session.
-        instance: String,
-        /// The client's software version, for logs.
-        software: String,
-        /// Labels of this client, for load balancing and the management API.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        tags: Vec<String>,
         /// The secret, sealed with the session key, when the challenge asked for it (auth API).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sealed_secret: Option<Vec<u8>>,
@@ -178,6 +183,13 @@ pub enum LoginRefusal {
         /// How long the ban still lasts.
         seconds: u64,
     },
+    /// The id is not one the server accepts (see [`crate::auth::ID_RULE`]).
+    #[error("the id is not valid: use {}", crate::auth::ID_RULE)]
+    InvalidId,
+    /// The server (with allow-any-client) already remembers as many ids as it keeps; it
+    /// learns no new ones until it restarts. Ids it knows still log in.
+    #[error("the server accepts no new ids: it already remembers the most it keeps (allow-any-client); ask its operator")]
+    TooManyIds,
     /// The auth API could not be asked; try again later.
     #[error("the server cannot check credentials right now; try again later")]
     AuthUnavailable,
@@ -298,7 +310,7 @@ pub enum CloseReason {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
-    /// First message after the preamble: the values the client must sign.
+    /// The answer to a hello whose id may log in: the values the client must sign.
     Challenge {
         /// Fresh random bytes of the server.
         nonce: [u8; 32],

@@ -18,6 +18,6 @@ pub use message::{
     RegisterError, ServerMessage, ServiceControl, ServiceInfo, ServiceSpec, StreamStatus,
 };
 pub use preamble::{
-    preamble, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC, PREAMBLE_LEN,
-    PROTOCOL_VERSION,
+    preamble, preamble_with, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC,
+    PREAMBLE_LEN, PROTOCOL_VERSION,
 };

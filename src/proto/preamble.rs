@@ -4,13 +4,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use bytes::{Buf, BytesMut};
 
-use super::codec::fill_to;
+use serde::Serialize;
+
+use super::codec::{encode_frame, fill_to};
 use super::ProtocolError;
 
 /// Magic bytes that start every ferry link; they tell ferry apart from HTTP or TLS.
 pub const MAGIC: &[u8; 5] = b"FERRY";
-/// Version of the wire protocol spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the wire protocol spoken by this build (2: the client names its id in a
+/// hello before the server's challenge).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Length of the preamble in bytes.
 pub const PREAMBLE_LEN: usize = 8;
 
@@ -47,6 +50,14 @@ pub fn preamble(kind: LinkKind) -> [u8; PREAMBLE_LEN] {
     bytes[5..7].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
     bytes[7] = kind.to_byte();
     bytes
+}
+
+/// The preamble followed by the link's first frame, to leave in one write (so the server
+/// gets both in one round trip).
+pub fn preamble_with<M: Serialize>(kind: LinkKind, first: &M) -> Result<Vec<u8>, ProtocolError> {
+    let mut bytes = preamble(kind).to_vec();
+    encode_frame(first, &mut bytes)?;
+    Ok(bytes)
 }
 
 /// Writes the preamble of a link.
@@ -105,7 +116,7 @@ mod tests {
         let mut future = buf.clone();
         future[6] = 9;
         let err = read_preamble(&mut future.as_slice()).await.unwrap_err();
-        assert!(matches!(err, ProtocolError::VersionMismatch { peer: 9, ours: 1 }));
+        assert!(matches!(err, ProtocolError::VersionMismatch { peer: 9, ours: PROTOCOL_VERSION }));
 
         let mut bad_kind = buf.clone();
         bad_kind[7] = b'?';

@@ -102,8 +102,16 @@ impl Hosts {
         user: &str,
         prefix: Option<&str>,
     ) -> Result<String, RegisterError> {
+        // Ids may hold '_', '.' and '@', which a host name label may not.
+        let not_a_label = |key: &str| RegisterError::Other {
+            message: format!(
+                "host '{key}' made from the id is not a DNS label (at most 63 letters, digits and '-'); \
+                 ask for another host prefix"
+            ),
+        };
         let Some(prefix) = prefix else {
-            return Ok(user.to_ascii_lowercase());
+            let key = user.to_ascii_lowercase();
+            return if is_label(&key) { Ok(key) } else { Err(not_a_label(&key)) };
         };
         let refuse =
             |why: &str| RegisterError::HostNotAllowed { prefix: prefix.to_owned(), why: why.to_owned() };
@@ -115,7 +123,15 @@ impl Hosts {
             return Err(refuse(": it matches no host-regex of the server"));
         }
         let prefix = prefix.to_ascii_lowercase();
-        Ok(if rules.host_with_id { format!("{}-{prefix}", user.to_ascii_lowercase()) } else { prefix })
+        if !rules.host_with_id {
+            return Ok(prefix);
+        }
+        let key = format!("{}-{prefix}", user.to_ascii_lowercase());
+        if is_label(&key) {
+            Ok(key)
+        } else {
+            Err(not_a_label(&key))
+        }
     }
 
     /// Records `key` for a service of `session`, within the user's host-number.
@@ -265,5 +281,11 @@ mod tests {
         let rules = Rules::resolve(&config, None).unwrap();
         assert_eq!(hosts.key_for(&rules, "id1", Some("web")).unwrap(), "id1-web");
         assert!(hosts.key_for(&rules, "id1", Some("a.b")).is_err());
+        assert!(hosts.key_for(&rules, "a@b.c", Some("web")).is_err(), "ids may hold what labels may not");
+        assert!(hosts.key_for(&rules, &"x".repeat(60), Some("web")).is_err(), "too long with the id");
+        config.host_with_id = false;
+        let rules = Rules::resolve(&config, None).unwrap();
+        assert!(hosts.key_for(&rules, "a_b", None).is_err());
+        assert_eq!(hosts.key_for(&rules, "a_b", Some("web")).unwrap(), "web");
     }
 }

@@ -1,4 +1,8 @@
 //! A new connection from a client: TLS, preamble, then the control or data path.
+//!
+//! On the TLS listener a banned source is closed right after accept, before any TLS
+//! work: it gets no refusal message (there is no channel to say it on), and HTTPS
+//! visitors from it are turned away too while the ban lasts.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +13,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use super::bans::Offender;
 use super::{http, session, ServerShared};
 use crate::proto::{
     fill_to, read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello, LinkKind,
@@ -28,6 +33,10 @@ pub(super) async fn serve_link(
     http_only: bool,
     handshake: OwnedSemaphorePermit,
 ) {
+    if tls.is_some() && shared.bans.banned(&Offender::source(peer.ip())).is_some() {
+        // No TLS handshake for a banned source, and no way to say why without one.
+        return debug!(%peer, "banned address on the TLS port; closing before the handshake");
+    }
     let _ = tcp.set_nodelay(true);
     let limit = shared.config.handshake_timeout;
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -92,7 +101,7 @@ async fn open_link(
 
 /// Drops a link whose preamble was wrong; a ferry of another version is told why first.
 async fn refuse_link(stream: Option<Stream>, err: ProtocolError, peer: SocketAddr) {
-    debug!(%peer, %err, "link refused");
+    debug!(%peer, ?err, "link refused");
     if let (Some(mut stream), ProtocolError::VersionMismatch { peer: client, ours }) = (stream, err) {
         let refusal = LoginRefusal::VersionMismatch { server: ours, client };
         let _ = write_frame(&mut stream, &ServerMessage::LoginRefused { refusal }).await;
@@ -105,7 +114,7 @@ async fn attach_data(shared: &ServerShared, mut stream: Stream, mut read: BytesM
     let hello = tokio::time::timeout(limit, read_frame_buffered::<_, DataHello>(&mut stream, &mut read));
     let hello = match hello.await {
         Ok(Ok(hello)) => hello,
-        Ok(Err(err)) => return debug!(%peer, %err, "bad data hello"),
+        Ok(Err(err)) => return debug!(%peer, ?err, "bad data hello"),
         Err(_) => return debug!(%peer, "data hello timed out"),
     };
     if !read.is_empty() {

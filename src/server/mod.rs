@@ -11,6 +11,7 @@ pub mod hooks;
 mod hosts;
 mod http;
 mod link;
+mod login;
 mod pool;
 mod proxy_header;
 mod registry;

@@ -9,16 +9,15 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use super::api::views;
-use super::bans::Offender;
 use super::hooks::ClientInfo;
 use super::pool::{DataPool, IDLE_TTL};
 use super::tunnel::Tunnel;
-use super::users::{Account, Counted, Grant, Rules, Slot, Users};
-use super::{http, tcp, ServerShared};
-use crate::auth::{verify_login, Ephemeral, ReplayGuard, SessionKey, VerifiedLogin};
+use super::users::{Account, Counted, Grant, Slot, Users};
+use super::{http, login, tcp, ServerShared};
+use crate::auth::{ReplayGuard, SessionKey};
 use crate::config::PortRange;
 use crate::proto::{
     Answer, ClientMessage, CloseReason, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, Query,
@@ -179,7 +178,7 @@ pub(crate) async fn serve_control(
     tls: bool,
     handshake: OwnedSemaphorePermit,
 ) {
-    let Some(accepted) = login(&shared, &mut chan, peer, tls).await else {
+    let Some(accepted) = login::login(&shared, &mut chan, peer, tls).await else {
         return;
     };
     drop(handshake);
@@ -254,115 +253,6 @@ pub(crate) async fn serve_control(
 
 fn heartbeat_interval(timeout: Duration) -> Duration {
     (timeout / 3).max(Duration::from_millis(10))
-}
-
-/// A login the server accepted.
-struct Accepted {
-    verified: VerifiedLogin,
-    instance: String,
-    tags: Vec<String>,
-    rules: Arc<Rules>,
-    grant: Grant,
-}
-
-/// Sends the challenge and checks the answer; on failure tells the client why.
-async fn login(
-    shared: &ServerShared,
-    chan: &mut ControlChannel<Stream>,
-    peer: SocketAddr,
-    tls: bool,
-) -> Option<Accepted> {
-    let addr = Offender::Addr(peer.ip().to_canonical());
-    // A banned address is answered before any cryptographic work.
-    if let Some(left) = shared.bans.banned(&addr) {
-        debug!(%peer, "refusing a banned address");
-        return refuse_banned(chan, left).await;
-    }
-    let started = Instant::now();
-    let nonce = rand::random::<[u8; 32]>();
-    let ephemeral = Ephemeral::generate();
-    // The secret is asked for (for the auth API) only where it travels inside TLS or stays on this host.
-    let wants_secret =
-        shared.users.directory().wants_secret() && (tls || peer.ip().to_canonical().is_loopback());
-    let challenge = ServerMessage::Challenge { nonce, ephemeral_key: ephemeral.public, wants_secret };
-    chan.send(&challenge).await.ok()?;
-    let login = match chan.recv_timeout::<ClientMessage>(shared.config.handshake_timeout).await {
-        Ok(login) => login,
-        Err(err) => {
-            debug!(%peer, %err, "no valid login");
-            if matches!(err, ProtocolError::Malformed(_)) && shared.bans.failed(addr) {
-                warn!(%peer, "address banned after repeated failed logins");
-            }
-            let refusal = LoginRefusal::Malformed { message: err.to_string() };
-            let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
-            return None;
-        }
-    };
-    let (id, instance, tags) = match &login {
-        ClientMessage::Login { id, instance, tags, .. } => {
-            (Offender::Id(id.clone()), instance.clone(), valid_tags(tags))
-        }
-        _ => (Offender::Id(String::new()), String::new(), Vec::new()),
-    };
-    if let Some(left) = shared.bans.banned(&id) {
-        debug!(%peer, "refusing a banned id");
-        return refuse_banned(chan, left).await;
-    }
-    let outcome = match verify_login(&login, &nonce, &ephemeral) {
-        Ok(verified) => match shared.users.authorize(&verified, peer, shared.hooks()).await {
-            Ok((rules, grant)) => Ok((verified, rules, grant)),
-            Err(refusal) => Err(refusal),
-        },
-        Err(refusal) => Err(refusal),
-    };
-    match outcome {
-        Ok((verified, rules, grant)) => {
-            shared.metrics.handshake(started.elapsed());
-            shared.bans.succeeded(&addr);
-            shared.bans.succeeded(&id);
-            Some(Accepted { verified, instance, tags, rules, grant })
-        }
-        Err(refusal) if !matches!(refusal, LoginRefusal::AuthFailed { .. }) => {
-            // Not the client's fault (API down) or not a guess (no secret given): no ban.
-            warn!(%peer, %refusal, "login refused");
-            let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
-            None
-        }
-        Err(refusal) => {
-            shared.metrics.auth_failed();
-            warn!(%peer, %refusal, "login refused");
-            for who in [addr, id] {
-                if shared.bans.failed(who.clone()) {
-                    shared.metrics.banned();
-                    warn!(%peer, ?who, "banned after repeated failed logins");
-                }
-            }
-            let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
-            None
-        }
-    }
-}
-
-/// Most tags a client may carry, and the longest tag.
-const MAX_TAGS: usize = 16;
-const MAX_TAG_LEN: usize = 64;
-
-/// The client's tags that are well-formed (letters, digits, `-`, `_`, `.`), at most `MAX_TAGS`.
-fn valid_tags(tags: &[String]) -> Vec<String> {
-    tags.iter()
-        .filter(|t| {
-            (1..=MAX_TAG_LEN).contains(&t.len())
-                && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        })
-        .take(MAX_TAGS)
-        .cloned()
-        .collect()
-}
-
-async fn refuse_banned(chan: &mut ControlChannel<Stream>, left: Duration) -> Option<Accepted> {
-    let refusal = LoginRefusal::Banned { seconds: left.as_secs().max(1) };
-    let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
-    None
 }
 
 /// Stops every tunnel and visitor of the session, then forgets it.
@@ -451,7 +341,9 @@ impl Control<'_> {
                 self.session.pong(seq);
                 Ok(())
             }
-            ClientMessage::Login { .. } => Err(ProtocolError::Malformed("login sent twice".into())),
+            ClientMessage::Hello { .. } | ClientMessage::Login { .. } => {
+                Err(ProtocolError::Malformed("login sent twice".into()))
+            }
         }
     }
 

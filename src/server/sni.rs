@@ -49,7 +49,7 @@ pub(crate) async fn serve_visitor(
             },
         };
         let Some(route) = route else {
-            return debug!(%peer, %name, "no tunnel for this TLS server name; closing");
+            return debug!(%peer, ?name, "no tunnel for this TLS server name; closing");
         };
         if !visitor_allowed(&shared, &route.session, &route.tunnel, peer) {
             return;
@@ -59,7 +59,7 @@ pub(crate) async fn serve_visitor(
             Err(Refusal::UserLimit { limit }) => {
                 return warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
             }
-            Err(refusal) => return info!(%peer, %name, ?refusal, "visitor refused by the tunnel's limits"),
+            Err(refusal) => return info!(%peer, ?name, ?refusal, "visitor refused by the tunnel's limits"),
         };
         if attempt == 1 {
             shared.metrics.visitor();
@@ -68,10 +68,10 @@ pub(crate) async fn serve_visitor(
             if route.session.closing.is_cancelled() {
                 continue;
             }
-            return debug!(%peer, %name, "no free data connection; closing");
+            return debug!(%peer, ?name, "no free data connection; closing");
         };
         let open = OpenStream { service: route.tunnel.service, visitor: peer };
-        let span = tracing::debug_span!("tls visitor", %peer, %name);
+        let span = tracing::debug_span!("tls visitor", %peer, ?name);
         let idle = shared.config.idle_limit();
         let read_ahead = if attempt == 1 { hello.len() } else { 0 };
         let relay = relay_visitor(
@@ -87,7 +87,7 @@ pub(crate) async fn serve_visitor(
             return;
         }
     }
-    debug!(%peer, %name, "no client answered; closing");
+    debug!(%peer, ?name, "no client answered; closing");
 }
 
 /// The routing key of a passthrough host; kept apart from HTTP hosts of the same name.

@@ -9,14 +9,16 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
 use regex::Regex;
 use subtle::ConstantTimeEq;
-use tracing::warn;
+use tokio::time::Instant;
+use tracing::{debug, error, warn};
 
 use super::auth_api::{ApiAnswer, AuthApi};
 use super::hooks::ServerHooks;
-use crate::auth::{user_signing_key, VerifiedLogin};
+use crate::auth::{is_valid_id, user_signing_key, VerifiedLogin, ID_RULE};
 use crate::config::{ServerConfig, TcpAllowance, UserConfig};
 use crate::proto::LoginRefusal;
 use crate::throttle::{Bucket, Traffic};
@@ -93,6 +95,9 @@ impl Directory {
     pub(crate) fn new(config: &ServerConfig) -> Result<Directory, String> {
         let mut known = HashMap::new();
         for (id, user) in &config.users {
+            if !is_valid_id(id) {
+                return Err(format!("user {id:?}: not a valid id; use {ID_RULE}"));
+            }
             let rules = Rules::resolve(config, Some(user)).map_err(|e| format!("user {id}: {e}"))?;
             let public_key = user_signing_key(id, &user.secret).verifying_key().to_bytes();
             known.insert(id.clone(), Known { public_key, rules: Arc::new(rules) });
@@ -140,8 +145,9 @@ pub(crate) enum Grant {
 /// The server's users: the current directory and the accounts of connected users.
 pub(crate) struct Users {
     directory: RwLock<Arc<Directory>>,
-    /// Keys learned under allow-any-client; kept across reloads.
-    learned: Mutex<HashMap<String, [u8; 32]>>,
+    /// Keys learned under allow-any-client; kept across reloads, never more than `max_learned`.
+    learned: Mutex<Learned>,
+    max_learned: usize,
     accounts: Mutex<HashMap<String, Weak<Account>>>,
     /// Bytes per user, kept while the server runs.
     traffic: Mutex<HashMap<String, Arc<Traffic>>>,
@@ -150,11 +156,55 @@ pub(crate) struct Users {
 /// Most users with their own traffic counters (allow-any-client could mint ids without end).
 const MAX_TRAFFIC_ENTRIES: usize = 100_000;
 
+/// Most ids allow-any-client remembers (with ids of at most 64 bytes, some 20 MB). Past it,
+/// new ids are refused rather than old ones forgotten: a forgotten id could be taken over
+/// by whoever logs in with it next, under another secret.
+const MAX_LEARNED_IDS: usize = 100_000;
+
+/// How often a full table of learned ids is logged as a warning.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// The first key seen for each id under allow-any-client.
+#[derive(Default)]
+struct Learned {
+    keys: HashMap<String, [u8; 32]>,
+    /// When "no room for new ids" was last logged as a warning, and refusals since.
+    warned: Option<Instant>,
+    refused: u64,
+}
+
+impl Learned {
+    /// Whether `key` is the key of `id`, learning it if `id` is new and there is room;
+    /// `None` when `id` is new and the table is full.
+    fn matches(&mut self, id: &str, key: &[u8; 32], max: usize) -> Option<bool> {
+        if let Some(first) = self.keys.get(id) {
+            return Some(first.ct_eq(key).into());
+        }
+        if self.keys.len() >= max {
+            self.refused += 1;
+            if !self.warned.is_some_and(|at| at.elapsed() < FULL_WARNING_EVERY) {
+                warn!(
+                    ids = self.keys.len(),
+                    refused = self.refused,
+                    "allow-any-client remembers the most ids it keeps; refusing new ids until a restart"
+                );
+                (self.warned, self.refused) = (Some(Instant::now()), 0);
+            } else {
+                debug!(id, "new id refused: no room for more ids");
+            }
+            return None;
+        }
+        self.keys.insert(id.to_owned(), *key);
+        Some(true)
+    }
+}
+
 impl Users {
     pub(crate) fn new(directory: Directory) -> Self {
         Users {
             directory: RwLock::new(Arc::new(directory)),
             learned: Mutex::default(),
+            max_learned: MAX_LEARNED_IDS,
             accounts: Mutex::default(),
             traffic: Mutex::default(),
         }
@@ -218,27 +268,32 @@ impl Users {
                 }
                 Ok(ApiAnswer::Denied) => Err(refused()),
                 Err(err) => {
-                    warn!(id = %login.id, %err, "auth API unavailable; refusing the login");
+                    error!(id = %login.id, %err, "auth API unavailable; refusing the login");
                     Err(LoginRefusal::AuthUnavailable)
                 }
             };
         }
         if directory.allow_any_client {
             let mut learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
-            let first = learned.entry(login.id.clone()).or_insert(login.public_key);
-            let matches: bool = first.ct_eq(&login.public_key).into();
-            return if matches { Ok((directory.defaults.clone(), Grant::Learned)) } else { Err(refused()) };
+            return match learned.matches(&login.id, &login.public_key, self.max_learned) {
+                Some(true) => Ok((directory.defaults.clone(), Grant::Learned)),
+                Some(false) => Err(refused()),
+                None => Err(LoginRefusal::TooManyIds),
+            };
         }
         Err(refused())
     }
 
     /// Whether a session that logged in as `id` with `public_key` may stay after a reload.
+    /// A user configured before and not now leaves, even where allow-any-client or the
+    /// auth API could let the id in: the operator removed the user, so the client must
+    /// log in again and be judged by what the server now says.
     pub(crate) fn still_allowed(&self, id: &str, public_key: &[u8; 32], grant: Grant) -> bool {
         let directory = self.directory();
         match directory.known.get(id) {
             Some(known) => known.public_key.ct_eq(public_key).into(),
             None => match grant {
-                Grant::Known => directory.allow_any_client || directory.api.is_some(),
+                Grant::Known => false,
                 Grant::Learned => directory.allow_any_client,
                 Grant::Api => directory.api.is_some(),
                 Grant::Hook => true,
@@ -379,6 +434,40 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::{client_login, verify_login, Ephemeral, Secret};
+    use crate::server::hooks::NoHooks;
+
+    fn verified(id: &str, secret: &str) -> VerifiedLogin {
+        let (nonce, ephemeral) = ([1u8; 32], Ephemeral::generate());
+        let (login, _) = client_login(id, &Secret::new(secret), &nonce, &ephemeral.public, false);
+        verify_login(id, &login, &nonce, &ephemeral).unwrap()
+    }
+
+    #[tokio::test]
+    async fn allow_any_client_learns_a_bounded_number_of_ids_and_forgets_none() {
+        let config = ServerConfig { allow_any_client: true, ..ServerConfig::default() };
+        let mut users = Users::new(Directory::new(&config).unwrap());
+        users.max_learned = 2;
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let refusal = |id: &str| LoginRefusal::AuthFailed { id: id.into() };
+        for id in ["a", "b"] {
+            assert!(users.authorize(&verified(id, "s"), peer, &NoHooks).await.is_ok());
+        }
+        for id in ["c", "d"] {
+            let refused = users.authorize(&verified(id, "s"), peer, &NoHooks).await.err();
+            assert_eq!(refused, Some(LoginRefusal::TooManyIds), "{id}");
+        }
+        // Learned ids keep their first key: still in with it, still refused with another.
+        assert!(users.authorize(&verified("a", "s"), peer, &NoHooks).await.is_ok());
+        assert_eq!(users.authorize(&verified("b", "t"), peer, &NoHooks).await.err(), Some(refusal("b")));
+        assert_eq!(users.learned.lock().unwrap().keys.len(), 2);
+    }
+
+    #[test]
+    fn configured_ids_must_be_valid() {
+        let config = ServerConfig::default().with_user("bad id", "s");
+        assert!(Directory::new(&config).err().is_some_and(|e| e.contains("not a valid id")));
+    }
 
     #[test]
     fn user_settings_override_the_server_ones() {

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
-use ferry::{AuthApiConfig, Client, ClientError, LoginRefusal, ServerConfig, ServiceConfig};
+use ferry::{AuthApiConfig, Client, ClientError, ClientState, LoginRefusal, ServerConfig, ServiceConfig};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -152,4 +152,32 @@ fn the_api_must_be_https_or_on_loopback() {
     };
     let error = options.into_config().unwrap_err();
     assert!(error.contains("auth-api") && error.contains("loopback"), "{error}");
+}
+
+/// A user removed from the configured users is disconnected on reload even though an auth
+/// API could let the id in; logging in again is up to the API (which refuses "leaving").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_disconnects_removed_users_despite_the_api() {
+    within(30, async {
+        let (api, _seen) = auth_api().await;
+        let config = with_api(api).with_user("leaving", "s");
+        let server = start_server(config.clone()).await;
+        let leaving = login(server.local_addr(), "leaving", "s").await.expect("a configured user");
+        let staying = login(server.local_addr(), "good", "good").await.expect("an API user");
+        let mut leaving_state = leaving.state();
+
+        let mut reloaded = config.clone();
+        reloaded.users.remove("leaving");
+        assert_eq!(server.reload(&reloaded).unwrap(), 1, "the removed user's session was not closed");
+        let dropped = leaving_state.wait_for(|s| !matches!(s, ClientState::Connected { .. })).await.is_ok();
+        assert!(dropped, "the removed user's client stayed connected");
+        assert_eq!(
+            refusal(login(server.local_addr(), "leaving", "s").await),
+            Some(LoginRefusal::AuthFailed { id: "leaving".into() }),
+            "the API decides now"
+        );
+        assert!(matches!(staying.state().borrow().clone(), ClientState::Connected { .. }), "API users stay");
+        server.shutdown().await;
+    })
+    .await
 }

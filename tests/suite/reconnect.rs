@@ -3,10 +3,8 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use ferry::auth::{client_login, Ephemeral, Secret};
-use ferry::proto::{
-    read_preamble, write_preamble, ClientMessage, ControlChannel, LinkKind, ServerMessage, ServiceSpec,
-};
+use ferry::auth::Ephemeral;
+use ferry::proto::{read_preamble, ClientMessage, ControlChannel, LinkKind, ServerMessage, ServiceSpec};
 use ferry::{Client, ClientState, Server, ServiceConfig};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -90,15 +88,8 @@ async fn server_drops_a_silent_client_after_the_heartbeat_timeout() {
 }
 
 async fn silent_client_kept(server: std::net::SocketAddr, port: u16) {
-    let mut stream = TcpStream::connect(server).await.unwrap();
-    write_preamble(&mut stream, LinkKind::Control).await.unwrap();
-    let mut chan = ControlChannel::new(stream);
-    let ServerMessage::Challenge { nonce, ephemeral_key, .. } = chan.recv().await.unwrap() else {
-        panic!("no challenge")
-    };
-    let (login, _) = client_login("id1", &Secret::new("secret1"), &nonce, &ephemeral_key, "silent", false);
-    chan.send(&login).await.unwrap();
-    let ServerMessage::Welcome { .. } = chan.recv().await.unwrap() else { panic!("no welcome") };
+    let stream = TcpStream::connect(server).await.unwrap();
+    let mut chan = raw::login_by_hand(stream, "id1", "secret1", "silent").await.expect("welcome");
     let spec =
         ServiceSpec::Tcp { name: "silent".into(), port: Some(port), random: false, proxy_protocol: None };
     chan.send(&ClientMessage::Register { request: 1, spec, control: Default::default() }).await.unwrap();
@@ -139,6 +130,7 @@ async fn client_notices_a_silent_server() {
                     continue;
                 }
                 let mut chan = ControlChannel::new(stream);
+                let _hello: ClientMessage = chan.recv().await.unwrap();
                 let ephemeral = Ephemeral::generate();
                 let challenge = ServerMessage::Challenge {
                     nonce: [1; 32],

@@ -1,9 +1,12 @@
 //! TLS between client and server, with a certificate made in the test.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::common::*;
-use ferry::{Client, RemoteAddr, RemoteTrust, ServiceConfig};
+use ferry::{Client, LoginRefusal, RemoteAddr, RemoteTrust, ServiceConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Certs {
     _dir: tempfile::TempDir,
@@ -89,10 +92,70 @@ async fn plain_client_on_the_tls_port_fails_cleanly() {
         let certs = make_certs();
         let server = tls_server(&certs).await;
         let mut config = client_config(server.tls_local_addr().unwrap(), "id1", "secret1");
-        config.remote_timeout = std::time::Duration::from_secs(3);
+        config.remote_timeout = Duration::from_secs(3);
         assert!(Client::connect(config).await.is_err());
         // The server still serves TLS clients.
         Client::connect(tls_client_config(&server, RemoteTrust::Insecure)).await.unwrap().shutdown().await;
+    })
+    .await
+}
+
+/// A real ClientHello for `localhost`.
+fn client_hello() -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = "localhost".try_into().unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    hello
+}
+
+/// What the server sends back to a ClientHello from `source`, until it closes or 64 bytes.
+async fn answer_to_client_hello(source: &str, server: std::net::SocketAddr) -> Vec<u8> {
+    let mut stream = raw::connect_from(source, server).await;
+    stream.write_all(&client_hello()).await.unwrap();
+    let mut got = vec![0u8; 64];
+    let mut len = 0;
+    while len < got.len() {
+        match stream.read(&mut got[len..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
+    }
+    got.truncate(len);
+    got
+}
+
+/// On the TLS port a banned address is closed before the TLS handshake: not one byte of
+/// a ServerHello comes back.
+#[tokio::test]
+async fn a_banned_address_gets_no_tls_handshake() {
+    within(30, async {
+        let certs = make_certs();
+        let mut config = server_config();
+        config.tls_addr = Some("127.0.0.1:0".parse().unwrap());
+        config.cert_file = vec![certs.cert.clone()];
+        config.key_file = vec![certs.key.clone()];
+        config.reconnect_times = 1;
+        config.reconnect_duration = Duration::from_secs(60);
+        // A server that held the banned connection open would time the test out, not pass it.
+        config.handshake_timeout = Duration::from_secs(60);
+        let server = start_server(config).await;
+        let tls = server.tls_local_addr().unwrap();
+        assert!(!answer_to_client_hello("127.0.0.71", tls).await.is_empty(), "no ServerHello before the ban");
+
+        let stream = raw::connect_from("127.0.0.71", server.local_addr()).await;
+        let refusal = raw::login_by_hand(stream, "id1", "wrong", "t").await.err();
+        assert!(matches!(refusal, Some(LoginRefusal::AuthFailed { .. })), "{refusal:?}");
+        let answer = answer_to_client_hello("127.0.0.71", tls).await;
+        assert!(answer.is_empty(), "a banned address got {} bytes of TLS handshake", answer.len());
+        // Other addresses still get theirs.
+        assert!(!answer_to_client_hello("127.0.0.72", tls).await.is_empty());
     })
     .await
 }

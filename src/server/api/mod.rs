@@ -172,7 +172,7 @@ async fn require_token(
         return next.run(request).await;
     }
     let peer = request.extensions().get::<Peer>().map(|p| p.0);
-    let offender = peer.map(|p| Offender::Addr(p.ip().to_canonical()));
+    let offender = peer.map(|p| Offender::source(p.ip()));
     if let Some(left) = offender.as_ref().and_then(|o| shared.bans.banned(o)) {
         let message = format!("banned for {} more second(s)", left.as_secs().max(1));
         return error(StatusCode::FORBIDDEN, &message);

@@ -5,15 +5,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry::auth::{client_login, Secret};
-use ferry::proto::{write_preamble, ControlChannel, LinkKind, ServerMessage};
-use ferry::{
-    Client, ClientConfig, LoginRefusal, RemoteAddr, Server, ServerConfig, ServerHandle, ServiceConfig,
-};
+use ferry::{Client, ClientConfig, RemoteAddr, Server, ServerConfig, ServerHandle, ServiceConfig};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Fails the test instead of hanging it.
 pub async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
@@ -128,24 +124,9 @@ pub async fn login_from(
     server: SocketAddr,
     id: &str,
     secret: &str,
-) -> Result<(), LoginRefusal> {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let mut stream = socket.connect(server).await.unwrap();
-    write_preamble(&mut stream, LinkKind::Control).await.unwrap();
-    let mut chan = ControlChannel::new(stream);
-    let (nonce, ephemeral_key) = match chan.recv::<ServerMessage>().await.unwrap() {
-        ServerMessage::Challenge { nonce, ephemeral_key, .. } => (nonce, ephemeral_key),
-        ServerMessage::LoginRefused { refusal } => return Err(refusal),
-        other => panic!("unexpected {other:?}"),
-    };
-    let (login, _) = client_login(id, &Secret::new(secret), &nonce, &ephemeral_key, "test", false);
-    chan.send(&login).await.unwrap();
-    match chan.recv::<ServerMessage>().await.unwrap() {
-        ServerMessage::Welcome { .. } => Ok(()),
-        ServerMessage::LoginRefused { refusal } => Err(refusal),
-        other => panic!("unexpected {other:?}"),
-    }
+) -> Result<(), ferry::LoginRefusal> {
+    let stream = raw::connect_from(source, server).await;
+    raw::login_by_hand(stream, id, secret, "test").await.map(drop)
 }
 
 pub mod http;
@@ -161,3 +142,5 @@ pub fn self_signed_acceptor(dir: &std::path::Path) -> (tokio_rustls::TlsAcceptor
     let acceptor = ferry::transport::server_tls_acceptor(&[(cert.clone(), key)], Default::default()).unwrap();
     (acceptor, cert)
 }
+
+pub mod raw;
