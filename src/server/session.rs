@@ -25,9 +25,6 @@ use crate::proto::{
 };
 use crate::transport::Stream;
 
-/// Most free ports one query returns.
-const MAX_FREE_PORTS: usize = 1000;
-
 /// Most tunnels one session may hold.
 const MAX_SERVICES_PER_SESSION: usize = 1024;
 
@@ -426,7 +423,7 @@ async fn answer(shared: &ServerShared, session: &SessionShared, query: Query) ->
         }
         Query::FreePorts { limit } => {
             let ranges: Vec<PortRange> = session.account.rules().tcp.iter().map(|a| a.range).collect();
-            let limit = usize::try_from(limit).unwrap_or(usize::MAX).min(MAX_FREE_PORTS);
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX).min(views::MAX_FREE_PORTS);
             Answer::FreePorts { ports: views::free_ports_in(shared, &ranges, limit).await }
         }
     }
