@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Measures ferry, rathole and a direct connection to nginx/iperf3 on loopback.
+"""Measures ferry, rathole, bore and a direct connection to nginx/iperf3 on loopback.
 
 Every figure of every target is taken in the same run, alternating targets in
-each round, and the median of the rounds is reported. Called by bench/run.sh."""
+each round, and the median of the rounds is reported. Called by bench/run.sh.
+FERRY_BIN overrides the ferry binary (default target/release/ferry), RESULTS the
+output file (default bench/RESULTS.md)."""
 import datetime
 import os
 import re
@@ -16,15 +18,18 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FERRY = os.path.join(ROOT, "target", "release", "ferry")
+FERRY = os.environ.get("FERRY_BIN", os.path.join(ROOT, "target", "release", "ferry"))
+RESULTS = os.environ.get("RESULTS", os.path.join(ROOT, "bench", "RESULTS.md"))
 DURATION = int(os.environ.get("DURATION", "10"))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 IDLE = int(os.environ.get("IDLE", "1000"))
 NGINX, IPERF, NGINX_TLS = 18080, 15201, 18443
 FERRY_TLS = 17443
+BORE_CONTROL = 7835  # fixed in bore, no option to change it
 HOST = "web.bench.test"
-PORTS = {"direct": (NGINX, IPERF), "ferry": (17080, 17201), "rathole": (27080, 27201)}
-TARGETS = ["direct", "ferry", "rathole"]
+PORTS = {"direct": (NGINX, IPERF), "ferry": (17080, 17201), "rathole": (27080, 27201), "bore": (37080, 37201)}
+TARGETS = ["direct", "ferry", "rathole", "bore"]
+TUNNELS = TARGETS[1:]
 
 work = tempfile.mkdtemp(prefix="ferry-bench-")
 os.chmod(work, 0o755)
@@ -55,6 +60,25 @@ def wait_http(port, what):
         except Exception:
             time.sleep(0.05)
     sys.exit(f"{what} never answered on port {port}")
+
+
+def listening(port):
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+def wait_listen(port, what):
+    # Only looks for the listening socket: a probe connection would reach the service behind.
+    for _ in range(200):
+        if listening(port):
+            return
+        time.sleep(0.05)
+    sys.exit(f"{what} never listened on port {port}")
 
 
 def make_cert():
@@ -137,6 +161,24 @@ local_addr = "127.0.0.1:{IPERF}"
     return server, client
 
 
+def start_bore():
+    # bore has no config file and one tunnel per `bore local`, so one client per service;
+    # the remote ports are fixed with --port inside the server's --min-port/--max-port.
+    if listening(BORE_CONTROL):
+        sys.exit(f"port {BORE_CONTROL} (bore's fixed control port) is already in use")
+    secret = secrets.token_hex(16)
+    env = dict(os.environ, RUST_LOG="warn")
+    server = start(["bore", "server", "--bind-addr", "127.0.0.1", "--min-port", "37001", "--max-port", "37999",
+                    "--secret", secret], env=env)
+    wait_listen(BORE_CONTROL, "bore server")
+    clients = [start(["bore", "local", "--local-host", "127.0.0.1", "--to", "127.0.0.1", "--port", str(remote),
+                      "--secret", secret, str(local)], env=env)
+               for local, remote in ((NGINX, PORTS["bore"][0]), (IPERF, PORTS["bore"][1]))]
+    wait_http(PORTS["bore"][0], "bore")
+    wait_listen(PORTS["bore"][1], "bore")
+    return (server, *clients)
+
+
 def wrk(port, close, host=None, scheme="http"):
     args = ["wrk", "-t2", "-c100", f"-d{DURATION}s", "--latency"]
     if close:
@@ -175,20 +217,28 @@ def version(args):
 
 
 def main():
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # run the cleanup below
     start_nginx()
     start([ "iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF)])
     time.sleep(0.3)
-    tunnels = {"ferry": start_ferry(), "rathole": start_rathole()}
+    starters = {"ferry": start_ferry, "rathole": start_rathole, "bore": start_bore}
+    tunnels = {t: starters[t]() for t in TUNNELS}
     figures = {t: {"ka": [], "ka99": [], "close": [], "close99": [], "iperf": []} for t in TARGETS}
     web = {k: [] for k in ("host_ka", "host_close", "tls_ka", "tls_direct_ka")}
     notes = []
     for round_no in range(ROUNDS):
         # Rotate the order each round, so no target always runs right after another.
-        order = TARGETS[round_no % 3:] + TARGETS[:round_no % 3]
+        shift = round_no % len(TARGETS)
+        order = TARGETS[shift:] + TARGETS[:shift]
         for close in (False, True):
             for target in order:
-                rps, p99, err = wrk(PORTS[target][0], close)
                 key = "close" if close else "ka"
+                try:
+                    rps, p99, err = wrk(PORTS[target][0], close)
+                except (subprocess.CalledProcessError, AttributeError) as e:
+                    notes.append(f"round {round_no + 1} {target} {key}: wrk gave no figure ({e})")
+                    print(notes[-1], flush=True)
+                    continue
                 figures[target][key].append(rps)
                 figures[target][key + "99"].append(p99)
                 if err.strip():
@@ -208,30 +258,62 @@ def main():
                 notes.append(f"round {round_no + 1} {key}: {err.strip()}")
             print(f"round {round_no + 1} {key:14} {rps:10.0f} req/s p99 {p99:7.2f} ms {err}", flush=True)
         for target in order:
-            gbps = iperf(PORTS[target][1])
+            try:
+                gbps = iperf(PORTS[target][1])
+            except (subprocess.CalledProcessError, KeyError, ValueError) as e:
+                notes.append(f"round {round_no + 1} {target} iperf3: no figure ({e})")
+                print(notes[-1], flush=True)
+                continue
             figures[target]["iperf"].append(gbps)
             print(f"round {round_no + 1} {target:8} iperf3 {gbps:.2f} Gbit/s", flush=True)
     # Memory: fresh processes, so the peak is that of the idle phase alone.
+    # bore runs one client process per service: its client figure is the sum of the two.
     memory = {}
-    for target, starter in (("ferry", start_ferry), ("rathole", start_rathole)):
+    for target in TUNNELS:
         for proc in tunnels[target]:
             stop(proc)
-        tunnels[target] = starter()
-        memory[target] = idle_memory(PORTS[target][0], [p.pid for p in tunnels[target]])
-        print(f"{target} peak RSS with {IDLE} idle visitors: server {memory[target][0]:.1f} MiB, client {memory[target][1]:.1f} MiB", flush=True)
+        tunnels[target] = starters[target]()
+        try:
+            server, *clients = idle_memory(PORTS[target][0], [p.pid for p in tunnels[target]])
+        except subprocess.CalledProcessError as e:
+            memory[target] = (None, None)
+            notes.append(f"{target} idle memory: no figure ({e.stderr.strip() or e})")
+            print(notes[-1], flush=True)
+            continue
+        memory[target] = (server, sum(clients))
+        print(f"{target} peak RSS with {IDLE} idle visitors: server {server:.1f} MiB, client {sum(clients):.1f} MiB", flush=True)
     write_results(figures, memory, notes, web)
 
 
 def med(values):
-    return statistics.median(values)
+    return statistics.median(values) if values else None
+
+
+def show(fmt, value):
+    return "n/a" if value is None else fmt.format(value)
+
+
+def ratio(a, b):
+    return "n/a" if a is None or b is None else f"{a / b:.2f}×"
+
+
+def of_direct(value, direct):
+    return "" if value is None or direct is None else f" ({value / direct:.0%} of direct)"
 
 
 def write_results(figures, memory, notes, web):
     f = {t: {k: med(v) for k, v in figures[t].items()} for t in TARGETS}
     def row(name, key, fmt, higher_better=True):
-        d, fe, r = f["direct"][key], f["ferry"][key], f["rathole"][key]
-        ratio = fe / r if higher_better else r / fe
-        return f"| {name} | {fmt.format(d)} | {fmt.format(fe)} ({fe / d:.0%} of direct) | {fmt.format(r)} ({r / d:.0%} of direct) | {ratio:.2f}× |"
+        d, fe = f["direct"][key], f["ferry"][key]
+        cells = [show(fmt, f[t][key]) + of_direct(f[t][key], d) for t in TUNNELS]
+        vs = [ratio(fe, f[t][key]) if higher_better else ratio(f[t][key], fe) for t in ("rathole", "bore")]
+        return f"| {name} | {show(fmt, d)} | {' | '.join(cells)} | {' | '.join(vs)} |"
+
+    def memory_row(name, i):
+        fe = memory["ferry"][i]
+        cells = [show("{:.1f}", memory[t][i]) for t in TUNNELS]
+        vs = [ratio(memory[t][i], fe) for t in ("rathole", "bore")]
+        return f"| {name} | – | {' | '.join(cells)} | {' | '.join(vs)} |"
     lines = [
         "# Benchmark results",
         "",
@@ -241,32 +323,39 @@ def write_results(figures, memory, notes, web):
         "",
         f"- ferry: {version([FERRY, '--version'])} (TCP transport, release build)",
         f"- rathole: {version(['rathole', '--version']).strip() or 'rathole'} 0.5.0 from crates.io (TCP transport, default config)",
+        f"- bore: {version(['bore', '--version'])} from crates.io (`bore server` with a secret, one `bore local` per service)",
         f"- nginx: {subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}",
         f"- wrk: {version(['wrk', '--version']) or 'Debian package'}; iperf3: {version(['iperf3', '--version'])}",
         "",
-        "The last column is ferry's advantage over rathole (above 1 is better for ferry; for latency and memory it is rathole's figure divided by ferry's).",
+        "The last two columns are ferry's advantage over rathole and over bore (above 1 is better for ferry;",
+        "for latency and memory it is the other tunnel's figure divided by ferry's).",
         "",
-        "| figure | direct | ferry | rathole | ferry vs rathole |",
-        "| --- | --- | --- | --- | --- |",
+        "| figure | direct | ferry | rathole | bore | ferry vs rathole | ferry vs bore |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
         row("HTTP keep-alive, requests/s", "ka", "{:,.0f}"),
         row("HTTP keep-alive, p99 latency (ms)", "ka99", "{:.2f}", higher_better=False),
         row("HTTP `Connection: close`, requests/s", "close", "{:,.0f}"),
         row("HTTP `Connection: close`, p99 latency (ms)", "close99", "{:.2f}", higher_better=False),
         row("iperf3 single stream, Gbit/s", "iperf", "{:.2f}"),
     ]
-    fs, fc = memory["ferry"]
-    rs, rc = memory["rathole"]
     lines += [
-        f"| peak RSS, server, {IDLE} idle visitors (MiB) | – | {fs:.1f} | {rs:.1f} | {rs / fs:.2f}× |",
-        f"| peak RSS, client, {IDLE} idle visitors (MiB) | – | {fc:.1f} | {rc:.1f} | {rc / fc:.2f}× |",
+        memory_row(f"peak RSS, server, {IDLE} idle visitors (MiB)", 0),
+        memory_row(f"peak RSS, client, {IDLE} idle visitors (MiB)", 1),
+        "",
+        "Notes on bore: it has no config file and forwards one port per `bore local` process, so it runs",
+        "two clients (nginx, iperf3) and its client RSS is the sum of both peaks. Its control port is fixed",
+        f"at {BORE_CONTROL}. For every visitor the bore client opens a new TCP connection to the server's control",
+        "port (with a secret, a challenge-response round trip on it) before the data flows; there is no pool",
+        "of ready connections and no multiplexing, and the server's accept loop for a tunnel is one task",
+        "that also sends the heartbeat frame over the control connection before each accept.",
         "",
         "Virtual hosts and TLS termination (requests/s; rathole has neither, so ferry's routed figure",
         "is set against rathole's plain TCP tunnel to the same nginx, its nearest equivalent):",
         "",
         "| figure | direct | ferry | rathole (TCP tunnel) | ferry vs rathole |",
         "| --- | --- | --- | --- | --- |",
-        f"| host routing, keep-alive | {f['direct']['ka']:,.0f} | {med(web['host_ka']):,.0f} | {f['rathole']['ka']:,.0f} | {med(web['host_ka']) / f['rathole']['ka']:.2f}× |",
-        f"| host routing, `Connection: close` | {f['direct']['close']:,.0f} | {med(web['host_close']):,.0f} | {f['rathole']['close']:,.0f} | {med(web['host_close']) / f['rathole']['close']:.2f}× |",
+        f"| host routing, keep-alive | {show('{:,.0f}', f['direct']['ka'])} | {med(web['host_ka']):,.0f} | {show('{:,.0f}', f['rathole']['ka'])} | {ratio(med(web['host_ka']), f['rathole']['ka'])} |",
+        f"| host routing, `Connection: close` | {show('{:,.0f}', f['direct']['close'])} | {med(web['host_close']):,.0f} | {show('{:,.0f}', f['rathole']['close'])} | {ratio(med(web['host_close']), f['rathole']['close'])} |",
         f"| HTTPS keep-alive (TLS ended by nginx itself / by the ferry server) | {med(web['tls_direct_ka']):,.0f} | {med(web['tls_ka']):,.0f} | – | – |",
         "",
         "Raw rounds (requests/s keep-alive; requests/s close; Gbit/s):",
@@ -277,8 +366,8 @@ def write_results(figures, memory, notes, web):
                      f"{', '.join(f'{v:.0f}' for v in figures[t]['close'])}; "
                      f"{', '.join(f'{v:.2f}' for v in figures[t]['iperf'])}")
     if notes:
-        lines += ["", "wrk reported errors:", ""] + [f"- {n}" for n in notes]
-    with open(os.path.join(ROOT, "bench", "RESULTS.md"), "w") as out:
+        lines += ["", "Errors reported and figures not taken:", ""] + [f"- {n}" for n in notes]
+    with open(RESULTS, "w") as out:
         out.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -289,6 +378,7 @@ finally:
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     pid_file = os.path.join(work, "nginx.pid")
     if os.path.exists(pid_file):
         subprocess.run(["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work, "-s", "stop"])

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark entry point: installs the tools, builds ferry, then runs bench/bench.py,
-# which measures ferry, rathole and a direct connection in one run on loopback and
-# writes bench/RESULTS.md. Options via environment: DURATION (s per wrk run, 10),
-# ROUNDS (3), IDLE (visitors for the memory figure, 1000).
+# which measures ferry, rathole, bore and a direct connection in one run on loopback
+# and writes bench/RESULTS.md. Options via environment: DURATION (s per wrk run, 10),
+# ROUNDS (3), IDLE (visitors for the memory figure, 1000), RESULTS (output file),
+# FERRY_BIN (ferry binary, default target/release/ferry).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,8 +15,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
-# rathole 0.5.0 does not build with --locked on current Rust.
+# rathole 0.5.0 does not build with --locked on current Rust; bore-cli 0.6.0 does.
 command -v rathole >/dev/null 2>&1 || cargo install rathole
+command -v bore >/dev/null 2>&1 || cargo install --locked bore-cli
 cargo build --release --quiet
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
