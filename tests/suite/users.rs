@@ -114,7 +114,6 @@ async fn tcp_and_host_rules_are_per_user() {
     within(30, async {
         let dir = tempfile::tempdir().unwrap();
         let users_file = dir.path().join("users.yaml");
-        let low = free_port().await;
         std::fs::write(
             &users_file,
             "narrow:\n  secret: s\n  tcp:\n    - number: 1\n      range: 1024-65535\n  host: {number: 1}\n\
@@ -132,7 +131,7 @@ async fn tcp_and_host_rules_are_per_user() {
         let server = start_server(options.into_config().unwrap()).await;
         let echo = echo_server().await.to_string();
         let narrow = login(server.local_addr(), "narrow", "s").await.unwrap();
-        let _first = narrow.add_service(ServiceConfig::tcp(&echo).with_remote_port(low)).await.unwrap();
+        let _first = narrow.add_service(ServiceConfig::tcp(&echo)).await.unwrap();
         let second = narrow.add_service(ServiceConfig::tcp(&echo)).await;
         assert!(
             matches!(second, Err(ClientError::Register(RegisterError::PortLimit { limit: 1 }))),
