@@ -13,7 +13,6 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::pin;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -24,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+use crate::cancel::until_cancelled;
 use crate::proto::StreamStatus;
 
 /// First size of each relay buffer; a whole chunk (header included) fits in it.
@@ -103,12 +103,10 @@ where
     P: AsyncRead + AsyncWrite + Unpin + ?Sized,
     L: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    relay_chunked_until(plain, link, status, early, idle, &CancellationToken::new()).await
+    relay(plain, link, status, early, idle, None).await
 }
 
 /// [`relay_chunked`] that also stops (with an `Interrupted` error) when `stop` is cancelled.
-///
-/// The task registers with the token once; afterwards each wake-up only reads its flag.
 pub async fn relay_chunked_until<P, L>(
     plain: &mut P,
     link: &mut L,
@@ -121,18 +119,25 @@ where
     P: AsyncRead + AsyncWrite + Unpin + ?Sized,
     L: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    relay(plain, link, status, early, idle, Some(stop)).await
+}
+
+async fn relay<P, L>(
+    plain: &mut P,
+    link: &mut L,
+    status: Status,
+    early: BytesMut,
+    idle: Option<IdleLimit>,
+    stop: Option<&CancellationToken>,
+) -> Result<Relayed, RelayFailed>
+where
+    P: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    L: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let mut out = Outbound::new(status == Status::Send);
     let mut inbound = Inbound::new(status == Status::Expect, early);
     let mut watch = idle.map(IdleWatch::new);
-    let mut stopped = pin!(stop.cancelled());
-    let mut registered = false;
-    let relayed = poll_fn(|cx| {
-        // The waker of a spawned task stays the same, so one registration is enough.
-        let cancelled = if registered { stop.is_cancelled() } else { stopped.as_mut().poll(cx).is_ready() };
-        registered = true;
-        if cancelled {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::Interrupted, "the tunnel closed")));
-        }
+    let both_ways = poll_fn(|cx| {
         let out_done = out.poll(cx, &mut *plain, &mut *link)?.is_ready();
         let in_done = inbound.poll(cx, &mut *link, &mut *plain)?.is_ready();
         if out_done && in_done {
@@ -142,12 +147,18 @@ where
             watch.poll(cx, out.total, inbound.total)?;
         }
         Poll::Pending
-    })
-    .await;
+    });
+    let (relayed, stopped) = match stop {
+        Some(token) => match until_cancelled(token, both_ways).await {
+            Some(relayed) => (relayed, false),
+            None => (Err(io::Error::new(io::ErrorKind::Interrupted, "the tunnel closed")), true),
+        },
+        None => (both_ways.await, false),
+    };
     match relayed {
         Ok(()) => Ok(Relayed { out: out.total, r#in: inbound.total, leftover: inbound.leftover() }),
         Err(error) => {
-            let link_failed = out.link_failed || inbound.link_failed || stop.is_cancelled();
+            let link_failed = out.link_failed || inbound.link_failed || stopped;
             let unanswered = link_failed && inbound.expect_status && out.untouched();
             Err(RelayFailed { error, unanswered })
         }

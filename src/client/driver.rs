@@ -96,9 +96,9 @@ impl Wanted {
             CloseReason::MaxServeCount { count } => {
                 CloseReason::MaxServeCount { count: self.config.max_serve_count.unwrap_or(count) }
             }
-            CloseReason::MaxServeTime { millis } => CloseReason::MaxServeTime {
-                millis: self.config.control().max_serve_time_ms.unwrap_or(millis),
-            },
+            CloseReason::MaxServeTime { millis } => {
+                CloseReason::MaxServeTime { millis: self.config.max_serve_time_ms().unwrap_or(millis) }
+            }
             other => other,
         }
     }

@@ -167,8 +167,9 @@ impl DataPool {
         Ok(link)
     }
 
-    /// The local address of `service`, counting the visitor.
-    fn local_addr(&self, service: u32) -> Option<String> {
+    /// The local address of `service` for a new visitor, which is counted toward its
+    /// `max-serve-count`.
+    fn route_visitor(&self, service: u32) -> Option<String> {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
         let route = routes.get(&service)?;
         route.served.fetch_add(1, Ordering::Relaxed);
@@ -183,7 +184,7 @@ impl DataPool {
         service: u32,
         early: BytesMut,
     ) -> Option<(Stream, BytesMut)> {
-        let local_addr = self.local_addr(service);
+        let local_addr = self.route_visitor(service);
         let Some(local_addr) = local_addr else {
             warn!("visitor for an unknown service; closing");
             let _ = link.write_all(&[StreamStatus::LocalUnavailable as u8]).await;

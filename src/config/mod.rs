@@ -383,12 +383,17 @@ impl ServiceConfig {
         self
     }
 
+    /// `max_serve_time` in milliseconds, as the protocol carries it.
+    pub fn max_serve_time_ms(&self) -> Option<u64> {
+        self.max_serve_time.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
     /// The limits as the protocol carries them.
     pub fn control(&self) -> ServiceControl {
         ServiceControl {
             max_serve_conn: self.max_serve_conn,
             max_serve_count: self.max_serve_count,
-            max_serve_time_ms: self.max_serve_time.map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
+            max_serve_time_ms: self.max_serve_time_ms(),
             allow_ip: self.allow_ip.clone(),
             deny_ip: self.deny_ip.clone(),
             message: self.message.clone(),

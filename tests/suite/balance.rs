@@ -321,19 +321,11 @@ async fn an_http_client_killed_mid_run_fails_no_request() {
 async fn tls_greeter(name: &'static str) -> SocketAddr {
     let dir = tempfile::tempdir().unwrap();
     let (acceptor, _) = self_signed_acceptor(dir.path());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                let _ = tls.write_all(name.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            });
-        }
-    });
-    addr
+    tls_service(acceptor, move |mut tls| async move {
+        let _ = tls.write_all(name.as_bytes()).await;
+        let _ = tls.shutdown().await;
+    })
+    .await
 }
 
 /// A TLS visit to the passthrough port with `server_name`: what the service said.

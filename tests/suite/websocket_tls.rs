@@ -202,19 +202,12 @@ async fn proxy_protocol_tells_the_visitor_address() {
 /// A local TLS echo service with its own certificate for `secure.example.test`.
 async fn local_tls_echo(dir: &std::path::Path) -> (SocketAddr, PathBuf) {
     let (acceptor, cert) = self_signed_acceptor(dir);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let (mut r, mut w) = tokio::io::split(tls);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
+    let addr = tls_service(acceptor, |tls| async move {
+        let (mut r, mut w) = tokio::io::split(tls);
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await;
     (addr, cert)
 }
 

@@ -143,4 +143,25 @@ pub fn self_signed_acceptor(dir: &std::path::Path) -> (tokio_rustls::TlsAcceptor
     (acceptor, cert)
 }
 
+/// A local TLS service on 127.0.0.1 that runs `serve` on each visitor after the handshake.
+pub async fn tls_service<F, Fut>(acceptor: tokio_rustls::TlsAcceptor, serve: F) -> SocketAddr
+where
+    F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Clone + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve(tls).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
 pub mod raw;
