@@ -163,7 +163,7 @@ pub enum ClientMessage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum LoginRefusal {
-    /// Unknown id, wrong secret, or (with allow-any-client) another secret than the first seen.
+    /// Wrong secret, or (with allow-any-client) another secret than the first seen.
     #[error("authentication failed for id '{id}'")]
     AuthFailed {
         /// The id that was refused.
@@ -186,6 +186,13 @@ pub enum LoginRefusal {
     /// The id is not one the server accepts (see [`crate::auth::ID_RULE`]).
     #[error("the id is not valid: use {}", crate::auth::ID_RULE)]
     InvalidId,
+    /// The server has no user with this id (never added, or removed): not a failed guess,
+    /// so it counts toward no ban, and retrying will not help until the operator adds it.
+    #[error("the server has no user '{id}' (never added, or removed); ask its operator")]
+    UnknownId {
+        /// The id that was refused.
+        id: String,
+    },
     /// The server (with allow-any-client) already remembers as many ids as it keeps; it
     /// learns no new ones until it restarts. Ids it knows still log in.
     #[error("the server accepts no new ids: it already remembers the most it keeps (allow-any-client); ask its operator")]
