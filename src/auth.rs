@@ -1,33 +1,38 @@
-//! Authentication: keys derived from secrets, the login signature, and session keys
-//! for data connections.
+//! Authentication: the login's password-authenticated key exchange, the keys it yields,
+//! and the proofs of data connections.
 //!
-//! The secret never crosses the wire. Both sides derive an Ed25519 key pair from
-//! `(id, secret)`; the client signs a transcript holding fresh nonces of both
-//! sides, and the server checks the signature against the public key it derived
-//! itself (or, with allow-any-client, the first key it saw for that id). An
-//! X25519 exchange inside the same transcript yields a session key that data
-//! connections use to prove they belong to the session.
+//! The secret never crosses the wire, and nothing that does lets anyone test guesses of it
+//! offline. The login is SPAKE2 (RustCrypto's `spake2`, Ed25519 group) over a
+//! [`Verifier`], a password-equivalent derived from id and secret: an eavesdropper sees two
+//! random-looking group elements, and a man in the middle (or a fake server) gets one
+//! online guess per login, which bans limit. Both sides confirm the key they agreed on
+//! (the client in its login, the server in its welcome), so a client also knows it talks
+//! to a server that holds its secret. The agreed key then encrypts and authenticates the
+//! control connection ([`crate::seal::FrameCipher`]) and proves data connections.
 //!
-//! One exception: a server that checks users with an auth API must hand the
-//! secret to that API. It asks for it in the challenge, and the client then
-//! sends it sealed (ChaCha20-Poly1305) under a key derived from the session key,
-//! and only over a verified TLS connection or to a loopback server.
+//! Two cases cannot run the PAKE, because the server does not hold the verifier yet:
+//! - an auth API must see the secret itself (the client *reveals* it);
+//! - allow-any-client keeps a verifier of the first secret it sees for an id (the client
+//!   *enrolls*; the verifier is stretched with Argon2id, since the server keeps it).
+//!
+//! Both send the secret or verifier sealed under an X25519 exchange, and the client sends
+//! it only inside TLS with a verified certificate, or to a server on its own host (an
+//! enrollment also where the user allows it), since that exchange alone cannot tell the
+//! server from a man in the middle.
 
 use std::collections::HashSet;
 use std::fmt;
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use hmac::{Hmac, Mac};
 use ring::aead;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use spake2::{Ed25519Group, Identity, Password, Spake2};
 use subtle::ConstantTimeEq;
-
-use crate::proto::{ClientMessage, LoginRefusal};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Longest secret a server accepts in a login.
+/// Longest secret a server accepts in a revealed login.
 const MAX_SECRET_LEN: usize = 1024;
 
 /// Longest user id, in bytes.
@@ -35,6 +40,14 @@ pub const MAX_ID_LEN: usize = 64;
 
 /// What a user id may be made of, for error messages.
 pub const ID_RULE: &str = "1 to 64 ASCII letters, digits, '-', '_', '.' or '@'";
+
+/// The server's side of the PAKE names itself with this identity.
+const SERVER_IDENTITY: &[u8] = b"ferry server";
+
+/// Argon2id memory cost in KiB (19 MiB, OWASP's first recommended setting).
+const ARGON2_MEMORY_KIB: u32 = 19 * 1024;
+/// Argon2id passes over that memory.
+const ARGON2_PASSES: u32 = 2;
 
 /// Whether `id` is a well-formed user id ([`ID_RULE`]). Servers refuse other ids at login,
 /// before any cryptographic work, so ids in logs, hosts and the API are always plain.
@@ -79,60 +92,135 @@ impl std::str::FromStr for Secret {
     }
 }
 
-/// Derives the user's signing key from id and secret; both sides compute the same key.
-pub fn user_signing_key(id: &str, secret: &Secret) -> SigningKey {
-    let mut hasher = Sha256::new();
-    hasher.update(b"ferry v1 user key\0");
-    hasher.update((id.len() as u64).to_be_bytes());
-    hasher.update(id.as_bytes());
-    hasher.update(secret.expose().as_bytes());
-    SigningKey::from_bytes(&hasher.finalize().into())
-}
+/// The PAKE's password: derived from id and secret, and all a server needs to check a login.
+///
+/// It is a password-equivalent, so the server keeps it only where it must (allow-any-client),
+/// and then stretched with Argon2id.
+#[derive(Clone)]
+pub struct Verifier([u8; 32]);
 
-/// The nonces and keys of one login, in the order both sides sign and check them.
-pub struct Transcript<'a> {
-    /// User id.
-    pub id: &'a str,
-    /// Server nonce from the challenge.
-    pub server_nonce: &'a [u8; 32],
-    /// Client nonce from the login.
-    pub client_nonce: &'a [u8; 32],
-    /// Server ephemeral X25519 key.
-    pub server_ephemeral: &'a [u8; 32],
-    /// Client ephemeral X25519 key.
-    pub client_ephemeral: &'a [u8; 32],
-    /// Client's Ed25519 public key.
-    pub public_key: &'a [u8; 32],
-}
-
-impl Transcript<'_> {
-    fn bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(200 + self.id.len());
-        out.extend_from_slice(b"ferry v1 login\0");
-        out.extend_from_slice(&(self.id.len() as u64).to_be_bytes());
-        out.extend_from_slice(self.id.as_bytes());
-        for part in [
-            self.server_nonce,
-            self.client_nonce,
-            self.server_ephemeral,
-            self.client_ephemeral,
-            self.public_key,
-        ] {
-            out.extend_from_slice(part);
-        }
-        out
+impl Verifier {
+    /// For a user whose secret the server holds anyway (flags, config, users file, hooks):
+    /// SHA-256 of id and secret, cheap to derive per login.
+    pub fn plain(id: &str, secret: &Secret) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"ferry v3 verifier\0");
+        hasher.update((id.len() as u64).to_be_bytes());
+        hasher.update(id.as_bytes());
+        hasher.update(secret.expose().as_bytes());
+        Verifier(hasher.finalize().into())
     }
 
-    fn session_key(&self, shared: &[u8; 32]) -> SessionKey {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(shared).expect("hmac takes any key length");
-        mac.update(b"ferry v1 session key\0");
-        mac.update(self.server_nonce);
-        mac.update(self.client_nonce);
-        SessionKey(mac.finalize().into_bytes().into())
+    /// For what a server keeps (allow-any-client): Argon2id of the secret, salted with the id.
+    /// Takes tens of milliseconds and 19 MiB: call it off the async threads.
+    pub fn stretched(id: &str, secret: &Secret) -> Self {
+        let params = argon2::Params::new(ARGON2_MEMORY_KIB, ARGON2_PASSES, 1, Some(32))
+            .expect("constant Argon2 parameters are valid");
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let salt: [u8; 32] =
+            Sha256::new_with_prefix(b"ferry v3 salt\0").chain_update(id.as_bytes()).finalize().into();
+        let mut out = [0u8; 32];
+        argon
+            .hash_password_into(secret.expose().as_bytes(), &salt, &mut out)
+            .expect("a 32-byte salt and output are within Argon2's limits");
+        Verifier(out)
+    }
+
+    /// Whether two verifiers are the same, in constant time.
+    pub fn matches(&self, other: &Verifier) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+
+    /// The verifier's bytes, as a key of an in-process cache.
+    pub(crate) fn to_bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
+    fn from_slice(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(Verifier)
     }
 }
 
-/// An ephemeral X25519 key pair for one login.
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Verifier(********)")
+    }
+}
+
+/// A digest of the hello's fields. It goes into every key of the session, so nobody can
+/// change the hello on its way without the login failing.
+pub fn hello_digest(id: &str, instance: &str, software: &str, tags: &[String]) -> [u8; 32] {
+    let mut hasher = Sha256::new_with_prefix(b"ferry v3 hello\0");
+    for field in [id, instance, software].into_iter().chain(tags.iter().map(String::as_str)) {
+        hasher.update((field.len() as u64).to_be_bytes());
+        hasher.update(field.as_bytes());
+    }
+    hasher.finalize().into()
+}
+
+fn spake(id: &str, verifier: &Verifier, server: bool) -> (Spake2<Ed25519Group>, Vec<u8>) {
+    let password = Password::new(verifier.0);
+    let (client_id, server_id) = (Identity::new(id.as_bytes()), Identity::new(SERVER_IDENTITY));
+    if server {
+        Spake2::<Ed25519Group>::start_b(&password, &client_id, &server_id)
+    } else {
+        Spake2::<Ed25519Group>::start_a(&password, &client_id, &server_id)
+    }
+}
+
+/// The server's half of a PAKE login, from its challenge to the client's answer.
+pub struct ServerPake {
+    state: Spake2<Ed25519Group>,
+    message: Vec<u8>,
+    hello: [u8; 32],
+}
+
+impl ServerPake {
+    /// Starts the exchange for `id` (named by the hello whose digest is `hello`).
+    pub fn start(id: &str, verifier: &Verifier, hello: [u8; 32]) -> Self {
+        let (state, message) = spake(id, verifier, true);
+        ServerPake { state, message, hello }
+    }
+
+    /// The server's PAKE message, sent in the challenge.
+    pub fn message(&self) -> &[u8] {
+        &self.message
+    }
+
+    /// Checks the client's answer; `None` for a wrong secret or a malformed message.
+    pub fn finish(self, client_message: &[u8], confirm: &[u8; 32]) -> Option<SessionKey> {
+        let shared = self.state.finish(client_message).ok()?;
+        let key = SessionKey::derive(b"pake", &shared, &self.hello);
+        let confirmed: bool = key.client_confirm().ct_eq(confirm).into();
+        confirmed.then_some(key)
+    }
+}
+
+/// The client's answer to a PAKE challenge: its message, its key confirmation, and the
+/// session key (to be trusted once the welcome confirms it, see [`SessionKey::check_welcome`]).
+pub struct ClientPake {
+    /// The client's PAKE message.
+    pub message: Vec<u8>,
+    /// Proof that the client derived the same key.
+    pub confirm: [u8; 32],
+    /// The key both sides share if the server knew the verifier.
+    pub key: SessionKey,
+}
+
+/// Answers the server's PAKE message; `None` if the message is not one.
+pub fn client_pake(
+    id: &str,
+    verifier: &Verifier,
+    server_message: &[u8],
+    hello: [u8; 32],
+) -> Option<ClientPake> {
+    let (state, message) = spake(id, verifier, false);
+    let shared = state.finish(server_message).ok()?;
+    let key = SessionKey::derive(b"pake", &shared, &hello);
+    Some(ClientPake { message, confirm: key.client_confirm(), key })
+}
+
+/// An ephemeral X25519 key pair, for the logins that reveal a secret or enroll a verifier.
 pub struct Ephemeral {
     secret: x25519_dalek::StaticSecret,
     /// The public half, sent to the peer.
@@ -147,94 +235,119 @@ impl Ephemeral {
         Ephemeral { secret, public }
     }
 
-    fn shared(&self, peer: &[u8; 32]) -> [u8; 32] {
-        self.secret.diffie_hellman(&x25519_dalek::PublicKey::from(*peer)).to_bytes()
+    /// The session key shared with the peer whose public key is `peer`; `None` when the
+    /// peer's key is of low order (the result would not depend on our key).
+    pub fn agree(&self, peer: &[u8; 32], hello: &[u8; 32]) -> Option<SessionKey> {
+        let shared = self.secret.diffie_hellman(&x25519_dalek::PublicKey::from(*peer));
+        if !shared.was_contributory() {
+            return None;
+        }
+        let (low, high) = if self.public < *peer { (&self.public, peer) } else { (peer, &self.public) };
+        let mut material = shared.as_bytes().to_vec();
+        material.extend_from_slice(low);
+        material.extend_from_slice(high);
+        Some(SessionKey::derive(b"x25519", &material, hello))
     }
 }
 
-/// Builds the client's login answer to a challenge for `id` (the id its hello named), and
-/// the session key it yields.
-pub fn client_login(
-    id: &str,
-    secret: &Secret,
-    server_nonce: &[u8; 32],
-    server_ephemeral: &[u8; 32],
-    reveal_secret: bool,
-) -> (ClientMessage, SessionKey) {
-    let signing = user_signing_key(id, secret);
-    let public_key = signing.verifying_key().to_bytes();
-    let client_nonce = rand::random::<[u8; 32]>();
-    let ephemeral = Ephemeral::generate();
-    let transcript = Transcript {
-        id,
-        server_nonce,
-        client_nonce: &client_nonce,
-        server_ephemeral,
-        client_ephemeral: &ephemeral.public,
-        public_key: &public_key,
-    };
-    let signature = signing.sign(&transcript.bytes()).to_bytes().to_vec();
-    let key = transcript.session_key(&ephemeral.shared(server_ephemeral));
-    let sealed_secret = reveal_secret.then(|| key.seal_secret(secret));
-    let login = ClientMessage::Login {
-        client_nonce,
-        public_key,
-        ephemeral_key: ephemeral.public,
-        signature,
-        sealed_secret,
-    };
-    (login, key)
-}
-
-/// A key shared by client and server for one session; authenticates data connections.
+/// The key client and server share for one session. Sub-keys for every use are derived
+/// from it with HMAC-SHA256 and a label.
 #[derive(Clone)]
 pub struct SessionKey([u8; 32]);
 
 impl SessionKey {
-    /// MAC that proves a data connection belongs to `session`, numbered `seq`.
-    pub fn data_mac(&self, session: u64, seq: u64) -> [u8; 32] {
+    fn derive(kind: &[u8], shared: &[u8], hello: &[u8; 32]) -> Self {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(shared).expect("hmac takes any key length");
+        mac.update(b"ferry v3 session key\0");
+        mac.update(kind);
+        mac.update(hello);
+        SessionKey(mac.finalize().into_bytes().into())
+    }
+
+    /// A 32-byte sub-key for `label` and `context`.
+    pub(crate) fn subkey(&self, label: &[u8], context: &[u8]) -> [u8; 32] {
         let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.0).expect("hmac takes any key length");
-        mac.update(b"ferry v1 data\0");
-        mac.update(&session.to_be_bytes());
-        mac.update(&seq.to_be_bytes());
+        mac.update(&(label.len() as u64).to_be_bytes());
+        mac.update(label);
+        mac.update(context);
         mac.finalize().into_bytes().into()
     }
 
-    /// Encrypts the secret for the server that shares this key (auth API logins only).
-    fn seal_secret(&self, secret: &Secret) -> Vec<u8> {
-        let mut sealed = secret.expose().as_bytes().to_vec();
-        // One key per login and one message per key: a zero nonce is never reused.
-        let nonce = aead::Nonce::assume_unique_for_key([0; 12]);
-        // Sealing fails only for messages over 256 GiB; frames are capped at 64 KiB.
-        if self.seal_key().seal_in_place_append_tag(nonce, aead::Aad::empty(), &mut sealed).is_err() {
-            sealed.clear();
-        }
-        sealed
+    fn client_confirm(&self) -> [u8; 32] {
+        self.subkey(b"client confirm", &[])
     }
 
-    /// Decrypts a sealed secret; `None` if it was not sealed with this key or is too long.
-    fn open_secret(&self, sealed: &[u8]) -> Option<Secret> {
-        if sealed.len() > MAX_SECRET_LEN + aead::CHACHA20_POLY1305.tag_len() {
-            return None;
-        }
-        let mut buffer = sealed.to_vec();
-        let nonce = aead::Nonce::assume_unique_for_key([0; 12]);
-        let plain = self.seal_key().open_in_place(nonce, aead::Aad::empty(), &mut buffer).ok()?;
-        String::from_utf8(plain.to_vec()).ok().map(Secret)
+    /// The server's proof, in its welcome, that it derived the same key (and so knows the
+    /// user's verifier), binding the session number and heartbeat it announces.
+    pub fn welcome_confirm(&self, session: u64, heartbeat_interval_ms: u64) -> [u8; 32] {
+        let mut context = session.to_be_bytes().to_vec();
+        context.extend_from_slice(&heartbeat_interval_ms.to_be_bytes());
+        self.subkey(b"server confirm", &context)
     }
 
-    fn seal_key(&self) -> aead::LessSafeKey {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.0).expect("hmac takes any key length");
-        mac.update(b"ferry v1 sealed secret\0");
-        let key: [u8; 32] = mac.finalize().into_bytes().into();
-        let unbound = aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &key).expect("32-byte key");
-        aead::LessSafeKey::new(unbound)
+    /// Checks the welcome's proof in constant time.
+    pub fn check_welcome(&self, session: u64, heartbeat_interval_ms: u64, confirm: &[u8; 32]) -> bool {
+        self.welcome_confirm(session, heartbeat_interval_ms).ct_eq(confirm).into()
+    }
+
+    /// MAC that proves a data connection belongs to `session`, numbered `seq`.
+    pub fn data_mac(&self, session: u64, seq: u64) -> [u8; 32] {
+        let mut context = session.to_be_bytes().to_vec();
+        context.extend_from_slice(&seq.to_be_bytes());
+        self.subkey(b"data connection", &context)
     }
 
     /// Checks a data connection's MAC in constant time.
     pub fn verify_data_mac(&self, session: u64, seq: u64, mac: &[u8; 32]) -> bool {
         self.data_mac(session, seq).ct_eq(mac).into()
     }
+
+    /// Seals a revealed secret or an enrolled verifier for the server that shares this key.
+    pub fn seal_payload(&self, payload: &[u8]) -> Vec<u8> {
+        let mut sealed = payload.to_vec();
+        // One key per login and one message per key: a zero nonce is never reused.
+        let nonce = aead::Nonce::assume_unique_for_key([0; 12]);
+        // Sealing fails only for messages over 256 GiB; frames are capped at 64 KiB.
+        if self.payload_key().seal_in_place_append_tag(nonce, aead::Aad::empty(), &mut sealed).is_err() {
+            sealed.clear();
+        }
+        sealed
+    }
+
+    /// Opens a sealed payload; `None` if it was not sealed with this key or is too long.
+    pub fn open_payload(&self, sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() > MAX_SECRET_LEN + aead::CHACHA20_POLY1305.tag_len() {
+            return None;
+        }
+        let mut buffer = sealed.to_vec();
+        let nonce = aead::Nonce::assume_unique_for_key([0; 12]);
+        let plain = self.payload_key().open_in_place(nonce, aead::Aad::empty(), &mut buffer).ok()?;
+        Some(plain.to_vec())
+    }
+
+    fn payload_key(&self) -> aead::LessSafeKey {
+        crate::seal::aead_key(&self.subkey(b"sealed payload", &[]))
+    }
+}
+
+/// Seals the secret itself, for a server whose auth API needs it.
+pub fn seal_secret(key: &SessionKey, secret: &Secret) -> Vec<u8> {
+    key.seal_payload(secret.expose().as_bytes())
+}
+
+/// Opens a revealed secret.
+pub fn open_secret(key: &SessionKey, sealed: &[u8]) -> Option<Secret> {
+    String::from_utf8(key.open_payload(sealed)?).ok().map(Secret)
+}
+
+/// Seals a verifier for enrollment.
+pub fn seal_verifier(key: &SessionKey, verifier: &Verifier) -> Vec<u8> {
+    key.seal_payload(&verifier.0)
+}
+
+/// Opens an enrolled verifier.
+pub fn open_verifier(key: &SessionKey, sealed: &[u8]) -> Option<Verifier> {
+    Verifier::from_slice(&key.open_payload(sealed)?)
 }
 
 /// Remembers which sequence numbers a session's data connections used, so none is used twice.
@@ -262,98 +375,73 @@ impl ReplayGuard {
     }
 }
 
-/// A login whose signature checks out for the public key it presents; whether that key
-/// belongs to the id is the server's user directory's call.
-pub struct VerifiedLogin {
-    /// The id the client claims.
-    pub id: String,
-    /// The Ed25519 key the client signed with (derived from id and secret).
-    pub public_key: [u8; 32],
-    /// The session key both sides now share.
-    pub session_key: SessionKey,
-    /// The secret, when the server asked for it (auth API) and the client gave it.
-    pub secret: Option<Secret>,
-}
-
-impl VerifiedLogin {
-    /// Whether `secret` is the one the client signed with (compared through the derived key).
-    pub fn signed_with(&self, secret: &Secret) -> bool {
-        let expected = user_signing_key(&self.id, secret).verifying_key().to_bytes();
-        expected.ct_eq(&self.public_key).into()
-    }
-}
-
-/// Checks a login's signature over the transcript of this challenge to `id` (named by the
-/// client's hello); on success both sides share a session key. A sealed secret that does
-/// not open is a refusal.
-pub fn verify_login(
-    id: &str,
-    login: &ClientMessage,
-    server_nonce: &[u8; 32],
-    ephemeral: &Ephemeral,
-) -> Result<VerifiedLogin, LoginRefusal> {
-    let ClientMessage::Login { client_nonce, public_key, ephemeral_key, signature, sealed_secret } = login
-    else {
-        return Err(LoginRefusal::Malformed { message: "expected a login message".into() });
-    };
-    let refused = || LoginRefusal::AuthFailed { id: id.to_owned() };
-    let transcript = Transcript {
-        id,
-        server_nonce,
-        client_nonce,
-        server_ephemeral: &ephemeral.public,
-        client_ephemeral: ephemeral_key,
-        public_key,
-    };
-    let signature = Signature::from_slice(signature).map_err(|_| refused())?;
-    let verifying = VerifyingKey::from_bytes(public_key).map_err(|_| refused())?;
-    verifying.verify(&transcript.bytes(), &signature).map_err(|_| refused())?;
-    let session_key = transcript.session_key(&ephemeral.shared(ephemeral_key));
-    let secret = match sealed_secret {
-        Some(sealed) => Some(session_key.open_secret(sealed).ok_or_else(refused)?),
-        None => None,
-    };
-    Ok(VerifiedLogin { id: id.to_owned(), public_key: *public_key, session_key, secret })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn logins_verify_and_share_a_session_key() {
-        let nonce = rand::random::<[u8; 32]>();
-        let server_eph = Ephemeral::generate();
-        let secret = Secret::new("s1");
-        let (login, client_key) = client_login("id1", &secret, &nonce, &server_eph.public, false);
-        let verified = verify_login("id1", &login, &nonce, &server_eph).unwrap();
-        assert_eq!(verified.session_key.data_mac(1, 2), client_key.data_mac(1, 2));
-        assert!(verified.signed_with(&secret));
-        assert!(!verified.signed_with(&Secret::new("s2")));
-        assert!(verified.secret.is_none(), "not revealed unless asked");
+    const HELLO: [u8; 32] = [9; 32];
+
+    fn pake(id: &str, client: &Verifier, server: &Verifier) -> (Option<SessionKey>, SessionKey) {
+        let server = ServerPake::start(id, server, HELLO);
+        let answer = client_pake(id, client, server.message(), HELLO).unwrap();
+        (server.finish(&answer.message, &answer.confirm), answer.key)
     }
 
     #[test]
-    fn a_revealed_secret_is_sealed_and_opens_only_on_the_server() {
-        let nonce = rand::random::<[u8; 32]>();
-        let server_eph = Ephemeral::generate();
+    fn the_pake_agrees_only_on_the_same_verifier() {
+        let secret = Secret::new("s1");
+        let (server_key, client_key) =
+            pake("id1", &Verifier::plain("id1", &secret), &Verifier::plain("id1", &secret));
+        let server_key = server_key.expect("same secret");
+        assert_eq!(server_key.data_mac(1, 2), client_key.data_mac(1, 2));
+        assert!(client_key.check_welcome(7, 100, &server_key.welcome_confirm(7, 100)));
+        assert!(
+            !client_key.check_welcome(8, 100, &server_key.welcome_confirm(7, 100)),
+            "bound to the session"
+        );
+
+        let (refused, _) =
+            pake("id1", &Verifier::plain("id1", &Secret::new("s2")), &Verifier::plain("id1", &secret));
+        assert!(refused.is_none(), "another secret");
+        let (refused, _) = pake("id1", &Verifier::plain("id2", &secret), &Verifier::plain("id1", &secret));
+        assert!(refused.is_none(), "another id");
+    }
+
+    #[test]
+    fn a_changed_hello_or_garbage_fails_the_pake() {
+        let verifier = Verifier::plain("id1", &Secret::new("s1"));
+        let server = ServerPake::start("id1", &verifier, HELLO);
+        let answer = client_pake("id1", &verifier, server.message(), [8; 32]).unwrap();
+        assert!(server.finish(&answer.message, &answer.confirm).is_none());
+        assert!(client_pake("id1", &verifier, b"garbage", HELLO).is_none());
+        let server = ServerPake::start("id1", &verifier, HELLO);
+        assert!(server.finish(&[0; 33], &[0; 32]).is_none());
+    }
+
+    #[test]
+    fn stretched_verifiers_are_deterministic_and_salted_by_id() {
         let secret = Secret::new("hunter2");
-        let (login, _) = client_login("id1", &secret, &nonce, &server_eph.public, true);
-        let wire = serde_json::to_string(&login).unwrap();
-        assert!(!wire.contains("hunter2"));
-        let verified = verify_login("id1", &login, &nonce, &server_eph).unwrap();
-        assert_eq!(verified.secret.as_ref().map(Secret::expose), Some("hunter2"));
-        assert!(verify_login("id1", &login, &nonce, &Ephemeral::generate()).is_err(), "another server's key");
+        let a = Verifier::stretched("a", &secret);
+        assert!(a.matches(&Verifier::stretched("a", &secret)));
+        assert!(!a.matches(&Verifier::stretched("b", &secret)));
+        assert!(!a.matches(&Verifier::plain("a", &secret)));
     }
 
     #[test]
-    fn tampered_transcript_fails() {
-        let secret = Secret::new("s1");
-        let nonce = [7u8; 32];
-        let eph = Ephemeral::generate();
-        let (login, _) = client_login("id1", &secret, &nonce, &eph.public, false);
-        assert!(verify_login("id1", &login, &[8u8; 32], &eph).is_err());
-        assert!(verify_login("id2", &login, &nonce, &eph).is_err(), "signed for another id");
+    fn revealed_secrets_and_enrolled_verifiers_open_only_with_the_key() {
+        let (server, client) = (Ephemeral::generate(), Ephemeral::generate());
+        let server_key = server.agree(&client.public, &HELLO).unwrap();
+        let client_key = client.agree(&server.public, &HELLO).unwrap();
+        let sealed = seal_secret(&client_key, &Secret::new("hunter2"));
+        assert!(!String::from_utf8_lossy(&sealed).contains("hunter2"));
+        assert_eq!(open_secret(&server_key, &sealed).as_ref().map(Secret::expose), Some("hunter2"));
+        let other = Ephemeral::generate().agree(&client.public, &HELLO).unwrap();
+        assert!(open_secret(&other, &sealed).is_none());
+        let verifier = Verifier::plain("id", &Secret::new("s"));
+        assert!(open_verifier(&server_key, &seal_verifier(&client_key, &verifier))
+            .unwrap()
+            .matches(&verifier));
+        assert!(server.agree(&[0; 32], &HELLO).is_none(), "a low-order key is refused");
     }
 
     #[test]
@@ -382,5 +470,6 @@ mod tests {
     #[test]
     fn secrets_are_masked() {
         assert_eq!(format!("{:?}", Secret::new("hunter2")), "\"********\"");
+        assert_eq!(format!("{:?}", Verifier::plain("a", &Secret::new("b"))), "Verifier(********)");
     }
 }

@@ -44,6 +44,17 @@ pub enum ClientError {
     /// The server spoke out of turn or the link failed mid-handshake.
     #[error("protocol error: {0}")]
     Protocol(#[from] ProtocolError),
+    /// The server's welcome did not prove it derived the session key: it does not hold this
+    /// user's verifier, so it is not the server the secret belongs to.
+    #[error("the server could not prove it knows this user's secret: it may be a man in the middle, or another server than intended; check --remote")]
+    ServerNotVerified,
+    /// An allow-any-client server asked to enroll the id over a connection that does not
+    /// authenticate it, and the client was not told to accept that.
+    #[error("the server has not met id '{id}' yet (allow-any-client) and asks to keep a verifier of its secret, over a connection that does not prove who the server is: use tls:// with a verified certificate, or pass --remote-enroll-insecure to accept that a man in the middle of this first login could learn it")]
+    EnrollUnprotected {
+        /// The id.
+        id: String,
+    },
     /// The client was shut down.
     #[error("the client is shut down")]
     Stopped,
@@ -61,7 +72,10 @@ impl ClientError {
                 if !matches!(refusal, LoginRefusal::AuthUnavailable | LoginRefusal::TooManySessions { .. })
         ) || matches!(
             self,
-            ClientError::Tls(_) | ClientError::Protocol(ProtocolError::VersionMismatch { .. })
+            ClientError::Tls(_)
+                | ClientError::Protocol(ProtocolError::VersionMismatch { .. })
+                | ClientError::ServerNotVerified
+                | ClientError::EnrollUnprotected { .. }
         )
     }
 }

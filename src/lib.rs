@@ -9,7 +9,8 @@
 //! # Layout
 //! - [`proto`]: the wire protocol (preamble, frames, messages); no sockets.
 //! - [`transport`]: TCP and TLS links behind one boxed stream type.
-//! - [`auth`]: keys from secrets, login signatures, session keys, users.
+//! - [`auth`]: the login's key exchange (SPAKE2), verifiers, session keys.
+//! - [`seal`]: encryption of control frames and of `encrypt` services' data.
 //! - `server` and `client`: the two actors; [`config`]: what they are built from.
 //! - [`chunked`]: the data path: chunks, so data connections can be reused.
 //!
@@ -46,6 +47,7 @@ pub mod error_reporting;
 pub mod logging;
 pub mod pid_file;
 pub mod proto;
+pub mod seal;
 mod server;
 pub mod signals;
 pub mod throttle;

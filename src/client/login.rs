@@ -1,15 +1,22 @@
-//! Opening a control connection: preamble and hello, challenge, signed login, welcome.
+//! Opening a control connection: preamble and hello, challenge, proof, welcome.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tracing::warn;
 
-use crate::auth::{client_login, SessionKey};
+use crate::auth::{
+    client_pake, hello_digest, seal_secret, seal_verifier, Ephemeral, Secret, SessionKey, Verifier,
+};
 use crate::config::ClientConfig;
 use crate::error::ClientError;
-use crate::proto::{preamble_with, ClientMessage, ControlChannel, LinkKind, ProtocolError, ServerMessage};
+use crate::proto::{
+    preamble_with, Challenge, ClientMessage, ControlChannel, LinkKind, LoginRefusal, Proof, ProtocolError,
+    ServerMessage,
+};
+use crate::seal::{FrameCipher, Side};
 use crate::transport::{Connector, RemoteTrust, Scheme, Stream};
 
 /// A logged-in control connection.
@@ -20,46 +27,119 @@ pub(crate) struct LoggedIn {
     pub(crate) heartbeat_interval: Duration,
 }
 
-/// Connects and logs in; the secret itself never leaves this process.
+/// Connects and logs in; the secret itself never leaves this process, except sealed for a
+/// server with an auth API over a connection that protects it.
 pub(crate) async fn login(
     connector: &Connector,
     config: &ClientConfig,
     instance: &str,
 ) -> Result<LoggedIn, ClientError> {
     let mut stream = connector.connect().await.map_err(ClientError::Connect)?;
+    let software = env!("CARGO_PKG_VERSION").to_owned();
+    let hello_sum = hello_digest(&config.id, instance, &software, &config.tags);
     let hello = ClientMessage::Hello {
         id: config.id.clone(),
         instance: instance.to_owned(),
-        software: env!("CARGO_PKG_VERSION").to_owned(),
+        software,
         tags: config.tags.clone(),
     };
     // The hello leaves with the preamble: naming the id first costs no round trip.
     stream.write_all(&preamble_with(LinkKind::Control, &hello)?).await.map_err(ProtocolError::from)?;
     let mut chan = ControlChannel::new(stream);
     let limit = config.remote_timeout;
-    let (nonce, server_ephemeral, wants_secret) = match chan.recv_timeout::<ServerMessage>(limit).await? {
-        ServerMessage::Challenge { nonce, ephemeral_key, wants_secret } => {
-            (nonce, ephemeral_key, wants_secret)
-        }
+    let challenge = match chan.recv_timeout::<ServerMessage>(limit).await? {
+        ServerMessage::Challenge { challenge } => challenge,
         other => return Err(unexpected(other)),
     };
-    let reveal = wants_secret && may_reveal_secret(config);
-    if wants_secret && !reveal {
-        warn!(
-            "the server asks for the secret (auth API) over a connection that does not protect it; not sent"
-        );
-    }
-    let (login, key) = client_login(&config.id, &config.secret, &nonce, &server_ephemeral, reveal);
-    chan.send(&login).await?;
+    let (proof, key) = prove(config, challenge, hello_sum).await?;
+    chan.send(&ClientMessage::Login { proof }).await?;
     match chan.recv_timeout::<ServerMessage>(limit).await? {
-        ServerMessage::Welcome { session, heartbeat_interval_ms } => Ok(LoggedIn {
-            chan,
-            session,
-            key,
-            heartbeat_interval: Duration::from_millis(heartbeat_interval_ms.max(10)),
-        }),
+        ServerMessage::Welcome { session, heartbeat_interval_ms, confirm } => {
+            if !key.check_welcome(session, heartbeat_interval_ms, &confirm) {
+                return Err(ClientError::ServerNotVerified);
+            }
+            chan.encrypt(FrameCipher::new(&key, Side::Client));
+            let heartbeat_interval = Duration::from_millis(heartbeat_interval_ms.max(10));
+            Ok(LoggedIn { chan, session, key, heartbeat_interval })
+        }
         other => Err(unexpected(other)),
     }
+}
+
+/// Answers the challenge in the way it asks for.
+async fn prove(
+    config: &ClientConfig,
+    challenge: Challenge,
+    hello: [u8; 32],
+) -> Result<(Proof, SessionKey), ClientError> {
+    match challenge {
+        Challenge::Pake { message, stretched } => {
+            let verifier = match stretched {
+                true => stretched_verifier(&config.id, &config.secret).await,
+                false => Verifier::plain(&config.id, &config.secret),
+            };
+            let answer = client_pake(&config.id, &verifier, &message, hello)
+                .ok_or_else(|| ProtocolError::Malformed("the server's PAKE message is not one".into()))?;
+            Ok((Proof::Pake { message: answer.message, confirm: answer.confirm }, answer.key))
+        }
+        Challenge::Reveal { ephemeral_key } => {
+            if !may_reveal_secret(config) {
+                return Err(ClientError::LoginRefused(LoginRefusal::SecretNeeded));
+            }
+            let (ephemeral, key) = agree(&ephemeral_key, &hello)?;
+            let sealed = seal_secret(&key, &config.secret);
+            Ok((Proof::Reveal { ephemeral_key: ephemeral.public, sealed }, key))
+        }
+        Challenge::Enroll { ephemeral_key } => {
+            if !(may_reveal_secret(config) || config.remote_enroll_insecure) {
+                return Err(ClientError::EnrollUnprotected { id: config.id.clone() });
+            }
+            let verifier = stretched_verifier(&config.id, &config.secret).await;
+            let (ephemeral, key) = agree(&ephemeral_key, &hello)?;
+            let sealed = seal_verifier(&key, &verifier);
+            Ok((Proof::Enroll { ephemeral_key: ephemeral.public, sealed }, key))
+        }
+    }
+}
+
+fn agree(server_key: &[u8; 32], hello: &[u8; 32]) -> Result<(Ephemeral, SessionKey), ClientError> {
+    let ephemeral = Ephemeral::generate();
+    let key = ephemeral
+        .agree(server_key, hello)
+        .ok_or_else(|| ProtocolError::Malformed("the server's ephemeral key is weak".into()))?;
+    Ok((ephemeral, key))
+}
+
+/// Stretched verifiers already computed in this process, by plain verifier: Argon2id costs
+/// tens of milliseconds and 19 MiB, once per id and secret rather than per login.
+static STRETCHED: Mutex<Option<HashMap<[u8; 32], Verifier>>> = Mutex::new(None);
+
+/// Most stretched verifiers kept (one per id and secret this process logs in with).
+const MAX_STRETCHED: usize = 64;
+
+async fn stretched_verifier(id: &str, secret: &Secret) -> Verifier {
+    let plain = Verifier::plain(id, secret);
+    let cached = STRETCHED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|cache| cache.get(&plain.to_bytes()).cloned());
+    if let Some(found) = cached {
+        return found;
+    }
+    let (owned_id, owned_secret) = (id.to_owned(), secret.clone());
+    let stretched =
+        match tokio::task::spawn_blocking(move || Verifier::stretched(&owned_id, &owned_secret)).await {
+            Ok(stretched) => stretched,
+            Err(_) => Verifier::stretched(id, secret),
+        };
+    let mut cache = STRETCHED.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if cache.len() >= MAX_STRETCHED {
+        cache.clear();
+    }
+    cache.insert(plain.to_bytes(), stretched.clone());
+    stretched
 }
 
 /// The secret leaves this process only inside TLS with a verified certificate, or to a

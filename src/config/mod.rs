@@ -235,10 +235,14 @@ pub struct ClientConfig {
     pub remote: RemoteAddr,
     /// The user id.
     pub id: String,
-    /// The user secret; never sent, only used to sign.
+    /// The user secret; never sent: it proves itself in a password-authenticated key exchange.
     pub secret: Secret,
     /// How to check the server's certificate on `tls://`.
     pub remote_trust: RemoteTrust,
+    /// Enroll with an allow-any-client server over a connection that does not authenticate
+    /// it (`tcp://` to another host, or `--remote-cert-insecure`): a man in the middle of
+    /// that first login could learn the stretched verifier of the secret.
+    pub remote_enroll_insecure: bool,
     /// First delay before reconnecting; doubles up to `max_reconnect_delay`.
     pub reconnect_delay: Duration,
     /// Upper bound of the reconnect delay.
@@ -264,6 +268,7 @@ impl ClientConfig {
             id: id.to_owned(),
             secret: Secret::new(secret),
             remote_trust: RemoteTrust::System,
+            remote_enroll_insecure: false,
             reconnect_delay: Duration::from_secs(1),
             max_reconnect_delay: Duration::from_secs(60),
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,

@@ -312,6 +312,11 @@ pub struct ClientOptions {
     /// Accept any server certificate on tls:// (encrypted but not authenticated).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub remote_cert_insecure: Option<bool>,
+    /// Enroll with an allow-any-client server (the first login of a new id) even where the
+    /// connection does not authenticate the server (tcp:// to another host): a man in the
+    /// middle of that one login could learn a stretched verifier of the secret.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub remote_enroll_insecure: Option<bool>,
     /// Limit for connecting to the server and each handshake read. [default: 10s]
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -685,6 +690,7 @@ impl ClientOptions {
             (None, true) => RemoteTrust::Insecure,
             (None, false) => RemoteTrust::System,
         };
+        config.remote_enroll_insecure = self.remote_enroll_insecure.unwrap_or(false);
         config.remote_timeout = self.remote_timeout.unwrap_or(config.remote_timeout);
         config.remote_idle_connections =
             self.remote_idle_connections.unwrap_or(config.remote_idle_connections);

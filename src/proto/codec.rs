@@ -8,6 +8,8 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 
+use crate::seal::{FrameCipher, TAG_LEN};
+
 /// Largest frame either side accepts; a longer length prefix is an error before any allocation.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 
@@ -60,31 +62,50 @@ fn codec() -> LengthDelimitedCodec {
 /// A control connection: typed messages in both directions over any byte stream.
 pub struct ControlChannel<S> {
     framed: Framed<S, LengthDelimitedCodec>,
+    /// Seals and opens every frame once the login agreed on a key.
+    cipher: Option<FrameCipher>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ControlChannel<S> {
     /// Wraps a stream whose preamble has already been exchanged.
     pub fn new(stream: S) -> Self {
-        Self { framed: Framed::new(stream, codec()) }
+        Self { framed: Framed::new(stream, codec()), cipher: None }
     }
 
     /// Wraps a stream of which `read` bytes were already read (they are parsed first).
     pub fn with_buffer(stream: S, read: BytesMut) -> Self {
         let mut parts = FramedParts::new::<bytes::Bytes>(stream, codec());
         parts.read_buf = read;
-        Self { framed: Framed::from_parts(parts) }
+        Self { framed: Framed::from_parts(parts), cipher: None }
+    }
+
+    /// Seals every later frame and expects every later frame sealed (after the login).
+    pub fn encrypt(&mut self, cipher: FrameCipher) {
+        self.cipher = Some(cipher);
     }
 
     /// Encodes and sends one message.
     pub async fn send<M: Serialize>(&mut self, message: &M) -> Result<(), ProtocolError> {
-        let body = serde_json::to_vec(message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        let mut body = serde_json::to_vec(message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        if let Some(cipher) = self.cipher.as_mut() {
+            if body.len() + TAG_LEN > MAX_FRAME_LEN {
+                return Err(ProtocolError::FrameTooLarge(body.len() + TAG_LEN));
+            }
+            cipher.seal(&mut body);
+        }
         self.framed.send(bytes::Bytes::from(body)).await.map_err(ProtocolError::from_codec)
     }
 
     /// Receives one message; a clean close is [`ProtocolError::Closed`].
     pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<M, ProtocolError> {
         match self.framed.next().await {
-            Some(Ok(frame)) => decode(&frame),
+            Some(Ok(mut frame)) => match self.cipher.as_mut() {
+                Some(cipher) => match cipher.open(&mut frame) {
+                    Some(plain) => decode(plain),
+                    None => Err(ProtocolError::Malformed("a control frame failed authentication".into())),
+                },
+                None => decode(&frame),
+            },
             Some(Err(err)) => Err(ProtocolError::from_codec(err)),
             None => Err(ProtocolError::Closed),
         }

@@ -111,19 +111,10 @@ pub enum ClientMessage {
         tags: Vec<String>,
     },
     /// Sent once, in answer to [`ServerMessage::Challenge`]: proves the client knows the
-    /// secret of the id its hello named.
+    /// secret of the id its hello named, in the way the challenge asked for.
     Login {
-        /// Fresh random bytes of the client, part of what is signed.
-        client_nonce: [u8; 32],
-        /// Ed25519 public key derived from id and secret.
-        public_key: [u8; 32],
-        /// X25519 ephemeral key for the session key.
-        ephemeral_key: [u8; 32],
-        /// Ed25519 signature over the transcript (see `auth::Transcript`).
-        signature: Vec<u8>,
-        /// The secret, sealed with the session key, when the challenge asked for it (auth API).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        sealed_secret: Option<Vec<u8>>,
+        /// The proof.
+        proof: Proof,
     },
     /// Asks for a tunnel; answered by `Registered` or `RegisterFailed` with the same `request`.
     Register {
@@ -159,6 +150,69 @@ pub enum ClientMessage {
     },
 }
 
+/// How the server asks a client to prove its secret (see `auth` and docs/protocol.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum Challenge {
+    /// The server holds the user's verifier: a SPAKE2 exchange, of which this is the
+    /// server's message.
+    Pake {
+        /// The server's SPAKE2 message.
+        message: Vec<u8>,
+        /// Whether the verifier is the Argon2id-stretched one (ids learned by
+        /// allow-any-client) rather than the plain one.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stretched: bool,
+    },
+    /// allow-any-client has not met this id: send the stretched verifier it will keep,
+    /// sealed under an X25519 exchange.
+    Enroll {
+        /// The server's X25519 ephemeral key.
+        ephemeral_key: [u8; 32],
+    },
+    /// The server's auth API needs the secret itself: send it sealed under an X25519 exchange.
+    Reveal {
+        /// The server's X25519 ephemeral key.
+        ephemeral_key: [u8; 32],
+    },
+}
+
+/// A client's answer to a [`Challenge`], of the same method.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum Proof {
+    /// The client's SPAKE2 message and its confirmation of the key.
+    Pake {
+        /// The client's SPAKE2 message.
+        message: Vec<u8>,
+        /// `auth`'s client key confirmation.
+        confirm: [u8; 32],
+    },
+    /// The stretched verifier, sealed.
+    Enroll {
+        /// The client's X25519 ephemeral key.
+        ephemeral_key: [u8; 32],
+        /// The verifier, sealed with the agreed key.
+        sealed: Vec<u8>,
+    },
+    /// The secret, sealed.
+    Reveal {
+        /// The client's X25519 ephemeral key.
+        ephemeral_key: [u8; 32],
+        /// The secret, sealed with the agreed key.
+        sealed: Vec<u8>,
+    },
+}
+
+/// Which side to upgrade when versions differ.
+fn upgrade_hint(server: u16, client: u16) -> &'static str {
+    if client < server {
+        "upgrade the client to the server's ferry version"
+    } else {
+        "upgrade the server to the client's ferry version"
+    }
+}
+
 /// Why the server refused a login.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(tag = "reason", rename_all = "snake_case")]
@@ -170,7 +224,7 @@ pub enum LoginRefusal {
         id: String,
     },
     /// The client speaks another protocol version.
-    #[error("protocol version mismatch: the server speaks {server}, the client {client}; run the same ferry version on both sides")]
+    #[error("protocol version mismatch: the server speaks {server}, the client {client}; {}", upgrade_hint(*server, *client))]
     VersionMismatch {
         /// The server's protocol version.
         server: u16,
@@ -317,22 +371,20 @@ pub enum CloseReason {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
-    /// The answer to a hello whose id may log in: the values the client must sign.
+    /// The answer to a hello whose id may log in: how the client must prove its secret.
     Challenge {
-        /// Fresh random bytes of the server.
-        nonce: [u8; 32],
-        /// The server's X25519 ephemeral key for the session key.
-        ephemeral_key: [u8; 32],
-        /// The server checks ids with an auth API and needs the (sealed) secret.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        wants_secret: bool,
+        /// The way, and the server's first message of it.
+        challenge: Challenge,
     },
-    /// The login succeeded.
+    /// The login succeeded. Every later frame, both ways, is sealed with the session key.
     Welcome {
         /// Session number, quoted by data connections.
         session: u64,
         /// How often the server pings, in milliseconds.
         heartbeat_interval_ms: u64,
+        /// Proof that the server derived the same session key (see
+        /// `auth::SessionKey::welcome_confirm`); after a PAKE, that it knows the verifier.
+        confirm: [u8; 32],
     },
     /// The login failed; the server closes the connection after this.
     LoginRefused {

@@ -14,8 +14,8 @@ pub use codec::{
     encode_frame, read_frame, read_frame_buffered, write_frame, ControlChannel, ProtocolError, MAX_FRAME_LEN,
 };
 pub use message::{
-    Answer, ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, ProxyProtocol, Query,
-    RegisterError, ServerMessage, ServiceControl, ServiceInfo, ServiceSpec, StreamStatus,
+    Answer, Challenge, ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, Proof, ProxyProtocol,
+    Query, RegisterError, ServerMessage, ServiceControl, ServiceInfo, ServiceSpec, StreamStatus,
 };
 pub use preamble::{
     preamble, preamble_with, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC,

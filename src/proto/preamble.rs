@@ -11,9 +11,9 @@ use super::ProtocolError;
 
 /// Magic bytes that start every ferry link; they tell ferry apart from HTTP or TLS.
 pub const MAGIC: &[u8; 5] = b"FERRY";
-/// Version of the wire protocol spoken by this build (2: the client names its id in a
-/// hello before the server's challenge).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version of the wire protocol spoken by this build (3: the login is a password-authenticated
+/// key exchange, and control frames are sealed after it; 2 named the id in a hello first).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Length of the preamble in bytes.
 pub const PREAMBLE_LEN: usize = 8;
 

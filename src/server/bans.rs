@@ -1,10 +1,12 @@
-//! Bans after repeated failed logins, per source and per id (GT's reconnect-times /
+//! Bans after repeated failed logins, per source and per (source, id) (GT's reconnect-times /
 //! reconnect-duration). A banned peer is refused before any cryptographic work.
 //!
 //! A source is one IPv4 address (an IPv4-mapped IPv6 address counts as IPv4) or one IPv6
 //! /64: a single host usually holds a whole /64 and could otherwise step through it.
+//! There is no ban of an id alone: anyone could then lock a user out by naming its id
+//! from a few addresses. A correct proof is never refused for other addresses' failures.
 //!
-//! Memory is bounded: sources and ids are tracked in two tables of at most
+//! Memory is bounded: sources and (source, id) pairs are tracked in two tables of at most
 //! [`MAX_TRACKED`] entries each (so a flood of made-up ids cannot push the addresses out).
 //! A full table first forgets ended bans, then the oldest eighth of the counts that have
 //! not led to a ban. A table full of live bans tracks no one new until some end: an
@@ -27,17 +29,27 @@ const MAX_TRACKED: usize = 100_000;
 pub(crate) enum Offender {
     /// A source: an IPv4 address or an IPv6 /64 (its first address); see [`Offender::source`].
     Addr(IpAddr),
-    /// A user id.
-    Id(String),
+    /// A user id named from one source (as [`Offender::source`] gives it).
+    SourceId(IpAddr, String),
 }
 
 impl Offender {
     /// The source a connection from `ip` counts against: IPv4 per address, IPv6 per /64.
     pub(crate) fn source(ip: IpAddr) -> Self {
-        Offender::Addr(match ip.to_canonical() {
-            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-            v4 => v4,
-        })
+        Offender::Addr(source_of(ip))
+    }
+
+    /// The pair of a source and the id it named.
+    pub(crate) fn source_id(ip: IpAddr, id: &str) -> Self {
+        Offender::SourceId(source_of(ip), id.to_owned())
+    }
+}
+
+/// IPv4 per address, IPv6 per /64 (its first address).
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        v4 => v4,
     }
 }
 
@@ -92,6 +104,7 @@ pub(crate) struct Bans {
     duration: Duration,
     capacity: usize,
     sources: Mutex<Table>,
+    /// (source, id) pairs.
     ids: Mutex<Table>,
 }
 
@@ -104,7 +117,7 @@ impl Bans {
     fn table(&self, who: &Offender) -> MutexGuard<'_, Table> {
         let table = match who {
             Offender::Addr(_) => &self.sources,
-            Offender::Id(_) => &self.ids,
+            Offender::SourceId(..) => &self.ids,
         };
         table.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -162,7 +175,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn bans_start_after_n_failures_and_end_after_the_duration() {
         let bans = Bans::new(3, Duration::from_secs(60));
-        let who = Offender::Id("id1".into());
+        let who = Offender::source_id("192.0.2.1".parse().unwrap(), "id1");
         assert!(!bans.failed(who.clone()));
         assert!(!bans.failed(who.clone()));
         assert!(bans.banned(&who).is_none());
@@ -190,18 +203,24 @@ mod tests {
     async fn a_table_full_of_bans_does_not_grow() {
         let bans = Bans { capacity: 4, ..Bans::new(1, Duration::from_secs(60)) };
         for n in 0..4 {
-            assert!(bans.failed(Offender::Id(format!("id{n}"))));
+            assert!(bans.failed(Offender::source_id("192.0.2.1".parse().unwrap(), &format!("id{n}"))));
         }
         for n in 4..100 {
-            assert!(!bans.failed(Offender::Id(format!("id{n}"))), "no room, so not tracked");
+            assert!(
+                !bans.failed(Offender::source_id("192.0.2.1".parse().unwrap(), &format!("id{n}"))),
+                "no room, so not tracked"
+            );
         }
         assert_eq!(bans.tracked(), 4);
-        assert!(bans.banned(&Offender::Id("id0".into())).is_some(), "live bans are kept");
+        assert!(
+            bans.banned(&Offender::source_id("192.0.2.1".parse().unwrap(), "id0")).is_some(),
+            "live bans are kept"
+        );
         // Sources have a table of their own.
         assert!(bans.failed(source("192.0.2.1")));
         // Once bans end, their room is used again.
         tokio::time::advance(Duration::from_secs(61)).await;
-        assert!(bans.failed(Offender::Id("id4".into())));
+        assert!(bans.failed(Offender::source_id("192.0.2.1".parse().unwrap(), "id4")));
         assert_eq!(bans.tracked(), 2);
     }
 
@@ -209,13 +228,16 @@ mod tests {
     async fn a_full_table_forgets_the_oldest_counts_first() {
         let bans = Bans { capacity: 4, ..Bans::new(3, Duration::from_secs(60)) };
         for n in 0..4 {
-            bans.failed(Offender::Id(format!("id{n}")));
+            bans.failed(Offender::source_id("192.0.2.1".parse().unwrap(), &format!("id{n}")));
             tokio::time::advance(Duration::from_secs(1)).await;
         }
-        bans.failed(Offender::Id("id4".into()));
+        bans.failed(Offender::source_id("192.0.2.1".parse().unwrap(), "id4"));
         assert_eq!(bans.tracked(), 4);
         let ids = bans.ids.lock().unwrap();
-        assert!(!ids.records.contains_key(&Offender::Id("id0".into())), "the oldest count goes");
-        assert!(ids.records.contains_key(&Offender::Id("id4".into())));
+        assert!(
+            !ids.records.contains_key(&Offender::source_id("192.0.2.1".parse().unwrap(), "id0")),
+            "the oldest count goes"
+        );
+        assert!(ids.records.contains_key(&Offender::source_id("192.0.2.1".parse().unwrap(), "id4")));
     }
 }

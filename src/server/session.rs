@@ -17,12 +17,13 @@ use super::pool::{DataPool, IDLE_TTL};
 use super::tunnel::Tunnel;
 use super::users::{Account, Counted, Grant, Slot, Users};
 use super::{http, login, tcp, ServerShared};
-use crate::auth::{ReplayGuard, SessionKey};
+use crate::auth::{ReplayGuard, SessionKey, Verifier};
 use crate::config::PortRange;
 use crate::proto::{
     Answer, ClientMessage, CloseReason, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, Query,
     RegisterError, ServerMessage, ServiceControl, ServiceSpec,
 };
+use crate::seal::{FrameCipher, Side};
 use crate::transport::Stream;
 
 /// Most tunnels one session may hold.
@@ -35,8 +36,8 @@ pub(crate) struct SessionShared {
     pub(crate) instance: String,
     /// The user's live account: rules, counters, speed buckets.
     pub(crate) account: Arc<Account>,
-    /// The key the client logged in with and how it was accepted, for reloads.
-    public_key: [u8; 32],
+    /// What the client proved it holds and how it was accepted, for reloads.
+    credential: Verifier,
     grant: Grant,
     /// This session's place in the user's `sessions` limit.
     slot: Mutex<Option<Slot>>,
@@ -139,7 +140,7 @@ impl SessionShared {
 
     /// Whether the user may keep this session under the current directory (after a reload).
     pub(crate) fn still_allowed(&self, users: &Users) -> bool {
-        users.still_allowed(&self.user, &self.public_key, self.grant)
+        users.still_allowed(&self.user, &self.credential, self.grant)
     }
 
     /// Measures a round trip to the client over the control connection.
@@ -180,20 +181,20 @@ pub(crate) async fn serve_control(
     };
     drop(handshake);
     let (outbox, inbox) = mpsc::channel(64);
-    let account = shared.users.account(&accepted.verified.id, accepted.rules, accepted.grant);
+    let account = shared.users.account(&accepted.id, accepted.rules, accepted.grant);
     let session = Arc::new(SessionShared {
         id: shared.registry.next_session_id(),
-        user: accepted.verified.id,
+        user: accepted.id,
         instance: accepted.instance,
         account,
-        public_key: accepted.verified.public_key,
+        credential: accepted.credential,
         grant: accepted.grant,
         slot: Mutex::new(None),
         peer,
         tags: accepted.tags,
         since: SystemTime::now(),
         pings: Mutex::default(),
-        key: accepted.verified.session_key,
+        key: accepted.session_key,
         replay: Mutex::default(),
         pool: DataPool::default(),
         outbox,
@@ -229,11 +230,11 @@ pub(crate) async fn serve_control(
             return;
         }
         let interval = heartbeat_interval(shared.config.heartbeat_timeout);
-        let welcome = ServerMessage::Welcome {
-            session: session.id,
-            heartbeat_interval_ms: interval.as_millis() as u64,
-        };
+        let heartbeat_interval_ms = interval.as_millis() as u64;
+        let confirm = session.key.welcome_confirm(session.id, heartbeat_interval_ms);
+        let welcome = ServerMessage::Welcome { session: session.id, heartbeat_interval_ms, confirm };
         if chan.send(&welcome).await.is_ok() {
+            chan.encrypt(FrameCipher::new(&session.key, Side::Server));
             info!("client connected");
             shared.hooks().client_connected(&client);
             let reason = Control { shared: &shared, session: &session, chan, inbox }.run(interval).await;

@@ -12,13 +12,12 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use regex::Regex;
-use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
 use super::auth_api::{ApiAnswer, AuthApi};
 use super::hooks::ServerHooks;
-use crate::auth::{is_valid_id, user_signing_key, VerifiedLogin, ID_RULE};
+use crate::auth::{is_valid_id, Secret, Verifier, ID_RULE};
 use crate::config::{ServerConfig, TcpAllowance, UserConfig};
 use crate::proto::LoginRefusal;
 use crate::throttle::{Bucket, Traffic};
@@ -71,9 +70,9 @@ impl Rules {
     }
 }
 
-/// A configured user: the public key derived from id and secret, and the rules.
+/// A configured user: the verifier derived from id and secret, and the rules.
 struct Known {
-    public_key: [u8; 32],
+    verifier: Verifier,
     rules: Arc<Rules>,
 }
 
@@ -99,8 +98,8 @@ impl Directory {
                 return Err(format!("user {id:?}: not a valid id; use {ID_RULE}"));
             }
             let rules = Rules::resolve(config, Some(user)).map_err(|e| format!("user {id}: {e}"))?;
-            let public_key = user_signing_key(id, &user.secret).verifying_key().to_bytes();
-            known.insert(id.clone(), Known { public_key, rules: Arc::new(rules) });
+            let verifier = Verifier::plain(id, &user.secret);
+            known.insert(id.clone(), Known { verifier, rules: Arc::new(rules) });
         }
         let api = config.auth_api.as_ref().map(AuthApi::new).transpose()?.map(Arc::new);
         Ok(Directory {
@@ -118,15 +117,28 @@ impl Directory {
         self.lower_ids.contains(&id.to_ascii_lowercase())
     }
 
-    /// Whether logins need the secret (an auth API is configured).
-    pub(crate) fn wants_secret(&self) -> bool {
-        self.api.is_some()
-    }
-
     /// Whether nobody at all can log in.
     pub(crate) fn is_closed(&self) -> bool {
         self.known.is_empty() && !self.allow_any_client && self.api.is_none()
     }
+}
+
+/// How a client must prove its secret, decided from its hello's id before any key is made.
+pub(crate) enum Method {
+    /// The server holds the id's verifier: a PAKE.
+    Pake {
+        verifier: Verifier,
+        /// The verifier is the Argon2id one (learned by allow-any-client).
+        stretched: bool,
+        grant: Grant,
+        rules: Arc<Rules>,
+    },
+    /// The auth API decides: the client must reveal its secret.
+    Reveal,
+    /// allow-any-client meets a new id: the client enrolls its verifier.
+    Enroll,
+    /// No way in: the id is unknown, or no new ids are learned.
+    Refuse(LoginRefusal),
 }
 
 /// How a login was accepted; decides whether a reload keeps the session.
@@ -145,7 +157,7 @@ pub(crate) enum Grant {
 /// The server's users: the current directory and the accounts of connected users.
 pub(crate) struct Users {
     directory: RwLock<Arc<Directory>>,
-    /// Keys learned under allow-any-client; kept across reloads, never more than `max_learned`.
+    /// Verifiers learned under allow-any-client; kept across reloads, never more than `max_learned`.
     learned: Mutex<Learned>,
     max_learned: usize,
     accounts: Mutex<HashMap<String, Weak<Account>>>,
@@ -164,22 +176,31 @@ const MAX_LEARNED_IDS: usize = 100_000;
 /// How often a full table of learned ids is logged as a warning.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
-/// The first key seen for each id under allow-any-client.
+/// The first verifier enrolled for each id under allow-any-client.
 #[derive(Default)]
 struct Learned {
-    keys: HashMap<String, [u8; 32]>,
+    keys: HashMap<String, Verifier>,
     /// When "no room for new ids" was last logged as a warning, and refusals since.
     warned: Option<Instant>,
     refused: u64,
 }
 
 impl Learned {
-    /// Whether `key` is the key of `id`, learning it if `id` is new and there is room;
+    /// Whether `key` is the verifier of `id`, learning it if `id` is new and there is room;
     /// `None` when `id` is new and the table is full.
-    fn matches(&mut self, id: &str, key: &[u8; 32], max: usize) -> Option<bool> {
+    fn matches(&mut self, id: &str, key: &Verifier, max: usize) -> Option<bool> {
         if let Some(first) = self.keys.get(id) {
-            return Some(first.ct_eq(key).into());
+            return Some(first.matches(key));
         }
+        if !self.has_room(max) {
+            return None;
+        }
+        self.keys.insert(id.to_owned(), key.clone());
+        Some(true)
+    }
+
+    /// Whether a new id could be learned; logs (at most once a minute) when not.
+    fn has_room(&mut self, max: usize) -> bool {
         if self.keys.len() >= max {
             self.refused += 1;
             if !self.warned.is_some_and(|at| at.elapsed() < FULL_WARNING_EVERY) {
@@ -190,12 +211,11 @@ impl Learned {
                 );
                 (self.warned, self.refused) = (Some(Instant::now()), 0);
             } else {
-                debug!(id, "new id refused: no room for more ids");
+                debug!("new id refused: no room for more ids");
             }
-            return None;
+            return false;
         }
-        self.keys.insert(id.to_owned(), *key);
-        Some(true)
+        true
     }
 }
 
@@ -231,67 +251,89 @@ impl Users {
         }
     }
 
-    /// Decides whether a login with a valid signature may in, and with which rules.
-    pub(crate) async fn authorize(
-        &self,
-        login: &VerifiedLogin,
-        peer: SocketAddr,
-        hooks: &dyn ServerHooks,
-    ) -> Result<(Arc<Rules>, Grant), LoginRefusal> {
+    /// How a client naming `id` must prove its secret. Configured users come first, then
+    /// the program's hooks, the auth API and allow-any-client.
+    pub(crate) fn method(&self, id: &str, hooks: &dyn ServerHooks) -> Method {
         let directory = self.directory();
-        let refused = || LoginRefusal::AuthFailed { id: login.id.clone() };
-        if let Some(known) = directory.known.get(&login.id) {
-            let matches: bool = known.public_key.ct_eq(&login.public_key).into();
-            return if matches { Ok((known.rules.clone(), Grant::Known)) } else { Err(refused()) };
+        if let Some(known) = directory.known.get(id) {
+            let (verifier, rules) = (known.verifier.clone(), known.rules.clone());
+            return Method::Pake { verifier, stretched: false, grant: Grant::Known, rules };
         }
-        if let Some(secret) = hooks.secret_for(&login.id) {
-            return if login.signed_with(&secret) {
-                Ok((directory.defaults.clone(), Grant::Hook))
-            } else {
-                Err(refused())
+        if let Some(secret) = hooks.secret_for(id) {
+            let verifier = Verifier::plain(id, &secret);
+            return Method::Pake {
+                verifier,
+                stretched: false,
+                grant: Grant::Hook,
+                rules: directory.defaults.clone(),
             };
         }
-        if let Some(api) = &directory.api {
-            let Some(secret) = &login.secret else {
-                return Err(LoginRefusal::SecretNeeded);
-            };
-            if !login.signed_with(secret) {
-                return Err(refused());
-            }
-            return match api.check(&login.id, secret, peer).await {
-                Ok(ApiAnswer::Allowed(user)) => {
-                    let rules = Rules::resolve(&directory.config, Some(&user)).map_err(|e| {
-                        warn!(id = %login.id, error = %e, "auth API answered with invalid settings");
-                        refused()
-                    })?;
-                    Ok((Arc::new(rules), Grant::Api))
-                }
-                Ok(ApiAnswer::Denied) => Err(refused()),
-                Err(err) => {
-                    error!(id = %login.id, %err, "auth API unavailable; refusing the login");
-                    Err(LoginRefusal::AuthUnavailable)
-                }
-            };
+        if directory.api.is_some() {
+            return Method::Reveal;
         }
         if directory.allow_any_client {
             let mut learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
-            return match learned.matches(&login.id, &login.public_key, self.max_learned) {
-                Some(true) => Ok((directory.defaults.clone(), Grant::Learned)),
-                Some(false) => Err(refused()),
-                None => Err(LoginRefusal::TooManyIds),
+            if let Some(verifier) = learned.keys.get(id) {
+                let (verifier, rules) = (verifier.clone(), directory.defaults.clone());
+                return Method::Pake { verifier, stretched: true, grant: Grant::Learned, rules };
+            }
+            return match learned.has_room(self.max_learned) {
+                true => Method::Enroll,
+                false => Method::Refuse(LoginRefusal::TooManyIds),
             };
         }
-        Err(refused())
+        Method::Refuse(LoginRefusal::UnknownId { id: id.to_owned() })
     }
 
-    /// Whether a session that logged in as `id` with `public_key` may stay after a reload.
+    /// Asks the auth API about a revealed secret.
+    pub(crate) async fn check_revealed(
+        &self,
+        id: &str,
+        secret: &Secret,
+        peer: SocketAddr,
+    ) -> Result<Arc<Rules>, LoginRefusal> {
+        let directory = self.directory();
+        let refused = || LoginRefusal::AuthFailed { id: id.to_owned() };
+        let Some(api) = &directory.api else { return Err(refused()) };
+        match api.check(id, secret, peer).await {
+            Ok(ApiAnswer::Allowed(user)) => {
+                let rules = Rules::resolve(&directory.config, Some(&user)).map_err(|e| {
+                    warn!(id, error = %e, "auth API answered with invalid settings");
+                    refused()
+                })?;
+                Ok(Arc::new(rules))
+            }
+            Ok(ApiAnswer::Denied) => Err(refused()),
+            Err(err) => {
+                error!(id, %err, "auth API unavailable; refusing the login");
+                Err(LoginRefusal::AuthUnavailable)
+            }
+        }
+    }
+
+    /// Learns an enrolled verifier for a new id (allow-any-client); an id enrolled meanwhile
+    /// by another login keeps its first verifier.
+    pub(crate) fn enroll(&self, id: &str, verifier: &Verifier) -> Result<Arc<Rules>, LoginRefusal> {
+        let directory = self.directory();
+        if !directory.allow_any_client {
+            return Err(LoginRefusal::UnknownId { id: id.to_owned() });
+        }
+        let mut learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
+        match learned.matches(id, verifier, self.max_learned) {
+            Some(true) => Ok(directory.defaults.clone()),
+            Some(false) => Err(LoginRefusal::AuthFailed { id: id.to_owned() }),
+            None => Err(LoginRefusal::TooManyIds),
+        }
+    }
+
+    /// Whether a session that logged in as `id` with `credential` may stay after a reload.
     /// A user configured before and not now leaves, even where allow-any-client or the
     /// auth API could let the id in: the operator removed the user, so the client must
     /// log in again and be judged by what the server now says.
-    pub(crate) fn still_allowed(&self, id: &str, public_key: &[u8; 32], grant: Grant) -> bool {
+    pub(crate) fn still_allowed(&self, id: &str, credential: &Verifier, grant: Grant) -> bool {
         let directory = self.directory();
         match directory.known.get(id) {
-            Some(known) => known.public_key.ct_eq(public_key).into(),
+            Some(known) => known.verifier.matches(credential),
             None => match grant {
                 Grant::Known => false,
                 Grant::Learned => directory.allow_any_client,
@@ -434,33 +476,41 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{client_login, verify_login, Ephemeral, Secret};
     use crate::server::hooks::NoHooks;
 
-    fn verified(id: &str, secret: &str) -> VerifiedLogin {
-        let (nonce, ephemeral) = ([1u8; 32], Ephemeral::generate());
-        let (login, _) = client_login(id, &Secret::new(secret), &nonce, &ephemeral.public, false);
-        verify_login(id, &login, &nonce, &ephemeral).unwrap()
-    }
-
-    #[tokio::test]
-    async fn allow_any_client_learns_a_bounded_number_of_ids_and_forgets_none() {
+    #[test]
+    fn allow_any_client_learns_a_bounded_number_of_ids_and_forgets_none() {
         let config = ServerConfig { allow_any_client: true, ..ServerConfig::default() };
         let mut users = Users::new(Directory::new(&config).unwrap());
         users.max_learned = 2;
-        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let refusal = |id: &str| LoginRefusal::AuthFailed { id: id.into() };
+        let verifier = |id: &str, secret: &str| Verifier::plain(id, &Secret::new(secret));
         for id in ["a", "b"] {
-            assert!(users.authorize(&verified(id, "s"), peer, &NoHooks).await.is_ok());
+            assert!(matches!(users.method(id, &NoHooks), Method::Enroll), "{id}");
+            assert!(users.enroll(id, &verifier(id, "s")).is_ok());
         }
         for id in ["c", "d"] {
-            let refused = users.authorize(&verified(id, "s"), peer, &NoHooks).await.err();
-            assert_eq!(refused, Some(LoginRefusal::TooManyIds), "{id}");
+            assert!(matches!(users.method(id, &NoHooks), Method::Refuse(LoginRefusal::TooManyIds)), "{id}");
+            assert_eq!(users.enroll(id, &verifier(id, "s")).err(), Some(LoginRefusal::TooManyIds), "{id}");
         }
-        // Learned ids keep their first key: still in with it, still refused with another.
-        assert!(users.authorize(&verified("a", "s"), peer, &NoHooks).await.is_ok());
-        assert_eq!(users.authorize(&verified("b", "t"), peer, &NoHooks).await.err(), Some(refusal("b")));
+        // Learned ids keep their first verifier: a PAKE against it, and a second enrollment
+        // (a race) with another secret is refused.
+        let Method::Pake { verifier: kept, stretched: true, grant: Grant::Learned, .. } =
+            users.method("a", &NoHooks)
+        else {
+            panic!("a learned id logs in with a PAKE")
+        };
+        assert!(kept.matches(&verifier("a", "s")));
+        let refused = users.enroll("b", &verifier("b", "t")).err();
+        assert_eq!(refused, Some(LoginRefusal::AuthFailed { id: "b".into() }));
         assert_eq!(users.learned.lock().unwrap().keys.len(), 2);
+    }
+
+    #[test]
+    fn unknown_ids_are_refused_as_unknown_not_as_failed() {
+        let users = Users::new(Directory::new(&ServerConfig::default().with_user("a", "s")).unwrap());
+        assert!(matches!(users.method("a", &NoHooks), Method::Pake { grant: Grant::Known, .. }));
+        let refusal = LoginRefusal::UnknownId { id: "carl".into() };
+        assert!(matches!(users.method("carl", &NoHooks), Method::Refuse(r) if r == refusal));
     }
 
     #[test]

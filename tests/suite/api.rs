@@ -255,7 +255,7 @@ async fn metrics_move_with_real_traffic() {
         // Two failed logins from another address: two auth failures, one ban (of the address).
         let (failures, bans) = ("ferry_auth_failures_total ", "ferry_bans_total ");
         let addr = server.local_addr();
-        for id in ["nobody-a", "nobody-b"] {
+        for id in ["id1", "other"] {
             assert!(login_from("127.0.0.51", addr, id, "guess").await.is_err(), "{id} got in");
         }
         let banned = metrics(api).await;

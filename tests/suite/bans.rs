@@ -1,4 +1,4 @@
-//! Bans after repeated failed logins, per source address and per id.
+//! Bans after repeated failed logins, per source address and per (address, id).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -28,9 +28,9 @@ async fn an_address_is_banned_after_repeated_failures_then_let_back() {
     within(30, async {
         let server = start_server(banning(2, Duration::from_secs(1))).await;
         let addr = server.local_addr();
-        // Two different unknown ids: only the address reaches the limit.
-        assert!(login_from("127.0.0.21", addr, "nobody-a", "x").await.is_err());
-        assert!(login_from("127.0.0.21", addr, "nobody-b", "x").await.is_err());
+        // Wrong secrets for two different ids: only the address reaches the limit.
+        assert!(login_from("127.0.0.21", addr, "id1", "x").await.is_err());
+        assert!(login_from("127.0.0.21", addr, "id2", "x").await.is_err());
         let banned_at = Instant::now();
         let refusal = login_from("127.0.0.21", addr, "id1", "secret1").await.unwrap_err();
         assert!(matches!(refusal, LoginRefusal::Banned { .. }), "{refusal:?}");
@@ -52,24 +52,49 @@ async fn an_address_is_banned_after_repeated_failures_then_let_back() {
     .await
 }
 
+/// Failures naming an id from other addresses never lock its real client out: only the
+/// addresses that failed are banned (issue 9.2).
 #[tokio::test]
-async fn an_id_is_banned_whatever_the_address() {
+async fn other_addresses_failures_never_refuse_a_correct_proof() {
     within(30, async {
         let server = start_server(banning(2, Duration::from_secs(30))).await;
         let addr = server.local_addr();
-        assert!(login_from("127.0.0.31", addr, "id1", "guess-1").await.is_err());
-        assert!(login_from("127.0.0.32", addr, "id1", "guess-2").await.is_err());
-        // The right secret from a fresh address is refused while the id is banned...
-        let refusal = login_from("127.0.0.33", addr, "id1", "secret1").await.unwrap_err();
-        assert!(matches!(refusal, LoginRefusal::Banned { seconds } if seconds > 20), "{refusal:?}");
-        // ...and other ids are not.
-        login_from("127.0.0.33", addr, "id2", "secret2").await.unwrap();
-        // The library client reports the ban as a clear, fatal error.
-        let err = Client::connect(client_config(addr, "id1", "secret1")).await.expect_err("banned");
-        assert!(
-            matches!(err, ClientError::LoginRefused(LoginRefusal::Banned { .. })) && err.is_fatal(),
-            "{err:?}"
-        );
+        for source in ["127.0.0.31", "127.0.0.32", "127.0.0.33"] {
+            for guess in ["guess-1", "guess-2"] {
+                assert!(login_from(source, addr, "id1", guess).await.is_err());
+            }
+            let refusal = login_from(source, addr, "id1", "secret1").await.unwrap_err();
+            assert!(matches!(refusal, LoginRefusal::Banned { seconds } if seconds > 20), "{refusal:?}");
+        }
+        // The right secret from any other address gets in, and so does the real client.
+        login_from("127.0.0.34", addr, "id1", "secret1").await.expect("not locked out by others");
+        let client = Client::connect(client_config(addr, "id1", "secret1")).await.expect("the real client");
+        client.shutdown().await;
+    })
+    .await
+}
+
+/// An address that logs in as its own user between guesses at another's secret resets its
+/// own count, but not the count of (address, guessed id): that pair is banned.
+#[tokio::test]
+async fn guesses_at_one_id_are_counted_per_address_and_id() {
+    within(30, async {
+        let server = start_server(banning(2, Duration::from_secs(30))).await;
+        let addr = server.local_addr();
+        let source = "127.0.0.35";
+        for _ in 0..2 {
+            assert!(matches!(
+                login_from(source, addr, "id1", "guess").await,
+                Err(LoginRefusal::AuthFailed { .. })
+            ));
+            login_from(source, addr, "id2", "secret2").await.expect("its own login resets the address");
+        }
+        let refusal = login_from(source, addr, "id1", "secret1").await.unwrap_err();
+        assert!(matches!(refusal, LoginRefusal::Banned { .. }), "{refusal:?}");
+        login_from(source, addr, "id2", "secret2").await.expect("the address itself is not banned");
+        // A banned client is told so and is not told to give up (it retries with backoff).
+        let err = ClientError::LoginRefused(refusal);
+        assert!(!err.is_fatal(), "{err:?}");
     })
     .await
 }
@@ -84,19 +109,23 @@ async fn banned_peers_are_refused_before_any_challenge() {
         let fresh = answer_to_hello("127.0.0.61", addr, "id1").await;
         assert!(matches!(fresh, ServerMessage::Challenge { .. }), "{fresh:?}");
 
-        // The address: two failures under unknown ids.
-        assert!(login_from("127.0.0.62", addr, "nobody-a", "x").await.is_err());
-        assert!(login_from("127.0.0.62", addr, "nobody-b", "x").await.is_err());
+        // The address: two failures under two ids.
+        assert!(login_from("127.0.0.62", addr, "id1", "x").await.is_err());
+        assert!(login_from("127.0.0.62", addr, "id2", "x").await.is_err());
         let answer = answer_to_hello("127.0.0.62", addr, "id2").await;
         assert!(is_banned(&answer), "a banned address was sent {answer:?}");
 
-        // The id: two failures from two addresses; a third address asks for it.
-        assert!(login_from("127.0.0.63", addr, "id1", "guess-1").await.is_err());
-        assert!(login_from("127.0.0.64", addr, "id1", "guess-2").await.is_err());
-        let answer = answer_to_hello("127.0.0.65", addr, "id1").await;
-        assert!(is_banned(&answer), "a banned id was sent {answer:?}");
-        // The same address asking for another id gets its challenge.
-        let other = answer_to_hello("127.0.0.65", addr, "id2").await;
+        // The (address, id) pair: two failures for id1, each followed by a login as id2.
+        for _ in 0..2 {
+            assert!(login_from("127.0.0.63", addr, "id1", "guess").await.is_err());
+            login_from("127.0.0.63", addr, "id2", "secret2").await.unwrap();
+        }
+        let answer = answer_to_hello("127.0.0.63", addr, "id1").await;
+        assert!(is_banned(&answer), "a banned pair was sent {answer:?}");
+        // The same address asking for another id, and another address for id1, get challenges.
+        let other = answer_to_hello("127.0.0.63", addr, "id2").await;
+        assert!(matches!(other, ServerMessage::Challenge { .. }), "{other:?}");
+        let other = answer_to_hello("127.0.0.64", addr, "id1").await;
         assert!(matches!(other, ServerMessage::Challenge { .. }), "{other:?}");
     })
     .await

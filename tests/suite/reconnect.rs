@@ -3,7 +3,6 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use ferry::auth::Ephemeral;
 use ferry::proto::{read_preamble, ClientMessage, ControlChannel, LinkKind, ServerMessage, ServiceSpec};
 use ferry::{Client, ClientState, Server, ServiceConfig};
 use tokio::net::{TcpListener, TcpStream};
@@ -130,16 +129,7 @@ async fn client_notices_a_silent_server() {
                     continue;
                 }
                 let mut chan = ControlChannel::new(stream);
-                let _hello: ClientMessage = chan.recv().await.unwrap();
-                let ephemeral = Ephemeral::generate();
-                let challenge = ServerMessage::Challenge {
-                    nonce: [1; 32],
-                    ephemeral_key: ephemeral.public,
-                    wants_secret: false,
-                };
-                chan.send(&challenge).await.unwrap();
-                let _login: ClientMessage = chan.recv().await.unwrap();
-                chan.send(&ServerMessage::Welcome { session: 1, heartbeat_interval_ms: 100 }).await.unwrap();
+                raw::welcome_by_hand(&mut chan, "secret1", 1, 100).await;
                 held.push(chan);
             }
         });

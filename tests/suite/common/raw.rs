@@ -2,8 +2,9 @@
 
 use std::net::SocketAddr;
 
-use ferry::auth::{client_login, Secret};
-use ferry::proto::{preamble_with, ClientMessage, ControlChannel, LinkKind, ServerMessage};
+use ferry::auth::{client_pake, hello_digest, Secret, ServerPake, SessionKey, Verifier};
+use ferry::proto::{preamble_with, Challenge, ClientMessage, ControlChannel, LinkKind, Proof, ServerMessage};
+use ferry::seal::{FrameCipher, Side};
 use ferry::LoginRefusal;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
@@ -42,16 +43,59 @@ pub async fn login_by_hand(
     instance: &str,
 ) -> Result<ControlChannel<TcpStream>, LoginRefusal> {
     let (mut chan, first) = hello(stream, id, instance).await;
-    let (nonce, ephemeral_key) = match first {
-        ServerMessage::Challenge { nonce, ephemeral_key, .. } => (nonce, ephemeral_key),
+    let message = match first {
+        ServerMessage::Challenge { challenge: Challenge::Pake { message, stretched: false } } => message,
         ServerMessage::LoginRefused { refusal } => return Err(refusal),
         other => panic!("unexpected {other:?}"),
     };
-    let (login, _) = client_login(id, &Secret::new(secret), &nonce, &ephemeral_key, false);
-    chan.send(&login).await.unwrap();
+    let verifier = Verifier::plain(id, &Secret::new(secret));
+    let answer = client_pake(id, &verifier, &message, hello_digest(id, instance, "test", &[]))
+        .expect("a PAKE message");
+    chan.send(&ClientMessage::Login {
+        proof: Proof::Pake { message: answer.message, confirm: answer.confirm },
+    })
+    .await
+    .unwrap();
     match chan.recv::<ServerMessage>().await.unwrap() {
-        ServerMessage::Welcome { .. } => Ok(chan),
+        ServerMessage::Welcome { session, heartbeat_interval_ms, confirm } => {
+            assert!(
+                answer.key.check_welcome(session, heartbeat_interval_ms, &confirm),
+                "the server proved its key"
+            );
+            chan.encrypt(FrameCipher::new(&answer.key, Side::Client));
+            Ok(chan)
+        }
         ServerMessage::LoginRefused { refusal } => Err(refusal),
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// Plays the server's side of a login on `chan` (whose preamble was read) for a client
+/// whose secret is `secret`, up to and including the welcome; returns the session key.
+pub async fn welcome_by_hand<S>(
+    chan: &mut ControlChannel<S>,
+    secret: &str,
+    session: u64,
+    heartbeat_ms: u64,
+) -> SessionKey
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let ClientMessage::Hello { id, instance, software, tags } = chan.recv().await.unwrap() else {
+        panic!("expected a hello")
+    };
+    let verifier = Verifier::plain(&id, &Secret::new(secret));
+    let pake = ServerPake::start(&id, &verifier, hello_digest(&id, &instance, &software, &tags));
+    let challenge = Challenge::Pake { message: pake.message().to_vec(), stretched: false };
+    chan.send(&ServerMessage::Challenge { challenge }).await.unwrap();
+    let ClientMessage::Login { proof: Proof::Pake { message, confirm } } = chan.recv().await.unwrap() else {
+        panic!("expected a PAKE login")
+    };
+    let key = pake.finish(&message, &confirm).expect("the client knows the secret");
+    let confirm = key.welcome_confirm(session, heartbeat_ms);
+    chan.send(&ServerMessage::Welcome { session, heartbeat_interval_ms: heartbeat_ms, confirm })
+        .await
+        .unwrap();
+    chan.encrypt(FrameCipher::new(&key, Side::Server));
+    key
 }
