@@ -179,4 +179,24 @@ mod tests {
         assert!(!may_reveal_secret(&config("tcp://example.com:7000", RemoteTrust::System)));
         assert!(!may_reveal_secret(&config("tls://example.com", RemoteTrust::Insecure)));
     }
+
+    #[tokio::test]
+    async fn a_verifier_is_enrolled_only_where_it_is_protected_or_allowed() {
+        let enroll = || Challenge::Enroll { ephemeral_key: Ephemeral::generate().public };
+        let far = config("tcp://example.com:7000", RemoteTrust::System);
+        let refused = prove(&far, enroll(), [0; 32]).await.err();
+        assert!(matches!(refused, Some(ClientError::EnrollUnprotected { .. })), "{refused:?}");
+        let near = config("tcp://127.0.0.1:7000", RemoteTrust::System);
+        assert!(matches!(prove(&near, enroll(), [0; 32]).await, Ok((Proof::Enroll { .. }, _))));
+        let mut allowed = far.clone();
+        allowed.remote_enroll_insecure = true;
+        assert!(matches!(prove(&allowed, enroll(), [0; 32]).await, Ok((Proof::Enroll { .. }, _))));
+        // The secret itself is never revealed there, whatever the user allowed for enrollment.
+        let reveal = Challenge::Reveal { ephemeral_key: Ephemeral::generate().public };
+        let refused = prove(&allowed, reveal, [0; 32]).await.err();
+        assert!(
+            matches!(refused, Some(ClientError::LoginRefused(LoginRefusal::SecretNeeded))),
+            "{refused:?}"
+        );
+    }
 }

@@ -14,6 +14,7 @@ mod discovery;
 mod hooks;
 mod hostile;
 mod http;
+mod login_crypto;
 mod ports;
 mod reconnect;
 mod reuse;
