@@ -342,7 +342,8 @@ impl Reloader {
     /// Applies the users part of `config`: users and their settings, `allow-any-client`,
     /// `auth-api`, and the server-wide per-user limits (`tcp-range`, `tcp-number`, `host-*`,
     /// `speed`, `connections`, `sessions`). Sessions of users who are gone, or whose secret
-    /// changed, are closed; changed limits apply to new connections and tunnels. Listeners,
+    /// changed, are closed; changed limits apply to new connections and tunnels, but a
+    /// changed `speed` applies at once, to running transfers too (one budget per user). Listeners,
     /// certificates and timeouts keep their values until a restart. Returns how many
     /// sessions were closed.
     pub fn reload(&self, config: &ServerConfig) -> Result<usize, ServerError> {

@@ -310,3 +310,45 @@ async fn reload_adds_and_removes_users_while_other_transfers_go_on() {
     })
     .await
 }
+
+/// A reload's new speed applies at once, also to a transfer already running: a user's
+/// speed is one budget shared by all of the user's visitors, old and new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_speed_applies_at_once_to_transfers_already_running() {
+    within(60, async {
+        const RATE: usize = 256 * 1024;
+        let mut config = server_config();
+        config.users.get_mut("id1").unwrap().speed = Some(RATE as u64);
+        let server = start_server(config.clone()).await;
+        let blob = Arc::new(random_bytes(4 * MIB));
+        let client = login(server.local_addr(), "id1", "secret1").await.unwrap();
+        let tunnel = client
+            .add_service(ServiceConfig::tcp(&blob_server(blob.clone()).await.to_string()))
+            .await
+            .unwrap();
+
+        let started = Instant::now();
+        let mut visitor = TcpStream::connect(tunnel.public_addr()).await.unwrap();
+        let mut got = Vec::with_capacity(blob.len());
+        let mut chunk = vec![0u8; 64 * 1024];
+        while got.len() < RATE {
+            let n = visitor.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the transfer ended early");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let shaped = started.elapsed();
+        assert!(shaped >= Duration::from_millis(500), "the first 256 KiB were not shaped: {shaped:?}");
+
+        let mut lifted = config.clone();
+        lifted.users.get_mut("id1").unwrap().speed = None;
+        server.reload(&lifted).unwrap();
+        let reloaded = Instant::now();
+        visitor.read_to_end(&mut got).await.unwrap();
+        let rest = reloaded.elapsed();
+        assert_eq!(sha256(&got), sha256(&blob));
+        // At the old speed the rest (3.75 MiB) would take 15 s.
+        assert!(rest < Duration::from_secs(4), "the running transfer kept the old speed: {rest:?}");
+        server.shutdown().await;
+    })
+    .await
+}
