@@ -528,6 +528,47 @@ async fn a_reload_sent_as_soon_as_the_pid_file_appears_does_not_kill_the_client(
     .await
 }
 
+/// `users` is one key with GT's two forms: the path of a users file (like `--users FILE`)
+/// or the users themselves; `--users FILE` joins a config file's map and replaces its file.
+#[test]
+fn the_users_key_takes_a_users_file_or_the_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let users_file = write("users.yaml", "b: {secret: from-users-file, speed: 7}\n");
+    let other_file = write("other.yaml", "c: {secret: from-other-file}\n");
+    let file_key = format!("addr: 127.0.0.1:0\nusers: {}\n", users_file.display());
+    let yaml = write("file.yaml", &file_key);
+    let toml = write("file.toml", &format!("users = '{}'\n", users_file.display()));
+    for config_file in [&yaml, &toml] {
+        let config = resolve(ServerOptions::default(), Some(config_file)).unwrap().into_config().unwrap();
+        assert_eq!(config.users.keys().collect::<Vec<_>>(), ["b"], "{}", config_file.display());
+        assert_eq!(config.users["b"].speed, Some(7));
+    }
+    let flag = |path: &Path| ServerOptions {
+        users: Some(ferry::config::options::UsersOption::file(path)),
+        ..Default::default()
+    };
+    // A flag's file replaces the config file's file...
+    let config = resolve(flag(&other_file), Some(&yaml)).unwrap().into_config().unwrap();
+    assert_eq!(config.users.keys().collect::<Vec<_>>(), ["c"]);
+    // ...and joins its map.
+    let map = write("map.yaml", "users:\n  a: {secret: from-config}\n  b: {secret: from-config}\n");
+    let config = resolve(flag(&users_file), Some(&map)).unwrap().into_config().unwrap();
+    assert_eq!(config.users.keys().collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(config.users["b"].secret.expose(), "from-users-file", "the users file wins over the map");
+    // The old name is gone, and a bad users file says which file.
+    let old = write("old.yaml", &format!("users-file: {}\n", users_file.display()));
+    let err = resolve(ServerOptions::default(), Some(&old)).unwrap_err();
+    assert!(err.contains("users-file"), "{err}");
+    let bad = write("bad.yaml", &format!("users: {}\n", write("broken.yaml", "b: {sekret: x}\n").display()));
+    let err = resolve(ServerOptions::default(), Some(&bad)).unwrap().into_config().unwrap_err();
+    assert!(err.contains("broken.yaml") && err.contains("sekret"), "{err}");
+}
+
 #[tokio::test]
 async fn server_and_client_print_their_version() {
     for command in ["server", "client"] {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use ferry::config::options::{resolve, ServerOptions};
+use ferry::config::options::{resolve, ServerOptions, UsersOption};
 use ferry::{Client, ClientError, ClientState, LoginRefusal, RegisterError, ServerConfig, ServiceConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -122,7 +122,7 @@ async fn tcp_and_host_rules_are_per_user() {
         .unwrap();
         let options = ServerOptions {
             addr: Some("127.0.0.1:0".into()),
-            users_file: Some(users_file),
+            users: Some(UsersOption::file(users_file)),
             tcp_range: vec!["1024-65535".parse().unwrap()],
             id: vec!["wide".into()],
             secret: vec!["s".into()],
