@@ -147,7 +147,7 @@ pub struct ServerOptions {
     /// Write logs to this file instead of standard error.
     #[arg(long)]
     pub log_file: Option<PathBuf>,
-    /// Rotate the log file when it reaches this many bytes. [default: 536870912]
+    /// Rotate the log file before a line would take it past this many bytes. [default: 536870912]
     #[arg(long)]
     pub log_file_max_size: Option<u64>,
     /// How many rotated log files to keep. [default: 7]
@@ -305,7 +305,8 @@ pub struct ClientOptions {
     /// User secret (or the FERRY_SECRET environment variable); never sent over the wire.
     #[arg(long, env = "FERRY_SECRET", hide_env_values = true)]
     pub secret: Option<Secret>,
-    /// CA certificate (PEM) to trust for tls:// instead of the system roots.
+    /// CA certificate (PEM) to trust for tls:// instead of the system roots, or the server's own
+    /// certificate (e.g. a self-signed one), which is then pinned.
     #[arg(long)]
     pub remote_cert: Option<PathBuf>,
     /// Accept any server certificate on tls:// (encrypted but not authenticated).
@@ -340,7 +341,7 @@ pub struct ClientOptions {
     /// Write logs to this file instead of standard error.
     #[arg(long)]
     pub log_file: Option<PathBuf>,
-    /// Rotate the log file when it reaches this many bytes. [default: 536870912]
+    /// Rotate the log file before a line would take it past this many bytes. [default: 536870912]
     #[arg(long)]
     pub log_file_max_size: Option<u64>,
     /// How many rotated log files to keep. [default: 7]
