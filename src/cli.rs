@@ -1,17 +1,18 @@
 //! The command line: `ferry server`, `ferry client`, `ferry demo`.
 //!
 //! `ferry client` takes GT's positional style: each `--local` starts a new
-//! service, and the service flags after it belong to that service.
+//! service, and the service flags after it belong to that service. Client-wide flags
+//! (`--log-level`, `--tag`, ...) may come anywhere, also after a `--local`.
 
 use std::ffi::OsString;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Command as ClapCommand, CommandFactory, Parser, Subcommand};
 
 use crate::config::options::{ClientOptions, ServerOptions, ServiceOptions};
 
 /// Reverse tunnels: expose services behind NAT through a public server.
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, about, long_about = None)]
+#[command(name = "ferry", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]
@@ -77,7 +78,8 @@ pub fn parse_from(args: impl IntoIterator<Item = impl Into<OsString>>) -> Result
     Ok(cli)
 }
 
-/// After `client`, cuts the arguments at each `--local`: the head, then one segment per service.
+/// After `client`, cuts the arguments at each `--local`: the head, then one segment per
+/// service. Client-wide flags found after a `--local` join the head.
 fn split_services(args: Vec<OsString>) -> (Vec<OsString>, Vec<Vec<OsString>>) {
     let is_client =
         args.iter().skip(1).find(|a| !a.to_string_lossy().starts_with('-')).is_some_and(|a| a == "client");
@@ -96,7 +98,56 @@ fn split_services(args: Vec<OsString>) -> (Vec<OsString>, Vec<Vec<OsString>>) {
             None => head.push(arg),
         }
     }
+    let cli = Cli::command();
+    let service = ServiceCli::command();
+    if let Some(client) = cli.find_subcommand("client") {
+        for segment in &mut segments {
+            head.extend(take_client_flags(client, &service, segment));
+        }
+    }
     (head, segments)
+}
+
+/// Removes from `segment` the flags of `client` that are not flags of `service`, with
+/// their values, and returns them. Values of the service's own flags are left alone,
+/// even when they look like flags.
+fn take_client_flags(
+    client: &ClapCommand,
+    service: &ClapCommand,
+    segment: &mut Vec<OsString>,
+) -> Vec<OsString> {
+    let mut kept = Vec::with_capacity(segment.len());
+    let mut taken = Vec::new();
+    let mut args = std::mem::take(segment).into_iter();
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy().into_owned();
+        let (to, value_follows) = match (flag_of(service, &text), flag_of(client, &text)) {
+            (Some(value_follows), _) => (&mut kept, value_follows),
+            (None, Some(value_follows)) => (&mut taken, value_follows),
+            (None, None) => (&mut kept, false),
+        };
+        to.push(arg);
+        if value_follows {
+            to.extend(args.next());
+        }
+    }
+    *segment = kept;
+    taken
+}
+
+/// Whether `token` is a flag of `command` and, if so, whether its value is the next argument.
+fn flag_of(command: &ClapCommand, token: &str) -> Option<bool> {
+    let (name, inline_value) = match token.split_once('=') {
+        Some((name, _)) => (name, true),
+        None => (token, false),
+    };
+    let arg = if let Some(long) = name.strip_prefix("--") {
+        command.get_arguments().find(|a| a.get_long() == Some(long))
+    } else {
+        let short = name.strip_prefix('-').filter(|s| s.chars().count() == 1)?;
+        command.get_arguments().find(|a| a.get_short().is_some_and(|c| short.starts_with(c)))
+    }?;
+    Some(!inline_value && arg.get_action().takes_values() && !arg.is_require_equals_set())
 }
 
 #[cfg(test)]
@@ -152,6 +203,38 @@ mod tests {
         let config = options.into_config().unwrap();
         assert_eq!(config.users.len(), 2);
         assert!(config.allow_any_client);
+    }
+
+    #[test]
+    fn client_flags_after_a_local_apply_to_the_client() {
+        let cli = parse_from([
+            "ferry",
+            "client",
+            "--remote",
+            "tcp://h:1",
+            "--local",
+            "127.0.0.1:22",
+            "--log-level",
+            "debug",
+            "--message=--tag=no",
+            "--tag=web",
+            "--remote-cert-insecure",
+            "--local",
+            "127.0.0.1:80",
+            "-s",
+            "stop",
+            "--name",
+            "http",
+        ])
+        .unwrap();
+        let Command::Client(options) = cli.command else { panic!("not a client") };
+        assert_eq!(options.log_level.as_deref(), Some("debug"));
+        assert_eq!(options.tag, ["web"]);
+        assert_eq!(options.remote_cert_insecure, Some(true));
+        assert!(options.signal.is_some());
+        assert_eq!(options.services.len(), 2);
+        assert_eq!(options.services[0].message.as_deref(), Some("--tag=no"), "a service's value stays");
+        assert_eq!(options.services[1].name.as_deref(), Some("http"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod options;
 mod port_range;
+mod users_key;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

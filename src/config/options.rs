@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use super::users_key::UsersOption;
 use super::{
     AuthApiConfig, ClientConfig, PortRange, ServerConfig, ServiceConfig, ServiceKind, TcpAllowance,
     UserConfig,
@@ -51,13 +52,11 @@ pub struct ServerOptions {
     /// The secret of the matching --id.
     #[arg(long)]
     pub secret: Vec<Secret>,
-    /// Users by id (config file only): `users: {id1: {secret: s1, speed: 1048576}}`.
-    #[arg(skip)]
-    pub users: BTreeMap<String, UserOptions>,
-    /// A YAML (or .toml) file of users by id, with the same settings as `users:`; it
-    /// overrides the config file's users, and --id/--secret override it. Re-read on reload.
-    #[arg(long = "users", value_name = "FILE")]
-    pub users_file: Option<PathBuf>,
+    /// A YAML (or .toml) file of users by id, re-read on reload; it overrides the config
+    /// file's users, and --id/--secret override it. In a config file, `users:` takes the
+    /// path of such a file or the users themselves: `users: {id1: {secret: s1, speed: 1048576}}`.
+    #[arg(long, value_name = "FILE", value_parser = UsersOption::from_flag)]
+    pub users: Option<UsersOption>,
     /// Ask this HTTP service whether ids that are not configured here may log in:
     /// https://..., or http:// on a loopback address (it receives the secret).
     #[arg(long)]
@@ -148,7 +147,7 @@ pub struct ServerOptions {
     /// Write logs to this file instead of standard error.
     #[arg(long)]
     pub log_file: Option<PathBuf>,
-    /// Rotate the log file when it reaches this many bytes. [default: 536870912]
+    /// Rotate the log file before a line would take it past this many bytes. [default: 536870912]
     #[arg(long)]
     pub log_file_max_size: Option<u64>,
     /// How many rotated log files to keep. [default: 7]
@@ -306,7 +305,8 @@ pub struct ClientOptions {
     /// User secret (or the FERRY_SECRET environment variable); never sent over the wire.
     #[arg(long, env = "FERRY_SECRET", hide_env_values = true)]
     pub secret: Option<Secret>,
-    /// CA certificate (PEM) to trust for tls:// instead of the system roots.
+    /// CA certificate (PEM) to trust for tls:// instead of the system roots, or the server's own
+    /// certificate (e.g. a self-signed one), which is then pinned.
     #[arg(long)]
     pub remote_cert: Option<PathBuf>,
     /// Accept any server certificate on tls:// (encrypted but not authenticated).
@@ -346,7 +346,7 @@ pub struct ClientOptions {
     /// Write logs to this file instead of standard error.
     #[arg(long)]
     pub log_file: Option<PathBuf>,
-    /// Rotate the log file when it reaches this many bytes. [default: 536870912]
+    /// Rotate the log file before a line would take it past this many bytes. [default: 536870912]
     #[arg(long)]
     pub log_file_max_size: Option<u64>,
     /// How many rotated log files to keep. [default: 7]
@@ -491,12 +491,32 @@ pub fn overlay<T: Serialize + DeserializeOwned>(file: T, flags: T) -> Result<T, 
             let unset = value.is_null()
                 || value.as_array().is_some_and(Vec::is_empty)
                 || value.as_object().is_some_and(|o| o.is_empty());
-            if !unset {
-                merged.insert(key, value);
+            if unset {
+                continue;
             }
+            let joined = match merged.remove(&key) {
+                Some(file) if JOINED_KEYS.contains(&key.as_str()) => join(file, value),
+                _ => value,
+            };
+            merged.insert(key, joined);
         }
     }
     serde_json::from_value(merged).map_err(|e| e.to_string())
+}
+
+/// Keys whose flag joins the maps of the config file's value instead of replacing it:
+/// `--users FILE` adds a users file to the `users:` map of the config file (see
+/// `users_key.rs`); a users file named in the config file is replaced.
+const JOINED_KEYS: &[&str] = &["users"];
+
+/// The maps of `file` (itself one, or a list holding some), then `flag`, as one list.
+fn join(file: Value, flag: Value) -> Value {
+    let maps = match file {
+        Value::Array(items) => items.into_iter().filter(Value::is_object).collect(),
+        map @ Value::Object(_) => vec![map],
+        _ => Vec::new(),
+    };
+    Value::Array(maps.into_iter().chain([flag]).collect())
 }
 
 /// Loads the file named by `flags.config` (if any) and lays the flags over it.
@@ -594,11 +614,12 @@ impl ServerOptions {
             ));
         }
         // Precedence: --id/--secret > users file > the config file's `users:`.
-        for (id, options) in self.users {
+        let users = self.users.unwrap_or_default();
+        for (id, options) in users.inline {
             let user = options.into_config(true).map_err(|e| format!("users.{id}.{e}"))?;
             config.users.insert(id, user);
         }
-        if let Some(path) = &self.users_file {
+        if let Some(path) = &users.file {
             config.users.extend(load_users_file(path)?);
         }
         for (id, secret) in self.id.into_iter().zip(self.secret) {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn, Instrument};
 
+use super::handshakes::Handshake;
 use super::hosts::{HostRoute, Hosts, Lookup};
 use super::session::SessionShared;
 use super::sni::sni_key;
@@ -77,7 +77,7 @@ pub(crate) async fn serve_visitor(
     peer: SocketAddr,
     mut read: BytesMut,
     scheme: &'static str,
-    handshake: OwnedSemaphorePermit,
+    handshake: Handshake,
 ) {
     let limit = shared.config.http_header_timeout;
     let head_len = match tokio::time::timeout(limit, read_head(&mut visitor, &mut read)).await {

@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::bans::Offender;
+use super::handshakes::{Handshake, Sorted};
 use super::{http, session, ServerShared};
 use crate::proto::{
     fill_to, read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello, LinkKind,
@@ -31,7 +31,7 @@ pub(super) async fn serve_link(
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     http_only: bool,
-    handshake: OwnedSemaphorePermit,
+    handshake: Handshake,
 ) {
     if tls.is_some() && shared.bans.banned(&Offender::source(peer.ip())).is_some() {
         // No TLS handshake for a banned source, and no way to say why without one.
@@ -46,10 +46,16 @@ pub(super) async fn serve_link(
     let (kind, stream) = match tokio::time::timeout(limit, opened).await {
         Ok(Ok(Opened::Ferry(kind, stream))) => (kind, stream),
         Ok(Ok(Opened::Visitor(stream))) => {
-            return http::serve_visitor(shared, stream, peer, read, scheme, handshake).await
+            let Some(handshake) = shared.handshakes.sort(handshake, Sorted::Visitor) else {
+                return debug!(%peer, "too many visitors in their handshake; closing");
+            };
+            return http::serve_visitor(shared, stream, peer, read, scheme, handshake).await;
         }
         Ok(Err((err, stream))) => return refuse_link(stream, err, peer).await,
         Err(_) => return debug!(%peer, "link timed out before its preamble"),
+    };
+    let Some(handshake) = shared.handshakes.sort(handshake, Sorted::ClientLink) else {
+        return debug!(%peer, "too many client links in their handshake; closing");
     };
     match kind {
         // The session watches the shutdown token itself, so it always runs its clean-up.

@@ -7,6 +7,7 @@
 mod api;
 mod auth_api;
 mod bans;
+mod handshakes;
 pub mod hooks;
 mod hosts;
 mod http;
@@ -28,7 +29,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,7 @@ use crate::config::ServerConfig;
 use crate::error::ServerError;
 use crate::transport::{server_tls_acceptor, TlsVersion};
 use bans::Bans;
+use handshakes::{Handshakes, Sorted};
 use hooks::{NoHooks, ServerHooks};
 use hosts::Hosts;
 use registry::Registry;
@@ -55,12 +56,14 @@ pub(crate) struct ServerShared {
     pub(crate) registry: Registry,
     /// Cancelled on shutdown; parent of every session token.
     pub(crate) shutdown: CancellationToken,
-    /// One permit per connection that has not finished its handshake.
-    pub(crate) handshakes: Arc<Semaphore>,
+    /// Budgets for connections that have not finished their handshake.
+    pub(crate) handshakes: Handshakes,
     /// HTTP virtual hosts.
     pub(crate) hosts: Hosts,
-    /// Failed logins and bans.
+    /// Failed client logins and bans.
     pub(crate) bans: Bans,
+    /// Wrong API tokens and bans from the API, apart from client logins.
+    pub(crate) api_bans: Bans,
     /// Event counters for `/metrics`.
     pub(crate) metrics: api::Metrics,
     /// Public TCP ports and the tunnels behind each.
@@ -83,9 +86,6 @@ impl ServerShared {
         self.hooks.get().is_some()
     }
 }
-
-/// Most connections that may be in their handshake at once.
-const MAX_HANDSHAKES: usize = 4096;
 
 /// A bound ferry server, ready to [`run`](Server::run).
 ///
@@ -173,6 +173,7 @@ impl Server {
             None => None,
         };
         let bans = Bans::new(config.reconnect_times, config.reconnect_duration);
+        let api_bans = Bans::new(config.reconnect_times, config.reconnect_duration);
         let directory = Directory::new(&config).map_err(ServerError::Config)?;
         if directory.is_closed() {
             warn!("no users, no auth-api and allow-any-client is off: every client will be refused");
@@ -183,9 +184,10 @@ impl Server {
             users,
             registry: Registry::default(),
             shutdown: CancellationToken::new(),
-            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            handshakes: Handshakes::default(),
             hosts: Hosts::default(),
             bans,
+            api_bans,
             metrics: api::Metrics::default(),
             tcp_pools: tcp::TcpPools::default(),
             hooks: OnceLock::new(),
@@ -340,7 +342,8 @@ impl Reloader {
     /// Applies the users part of `config`: users and their settings, `allow-any-client`,
     /// `auth-api`, and the server-wide per-user limits (`tcp-range`, `tcp-number`, `host-*`,
     /// `speed`, `connections`, `sessions`). Sessions of users who are gone, or whose secret
-    /// changed, are closed; changed limits apply to new connections and tunnels. Listeners,
+    /// changed, are closed; changed limits apply to new connections and tunnels, but a
+    /// changed `speed` applies at once, to running transfers too (one budget per user). Listeners,
     /// certificates and timeouts keep their values until a restart. Returns how many
     /// sessions were closed.
     pub fn reload(&self, config: &ServerConfig) -> Result<usize, ServerError> {
@@ -376,14 +379,23 @@ async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: Task
         };
         match accepted {
             Ok((tcp, peer)) => {
-                // Unauthenticated peers are bounded: past the limit, new ones are dropped at once.
-                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                // Unauthenticated peers are bounded, per source and per stage: past a
+                // limit, new ones are dropped at once (see `handshakes.rs`).
+                let admitted = shared.handshakes.admit(peer.ip());
+                let sorted = match listener.serves {
+                    // Visitor-only listeners know what comes in before the first byte.
+                    Serves::HttpOnly | Serves::TlsPassthrough => {
+                        admitted.and_then(|h| shared.handshakes.sort(h, Sorted::Visitor))
+                    }
+                    Serves::ClientsAndHttp => admitted,
+                };
+                let Some(handshake) = sorted else {
                     debug!(%peer, "too many handshakes in progress; dropping connection");
                     continue;
                 };
                 let shared = shared.clone();
                 match listener.serves {
-                    Serves::TlsPassthrough => links.spawn(sni::serve_visitor(shared, tcp, peer, permit)),
+                    Serves::TlsPassthrough => links.spawn(sni::serve_visitor(shared, tcp, peer, handshake)),
                     serves => {
                         let http_only = serves == Serves::HttpOnly;
                         links.spawn(link::serve_link(
@@ -392,7 +404,7 @@ async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: Task
                             peer,
                             listener.tls.clone(),
                             http_only,
-                            permit,
+                            handshake,
                         ))
                     }
                 };

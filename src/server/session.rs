@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use super::api::views;
+use super::handshakes::Handshake;
 use super::hooks::ClientInfo;
 use super::pool::{DataPool, IDLE_TTL};
 use super::tunnel::Tunnel;
@@ -174,7 +175,7 @@ pub(crate) async fn serve_control(
     mut chan: ControlChannel<Stream>,
     peer: SocketAddr,
     tls: bool,
-    handshake: OwnedSemaphorePermit,
+    handshake: Handshake,
 ) {
     let Some(accepted) = login::login(&shared, &mut chan, peer, tls).await else {
         return;

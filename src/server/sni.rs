@@ -8,9 +8,9 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn, Instrument};
 
+use super::handshakes::Handshake;
 use super::hosts::{Hosts, Lookup};
 use super::http::MAX_ATTEMPTS;
 use super::tunnel::Refusal;
@@ -28,7 +28,7 @@ pub(crate) async fn serve_visitor(
     shared: Arc<ServerShared>,
     mut visitor: TcpStream,
     peer: SocketAddr,
-    handshake: OwnedSemaphorePermit,
+    handshake: Handshake,
 ) {
     let _ = visitor.set_nodelay(true);
     let limit = shared.config.http_header_timeout;

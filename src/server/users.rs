@@ -235,7 +235,8 @@ impl Users {
         self.directory.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Installs a new directory; connected users of it get its rules for new connections.
+    /// Installs a new directory; connected users of it get its rules for new connections,
+    /// and its speed at once (their buckets are shared by running transfers too).
     pub(crate) fn replace(&self, directory: Directory) {
         let directory = Arc::new(directory);
         *self.directory.write().unwrap_or_else(|e| e.into_inner()) = directory.clone();

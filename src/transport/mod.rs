@@ -63,9 +63,10 @@ impl Connector {
             }
         };
         match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(result) => {
-                result.map_err(|e: io::Error| io::Error::new(e.kind(), format!("connect to {target}: {e}")))
-            }
+            Ok(result) => result.map_err(|e: io::Error| {
+                let why = tls::explain_tls_failure(&e, &self.remote.host).unwrap_or_else(|| e.to_string());
+                io::Error::new(e.kind(), format!("connect to {target}: {why}"))
+            }),
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("connect to {target}: timed out after {:?}", self.timeout),

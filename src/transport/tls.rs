@@ -43,7 +43,10 @@ pub enum RemoteTrust {
     /// The operating system's root certificates.
     #[default]
     System,
-    /// Only the CA certificates in this PEM file (`--remote-cert`).
+    /// Only the certificates in this PEM file (`--remote-cert`): CA certificates the
+    /// server's chain must lead to, or the server's own certificate (for example a plain
+    /// self-signed one), which is then pinned: exactly that certificate is accepted,
+    /// whatever its name, dates or CA flag.
     CaFile(PathBuf),
     /// Any certificate (`--remote-cert-insecure`): encrypted but not authenticated.
     Insecure,
@@ -152,13 +155,18 @@ pub fn client_tls_config(trust: &RemoteTrust) -> Result<Arc<rustls::ClientConfig
                 "remote-cert-insecure: the server's certificate is not checked; \
                  the link is encrypted, but anyone in the path can pose as the server"
             );
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
-                .with_no_client_auth()
+            let verifier = CertVerifier { trust: Trusted::Anything, provider: provider() };
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
         }
         RemoteTrust::CaFile(path) => {
-            builder.with_root_certificates(roots_from(load_certs(path)?)?).with_no_client_auth()
+            let pinned = load_certs(path)?;
+            let roots = Arc::new(roots_from(pinned.clone())?);
+            let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                .build()
+                .map_err(|e| TlsError::NoRoots(e.to_string()))?;
+            let verifier =
+                CertVerifier { trust: Trusted::PinnedOrChain { pinned, chain }, provider: provider() };
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
         }
         RemoteTrust::System => {
             let found = rustls_native_certs::load_native_certs();
@@ -182,20 +190,46 @@ fn roots_from(certs: Vec<CertificateDer<'static>>) -> Result<rustls::RootCertSto
     Ok(roots)
 }
 
-/// Accepts any server certificate but still checks handshake signatures.
+/// Which server certificates a [`CertVerifier`] accepts.
 #[derive(Debug)]
-struct AcceptAnyCert(Arc<CryptoProvider>);
+enum Trusted {
+    /// Any (`remote-cert-insecure`).
+    Anything,
+    /// One of the certificates of `remote-cert` itself, byte for byte, or else a chain
+    /// that leads to one of them as a CA.
+    ///
+    /// A pinned certificate is accepted whatever its names, dates or CA flag: `openssl
+    /// req -x509` marks a plain self-signed certificate as a CA, which the chain check
+    /// refuses as a server's own certificate (`CaUsedAsEndEntity`).
+    PinnedOrChain { pinned: Vec<CertificateDer<'static>>, chain: Arc<rustls::client::WebPkiServerVerifier> },
+}
 
-impl ServerCertVerifier for AcceptAnyCert {
+/// Checks the server's certificate as `trust` says; handshake signatures are always
+/// checked, so whoever answers holds the certificate's key.
+#[derive(Debug)]
+struct CertVerifier {
+    trust: Trusted,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for CertVerifier {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        match &self.trust {
+            Trusted::Anything => Ok(ServerCertVerified::assertion()),
+            Trusted::PinnedOrChain { pinned, .. } if pinned.iter().any(|cert| cert == end_entity) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Trusted::PinnedOrChain { chain, .. } => {
+                chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            }
+        }
     }
 
     fn verify_tls12_signature(
@@ -204,7 +238,7 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -213,10 +247,61 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// A sentence for a failed TLS handshake with `host`, when `err` carries a rustls error;
+/// `None` leaves the error as it is.
+pub(crate) fn explain_tls_failure(err: &std::io::Error, host: &str) -> Option<String> {
+    let tls = err.get_ref()?.downcast_ref::<rustls::Error>()?;
+    use rustls::{CertificateError as Cert, Error as Tls};
+    let pin_hint = "give its CA, or the certificate itself, with --remote-cert";
+    Some(match tls {
+        Tls::InvalidCertificate(cert) => match cert {
+            Cert::UnknownIssuer => {
+                format!("the server's certificate is not signed by a CA this client trusts ({pin_hint})")
+            }
+            Cert::Expired | Cert::ExpiredContext { .. } => "the server's certificate has expired".into(),
+            Cert::NotValidYet | Cert::NotValidYetContext { .. } => {
+                "the server's certificate is not valid yet (is a clock wrong?)".into()
+            }
+            Cert::NotValidForName | Cert::NotValidForNameContext { .. } => {
+                format!("the server's certificate is not valid for the name '{host}'")
+            }
+            Cert::BadSignature => "the server's certificate has a bad signature".into(),
+            Cert::Revoked => "the server's certificate has been revoked".into(),
+            Cert::InvalidPurpose | Cert::InvalidPurposeContext { .. } => {
+                "the server's certificate is not meant for a TLS server".into()
+            }
+            Cert::Other(other) if is_ca_used_as_end_entity(other) => format!(
+                "the server's certificate is a CA certificate, which is not accepted as a server's own \
+                 unless pinned ({pin_hint})"
+            ),
+            _ => "the server's certificate was refused".into(),
+        },
+        Tls::AlertReceived(alert) => format!("the server refused the TLS handshake (alert: {alert:?})"),
+        Tls::InvalidMessage(_)
+        | Tls::InappropriateMessage { .. }
+        | Tls::InappropriateHandshakeMessage { .. } => {
+            "the server did not answer in TLS (is this its tls-addr, and not its plain addr?)".into()
+        }
+        Tls::PeerIncompatible(_) => {
+            "the server and this client have no TLS version or cipher in common".into()
+        }
+        Tls::NoCertificatesPresented => "the server sent no certificate".into(),
+        Tls::DecryptError | Tls::PeerMisbehaved(_) => {
+            "the TLS handshake failed: the server misbehaved".into()
+        }
+        other => format!("the TLS handshake failed: {other}"),
+    })
+}
+
+/// Whether webpki refused a CA certificate as the server's own.
+fn is_ca_used_as_end_entity(other: &rustls::OtherError) -> bool {
+    other.0.downcast_ref::<webpki::Error>().is_some_and(|e| matches!(e, webpki::Error::CaUsedAsEndEntity))
 }

@@ -30,11 +30,23 @@ async fn call_from(
     path: &str,
     token: Option<&str>,
 ) -> (u16, Value) {
+    call_as(source, "localhost", api, method, path, token).await
+}
+
+/// Like `call_from`, naming `host` in the `Host` header.
+async fn call_as(
+    source: &str,
+    host: &str,
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Value) {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
     let mut stream = socket.connect(api).await.unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let response = request(&mut stream, method, path, "ferry-api", &auth, b"").await;
+    let response = request(&mut stream, method, path, host, &auth, b"").await;
     let body = serde_json::from_slice(&response.body).unwrap_or_else(|_| Value::String(response.text()));
     (response.status, body)
 }
@@ -399,6 +411,79 @@ async fn the_api_speaks_https_with_its_own_certificate() {
         .await
         .unwrap();
         assert!(!String::from_utf8_lossy(&plain).contains("\"ok\""));
+        server.shutdown().await;
+    })
+    .await
+}
+
+/// Without a token the API trusts loopback, so it answers only requests that name
+/// loopback as their host: a page that rebinds its own name to 127.0.0.1 gets 403.
+#[tokio::test]
+async fn without_a_token_only_loopback_host_names_are_answered() {
+    within(30, async {
+        let mut config = api_config();
+        config.api_token = None;
+        let server = start_server(config).await;
+        let api = server.api_local_addr().unwrap();
+        let client = connect(server.local_addr()).await;
+        let cid = get_as(api, "localhost", "/clients").await[0]["cid"].as_u64().unwrap();
+        let kick = format!("/clients/{cid}");
+        for host in
+            ["attacker.example", &format!("attacker.example:{}", api.port()), "localhost.attacker.example"]
+        {
+            let (status, body) = call_as("127.0.0.1", host, api, "DELETE", &kick, None).await;
+            assert_eq!(status, 403, "{host}: {body}");
+            assert_eq!(call_as("127.0.0.1", host, api, "GET", "/", None).await.0, 403, "{host}: the page");
+        }
+        assert_eq!(get_as(api, "127.0.0.1", "/clients").await.as_array().unwrap().len(), 1, "still there");
+        assert!(matches!(*client.state().borrow(), ClientState::Connected { .. }), "the client was kicked");
+        for host in ["127.0.0.1", "[::1]", &format!("localhost:{}", api.port())] {
+            get_as(api, host, "/status").await;
+        }
+        let (status, body) =
+            call_as("127.0.0.1", &format!("127.0.0.1:{}", api.port()), api, "DELETE", &kick, None).await;
+        assert_eq!(status, 200, "{body}");
+        // With a token, the token decides and the host name does not matter.
+        server.shutdown().await;
+        let server = start_server(api_config()).await;
+        let api = server.api_local_addr().unwrap();
+        assert_eq!(call_as("127.0.0.1", "ferry.example", api, "GET", "/status", Some(TOKEN)).await.0, 200);
+        server.shutdown().await;
+    })
+    .await
+}
+
+/// A token-less GET with `host` as the Host header; asserts 200.
+async fn get_as(api: SocketAddr, host: &str, path: &str) -> Value {
+    let (status, body) = call_as("127.0.0.1", host, api, "GET", path, None).await;
+    assert_eq!(status, 200, "GET {path} as {host}: {body}");
+    body
+}
+
+/// Wrong API tokens ban the address from the API only: the API has its own ban table, so
+/// a client on the same address still logs in. CORS preflights are never counted.
+#[tokio::test]
+async fn bad_api_tokens_and_preflights_never_ban_client_logins() {
+    within(30, async {
+        let mut config = api_config();
+        config.reconnect_times = 3;
+        config.reconnect_duration = Duration::from_secs(60);
+        let server = start_server(config).await;
+        let api = server.api_local_addr().unwrap();
+        for _ in 0..10 {
+            let (status, body) = call(api, "OPTIONS", "/clients", None).await;
+            assert_ne!(status, 403, "a preflight was counted as a bad token: {body}");
+        }
+        assert_eq!(call(api, "GET", "/status", Some(TOKEN)).await.0, 200, "preflights banned the address");
+        for i in 0..10 {
+            call(api, "GET", "/status", Some(&format!("guess-{i}"))).await;
+        }
+        let (status, body) = call(api, "GET", "/status", Some(TOKEN)).await;
+        assert_eq!(status, 403, "the API bans the guesser: {body}");
+        let addr = server.local_addr();
+        assert!(login_from("127.0.0.1", addr, "id1", "secret1").await.is_ok(), "the login was banned");
+        let client = Client::connect(client_config(addr, "id1", "secret1")).await;
+        assert!(client.is_ok(), "a client from the same address: {:?}", client.err());
         server.shutdown().await;
     })
     .await

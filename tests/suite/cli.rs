@@ -256,7 +256,15 @@ async fn log_file_rotates_by_size_and_never_holds_secrets() {
         assert!(files.len() <= 3, "more files than --log-file-max-count keeps: {files:?}");
         let mut all = String::new();
         for file in &files {
-            all.push_str(&std::fs::read_to_string(file).unwrap());
+            let text = std::fs::read_to_string(file).unwrap();
+            assert!(
+                text.len() <= 600,
+                "{} holds {} bytes, past --log-file-max-size",
+                file.display(),
+                text.len()
+            );
+            assert!(!text.contains('\x1b'), "colour codes in a log file");
+            all.push_str(&text);
         }
         assert!(all.contains("login refused"), "{all}");
         assert!(!all.contains("wrong-secret-xyz") && !all.contains("secret1"), "a secret reached the log");
@@ -516,6 +524,137 @@ async fn a_reload_sent_as_soon_as_the_pid_file_appears_does_not_kill_the_client(
         nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM).unwrap();
         let status = tokio::time::timeout(Duration::from_secs(10), client.wait()).await.unwrap().unwrap();
         assert!(status.success(), "{status:?}");
+    })
+    .await
+}
+
+/// `users` is one key with GT's two forms: the path of a users file (like `--users FILE`)
+/// or the users themselves; `--users FILE` joins a config file's map and replaces its file.
+#[test]
+fn the_users_key_takes_a_users_file_or_the_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let users_file = write("users.yaml", "b: {secret: from-users-file, speed: 7}\n");
+    let other_file = write("other.yaml", "c: {secret: from-other-file}\n");
+    let file_key = format!("addr: 127.0.0.1:0\nusers: {}\n", users_file.display());
+    let yaml = write("file.yaml", &file_key);
+    let toml = write("file.toml", &format!("users = '{}'\n", users_file.display()));
+    for config_file in [&yaml, &toml] {
+        let config = resolve(ServerOptions::default(), Some(config_file)).unwrap().into_config().unwrap();
+        assert_eq!(config.users.keys().collect::<Vec<_>>(), ["b"], "{}", config_file.display());
+        assert_eq!(config.users["b"].speed, Some(7));
+    }
+    let flag = |path: &Path| ServerOptions {
+        users: Some(ferry::config::options::UsersOption::file(path)),
+        ..Default::default()
+    };
+    // A flag's file replaces the config file's file...
+    let config = resolve(flag(&other_file), Some(&yaml)).unwrap().into_config().unwrap();
+    assert_eq!(config.users.keys().collect::<Vec<_>>(), ["c"]);
+    // ...and joins its map.
+    let map = write("map.yaml", "users:\n  a: {secret: from-config}\n  b: {secret: from-config}\n");
+    let config = resolve(flag(&users_file), Some(&map)).unwrap().into_config().unwrap();
+    assert_eq!(config.users.keys().collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(config.users["b"].secret.expose(), "from-users-file", "the users file wins over the map");
+    // The old name is gone, and a bad users file says which file.
+    let old = write("old.yaml", &format!("users-file: {}\n", users_file.display()));
+    let err = resolve(ServerOptions::default(), Some(&old)).unwrap_err();
+    assert!(err.contains("users-file"), "{err}");
+    let bad = write("bad.yaml", &format!("users: {}\n", write("broken.yaml", "b: {sekret: x}\n").display()));
+    let err = resolve(ServerOptions::default(), Some(&bad)).unwrap().into_config().unwrap_err();
+    assert!(err.contains("broken.yaml") && err.contains("sekret"), "{err}");
+}
+
+#[tokio::test]
+async fn server_and_client_print_their_version() {
+    for command in ["server", "client"] {
+        let output = ferry().args([command, "--version"]).output().await.unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{command} --version: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(stdout.contains(env!("CARGO_PKG_VERSION")), "{command} --version: {stdout}");
+    }
+}
+
+/// Runs `ferry server` on a port that is taken, so it logs an error and exits at once;
+/// `wrap` runs it (directly, or under a terminal); returns everything it printed.
+async fn failing_server_output(wrap: impl FnOnce(&[String]) -> Command) -> String {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let args: Vec<String> =
+        ["server", "--addr", &addr, "--id", "a", "--secret", "b"].map(String::from).into();
+    let output = wrap(&args).output().await.unwrap();
+    let printed =
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(printed.contains("ERROR") && printed.contains(&addr), "{printed}");
+    printed
+}
+
+/// `ferry ARGS` under a pseudo-terminal (util-linux `script`), so its stderr is a terminal.
+fn on_a_terminal(args: &[String], no_color: Option<&str>) -> Command {
+    let line = std::iter::once(env!("CARGO_BIN_EXE_ferry").to_owned())
+        .chain(args.iter().cloned())
+        .map(|word| format!("'{word}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut command = Command::new("script");
+    command.args(["-q", "-e", "-c", &line, "/dev/null"]).kill_on_drop(true).stdin(Stdio::null());
+    command.env_remove("NO_COLOR");
+    if let Some(value) = no_color {
+        command.env("NO_COLOR", value);
+    }
+    command
+}
+
+/// Colour only on a terminal, and never with NO_COLOR set.
+#[tokio::test]
+async fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+    within(30, async {
+        let redirected = failing_server_output(|args| {
+            let mut command = ferry();
+            command.args(args).env_remove("NO_COLOR");
+            command
+        })
+        .await;
+        assert!(!redirected.contains('\x1b'), "colour codes in redirected stderr: {redirected:?}");
+        let terminal = failing_server_output(|args| on_a_terminal(args, None)).await;
+        assert!(terminal.contains("\x1b["), "no colour on a terminal: {terminal:?}");
+        let no_color = failing_server_output(|args| on_a_terminal(args, Some("1"))).await;
+        assert!(!no_color.contains('\x1b'), "colour codes with NO_COLOR set: {no_color:?}");
+    })
+    .await
+}
+
+/// Client-wide flags work after a `--local` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_flags_after_a_local_apply_to_the_client() {
+    within(60, async {
+        let server_port = free_port().await;
+        let _server = start_server_process(server_port, &["--tcp-range", "1024-65535"]).await;
+        let echo = echo_server().await;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("client.log");
+        let local = format!("tcp://{echo}");
+        let log_text = log.to_string_lossy().into_owned();
+        let remote = format!("tcp://127.0.0.1:{server_port}");
+        let head = ["client", "--remote", &remote, "--id", "id1", "--secret", "secret1"];
+        let service = ["--local", &local, "--log-level", "debug", "--log-file", &log_text];
+        let mut client = ferry().args(head).args(service).stdout(Stdio::piped()).spawn().unwrap();
+        let public = public_addr_of(&mut client).await;
+        assert_eq!(echo_through(public.parse().unwrap(), b"flags").await.unwrap(), b"flags");
+        let mut text = String::new();
+        for _ in 0..500 {
+            text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("DEBUG") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(text.contains("DEBUG"), "--log-level debug after --local was not applied: {text}");
+        client.kill().await.unwrap();
     })
     .await
 }

@@ -11,6 +11,7 @@ mod bans;
 mod cli;
 mod dashboard;
 mod discovery;
+mod flood;
 mod hooks;
 mod hostile;
 mod http;

@@ -159,3 +159,95 @@ async fn a_banned_address_gets_no_tls_handshake() {
     })
     .await
 }
+
+/// Writes `cert` and `key` as PEM files in a fresh directory.
+fn write_pair(cert: &rcgen::Certificate, key: &rcgen::KeyPair) -> Certs {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    Certs { _dir: dir, cert: cert_path, key: key_path }
+}
+
+/// A certificate as `openssl req -x509 -newkey ec -nodes -subj /CN=localhost` makes it:
+/// self-signed, a common name and no other name, and `basicConstraints CA:TRUE`.
+fn openssl_style_self_signed() -> Certs {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    write_pair(&cert, &key)
+}
+
+/// `--remote-cert` with a plain self-signed certificate (marked as a CA, as openssl does)
+/// pins exactly that certificate: the tunnel works, another such certificate is refused
+/// with a sentence, and a file holding a CA still verifies a chain signed by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_cert_pins_a_self_signed_certificate_and_still_checks_ca_chains() {
+    within(60, async {
+        let certs = openssl_style_self_signed();
+        let server = tls_server(&certs).await;
+        let client = Client::connect(tls_client_config(&server, RemoteTrust::CaFile(certs.cert.clone())))
+            .await
+            .expect("the pinned self-signed certificate is accepted");
+        let echo = echo_server().await;
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
+        let public = format!("127.0.0.1:{}", tunnel.remote_port()).parse().unwrap();
+        assert_eq!(echo_through(public, b"pinned").await.unwrap(), b"pinned");
+        client.shutdown().await;
+
+        let stranger = openssl_style_self_signed();
+        let err = Client::connect(tls_client_config(&server, RemoteTrust::CaFile(stranger.cert.clone())))
+            .await
+            .expect_err("another self-signed certificate");
+        let message = err.to_string();
+        assert!(message.contains("the server's certificate is a CA certificate"), "{message}");
+        assert!(!message.contains("Other(") && !message.contains("Error("), "a debug dump: {message}");
+
+        // A CA in the file, and a server certificate signed by it: the chain is checked.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let ca_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(ca_file.path(), ca.pem()).unwrap();
+        let leaf_for = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+            write_pair(&params.signed_by(&key, &ca).unwrap(), &key)
+        };
+        let chained = tls_server(&leaf_for("localhost")).await;
+        let trust = RemoteTrust::CaFile(ca_file.path().to_owned());
+        Client::connect(tls_client_config(&chained, trust.clone()))
+            .await
+            .expect("a chain to the CA")
+            .shutdown()
+            .await;
+        let misnamed = tls_server(&leaf_for("elsewhere.example")).await;
+        let err = Client::connect(tls_client_config(&misnamed, trust)).await.expect_err("the wrong name");
+        assert!(err.to_string().contains("not valid for the name 'localhost'"), "{err}");
+    })
+    .await
+}
+
+/// A `tls://` client dialling a port that does not speak TLS is told so in words.
+#[tokio::test]
+async fn tls_to_a_plain_port_says_so() {
+    within(30, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.6\r\n").await;
+            }
+        });
+        let mut config = client_config(([127, 0, 0, 1], port).into(), "id1", "secret1");
+        config.remote = RemoteAddr::parse(&format!("tls://localhost:{port}")).unwrap();
+        config.remote_trust = RemoteTrust::Insecure;
+        config.remote_timeout = Duration::from_secs(5);
+        let err = Client::connect(config).await.expect_err("no TLS there");
+        assert!(err.to_string().contains("did not answer in TLS"), "{err}");
+    })
+    .await
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use ferry::config::options::{resolve, ServerOptions};
+use ferry::config::options::{resolve, ServerOptions, UsersOption};
 use ferry::{Client, ClientError, ClientState, LoginRefusal, RegisterError, ServerConfig, ServiceConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -126,7 +126,7 @@ async fn tcp_and_host_rules_are_per_user() {
         .unwrap();
         let options = ServerOptions {
             addr: Some("127.0.0.1:0".into()),
-            users_file: Some(users_file),
+            users: Some(UsersOption::file(users_file)),
             tcp_range: vec!["1024-65535".parse().unwrap()],
             id: vec!["wide".into()],
             secret: vec!["s".into()],
@@ -340,6 +340,48 @@ async fn a_removed_user_is_unknown_and_does_not_ban_its_address() {
         let Err(err) = login(addr, "carl", "s").await else { panic!("carl is gone") };
         assert!(err.is_fatal(), "an unknown id is final: {err:?}");
         login_from("127.0.0.1", addr, "dan", "s").await.expect("dan, from carl's address");
+        server.shutdown().await;
+    })
+    .await
+}
+
+/// A reload's new speed applies at once, also to a transfer already running: a user's
+/// speed is one budget shared by all of the user's visitors, old and new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_speed_applies_at_once_to_transfers_already_running() {
+    within(60, async {
+        const RATE: usize = 256 * 1024;
+        let mut config = server_config();
+        config.users.get_mut("id1").unwrap().speed = Some(RATE as u64);
+        let server = start_server(config.clone()).await;
+        let blob = Arc::new(random_bytes(4 * MIB));
+        let client = login(server.local_addr(), "id1", "secret1").await.unwrap();
+        let tunnel = client
+            .add_service(ServiceConfig::tcp(&blob_server(blob.clone()).await.to_string()))
+            .await
+            .unwrap();
+
+        let started = Instant::now();
+        let mut visitor = TcpStream::connect(tunnel.public_addr()).await.unwrap();
+        let mut got = Vec::with_capacity(blob.len());
+        let mut chunk = vec![0u8; 64 * 1024];
+        while got.len() < RATE {
+            let n = visitor.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the transfer ended early");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let shaped = started.elapsed();
+        assert!(shaped >= Duration::from_millis(500), "the first 256 KiB were not shaped: {shaped:?}");
+
+        let mut lifted = config.clone();
+        lifted.users.get_mut("id1").unwrap().speed = None;
+        server.reload(&lifted).unwrap();
+        let reloaded = Instant::now();
+        visitor.read_to_end(&mut got).await.unwrap();
+        let rest = reloaded.elapsed();
+        assert_eq!(sha256(&got), sha256(&blob));
+        // At the old speed the rest (3.75 MiB) would take 15 s.
+        assert!(rest < Duration::from_secs(4), "the running transfer kept the old speed: {rest:?}");
         server.shutdown().await;
     })
     .await

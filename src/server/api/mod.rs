@@ -5,8 +5,11 @@
 //! Every route but the dashboard page and the OpenAPI document needs
 //! `Authorization: Bearer <api-token>` when a token is configured (it must be off
 //! loopback; without one there, every request is refused). A wrong or missing token is
-//! a failed login for the ban rules.
+//! a failed attempt for the API's own ban table (apart from client logins, so bad tokens
+//! never lock clients out); CORS preflights (`OPTIONS`) are never counted. Without a
+//! token, every request must name loopback as its `Host` (see `host.rs`).
 
+mod host;
 mod metrics;
 mod token;
 pub(crate) mod views;
@@ -148,7 +151,31 @@ fn router(shared: Arc<ServerShared>) -> Router {
         .into_iter()
         .fold(Router::new(), add)
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
-    open_routes().into_iter().fold(Router::new(), add).merge(guarded).with_state(shared)
+    open_routes()
+        .into_iter()
+        .fold(Router::new(), add)
+        .merge(guarded)
+        .layer(middleware::from_fn_with_state(shared.clone(), require_loopback_host))
+        .with_state(shared)
+}
+
+/// Without a token, refuses requests whose `Host` is not a loopback name (DNS rebinding).
+async fn require_loopback_host(
+    State(shared): State<Arc<ServerShared>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if shared.config.api_token.is_some() {
+        return next.run(request).await;
+    }
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !host::is_loopback_host(host) {
+        debug!(host, "api: refusing a request for another host name (no api-token is set)");
+        let message = "without an api-token, the API answers only requests for localhost, 127.0.0.1 or [::1]";
+        return error(StatusCode::FORBIDDEN, message);
+    }
+    next.run(request).await
 }
 
 async fn dashboard() -> Html<&'static str> {
@@ -159,7 +186,7 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
-/// Checks the bearer token (see `token::check`); failures count toward bans.
+/// Checks the bearer token (see `token::check`); failures count toward the API's bans.
 async fn require_token(
     State(shared): State<Arc<ServerShared>>,
     headers: HeaderMap,
@@ -168,24 +195,26 @@ async fn require_token(
 ) -> Response {
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let access = token::check(&shared.config, given);
-    if access == Access::Open {
+    // A CORS preflight never carries the token; no route answers it, and it is no guess.
+    if access == Access::Open || request.method() == Method::OPTIONS {
         return next.run(request).await;
     }
+    let bans = &shared.api_bans;
     let peer = request.extensions().get::<Peer>().map(|p| p.0);
     let offender = peer.map(|p| Offender::source(p.ip()));
-    if let Some(left) = offender.as_ref().and_then(|o| shared.bans.banned(o)) {
+    if let Some(left) = offender.as_ref().and_then(|o| bans.banned(o)) {
         let message = format!("banned for {} more second(s)", left.as_secs().max(1));
         return error(StatusCode::FORBIDDEN, &message);
     }
     if access == Access::Granted {
         if let Some(offender) = &offender {
-            shared.bans.succeeded(offender);
+            bans.succeeded(offender);
         }
         return next.run(request).await;
     }
     shared.metrics.auth_failed();
     if let Some(offender) = offender {
-        if shared.bans.failed(offender) {
+        if bans.failed(offender) {
             shared.metrics.banned();
             warn!(?peer, "api: address banned after repeated bad tokens");
         }
