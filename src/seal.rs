@@ -164,6 +164,11 @@ impl<S> SealedStream<S> {
         }
     }
 
+    /// The inner stream, for bytes that go out unsealed.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// The inner stream, and raw bytes read past the last record; `None` when opened bytes
     /// were left unread (the peer sent past its end).
     pub fn into_parts(self) -> Option<(S, bytes::BytesMut)> {

@@ -26,9 +26,19 @@ use crate::transport::{Connector, Stream};
 
 /// Requests from the [`Client`](super::Client) handle.
 pub(crate) enum Command {
-    Add { key: u64, config: ServiceConfig, reply: RegisterReply, closed: watch::Sender<Option<CloseReason>> },
-    Remove { key: u64 },
-    Ask { query: Query, reply: oneshot::Sender<Result<Answer, ClientError>> },
+    Add {
+        key: u64,
+        config: Box<ServiceConfig>,
+        reply: RegisterReply,
+        closed: watch::Sender<Option<CloseReason>>,
+    },
+    Remove {
+        key: u64,
+    },
+    Ask {
+        query: Query,
+        reply: oneshot::Sender<Result<Answer, ClientError>>,
+    },
 }
 
 /// A tunnel the client wants, kept across reconnects.
@@ -229,7 +239,7 @@ impl Driver {
     fn apply_offline(&mut self, command: Command) {
         match command {
             Command::Add { key, config, reply, closed } => {
-                self.wanted.insert(key, Wanted::new(config, reply, closed));
+                self.wanted.insert(key, Wanted::new(*config, reply, closed));
             }
             Command::Remove { key } => {
                 if let Some(wanted) = self.wanted.remove(&key) {
@@ -319,7 +329,7 @@ impl Driver {
     async fn apply_online(&mut self, command: Command, session: &mut Session) -> Result<(), ProtocolError> {
         match command {
             Command::Add { key, config, reply, closed } => {
-                let wanted = Wanted::new(config, reply, closed);
+                let wanted = Wanted::new(*config, reply, closed);
                 if let Ok(register) = wanted.register(key) {
                     session.chan.send(&register).await?;
                 }
@@ -362,7 +372,11 @@ impl Driver {
                 wanted.port = Some(port);
                 wanted.server_id = Some(service);
                 wanted.opened.get_or_insert_with(Instant::now);
-                let route = Route { local: wanted.config.local.clone(), served: wanted.served.clone() };
+                let route = Route {
+                    local: wanted.config.local.clone(),
+                    served: wanted.served.clone(),
+                    encrypt: wanted.config.encrypt,
+                };
                 session.routes.write().unwrap_or_else(|e| e.into_inner()).insert(service, route);
                 let public = public_address(&session.remote_host, port, host.as_deref(), wanted.config.kind);
                 info!(%public, local = %wanted.config.local, "tunnel open");

@@ -130,7 +130,7 @@ impl Client {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let (closed_tx, closed) = watch::channel(None);
-        let command = Command::Add { key, config: service, reply, closed: closed_tx };
+        let command = Command::Add { key, config: Box::new(service), reply, closed: closed_tx };
         self.commands.send(command).map_err(|_| ClientError::Stopped)?;
         let endpoint = answer.await.map_err(|_| ClientError::Stopped)?.map_err(ClientError::Register)?;
         Ok(Registration {

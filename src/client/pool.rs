@@ -3,21 +3,22 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
-use crate::auth::SessionKey;
+use crate::auth::{ReplayGuard, SessionKey};
 use crate::cancel::until_cancelled;
 use crate::chunked::{relay_chunked, Status};
 use crate::proto::{
     preamble_with, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
 };
+use crate::seal::{visitor_keys, SealedStream, Side};
 use crate::transport::{Connector, Stream};
 
 /// Buffer for the open message and any visitor bytes that come with it.
@@ -39,6 +40,8 @@ pub(crate) struct Route {
     pub(crate) local: String,
     /// Visitors sent to it so far, across reconnects.
     pub(crate) served: Arc<AtomicU64>,
+    /// Its data connections are sealed (`encrypt`).
+    pub(crate) encrypt: bool,
 }
 
 /// Keeps a number of idle data connections open for one session.
@@ -50,6 +53,8 @@ pub(crate) struct DataPool {
     session: u64,
     key: SessionKey,
     seq: AtomicU64,
+    /// Visitor numbers of sealed visitors seen in this session: none is accepted twice.
+    visits: Mutex<ReplayGuard>,
     routes: Routes,
     local_timeout: Duration,
     /// How many connections are kept idle; grows when the server asks.
@@ -78,6 +83,7 @@ impl DataPool {
             session,
             key,
             seq: AtomicU64::new(0),
+            visits: Mutex::default(),
             routes,
             local_timeout,
             target: AtomicUsize::new(idle),
@@ -151,7 +157,7 @@ impl DataPool {
                 self.spawn_worker();
             }
             let span = tracing::info_span!("visitor", service = open.service, visitor = %open.visitor);
-            reusable = self.serve_visitor(link, open.service, early).instrument(span).await;
+            reusable = self.serve_visitor(link, &open, early).instrument(span).await;
             if reusable.is_none() {
                 return;
             }
@@ -167,42 +173,72 @@ impl DataPool {
         Ok(link)
     }
 
-    /// The local address of `service` for a new visitor, which is counted toward its
+    /// The route of `service` for a new visitor, which is counted toward its
     /// `max-serve-count`.
-    fn route_visitor(&self, service: u32) -> Option<String> {
+    fn route_visitor(&self, service: u32) -> Option<Route> {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
         let route = routes.get(&service)?;
         route.served.fetch_add(1, Ordering::Relaxed);
-        Some(route.local.clone())
+        Some(route.clone())
     }
 
-    /// Dials the local service and relays; returns the data connection (and any
-    /// bytes read past the visitor's end) when it can serve another visitor.
+    /// Serves the visitor of `open`; returns the data connection (and any bytes read past
+    /// the visitor's end) when it can serve another visitor.
     async fn serve_visitor(
         &self,
         mut link: Stream,
-        service: u32,
+        open: &OpenStream,
         early: BytesMut,
     ) -> Option<(Stream, BytesMut)> {
-        let local_addr = self.route_visitor(service);
-        let Some(local_addr) = local_addr else {
+        let Some(route) = self.route_visitor(open.service) else {
             warn!("visitor for an unknown service; closing");
             let _ = link.write_all(&[StreamStatus::LocalUnavailable as u8]).await;
             return None;
         };
-        let dialed = tokio::time::timeout(self.local_timeout, TcpStream::connect(&local_addr)).await;
+        match (route.encrypt, open.seal) {
+            (false, None) => {
+                let leftover = self.dial_and_relay(&mut link, &route.local, early).await?;
+                Some((link, leftover))
+            }
+            (true, Some(visit)) if self.first_use(visit) => {
+                let keys = visitor_keys(&self.key, self.session, visit, Side::Client);
+                let mut sealed = SealedStream::new(&mut link, keys, early);
+                let leftover = self.dial_and_relay(&mut sealed, &route.local, BytesMut::new()).await?;
+                let (_, raw) = sealed.into_parts().filter(|_| leftover.is_empty())?;
+                Some((link, raw))
+            }
+            (encrypt, seal) => {
+                // A server of another mind, or someone in the middle replaying an open message.
+                warn!(encrypt, sealed = seal.is_some(), "open message does not fit the service's encrypt setting, or reuses a visitor number; closing");
+                None
+            }
+        }
+    }
+
+    /// Whether the sealed visitor number `visit` is new in this session.
+    fn first_use(&self, visit: u64) -> bool {
+        self.visits.lock().unwrap_or_else(|e| e.into_inner()).accept(visit)
+    }
+
+    /// Dials the local service and relays over `link`; the bytes read past the visitor's
+    /// end when the link can serve another visitor.
+    async fn dial_and_relay<L>(&self, link: &mut L, local_addr: &str, early: BytesMut) -> Option<BytesMut>
+    where
+        L: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        let dialed = tokio::time::timeout(self.local_timeout, TcpStream::connect(local_addr)).await;
         let mut local = match dialed {
             Ok(Ok(local)) => local,
-            Ok(Err(err)) => return refuse(link, &local_addr, &err.to_string()).await,
-            Err(_) => return refuse(link, &local_addr, "timed out").await,
+            Ok(Err(err)) => return refuse(link, local_addr, &err.to_string()).await,
+            Err(_) => return refuse(link, local_addr, "timed out").await,
         };
         let _ = local.set_nodelay(true);
         // The ready byte leaves with the local service's first reply (or its end).
-        match relay_chunked(&mut local, &mut link, Status::Send, early, None).await {
+        match relay_chunked(&mut local, link, Status::Send, early, None).await {
             Ok(relayed) => {
                 debug!(from_local = relayed.out, to_local = relayed.r#in, "visitor done");
                 // Bytes read past the end marker belong to the next open message.
-                Some((link, relayed.leftover))
+                Some(relayed.leftover)
             }
             Err(err) => {
                 debug!(%err, "visitor closed");
@@ -222,7 +258,7 @@ async fn wait_for_visitor(
     Ok((link, open, read))
 }
 
-async fn refuse(mut link: Stream, local_addr: &str, why: &str) -> Option<(Stream, BytesMut)> {
+async fn refuse<L: AsyncWrite + Unpin + ?Sized, T>(link: &mut L, local_addr: &str, why: &str) -> Option<T> {
     warn!(local = %local_addr, error = %why, "local service unavailable; closing visitor");
     let _ = link.write_all(&[StreamStatus::LocalUnavailable as u8]).await;
     let _ = link.shutdown().await;

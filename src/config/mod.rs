@@ -324,6 +324,9 @@ pub struct ServiceConfig {
     pub deny_ip: Vec<ipnet::IpNet>,
     /// A description shown by discovery and the management API (`message`).
     pub message: Option<String>,
+    /// Seal the service's data connections with the session key (`encrypt`), for a
+    /// `tcp://` link across networks you do not trust; redundant inside `tls://`.
+    pub encrypt: bool,
 }
 
 impl ServiceConfig {
@@ -344,6 +347,7 @@ impl ServiceConfig {
             allow_ip: Vec::new(),
             deny_ip: Vec::new(),
             message: None,
+            encrypt: false,
         }
     }
 
@@ -403,6 +407,7 @@ impl ServiceConfig {
             allow_ip: self.allow_ip.clone(),
             deny_ip: self.deny_ip.clone(),
             message: self.message.clone(),
+            encrypt: self.encrypt,
         }
     }
 

@@ -428,6 +428,10 @@ pub struct ServiceOptions {
     /// A description shown by discovery and the server's API.
     #[arg(long)]
     pub message: Option<String>,
+    /// Seal this service's data with the session key (ChaCha20-Poly1305), like frp's
+    /// use_encryption: for tcp:// links across networks you do not trust.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub encrypt: Option<bool>,
     /// A name for logs. [default: the local address]
     #[arg(long)]
     pub name: Option<String>,
@@ -777,6 +781,7 @@ impl ServiceOptions {
             allow_ip: self.allow_ip,
             deny_ip: self.deny_ip,
             message: self.message,
+            encrypt: self.encrypt.unwrap_or(false),
         })
     }
 }

@@ -82,6 +82,10 @@ pub struct ServiceControl {
     /// A free-form description shown by discovery and the API (proxylite's message).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Seal this service's data connections with the session key (`encrypt`, frp's
+    /// `use_encryption`): each visitor gets keys of its own, see `OpenStream::seal`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypt: bool,
 }
 
 impl ServiceControl {
@@ -459,6 +463,12 @@ pub struct OpenStream {
     pub service: u32,
     /// The visitor's address.
     pub visitor: SocketAddr,
+    /// For an `encrypt` service: the visitor's number in the session, from which both
+    /// sides derive its keys; what follows this message is sealed records (`seal`). A
+    /// client refuses a number it has seen, so a replayed open message cannot make it
+    /// reuse a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<u64>,
 }
 
 /// One byte the client writes back on a data connection after dialing the local service.

@@ -121,7 +121,7 @@ pub(crate) async fn serve_visitor(
         };
         let mut early = rewrite_head(&head, &route, path.as_deref(), peer, scheme);
         early.extend_from_slice(&read[head_len..]);
-        let open = OpenStream { service: route.tunnel.service, visitor: peer };
+        let open = OpenStream { service: route.tunnel.service, visitor: peer, seal: None };
         let idle = shared.config.idle_limit();
         let first = (early.as_slice(), read_ahead);
         let relay = relay_visitor(&route.session, &route.tunnel, data, &mut visitor, &open, first, idle);

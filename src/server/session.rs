@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -50,8 +51,10 @@ pub(crate) struct SessionShared {
     pub(crate) since: SystemTime,
     /// Round trips asked for by the API, by ping number.
     pings: Mutex<HashMap<u64, oneshot::Sender<()>>>,
-    key: SessionKey,
+    pub(crate) key: SessionKey,
     replay: Mutex<ReplayGuard>,
+    /// Visitors of `encrypt` services numbered so far (each number gives its keys).
+    visits: AtomicU64,
     pub(crate) pool: DataPool,
     /// Messages for the client from tunnel tasks (e.g. "open more data connections").
     pub(crate) outbox: mpsc::Sender<ServerMessage>,
@@ -163,6 +166,11 @@ impl SessionShared {
         }
     }
 
+    /// A number for a visitor of an `encrypt` service, never used before in this session.
+    pub(crate) fn next_visit(&self) -> u64 {
+        self.visits.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Asks the client for more data connections, without blocking.
     pub(crate) fn request_data(&self) {
         let _ = self.outbox.try_send(ServerMessage::NeedData { count: 1 });
@@ -197,6 +205,7 @@ pub(crate) async fn serve_control(
         pings: Mutex::default(),
         key: accepted.session_key,
         replay: Mutex::default(),
+        visits: AtomicU64::new(0),
         pool: DataPool::default(),
         outbox,
         closing: shared.shutdown.child_token(),

@@ -70,7 +70,7 @@ pub(crate) async fn serve_visitor(
             }
             return debug!(%peer, ?name, "no free data connection; closing");
         };
-        let open = OpenStream { service: route.tunnel.service, visitor: peer };
+        let open = OpenStream { service: route.tunnel.service, visitor: peer, seal: None };
         let span = tracing::debug_span!("tls visitor", %peer, ?name);
         let idle = shared.config.idle_limit();
         let read_ahead = if attempt == 1 { hello.len() } else { 0 };

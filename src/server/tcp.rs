@@ -241,7 +241,7 @@ async fn serve_visitor(
         if let Some(data) = take_data(&member.session, wait).await {
             let read = *read_ahead.get_or_insert_with(|| read_early(&mut visitor, &mut early));
             let with_header = proxy_header_for(&member, &visitor, addr, &early);
-            let open = OpenStream { service: member.tunnel.service, visitor: addr };
+            let open = OpenStream { service: member.tunnel.service, visitor: addr, seal: None };
             let idle = shared.config.idle_limit();
             let first = (with_header.as_deref().unwrap_or(&early), read);
             let relay =

@@ -11,8 +11,9 @@ use super::hooks::VisitorInfo;
 use super::session::SessionShared;
 use super::tunnel::Tunnel;
 use super::ServerShared;
-use crate::chunked::{encode_chunk, relay_chunked_until, IdleLimit, Status};
-use crate::proto::{encode_frame, OpenStream, ProtocolError};
+use crate::chunked::{encode_chunk, relay_chunked_until, IdleLimit, RelayFailed, Relayed, Status};
+use crate::proto::{encode_frame, OpenStream};
+use crate::seal::{visitor_keys, SealedStream, Side};
 use crate::throttle::{Meter, Metered};
 use crate::transport::Stream;
 
@@ -66,7 +67,8 @@ pub(crate) enum Relay {
 
 /// Sends the open message with `early` bytes in one write, relays until both sides are
 /// done, and gives the data connection back to the pool after a clean end. `read_ahead`
-/// visitor bytes were read before the relay; they are counted with the rest.
+/// visitor bytes were read before the relay; they are counted with the rest. For an
+/// `encrypt` service everything after the open message is sealed with keys of this visitor.
 pub(crate) async fn relay_visitor<V>(
     session: &SessionShared,
     tunnel: &Tunnel,
@@ -79,31 +81,46 @@ pub(crate) async fn relay_visitor<V>(
 where
     V: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    if let Err(err) = send_open(&mut data, open, early).await {
-        debug!(%err, "data connection failed before use");
-        return Relay::Unanswered;
+    let seal = tunnel.control().encrypt.then(|| session.next_visit());
+    let open = OpenStream { seal, ..open.clone() };
+    // The open message leaves with the visitor's first bytes, in one write.
+    let mut first = Vec::with_capacity(128 + early.len());
+    if let Err(err) = encode_frame(&open, &mut first) {
+        debug!(%err, "open message not encoded");
+        return Relay::Finished;
     }
-    let token = &tunnel.token;
-    let account = &session.account;
-    let shaped = account.is_throttled();
-    // Reads from the visitor are uploads, writes to it downloads: counted for the tunnel and
-    // the user, and shaped by the user's buckets (shared by all the user's visitors).
-    let up = Meter {
-        bucket: shaped.then_some(&account.upload),
-        counters: [&tunnel.traffic.up, &account.traffic.up],
+    let mut early_chunk = Vec::with_capacity(4 + early.len());
+    if !early.is_empty() {
+        encode_chunk(early, &mut early_chunk);
+    }
+    let (outcome, reusable) = match seal {
+        Some(visit) => {
+            let keys = visitor_keys(&session.key, session.id, visit, Side::Server);
+            let mut sealed = SealedStream::new(&mut data, keys, BytesMut::new());
+            sealed.seal_into(&early_chunk, &mut first);
+            // The open message itself is not sealed: it says which keys the rest needs.
+            if let Err(err) = sealed.get_mut().write_all(&first).await {
+                debug!(%err, "data connection failed before use");
+                return Relay::Unanswered;
+            }
+            let outcome = relay_link(session, tunnel, &mut sealed, visitor, read_ahead, idle).await;
+            let rest_empty = sealed.into_parts().is_some_and(|(_, raw)| raw.is_empty());
+            (outcome, rest_empty)
+        }
+        None => {
+            first.extend_from_slice(&early_chunk);
+            if let Err(err) = data.write_all(&first).await {
+                debug!(%err, "data connection failed before use");
+                return Relay::Unanswered;
+            }
+            (relay_link(session, tunnel, &mut data, visitor, read_ahead, idle).await, true)
+        }
     };
-    let down = Meter {
-        bucket: shaped.then_some(&account.download),
-        counters: [&tunnel.traffic.down, &account.traffic.down],
-    };
-    up.record(read_ahead);
-    let mut metered = Metered::new(visitor, up, down);
-    let relayed = relay_chunked_until(&mut metered, &mut data, Status::Expect, BytesMut::new(), idle, token);
-    match relayed.await {
+    match outcome {
         Ok(relayed) => {
             debug!(up = relayed.out, down = relayed.r#in, "visitor done");
             // A clean end on both sides: the data connection serves the next visitor.
-            if relayed.leftover.is_empty() && !token.is_cancelled() {
+            if reusable && relayed.leftover.is_empty() && !tunnel.token.is_cancelled() {
                 session.pool.push(data);
             }
             Relay::Finished
@@ -119,13 +136,33 @@ where
     }
 }
 
-/// Writes the open message and the first chunk in one write.
-async fn send_open(data: &mut Stream, open: &OpenStream, early: &[u8]) -> Result<(), ProtocolError> {
-    let mut first = Vec::with_capacity(128 + early.len());
-    encode_frame(open, &mut first)?;
-    if !early.is_empty() {
-        encode_chunk(early, &mut first);
-    }
-    data.write_all(&first).await?;
-    Ok(())
+/// Relays over `link` (the open message and the first chunk are out), metering the
+/// visitor's bytes for the tunnel and the user.
+async fn relay_link<V, L>(
+    session: &SessionShared,
+    tunnel: &Tunnel,
+    link: &mut L,
+    visitor: &mut V,
+    read_ahead: usize,
+    idle: Option<IdleLimit>,
+) -> Result<Relayed, RelayFailed>
+where
+    V: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    L: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let account = &session.account;
+    let shaped = account.is_throttled();
+    // Reads from the visitor are uploads, writes to it downloads: counted for the tunnel and
+    // the user, and shaped by the user's buckets (shared by all the user's visitors).
+    let up = Meter {
+        bucket: shaped.then_some(&account.upload),
+        counters: [&tunnel.traffic.up, &account.traffic.up],
+    };
+    let down = Meter {
+        bucket: shaped.then_some(&account.download),
+        counters: [&tunnel.traffic.down, &account.traffic.down],
+    };
+    up.record(read_ahead);
+    let mut metered = Metered::new(visitor, up, down);
+    relay_chunked_until(&mut metered, link, Status::Expect, BytesMut::new(), idle, &tunnel.token).await
 }

@@ -335,6 +335,7 @@ fn service_control_from_flags_and_files() {
     let postgres = services.iter().find(|s| s.name == "postgres").unwrap();
     assert_eq!(limits(postgres), (Some(5), Some(100), Some(Duration::from_secs(24 * 3600))));
     assert_eq!(postgres.allow_ip, vec!["203.0.113.0/24".parse::<ipnet::IpNet>().unwrap()]);
+    assert!(postgres.encrypt && !services[0].encrypt, "encrypt is per service");
     let bad = ferry::cli::parse_from(["ferry", "client", "--local", "tcp://a:1", "--max-serve-time", "soon"]);
     assert!(bad.is_err(), "a bad duration is refused");
 }

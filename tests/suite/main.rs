@@ -11,11 +11,12 @@ mod bans;
 mod cli;
 mod dashboard;
 mod discovery;
+mod eavesdropper;
 mod flood;
 mod hooks;
 mod hostile;
 mod http;
-mod login_crypto;
+
 mod ports;
 mod reconnect;
 mod reuse;
