@@ -14,9 +14,10 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024;
 /// What can go wrong while speaking the protocol.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    /// The socket failed.
+    /// The socket failed. The text shows the cause, which is not also a `source()`: an error
+    /// chain printed whole (`{:#}`) would say it twice.
     #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The peer closed the connection.
     #[error("connection closed by peer")]
     Closed,
@@ -40,6 +41,12 @@ pub enum ProtocolError {
     /// A frame did not decode as the expected message.
     #[error("malformed message: {0}")]
     Malformed(String),
+}
+
+impl From<std::io::Error> for ProtocolError {
+    fn from(err: std::io::Error) -> Self {
+        ProtocolError::Io(err)
+    }
 }
 
 impl ProtocolError {

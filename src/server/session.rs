@@ -20,8 +20,8 @@ use super::{http, login, tcp, ServerShared};
 use crate::auth::{ReplayGuard, SessionKey};
 use crate::config::PortRange;
 use crate::proto::{
-    Answer, ClientMessage, CloseReason, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, Query,
-    RegisterError, ServerMessage, ServiceControl, ServiceSpec,
+    check_service, Answer, ClientMessage, CloseReason, ControlChannel, LoginRefusal, ProtocolError,
+    ProxyProtocol, Query, RegisterError, ServerMessage, ServiceControl, ServiceSpec,
 };
 use crate::transport::Stream;
 
@@ -350,6 +350,10 @@ impl Control<'_> {
             ServiceSpec::Http { name, .. } => (name.clone(), "http"),
             ServiceSpec::Https { name, .. } => (name.clone(), "https"),
         };
+        if let Err(error) = check_service(&name, control.message.as_deref()) {
+            warn!(?name, %error, "tunnel refused");
+            return ServerMessage::RegisterFailed { request, error };
+        }
         let service = self.shared.registry.next_service_id();
         let tunnel = self.session.open_tunnel(self.shared, (service, name.clone(), kind), control);
         let opened = match spec {
@@ -381,11 +385,11 @@ impl Control<'_> {
                         self.shared.hooks().tunnel_opened(&views::service_info(self.session, &tunnel));
                     }
                 }
-                info!(service, port, host, %name, "tunnel opened");
+                info!(service, port, host, ?name, "tunnel opened");
                 ServerMessage::Registered { request, service, port, host }
             }
             Err(error) => {
-                warn!(%name, %error, "tunnel refused");
+                warn!(?name, %error, "tunnel refused");
                 ServerMessage::RegisterFailed { request, error }
             }
         }

@@ -64,12 +64,14 @@ async fn an_id_is_banned_whatever_the_address() {
         assert!(matches!(refusal, LoginRefusal::Banned { seconds } if seconds > 20), "{refusal:?}");
         // ...and other ids are not.
         login_from("127.0.0.33", addr, "id2", "secret2").await.unwrap();
-        // The library client reports the ban as a clear, fatal error.
+        // The library client reports the ban clearly; a ban ends, so it is not final, and
+        // a retrying client waits at least what is left of it.
         let err = Client::connect(client_config(addr, "id1", "secret1")).await.expect_err("banned");
         assert!(
-            matches!(err, ClientError::LoginRefused(LoginRefusal::Banned { .. })) && err.is_fatal(),
+            matches!(err, ClientError::LoginRefused(LoginRefusal::Banned { .. })) && !err.is_fatal(),
             "{err:?}"
         );
+        assert!(err.retry_after() > Some(Duration::from_secs(20)), "{err:?}");
     })
     .await
 }
