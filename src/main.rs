@@ -96,8 +96,13 @@ async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
     }
     let remote = config.remote.to_string();
     let (mut hangups, shutdown) = Signals::install().split();
+    let shutdown = shutdown.wait();
+    tokio::pin!(shutdown);
     // Started before its server (systemd, containers), the client waits for it.
-    let client = Client::connect_retrying(config).await.with_context(|| format!("client for {remote}"))?;
+    let client = tokio::select! {
+        _ = &mut shutdown => return Ok(()),
+        client = Client::connect_retrying(config) => client.with_context(|| format!("client for {remote}"))?,
+    };
     let _pid_file = pid_file.as_deref().map(PidFile::create).transpose().map_err(|e| anyhow!(e))?;
     let mut running = Services {
         client: &client,
@@ -110,8 +115,6 @@ async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
         running.open(service, true);
     }
     let mut state = client.state();
-    let shutdown = shutdown.wait();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -123,7 +126,10 @@ async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
                 }
             }
             failed = state.wait_for(|s| matches!(s, ClientState::Failed { .. })) => {
-                let reason = failed.map(|s| s.to_string()).unwrap_or_default();
+                let reason = match failed.as_deref() {
+                    Ok(ClientState::Failed { reason }) => reason.clone(),
+                    _ => "stopped".into(),
+                };
                 return Err(anyhow!("client for {remote}: {reason}"));
             }
         }
@@ -174,6 +180,8 @@ impl<'a> Services<'a> {
                 announce(&local, &tunnel);
                 self.open.push((service, tunnel));
             }
+            // The client stopped: its state says why, and the loop ends with it.
+            Err(ferry::ClientError::Stopped) => {}
             Err(err) if at_start => return Err(err).with_context(|| format!("service {local}")),
             Err(err) => tracing::error!(%local, %err, "service added by reload was refused"),
         }

@@ -54,6 +54,21 @@ async fn a_client_started_before_its_server_waits_for_it() {
     .await
 }
 
+#[tokio::test]
+async fn a_client_waiting_for_its_server_stops_on_sigterm() {
+    within(30, async {
+        let server_port = free_port().await;
+        let mut client =
+            client_process(server_port, "secret1", &["--local", "tcp://127.0.0.1:1"]).spawn().unwrap();
+        let mut err = stderr_of(&mut client);
+        line_with(&mut err, "login failed; retrying").await;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(client.id().unwrap()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert!(client.wait().await.unwrap().success(), "a stop asked for is a clean exit");
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reconnect_the_addresses_are_printed_again() {
     within(60, async {
