@@ -139,3 +139,23 @@ async fn connect_retrying_gives_up_on_a_wrong_secret() {
     })
     .await
 }
+
+/// A final error after a reconnect stops the client (state `Failed`) instead of retrying
+/// it without end: here its user was removed by a reload.
+#[tokio::test]
+async fn a_final_error_after_a_reconnect_stops_the_client() {
+    within(30, async {
+        let config = server_config().with_user("leaving", "s");
+        let server = start_server(config.clone()).await;
+        let client = Client::connect(client_config(server.local_addr(), "leaving", "s")).await.unwrap();
+        let mut state = client.state();
+        let mut reloaded = config.clone();
+        reloaded.users.remove("leaving");
+        assert_eq!(server.reload(&reloaded).unwrap(), 1);
+        let stopped =
+            state.wait_for(|s| matches!(s, ferry::ClientState::Failed { .. })).await.unwrap().clone();
+        assert!(stopped.to_string().starts_with("failed: "), "{stopped}");
+        server.shutdown().await;
+    })
+    .await
+}
