@@ -159,3 +159,19 @@ async fn a_final_error_after_a_reconnect_stops_the_client() {
     })
     .await
 }
+
+/// A certificate the client does not trust is final: `connect_retrying` returns it
+/// instead of trying again.
+#[tokio::test]
+async fn connect_retrying_gives_up_on_an_untrusted_certificate() {
+    use crate::tls::{make_certs, tls_client_config, tls_server};
+    within(30, async {
+        let (certs, other) = (make_certs(), make_certs());
+        let server = tls_server(&certs).await;
+        let config = tls_client_config(&server, ferry::RemoteTrust::CaFile(other.cert.clone()));
+        let err = Client::connect_retrying(config).await.unwrap_err();
+        assert!(err.is_fatal() && err.to_string().to_lowercase().contains("certificate"), "{err}");
+        server.shutdown().await;
+    })
+    .await
+}
