@@ -38,8 +38,9 @@ pub enum ProtocolError {
     /// A frame announced more bytes than allowed.
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
     FrameTooLarge(usize),
-    /// A frame did not decode as the expected message.
-    #[error("malformed message: {0}")]
+    /// A frame did not decode as the expected message. The decoder's words may quote what
+    /// the peer sent, so the text escapes line breaks and quotes: it goes to logs.
+    #[error("malformed message: {}", .0.escape_debug())]
     Malformed(String),
 }
 
@@ -192,6 +193,12 @@ fn eof_as_closed(err: std::io::Error) -> ProtocolError {
 mod tests {
     use super::*;
     use crate::proto::{ClientMessage, OpenStream};
+
+    #[test]
+    fn malformed_text_cannot_forge_log_lines() {
+        let err = ProtocolError::Malformed("unknown variant `x\nforged line`".into());
+        assert_eq!(err.to_string(), "malformed message: unknown variant `x\\nforged line`");
+    }
 
     #[tokio::test]
     async fn frames_survive_tiny_buffers() {

@@ -404,7 +404,7 @@ impl Control<'_> {
     ) -> Result<(u16, Option<String>), RegisterError> {
         // Clients of one user that share a tag serve a service of the same name together.
         if let Some(pool) = self.shared.tcp_pools.joinable(self.session, &tunnel.name, port) {
-            info!(port = pool.port(), name = %tunnel.name, "joining the clients that serve this port");
+            info!(port = pool.port(), name = ?tunnel.name, "joining the clients that serve this port");
             pool.join(self.session, tunnel, proxy_protocol);
             return Ok((pool.port(), None));
         }

@@ -1,5 +1,6 @@
-//! Host names between users: one owner per name across HTTP, HTTPS and TLS passthrough,
-//! ids belong to their users, and an offline owner keeps its names for a grace period.
+//! Names chosen by peers. Host names between users: one owner per name across HTTP,
+//! HTTPS and TLS passthrough, ids belong to their users, and an offline owner keeps its
+//! names for a grace period. Service names cannot forge lines in the server's log.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -107,6 +108,42 @@ async fn an_offline_owner_keeps_its_names_for_the_grace_period() {
         poll_until(|| async { bob.add_service(http(bob_local, "shop")).await.is_ok() }).await;
         assert!(left.elapsed() >= Duration::from_millis(2500), "freed after {:?}", left.elapsed());
         assert!(get(addr, "/", "shop.example.com").await.text().starts_with("service=bob"));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_name_cannot_forge_server_log_lines() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    within(30, async {
+        let port = free_port().await;
+        let addr = format!("127.0.0.1:{port}");
+        let args =
+            ["server", "--addr", &addr, "--id", "id1", "--secret", "secret1", "--tcp-range", "1024-65535"];
+        let mut server = crate::cli::ferry()
+            .args(args)
+            .args(["--log-level", "info"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut log = BufReader::new(server.stderr.take().unwrap()).lines();
+        while !log.next_line().await.unwrap().expect("server log ended").contains("listening") {}
+        let client = Client::connect(client_config(addr.parse().unwrap(), "id1", "secret1")).await.unwrap();
+        let mut evil = ServiceConfig::tcp(&echo_server().await.to_string());
+        evil.name = "evil\"} 999\nferry_clients 12345\n# x".into();
+        assert!(client.add_service(evil).await.is_err(), "the name was taken");
+        let mut lines = Vec::new();
+        loop {
+            let line = log.next_line().await.unwrap().expect("server log ended");
+            let done = line.contains("tunnel refused");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        assert!(!lines.iter().any(|l| l.starts_with("ferry_clients") || l.starts_with("# x")), "{lines:#?}");
+        assert!(lines.last().unwrap().contains("evil\\\"} 999\\nferry_clients"), "{lines:#?}");
+        server.kill().await.unwrap();
     })
     .await
 }
