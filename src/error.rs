@@ -41,9 +41,10 @@ pub enum ClientError {
     /// The server refused to open a tunnel.
     #[error("the server refused the tunnel: {0}")]
     Register(RegisterError),
-    /// The server spoke out of turn or the link failed mid-handshake.
+    /// The server spoke out of turn or the link failed mid-handshake. The text shows the
+    /// cause, which is not also a `source()`: a chain printed whole would say it twice.
     #[error("protocol error: {0}")]
-    Protocol(#[from] ProtocolError),
+    Protocol(ProtocolError),
     /// The server's welcome did not prove it derived the session key: it does not hold this
     /// user's verifier, so it is not the server the secret belongs to.
     #[error("the server could not prove it knows this user's secret: it may be a man in the middle, or another server than intended; check --remote")]
@@ -63,19 +64,71 @@ pub enum ClientError {
     NotConnected,
 }
 
+impl From<ProtocolError> for ClientError {
+    fn from(err: ProtocolError) -> Self {
+        ClientError::Protocol(err)
+    }
+}
+
 impl ClientError {
-    /// Whether retrying later may help (the network), or not (credentials, version).
+    /// Whether the error is final: retrying with the same settings cannot help, so a
+    /// client stops instead of retrying. Final are a wrong secret (`AuthFailed`), an id
+    /// the server does not have (`UnknownId`) or cannot take (`InvalidId`, `TooManyIds`),
+    /// a secret it needs and cannot get safely (`SecretNeeded`), a malformed login, a
+    /// protocol version mismatch, and TLS errors (configuration, or a certificate the
+    /// client does not trust). Not final: the network (refused, reset, timed out), a ban
+    /// (it ends; see [`retry_after`](Self::retry_after)), an auth API that cannot be
+    /// asked (`AuthUnavailable`) and a user's sessions limit (`TooManySessions`).
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            ClientError::LoginRefused(refusal)
-                if !matches!(refusal, LoginRefusal::AuthUnavailable | LoginRefusal::TooManySessions { .. })
-        ) || matches!(
-            self,
-            ClientError::Tls(_)
-                | ClientError::Protocol(ProtocolError::VersionMismatch { .. })
-                | ClientError::ServerNotVerified
-                | ClientError::EnrollUnprotected { .. }
-        )
+        match self {
+            ClientError::LoginRefused(refusal) => !matches!(
+                refusal,
+                LoginRefusal::Banned { .. }
+                    | LoginRefusal::AuthUnavailable
+                    | LoginRefusal::TooManySessions { .. }
+            ),
+            ClientError::Tls(_) | ClientError::ServerNotVerified | ClientError::EnrollUnprotected { .. } => {
+                true
+            }
+            // A TLS handshake the client refused (an untrusted certificate) or the server did.
+            ClientError::Connect(err) => err.kind() == std::io::ErrorKind::InvalidData,
+            ClientError::Protocol(err) => matches!(err, ProtocolError::VersionMismatch { .. }),
+            ClientError::Register(_) | ClientError::Stopped | ClientError::NotConnected => false,
+        }
+    }
+
+    /// The least time to wait before trying again: what is left of a ban.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ClientError::LoginRefused(LoginRefusal::Banned { seconds }) => {
+                Some(std::time::Duration::from_secs(*seconds))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_errors_and_passing_ones() {
+        let refused = |refusal| ClientError::LoginRefused(refusal);
+        assert!(refused(LoginRefusal::AuthFailed { id: "a".into() }).is_fatal());
+        assert!(refused(LoginRefusal::UnknownId { id: "a".into() }).is_fatal());
+        assert!(refused(LoginRefusal::InvalidId).is_fatal());
+        assert!(refused(LoginRefusal::VersionMismatch { server: 3, client: 2 }).is_fatal());
+        let banned = refused(LoginRefusal::Banned { seconds: 7 });
+        assert!(!banned.is_fatal());
+        assert_eq!(banned.retry_after(), Some(std::time::Duration::from_secs(7)));
+        assert!(!refused(LoginRefusal::AuthUnavailable).is_fatal());
+        assert!(!refused(LoginRefusal::TooManySessions { id: "a".into(), limit: 1 }).is_fatal());
+        let refused_tcp = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!ClientError::Connect(refused_tcp).is_fatal());
+        let untrusted = std::io::Error::new(std::io::ErrorKind::InvalidData, "invalid peer certificate");
+        assert!(ClientError::Connect(untrusted).is_fatal());
+        assert!(!ClientError::Protocol(ProtocolError::Closed).is_fatal());
+        assert!(ClientError::ServerNotVerified.is_fatal(), "an impostor does not turn honest");
     }
 }

@@ -8,7 +8,10 @@ use ferry::config::options::{resolve, ClientOptions, ServerOptions};
 use ferry::logging::{self, LogSettings};
 use ferry::pid_file::{signal_process, PidFile};
 use ferry::signals::{Hangups, Signals};
-use ferry::{Client, Registration, Reloader, Server, ServiceConfig};
+use ferry::{Client, ClientState, Registration, Reloader, Server, ServiceConfig};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use std::future::Future;
+use std::pin::Pin;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -93,63 +96,134 @@ async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
     }
     let remote = config.remote.to_string();
     let (mut hangups, shutdown) = Signals::install().split();
-    let client = Client::connect(config).await.with_context(|| format!("client for {remote}"))?;
-    let _pid_file = pid_file.as_deref().map(PidFile::create).transpose().map_err(|e| anyhow!(e))?;
-    let mut tunnels = Vec::new();
-    for service in services {
-        let local = service.local.clone();
-        let tunnel = client.add_service(service.clone()).await.with_context(|| format!("service {local}"))?;
-        println!("{local} is reachable at {}", tunnel.public_addr());
-        tunnels.push((service, tunnel));
-    }
     let shutdown = shutdown.wait();
     tokio::pin!(shutdown);
+    // Started before its server (systemd, containers), the client waits for it.
+    let client = tokio::select! {
+        _ = &mut shutdown => return Ok(()),
+        client = Client::connect_retrying(config) => client.with_context(|| format!("client for {remote}"))?,
+    };
+    let _pid_file = pid_file.as_deref().map(PidFile::create).transpose().map_err(|e| anyhow!(e))?;
+    let mut running = Services {
+        client: &client,
+        listed: services.clone(),
+        open: Vec::new(),
+        opening: Vec::new(),
+        answers: FuturesUnordered::new(),
+    };
+    for service in services {
+        running.open(service, true);
+    }
+    let mut state = client.state();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            Some((service, at_start, opened)) = running.answers.next() => running.opened(service, at_start, opened)?,
             _ = hangups.next() => {
                 tracing::info!("SIGHUP: reloading the services");
-                if let Err(err) = reload_services(&client, &flags, &mut tunnels).await {
+                if let Err(err) = running.reload(&flags) {
                     tracing::error!("reload failed, keeping the running services: {err}");
                 }
             }
+            failed = state.wait_for(|s| matches!(s, ClientState::Failed { .. })) => {
+                let reason = match failed.as_deref() {
+                    Ok(ClientState::Failed { reason }) => reason.clone(),
+                    _ => "stopped".into(),
+                };
+                return Err(anyhow!("client for {remote}: {reason}"));
+            }
         }
     }
+    drop(running);
     client.shutdown().await;
     Ok(())
 }
 
-/// Reads the client's configuration again: services no longer listed are closed, new ones
-/// opened, the rest keep running (server, id and secret need a restart).
-async fn reload_services(
-    client: &Client,
-    flags: &ClientOptions,
-    tunnels: &mut Vec<(ServiceConfig, Registration)>,
-) -> Result<(), String> {
-    let options = resolve(flags.clone(), flags.config.as_deref())?;
-    let (_, wanted) = options.into_config()?;
-    tunnels.retain(|(config, tunnel)| {
-        let keep = wanted.contains(config);
-        if !keep {
-            tracing::info!(local = %config.local, "service removed by reload");
-            tunnel.cancel();
-        }
-        keep
-    });
-    for service in wanted {
-        if tunnels.iter().any(|(config, _)| *config == service) {
-            continue;
-        }
+/// A service being opened: its config, whether it was given at start, and the answer.
+type Opening<'a> = Pin<Box<dyn Future<Output = (ServiceConfig, bool, OpenResult)> + 'a>>;
+type OpenResult = Result<Registration, ferry::ClientError>;
+
+/// The CLI client's services: open ones, and ones the server has not opened yet (a
+/// refusal that may pass is asked again with backoff, while the others keep running).
+struct Services<'a> {
+    client: &'a Client,
+    /// The services of the configuration, as last read.
+    listed: Vec<ServiceConfig>,
+    open: Vec<(ServiceConfig, Registration)>,
+    /// Services waiting for the server to open them.
+    opening: Vec<ServiceConfig>,
+    answers: FuturesUnordered<Opening<'a>>,
+}
+
+impl<'a> Services<'a> {
+    /// Starts opening `service`; `at_start` services end the client on a lasting refusal.
+    fn open(&mut self, service: ServiceConfig, at_start: bool) {
+        let client = self.client;
+        self.opening.push(service.clone());
+        self.answers.push(Box::pin(async move {
+            let opened = client.add_service_retrying(service.clone()).await;
+            (service, at_start, opened)
+        }));
+    }
+
+    /// Takes the server's answer for a service; a lasting refusal of one given at start
+    /// ends the client, as a bad flag would.
+    fn opened(&mut self, service: ServiceConfig, at_start: bool, opened: OpenResult) -> anyhow::Result<()> {
         let local = service.local.clone();
-        match client.add_service(service.clone()).await {
+        if let Some(at) = self.opening.iter().position(|s| *s == service) {
+            self.opening.swap_remove(at);
+        }
+        match opened {
+            // Removed by a reload while it was being opened.
+            Ok(tunnel) if !self.listed.contains(&service) => tunnel.cancel(),
             Ok(tunnel) => {
-                println!("{local} is reachable at {}", tunnel.public_addr());
-                tunnels.push((service, tunnel));
+                announce(&local, &tunnel);
+                self.open.push((service, tunnel));
             }
+            // The client stopped: its state says why, and the loop ends with it.
+            Err(ferry::ClientError::Stopped) => {}
+            Err(err) if at_start => return Err(err).with_context(|| format!("service {local}")),
             Err(err) => tracing::error!(%local, %err, "service added by reload was refused"),
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Reads the client's configuration again: services no longer listed are closed, new
+    /// ones opened, the rest keep running (server, id and secret need a restart).
+    fn reload(&mut self, flags: &ClientOptions) -> Result<(), String> {
+        let options = resolve(flags.clone(), flags.config.as_deref())?;
+        let (_, wanted) = options.into_config()?;
+        self.listed = wanted.clone();
+        self.open.retain(|(config, tunnel)| {
+            let keep = wanted.contains(config);
+            if !keep {
+                tracing::info!(local = %config.local, "service removed by reload");
+                tunnel.cancel();
+            }
+            keep
+        });
+        for service in wanted {
+            if !self.open.iter().any(|(config, _)| *config == service) && !self.opening.contains(&service) {
+                self.open(service, false);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Prints where a service is reachable, and again after each reconnect.
+fn announce(local: &str, tunnel: &Registration) {
+    let (local, mut public) = (local.to_owned(), tunnel.watch_public_addr());
+    tokio::spawn(async move {
+        loop {
+            if let Some(addr) = public.borrow_and_update().clone() {
+                println!("{local} is reachable at {addr}");
+            }
+            if public.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {

@@ -15,34 +15,24 @@ use tracing::{error, info, warn};
 use super::backoff::Backoff;
 use super::login::{login, LoggedIn};
 use super::pool::{DataPool, Route, Routes};
-use super::{public_address, ClientState, Endpoint, RegisterReply};
+use super::{public_address, ClientState, DriverLinks, Endpoint, RegisterReply};
 use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
 use crate::error::ClientError;
 use crate::proto::{
-    Answer, ClientMessage, CloseReason, ControlChannel, ProtocolError, Query, ServerMessage, ServiceControl,
-    ServiceSpec,
+    Answer, ClientMessage, CloseReason, ControlChannel, ProtocolError, Query, RegisterError, ServerMessage,
+    ServiceControl, ServiceSpec,
 };
 use crate::transport::{Connector, Stream};
 
 /// Requests from the [`Client`](super::Client) handle.
 pub(crate) enum Command {
-    Add {
-        key: u64,
-        config: Box<ServiceConfig>,
-        reply: RegisterReply,
-        closed: watch::Sender<Option<CloseReason>>,
-    },
-    Remove {
-        key: u64,
-    },
-    Ask {
-        query: Query,
-        reply: oneshot::Sender<Result<Answer, ClientError>>,
-    },
+    Add { key: u64, wanted: Box<Wanted> },
+    Remove { key: u64 },
+    Ask { query: Query, reply: oneshot::Sender<Result<Answer, ClientError>> },
 }
 
 /// A tunnel the client wants, kept across reconnects.
-struct Wanted {
+pub(crate) struct Wanted {
     config: ServiceConfig,
     /// The port the server gave last time; asked for again after a reconnect.
     port: Option<u16>,
@@ -55,12 +45,55 @@ struct Wanted {
     opened: Option<Instant>,
     /// Visitors served so far, across reconnects (for `max-serve-count`).
     served: Arc<AtomicU64>,
+    /// Where visitors reach it while it is open; `None` while it is not.
+    public: watch::Sender<Option<String>>,
+    /// A refusal that may pass is asked again even for the first registration.
+    keep_trying: bool,
+    /// Delays between asking again after refusals that may pass, until it opens.
+    backoff: Option<Backoff>,
+    /// When to ask again after a refusal that may pass.
+    retry_at: Option<Instant>,
+}
+
+/// How the [`Client`](super::Client) hears about one tunnel.
+pub(crate) struct Listeners {
+    pub(crate) reply: RegisterReply,
+    pub(crate) closed: watch::Sender<Option<CloseReason>>,
+    pub(crate) public: watch::Sender<Option<String>>,
 }
 
 impl Wanted {
-    fn new(config: ServiceConfig, reply: RegisterReply, closed: watch::Sender<Option<CloseReason>>) -> Self {
-        let served = Arc::default();
-        Wanted { config, port: None, server_id: None, reply: Some(reply), closed, opened: None, served }
+    pub(crate) fn new(config: ServiceConfig, listeners: Listeners, keep_trying: bool) -> Self {
+        let Listeners { reply, closed, public } = listeners;
+        Wanted {
+            config,
+            port: None,
+            server_id: None,
+            reply: Some(reply),
+            closed,
+            opened: None,
+            served: Arc::default(),
+            public,
+            keep_trying,
+            backoff: None,
+            retry_at: None,
+        }
+    }
+
+    /// Whether a refusal ends the tunnel: a lasting one always, any one for a first
+    /// registration whose caller wants to hear it (`add_service`).
+    fn gives_up_on(&self, error: &RegisterError) -> bool {
+        error.is_lasting() || (self.reply.is_some() && !self.keep_trying)
+    }
+
+    /// Schedules asking again with backoff; returns the delay.
+    fn ask_again_later(&mut self, config: &ClientConfig) -> Duration {
+        let backoff = self
+            .backoff
+            .get_or_insert_with(|| Backoff::new(config.reconnect_delay, config.max_reconnect_delay));
+        let delay = backoff.next_delay();
+        self.retry_at = Some(Instant::now() + delay);
+        delay
     }
 
     /// The service's limits less what it used before a reconnect; the reason it is over
@@ -136,6 +169,8 @@ impl Wanted {
 
 pub(crate) struct Driver {
     config: ClientConfig,
+    /// Told the final error that stops the driver, if someone waits for it (the first login).
+    fatal: Option<oneshot::Sender<ClientError>>,
     connector: Connector,
     instance: String,
     inbox: mpsc::UnboundedReceiver<Command>,
@@ -152,12 +187,12 @@ impl Driver {
         config: ClientConfig,
         connector: Connector,
         instance: String,
-        inbox: mpsc::UnboundedReceiver<Command>,
-        state: watch::Sender<ClientState>,
-        token: CancellationToken,
+        links: DriverLinks,
     ) -> Self {
+        let DriverLinks { inbox, state, token, fatal } = links;
         Driver {
             config,
+            fatal,
             connector,
             instance,
             inbox,
@@ -169,18 +204,26 @@ impl Driver {
         }
     }
 
-    /// Serves the first session, then reconnects with backoff until cancelled.
-    pub(crate) async fn run(mut self, first: LoggedIn) {
+    /// Serves the first session (when logged in already), then logs in again with backoff
+    /// after each failure, until cancelled or stopped by a final error.
+    pub(crate) async fn run(mut self, first: Option<LoggedIn>) {
         let mut backoff = Backoff::new(self.config.reconnect_delay, self.config.max_reconnect_delay);
-        let mut next = Some(first);
+        let mut next = first;
+        let mut failed = None;
         while !self.token.is_cancelled() {
             let logged = match next.take() {
                 Some(logged) => logged,
                 None => match self.reconnect().await {
                     Some(Ok(logged)) => logged,
-                    Some(Err(reason)) => {
-                        self.set_state(ClientState::Disconnected { reason });
-                        self.pause(backoff.next_delay()).await;
+                    Some(Err(err)) if err.is_fatal() => {
+                        failed = Some(self.give_up(err));
+                        break;
+                    }
+                    Some(Err(err)) => {
+                        let delay = backoff.next_delay().max(err.retry_after().unwrap_or_default());
+                        warn!(%err, retry_in = ?delay, "login failed; retrying");
+                        self.set_state(ClientState::Disconnected { reason: err.to_string() });
+                        self.pause(delay).await;
                         continue;
                     }
                     None => break,
@@ -199,7 +242,20 @@ impl Driver {
         for (_, wanted) in std::mem::take(&mut self.wanted) {
             wanted.close(CloseReason::ClientShutdown);
         }
-        self.set_state(ClientState::Stopped);
+        self.set_state(match failed {
+            Some(reason) => ClientState::Failed { reason },
+            None => ClientState::Stopped,
+        });
+    }
+
+    /// A final error: logged, and handed to whoever waits for the first login; returns its text.
+    fn give_up(&mut self, err: ClientError) -> String {
+        error!(%err, "login failed; stopping (retrying cannot help)");
+        let reason = err.to_string();
+        if let Some(fatal) = self.fatal.take() {
+            let _ = fatal.send(err);
+        }
+        reason
     }
 
     fn set_state(&self, state: ClientState) {
@@ -207,20 +263,12 @@ impl Driver {
     }
 
     /// One login attempt; `None` when cancelled.
-    async fn reconnect(&mut self) -> Option<Result<LoggedIn, String>> {
+    async fn reconnect(&mut self) -> Option<Result<LoggedIn, ClientError>> {
         self.set_state(ClientState::Connecting);
-        let attempt = tokio::select! {
-            _ = self.token.cancelled() => return None,
-            attempt = login(&self.connector, &self.config, &self.instance) => attempt,
-        };
-        Some(attempt.map_err(|err| {
-            if err.is_fatal() {
-                error!(%err, "login failed");
-            } else {
-                warn!(%err, "reconnect failed");
-            }
-            err.to_string()
-        }))
+        tokio::select! {
+            _ = self.token.cancelled() => None,
+            attempt = login(&self.connector, &self.config, &self.instance) => Some(attempt),
+        }
     }
 
     /// Waits before the next attempt, still taking commands.
@@ -238,8 +286,8 @@ impl Driver {
 
     fn apply_offline(&mut self, command: Command) {
         match command {
-            Command::Add { key, config, reply, closed } => {
-                self.wanted.insert(key, Wanted::new(*config, reply, closed));
+            Command::Add { key, wanted } => {
+                self.wanted.insert(key, *wanted);
             }
             Command::Remove { key } => {
                 if let Some(wanted) = self.wanted.remove(&key) {
@@ -276,16 +324,22 @@ impl Driver {
         for (_, question) in self.questions.drain() {
             let _ = question.send(Err(ClientError::NotConnected));
         }
+        for wanted in self.wanted.values_mut() {
+            wanted.server_id = None;
+            wanted.public.send_replace(None);
+        }
         reason
     }
 
-    async fn session_loop(&mut self, session: &mut Session) -> Result<String, ProtocolError> {
+    /// Asks the server for the tunnels of `keys` (all of them after a login).
+    async fn register(&mut self, keys: Vec<u64>, session: &mut Session) -> Result<(), ProtocolError> {
         let mut spent = Vec::new();
-        for (key, wanted) in self.wanted.iter_mut() {
-            wanted.server_id = None;
-            match wanted.register(*key) {
+        for key in keys {
+            let Some(wanted) = self.wanted.get_mut(&key) else { continue };
+            wanted.retry_at = None;
+            match wanted.register(key) {
                 Ok(register) => session.chan.send(&register).await?,
-                Err(reason) => spent.push((*key, reason)),
+                Err(reason) => spent.push((key, reason)),
             }
         }
         // Limits used up while disconnected: the tunnel ends as it would have on the server.
@@ -295,14 +349,38 @@ impl Driver {
                 wanted.close(reason);
             }
         }
+        Ok(())
+    }
+
+    /// When the next refused tunnel is due to be asked for again, if any.
+    fn next_retry(&self) -> Option<Instant> {
+        self.wanted.values().filter_map(|w| w.retry_at).min()
+    }
+
+    async fn session_loop(&mut self, session: &mut Session) -> Result<String, ProtocolError> {
+        let keys = self.wanted.keys().copied().collect();
+        self.register(keys, session).await?;
         let timeout = self.config.heartbeat_timeout;
         let every = (timeout / 3).min(session.heartbeat_interval).max(Duration::from_millis(10));
         let mut ticker = tokio::time::interval(every);
         let mut last_heard = Instant::now();
         let mut ping_seq = 0;
         loop {
+            let retry = self.next_retry();
+            let retry_due = async move {
+                match retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.token.cancelled() => return Ok("client shut down".into()),
+                _ = retry_due => {
+                    let now = Instant::now();
+                    let due = self.wanted.iter().filter(|(_, w)| w.retry_at.is_some_and(|at| at <= now));
+                    let keys = due.map(|(key, _)| *key).collect();
+                    self.register(keys, session).await?;
+                }
                 command = self.inbox.recv() => match command {
                     Some(command) => self.apply_online(command, session).await?,
                     None => return Ok("client handle dropped".into()),
@@ -328,12 +406,11 @@ impl Driver {
 
     async fn apply_online(&mut self, command: Command, session: &mut Session) -> Result<(), ProtocolError> {
         match command {
-            Command::Add { key, config, reply, closed } => {
-                let wanted = Wanted::new(*config, reply, closed);
+            Command::Add { key, wanted } => {
                 if let Ok(register) = wanted.register(key) {
                     session.chan.send(&register).await?;
                 }
-                self.wanted.insert(key, wanted);
+                self.wanted.insert(key, *wanted);
             }
             Command::Remove { key } => {
                 if let Some(wanted) = self.wanted.remove(&key) {
@@ -371,6 +448,7 @@ impl Driver {
                 }
                 wanted.port = Some(port);
                 wanted.server_id = Some(service);
+                (wanted.backoff, wanted.retry_at) = (None, None);
                 wanted.opened.get_or_insert_with(Instant::now);
                 let route = Route {
                     local: wanted.config.local.clone(),
@@ -380,16 +458,12 @@ impl Driver {
                 session.routes.write().unwrap_or_else(|e| e.into_inner()).insert(service, route);
                 let public = public_address(&session.remote_host, port, host.as_deref(), wanted.config.kind);
                 info!(%public, local = %wanted.config.local, "tunnel open");
+                wanted.public.send_replace(Some(public.clone()));
                 if let Some(reply) = wanted.reply.take() {
                     let _ = reply.send(Ok(Endpoint { port, host, public }));
                 }
             }
-            ServerMessage::RegisterFailed { request, error } => {
-                if let Some(wanted) = self.wanted.remove(&request) {
-                    error!(local = %wanted.config.local, %error, "tunnel refused by the server");
-                    wanted.close(CloseReason::Refused(error));
-                }
-            }
+            ServerMessage::RegisterFailed { request, error } => self.refused(request, error),
             ServerMessage::ServiceClosed { service, reason } => {
                 session.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&service);
                 let key = self.wanted.iter().find(|(_, w)| w.server_id == Some(service)).map(|(k, _)| *k);
@@ -412,6 +486,23 @@ impl Driver {
             }
         }
         Ok(())
+    }
+}
+
+impl Driver {
+    /// The server refused a tunnel: it ends, or is asked for again later when the
+    /// refusal may pass (see [`RegisterError::is_lasting`]).
+    fn refused(&mut self, request: u64, error: RegisterError) {
+        let Some(wanted) = self.wanted.get_mut(&request) else { return };
+        if wanted.gives_up_on(&error) {
+            if let Some(wanted) = self.wanted.remove(&request) {
+                error!(local = %wanted.config.local, %error, "tunnel refused by the server");
+                wanted.close(CloseReason::Refused(error));
+            }
+            return;
+        }
+        let delay = wanted.ask_again_later(&self.config);
+        warn!(local = %wanted.config.local, %error, retry_in = ?delay, "tunnel refused by the server; asking again later");
     }
 }
 

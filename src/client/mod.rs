@@ -21,7 +21,7 @@ use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
 use crate::error::ClientError;
 use crate::proto::{Answer, CloseReason, ProtocolError, Query, RegisterError, ServiceInfo};
 use crate::transport::Connector;
-use driver::{Command, Driver};
+use driver::{Command, Driver, Listeners, Wanted};
 
 /// Where the client stands with the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +40,11 @@ pub enum ClientState {
     },
     /// The client was shut down and will not reconnect.
     Stopped,
+    /// A final error stopped the client (see [`ClientError::is_fatal`]); it will not reconnect.
+    Failed {
+        /// The error.
+        reason: String,
+    },
 }
 
 impl fmt::Display for ClientState {
@@ -49,6 +54,7 @@ impl fmt::Display for ClientState {
             ClientState::Connected { session } => write!(f, "connected (session {session})"),
             ClientState::Disconnected { reason } => write!(f, "disconnected: {reason}"),
             ClientState::Stopped => f.write_str("stopped"),
+            ClientState::Failed { reason } => write!(f, "failed: {reason}"),
         }
     }
 }
@@ -84,19 +90,52 @@ impl Client {
         let connector = Connector::new(config.remote.clone(), &config.remote_trust, config.remote_timeout)?;
         let instance = format!("{:032x}", rand::random::<u128>());
         let first = login::login(&connector, &config, &instance).await?;
+        let state = ClientState::Connected { session: first.session };
+        let driver = |links| Driver::new(config, connector, instance, links);
+        Ok(Client::start(driver, state, Some(first), None))
+    }
+
+    /// Connects and logs in, retrying what may pass (the server not up yet or unreachable,
+    /// a ban, an overloaded auth API) with the same backoff as after a lost connection,
+    /// as a service started before its server needs. Fails only with a final error
+    /// ([`ClientError::is_fatal`]).
+    pub async fn connect_retrying(config: ClientConfig) -> Result<Client, ClientError> {
+        let connector = Connector::new(config.remote.clone(), &config.remote_trust, config.remote_timeout)?;
+        let instance = format!("{:032x}", rand::random::<u128>());
+        let (fatal, mut failed) = oneshot::channel();
+        let driver = |links| Driver::new(config, connector, instance, links);
+        let client = Client::start(driver, ClientState::Connecting, None, Some(fatal));
+        let mut state = client.state();
+        tokio::select! {
+            biased;
+            Ok(err) = &mut failed => Err(err),
+            connected = state.wait_for(|s| matches!(s, ClientState::Connected { .. })) => {
+                let connected = connected.is_ok();
+                if connected { Ok(client) } else { Err(failed.try_recv().unwrap_or(ClientError::Stopped)) }
+            }
+        }
+    }
+
+    /// Spawns the driver task.
+    fn start(
+        driver: impl FnOnce(DriverLinks) -> Driver,
+        state: ClientState,
+        first: Option<login::LoggedIn>,
+        fatal: Option<oneshot::Sender<ClientError>>,
+    ) -> Client {
         let (commands, inbox) = mpsc::unbounded_channel();
-        let (state_tx, state) = watch::channel(ClientState::Connected { session: first.session });
+        let (state_tx, state) = watch::channel(state);
         let token = CancellationToken::new();
-        let driver = Driver::new(config, connector, instance, inbox, state_tx, token.clone());
+        let driver = driver(DriverLinks { inbox, state: state_tx, token: token.clone(), fatal });
         let driver = tokio::spawn(driver.run(first));
-        Ok(Client {
+        Client {
             commands,
             state,
             next_key: AtomicU64::new(1),
             driver,
             _stop_on_drop: token.clone().drop_guard(),
             token,
-        })
+        }
     }
 
     /// The open services of this client's user on the server, with live figures
@@ -125,20 +164,39 @@ impl Client {
 
     /// Opens a tunnel to a local service and waits until the server has opened its public port.
     ///
-    /// While the client is disconnected this waits for the next connection.
+    /// While the client is disconnected this waits for the next connection. A refusal
+    /// is returned; after a reconnect, a refusal that may pass (a name or port taken, a
+    /// limit reached) is asked again with backoff instead of closing the tunnel.
     pub async fn add_service(&self, service: ServiceConfig) -> Result<Registration, ClientError> {
+        self.add(service, false).await
+    }
+
+    /// Like [`add_service`](Client::add_service), but a refusal that may pass is asked
+    /// again with backoff (and logged) until the server opens the tunnel; only a lasting
+    /// refusal ([`RegisterError::is_lasting`]) is returned. The CLI opens its services so.
+    pub async fn add_service_retrying(&self, service: ServiceConfig) -> Result<Registration, ClientError> {
+        self.add(service, true).await
+    }
+
+    async fn add(&self, service: ServiceConfig, keep_trying: bool) -> Result<Registration, ClientError> {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let (closed_tx, closed) = watch::channel(None);
-        let command = Command::Add { key, config: Box::new(service), reply, closed: closed_tx };
-        self.commands.send(command).map_err(|_| ClientError::Stopped)?;
+        let (public_tx, public) = watch::channel(None);
+        let listeners = Listeners { reply, closed: closed_tx, public: public_tx };
+        let wanted = Box::new(Wanted::new(service, listeners, keep_trying));
+        self.commands.send(Command::Add { key, wanted }).map_err(|_| ClientError::Stopped)?;
+        // Given up before the answer (dropped or timed out): the driver forgets the tunnel.
+        let abandoned = AbandonGuard { key, commands: Some(self.commands.clone()) };
         let endpoint = answer.await.map_err(|_| ClientError::Stopped)?.map_err(ClientError::Register)?;
+        abandoned.disarm();
         Ok(Registration {
             key,
             port: endpoint.port,
             host: endpoint.host,
             public_addr: endpoint.public,
             closed,
+            public,
             commands: self.commands.clone(),
         })
     }
@@ -156,6 +214,34 @@ impl Client {
     }
 }
 
+/// What the driver task is given to talk with the [`Client`] handle.
+pub(crate) struct DriverLinks {
+    pub(crate) inbox: mpsc::UnboundedReceiver<Command>,
+    pub(crate) state: watch::Sender<ClientState>,
+    pub(crate) token: CancellationToken,
+    pub(crate) fatal: Option<oneshot::Sender<ClientError>>,
+}
+
+/// Cancels a tunnel whose `add_service` was given up before the server answered.
+struct AbandonGuard {
+    key: u64,
+    commands: Option<mpsc::UnboundedSender<Command>>,
+}
+
+impl AbandonGuard {
+    fn disarm(mut self) {
+        self.commands = None;
+    }
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if let Some(commands) = self.commands.take() {
+            let _ = commands.send(Command::Remove { key: self.key });
+        }
+    }
+}
+
 /// One open tunnel. Dropping it leaves the tunnel open; [`cancel`](Registration::cancel) closes it.
 #[derive(Debug)]
 pub struct Registration {
@@ -164,6 +250,7 @@ pub struct Registration {
     host: Option<String>,
     public_addr: String,
     closed: watch::Receiver<Option<CloseReason>>,
+    public: watch::Receiver<Option<String>>,
     commands: mpsc::UnboundedSender<Command>,
 }
 
@@ -182,6 +269,13 @@ impl Registration {
     /// HTTP services: the host name (or its first label) that routes to this service.
     pub fn host(&self) -> Option<&str> {
         self.host.as_deref()
+    }
+
+    /// Watches where visitors reach the tunnel: `Some(address)` each time the server opens
+    /// it (again after every reconnect, when the address may have changed), `None` while
+    /// it is not open. It ends when the tunnel does.
+    pub fn watch_public_addr(&self) -> watch::Receiver<Option<String>> {
+        self.public.clone()
     }
 
     /// Asks the server to close the tunnel; [`closed`](Registration::closed) then completes.

@@ -16,9 +16,10 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024;
 /// What can go wrong while speaking the protocol.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    /// The socket failed.
+    /// The socket failed. The text shows the cause, which is not also a `source()`: an error
+    /// chain printed whole (`{:#}`) would say it twice.
     #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The peer closed the connection.
     #[error("connection closed by peer")]
     Closed,
@@ -39,9 +40,16 @@ pub enum ProtocolError {
     /// A frame announced more bytes than allowed.
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
     FrameTooLarge(usize),
-    /// A frame did not decode as the expected message.
-    #[error("malformed message: {0}")]
+    /// A frame did not decode as the expected message. The decoder's words may quote what
+    /// the peer sent, so the text escapes line breaks and quotes: it goes to logs.
+    #[error("malformed message: {}", .0.escape_debug())]
     Malformed(String),
+}
+
+impl From<std::io::Error> for ProtocolError {
+    fn from(err: std::io::Error) -> Self {
+        ProtocolError::Io(err)
+    }
 }
 
 impl ProtocolError {
@@ -206,6 +214,12 @@ fn eof_as_closed(err: std::io::Error) -> ProtocolError {
 mod tests {
     use super::*;
     use crate::proto::{ClientMessage, OpenStream};
+
+    #[test]
+    fn malformed_text_cannot_forge_log_lines() {
+        let err = ProtocolError::Malformed("unknown variant `x\nforged line`".into());
+        assert_eq!(err.to_string(), "malformed message: unknown variant `x\\nforged line`");
+    }
 
     #[tokio::test]
     async fn frames_survive_tiny_buffers() {

@@ -281,16 +281,24 @@ pub enum LoginRefusal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum RegisterError {
-    /// The server has no `tcp-range`, so it offers no TCP ports.
-    #[error("the server offers no TCP ports (it has no tcp-range)")]
-    TcpDisabled,
+    /// The user may open no TCP ports: the server has no `tcp-range`, or the user's own
+    /// `tcp` list is empty.
+    #[error("{whose} tcp-range is empty: no TCP ports to offer")]
+    TcpDisabled {
+        /// Whose setting it is: "the server's" or "user ID's".
+        #[serde(default = "the_servers")]
+        whose: String,
+    },
     /// The port is outside every allowed range.
-    #[error("port {port} is not allowed; the server's tcp-range is {ranges}")]
+    #[error("port {port} is not allowed; {whose} tcp-range is {ranges}")]
     PortNotAllowed {
         /// The port asked for.
         port: u16,
         /// The allowed ranges, as configured.
         ranges: String,
+        /// Whose ranges they are: "the server's" or "user ID's".
+        #[serde(default = "the_servers")]
+        whose: String,
     },
     /// Another tunnel or program holds the port.
     #[error("port {port} is already in use")]
@@ -298,11 +306,14 @@ pub enum RegisterError {
         /// The port asked for.
         port: u16,
     },
-    /// The user already holds as many ports as `tcp-number` allows.
-    #[error("this user already holds {limit} TCP port(s), the server's tcp-number")]
+    /// The user already holds as many ports as `tcp-number` (or a range's `number`) allows.
+    #[error("this user already holds {limit} TCP port(s), {whose} tcp-number")]
     PortLimit {
         /// The configured limit.
         limit: u32,
+        /// Whose limit it is: "the server's" or "user ID's".
+        #[serde(default = "the_servers")]
+        whose: String,
     },
     /// Every port in the range is taken.
     #[error("no free port left in {ranges}")]
@@ -317,18 +328,29 @@ pub enum RegisterError {
         host: String,
     },
     /// The user already holds as many host names as `host-number` allows.
-    #[error("this user already holds {limit} host name(s), the server's host-number")]
+    #[error("this user already holds {limit} host name(s), {whose} host-number")]
     HostLimit {
         /// The configured limit.
         limit: u32,
+        /// Whose limit it is: "the server's" or "user ID's".
+        #[serde(default = "the_servers")]
+        whose: String,
     },
     /// The prefix matches none of the server's `host-regex` patterns, or is not a valid label.
-    #[error("host prefix '{prefix}' is not allowed{why}")]
+    #[error("host prefix '{}' is not allowed{why}", prefix.escape_debug())]
     HostNotAllowed {
         /// The prefix asked for.
         prefix: String,
         /// More detail, starting with a separator, or empty.
         why: String,
+    },
+    /// The service's name or message breaks its rule (see [`crate::proto::SERVICE_NAME_RULE`]).
+    #[error("the service's {field} is not valid: use {rule}")]
+    InvalidService {
+        /// `name` or `message`.
+        field: String,
+        /// What it may be made of.
+        rule: String,
     },
     /// Anything else, said in words.
     #[error("{message}")]
@@ -336,6 +358,28 @@ pub enum RegisterError {
         /// What went wrong.
         message: String,
     },
+}
+
+impl RegisterError {
+    /// Whether asking again cannot help until the server's rules or the service's settings
+    /// change: no TCP ports, a port or prefix the rules do not allow, an invalid name or
+    /// message, anything else the server said in words. A name or port taken, a limit
+    /// reached or no free port may pass as other tunnels close: clients ask again later.
+    pub fn is_lasting(&self) -> bool {
+        !matches!(
+            self,
+            RegisterError::PortTaken { .. }
+                | RegisterError::PortLimit { .. }
+                | RegisterError::NoFreePort { .. }
+                | RegisterError::HostTaken { .. }
+                | RegisterError::HostLimit { .. }
+        )
+    }
+}
+
+/// Whose a limit is when a peer does not say: the server's, as before per-user limits were named.
+fn the_servers() -> String {
+    "the server's".into()
 }
 
 /// Why a tunnel ended.

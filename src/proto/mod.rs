@@ -8,6 +8,7 @@
 mod codec;
 mod message;
 mod preamble;
+mod text;
 
 pub(crate) use codec::fill_to;
 pub use codec::{
@@ -20,4 +21,8 @@ pub use message::{
 pub use preamble::{
     preamble, preamble_with, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC,
     PREAMBLE_LEN, PROTOCOL_VERSION,
+};
+pub use text::{
+    check_service, is_service_message, is_service_name, MAX_SERVICE_MESSAGE_LEN, MAX_SERVICE_NAME_LEN,
+    SERVICE_MESSAGE_RULE, SERVICE_NAME_RULE,
 };

@@ -1,19 +1,36 @@
 //! HTTP virtual hosts: which service a host name (or path) routes to.
+//!
+//! Host names are one namespace for HTTP, HTTPS and TLS passthrough: a name has one owner
+//! (a user) whichever kind of service holds it, and stays reserved to that owner for a
+//! grace period after its last service goes offline, so a reconnecting client gets it back.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::time::Instant;
+use tracing::warn;
+
 use super::session::SessionShared;
+use super::sni::sni_key;
 use super::tunnel::Tunnel;
-use super::users::Rules;
+use super::users::{whose, Rules};
 use crate::proto::RegisterError;
 
 /// How long a registration waits for a closing session to give its host back.
 const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
-/// Most host names remembered as offline (for 502 rather than 404 answers).
+/// Most host names remembered as offline (for 502 rather than 404 answers), and most
+/// names held for their offline owners.
 const MAX_OFFLINE: usize = 100_000;
+
+/// How long a name stays reserved to its owner after its last service went offline:
+/// three heartbeat timeouts. The client notices a dead link within one (the default
+/// heartbeat timeout is the same on both sides), and its reconnect backoff
+/// (1 s doubling to 60 s) fits in the other two at the default 30 s.
+pub(crate) fn name_grace(heartbeat_timeout: Duration) -> Duration {
+    heartbeat_timeout.saturating_mul(3)
+}
 
 /// Where a host name leads.
 #[derive(Clone)]
@@ -78,29 +95,85 @@ impl HostPool {
     }
 }
 
-#[derive(Default)]
-struct Table {
-    routes: HashMap<String, HostPool>,
-    offline: HashSet<String>,
+/// A name whose owner is offline, kept for the owner until `until`.
+struct Held {
+    user: String,
+    until: Instant,
 }
 
-/// Host names of every HTTP service.
 #[derive(Default)]
+struct Table {
+    /// Routes by key: the name for HTTP and HTTPS, `tls:name` for TLS passthrough.
+    routes: HashMap<String, HostPool>,
+    offline: HashSet<String>,
+    /// Names in their grace period, by name.
+    held: HashMap<String, Held>,
+}
+
+impl Table {
+    /// Whether a user other than `user` holds `name`, as HTTP or TLS passthrough, or has
+    /// it reserved while offline.
+    fn owned_by_other(&self, name: &str, user: &str) -> bool {
+        let live = [name.to_owned(), sni_key(name)]
+            .iter()
+            .filter_map(|key| self.routes.get(key))
+            .any(|pool| pool.members.iter().any(|m| m.session.user != user));
+        live || self.held.get(name).is_some_and(|h| h.user != user && h.until > Instant::now())
+    }
+
+    /// Keeps `name` for `user` until `until`, within `MAX_OFFLINE` names.
+    fn hold(&mut self, name: &str, user: String, until: Instant) {
+        if self.held.len() >= MAX_OFFLINE {
+            let now = Instant::now();
+            self.held.retain(|_, h| h.until > now);
+        }
+        if self.held.len() >= MAX_OFFLINE {
+            return warn!(host = ?name, "too many offline host names held; this one is free at once");
+        }
+        self.held.insert(name.to_owned(), Held { user, until });
+    }
+
+    fn insert(&mut self, name: &str, key: &str, route: HostRoute) {
+        self.held.remove(name);
+        self.offline.remove(key);
+        self.routes.insert(key.to_owned(), HostPool { members: vec![route], next: 0 });
+    }
+}
+
+/// The routing key of a name: passthrough names route on their own port.
+fn route_key(name: &str, tls_passthrough: bool) -> String {
+    if tls_passthrough {
+        sni_key(name)
+    } else {
+        name.to_owned()
+    }
+}
+
+/// Host names of every HTTP, HTTPS and TLS passthrough service.
 pub(crate) struct Hosts {
     table: Mutex<Table>,
+    /// How long an offline owner's name stays reserved to it.
+    grace: Duration,
 }
 
 impl Hosts {
+    /// An empty table whose names stay reserved `grace` after their owner went offline.
+    pub(crate) fn new(grace: Duration) -> Self {
+        Hosts { table: Mutex::default(), grace }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The routing key for a user's prefix, checked against the user's rules.
+    /// The host name for a user's prefix, checked against the user's rules and against
+    /// other users' ids: `is_user` says whether some user has an id (ignoring case).
     pub(crate) fn key_for(
         &self,
         rules: &Rules,
         user: &str,
         prefix: Option<&str>,
+        is_user: impl Fn(&str) -> bool,
     ) -> Result<String, RegisterError> {
         // Ids may hold '_', '.' and '@', which a host name label may not.
         let not_a_label = |key: &str| RegisterError::Other {
@@ -111,7 +184,7 @@ impl Hosts {
         };
         let Some(prefix) = prefix else {
             let key = user.to_ascii_lowercase();
-            return if is_label(&key) { Ok(key) } else { Err(not_a_label(&key)) };
+            return if is_label(&key) && !key.contains("--") { Ok(key) } else { Err(not_a_label(&key)) };
         };
         let refuse =
             |why: &str| RegisterError::HostNotAllowed { prefix: prefix.to_owned(), why: why.to_owned() };
@@ -120,40 +193,53 @@ impl Hosts {
         }
         let patterns = &rules.host_patterns;
         if !patterns.is_empty() && !patterns.iter().any(|p| p.is_match(prefix)) {
-            return Err(refuse(": it matches no host-regex of the server"));
+            let of = if rules.own.host_regex { format!("user {user}") } else { "the server".into() };
+            return Err(refuse(&format!(": it matches no host-regex of {of}")));
         }
-        let prefix = prefix.to_ascii_lowercase();
-        if !rules.host_with_id {
-            return Ok(prefix);
+        if prefix.contains("--") {
+            return Err(refuse(": '--' is kept for CID--name, which reaches one client"));
         }
-        let key = format!("{}-{prefix}", user.to_ascii_lowercase());
-        if is_label(&key) {
-            Ok(key)
-        } else {
-            Err(not_a_label(&key))
+        let lower = prefix.to_ascii_lowercase();
+        let key = if rules.host_with_id { format!("{}-{lower}", user.to_ascii_lowercase()) } else { lower };
+        if !is_label(&key) {
+            return Err(not_a_label(&key));
+        }
+        match other_users_id(&key, user, is_user) {
+            Some(id) => Err(refuse(&format!(": '{id}' is another user's id, and names under it are theirs"))),
+            None => Ok(key),
         }
     }
 
-    /// Records `key` for a service of `session`, within the user's host-number.
+    /// Records `name` for a service of `session` (a TLS passthrough one when
+    /// `tls_passthrough`), within the user's host-number. A name another user holds, as
+    /// any kind of service or reserved while offline, is taken.
     pub(crate) async fn reserve(
         &self,
-        host_number: Option<u32>,
-        key: &str,
+        rules: &Rules,
+        (name, tls_passthrough): (&str, bool),
         route: HostRoute,
     ) -> Result<(), RegisterError> {
         let user = route.session.user.clone();
+        let key = &route_key(name, tls_passthrough);
+        let taken = || RegisterError::HostTaken { host: name.to_owned() };
         let pending_release = {
             let mut table = self.lock();
+            if table.owned_by_other(name, &user) {
+                return Err(taken());
+            }
             if let Some(pool) = table.routes.get_mut(key) {
                 if pool.welcomes(&route) {
                     pool.members.push(route);
                     return Ok(());
                 }
             }
-            if let Some(limit) = host_number {
+            if let Some(limit) = rules.host_number {
                 let held = table.routes.values().filter(|p| p.owned_by(&user)).count();
                 if held >= limit as usize {
-                    return Err(RegisterError::HostLimit { limit });
+                    return Err(RegisterError::HostLimit {
+                        limit,
+                        whose: whose(rules.own.host_number, &user),
+                    });
                 }
             }
             match table.routes.get(key) {
@@ -166,10 +252,9 @@ impl Hosts {
                 {
                     pool.members.first().map(|r| r.session.released.clone())
                 }
-                Some(_) => return Err(RegisterError::HostTaken { host: key.to_owned() }),
+                Some(_) => return Err(taken()),
                 None => {
-                    table.offline.remove(key);
-                    table.routes.insert(key.to_owned(), HostPool { members: vec![route], next: 0 });
+                    table.insert(name, key, route);
                     return Ok(());
                 }
             }
@@ -178,24 +263,32 @@ impl Hosts {
             let _ = tokio::time::timeout(RELEASE_WAIT, released.cancelled()).await;
         }
         let mut table = self.lock();
-        if table.routes.contains_key(key) {
-            return Err(RegisterError::HostTaken { host: key.to_owned() });
+        if table.routes.contains_key(key) || table.owned_by_other(name, &user) {
+            return Err(taken());
         }
-        table.offline.remove(key);
-        table.routes.insert(key.to_owned(), HostPool { members: vec![route], next: 0 });
+        table.insert(name, key, route);
         Ok(())
     }
 
     /// Forgets a closed service's host; later visitors get "offline" instead of "unknown".
-    pub(crate) fn release(&self, key: &str, service: u32) {
+    /// When no service of any kind holds the name any more, it stays reserved to its
+    /// owner for the grace period.
+    pub(crate) fn release(&self, (name, tls_passthrough): (&str, bool), service: u32) {
+        let key = route_key(name, tls_passthrough);
         let mut table = self.lock();
-        let Some(pool) = table.routes.get_mut(key) else { return };
+        let Some(pool) = table.routes.get_mut(&key) else { return };
+        let owner = pool.members.iter().find(|r| r.tunnel.service == service).map(|r| r.session.user.clone());
         pool.members.retain(|r| r.tunnel.service != service);
-        if pool.members.is_empty() {
-            table.routes.remove(key);
-            if table.offline.len() < MAX_OFFLINE {
-                table.offline.insert(key.to_owned());
-            }
+        if !pool.members.is_empty() {
+            return;
+        }
+        table.routes.remove(&key);
+        if table.offline.len() < MAX_OFFLINE {
+            table.offline.insert(key);
+        }
+        let still_served = table.routes.contains_key(&route_key(name, !tls_passthrough));
+        if let (Some(owner), false) = (owner, still_served) {
+            table.hold(name, owner, Instant::now() + self.grace);
         }
     }
 
@@ -247,6 +340,15 @@ impl Hosts {
     }
 }
 
+/// The id of a user other than `user` that `name` is, or is under (`ID-...`), ignoring case.
+fn other_users_id<'a>(name: &'a str, user: &str, is_user: impl Fn(&str) -> bool) -> Option<&'a str> {
+    let dashes = name.match_indices('-').map(|(at, _)| at);
+    dashes
+        .chain([name.len()])
+        .map(|end| &name[..end])
+        .find(|candidate| !candidate.eq_ignore_ascii_case(user) && is_user(candidate))
+}
+
 /// A DNS label: 1 to 63 letters, digits or '-', not starting or ending with '-'.
 fn is_label(text: &str) -> bool {
     (1..=63).contains(&text.len())
@@ -270,22 +372,43 @@ mod tests {
         let mut config =
             crate::ServerConfig { host_regex: vec!["^[a-z]+$".into()], ..crate::ServerConfig::default() };
         let rules = Rules::resolve(&config, None).unwrap();
-        let hosts = Hosts::default();
-        assert_eq!(hosts.key_for(&rules, "Id1", None).unwrap(), "id1");
+        let hosts = Hosts::new(Duration::ZERO);
+        assert_eq!(hosts.key_for(&rules, "Id1", None, |_| false).unwrap(), "id1");
         assert_eq!(
-            hosts.key_for(&rules, "id1", Some("Web")).err().map(|e| e.to_string()),
+            hosts.key_for(&rules, "id1", Some("Web"), |_| false).err().map(|e| e.to_string()),
             Some("host prefix 'Web' is not allowed: it matches no host-regex of the server".into())
         );
-        assert_eq!(hosts.key_for(&rules, "id1", Some("web")).unwrap(), "web");
+        assert_eq!(hosts.key_for(&rules, "id1", Some("web"), |_| false).unwrap(), "web");
         config.host_with_id = true;
         let rules = Rules::resolve(&config, None).unwrap();
-        assert_eq!(hosts.key_for(&rules, "id1", Some("web")).unwrap(), "id1-web");
-        assert!(hosts.key_for(&rules, "id1", Some("a.b")).is_err());
-        assert!(hosts.key_for(&rules, "a@b.c", Some("web")).is_err(), "ids may hold what labels may not");
-        assert!(hosts.key_for(&rules, &"x".repeat(60), Some("web")).is_err(), "too long with the id");
+        assert_eq!(hosts.key_for(&rules, "id1", Some("web"), |_| false).unwrap(), "id1-web");
+        assert!(hosts.key_for(&rules, "id1", Some("a.b"), |_| false).is_err());
+        assert!(
+            hosts.key_for(&rules, "a@b.c", Some("web"), |_| false).is_err(),
+            "ids may hold what labels may not"
+        );
+        assert!(
+            hosts.key_for(&rules, &"x".repeat(60), Some("web"), |_| false).is_err(),
+            "too long with the id"
+        );
         config.host_with_id = false;
         let rules = Rules::resolve(&config, None).unwrap();
-        assert!(hosts.key_for(&rules, "a_b", None).is_err());
-        assert_eq!(hosts.key_for(&rules, "a_b", Some("web")).unwrap(), "web");
+        assert!(hosts.key_for(&rules, "a_b", None, |_| false).is_err());
+        assert_eq!(hosts.key_for(&rules, "a_b", Some("web"), |_| false).unwrap(), "web");
+    }
+
+    #[test]
+    fn other_users_ids_and_names_under_them_are_refused() {
+        let rules = Rules::resolve(&crate::ServerConfig::default(), None).unwrap();
+        let hosts = Hosts::new(Duration::ZERO);
+        let is_user = |id: &str| ["alice", "Bob"].iter().any(|u| u.eq_ignore_ascii_case(id));
+        for prefix in ["alice", "ALICE", "alice-shop", "bob", "bob-x-y"] {
+            let refused = hosts.key_for(&rules, "bob2", Some(prefix), is_user);
+            assert!(matches!(refused, Err(RegisterError::HostNotAllowed { .. })), "{prefix}: {refused:?}");
+        }
+        assert_eq!(hosts.key_for(&rules, "alice", Some("alice-shop"), is_user).unwrap(), "alice-shop");
+        assert_eq!(hosts.key_for(&rules, "bob", Some("Bob"), is_user).unwrap(), "bob");
+        assert_eq!(hosts.key_for(&rules, "carl", Some("alicia"), is_user).unwrap(), "alicia");
+        assert!(hosts.key_for(&rules, "carl", Some("1--alice2"), is_user).is_err(), "CID--name is routing");
     }
 }

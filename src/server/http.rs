@@ -13,7 +13,6 @@ use tracing::{debug, info, warn, Instrument};
 use super::handshakes::Handshake;
 use super::hosts::{HostRoute, Hosts, Lookup};
 use super::session::SessionShared;
-use super::sni::sni_key;
 use super::tunnel::{Refusal, Tunnel, Visit};
 use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
 use super::ServerShared;
@@ -41,15 +40,15 @@ pub(crate) async fn open_host(
         });
     }
     let rules = session.account.rules();
-    let host_key = shared.hosts.key_for(&rules, &session.user, prefix.as_deref())?;
-    let key = if tls_passthrough { sni_key(&host_key) } else { host_key.clone() };
+    let is_user = |id: &str| shared.is_user_id(id);
+    let host_key = shared.hosts.key_for(&rules, &session.user, prefix.as_deref(), is_user)?;
     let (service, token) = (tunnel.service, tunnel.token.clone());
     let route = HostRoute { session: session.clone(), tunnel, local_host, prefix };
-    shared.hosts.reserve(rules.host_number, &key, route).await?;
-    let (owner, sessions, name) = (shared.clone(), session.clone(), key.clone());
+    shared.hosts.reserve(&rules, (&host_key, tls_passthrough), route).await?;
+    let (owner, sessions, name) = (shared.clone(), session.clone(), host_key.clone());
     session.tasks.spawn(async move {
         token.cancelled().await;
-        owner.hosts.release(&name, service);
+        owner.hosts.release((&name, tls_passthrough), service);
         sessions.forget_tunnel(service);
         info!(host = %name, "http host closed");
     });

@@ -81,6 +81,13 @@ impl ServerShared {
         }
     }
 
+    /// Whether some user has this id, ignoring case: a configured one, or one with a
+    /// live session (allow-any-client, auth API). Such ids and names under them
+    /// (`ID-...`) are host names only their user may take.
+    pub(crate) fn is_user_id(&self, id: &str) -> bool {
+        self.users.directory().has_id_ignoring_case(id) || self.registry.has_user_ignoring_case(id)
+    }
+
     /// Whether the program gave hooks (so visitor callbacks are worth building).
     pub(crate) fn has_hooks(&self) -> bool {
         self.hooks.get().is_some()
@@ -179,13 +186,14 @@ impl Server {
             warn!("no users, no auth-api and allow-any-client is off: every client will be refused");
         }
         let users = Users::new(directory);
+        let hosts = Hosts::new(hosts::name_grace(config.heartbeat_timeout));
         let shared = Arc::new(ServerShared {
             config,
             users,
             registry: Registry::default(),
             shutdown: CancellationToken::new(),
             handshakes: Handshakes::default(),
-            hosts: Hosts::default(),
+            hosts,
             bans,
             api_bans,
             metrics: api::Metrics::default(),

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::session::SessionShared;
+use super::users::whose;
 use crate::config::{PortRange, ServerConfig};
 use crate::proto::RegisterError;
 
@@ -67,6 +68,11 @@ impl Registry {
         stale
     }
 
+    /// Whether a live session's user has this id, ignoring case.
+    pub(crate) fn has_user_ignoring_case(&self, id: &str) -> bool {
+        self.lock().sessions.values().any(|s| s.user.eq_ignore_ascii_case(id) && !s.closing.is_cancelled())
+    }
+
     /// Removes a session that has finished closing.
     pub(crate) fn remove_session(&self, id: u64) {
         self.lock().sessions.remove(&id);
@@ -102,14 +108,15 @@ impl Registry {
     ) -> Result<(u16, TcpListener), RegisterError> {
         let rules = session.account.rules();
         let allowances = &rules.tcp;
+        let whose_tcp = || whose(rules.own.tcp, &session.user);
         if allowances.is_empty() {
-            return Err(RegisterError::TcpDisabled);
+            return Err(RegisterError::TcpDisabled { whose: whose_tcp() });
         }
         let held: Vec<u16> =
             self.lock().ports.iter().filter(|(_, o)| o.user == session.user).map(|(&p, _)| p).collect();
         if let Some(limit) = rules.tcp_number {
             if held.len() >= limit as usize {
-                return Err(RegisterError::PortLimit { limit });
+                return Err(RegisterError::PortLimit { limit, whose: whose(false, &session.user) });
             }
         }
         // Ranges where the user may take one more port.
@@ -129,10 +136,10 @@ impl Registry {
                 Err(refusal) => refusal,
             }
         } else if let Some(full) = allowances.iter().find(|a| a.range.contains(port)) {
-            RegisterError::PortLimit { limit: full.number.unwrap_or_default() }
+            RegisterError::PortLimit { limit: full.number.unwrap_or_default(), whose: whose_tcp() }
         } else {
             let ranges: Vec<PortRange> = allowances.iter().map(|a| a.range).collect();
-            RegisterError::PortNotAllowed { port, ranges: describe(&ranges) }
+            RegisterError::PortNotAllowed { port, ranges: describe(&ranges), whose: whose_tcp() }
         };
         if random {
             self.reserve_random(config, session, &open).await
@@ -172,8 +179,9 @@ impl Registry {
     ) -> Result<(u16, TcpListener), RegisterError> {
         let total: u32 = ranges.iter().map(PortRange::len).sum();
         if total == 0 {
-            let limit = session.account.rules().tcp.iter().filter_map(|a| a.number).sum();
-            return Err(RegisterError::PortLimit { limit });
+            let rules = session.account.rules();
+            let limit = rules.tcp.iter().filter_map(|a| a.number).sum();
+            return Err(RegisterError::PortLimit { limit, whose: whose(rules.own.tcp, &session.user) });
         }
         let start = rand::random::<u32>() % total;
         for i in 0..total {

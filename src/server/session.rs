@@ -22,8 +22,8 @@ use super::{http, login, tcp, ServerShared};
 use crate::auth::{ReplayGuard, SessionKey, Verifier};
 use crate::config::PortRange;
 use crate::proto::{
-    Answer, ClientMessage, CloseReason, ControlChannel, LoginRefusal, ProtocolError, ProxyProtocol, Query,
-    RegisterError, ServerMessage, ServiceControl, ServiceSpec,
+    check_service, Answer, ClientMessage, CloseReason, ControlChannel, LoginRefusal, ProtocolError,
+    ProxyProtocol, Query, RegisterError, ServerMessage, ServiceControl, ServiceSpec,
 };
 use crate::seal::{FrameCipher, Side};
 use crate::transport::Stream;
@@ -361,6 +361,10 @@ impl Control<'_> {
             ServiceSpec::Http { name, .. } => (name.clone(), "http"),
             ServiceSpec::Https { name, .. } => (name.clone(), "https"),
         };
+        if let Err(error) = check_service(&name, control.message.as_deref()) {
+            warn!(?name, %error, "tunnel refused");
+            return ServerMessage::RegisterFailed { request, error };
+        }
         let service = self.shared.registry.next_service_id();
         let tunnel = self.session.open_tunnel(self.shared, (service, name.clone(), kind), control);
         let opened = match spec {
@@ -392,11 +396,11 @@ impl Control<'_> {
                         self.shared.hooks().tunnel_opened(&views::service_info(self.session, &tunnel));
                     }
                 }
-                info!(service, port, host, %name, "tunnel opened");
+                info!(service, port, host, ?name, "tunnel opened");
                 ServerMessage::Registered { request, service, port, host }
             }
             Err(error) => {
-                warn!(%name, %error, "tunnel refused");
+                warn!(?name, %error, "tunnel refused");
                 ServerMessage::RegisterFailed { request, error }
             }
         }
@@ -411,7 +415,7 @@ impl Control<'_> {
     ) -> Result<(u16, Option<String>), RegisterError> {
         // Clients of one user that share a tag serve a service of the same name together.
         if let Some(pool) = self.shared.tcp_pools.joinable(self.session, &tunnel.name, port) {
-            info!(port = pool.port(), name = %tunnel.name, "joining the clients that serve this port");
+            info!(port = pool.port(), name = ?tunnel.name, "joining the clients that serve this port");
             pool.join(self.session, tunnel, proxy_protocol);
             return Ok((pool.port(), None));
         }

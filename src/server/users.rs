@@ -39,6 +39,26 @@ pub(crate) struct Rules {
     pub(crate) connections: Option<u32>,
     /// Client sessions at once.
     pub(crate) sessions: Option<u32>,
+    /// Which of these the user's own settings gave (the others are the server's).
+    pub(crate) own: OwnRules,
+}
+
+/// Which rules came from a user's own settings, so refusals can say whose limit it is.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct OwnRules {
+    /// The port ranges and their numbers (`tcp`).
+    pub(crate) tcp: bool,
+    pub(crate) host_number: bool,
+    pub(crate) host_regex: bool,
+}
+
+/// Whose setting a refusal quotes: "user ID's" for the user's own, else "the server's".
+pub(crate) fn whose(own: bool, user: &str) -> String {
+    if own {
+        format!("user {user}'s")
+    } else {
+        "the server's".into()
+    }
 }
 
 impl Rules {
@@ -66,6 +86,11 @@ impl Rules {
             speed: user.and_then(|u| u.speed).or(config.speed).filter(|&n| n > 0),
             connections: nonzero32(user.and_then(|u| u.connections).or(config.connections)),
             sessions: nonzero32(user.and_then(|u| u.sessions).or(config.sessions)),
+            own: OwnRules {
+                tcp: user.is_some_and(|u| u.tcp.is_some()),
+                host_number: user.is_some_and(|u| u.host_number.is_some()),
+                host_regex: user.is_some_and(|u| u.host_regex.is_some()),
+            },
         })
     }
 }

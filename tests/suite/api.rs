@@ -280,6 +280,76 @@ async fn metrics_move_with_real_traffic() {
     .await
 }
 
+/// A service name that would forge metric and log lines if written as it is.
+const FORGING_NAME: &str = "evil\"} 999\nferry_clients 12345\n# x";
+
+#[tokio::test]
+async fn forging_service_names_and_messages_are_refused_and_metrics_stay_well_formed() {
+    within(30, async {
+        let server = start_server(api_config()).await;
+        let api = server.api_local_addr().unwrap();
+        let client = connect(server.local_addr()).await;
+        let echo = echo_server().await.to_string();
+        let mut evil = ServiceConfig::tcp(&echo);
+        evil.name = FORGING_NAME.into();
+        let refused = client.add_service(evil).await.unwrap_err().to_string();
+        assert!(refused.contains("the service's name is not valid: use 1 to 128 ASCII letters"), "{refused}");
+        let mut evil = ServiceConfig::tcp(&echo);
+        evil.message = Some(FORGING_NAME.into());
+        let refused = client.add_service(evil).await.unwrap_err().to_string();
+        assert!(refused.contains("the service's message is not valid"), "{refused}");
+
+        let mut fine = ServiceConfig::tcp(&echo);
+        fine.message = Some("Bob's echo (staging)".into());
+        client.add_service(fine).await.unwrap();
+        let text = metrics(api).await;
+        for line in text.lines() {
+            assert!(well_formed_metric_line(line), "malformed line {line:?} in\n{text}");
+        }
+        let clients: Vec<&str> = text.lines().filter(|l| l.starts_with("ferry_clients ")).collect();
+        assert_eq!(clients, ["ferry_clients 1"], "{text}");
+        assert!(text.contains(&format!("name=\"{echo}\"")), "{text}");
+    })
+    .await
+}
+
+/// A comment, or `name{key="value",...} number` with escaped label values.
+fn well_formed_metric_line(line: &str) -> bool {
+    if line.starts_with("# ") {
+        return true;
+    }
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let bytes = line.as_bytes();
+    let mut i = bytes.iter().take_while(|&&b| is_word(b)).count();
+    if i == 0 {
+        return false;
+    }
+    if bytes.get(i) == Some(&b'{') {
+        i += 1;
+        while bytes.get(i) != Some(&b'}') {
+            let key = bytes[i..].iter().take_while(|&&b| is_word(b)).count();
+            if key == 0 || bytes.get(i + key..i + key + 2) != Some(b"=\"".as_slice()) {
+                return false;
+            }
+            i += key + 2;
+            loop {
+                match bytes.get(i) {
+                    Some(b'\\') if matches!(bytes.get(i + 1), Some(b'\\' | b'"' | b'n')) => i += 2,
+                    Some(b'"') => break,
+                    Some(b'\n' | b'\\') | None => return false,
+                    Some(_) => i += 1,
+                }
+            }
+            i += 1;
+            if bytes.get(i) == Some(&b',') {
+                i += 1;
+            }
+        }
+        i += 1;
+    }
+    line.get(i..).and_then(|rest| rest.strip_prefix(' ')).is_some_and(|value| value.parse::<f64>().is_ok())
+}
+
 #[tokio::test]
 async fn bad_tokens_get_the_address_banned_and_off_loopback_a_token_is_required() {
     within(30, async {

@@ -95,6 +95,7 @@ async fn guesses_at_one_id_are_counted_per_address_and_id() {
         // A banned client is told so and is not told to give up (it retries with backoff).
         let err = ClientError::LoginRefused(refusal);
         assert!(!err.is_fatal(), "{err:?}");
+        assert!(err.retry_after() > Some(Duration::from_secs(20)), "{err:?}");
     })
     .await
 }

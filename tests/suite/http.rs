@@ -180,7 +180,10 @@ async fn host_rules_prefixes_numbers_and_ids() {
         assert!(matches!(err, Some(ClientError::Register(RegisterError::HostNotAllowed { .. }))), "{err:?}");
         one.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
         let err = one.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("api")).await.err();
-        assert!(matches!(err, Some(ClientError::Register(RegisterError::HostLimit { limit: 2 }))), "{err:?}");
+        assert!(
+            matches!(err, Some(ClientError::Register(RegisterError::HostLimit { limit: 2, .. }))),
+            "{err:?}"
+        );
         // Another user's prefix of the same name is its own host.
         let theirs =
             two.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();

@@ -9,14 +9,16 @@ mod auth_api;
 mod balance;
 mod bans;
 mod cli;
+mod client_process;
 mod dashboard;
 mod discovery;
 mod eavesdropper;
+mod errors;
 mod flood;
 mod hooks;
 mod hostile;
 mod http;
-
+mod names;
 mod ports;
 mod reconnect;
 mod reuse;

@@ -75,7 +75,7 @@ async fn tcp_number_caps_ports_per_user() {
         let first = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
         let err =
             client.add_service(ServiceConfig::tcp(&echo.to_string())).await.expect_err("second refused");
-        assert!(matches!(err, ClientError::Register(RegisterError::PortLimit { limit: 1 })), "{err:?}");
+        assert!(matches!(err, ClientError::Register(RegisterError::PortLimit { limit: 1, .. })), "{err:?}");
         // Another client of the same user counts against the same limit.
         let second_client = connect(server.local_addr()).await;
         assert!(second_client.add_service(ServiceConfig::tcp(&echo.to_string())).await.is_err());
@@ -97,7 +97,7 @@ async fn no_tcp_policy_means_no_tcp_tunnels() {
         let server = start_server(config).await;
         let client = connect(server.local_addr()).await;
         let err = client.add_service(ServiceConfig::tcp("127.0.0.1:1")).await.expect_err("refused");
-        assert!(matches!(err, ClientError::Register(RegisterError::TcpDisabled)), "{err:?}");
+        assert!(matches!(err, ClientError::Register(RegisterError::TcpDisabled { .. })), "{err:?}");
     })
     .await
 }

@@ -8,13 +8,13 @@ use crate::common::*;
 use ferry::{Client, LoginRefusal, RemoteAddr, RemoteTrust, ServiceConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Certs {
+pub(crate) struct Certs {
     _dir: tempfile::TempDir,
-    cert: PathBuf,
+    pub(crate) cert: PathBuf,
     key: PathBuf,
 }
 
-fn make_certs() -> Certs {
+pub(crate) fn make_certs() -> Certs {
     let dir = tempfile::tempdir().unwrap();
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let cert = dir.path().join("cert.pem");
@@ -24,7 +24,7 @@ fn make_certs() -> Certs {
     Certs { _dir: dir, cert, key }
 }
 
-async fn tls_server(certs: &Certs) -> ferry::ServerHandle {
+pub(crate) async fn tls_server(certs: &Certs) -> ferry::ServerHandle {
     let mut config = server_config();
     config.tls_addr = Some("127.0.0.1:0".parse().unwrap());
     config.cert_file = vec![certs.cert.clone()];
@@ -32,7 +32,7 @@ async fn tls_server(certs: &Certs) -> ferry::ServerHandle {
     start_server(config).await
 }
 
-fn tls_client_config(server: &ferry::ServerHandle, trust: RemoteTrust) -> ferry::ClientConfig {
+pub(crate) fn tls_client_config(server: &ferry::ServerHandle, trust: RemoteTrust) -> ferry::ClientConfig {
     let port = server.tls_local_addr().unwrap().port();
     let mut config = client_config(server.local_addr(), "id1", "secret1");
     config.remote = RemoteAddr::parse(&format!("tls://localhost:{port}")).unwrap();

@@ -138,20 +138,32 @@ async fn tcp_and_host_rules_are_per_user() {
         let _first = narrow.add_service(ServiceConfig::tcp(&echo)).await.unwrap();
         let second = narrow.add_service(ServiceConfig::tcp(&echo)).await;
         assert!(
-            matches!(second, Err(ClientError::Register(RegisterError::PortLimit { limit: 1 }))),
+            matches!(second, Err(ClientError::Register(RegisterError::PortLimit { limit: 1, .. }))),
             "{second:?}"
         );
+        // Refusals name whose limit it is: the user's own, not the server's.
+        let says = |refused: Result<ferry::Registration, ClientError>| refused.unwrap_err().to_string();
+        assert!(says(second).ends_with("this user already holds 1 TCP port(s), user narrow's tcp-number"));
+        let low = narrow.add_service(ServiceConfig::tcp(&echo).with_remote_port(80)).await;
+        assert!(says(low).ends_with("port 80 is not allowed; user narrow's tcp-range is 1024-65535"));
         let _web = narrow.add_service(ServiceConfig::http(&echo)).await.unwrap();
         let web2 = narrow.add_service(ServiceConfig::http(&echo).with_host_prefix("two")).await;
         assert!(
-            matches!(web2, Err(ClientError::Register(RegisterError::HostLimit { limit: 1 }))),
+            matches!(web2, Err(ClientError::Register(RegisterError::HostLimit { limit: 1, .. }))),
             "{web2:?}"
         );
+        assert!(says(web2).ends_with("this user already holds 1 host name(s), user narrow's host-number"));
 
         let no_tcp = login(server.local_addr(), "no-tcp", "s").await.unwrap();
         let refused = no_tcp.add_service(ServiceConfig::tcp(&echo)).await;
-        assert!(matches!(refused, Err(ClientError::Register(RegisterError::TcpDisabled))), "{refused:?}");
-        assert!(no_tcp.add_service(ServiceConfig::http(&echo).with_host_prefix("nope")).await.is_err());
+        assert!(
+            matches!(refused, Err(ClientError::Register(RegisterError::TcpDisabled { .. }))),
+            "{refused:?}"
+        );
+        assert!(says(refused).ends_with("user no-tcp's tcp-range is empty: no TCP ports to offer"));
+        let nope = no_tcp.add_service(ServiceConfig::http(&echo).with_host_prefix("nope")).await;
+        assert!(says(nope)
+            .ends_with("host prefix 'nope' is not allowed: it matches no host-regex of user no-tcp"));
         assert!(no_tcp.add_service(ServiceConfig::http(&echo).with_host_prefix("ok-1")).await.is_ok());
 
         // A user without settings gets the server-wide values: no per-user port limit.

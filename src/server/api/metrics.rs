@@ -84,8 +84,8 @@ impl Metrics {
                 let labels = |direction: &'static str| {
                     vec![
                         ("service", tunnel.service.to_string()),
-                        ("name", tunnel.name.clone()),
-                        ("user", session.user.clone()),
+                        ("name", label_value(&tunnel.name)),
+                        ("user", label_value(&session.user)),
                         ("direction", direction.to_owned()),
                     ]
                 };
@@ -95,6 +95,7 @@ impl Metrics {
         }
         let user_bytes = Family::<Labels, Counter>::default();
         for (user, up, down) in shared.users.traffic() {
+            let user = label_value(&user);
             user_bytes.get_or_create(&vec![("user", user.clone()), ("direction", "in".into())]).inc_by(up);
             user_bytes.get_or_create(&vec![("user", user), ("direction", "out".into())]).inc_by(down);
         }
@@ -110,5 +111,29 @@ impl Metrics {
         let mut text = String::new();
         encode(&mut text, &registry)?;
         Ok(text)
+    }
+}
+
+/// A label value as the text format wants it: `\\`, `"` and line feeds escaped (the
+/// encoder writes values as they are). Names and ids are checked at registration and
+/// login already; this keeps `/metrics` well-formed whatever a peer managed to send.
+fn label_value(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(super::label_value("a\"} 1\n\\"), "a\\\"} 1\\n\\\\");
     }
 }

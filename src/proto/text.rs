@@ -1,0 +1,68 @@
+//! What peer-chosen words of a registration may hold. Service names and messages reach
+//! logs, metric labels and the management API, so, like ids and tags, each has a small
+//! alphabet and a length cap, and the server refuses a registration that breaks them.
+
+use super::RegisterError;
+
+/// Longest service name, in bytes.
+pub const MAX_SERVICE_NAME_LEN: usize = 128;
+
+/// Longest service message, in bytes.
+pub const MAX_SERVICE_MESSAGE_LEN: usize = 256;
+
+/// What a service name may be made of (a local address such as `[::1]:8080` fits).
+pub const SERVICE_NAME_RULE: &str =
+    "1 to 128 ASCII letters, digits, '-', '_', '.', ':', '/', '@', '[' or ']'";
+
+/// What a service message may be made of.
+pub const SERVICE_MESSAGE_RULE: &str =
+    "at most 256 ASCII letters, digits, spaces and - _ . , : ; / ( ) @ # + = ! ? ' %";
+
+/// Whether `name` is a well-formed service name ([`SERVICE_NAME_RULE`]).
+pub fn is_service_name(name: &str) -> bool {
+    (1..=MAX_SERVICE_NAME_LEN).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/@[]".contains(&b))
+}
+
+/// Whether `message` is a well-formed service message ([`SERVICE_MESSAGE_RULE`]).
+pub fn is_service_message(message: &str) -> bool {
+    message.len() <= MAX_SERVICE_MESSAGE_LEN
+        && message.bytes().all(|b| b.is_ascii_alphanumeric() || b" -_.,:;/()@#+=!?'%".contains(&b))
+}
+
+/// Checks the name and message of a registration.
+pub fn check_service(name: &str, message: Option<&str>) -> Result<(), RegisterError> {
+    let invalid =
+        |field: &str, rule: &str| RegisterError::InvalidService { field: field.into(), rule: rule.into() };
+    if !is_service_name(name) {
+        return Err(invalid("name", SERVICE_NAME_RULE));
+    }
+    if message.is_some_and(|m| !is_service_message(m)) {
+        return Err(invalid("message", SERVICE_MESSAGE_RULE));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_messages() {
+        for name in ["127.0.0.1:8080", "[::1]:22", "web_1", "tcp://db", "a@b"] {
+            assert!(is_service_name(name), "{name}");
+        }
+        for name in ["", "evil\"} 999\nferry_clients 12345\n# x", "a b", "ü", &"x".repeat(129)] {
+            assert!(!is_service_name(name), "{name:?}");
+        }
+        assert!(is_service_message("Bob's shop (staging), 50% done!"));
+        assert!(is_service_message(""));
+        assert!(
+            !is_service_message("line\nbreak")
+                && !is_service_message("\"quoted\"")
+                && !is_service_message("<b>")
+        );
+        let err = check_service("ok", Some("{x}")).unwrap_err();
+        assert!(err.to_string().starts_with("the service's message is not valid: use at most 256"), "{err}");
+    }
+}
