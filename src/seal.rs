@@ -113,10 +113,19 @@ pub const MAX_RECORD: usize = 16 * 1024;
 /// Record header: the big-endian length of the sealed payload (tag included).
 const RECORD_HEADER: usize = 4;
 
-/// The keys of one visitor of an `encrypt` service, numbered `visit` by the server (see
-/// `OpenStream::seal`; the client refuses a number it has seen, so no key is used twice).
-pub fn visitor_keys(key: &SessionKey, session: u64, visit: u64, side: Side) -> (Sealer, Sealer) {
+/// The keys of one visitor of the `encrypt` service `service`, numbered `visit` by the
+/// server (see `OpenStream::seal`; the client refuses a number it has seen, so no key is
+/// used twice). The service is bound in: an open message whose service number was changed
+/// on its way leads to keys under which the visitor's records do not open.
+pub fn visitor_keys(
+    key: &SessionKey,
+    session: u64,
+    service: u32,
+    visit: u64,
+    side: Side,
+) -> (Sealer, Sealer) {
     let mut context = session.to_be_bytes().to_vec();
+    context.extend_from_slice(&service.to_be_bytes());
     context.extend_from_slice(&visit.to_be_bytes());
     directional(key, b"data", &context, side)
 }
@@ -325,7 +334,7 @@ mod stream_tests {
     async fn sealed_bytes_arrive_whole_and_leave_what_follows() {
         let key = key();
         let (a, b) = tokio::io::duplex(1000);
-        let mut client = SealedStream::new(a, visitor_keys(&key, 1, 5, Side::Client), Default::default());
+        let mut client = SealedStream::new(a, visitor_keys(&key, 1, 7, 5, Side::Client), Default::default());
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let sent = data.clone();
         let writer = tokio::spawn(async move {
@@ -333,7 +342,7 @@ mod stream_tests {
             let (mut raw, _) = client.into_parts().unwrap();
             raw.write_all(b"NEXT").await.unwrap();
         });
-        let mut server = SealedStream::new(b, visitor_keys(&key, 1, 5, Side::Server), Default::default());
+        let mut server = SealedStream::new(b, visitor_keys(&key, 1, 7, 5, Side::Server), Default::default());
         let mut got = vec![0u8; data.len()];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(got, data);
@@ -349,21 +358,22 @@ mod stream_tests {
     }
 
     #[tokio::test]
-    async fn another_visit_number_or_a_changed_byte_does_not_open() {
+    async fn another_visit_number_service_or_a_changed_byte_does_not_open() {
         let key = key();
         let mut sealed = Vec::new();
-        SealedStream::new(Vec::<u8>::new(), visitor_keys(&key, 1, 5, Side::Client), Default::default())
+        SealedStream::new(Vec::<u8>::new(), visitor_keys(&key, 1, 7, 5, Side::Client), Default::default())
             .seal_into(b"secret request", &mut sealed);
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
-        async fn read_as(key: &SessionKey, bytes: Vec<u8>, visit: u64) -> io::Result<Vec<u8>> {
-            let keys = visitor_keys(key, 1, visit, Side::Server);
+        async fn read_as(key: &SessionKey, bytes: Vec<u8>, service: u32, visit: u64) -> io::Result<Vec<u8>> {
+            let keys = visitor_keys(key, 1, service, visit, Side::Server);
             let mut server = SealedStream::new(&bytes[..], keys, Default::default());
             let mut out = Vec::new();
             server.read_to_end(&mut out).await.map(|_| out)
         }
-        let read = |bytes: Vec<u8>, visit: u64| read_as(&key, bytes, visit);
+        let read = |bytes: Vec<u8>, visit: u64| read_as(&key, bytes, 7, visit);
         assert_eq!(read(sealed.clone(), 5).await.unwrap(), b"secret request");
         assert!(read(sealed.clone(), 6).await.is_err(), "another visitor's key");
+        assert!(read_as(&key, sealed.clone(), 8, 5).await.is_err(), "another service's key");
         let mut changed = sealed.clone();
         *changed.last_mut().unwrap() ^= 1;
         assert!(read(changed, 5).await.is_err(), "a changed byte");

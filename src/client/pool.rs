@@ -201,7 +201,7 @@ impl DataPool {
                 Some((link, leftover))
             }
             (true, Some(visit)) if self.first_use(visit) => {
-                let keys = visitor_keys(&self.key, self.session, visit, Side::Client);
+                let keys = visitor_keys(&self.key, self.session, open.service, visit, Side::Client);
                 let mut sealed = SealedStream::new(&mut link, keys, early);
                 let leftover = self.dial_and_relay(&mut sealed, &route.local, BytesMut::new()).await?;
                 let (_, raw) = sealed.into_parts().filter(|_| leftover.is_empty())?;

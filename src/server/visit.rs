@@ -95,7 +95,7 @@ where
     }
     let (outcome, reusable) = match seal {
         Some(visit) => {
-            let keys = visitor_keys(&session.key, session.id, visit, Side::Server);
+            let keys = visitor_keys(&session.key, session.id, open.service, visit, Side::Server);
             let mut sealed = SealedStream::new(&mut data, keys, BytesMut::new());
             sealed.seal_into(&early_chunk, &mut first);
             // The open message itself is not sealed: it says which keys the rest needs.

@@ -259,3 +259,118 @@ async fn an_encrypt_service_seals_its_data_on_the_wire() {
     })
     .await
 }
+
+/// What a rewriting relay replaces in the first frame the server sends on a connection.
+type Rewrite = Arc<Mutex<Option<(String, String)>>>;
+
+/// A relay that applies `rewrite` (once set) to the first frame the server sends on each
+/// connection: on a data connection, that is the first visitor's open message.
+async fn rewriting_tap(server: SocketAddr, rewrite: Rewrite) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(server).await else { return };
+            let rewrite = rewrite.clone();
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let upward = async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    let _ = server_write.shutdown().await;
+                };
+                let downward = async move {
+                    let mut first = Vec::new();
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while first.len() < 4 || first.len() < 4 + frame_len(&first) {
+                        match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => first.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let end = 4 + frame_len(&first);
+                    if let Some((from, to)) = rewrite.lock().unwrap().clone() {
+                        let frame = String::from_utf8_lossy(&first[4..end]).replacen(&from, &to, 1);
+                        assert_eq!(frame.len(), end - 4, "the rewrite keeps the frame's length");
+                        first.splice(4..end, frame.into_bytes());
+                    }
+                    if client_write.write_all(&first).await.is_ok() {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    }
+                    let _ = client_write.shutdown().await;
+                };
+                tokio::join!(upward, downward);
+            });
+        }
+    });
+    addr
+}
+
+fn frame_len(bytes: &[u8]) -> usize {
+    u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize
+}
+
+/// A local service that answers each connection with `answer` and reports what it received.
+async fn answering_service(answer: &'static [u8]) -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (received, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let received = received.clone();
+            tokio::spawn(async move {
+                let _ = stream.write_all(answer).await;
+                let mut got = Vec::new();
+                let _ = stream.read_to_end(&mut got).await;
+                let _ = received.send(got);
+            });
+        }
+    });
+    (addr, receiver)
+}
+
+/// Someone in the middle who changes the service number of a sealed visitor's open message
+/// to another `encrypt` service of the same client does not get the visitor served by that
+/// other local service: the visitor's keys are bound to the service, so nothing opens.
+#[tokio::test]
+async fn a_sealed_visitor_cannot_be_rerouted_to_another_service() {
+    within(60, async {
+        let server = start_server(server_config()).await;
+        let rewrite = Rewrite::default();
+        let tap = rewriting_tap(server.local_addr(), rewrite.clone()).await;
+        let client = Client::connect(client_config(tap, "id1", "secret1")).await.unwrap();
+        let (local_a, _) = answering_service(b"from-A").await;
+        let (local_b, mut received_b) = answering_service(b"from-B").await;
+        let mut tunnels = Vec::new();
+        for local in [local_a, local_b] {
+            let mut service = ServiceConfig::tcp(&local.to_string());
+            service.encrypt = true;
+            tunnels.push(client.add_service(service).await.unwrap());
+        }
+        let services = client.discover().await.unwrap();
+        let number = |tunnel: &ferry::Registration| {
+            services.iter().find(|s| s.port == tunnel.remote_port()).unwrap().id.to_string()
+        };
+        let (a, b) = (number(&tunnels[0]), number(&tunnels[1]));
+        assert_eq!(a.len(), b.len(), "numbers of one length keep the frame's length");
+        *rewrite.lock().unwrap() = Some((format!("\"service\":{a},"), format!("\"service\":{b},")));
+
+        // A visitor of A, whose open message reaches the client as one of B.
+        let mut visitor = TcpStream::connect(tunnels[0].public_addr()).await.unwrap();
+        visitor.write_all(b"request-for-A").await.unwrap();
+        visitor.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        let _ = visitor.read_to_end(&mut answer).await;
+        assert!(!contains(&answer, b"from-B"), "B's service answered A's visitor");
+        // Nor A's: the open message was changed, so the visitor is not served at all.
+        assert!(!contains(&answer, b"from-A"), "the relay did not change the open message");
+        // Whatever B's service got (the client dials it before the records fail), it is not
+        // the visitor's request; B reports before it closes, so the reports are all in.
+        while let Ok(got) = received_b.try_recv() {
+            assert!(!contains(&got, b"request-for-A"), "A's visitor reached B's service");
+        }
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await
+}
