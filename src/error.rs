@@ -56,6 +56,14 @@ pub enum ClientError {
         /// The id.
         id: String,
     },
+    /// An allow-any-client server asked to enroll the id again, over a connection that does
+    /// not authenticate it, after this process had logged in there: a man in the middle
+    /// after the verifier, or a server that restarted and forgot the id.
+    #[error("the server asks to enroll id '{id}' again, which it knew when this client last logged in: a man in the middle may be after its verifier, or the server restarted and forgot the id; restart the client to enroll again (or use tls://)")]
+    EnrollAgain {
+        /// The id.
+        id: String,
+    },
     /// The client was shut down.
     #[error("the client is shut down")]
     Stopped,
@@ -76,7 +84,9 @@ impl ClientError {
     /// the server does not have (`UnknownId`) or cannot take (`InvalidId`, `TooManyIds`),
     /// a secret it needs and cannot get safely (`SecretNeeded`), a malformed login, a
     /// protocol version mismatch, and TLS errors (configuration, or a certificate the
-    /// client does not trust). Not final: the network (refused, reset, timed out), a ban
+    /// client does not trust), and a server that is not the one the secret belongs to
+    /// (`ServerNotVerified`) or asks for a verifier unprotected (`EnrollUnprotected`,
+    /// `EnrollAgain`). Not final: the network (refused, reset, timed out), a ban
     /// (it ends; see [`retry_after`](Self::retry_after)), an auth API that cannot be
     /// asked (`AuthUnavailable`) and a user's sessions limit (`TooManySessions`).
     pub fn is_fatal(&self) -> bool {
@@ -87,9 +97,10 @@ impl ClientError {
                     | LoginRefusal::AuthUnavailable
                     | LoginRefusal::TooManySessions { .. }
             ),
-            ClientError::Tls(_) | ClientError::ServerNotVerified | ClientError::EnrollUnprotected { .. } => {
-                true
-            }
+            ClientError::Tls(_)
+            | ClientError::ServerNotVerified
+            | ClientError::EnrollUnprotected { .. }
+            | ClientError::EnrollAgain { .. } => true,
             // A TLS handshake the client refused (an untrusted certificate) or the server did.
             ClientError::Connect(err) => err.kind() == std::io::ErrorKind::InvalidData,
             ClientError::Protocol(err) => matches!(err, ProtocolError::VersionMismatch { .. }),

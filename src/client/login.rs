@@ -1,6 +1,6 @@
 //! Opening a control connection: preamble and hello, challenge, proof, welcome.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -59,6 +59,7 @@ pub(crate) async fn login(
                 return Err(ClientError::ServerNotVerified);
             }
             chan.encrypt(FrameCipher::new(&key, Side::Client));
+            remember_login(config);
             let heartbeat_interval = Duration::from_millis(heartbeat_interval_ms.max(10));
             Ok(LoggedIn { chan, session, key, heartbeat_interval })
         }
@@ -91,8 +92,15 @@ async fn prove(
             Ok((Proof::Reveal { ephemeral_key: ephemeral.public, sealed }, key))
         }
         Challenge::Enroll { ephemeral_key } => {
-            if !(may_reveal_secret(config) || config.remote_enroll_insecure) {
-                return Err(ClientError::EnrollUnprotected { id: config.id.clone() });
+            if !may_reveal_secret(config) {
+                if !config.remote_enroll_insecure {
+                    return Err(ClientError::EnrollUnprotected { id: config.id.clone() });
+                }
+                // Allowed once: a server this process logged in to does not forget the id
+                // unless it restarted, and a man in the middle would like to look as if it had.
+                if logged_in_before(config) {
+                    return Err(ClientError::EnrollAgain { id: config.id.clone() });
+                }
             }
             let verifier = stretched_verifier(&config.id, &config.secret).await;
             let (ephemeral, key) = agree(&ephemeral_key, &hello)?;
@@ -100,6 +108,30 @@ async fn prove(
             Ok((Proof::Enroll { ephemeral_key: ephemeral.public, sealed }, key))
         }
     }
+}
+
+/// (server, id) pairs this process has logged in as: an unprotected enrollment is
+/// answered only before the first of them.
+static LOGGED_IN: Mutex<Option<HashSet<(String, String)>>> = Mutex::new(None);
+
+/// Most pairs remembered; one process rarely logs in to more than a few.
+const MAX_LOGGED_IN: usize = 1024;
+
+fn login_key(config: &ClientConfig) -> (String, String) {
+    (config.remote.to_string(), config.id.clone())
+}
+
+fn remember_login(config: &ClientConfig) {
+    let mut seen = LOGGED_IN.lock().unwrap_or_else(|e| e.into_inner());
+    let seen = seen.get_or_insert_with(HashSet::new);
+    if seen.len() < MAX_LOGGED_IN {
+        seen.insert(login_key(config));
+    }
+}
+
+fn logged_in_before(config: &ClientConfig) -> bool {
+    let seen = LOGGED_IN.lock().unwrap_or_else(|e| e.into_inner());
+    seen.as_ref().is_some_and(|seen| seen.contains(&login_key(config)))
 }
 
 fn agree(server_key: &[u8; 32], hello: &[u8; 32]) -> Result<(Ephemeral, SessionKey), ClientError> {
@@ -191,6 +223,13 @@ mod tests {
         let mut allowed = far.clone();
         allowed.remote_enroll_insecure = true;
         assert!(matches!(prove(&allowed, enroll(), [0; 32]).await, Ok((Proof::Enroll { .. }, _))));
+        // Only before this process first logged in there: later, an enrollment asked for
+        // over an unprotected link is someone in the middle wanting the verifier (or a
+        // server that restarted and forgot the id), and the client stops.
+        remember_login(&allowed);
+        let refused = prove(&allowed, enroll(), [0; 32]).await.err();
+        assert!(matches!(refused, Some(ClientError::EnrollAgain { .. })), "{refused:?}");
+        assert!(matches!(prove(&near, enroll(), [0; 32]).await, Ok((Proof::Enroll { .. }, _))), "protected");
         // The secret itself is never revealed there, whatever the user allowed for enrollment.
         let reveal = Challenge::Reveal { ephemeral_key: Ephemeral::generate().public };
         let refused = prove(&allowed, reveal, [0; 32]).await.err();
