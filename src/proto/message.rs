@@ -543,7 +543,7 @@ pub enum Query {
     Services,
     /// Up to `limit` ports the user could open a TCP tunnel on now.
     FreePorts {
-        /// Most ports wanted (the server caps it at 1000).
+        /// Most ports wanted (the server caps it at 100).
         limit: u32,
     },
 }

@@ -35,6 +35,9 @@ pub enum TlsError {
     /// No trusted root could be found.
     #[error("no trusted root certificates found: {0}")]
     NoRoots(String),
+    /// A TLS listener was asked for without a certificate and key.
+    #[error("no certificate configured: give cert-file and key-file")]
+    NoCertificate,
 }
 
 /// How the client decides to trust the server's certificate.
@@ -114,7 +117,7 @@ pub fn server_tls_acceptor(
         keys.push(Arc::new(CertifiedKey::new(load_certs(cert_file)?, signing)));
     }
     if keys.is_empty() {
-        return Err(TlsError::NoRoots("no certificate configured (cert-file, key-file)".into()));
+        return Err(TlsError::NoCertificate);
     }
     let versions: &[&'static rustls::SupportedProtocolVersion] = match min {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
