@@ -175,7 +175,10 @@ pub struct IdleLimit {
     pub unidirectional: bool,
 }
 
-/// Watches the byte counts; the timer is touched only when it fires, not per byte.
+/// Watches the byte counts. The time of the last progress is read whenever a poll finds the
+/// counts moved (one clock read per wake-up with traffic); the timer is re-armed only when it
+/// fires, so a busy relay does not touch the timer wheel per byte, yet an idle one closes at
+/// its last traffic plus the timeout.
 struct IdleWatch {
     limit: IdleLimit,
     timer: Pin<Box<Sleep>>,
@@ -195,17 +198,20 @@ impl IdleWatch {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>, out: u64, r#in: u64) -> io::Result<()> {
+        if (out, r#in) != self.seen {
+            let now = Instant::now();
+            if out != self.seen.0 {
+                self.last.0 = now;
+            }
+            if r#in != self.seen.1 {
+                self.last.1 = now;
+            }
+            self.seen = (out, r#in);
+        }
         if self.timer.as_mut().poll(cx).is_pending() {
             return Ok(());
         }
         let now = Instant::now();
-        if out != self.seen.0 {
-            self.last.0 = now;
-        }
-        if r#in != self.seen.1 {
-            self.last.1 = now;
-        }
-        self.seen = (out, r#in);
         let silent = |since: Instant| now.saturating_duration_since(since) >= self.limit.timeout;
         let (out_silent, in_silent) = (silent(self.last.0), silent(self.last.1));
         if out_silent && in_silent {
