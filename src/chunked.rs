@@ -80,6 +80,11 @@ pub struct RelayFailed {
     /// plain bytes were sent after the open message: the visitor may be offered to
     /// another client with the same first bytes.
     pub unanswered: bool,
+    /// The data connection failed or closed mid-stream, or the relay was stopped: the
+    /// transfer was cut off, not completed.
+    pub link_failed: bool,
+    /// The client answered that it could not reach its local service (status byte `1`).
+    pub local_unavailable: bool,
 }
 
 impl std::fmt::Display for RelayFailed {
@@ -160,7 +165,8 @@ where
         Err(error) => {
             let link_failed = out.link_failed || inbound.link_failed || stopped;
             let unanswered = link_failed && inbound.expect_status && out.untouched();
-            Err(RelayFailed { error, unanswered })
+            let local_unavailable = inbound.refused;
+            Err(RelayFailed { error, unanswered, link_failed, local_unavailable })
         }
     }
 }
@@ -339,6 +345,8 @@ struct Inbound {
     total: u64,
     /// Reading the link failed or it closed before its end marker.
     link_failed: bool,
+    /// The status byte said the local service is unavailable.
+    refused: bool,
 }
 
 impl Inbound {
@@ -355,6 +363,7 @@ impl Inbound {
             done: false,
             total: 0,
             link_failed: false,
+            refused: false,
         }
     }
 
@@ -403,6 +412,7 @@ impl Inbound {
                 return Ok(false);
             };
             if StreamStatus::from_byte(status) != StreamStatus::Ready {
+                self.refused = true;
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
                     "client could not reach its local service",
@@ -539,6 +549,7 @@ mod tests {
             let err = tokio::time::timeout(limit, relay).await.unwrap().unwrap_err();
             assert_eq!(err.error.kind(), expected);
             assert!(!err.unanswered || status == Status::Expect);
+            assert_eq!(err.local_unavailable, expected == io::ErrorKind::ConnectionRefused);
         }
     }
 }

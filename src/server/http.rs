@@ -18,7 +18,7 @@ use super::tunnel::{Refusal, Tunnel, Visit};
 use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
 use super::ServerShared;
 use crate::proto::{OpenStream, RegisterError};
-use crate::transport::Stream;
+use crate::transport::{reset_on_drop, Stream};
 
 /// Largest request head accepted; a longer one gets 400.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -125,8 +125,20 @@ pub(crate) async fn serve_visitor(
         let idle = shared.config.idle_limit();
         let first = (early.as_slice(), read_ahead);
         let relay = relay_visitor(&route.session, &route.tunnel, data, &mut visitor, &open, first, idle);
-        if relay.instrument(span.clone()).await == Relay::Finished {
-            return;
+        match relay.instrument(span.clone()).await {
+            Relay::Finished => return,
+            Relay::Unanswered => {}
+            Relay::LocalUnavailable => {
+                let message =
+                    format!("The service for '{}' is not reachable from its client.", head.route_host);
+                return respond(&mut visitor, 502, "Bad Gateway", &message).await;
+            }
+            Relay::Cut => {
+                if let Some(tcp) = visitor.tcp() {
+                    reset_on_drop(tcp);
+                }
+                return;
+            }
         }
         read_ahead = 0;
     }

@@ -259,3 +259,33 @@ async fn read_all(stream: &mut TcpStream) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+#[tokio::test]
+async fn an_unreachable_local_service_gets_502() {
+    within(30, async {
+        let server = start_server(two_users()).await;
+        let client = connect(server.local_addr()).await;
+        let closed = format!("127.0.0.1:{}", free_port().await);
+        client.add_service(ServiceConfig::http(&closed)).await.unwrap();
+        let response = get(server.local_addr(), "/", "id1.example.com").await;
+        assert_eq!(response.status, 502);
+        assert!(response.text().contains("not reachable"), "{}", response.text());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_response_cut_off_ends_with_a_reset() {
+    within(30, async {
+        let server = start_server(two_users()).await;
+        let client = connect(server.local_addr()).await;
+        let header = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
+        let dying = dying_service(header).await;
+        client.add_service(ServiceConfig::http(&dying.to_string())).await.unwrap();
+        let ended =
+            send_and_read_to_end(server.local_addr(), b"GET / HTTP/1.1\r\nHost: id1.example.com\r\n\r\n")
+                .await;
+        assert_eq!(ended.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    })
+    .await
+}

@@ -226,3 +226,18 @@ async fn slow_visitor_applies_backpressure() {
     })
     .await
 }
+
+/// A local service that dies mid-transfer: the visitor sees a reset, not a clean end it
+/// could take for a complete transfer.
+#[tokio::test]
+async fn a_transfer_cut_off_ends_with_a_reset() {
+    within(30, async {
+        let server = start_server(server_config()).await;
+        let client = connect(server.local_addr()).await;
+        let dying = dying_service(b"start").await;
+        let tunnel = client.add_service(ServiceConfig::tcp(&dying.to_string())).await.unwrap();
+        let ended = send_and_read_to_end(tunnel.public_addr(), b"hello").await;
+        assert_eq!(ended.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    })
+    .await
+}
