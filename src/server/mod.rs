@@ -10,6 +10,8 @@ mod bans;
 pub mod hooks;
 mod hosts;
 mod http;
+mod http_head;
+mod http_requests;
 mod link;
 mod login;
 mod pool;
