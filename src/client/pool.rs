@@ -18,7 +18,7 @@ use crate::chunked::{relay_chunked, Status};
 use crate::proto::{
     preamble_with, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
 };
-use crate::transport::{Connector, Stream};
+use crate::transport::{reset_on_drop, Connector, Stream};
 
 /// Buffer for the open message and any visitor bytes that come with it.
 const EARLY_READ: usize = 4096;
@@ -206,6 +206,10 @@ impl DataPool {
             }
             Err(err) => {
                 debug!(%err, "visitor closed");
+                if err.link_failed {
+                    // The visitor's transfer was cut off: the local service sees a reset too.
+                    reset_on_drop(&local);
+                }
                 None
             }
         }
