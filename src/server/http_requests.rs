@@ -506,13 +506,16 @@ mod tests {
     #[tokio::test]
     async fn a_later_head_for_another_host_or_malformed_ends_the_requests() {
         let first = b"GET / HTTP/1.1\r\nHost: app\r\n\r\n";
+        let huge = format!("GET /a HTTP/1.1\r\nHost: app\r\nX-Pad: {}\r\n\r\n", "a".repeat(MAX_HEAD));
         for later in [
             "GET /a HTTP/1.1\r\nHost: other\r\n\r\n",
             "GET http://other/ HTTP/1.1\r\nHost: app\r\n\r\n",
             "GET /a HTTP/1.1\r\nHost: app\r\nHost: other\r\n\r\n",
             "garbage\r\n\r\n",
+            &huge,
         ] {
-            assert_eq!(rewritten(first, format!("{later}{NEXT}").as_bytes()).await, "", "{later:?}");
+            let out = rewritten(first, format!("{later}{NEXT}").as_bytes()).await;
+            assert_eq!(out, "", "{}", &later[..later.len().min(60)]);
         }
         let bare_lf = rewritten(first, b"GET /next HTTP/1.1\nHost: app\n\n").await;
         assert!(bare_lf.starts_with("GET /next HTTP/1.1\r\nHost: local\r\n"), "{bare_lf}");
@@ -547,6 +550,22 @@ mod tests {
             stream.shutdown().await.unwrap();
             send.await.unwrap();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_head_must_arrive_within_the_head_timeout_once_started() {
+        let (mut stream, mut visitor) = stream_after(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n", 64);
+        let mut buf = [0u8; 64];
+        // Waiting for the next request is the idle timeout's business, not this one's.
+        let idle = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf)).await;
+        assert!(idle.is_err(), "an idle keep-alive connection was ended");
+        visitor.write_all(b"GET /slow HTTP/1.1\r\nHo").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await.unwrap();
+        assert!(out.is_empty());
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(6), "{waited:?}");
     }
 
     #[test]
