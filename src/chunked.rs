@@ -85,6 +85,17 @@ pub struct RelayFailed {
     pub link_failed: bool,
     /// The client answered that it could not reach its local service (status byte `1`).
     pub local_unavailable: bool,
+    /// The link's direction had ended cleanly: the plain side got all of it and its end.
+    pub delivered: bool,
+}
+
+impl RelayFailed {
+    /// The plain side's transfer was cut off: the link failed before all of it arrived.
+    /// Its peer should then see a reset, not a normal end. Once everything was delivered,
+    /// a reset would only risk discarding bytes the peer has not read yet.
+    pub fn cut_off(&self) -> bool {
+        self.link_failed && !self.delivered
+    }
 }
 
 impl std::fmt::Display for RelayFailed {
@@ -165,8 +176,8 @@ where
         Err(error) => {
             let link_failed = out.link_failed || inbound.link_failed || stopped;
             let unanswered = link_failed && inbound.expect_status && out.untouched();
-            let local_unavailable = inbound.refused;
-            Err(RelayFailed { error, unanswered, link_failed, local_unavailable })
+            let (local_unavailable, delivered) = (inbound.refused, inbound.done);
+            Err(RelayFailed { error, unanswered, link_failed, local_unavailable, delivered })
         }
     }
 }

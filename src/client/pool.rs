@@ -206,7 +206,7 @@ impl DataPool {
             }
             Err(err) => {
                 debug!(%err, "visitor closed");
-                if err.link_failed {
+                if err.cut_off() {
                     // The visitor's transfer was cut off: the local service sees a reset too.
                     reset_on_drop(&local);
                 }

@@ -121,7 +121,7 @@ where
             debug!("the client could not reach its local service");
             Relay::LocalUnavailable
         }
-        Err(failed) if failed.link_failed => {
+        Err(failed) if failed.cut_off() => {
             debug!(err = %failed, "transfer cut off; resetting the visitor");
             Relay::Cut
         }
