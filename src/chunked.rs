@@ -80,6 +80,22 @@ pub struct RelayFailed {
     /// plain bytes were sent after the open message: the visitor may be offered to
     /// another client with the same first bytes.
     pub unanswered: bool,
+    /// The data connection failed or closed mid-stream, or the relay was stopped: the
+    /// transfer was cut off, not completed.
+    pub link_failed: bool,
+    /// The client answered that it could not reach its local service (status byte `1`).
+    pub local_unavailable: bool,
+    /// The link's direction had ended cleanly: the plain side got all of it and its end.
+    pub delivered: bool,
+}
+
+impl RelayFailed {
+    /// The plain side's transfer was cut off: the link failed before all of it arrived.
+    /// Its peer should then see a reset, not a normal end. Once everything was delivered,
+    /// a reset would only risk discarding bytes the peer has not read yet.
+    pub fn cut_off(&self) -> bool {
+        self.link_failed && !self.delivered
+    }
 }
 
 impl std::fmt::Display for RelayFailed {
@@ -160,7 +176,8 @@ where
         Err(error) => {
             let link_failed = out.link_failed || inbound.link_failed || stopped;
             let unanswered = link_failed && inbound.expect_status && out.untouched();
-            Err(RelayFailed { error, unanswered })
+            let (local_unavailable, delivered) = (inbound.refused, inbound.done);
+            Err(RelayFailed { error, unanswered, link_failed, local_unavailable, delivered })
         }
     }
 }
@@ -175,7 +192,10 @@ pub struct IdleLimit {
     pub unidirectional: bool,
 }
 
-/// Watches the byte counts; the timer is touched only when it fires, not per byte.
+/// Watches the byte counts. The time of the last progress is read whenever a poll finds the
+/// counts moved (one clock read per wake-up with traffic); the timer is re-armed only when it
+/// fires, so a busy relay does not touch the timer wheel per byte, yet an idle one closes at
+/// its last traffic plus the timeout.
 struct IdleWatch {
     limit: IdleLimit,
     timer: Pin<Box<Sleep>>,
@@ -195,17 +215,20 @@ impl IdleWatch {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>, out: u64, r#in: u64) -> io::Result<()> {
+        if (out, r#in) != self.seen {
+            let now = Instant::now();
+            if out != self.seen.0 {
+                self.last.0 = now;
+            }
+            if r#in != self.seen.1 {
+                self.last.1 = now;
+            }
+            self.seen = (out, r#in);
+        }
         if self.timer.as_mut().poll(cx).is_pending() {
             return Ok(());
         }
         let now = Instant::now();
-        if out != self.seen.0 {
-            self.last.0 = now;
-        }
-        if r#in != self.seen.1 {
-            self.last.1 = now;
-        }
-        self.seen = (out, r#in);
         let silent = |since: Instant| now.saturating_duration_since(since) >= self.limit.timeout;
         let (out_silent, in_silent) = (silent(self.last.0), silent(self.last.1));
         if out_silent && in_silent {
@@ -333,6 +356,8 @@ struct Inbound {
     total: u64,
     /// Reading the link failed or it closed before its end marker.
     link_failed: bool,
+    /// The status byte said the local service is unavailable.
+    refused: bool,
 }
 
 impl Inbound {
@@ -349,6 +374,7 @@ impl Inbound {
             done: false,
             total: 0,
             link_failed: false,
+            refused: false,
         }
     }
 
@@ -397,6 +423,7 @@ impl Inbound {
                 return Ok(false);
             };
             if StreamStatus::from_byte(status) != StreamStatus::Ready {
+                self.refused = true;
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
                     "client could not reach its local service",
@@ -533,6 +560,7 @@ mod tests {
             let err = tokio::time::timeout(limit, relay).await.unwrap().unwrap_err();
             assert_eq!(err.error.kind(), expected);
             assert!(!err.unanswered || status == Status::Expect);
+            assert_eq!(err.local_unavailable, expected == io::ErrorKind::ConnectionRefused);
         }
     }
 }

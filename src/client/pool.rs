@@ -19,7 +19,7 @@ use crate::proto::{
     preamble_with, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
 };
 use crate::seal::{visitor_keys, SealedStream, Side};
-use crate::transport::{Connector, Stream};
+use crate::transport::{reset_on_drop, Connector, Stream};
 
 /// Buffer for the open message and any visitor bytes that come with it.
 const EARLY_READ: usize = 4096;
@@ -242,6 +242,10 @@ impl DataPool {
             }
             Err(err) => {
                 debug!(%err, "visitor closed");
+                if err.cut_off() {
+                    // The visitor's transfer was cut off: the local service sees a reset too.
+                    reset_on_drop(&local);
+                }
                 None
             }
         }

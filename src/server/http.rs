@@ -1,7 +1,7 @@
-//! HTTP virtual hosts: visitors are routed by the first request head alone
-//! (GT's principle); after it, bytes are relayed as they are, so keep-alive
-//! requests on that connection stay with the same service and bodies are never
-//! parsed. Only the first head gets `X-Forwarded-*` headers.
+//! HTTP virtual hosts: a visitor is routed by its first request head (GT's principle) and
+//! stays with that service. Every request head on the connection is parsed and rewritten
+//! (`http_requests.rs`): forwarding headers are the server's, the host is pinned, and a
+//! later request for another host ends the connection instead of reaching that service.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,18 +12,14 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::handshakes::Handshake;
 use super::hosts::{HostRoute, Hosts, Lookup};
+use super::http_head::{head_end, parse_head, rewrite_head, Forwarding, Head, MAX_HEAD};
+use super::http_requests::{strip_path_prefix, Pinning, RequestStream};
 use super::session::SessionShared;
 use super::tunnel::{Refusal, Tunnel, Visit};
 use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
 use super::ServerShared;
 use crate::proto::{OpenStream, RegisterError};
-use crate::transport::Stream;
-
-/// Largest request head accepted; a longer one gets 400.
-pub(crate) const MAX_HEAD: usize = 64 * 1024;
-
-/// Most headers in a request head.
-const MAX_HEADERS: usize = 128;
+use crate::transport::{reset_on_drop, Stream};
 
 /// Registers an HTTP service under its host name; the name is released when the service closes.
 pub(crate) async fn open_host(
@@ -59,16 +55,6 @@ pub(crate) async fn open_host(
     Ok((0, Some(host)))
 }
 
-/// The parts of the first request head that routing and rewriting need.
-struct Head {
-    method: String,
-    path: String,
-    minor_version: u8,
-    headers: Vec<(String, Vec<u8>)>,
-    /// The value of the routing header (`http-mux-header`), without port, lowercased.
-    route_host: String,
-}
-
 /// Serves one HTTP visitor whose first bytes (if any) are in `read`.
 pub(crate) async fn serve_visitor(
     shared: Arc<ServerShared>,
@@ -92,45 +78,93 @@ pub(crate) async fn serve_visitor(
         Err(why) => return respond(&mut visitor, 400, "Bad Request", &why).await,
     };
     drop(handshake);
+    let pinning = Pinning {
+        route_host: head.route_host.clone(),
+        mux_header: shared.config.http_mux_header.clone(),
+        path_prefix: None,
+        forwarding: Forwarding { local_host: None, peer: peer.ip(), scheme },
+        head_timeout: limit,
+    };
+    let rest = read.split_off(head_len);
+    let mut visitor = RequestStream::after_first(visitor, &head, rest, pinning);
     // When the chosen client turns out to be gone, the next one serving the host gets the visitor.
     let span = tracing::debug_span!("http visitor", %peer, host = %head.route_host);
-    let mut read_ahead = read.len();
     for attempt in 1..=MAX_ATTEMPTS {
-        let (route, path) = match find_route(&shared, &head) {
-            Ok(found) => found,
-            Err((status, reason, message)) => return respond(&mut visitor, status, reason, &message).await,
-        };
-        if !visitor_allowed(&shared, &route.session, &route.tunnel, peer) {
-            let message =
-                format!("The service for '{}' does not take visitors from your address.", head.route_host);
-            return respond(&mut visitor, 403, "Forbidden", &message).await;
-        }
-        let _admitted = match admit(&route, &head, peer) {
-            Ok(admitted) => admitted,
-            Err((status, reason, message)) => return respond(&mut visitor, status, reason, &message).await,
-        };
-        if attempt == 1 {
-            shared.metrics.visitor();
-        }
-        let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
-            if route.session.closing.is_cancelled() {
-                continue;
+        let visited = visit_once(&shared, &head, &mut visitor, peer, attempt).instrument(span.clone());
+        match visited.await {
+            Visited::Done => return,
+            Visited::Retry => continue,
+            Visited::Page((status, reason, message)) => {
+                return respond(visitor.get_mut(), status, reason, &message).await
             }
-            break;
-        };
-        let mut early = rewrite_head(&head, &route, path.as_deref(), peer, scheme);
-        early.extend_from_slice(&read[head_len..]);
-        let open = OpenStream { service: route.tunnel.service, visitor: peer, seal: None };
-        let idle = shared.config.idle_limit();
-        let first = (early.as_slice(), read_ahead);
-        let relay = relay_visitor(&route.session, &route.tunnel, data, &mut visitor, &open, first, idle);
-        if relay.instrument(span.clone()).await == Relay::Finished {
-            return;
         }
-        read_ahead = 0;
     }
     let message = format!("The client serving '{}' has no free connection.", head.route_host);
-    respond(&mut visitor, 502, "Bad Gateway", &message).await
+    respond(visitor.get_mut(), 502, "Bad Gateway", &message).await
+}
+
+/// How one attempt to serve an HTTP visitor ended.
+enum Visited {
+    /// Served, or ended without a page.
+    Done,
+    /// The chosen client is gone: the next one may serve the visitor.
+    Retry,
+    /// The visitor gets this page.
+    Page(ErrorPage),
+}
+
+/// Routes the first head, admits the visitor and relays through one client.
+async fn visit_once(
+    shared: &ServerShared,
+    head: &Head,
+    visitor: &mut RequestStream<Stream>,
+    peer: SocketAddr,
+    attempt: usize,
+) -> Visited {
+    let (route, by_path) = match find_route(shared, head) {
+        Ok(found) => found,
+        Err(page) => return Visited::Page(page),
+    };
+    if !visitor_allowed(shared, &route.session, &route.tunnel, peer) {
+        let message =
+            format!("The service for '{}' does not take visitors from your address.", head.route_host);
+        return Visited::Page((403, "Forbidden", message));
+    }
+    let _admitted = match admit(&route, head, peer) {
+        Ok(admitted) => admitted,
+        Err(page) => return Visited::Page(page),
+    };
+    if attempt == 1 {
+        shared.metrics.visitor();
+    }
+    let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
+        if route.session.closing.is_cancelled() {
+            return Visited::Retry;
+        }
+        let message = format!("The client serving '{}' has no free connection.", head.route_host);
+        return Visited::Page((502, "Bad Gateway", message));
+    };
+    let (prefix, target) = by_path.map_or((None, None), |p| (Some(p.prefix), Some(p.target)));
+    visitor.pin(route.local_host.clone(), prefix);
+    let early = rewrite_head(head, target.as_deref(), visitor.forwarding());
+    let open = OpenStream { service: route.tunnel.service, visitor: peer, seal: None };
+    let read_ahead = if attempt == 1 { early.len() } else { 0 };
+    let idle = shared.config.idle_limit();
+    match relay_visitor(&route.session, &route.tunnel, data, visitor, &open, (&early, read_ahead), idle).await
+    {
+        Relay::Finished => Visited::Done,
+        Relay::Unanswered => Visited::Retry,
+        Relay::LocalUnavailable => {
+            let message = format!("The service for '{}' is not reachable from its client.", head.route_host);
+            Visited::Page((502, "Bad Gateway", message))
+        }
+        Relay::Cut => {
+            if let Some(tcp) = visitor.get_ref().tcp() {
+                reset_on_drop(tcp);
+            }
+            Visited::Done
+        }
+    }
 }
 
 /// Most clients one visitor is offered to when the chosen ones turn out to be gone.
@@ -165,14 +199,13 @@ enum HeadError {
 async fn read_head(visitor: &mut Stream, read: &mut BytesMut) -> Result<usize, HeadError> {
     let mut searched = 0;
     loop {
-        if let Some(at) = read[searched..].windows(4).position(|w| w == b"\r\n\r\n") {
-            let len = searched + at + 4;
+        if let Some(len) = head_end(read, searched) {
             return if len > MAX_HEAD { Err(HeadError::TooLarge) } else { Ok(len) };
         }
         if read.len() > MAX_HEAD {
             return Err(HeadError::TooLarge);
         }
-        searched = read.len().saturating_sub(3);
+        searched = read.len();
         read.reserve(4096);
         match visitor.read_buf(read).await {
             Ok(0) | Err(_) => return Err(HeadError::Closed),
@@ -181,49 +214,18 @@ async fn read_head(visitor: &mut Stream, read: &mut BytesMut) -> Result<usize, H
     }
 }
 
-fn parse_head(bytes: &[u8], mux_header: &str) -> Result<Head, String> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(bytes) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err("The request head is incomplete.".into()),
-        Err(err) => return Err(format!("The request head is malformed: {err}.")),
-    }
-    let (Some(method), Some(path), Some(minor_version)) = (request.method, request.path, request.version)
-    else {
-        return Err("The request line is incomplete.".into());
-    };
-    let headers: Vec<(String, Vec<u8>)> =
-        request.headers.iter().map(|h| (h.name.to_owned(), h.value.to_vec())).collect();
-    // Route and authorise from the same parsed value: exactly one routing header.
-    let mut values = headers.iter().filter(|(name, _)| name.eq_ignore_ascii_case(mux_header));
-    let (Some((_, value)), None) = (values.next(), values.next()) else {
-        return Err(format!("The request needs exactly one {mux_header} header."));
-    };
-    let value = std::str::from_utf8(value).map_err(|_| format!("The {mux_header} header is not text."))?;
-    Ok(Head {
-        method: method.to_owned(),
-        path: path.to_owned(),
-        minor_version,
-        route_host: strip_port(value.trim()).to_ascii_lowercase(),
-        headers,
-    })
-}
-
-fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    host.rsplit_once(':')
-        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(host, |(h, _)| h)
-}
-
 type ErrorPage = (u16, &'static str, String);
+
+/// A route found by path (`http-path-routing`): the prefix it was found by, and the
+/// target without it.
+struct PathRoute {
+    prefix: String,
+    target: String,
+}
 
 /// Finds the service for a request: by the first label of its host, else (when enabled) by
 /// path. `CID--label` asks for the client with that id among those serving `label`.
-fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<String>), ErrorPage> {
+fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<PathRoute>), ErrorPage> {
     let label = head.route_host.split('.').next().unwrap_or_default();
     if let Some((cid, rest)) = Hosts::split_client(label) {
         return match shared.hosts.lookup_client(rest, cid) {
@@ -237,8 +239,8 @@ fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<S
         return Ok((route, None));
     }
     if shared.config.http_path_routing {
-        if let Some(found) = route_by_path(shared, &head.path) {
-            return Ok(found);
+        if let Some((route, by_path)) = route_by_path(shared, &head.target) {
+            return Ok((route, Some(by_path)));
         }
     }
     match lookup {
@@ -249,66 +251,17 @@ fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<S
     }
 }
 
-/// `/ID/PREFIX/rest` or `/ID/rest` → the route and the path `/rest` (query kept).
-fn route_by_path(shared: &ServerShared, path: &str) -> Option<(HostRoute, Option<String>)> {
-    let (path_only, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
+/// `/ID/PREFIX/rest` or `/ID/rest` → the route and the target `/rest` (query kept).
+fn route_by_path(shared: &ServerShared, target: &str) -> Option<(HostRoute, PathRoute)> {
+    let path_only = target.split('?').next().unwrap_or(target);
     let mut segments = path_only.strip_prefix('/')?.split('/');
     let id = segments.next().filter(|s| !s.is_empty())?;
     let second = segments.next();
     let (route, used) = shared.hosts.lookup_path(id, second)?;
-    let rest: Vec<&str> = path_only.trim_start_matches('/').split('/').skip(used).collect();
-    let mut new_path = format!("/{}", rest.join("/"));
-    if let Some(query) = query {
-        new_path.push('?');
-        new_path.push_str(query);
-    }
-    Some((route, Some(new_path)))
-}
-
-/// The head sent to the local service: the visitor's, with forwarding headers added.
-fn rewrite_head(
-    head: &Head,
-    route: &HostRoute,
-    path: Option<&str>,
-    peer: SocketAddr,
-    scheme: &str,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(512);
-    let path = path.unwrap_or(&head.path);
-    out.extend_from_slice(format!("{} {path} HTTP/1.{}\r\n", head.method, head.minor_version).as_bytes());
-    let mut forwarded_for: Vec<u8> = Vec::new();
-    let mut original_host: Option<&[u8]> = None;
-    for (name, value) in &head.headers {
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
-            forwarded_for.extend_from_slice(value);
-            forwarded_for.extend_from_slice(b", ");
-            continue;
-        }
-        // Ours replace whatever the visitor claimed.
-        if name.eq_ignore_ascii_case("x-forwarded-proto") || name.eq_ignore_ascii_case("x-forwarded-host") {
-            continue;
-        }
-        let value: &[u8] = if name.eq_ignore_ascii_case("host") {
-            original_host = Some(value);
-            route.local_host.as_deref().map_or(value, str::as_bytes)
-        } else {
-            value
-        };
-        push_header(&mut out, name.as_bytes(), value);
-    }
-    forwarded_for.extend_from_slice(peer.ip().to_canonical().to_string().as_bytes());
-    push_header(&mut out, b"X-Forwarded-For", &forwarded_for);
-    push_header(&mut out, b"X-Forwarded-Proto", scheme.as_bytes());
-    push_header(&mut out, b"X-Forwarded-Host", original_host.unwrap_or(head.route_host.as_bytes()));
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
-fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
+    let used: Vec<&str> = path_only.trim_start_matches('/').split('/').take(used).collect();
+    let prefix = format!("/{}", used.join("/"));
+    let target = strip_path_prefix(target, &prefix)?;
+    Some((route, PathRoute { prefix, target }))
 }
 
 /// Answers with a small HTML page and closes.
@@ -347,23 +300,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn heads_parse_and_refuse() {
-        let head = parse_head(b"GET /a HTTP/1.1\r\nHost: Web.Example.com:8080\r\n\r\n", "Host").unwrap();
-        assert_eq!(head.route_host, "web.example.com");
-        assert_eq!((head.method.as_str(), head.path.as_str(), head.minor_version), ("GET", "/a", 1));
-        let twice = parse_head(b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", "Host");
-        assert!(twice.is_err());
-        assert!(parse_head(b"GET / HTTP/1.1\r\n\r\n", "Host").is_err());
-        assert!(parse_head(b"\x00\x01 nonsense\r\n\r\n", "Host").is_err());
-        let custom = parse_head(b"GET / HTTP/1.1\r\nX-Tunnel: t1\r\n\r\n", "x-tunnel").unwrap();
-        assert_eq!(custom.route_host, "t1");
-    }
-
-    #[test]
-    fn ports_and_html() {
-        assert_eq!(strip_port("a.b:80"), "a.b");
-        assert_eq!(strip_port("[::1]:80"), "::1");
-        assert_eq!(strip_port("a.b"), "a.b");
+    fn html_is_escaped() {
         assert_eq!(escape_html("<script>&'\""), "&lt;script&gt;&amp;&#39;&quot;");
     }
 }

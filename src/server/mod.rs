@@ -11,6 +11,8 @@ mod handshakes;
 pub mod hooks;
 mod hosts;
 mod http;
+mod http_head;
+mod http_requests;
 mod link;
 mod login;
 mod pool;

@@ -17,6 +17,7 @@ use super::tunnel::Refusal;
 use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
 use super::ServerShared;
 use crate::proto::OpenStream;
+use crate::transport::reset_on_drop;
 
 /// A TLS record header: type, version, length.
 const RECORD_HEADER: usize = 5;
@@ -83,8 +84,10 @@ pub(crate) async fn serve_visitor(
             (&hello, read_ahead),
             idle,
         );
-        if relay.instrument(span).await == Relay::Finished {
-            return;
+        match relay.instrument(span).await {
+            Relay::Finished | Relay::LocalUnavailable => return,
+            Relay::Cut => return reset_on_drop(&visitor),
+            Relay::Unanswered => {}
         }
     }
     debug!(%peer, ?name, "no client answered; closing");

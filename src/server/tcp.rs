@@ -21,6 +21,7 @@ use super::tunnel::{Refusal, Tunnel, Visit};
 use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
 use super::ServerShared;
 use crate::proto::{OpenStream, ProxyProtocol};
+use crate::transport::reset_on_drop;
 
 /// One tunnel serving a pool.
 #[derive(Clone)]
@@ -246,8 +247,10 @@ async fn serve_visitor(
             let first = (with_header.as_deref().unwrap_or(&early), read);
             let relay =
                 relay_visitor(&member.session, &member.tunnel, data, &mut visitor, &open, first, idle);
-            if relay.await == Relay::Finished {
-                return;
+            match relay.await {
+                Relay::Finished | Relay::LocalUnavailable => return,
+                Relay::Cut => return reset_on_drop(&visitor),
+                Relay::Unanswered => {}
             }
             read_ahead = Some(0);
             debug!(cid = member.session.id, "client did not answer; offering the visitor to the next one");

@@ -63,6 +63,11 @@ pub(crate) enum Relay {
     /// The data connection broke before the client answered and before any visitor byte
     /// beyond the open message's went out: another client may serve the visitor.
     Unanswered,
+    /// The client could not reach its local service; the visitor got nothing yet.
+    LocalUnavailable,
+    /// The transfer was cut off: the client or its local service died, or the tunnel
+    /// closed. The visitor should see a reset, not a normal end.
+    Cut,
 }
 
 /// Sends the open message with `early` bytes in one write, relays until both sides are
@@ -128,6 +133,14 @@ where
         Err(failed) if failed.unanswered => {
             debug!(err = %failed, "data connection broke before the client answered");
             Relay::Unanswered
+        }
+        Err(failed) if failed.local_unavailable => {
+            debug!("the client could not reach its local service");
+            Relay::LocalUnavailable
+        }
+        Err(failed) if failed.cut_off() => {
+            debug!(err = %failed, "transfer cut off; resetting the visitor");
+            Relay::Cut
         }
         Err(failed) => {
             debug!(err = %failed, "visitor closed");

@@ -14,8 +14,41 @@ pub use addr::{parse_listen_addr, RemoteAddr, Scheme};
 pub use tls::{client_tls_config, server_tls_acceptor, RemoteTrust, TlsError, TlsVersion};
 
 /// Anything that carries bytes both ways.
-pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
+pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {
+    /// The TCP socket the stream runs on, if any: a transfer that was cut off ends with a
+    /// reset on it, so the peer can tell it from a complete one.
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl AsyncStream for TcpStream {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl AsyncStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.get_ref().0)
+    }
+}
+
+impl AsyncStream for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.get_ref().0)
+    }
+}
+
+impl AsyncStream for tokio::io::DuplexStream {}
+
+/// Ends `stream` with a reset (RST) instead of a normal close when it is dropped: for a
+/// transfer cut off because the other end died.
+pub fn reset_on_drop(stream: &TcpStream) {
+    if let Err(err) = stream.set_zero_linger() {
+        tracing::debug!(%err, "could not set SO_LINGER 0");
+    }
+}
 
 /// The type-erased link stream every layer above the transport works with.
 pub type Stream = Box<dyn AsyncStream>;

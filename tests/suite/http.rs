@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::common::http::{get, hex, http_service, request};
+use crate::common::http::{get, hex, http_service, read_response, request};
 use crate::common::*;
-use ferry::{Client, ClientError, RegisterError, ServerConfig, ServiceConfig};
+use ferry::{Client, ClientError, RegisterError, ServerConfig, ServerHandle, ServiceConfig};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -57,8 +57,8 @@ async fn keep_alive_requests_stay_with_their_service() {
             assert_eq!(response.status, 200);
             let text = response.text();
             assert!(text.starts_with(&format!("service=a path=/r{i} ")), "{text}");
-            // Only the first head is parsed and gets forwarding headers; the rest pass as they are.
-            assert_eq!(text.contains("xff=127.0.0.1"), i == 0, "{text}");
+            // Every head is parsed and gets forwarding headers.
+            assert!(text.contains("xff=127.0.0.1 "), "{text}");
         }
     })
     .await
@@ -95,7 +95,8 @@ async fn forwarding_headers_reach_the_local_service() {
         let spoofed =
             "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\n";
         let text = request(&mut visitor, "GET", "/", "id1.example.com:7000", spoofed, b"").await.text();
-        assert!(text.contains("xff=203.0.113.9, 127.0.0.1"), "{text}");
+        // The visitor's claims are replaced, not kept.
+        assert!(text.contains("xff=127.0.0.1 "), "{text}");
         assert!(text.contains("proto=http ") && text.contains("xhost=id1.example.com:7000"), "{text}");
         assert!(text.contains("host=id1.example.com:7000"), "{text}");
     })
@@ -261,4 +262,119 @@ async fn read_all(stream: &mut TcpStream) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A service with `use-local-as-http-host` at `id1`, and a visitor connection to it.
+async fn pinned_service() -> (ServerHandle, Client, SocketAddr) {
+    let server = start_server(two_users()).await;
+    let client = connect(server.local_addr()).await;
+    let local = http_service("a").await;
+    let mut service = ServiceConfig::http(&local.to_string());
+    service.use_local_as_http_host = true;
+    client.add_service(service).await.unwrap();
+    (server, client, local)
+}
+
+#[tokio::test]
+async fn every_request_on_a_connection_is_rewritten() {
+    within(30, async {
+        let (server, _client, local) = pinned_service().await;
+        let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
+        let first = request(&mut visitor, "GET", "/one", "id1.example.com", "", b"").await.text();
+        assert!(first.contains(&format!("host={local} xff=127.0.0.1 ")), "{first}");
+        // A second request on the same connection, claiming another address, is rewritten too.
+        let forged = "X-Forwarded-For: 10.9.8.7\r\nForwarded: for=10.9.8.7\r\n";
+        let second = request(&mut visitor, "GET", "/two", "id1.example.com", forged, b"").await.text();
+        assert!(second.contains(&format!("path=/two host={local} xff=127.0.0.1 ")), "{second}");
+        // Two requests in one write: the pipelined one is rewritten as well.
+        let pipelined = "GET /three HTTP/1.1\r\nHost: id1.example.com\r\n\r\n\
+                         GET /four HTTP/1.1\r\nHost: id1.example.com\r\nX-Forwarded-For: 10.9.8.7\r\n\r\n";
+        visitor.write_all(pipelined.as_bytes()).await.unwrap();
+        let mut buffered = Vec::new();
+        for path in ["/three", "/four"] {
+            let text = read_response(&mut visitor, &mut buffered).await.expect("a response").text();
+            assert!(text.contains(&format!("path={path} host={local} xff=127.0.0.1 ")), "{text}");
+        }
+        // An absolute-form target in origin form, for its own host only.
+        let absolute =
+            request(&mut visitor, "GET", "http://id1.example.com/five", "id1.example.com", "", b"");
+        let text = absolute.await.text();
+        assert!(text.contains(&format!("path=/five host={local} ")), "{text}");
+        // A later request for another host, or an absolute target naming one, never reaches
+        // the service: the connection ends without an answer.
+        for (target, host) in [("/six", "other.example.com"), ("http://admin.internal/", "id1.example.com")] {
+            let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
+            let ok = request(&mut visitor, "GET", "/ok", "id1.example.com", "", b"").await;
+            assert_eq!(ok.status, 200);
+            let head = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            visitor.write_all(head.as_bytes()).await.unwrap();
+            let rest = read_all(&mut visitor).await;
+            assert_eq!(rest, "", "{target} {host}");
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_absolute_target_for_another_host_is_refused() {
+    within(30, async {
+        let (server, _client, _local) = pinned_service().await;
+        let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
+        visitor
+            .write_all(b"GET http://admin.internal/ HTTP/1.1\r\nHost: id1.example.com\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_all(&mut visitor).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_bare_lf_head_is_served_at_once() {
+    within(30, async {
+        let mut config = two_users();
+        config.http_header_timeout = Duration::from_secs(20);
+        let server = start_server(config).await;
+        let client = connect(server.local_addr()).await;
+        let a = http_service("a").await;
+        client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
+        let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
+        visitor.write_all(b"GET /lf HTTP/1.1\nHost: id1.example.com\n\n").await.unwrap();
+        let mut buffered = Vec::new();
+        let answer = tokio::time::timeout(Duration::from_secs(5), read_response(&mut visitor, &mut buffered));
+        let response = answer.await.expect("answered before the header timeout").expect("a response");
+        assert!(response.text().starts_with("service=a path=/lf "), "{}", response.text());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_unreachable_local_service_gets_502() {
+    within(30, async {
+        let server = start_server(two_users()).await;
+        let client = connect(server.local_addr()).await;
+        let closed = format!("127.0.0.1:{}", free_port().await);
+        client.add_service(ServiceConfig::http(&closed)).await.unwrap();
+        let response = get(server.local_addr(), "/", "id1.example.com").await;
+        assert_eq!(response.status, 502);
+        assert!(response.text().contains("not reachable"), "{}", response.text());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_response_cut_off_ends_with_a_reset() {
+    within(30, async {
+        let server = start_server(two_users()).await;
+        let client = connect(server.local_addr()).await;
+        let header = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
+        let dying = dying_service(header).await;
+        client.add_service(ServiceConfig::http(&dying.to_string())).await.unwrap();
+        let ended =
+            send_and_read_to_end(server.local_addr(), b"GET / HTTP/1.1\r\nHost: id1.example.com\r\n\r\n")
+                .await;
+        assert_eq!(ended.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    })
+    .await
 }

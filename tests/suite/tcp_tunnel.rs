@@ -226,3 +226,51 @@ async fn slow_visitor_applies_backpressure() {
     })
     .await
 }
+
+/// A local service that dies mid-transfer: the visitor sees a reset, not a clean end it
+/// could take for a complete transfer.
+#[tokio::test]
+async fn a_transfer_cut_off_ends_with_a_reset() {
+    within(30, async {
+        let server = start_server(server_config()).await;
+        let client = connect(server.local_addr()).await;
+        let dying = dying_service(b"start").await;
+        let tunnel = client.add_service(ServiceConfig::tcp(&dying.to_string())).await.unwrap();
+        let ended = send_and_read_to_end(tunnel.public_addr(), b"hello").await;
+        assert_eq!(ended.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    })
+    .await
+}
+
+/// A visitor that dies mid-transfer (reset): the local service sees a reset as well.
+#[tokio::test]
+async fn a_visitor_cut_off_is_reset_to_the_local_service() {
+    within(30, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = listener.local_addr().unwrap();
+        let (got_first, first) = tokio::sync::oneshot::channel();
+        let service = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let n = stream.read(&mut buf).await.unwrap();
+            let _ = got_first.send(n);
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(err) => return Err(err.kind()),
+                }
+            }
+        });
+        let server = start_server(server_config()).await;
+        let client = connect(server.local_addr()).await;
+        let tunnel = client.add_service(ServiceConfig::tcp(&local.to_string())).await.unwrap();
+        let mut visitor = TcpStream::connect(tunnel.public_addr()).await.unwrap();
+        visitor.write_all(b"hello").await.unwrap();
+        assert!(first.await.unwrap() > 0);
+        visitor.set_zero_linger().unwrap();
+        drop(visitor);
+        assert_eq!(service.await.unwrap(), Err(std::io::ErrorKind::ConnectionReset));
+    })
+    .await
+}

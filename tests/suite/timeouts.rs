@@ -92,3 +92,32 @@ async fn one_way_traffic_is_closed_only_when_asked() {
     })
     .await
 }
+
+/// The idle close comes at the last traffic plus the timeout, not up to twice the timeout:
+/// traffic just after the relay started must not push the close to the second timer tick.
+#[tokio::test]
+async fn idle_visitors_close_soon_after_the_timeout() {
+    within(30, async {
+        let mut config = server_config();
+        config.timeout = Some(Duration::from_secs(2));
+        let server = start_server(config).await;
+        let client = connect(server.local_addr()).await;
+        let echo = echo_server().await;
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
+        let mut visitor = TcpStream::connect(tunnel.public_addr()).await.unwrap();
+        let mut one = [0u8; 1];
+        for _ in 0..3 {
+            visitor.write_all(b"x").await.unwrap();
+            visitor.read_exact(&mut one).await.unwrap();
+        }
+        let last_traffic = Instant::now();
+        let mut rest = Vec::new();
+        let _ = visitor.read_to_end(&mut rest).await;
+        let closed_after = last_traffic.elapsed();
+        assert!(
+            closed_after >= Duration::from_millis(1900) && closed_after < Duration::from_millis(3000),
+            "closed {closed_after:?} after the last traffic, for a 2 s timeout"
+        );
+    })
+    .await
+}

@@ -140,12 +140,16 @@ pub async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(body).await.unwrap();
-    let mut buffered = Vec::new();
-    let head = read_head(stream, &mut buffered).await.expect("a response head");
+    read_response(stream, &mut Vec::new()).await.expect("a response head")
+}
+
+/// Reads one response (body by `content-length`); `None` when the stream ends first.
+pub async fn read_response<S: AsyncRead + Unpin>(stream: &mut S, buffered: &mut Vec<u8>) -> Option<Response> {
+    let head = read_head(stream, buffered).await?;
     let status = head.first_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut body = Vec::new();
-    read_body(stream, &mut buffered, head.content_length(), |piece| body.extend_from_slice(piece)).await;
-    Response { status, head, body }
+    read_body(stream, buffered, head.content_length(), |piece| body.extend_from_slice(piece)).await;
+    Some(Response { status, head, body })
 }
 
 /// One request on a fresh connection to `server`.

@@ -74,6 +74,37 @@ pub async fn echo_server() -> SocketAddr {
     addr
 }
 
+/// A local service that reads what arrives, sends `first` and 64 KiB more, then dies
+/// with a reset (as a crashed process with unread data does).
+pub async fn dying_service(first: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let _ = stream.write_all(first).await;
+                let _ = stream.write_all(&random_bytes(64 * 1024)).await;
+                let _ = stream.set_zero_linger();
+            });
+        }
+    });
+    addr
+}
+
+/// Connects, sends `request` and reads until the end; the error if it did not end cleanly.
+pub async fn send_and_read_to_end(
+    addr: impl tokio::net::ToSocketAddrs,
+    request: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let mut visitor = TcpStream::connect(addr).await?;
+    visitor.write_all(request).await?;
+    let mut got = Vec::new();
+    visitor.read_to_end(&mut got).await?;
+    Ok(got)
+}
+
 /// Sends `payload`, half-closes, reads everything back; returns what came back.
 pub async fn echo_through(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     let stream = TcpStream::connect(addr).await?;
