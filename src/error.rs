@@ -9,14 +9,15 @@ use crate::transport::TlsError;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// A listen address could not be bound.
-    #[error("cannot listen on {addr} ({key}): {source}")]
+    #[error("cannot listen on {addr} ({key}): {cause}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// The config key it came from.
         key: &'static str,
-        /// The socket error.
-        source: std::io::Error,
+        /// The socket error (not a `source`: the message already names it, and printers
+        /// that follow sources would say it twice).
+        cause: std::io::Error,
     },
     /// The TLS listener could not be set up.
     #[error(transparent)]

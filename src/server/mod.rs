@@ -378,7 +378,7 @@ pub(crate) fn check_auth_api_url(url: &str) -> Result<(), String> {
 }
 
 async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, key, source })
+    TcpListener::bind(addr).await.map_err(|cause| ServerError::Bind { addr, key, cause })
 }
 
 async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: TaskTracker) {

@@ -23,3 +23,20 @@ async fn dialling_an_http_only_port_names_the_cause_once() {
     })
     .await
 }
+
+/// A taken port is reported once, with its cause once (issue 9.17).
+#[test]
+fn a_taken_port_names_its_cause_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let secret = "a-secret-of-twenty-bytes";
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["server", "--addr", &addr, "--id", "a", "--secret", secret])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(line.contains(&addr), "{line}");
+    assert_eq!(line.matches("in use").count(), 1, "{line}");
+}
