@@ -374,3 +374,34 @@ async fn a_sealed_visitor_cannot_be_rerouted_to_another_service() {
     })
     .await
 }
+
+/// An `encrypt` HTTP service: keep-alive requests and their answers, rewritten heads
+/// included, cross the client's link sealed.
+#[tokio::test]
+async fn an_encrypt_http_service_seals_requests_and_answers() {
+    within(30, async {
+        let server = start_server(server_config()).await;
+        let tap = tap(server.local_addr()).await;
+        let client = Client::connect(client_config(tap.addr, "id1", "secret1")).await.unwrap();
+        let local = crate::common::http::http_service("sealed-web").await;
+        let mut service = ServiceConfig::http(&local.to_string());
+        service.encrypt = true;
+        client.add_service(service).await.unwrap();
+        let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
+        for n in 0..3 {
+            let path = format!("/PLAINTEXT-MARK-{n}");
+            let answer =
+                crate::common::http::request(&mut visitor, "GET", &path, "id1.example.com", "", b"").await;
+            let text = answer.text();
+            assert!(text.contains(&format!("path={path} ")) && text.contains("service=sealed-web"), "{text}");
+        }
+        for seen in [&tap.upstream, &tap.downstream] {
+            let seen = seen.lock().unwrap();
+            assert!(!contains(&seen, b"PLAINTEXT-MARK"), "a request or answer crossed in clear");
+            assert!(!contains(&seen, b"sealed-web"), "an answer crossed in clear");
+        }
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await
+}
