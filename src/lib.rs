@@ -12,7 +12,8 @@
 //! - [`auth`]: the login's key exchange (SPAKE2), verifiers, session keys.
 //! - [`seal`]: encryption of control frames and of `encrypt` services' data.
 //! - `server` and `client`: the two actors; [`config`]: what they are built from.
-//! - [`chunked`]: the data path: chunks, so data connections can be reused.
+//! - [`relay`]: the data path: the pump that moves a visitor's bytes as chunks (so data
+//!   connections can be reused), its idle watch and traffic accounting.
 //!
 //! # Example
 //! ```no_run
@@ -37,7 +38,6 @@
 
 pub mod auth;
 pub mod cancel;
-pub mod chunked;
 pub mod cli;
 mod client;
 pub mod config;
@@ -47,10 +47,10 @@ pub mod error_reporting;
 pub mod logging;
 pub mod pid_file;
 pub mod proto;
+pub mod relay;
 pub mod seal;
 mod server;
 pub mod signals;
-pub mod throttle;
 pub mod transport;
 
 pub use client::{discover, free_ports, Client, ClientState, Registration};

@@ -14,10 +14,10 @@ use tracing::{debug, warn, Instrument};
 
 use crate::auth::{ReplayGuard, SessionKey};
 use crate::cancel::until_cancelled;
-use crate::chunked::{relay_chunked, Status};
 use crate::proto::{
     preamble_with, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
 };
+use crate::relay::{relay_chunked, Status};
 use crate::seal::{visitor_keys, SealedStream, Side};
 use crate::transport::{reset_on_drop, Connector, Stream};
 

@@ -16,8 +16,8 @@ use std::time::Duration;
 pub use port_range::PortRange;
 
 use crate::auth::Secret;
-use crate::chunked::IdleLimit;
 use crate::proto::{ProxyProtocol, ServiceControl};
+use crate::relay::IdleLimit;
 use crate::transport::{RemoteAddr, RemoteTrust, TlsVersion};
 
 /// Default heartbeat timeout on both sides.

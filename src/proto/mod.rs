@@ -5,11 +5,15 @@
 //! stream, so TCP, TLS and future QUIC streams share it. `docs/protocol.md`
 //! describes the exchange in prose.
 
+mod chunk;
 mod codec;
 mod message;
 mod preamble;
 mod text;
 
+pub use chunk::{
+    chunk_header, encode_chunk, parse_front, ChunkFront, ChunkTooLarge, CHUNK_HEADER, MAX_CHUNK,
+};
 pub(crate) use codec::fill_to;
 pub use codec::{
     encode_frame, read_frame, read_frame_buffered, write_frame, ControlChannel, ProtocolError, MAX_FRAME_LEN,

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::users::{Account, Counted, Slot};
 use crate::proto::{CloseReason, ServiceControl};
-use crate::throttle::Traffic;
+use crate::relay::throttle::Traffic;
 
 /// A tunnel's limits and live counters.
 pub(crate) struct Tunnel {

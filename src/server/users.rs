@@ -20,7 +20,7 @@ use super::hooks::ServerHooks;
 use crate::auth::{is_valid_id, Secret, Verifier, ID_RULE};
 use crate::config::{ServerConfig, TcpAllowance, UserConfig};
 use crate::proto::LoginRefusal;
-use crate::throttle::{Bucket, Traffic};
+use crate::relay::throttle::{Bucket, Traffic};
 
 /// What one user may do: the user's own settings over the server-wide ones.
 #[derive(Debug)]

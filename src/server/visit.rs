@@ -11,10 +11,11 @@ use super::hooks::VisitorInfo;
 use super::session::SessionShared;
 use super::tunnel::Tunnel;
 use super::ServerShared;
-use crate::chunked::{encode_chunk, relay_chunked_until, IdleLimit, RelayFailed, Relayed, Status};
+use crate::proto::encode_chunk;
 use crate::proto::{encode_frame, OpenStream};
+use crate::relay::throttle::{Meter, Metered};
+use crate::relay::{relay_chunked_until, IdleLimit, RelayError, Relayed, Status};
 use crate::seal::{visitor_keys, SealedStream, Side};
-use crate::throttle::{Meter, Metered};
 use crate::transport::Stream;
 
 /// Whether a visitor from `peer` may use `tunnel`: its `allow-ip`/`deny-ip`, then the
@@ -130,11 +131,11 @@ where
             }
             Relay::Finished
         }
-        Err(failed) if failed.unanswered => {
+        Err(failed) if failed.unanswered() => {
             debug!(err = %failed, "data connection broke before the client answered");
             Relay::Unanswered
         }
-        Err(failed) if failed.local_unavailable => {
+        Err(RelayError::LocalUnavailable) => {
             debug!("the client could not reach its local service");
             Relay::LocalUnavailable
         }
@@ -158,7 +159,7 @@ async fn relay_link<V, L>(
     visitor: &mut V,
     read_ahead: usize,
     idle: Option<IdleLimit>,
-) -> Result<Relayed, RelayFailed>
+) -> Result<Relayed, RelayError>
 where
     V: AsyncRead + AsyncWrite + Unpin + ?Sized,
     L: AsyncRead + AsyncWrite + Unpin + ?Sized,

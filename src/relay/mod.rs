@@ -1,30 +1,34 @@
-//! The data path of a data connection: visitor bytes travel in chunks, so one
-//! connection can carry one visitor after another.
+//! The relay: moves one visitor's bytes between a plain stream (the visitor on the server,
+//! the local service on the client) and a data connection, as chunks
+//! ([`crate::proto::encode_chunk`]), so one data connection can carry one visitor after
+//! another. Its parts: the pump (here), the idle watch ([`idle`]) and traffic
+//! accounting with speed limits ([`throttle`]).
 //!
-//! Each chunk is a 4-byte big-endian length and that many bytes. A zero length
-//! ends one direction (a half-close). When both directions have ended cleanly
-//! the data connection goes back to the pool instead of being closed, which
-//! saves a TCP handshake, an accept and a login proof per visitor. Any error, or
-//! a connection that closes mid-stream, aborts: the connection is dropped and
-//! the peer closes its side.
+//! When both directions have ended cleanly the data connection goes back to the pool
+//! instead of being closed, which saves a TCP handshake, an accept and a login proof per
+//! visitor. Any error, or a connection that closes mid-stream, aborts: the connection is
+//! dropped and the peer closes its side.
 //!
 //! Both directions are driven from one future over `&mut` streams (as tokio's
 //! `copy_bidirectional` does), so no stream is split and no lock is taken.
 
-use std::future::{poll_fn, Future};
+pub mod idle;
+pub mod throttle;
+
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
-use std::time::Duration;
-
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+pub use idle::IdleLimit;
+use idle::IdleWatch;
+
 use crate::cancel::until_cancelled;
-use crate::proto::StreamStatus;
+use crate::proto::{chunk_header, parse_front, ChunkFront, StreamStatus, CHUNK_HEADER};
 
 /// First size of each relay buffer; a whole chunk (header included) fits in it.
 ///
@@ -38,18 +42,6 @@ pub const CHUNK_BUF: usize = 2 * 1024;
 /// Buffers start small so that thousands of mostly idle visitors stay cheap, and
 /// double each time a read fills them, so bulk transfers need fewer system calls.
 pub const MAX_BUF: usize = 64 * 1024;
-
-/// The chunk header: a big-endian payload length.
-const HEADER: usize = 4;
-
-/// Largest chunk length accepted from a peer (chunks are streamed, never buffered whole).
-pub const MAX_CHUNK: u32 = 1 << 20;
-
-/// Appends one chunk (header and payload) to `out`; an empty payload is the end marker.
-pub fn encode_chunk(payload: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(payload);
-}
 
 /// How one side treats the status byte that opens the client's direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,37 +63,65 @@ pub struct Relayed {
     pub leftover: BytesMut,
 }
 
-/// Why a relay stopped before both directions ended cleanly.
-#[derive(Debug)]
-pub struct RelayFailed {
-    /// What went wrong.
-    pub error: io::Error,
-    /// The link failed before the client answered (no status byte came back) and no
-    /// plain bytes were sent after the open message: the visitor may be offered to
-    /// another client with the same first bytes.
-    pub unanswered: bool,
-    /// The data connection failed or closed mid-stream, or the relay was stopped: the
-    /// transfer was cut off, not completed.
-    pub link_failed: bool,
+/// Why a relay stopped before both directions ended cleanly, by the side that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The plain side failed: the visitor (on the server) or the local service (on the client).
+    #[error("{0}")]
+    Plain(io::Error),
+    /// The data connection failed, closed mid-stream, or sent what is not a chunk.
+    #[error("{error}")]
+    Link {
+        /// What went wrong.
+        error: io::Error,
+        /// Nothing came back yet (no status byte) and nothing was sent after the open
+        /// message: the visitor may be offered to another client with the same first bytes.
+        unanswered: bool,
+        /// The link's direction had ended cleanly: the plain side got all of it and its end.
+        delivered: bool,
+    },
     /// The client answered that it could not reach its local service (status byte `1`).
-    pub local_unavailable: bool,
-    /// The link's direction had ended cleanly: the plain side got all of it and its end.
-    pub delivered: bool,
+    #[error("the client could not reach its local service")]
+    LocalUnavailable,
+    /// No traffic for the idle timeout (`timeout`), or one way only for it.
+    #[error("{0}")]
+    Idle(io::Error),
+    /// The tunnel closed while the visitor was being served.
+    #[error("the tunnel closed")]
+    Cancelled {
+        /// As for [`RelayError::Link`].
+        unanswered: bool,
+        /// As for [`RelayError::Link`].
+        delivered: bool,
+    },
 }
 
-impl RelayFailed {
+impl RelayError {
+    /// Whether the visitor may go to another client: see [`RelayError::Link`].
+    pub fn unanswered(&self) -> bool {
+        matches!(
+            self,
+            RelayError::Link { unanswered: true, .. } | RelayError::Cancelled { unanswered: true, .. }
+        )
+    }
+
     /// The plain side's transfer was cut off: the link failed before all of it arrived.
     /// Its peer should then see a reset, not a normal end. Once everything was delivered,
     /// a reset would only risk discarding bytes the peer has not read yet.
     pub fn cut_off(&self) -> bool {
-        self.link_failed && !self.delivered
+        matches!(
+            self,
+            RelayError::Link { delivered: false, .. } | RelayError::Cancelled { delivered: false, .. }
+        )
     }
 }
 
-impl std::fmt::Display for RelayFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.error.fmt(f)
-    }
+/// Which part of the pump an error came from.
+enum Failure {
+    Plain(io::Error),
+    Link(io::Error),
+    LocalUnavailable,
+    Idle(io::Error),
 }
 
 /// Relays between a plain stream (visitor or local service) and a data connection
@@ -114,7 +134,7 @@ pub async fn relay_chunked<P, L>(
     status: Status,
     early: BytesMut,
     idle: Option<IdleLimit>,
-) -> Result<Relayed, RelayFailed>
+) -> Result<Relayed, RelayError>
 where
     P: AsyncRead + AsyncWrite + Unpin + ?Sized,
     L: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -122,7 +142,7 @@ where
     relay(plain, link, status, early, idle, None).await
 }
 
-/// [`relay_chunked`] that also stops (with an `Interrupted` error) when `stop` is cancelled.
+/// [`relay_chunked`] that also stops ([`RelayError::Cancelled`]) when `stop` is cancelled.
 pub async fn relay_chunked_until<P, L>(
     plain: &mut P,
     link: &mut L,
@@ -130,7 +150,7 @@ pub async fn relay_chunked_until<P, L>(
     early: BytesMut,
     idle: Option<IdleLimit>,
     stop: &CancellationToken,
-) -> Result<Relayed, RelayFailed>
+) -> Result<Relayed, RelayError>
 where
     P: AsyncRead + AsyncWrite + Unpin + ?Sized,
     L: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -145,7 +165,7 @@ async fn relay<P, L>(
     early: BytesMut,
     idle: Option<IdleLimit>,
     stop: Option<&CancellationToken>,
-) -> Result<Relayed, RelayFailed>
+) -> Result<Relayed, RelayError>
 where
     P: AsyncRead + AsyncWrite + Unpin + ?Sized,
     L: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -157,97 +177,26 @@ where
         let out_done = out.poll(cx, &mut *plain, &mut *link)?.is_ready();
         let in_done = inbound.poll(cx, &mut *link, &mut *plain)?.is_ready();
         if out_done && in_done {
-            return Poll::Ready(Ok::<(), io::Error>(()));
+            return Poll::Ready(Ok::<(), Failure>(()));
         }
         if let Some(watch) = watch.as_mut() {
-            watch.poll(cx, out.total, inbound.total)?;
+            watch.poll(cx, out.total, inbound.total).map_err(Failure::Idle)?;
         }
         Poll::Pending
     });
-    let (relayed, stopped) = match stop {
-        Some(token) => match until_cancelled(token, both_ways).await {
-            Some(relayed) => (relayed, false),
-            None => (Err(io::Error::new(io::ErrorKind::Interrupted, "the tunnel closed")), true),
-        },
-        None => (both_ways.await, false),
+    let relayed = match stop {
+        Some(token) => until_cancelled(token, both_ways).await,
+        None => Some(both_ways.await),
     };
+    let unanswered = inbound.expect_status && out.untouched();
+    let delivered = inbound.done;
     match relayed {
-        Ok(()) => Ok(Relayed { out: out.total, r#in: inbound.total, leftover: inbound.leftover() }),
-        Err(error) => {
-            let link_failed = out.link_failed || inbound.link_failed || stopped;
-            let unanswered = link_failed && inbound.expect_status && out.untouched();
-            let (local_unavailable, delivered) = (inbound.refused, inbound.done);
-            Err(RelayFailed { error, unanswered, link_failed, local_unavailable, delivered })
-        }
-    }
-}
-
-/// When a visitor that moves no bytes is closed (`timeout`, GT's
-/// `timeout-on-unidirectional-traffic`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IdleLimit {
-    /// Close after this long without a byte in either direction.
-    pub timeout: Duration,
-    /// Also close when one direction alone has been silent this long.
-    pub unidirectional: bool,
-}
-
-/// Watches the byte counts. The time of the last progress is read whenever a poll finds the
-/// counts moved (one clock read per wake-up with traffic); the timer is re-armed only when it
-/// fires, so a busy relay does not touch the timer wheel per byte, yet an idle one closes at
-/// its last traffic plus the timeout.
-struct IdleWatch {
-    limit: IdleLimit,
-    timer: Pin<Box<Sleep>>,
-    seen: (u64, u64),
-    last: (Instant, Instant),
-}
-
-impl IdleWatch {
-    fn new(limit: IdleLimit) -> Self {
-        let now = Instant::now();
-        IdleWatch {
-            limit,
-            timer: Box::pin(tokio::time::sleep(limit.timeout)),
-            seen: (0, 0),
-            last: (now, now),
-        }
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>, out: u64, r#in: u64) -> io::Result<()> {
-        if (out, r#in) != self.seen {
-            let now = Instant::now();
-            if out != self.seen.0 {
-                self.last.0 = now;
-            }
-            if r#in != self.seen.1 {
-                self.last.1 = now;
-            }
-            self.seen = (out, r#in);
-        }
-        if self.timer.as_mut().poll(cx).is_pending() {
-            return Ok(());
-        }
-        let now = Instant::now();
-        let silent = |since: Instant| now.saturating_duration_since(since) >= self.limit.timeout;
-        let (out_silent, in_silent) = (silent(self.last.0), silent(self.last.1));
-        if out_silent && in_silent {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "no traffic for the idle timeout"));
-        }
-        if self.limit.unidirectional && (out_silent || in_silent) {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "traffic went one way only for the timeout"));
-        }
-        let oldest = if self.limit.unidirectional {
-            self.last.0.min(self.last.1)
-        } else {
-            self.last.0.max(self.last.1)
-        };
-        self.timer.as_mut().reset(oldest + self.limit.timeout);
-        // Poll once more so the reset timer is registered with this task.
-        if self.timer.as_mut().poll(cx).is_ready() {
-            cx.waker().wake_by_ref();
-        }
-        Ok(())
+        Some(Ok(())) => Ok(Relayed { out: out.total, r#in: inbound.total, leftover: inbound.leftover() }),
+        None => Err(RelayError::Cancelled { unanswered, delivered }),
+        Some(Err(Failure::Link(error))) => Err(RelayError::Link { error, unanswered, delivered }),
+        Some(Err(Failure::Plain(error))) => Err(RelayError::Plain(error)),
+        Some(Err(Failure::LocalUnavailable)) => Err(RelayError::LocalUnavailable),
+        Some(Err(Failure::Idle(error))) => Err(RelayError::Idle(error)),
     }
 }
 
@@ -262,8 +211,6 @@ struct Outbound {
     ending: bool,
     done: bool,
     total: u64,
-    /// Writing to the link failed or it closed.
-    link_failed: bool,
 }
 
 impl Outbound {
@@ -276,13 +223,7 @@ impl Outbound {
             ending: false,
             done: false,
             total: 0,
-            link_failed: false,
         }
-    }
-
-    fn fail_link(&mut self, err: io::Error) -> Poll<io::Result<()>> {
-        self.link_failed = true;
-        Poll::Ready(Err(err))
     }
 
     /// Nothing was read from the plain side yet (not even its end).
@@ -297,7 +238,7 @@ impl Outbound {
         self.buf = bigger;
     }
 
-    fn poll<P, L>(&mut self, cx: &mut Context<'_>, plain: &mut P, link: &mut L) -> Poll<io::Result<()>>
+    fn poll<P, L>(&mut self, cx: &mut Context<'_>, plain: &mut P, link: &mut L) -> Poll<Result<(), Failure>>
     where
         P: AsyncRead + Unpin + ?Sized,
         L: AsyncWrite + Unpin + ?Sized,
@@ -310,26 +251,24 @@ impl Outbound {
                 let written = ready!(Pin::new(&mut *link).poll_write(cx, &self.buf[self.pos..self.end]));
                 let n = match written {
                     Ok(n) if n > 0 => n,
-                    Ok(_) => return self.fail_link(io::ErrorKind::WriteZero.into()),
-                    Err(err) => return self.fail_link(err),
+                    Ok(_) => return Poll::Ready(Err(Failure::Link(io::ErrorKind::WriteZero.into()))),
+                    Err(err) => return Poll::Ready(Err(Failure::Link(err))),
                 };
                 self.pos += n;
                 continue;
             }
             if self.ending {
-                if let Err(err) = ready!(Pin::new(&mut *link).poll_flush(cx)) {
-                    return self.fail_link(err);
-                }
+                ready!(Pin::new(&mut *link).poll_flush(cx)).map_err(Failure::Link)?;
                 self.done = true;
                 continue;
             }
             let mut read = ReadBuf::new(&mut self.buf[5..]);
-            ready!(Pin::new(&mut *plain).poll_read(cx, &mut read))?;
+            ready!(Pin::new(&mut *plain).poll_read(cx, &mut read)).map_err(Failure::Plain)?;
             let n = read.filled().len();
             if 5 + n == self.buf.len() && self.buf.len() < 1 + MAX_BUF {
                 self.grow();
             }
-            self.buf[1..5].copy_from_slice(&(n as u32).to_be_bytes());
+            self.buf[1..5].copy_from_slice(&chunk_header(n));
             self.pos = if self.send_status { 0 } else { 1 };
             if self.send_status {
                 self.buf[0] = StreamStatus::Ready as u8;
@@ -354,10 +293,6 @@ struct Inbound {
     shutting_down: bool,
     done: bool,
     total: u64,
-    /// Reading the link failed or it closed before its end marker.
-    link_failed: bool,
-    /// The status byte said the local service is unavailable.
-    refused: bool,
 }
 
 impl Inbound {
@@ -373,8 +308,6 @@ impl Inbound {
             shutting_down: false,
             done: false,
             total: 0,
-            link_failed: false,
-            refused: false,
         }
     }
 
@@ -382,7 +315,7 @@ impl Inbound {
         BytesMut::from(&self.buf[self.pos..self.len])
     }
 
-    fn poll<L, P>(&mut self, cx: &mut Context<'_>, link: &mut L, plain: &mut P) -> Poll<io::Result<()>>
+    fn poll<L, P>(&mut self, cx: &mut Context<'_>, link: &mut L, plain: &mut P) -> Poll<Result<(), Failure>>
     where
         L: AsyncRead + Unpin + ?Sized,
         P: AsyncWrite + Unpin + ?Sized,
@@ -392,16 +325,18 @@ impl Inbound {
                 return Poll::Ready(Ok(()));
             }
             if self.shutting_down {
-                ready!(Pin::new(&mut *plain).poll_shutdown(cx))?;
+                ready!(Pin::new(&mut *plain).poll_shutdown(cx)).map_err(Failure::Plain)?;
                 self.done = true;
                 continue;
             }
             let available = self.len - self.pos;
             if self.chunk_left > 0 && available > 0 {
                 let take = available.min(self.chunk_left);
-                let n = ready!(Pin::new(&mut *plain).poll_write(cx, &self.buf[self.pos..self.pos + take]))?;
+                let written =
+                    ready!(Pin::new(&mut *plain).poll_write(cx, &self.buf[self.pos..self.pos + take]));
+                let n = written.map_err(Failure::Plain)?;
                 if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    return Poll::Ready(Err(Failure::Plain(io::ErrorKind::WriteZero.into())));
                 }
                 self.pos += n;
                 self.chunk_left -= n;
@@ -416,38 +351,26 @@ impl Inbound {
     }
 
     /// Consumes the status byte or a chunk header if they are buffered; false if more bytes are needed.
-    fn parse_next(&mut self) -> io::Result<bool> {
-        let available = &self.buf[self.pos..self.len];
-        if self.expect_status {
-            let Some(&status) = available.first() else {
-                return Ok(false);
-            };
-            if StreamStatus::from_byte(status) != StreamStatus::Ready {
-                self.refused = true;
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    "client could not reach its local service",
-                ));
-            }
-            self.expect_status = false;
-            self.pos += 1;
-            return Ok(true);
-        }
-        let Some(header) = available.get(..4) else {
+    fn parse_next(&mut self) -> Result<bool, Failure> {
+        let parsed = parse_front(&self.buf[self.pos..self.len], self.expect_status);
+        let parsed = parsed.map_err(|e| Failure::Link(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+        let Some((front, used)) = parsed else {
             return Ok(false);
         };
-        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-        self.pos += 4;
-        if len > MAX_CHUNK {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("chunk of {len} bytes")));
+        self.pos += used;
+        match front {
+            ChunkFront::Status(StreamStatus::Ready) => self.expect_status = false,
+            ChunkFront::Status(StreamStatus::LocalUnavailable) => return Err(Failure::LocalUnavailable),
+            ChunkFront::End => self.shutting_down = true,
+            ChunkFront::Chunk(len) => {
+                // The peer moves bulk data: take whole chunks in one read, up to MAX_BUF.
+                let wanted = (len + CHUNK_HEADER).min(MAX_BUF + CHUNK_HEADER);
+                if wanted > self.buf.len() {
+                    self.resize(wanted.next_power_of_two().min(MAX_BUF + CHUNK_HEADER));
+                }
+                self.chunk_left = len;
+            }
         }
-        // The peer moves bulk data: take whole chunks in one read, up to MAX_BUF.
-        let wanted = (len as usize + HEADER).min(MAX_BUF + HEADER);
-        if wanted > self.buf.len() {
-            self.resize(wanted.next_power_of_two().min(MAX_BUF + HEADER));
-        }
-        self.chunk_left = len as usize;
-        self.shutting_down = len == 0;
         Ok(true)
     }
 
@@ -465,7 +388,7 @@ impl Inbound {
         &mut self,
         cx: &mut Context<'_>,
         link: &mut L,
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<Result<(), Failure>> {
         // Keep what is unparsed at the front, so a whole chunk fits behind its header.
         if self.pos > 0 {
             self.buf.copy_within(self.pos..self.len, 0);
@@ -473,19 +396,15 @@ impl Inbound {
             self.pos = 0;
         }
         let mut read = ReadBuf::new(&mut self.buf[self.len..]);
-        if let Err(err) = ready!(Pin::new(&mut *link).poll_read(cx, &mut read)) {
-            self.link_failed = true;
-            return Poll::Ready(Err(err));
-        }
+        ready!(Pin::new(&mut *link).poll_read(cx, &mut read)).map_err(Failure::Link)?;
         let n = read.filled().len();
         if n == 0 {
-            self.link_failed = true;
             let what = if self.expect_status {
                 "client closed the data connection before answering"
             } else {
                 "data connection closed mid-stream"
             };
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, what)));
+            return Poll::Ready(Err(Failure::Link(io::Error::new(io::ErrorKind::UnexpectedEof, what))));
         }
         self.len += n;
         Poll::Ready(Ok(()))
@@ -540,9 +459,9 @@ mod tests {
     #[tokio::test]
     async fn refusal_truncation_and_oversized_chunks_are_errors() {
         let mut bytes = Vec::new();
-        encode_chunk(b"partial", &mut bytes);
+        crate::proto::encode_chunk(b"partial", &mut bytes);
         bytes.extend_from_slice(&100u32.to_be_bytes());
-        let huge = (MAX_CHUNK + 1).to_be_bytes().to_vec();
+        let huge = (crate::proto::MAX_CHUNK + 1).to_be_bytes().to_vec();
         let refusal = vec![StreamStatus::LocalUnavailable as u8];
         let cases = [
             (Status::Expect, refusal, io::ErrorKind::ConnectionRefused),
@@ -558,9 +477,13 @@ mod tests {
             let relay = relay_chunked(&mut plain, &mut link, status, BytesMut::new(), None);
             let limit = std::time::Duration::from_secs(5);
             let err = tokio::time::timeout(limit, relay).await.unwrap().unwrap_err();
-            assert_eq!(err.error.kind(), expected);
-            assert!(!err.unanswered || status == Status::Expect);
-            assert_eq!(err.local_unavailable, expected == io::ErrorKind::ConnectionRefused);
+            match (&err, expected) {
+                (RelayError::LocalUnavailable, io::ErrorKind::ConnectionRefused) => {}
+                (RelayError::Link { error, unanswered: false, delivered: false }, kind) => {
+                    assert_eq!(error.kind(), kind)
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 }
