@@ -37,7 +37,6 @@
 #![warn(missing_docs)]
 
 pub mod auth;
-pub mod cancel;
 pub mod cli;
 mod client;
 pub mod config;

@@ -13,7 +13,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::auth::{ReplayGuard, SessionKey};
-use crate::cancel::until_cancelled;
 use crate::proto::{
     preamble_with, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
 };
@@ -111,7 +110,7 @@ impl DataPool {
         let pool = self.clone();
         tokio::spawn(async move {
             let token = pool.token.clone();
-            until_cancelled(&token, pool.serve_one()).await;
+            token.run_until_cancelled(pool.serve_one()).await;
         });
     }
 

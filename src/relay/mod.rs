@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 pub use idle::IdleLimit;
 use idle::IdleWatch;
 
-use crate::cancel::until_cancelled;
 use crate::proto::{chunk_header, parse_front, ChunkFront, StreamStatus, CHUNK_HEADER};
 
 /// First size of each relay buffer; a whole chunk (header included) fits in it.
@@ -185,7 +184,7 @@ where
         Poll::Pending
     });
     let relayed = match stop {
-        Some(token) => until_cancelled(token, both_ways).await,
+        Some(token) => token.run_until_cancelled(both_ways).await,
         None => Some(both_ways.await),
     };
     let unanswered = inbound.expect_status && out.untouched();
