@@ -58,6 +58,6 @@ pub use config::{
 };
 pub use error::{ClientError, ServerError};
 pub use proto::{CloseReason, LoginRefusal, RegisterError, ServiceInfo};
-pub use server::hooks::{ClientInfo, ServerHooks, VisitorInfo};
+pub use server::hooks::{ClientInfo, DisconnectReason, ServerHooks, VisitorInfo};
 pub use server::{Reloader, Server, ServerHandle};
 pub use transport::{RemoteAddr, RemoteTrust};

@@ -60,7 +60,7 @@ pub trait ServerHooks: Send + Sync + 'static {
     fn client_connected(&self, _client: &ClientInfo) {}
 
     /// A client's session ended.
-    fn client_disconnected(&self, _client: &ClientInfo, _reason: &str) {}
+    fn client_disconnected(&self, _client: &ClientInfo, _reason: &DisconnectReason) {}
 
     /// A tunnel opened.
     fn tunnel_opened(&self, _tunnel: &ServiceInfo) {}
@@ -78,3 +78,21 @@ pub trait ServerHooks: Send + Sync + 'static {
 pub(crate) struct NoHooks;
 
 impl ServerHooks for NoHooks {}
+
+/// Why a client's session ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The server closed it: shutdown, a reload that removed the user, the API.
+    #[error("session closed by the server")]
+    ClosedByServer,
+    /// The client closed its control connection.
+    #[error("connection closed by client")]
+    ClosedByClient,
+    /// The client was silent for the heartbeat timeout.
+    #[error("no heartbeat for {0:?}")]
+    NoHeartbeat(std::time::Duration),
+    /// The control connection failed or carried what is not a message.
+    #[error("control connection failed: {0}")]
+    Failed(String),
+}

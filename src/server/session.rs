@@ -14,7 +14,7 @@ use tracing::{info, warn, Instrument};
 
 use super::api::views;
 use super::handshakes::Handshake;
-use super::hooks::ClientInfo;
+use super::hooks::{ClientInfo, DisconnectReason};
 use super::pool::{DataPool, IDLE_TTL};
 use super::tunnel::Tunnel;
 use super::users::{Account, Counted, Grant, Slot, Users};
@@ -189,74 +189,110 @@ pub(crate) async fn serve_control(
         return;
     };
     drop(handshake);
-    let (outbox, inbox) = mpsc::channel(64);
-    let account = shared.users.account(&accepted.id, accepted.rules, accepted.grant);
-    let session = Arc::new(SessionShared {
-        id: shared.registry.next_session_id(),
-        user: accepted.id,
-        instance: accepted.instance,
-        account,
-        credential: accepted.credential,
-        grant: accepted.grant,
-        slot: Mutex::new(None),
-        peer,
-        tags: accepted.tags,
-        since: SystemTime::now(),
-        pings: Mutex::default(),
-        key: accepted.session_key,
-        replay: Mutex::default(),
-        visits: AtomicU64::new(0),
-        pool: DataPool::default(),
-        outbox,
-        closing: shared.shutdown.child_token(),
-        released: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-        tunnels: Mutex::default(),
-    });
+    let (session, inbox) = SessionShared::open(&shared, accepted, peer);
     let span = tracing::info_span!("session", id = session.id, user = %session.user, %peer);
     async move {
-        if let Some(stale) = shared.registry.insert_session(session.clone()) {
-            info!(stale = stale.id, "replacing a stale session of the same client");
-            stale.closing.cancel();
-            stale.released.cancelled().await;
-        }
-        // Counted once a stale session of the same client has given its place back.
-        match session.account.admit(Counted::Sessions) {
-            Ok(slot) => *session.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot),
-            Err(limit) => {
-                warn!(limit, "login refused: the user's sessions limit is reached");
-                let refusal = LoginRefusal::TooManySessions { id: session.user.clone(), limit };
-                let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
-                shared.registry.remove_session(session.id);
-                return;
-            }
-        }
-        let client = session.client_info();
-        if let Err(why) = shared.hooks().check_login(&client) {
-            warn!(%why, "login refused by the program's hook");
-            let refusal = LoginRefusal::AuthFailed { id: session.user.clone() };
-            let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
+        if !admit(&shared, &session, &mut chan).await {
             shared.registry.remove_session(session.id);
             return;
         }
-        let interval = heartbeat_interval(shared.config.heartbeat_timeout);
-        let heartbeat_interval_ms = interval.as_millis() as u64;
-        let confirm = session.key.welcome_confirm(session.id, heartbeat_interval_ms);
-        let welcome = ServerMessage::Welcome { session: session.id, heartbeat_interval_ms, confirm };
-        if chan.send(&welcome).await.is_ok() {
-            chan.encrypt(FrameCipher::new(&session.key, Side::Server));
-            info!("client connected");
-            shared.hooks().client_connected(&client);
-            let reason = Control { shared: &shared, session: &session, chan, inbox }.run(interval).await;
-            info!(%reason, "client disconnected");
-            close_session(&shared, &session).await;
-            shared.hooks().client_disconnected(&client, &reason);
-            return;
-        }
+        let Some(interval) = welcome(&shared, &session, &mut chan).await else {
+            return close_session(&shared, &session).await;
+        };
+        let client = session.client_info();
+        info!("client connected");
+        shared.hooks().client_connected(&client);
+        let reason = Control { shared: &shared, session: &session, chan, inbox }.run(interval).await;
+        info!(%reason, "client disconnected");
         close_session(&shared, &session).await;
+        shared.hooks().client_disconnected(&client, &reason);
     }
     .instrument(span)
     .await
+}
+
+impl SessionShared {
+    /// The session of a login the server accepted, and the inbox of its control loop.
+    fn open(
+        shared: &ServerShared,
+        accepted: login::Accepted,
+        peer: SocketAddr,
+    ) -> (Arc<Self>, mpsc::Receiver<ServerMessage>) {
+        let (outbox, inbox) = mpsc::channel(64);
+        let account = shared.users.account(&accepted.id, accepted.rules, accepted.grant);
+        let session = Arc::new(SessionShared {
+            id: shared.registry.next_session_id(),
+            user: accepted.id,
+            instance: accepted.instance,
+            account,
+            credential: accepted.credential,
+            grant: accepted.grant,
+            slot: Mutex::new(None),
+            peer,
+            tags: accepted.tags,
+            since: SystemTime::now(),
+            pings: Mutex::default(),
+            key: accepted.session_key,
+            replay: Mutex::default(),
+            visits: AtomicU64::new(0),
+            pool: DataPool::default(),
+            outbox,
+            closing: shared.shutdown.child_token(),
+            released: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            tunnels: Mutex::default(),
+        });
+        (session, inbox)
+    }
+}
+
+/// Registers the session, replacing a stale one of the same client, and checks the user's
+/// sessions limit and the program's hook; false (the client told why) when refused.
+async fn admit(
+    shared: &ServerShared,
+    session: &Arc<SessionShared>,
+    chan: &mut ControlChannel<Stream>,
+) -> bool {
+    if let Some(stale) = shared.registry.insert_session(session.clone()) {
+        info!(stale = stale.id, "replacing a stale session of the same client");
+        stale.closing.cancel();
+        stale.released.cancelled().await;
+    }
+    // Counted once a stale session of the same client has given its place back.
+    let refusal = match session.account.admit(Counted::Sessions) {
+        Ok(slot) => {
+            *session.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot);
+            match shared.hooks().check_login(&session.client_info()) {
+                Ok(()) => return true,
+                Err(why) => {
+                    warn!(%why, "login refused by the program's hook");
+                    LoginRefusal::AuthFailed { id: session.user.clone() }
+                }
+            }
+        }
+        Err(limit) => {
+            warn!(limit, "login refused: the user's sessions limit is reached");
+            LoginRefusal::TooManySessions { id: session.user.clone(), limit }
+        }
+    };
+    let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
+    false
+}
+
+/// Sends the welcome, which proves the server's key, and seals the channel from then on;
+/// the heartbeat interval, or `None` if the client is gone.
+async fn welcome(
+    shared: &ServerShared,
+    session: &SessionShared,
+    chan: &mut ControlChannel<Stream>,
+) -> Option<Duration> {
+    let interval = heartbeat_interval(shared.config.heartbeat_timeout);
+    let heartbeat_interval_ms = interval.as_millis() as u64;
+    let confirm = session.key.welcome_confirm(session.id, heartbeat_interval_ms);
+    let welcome = ServerMessage::Welcome { session: session.id, heartbeat_interval_ms, confirm };
+    chan.send(&welcome).await.ok()?;
+    chan.encrypt(FrameCipher::new(&session.key, Side::Server));
+    Some(interval)
 }
 
 fn heartbeat_interval(timeout: Duration) -> Duration {
@@ -283,7 +319,7 @@ struct Control<'a> {
 
 impl Control<'_> {
     /// Runs until the client leaves, goes silent, or the server shuts down; returns why.
-    async fn run(mut self, interval: Duration) -> String {
+    async fn run(mut self, interval: Duration) -> DisconnectReason {
         let timeout = self.shared.config.heartbeat_timeout;
         let mut ticker = tokio::time::interval(interval);
         let mut last_heard = Instant::now();
@@ -291,19 +327,19 @@ impl Control<'_> {
         let mut services = 0usize;
         loop {
             let result = tokio::select! {
-                _ = self.session.closing.cancelled() => return "session closed by the server".into(),
+                _ = self.session.closing.cancelled() => return DisconnectReason::ClosedByServer,
                 message = self.chan.recv::<ClientMessage>() => match message {
                     Ok(message) => {
                         last_heard = Instant::now();
                         self.handle(message, &mut services).await
                     }
-                    Err(ProtocolError::Closed) => return "connection closed by client".into(),
-                    Err(err) => return format!("control connection failed: {err}"),
+                    Err(ProtocolError::Closed) => return DisconnectReason::ClosedByClient,
+                    Err(err) => return DisconnectReason::Failed(err.to_string()),
                 },
                 Some(message) = self.inbox.recv() => self.chan.send(&message).await,
                 _ = ticker.tick() => {
                     if last_heard.elapsed() > timeout {
-                        return format!("no heartbeat for {timeout:?}");
+                        return DisconnectReason::NoHeartbeat(timeout);
                     }
                     ping_seq += 1;
                     self.session.pool.trim(IDLE_TTL);
@@ -311,7 +347,7 @@ impl Control<'_> {
                 }
             };
             if let Err(err) = result {
-                return format!("control connection failed: {err}");
+                return DisconnectReason::Failed(err.to_string());
             }
         }
     }

@@ -46,8 +46,8 @@ impl ServerHooks for Recorder {
         self.record(format!("connected {}", client.user));
     }
 
-    fn client_disconnected(&self, client: &ClientInfo, _reason: &str) {
-        self.record(format!("disconnected {}", client.user));
+    fn client_disconnected(&self, client: &ClientInfo, reason: &ferry::DisconnectReason) {
+        self.record(format!("disconnected {}: {reason:?}", client.user));
     }
 
     fn tunnel_opened(&self, tunnel: &ServiceInfo) {
@@ -120,7 +120,7 @@ async fn hooks_authenticate_watch_and_refuse_visitors() {
         public.cancel();
         until_recorded(&hooks, "closed public after 1 visitor(s)").await;
         client.shutdown().await;
-        until_recorded(&hooks, "disconnected app-user").await;
+        until_recorded(&hooks, "disconnected app-user: ClosedByClient").await;
         server.shutdown().await;
     })
     .await
