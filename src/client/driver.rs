@@ -321,6 +321,7 @@ impl Driver {
             Ok(reason) => reason,
             Err(err) => format!("control connection failed: {err}"),
         };
+        session.pool.stop().await;
         for (_, question) in self.questions.drain() {
             let _ = question.send(Err(ClientError::NotConnected));
         }

@@ -73,6 +73,7 @@ impl fmt::Display for ClientState {
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
+#[must_use = "dropping a Client stops it and closes its tunnels"]
 pub struct Client {
     commands: mpsc::UnboundedSender<Command>,
     state: watch::Receiver<ClientState>,
@@ -244,6 +245,7 @@ impl Drop for AbandonGuard {
 
 /// One open tunnel. Dropping it leaves the tunnel open; [`cancel`](Registration::cancel) closes it.
 #[derive(Debug)]
+#[must_use = "dropping a Registration leaves the tunnel open; keep it to watch or cancel the tunnel"]
 pub struct Registration {
     key: u64,
     port: u16,

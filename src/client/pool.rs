@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
 use crate::auth::{ReplayGuard, SessionKey};
@@ -63,6 +64,8 @@ pub(crate) struct DataPool {
     /// The configured number of idle connections; the target never goes below it.
     base: usize,
     token: CancellationToken,
+    /// Every worker, so that the session's end waits for them.
+    tasks: TaskTracker,
 }
 
 impl DataPool {
@@ -89,11 +92,19 @@ impl DataPool {
             idle: AtomicUsize::new(0),
             base: idle,
             token,
+            tasks: TaskTracker::new(),
         });
         for _ in 0..idle {
             pool.spawn_worker();
         }
         pool
+    }
+
+    /// Stops every worker (and the visitors they serve) and waits until they are gone.
+    pub(crate) async fn stop(&self) {
+        self.token.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// The server saw visitors wait: keep more connections idle from now on.
@@ -108,7 +119,7 @@ impl DataPool {
 
     fn spawn_worker(self: &Arc<Self>) {
         let pool = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let token = pool.token.clone();
             token.run_until_cancelled(pool.serve_one()).await;
         });

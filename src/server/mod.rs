@@ -287,15 +287,17 @@ impl Server {
         let stop = token.clone();
         let reloader = self.reloader();
         let task = tokio::spawn(async move { self.run(stop.cancelled_owned()).await });
+        let task = Some(task);
         ServerHandle { token, task, addr, tls_addr, http_addr, sni_addr, api_addr, reloader }
     }
 }
 
-/// A server running on a background task. Dropping the handle leaves it running;
-/// call [`shutdown`](ServerHandle::shutdown) to stop it.
+/// A server running on a background task. Dropping the handle stops it (without waiting);
+/// [`shutdown`](ServerHandle::shutdown) stops it and waits until every tunnel is closed.
+#[must_use = "dropping a ServerHandle stops the server"]
 pub struct ServerHandle {
     token: CancellationToken,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
@@ -336,9 +338,17 @@ impl ServerHandle {
     }
 
     /// Stops accepting, closes every tunnel and waits for the server to finish.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.token.cancel();
-        let _ = self.task.await;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.token.cancel();
     }
 }
 

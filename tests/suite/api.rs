@@ -301,7 +301,7 @@ async fn forging_service_names_and_messages_are_refused_and_metrics_stay_well_fo
 
         let mut fine = ServiceConfig::tcp(&echo);
         fine.message = Some("Bob's echo (staging)".into());
-        client.add_service(fine).await.unwrap();
+        let _ = client.add_service(fine).await.unwrap();
         let text = metrics(api).await;
         for line in text.lines() {
             assert!(well_formed_metric_line(line), "malformed line {line:?} in\n{text}");

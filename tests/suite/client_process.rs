@@ -102,7 +102,7 @@ async fn a_refused_service_is_retried_while_the_others_run() {
         let server_addr = format!("127.0.0.1:{server_port}").parse().unwrap();
         let site = crate::common::http::http_service("site").await.to_string();
         let holder = Client::connect(client_config(server_addr, "id1", "secret1")).await.unwrap();
-        holder.add_service(ServiceConfig::http(&site).with_host_prefix("site")).await.unwrap();
+        let _ = holder.add_service(ServiceConfig::http(&site).with_host_prefix("site")).await.unwrap();
 
         let echo = format!("tcp://{}", echo_server().await);
         let http = format!("http://{site}");

@@ -23,7 +23,7 @@ async fn clients_discover_their_users_services_and_free_ports() {
         let tunnel = serving.add_service(tcp).await.unwrap();
         let mut web = ServiceConfig::http(&echo.to_string()).with_host_prefix("www");
         web.name = "web".into();
-        serving.add_service(web).await.unwrap();
+        let _ = serving.add_service(web).await.unwrap();
         let payload = random_bytes(4096);
         assert_eq!(echo_through(tunnel.public_addr().parse().unwrap(), &payload).await.unwrap(), payload);
 

@@ -386,7 +386,7 @@ async fn an_encrypt_http_service_seals_requests_and_answers() {
         let local = crate::common::http::http_service("sealed-web").await;
         let mut service = ServiceConfig::http(&local.to_string());
         service.encrypt = true;
-        client.add_service(service).await.unwrap();
+        let _ = client.add_service(service).await.unwrap();
         let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
         for n in 0..3 {
             let path = format!("/PLAINTEXT-MARK-{n}");

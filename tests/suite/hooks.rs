@@ -137,7 +137,7 @@ async fn a_refusing_visitor_hook_turns_http_visitors_away_with_403() {
         for name in ["public", "private"] {
             let mut service = ServiceConfig::http(&web).with_host_prefix(name);
             service.name = name.to_owned();
-            client.add_service(service).await.unwrap();
+            let _ = client.add_service(service).await.unwrap();
         }
 
         let refused = get(server.local_addr(), "/", "private").await;
@@ -181,7 +181,7 @@ async fn allow_ip_and_deny_ip_filter_visitors() {
         // HTTP visitors from a denied network get a 403 page.
         let mut web = ServiceConfig::http(&http_service("web").await.to_string()).with_host_prefix("web");
         web.deny_ip = vec![net("127.0.0.1/32")];
-        client.add_service(web).await.unwrap();
+        let _ = client.add_service(web).await.unwrap();
         assert_eq!(get(server.local_addr(), "/", "web").await.status, 403);
 
         // The flags parse CIDRs and bare addresses, and refuse the rest.

@@ -50,7 +50,7 @@ async fn keep_alive_requests_stay_with_their_service() {
         let server = start_server(two_users()).await;
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
-        client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
+        let _ = client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
         let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
         for i in 0..5 {
             let response = request(&mut visitor, "GET", &format!("/r{i}"), "id1.example.com", "", b"").await;
@@ -70,7 +70,7 @@ async fn fifty_mib_up_and_down() {
         let server = start_server(two_users()).await;
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
-        client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
+        let _ = client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
         let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
         let upload = random_bytes(50 << 20);
         let response = request(&mut visitor, "PUT", "/upload", "id1.example.com", "", &upload).await;
@@ -90,7 +90,7 @@ async fn forwarding_headers_reach_the_local_service() {
         let server = start_server(two_users()).await;
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
-        client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
+        let _ = client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
         let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
         let spoofed =
             "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\n";
@@ -111,7 +111,7 @@ async fn local_address_as_host() {
         let a = http_service("a").await;
         let mut service = ServiceConfig::http(&a.to_string());
         service.use_local_as_http_host = true;
-        client.add_service(service).await.unwrap();
+        let _ = client.add_service(service).await.unwrap();
         let text = get(server.local_addr(), "/", "id1.example.com").await.text();
         assert!(text.contains(&format!("host={a} ")), "{text}");
         assert!(text.contains("xhost=id1.example.com"), "{text}");
@@ -128,8 +128,9 @@ async fn path_routing_without_wildcard_dns() {
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
         let b = http_service("b").await;
-        client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
-        client.add_service(ServiceConfig::http(&b.to_string())).await.unwrap();
+        let _ =
+            client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
+        let _ = client.add_service(ServiceConfig::http(&b.to_string())).await.unwrap();
         let host = server.local_addr().to_string();
         let text = get(server.local_addr(), "/id1/web/api/items?x=1", &host).await.text();
         assert!(text.starts_with("service=a path=/api/items?x=1 "), "{text}");
@@ -151,7 +152,8 @@ async fn separate_http_listener_and_custom_routing_header() {
         let server = start_server(config).await;
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
-        client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
+        let _ =
+            client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
         let http = server.http_local_addr().unwrap();
         let mut visitor = TcpStream::connect(http).await.unwrap();
         let text =
@@ -179,7 +181,7 @@ async fn host_rules_prefixes_numbers_and_ids() {
         assert_eq!(web.public_addr(), "http://id1-web.example.com");
         let err = one.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web1")).await.err();
         assert!(matches!(err, Some(ClientError::Register(RegisterError::HostNotAllowed { .. }))), "{err:?}");
-        one.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
+        let _ = one.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
         let err = one.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("api")).await.err();
         assert!(
             matches!(err, Some(ClientError::Register(RegisterError::HostLimit { limit: 2, .. }))),
@@ -201,7 +203,7 @@ async fn a_host_is_held_by_one_service() {
         let one = client_for(server.local_addr(), "id1", "secret1").await;
         let two = client_for(server.local_addr(), "id2", "secret2").await;
         let a = http_service("a").await;
-        one.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
+        let _ = one.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
         let err = two.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.err();
         assert!(matches!(err, Some(ClientError::Register(RegisterError::HostTaken { ref host })) if host == "web"), "{err:?}");
     })
@@ -271,7 +273,7 @@ async fn pinned_service() -> (ServerHandle, Client, SocketAddr) {
     let local = http_service("a").await;
     let mut service = ServiceConfig::http(&local.to_string());
     service.use_local_as_http_host = true;
-    client.add_service(service).await.unwrap();
+    let _ = client.add_service(service).await.unwrap();
     (server, client, local)
 }
 
@@ -338,7 +340,7 @@ async fn a_bare_lf_head_is_served_at_once() {
         let server = start_server(config).await;
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
-        client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
+        let _ = client.add_service(ServiceConfig::http(&a.to_string())).await.unwrap();
         let mut visitor = TcpStream::connect(server.local_addr()).await.unwrap();
         visitor.write_all(b"GET /lf HTTP/1.1\nHost: id1.example.com\n\n").await.unwrap();
         let mut buffered = Vec::new();
@@ -355,7 +357,7 @@ async fn an_unreachable_local_service_gets_502() {
         let server = start_server(two_users()).await;
         let client = connect(server.local_addr()).await;
         let closed = format!("127.0.0.1:{}", free_port().await);
-        client.add_service(ServiceConfig::http(&closed)).await.unwrap();
+        let _ = client.add_service(ServiceConfig::http(&closed)).await.unwrap();
         let response = get(server.local_addr(), "/", "id1.example.com").await;
         assert_eq!(response.status, 502);
         assert!(response.text().contains("not reachable"), "{}", response.text());
@@ -370,7 +372,7 @@ async fn a_response_cut_off_ends_with_a_reset() {
         let client = connect(server.local_addr()).await;
         let header = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
         let dying = dying_service(header).await;
-        client.add_service(ServiceConfig::http(&dying.to_string())).await.unwrap();
+        let _ = client.add_service(ServiceConfig::http(&dying.to_string())).await.unwrap();
         let ended =
             send_and_read_to_end(server.local_addr(), b"GET / HTTP/1.1\r\nHost: id1.example.com\r\n\r\n")
                 .await;

@@ -62,7 +62,7 @@ async fn a_name_has_one_owner_across_http_and_passthrough() {
         let server = start_server(alice_and_bob()).await;
         let (alice, bob) = (alice(server.local_addr()).await, bob(server.local_addr()).await);
         let local = http_service("alice").await;
-        alice.add_service(http(local, "shop")).await.unwrap();
+        let _ = alice.add_service(http(local, "shop")).await.unwrap();
         for service in [https(local, "shop"), http(local, "shop")] {
             let refused = bob.add_service(service.clone()).await;
             assert!(
@@ -71,8 +71,8 @@ async fn a_name_has_one_owner_across_http_and_passthrough() {
             );
         }
         // The owner may serve the name both ways.
-        alice.add_service(https(local, "shop")).await.unwrap();
-        bob.add_service(https(local, "books")).await.unwrap();
+        let _ = alice.add_service(https(local, "shop")).await.unwrap();
+        let _ = bob.add_service(https(local, "books")).await.unwrap();
         let refused = alice.add_service(http(local, "books")).await;
         assert!(matches!(refused, Err(ClientError::Register(RegisterError::HostTaken { .. }))), "{refused:?}");
     })
@@ -86,7 +86,7 @@ async fn an_offline_owner_keeps_its_names_for_the_grace_period() {
         let addr = server.local_addr();
         let local = http_service("alice").await;
         let first = alice(addr).await;
-        first.add_service(http(local, "shop")).await.unwrap();
+        let _ = first.add_service(http(local, "shop")).await.unwrap();
         first.shutdown().await;
         poll_until(|| async { get(addr, "/", "shop.example.com").await.status == 502 }).await;
 
@@ -98,7 +98,7 @@ async fn an_offline_owner_keeps_its_names_for_the_grace_period() {
             "{refused:?}"
         );
         let back = alice(addr).await;
-        back.add_service(http(local, "shop")).await.expect("alice gets her name back");
+        let _ = back.add_service(http(local, "shop")).await.expect("alice gets her name back");
         assert!(get(addr, "/", "shop.example.com").await.text().starts_with("service=alice"));
 
         // Gone for longer than the grace period (three heartbeat timeouts), the name is free.

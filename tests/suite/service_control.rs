@@ -108,7 +108,7 @@ async fn http_services_answer_503_at_capacity() {
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
         let service = ServiceConfig::http(&a.to_string()).with_limits(Some(1), None, None);
-        client.add_service(service).await.unwrap();
+        let _ = client.add_service(service).await.unwrap();
         // One visitor holds the only slot: it was served once and keeps its connection alive.
         let mut holder = TcpStream::connect(server.local_addr()).await.unwrap();
         let served = crate::common::http::request(&mut holder, "GET", "/", "id1.example.com", "", b"").await;

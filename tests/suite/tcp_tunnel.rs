@@ -274,3 +274,24 @@ async fn a_visitor_cut_off_is_reset_to_the_local_service() {
     })
     .await
 }
+
+/// Dropping a server's handle stops the server: its port closes (issue 10.6).
+#[tokio::test]
+async fn dropping_the_server_handle_stops_the_server() {
+    within(30, async {
+        let server = start_server(server_config()).await;
+        let addr = server.local_addr();
+        assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+        drop(server);
+        let mut closed = false;
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(closed, "the server kept listening after its handle was dropped");
+    })
+    .await
+}

@@ -169,7 +169,7 @@ async fn tcp_and_host_rules_are_per_user() {
         // A user without settings gets the server-wide values: no per-user port limit.
         let wide = login(server.local_addr(), "wide", "s").await.unwrap();
         for _ in 0..3 {
-            wide.add_service(ServiceConfig::tcp(&echo)).await.unwrap();
+            let _ = wide.add_service(ServiceConfig::tcp(&echo)).await.unwrap();
         }
         server.shutdown().await;
     })

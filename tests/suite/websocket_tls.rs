@@ -56,7 +56,8 @@ async fn websocket_through_host_routing() {
         let server = start_server(server_config()).await;
         let client = connect(server.local_addr()).await;
         let ws = websocket_echo().await;
-        client.add_service(ServiceConfig::http(&ws.to_string()).with_host_prefix("chat")).await.unwrap();
+        let _ =
+            client.add_service(ServiceConfig::http(&ws.to_string()).with_host_prefix("chat")).await.unwrap();
         let stream = TcpStream::connect(server.local_addr()).await.unwrap();
         websocket_round_trips(stream, "ws://chat.example.com/socket").await;
     })
@@ -101,7 +102,8 @@ async fn https_terminated_at_the_server() {
         let (server, certs) = tls_server().await;
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
-        client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
+        let _ =
+            client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
         let mut visitor = https_visitor(&server, &certs, "web.example.test").await;
         for i in 0..3 {
             let response = request(&mut visitor, "GET", &format!("/s{i}"), "web.example.test", "", b"").await;
@@ -128,7 +130,8 @@ async fn websocket_through_tls_termination() {
         let (server, certs) = tls_server().await;
         let client = connect(server.local_addr()).await;
         let ws = websocket_echo().await;
-        client.add_service(ServiceConfig::http(&ws.to_string()).with_host_prefix("chat")).await.unwrap();
+        let _ =
+            client.add_service(ServiceConfig::http(&ws.to_string()).with_host_prefix("chat")).await.unwrap();
         let stream = https_visitor(&server, &certs, "chat.example.test").await;
         websocket_round_trips(stream, "wss://chat.example.test/socket").await;
     })
@@ -277,7 +280,8 @@ async fn certificates_chosen_by_server_name_and_minimum_version() {
         let server = start_server(config).await;
         let client = connect(server.local_addr()).await;
         let a = http_service("a").await;
-        client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
+        let _ =
+            client.add_service(ServiceConfig::http(&a.to_string()).with_host_prefix("web")).await.unwrap();
         let tls_addr = server.tls_local_addr().unwrap();
         // Each name gets the certificate made for it: trusting only that one is enough.
         for (host, cert) in [("web.alpha.test", &alpha_cert), ("web.beta.test", &beta_cert)] {
