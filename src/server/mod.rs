@@ -141,13 +141,23 @@ impl Server {
     /// Binds the listeners: `addr` (clients and HTTP visitors), `tls-addr` with its
     /// certificate (clients over TLS and HTTPS visitors) and `http-addr` (HTTP visitors).
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        Self::build(config, None).await
+    }
+
+    /// Like [`bind`](Server::bind), but serves clients and HTTP visitors on `listener`,
+    /// which the caller bound (mini-redis's `run(listener, ...)`): nobody races for a port
+    /// between choosing it and binding it. `config.addr` is not used.
+    pub async fn with_listener(config: ServerConfig, listener: TcpListener) -> Result<Server, ServerError> {
+        Self::build(config, Some(listener)).await
+    }
+
+    async fn build(config: ServerConfig, main: Option<TcpListener>) -> Result<Server, ServerError> {
         config.check_api_access().map_err(ServerError::Config)?;
-        let mut listeners = vec![Listener {
-            socket: bind(config.addr, "addr").await?,
-            key: "addr",
-            tls: None,
-            serves: Serves::ClientsAndHttp,
-        }];
+        let socket = match main {
+            Some(listener) => listener,
+            None => bind(config.addr, "addr").await?,
+        };
+        let mut listeners = vec![Listener { socket, key: "addr", tls: None, serves: Serves::ClientsAndHttp }];
         if let Some(addr) = config.tls_addr {
             if config.cert_file.is_empty() || config.cert_file.len() != config.key_file.len() {
                 return Err(ServerError::Config("tls-addr needs one key-file for each cert-file".into()));

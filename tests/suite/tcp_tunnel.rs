@@ -295,3 +295,25 @@ async fn dropping_the_server_handle_stops_the_server() {
     })
     .await
 }
+
+/// A server serves on a listener its caller bound, so no test races for a free port.
+#[tokio::test]
+async fn a_server_serves_on_a_listener_the_caller_bound() {
+    within(30, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = ferry::Server::with_listener(server_config(), listener).await.unwrap().spawn();
+        assert_eq!(server.local_addr(), addr);
+        let client = connect(addr).await;
+        let tunnel =
+            client.add_service(ferry::ServiceConfig::tcp(&echo_server().await.to_string())).await.unwrap();
+        let public = tunnel.public_addr().parse().unwrap();
+        assert_eq!(
+            echo_through(public, b"through a caller's listener").await.unwrap(),
+            b"through a caller's listener"
+        );
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await
+}
