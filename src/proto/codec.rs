@@ -6,7 +6,7 @@ use bytes::{Buf, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec, LengthDelimitedCodecError};
 
 use crate::seal::{FrameCipher, TAG_LEN};
 
@@ -37,9 +37,9 @@ pub enum ProtocolError {
         /// Ours.
         ours: u16,
     },
-    /// A frame announced more bytes than allowed.
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
-    FrameTooLarge(usize),
+    /// A frame announced (or would take) more bytes than allowed.
+    #[error("a frame over the limit of {MAX_FRAME_LEN} bytes")]
+    FrameTooLarge,
     /// A frame did not decode as the expected message. The decoder's words may quote what
     /// the peer sent, so the text escapes line breaks and quotes: it goes to logs.
     #[error("malformed message: {}", .0.escape_debug())]
@@ -54,8 +54,10 @@ impl From<std::io::Error> for ProtocolError {
 
 impl ProtocolError {
     fn from_codec(err: std::io::Error) -> Self {
-        // LengthDelimitedCodec reports oversized frames as InvalidData.
-        if err.kind() == std::io::ErrorKind::InvalidData {
+        // LengthDelimitedCodec reports oversized frames as InvalidData, with its own error inside.
+        if err.get_ref().is_some_and(|inner| inner.is::<LengthDelimitedCodecError>()) {
+            ProtocolError::FrameTooLarge
+        } else if err.kind() == std::io::ErrorKind::InvalidData {
             ProtocolError::Malformed(err.to_string())
         } else {
             ProtocolError::Io(err)
@@ -97,7 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ControlChannel<S> {
         let mut body = serde_json::to_vec(message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
         if let Some(cipher) = self.cipher.as_mut() {
             if body.len() + TAG_LEN > MAX_FRAME_LEN {
-                return Err(ProtocolError::FrameTooLarge(body.len() + TAG_LEN));
+                return Err(ProtocolError::FrameTooLarge);
             }
             cipher.seal(&mut body);
         }
@@ -147,7 +149,7 @@ pub fn encode_frame<M: Serialize>(message: &M, out: &mut Vec<u8>) -> Result<(), 
     serde_json::to_writer(&mut *out, message).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
     let len = out.len() - start - 4;
     if len > MAX_FRAME_LEN {
-        return Err(ProtocolError::FrameTooLarge(len));
+        return Err(ProtocolError::FrameTooLarge);
     }
     out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
@@ -179,7 +181,7 @@ pub async fn read_frame_buffered<R: AsyncRead + Unpin, M: DeserializeOwned>(
     fill_to(reader, buf, 4).await?;
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if len > MAX_FRAME_LEN {
-        return Err(ProtocolError::FrameTooLarge(len));
+        return Err(ProtocolError::FrameTooLarge);
     }
     fill_to(reader, buf, 4 + len).await?;
     buf.advance(4);
@@ -195,7 +197,7 @@ pub async fn read_frame<R: AsyncRead + Unpin, M: DeserializeOwned>(
     reader.read_exact(&mut len).await.map_err(eof_as_closed)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME_LEN {
-        return Err(ProtocolError::FrameTooLarge(len));
+        return Err(ProtocolError::FrameTooLarge);
     }
     let mut body = vec![0u8; len];
     reader.read_exact(&mut body).await.map_err(eof_as_closed)?;
@@ -245,12 +247,13 @@ mod tests {
         let mut bytes = (u32::MAX).to_be_bytes().to_vec();
         bytes.extend_from_slice(b"xx");
         let err = read_frame::<_, OpenStream>(&mut bytes.as_slice()).await.unwrap_err();
-        assert!(matches!(err, ProtocolError::FrameTooLarge(_)));
+        assert!(matches!(err, ProtocolError::FrameTooLarge));
 
         let (a, mut b) = tokio::io::duplex(64);
         let mut chan = ControlChannel::new(a);
         b.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
-        assert!(chan.recv::<ClientMessage>().await.is_err());
+        let err = chan.recv::<ClientMessage>().await.unwrap_err();
+        assert!(matches!(err, ProtocolError::FrameTooLarge), "{err:?}");
     }
 
     #[tokio::test]
