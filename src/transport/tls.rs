@@ -172,13 +172,10 @@ pub fn client_tls_config(trust: &RemoteTrust) -> Result<Arc<rustls::ClientConfig
             builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
         }
         RemoteTrust::System => {
-            let found = rustls_native_certs::load_native_certs();
-            if found.certs.is_empty() {
-                let why =
-                    found.errors.first().map(|e| e.to_string()).unwrap_or_else(|| "none installed".into());
-                return Err(TlsError::NoRoots(why));
-            }
-            builder.with_root_certificates(roots_from(found.certs)?).with_no_client_auth()
+            // The operating system's roots, as rustls-platform-verifier reads them (on Linux:
+            // the system's CA bundle, loaded at the first handshake).
+            use rustls_platform_verifier::BuilderVerifierExt;
+            builder.with_platform_verifier()?.with_no_client_auth()
         }
     };
     Ok(Arc::new(config))

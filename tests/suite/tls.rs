@@ -82,6 +82,12 @@ async fn untrusted_certificate_is_refused() {
             .await
             .expect_err("a certificate from another CA must be refused");
         assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+        // Nor does the system's trust (rustls-platform-verifier) take a private CA's
+        // certificate, and the error is final.
+        let err = Client::connect(tls_client_config(&server, RemoteTrust::System))
+            .await
+            .expect_err("the system's roots do not hold the test CA");
+        assert!(err.to_string().to_lowercase().contains("certificate") && err.is_fatal(), "{err}");
     })
     .await
 }
