@@ -95,22 +95,7 @@ pub(super) async fn login(
         return refuse_banned(chan, left).await;
     }
     let started = Instant::now();
-    // A secret or verifier is asked for only where it travels inside TLS or stays on this host.
-    let protected = tls || peer.ip().to_canonical().is_loopback();
-    let proved = match shared.users.method(&hello.id, shared.hooks()) {
-        Method::Refuse(refusal) => Err(Failed::Refused(refusal)),
-        Method::Pake { verifier, stretched, grant, rules } => {
-            pake(chan, deadline, &hello, &verifier, stretched).await.map(|key| Proved {
-                key,
-                credential: verifier,
-                rules,
-                grant,
-            })
-        }
-        Method::Reveal if !protected => Err(Failed::Refused(LoginRefusal::SecretNeeded)),
-        Method::Reveal => reveal(shared, chan, deadline, &hello, peer).await,
-        Method::Enroll => enroll(shared, chan, deadline, &hello).await,
-    };
+    let proved = prove(shared, chan, deadline, &hello, peer, tls).await;
     match proved {
         Ok(Proved { key, credential, rules, grant }) => {
             shared.metrics.handshake(started.elapsed());
@@ -135,6 +120,29 @@ pub(super) async fn login(
             let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
             None
         }
+    }
+}
+
+/// Challenges the client in the way the hello's id calls for, and checks its proof.
+async fn prove(
+    shared: &ServerShared,
+    chan: &mut ControlChannel<Stream>,
+    deadline: Instant,
+    hello: &Hello,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<Proved, Failed> {
+    // A secret or verifier is asked for only where it travels inside TLS or stays on this host.
+    let protected = tls || peer.ip().to_canonical().is_loopback();
+    match shared.users.method(&hello.id, shared.hooks()) {
+        Method::Refuse(refusal) => Err(Failed::Refused(refusal)),
+        Method::Pake { verifier, stretched, grant, rules } => {
+            let key = pake(chan, deadline, hello, &verifier, stretched).await?;
+            Ok(Proved { key, credential: verifier, rules, grant })
+        }
+        Method::Reveal if !protected => Err(Failed::Refused(LoginRefusal::SecretNeeded)),
+        Method::Reveal => reveal(shared, chan, deadline, hello, peer).await,
+        Method::Enroll => enroll(shared, chan, deadline, hello).await,
     }
 }
 
