@@ -4,9 +4,11 @@
 //! session (`session.rs`); each tunnel accepts visitors (`tcp.rs`) and pairs
 //! them with idle data connections from the session's pool (`pool.rs`).
 
+mod accept;
 mod api;
 mod auth_api;
 mod bans;
+mod dispatch;
 mod handshakes;
 pub mod hooks;
 mod hosts;
@@ -382,47 +384,29 @@ async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, Server
 }
 
 async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: TaskTracker) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            accepted = listener.socket.accept() => accepted,
+    while let Some((tcp, peer)) = accept::accept_until(&listener.socket, &shared.shutdown).await {
+        // Unauthenticated peers are bounded, per source and per stage: past a
+        // limit, new ones are dropped at once (see `handshakes.rs`).
+        let admitted = shared.handshakes.admit(peer.ip());
+        let sorted = match listener.serves {
+            // Visitor-only listeners know what comes in before the first byte.
+            Serves::HttpOnly | Serves::TlsPassthrough => {
+                admitted.and_then(|h| shared.handshakes.sort(h, Sorted::Visitor))
+            }
+            Serves::ClientsAndHttp => admitted,
         };
-        match accepted {
-            Ok((tcp, peer)) => {
-                // Unauthenticated peers are bounded, per source and per stage: past a
-                // limit, new ones are dropped at once (see `handshakes.rs`).
-                let admitted = shared.handshakes.admit(peer.ip());
-                let sorted = match listener.serves {
-                    // Visitor-only listeners know what comes in before the first byte.
-                    Serves::HttpOnly | Serves::TlsPassthrough => {
-                        admitted.and_then(|h| shared.handshakes.sort(h, Sorted::Visitor))
-                    }
-                    Serves::ClientsAndHttp => admitted,
-                };
-                let Some(handshake) = sorted else {
-                    debug!(%peer, "too many handshakes in progress; dropping connection");
-                    continue;
-                };
-                let shared = shared.clone();
-                match listener.serves {
-                    Serves::TlsPassthrough => links.spawn(sni::serve_visitor(shared, tcp, peer, handshake)),
-                    serves => {
-                        let http_only = serves == Serves::HttpOnly;
-                        links.spawn(link::serve_link(
-                            shared,
-                            tcp,
-                            peer,
-                            listener.tls.clone(),
-                            http_only,
-                            handshake,
-                        ))
-                    }
-                };
+        let Some(handshake) = sorted else {
+            debug!(%peer, "too many handshakes in progress; dropping connection");
+            continue;
+        };
+        let shared = shared.clone();
+        match listener.serves {
+            Serves::TlsPassthrough => links.spawn(sni::serve_visitor(shared, tcp, peer, handshake)),
+            serves => {
+                let http_only = serves == Serves::HttpOnly;
+                let tls = listener.tls.clone();
+                links.spawn(link::serve_link(shared, tcp, peer, tls, http_only, handshake))
             }
-            Err(err) => {
-                warn!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        };
     }
 }

@@ -2,21 +2,20 @@
 //! relay the encrypted bytes untouched to a client's HTTPS service. The server
 //! never sees the key or the plaintext.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, Instrument};
 
+use super::dispatch::{dispatch, Candidate, Entrance, NotServed};
 use super::handshakes::Handshake;
 use super::hosts::{Hosts, Lookup};
 use super::http::MAX_ATTEMPTS;
-use super::tunnel::Refusal;
-use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
 use super::ServerShared;
-use crate::proto::OpenStream;
 use crate::transport::reset_on_drop;
 
 /// A TLS record header: type, version, length.
@@ -41,56 +40,52 @@ pub(crate) async fn serve_visitor(
     };
     drop(handshake);
     let label = name.split('.').next().unwrap_or_default().to_ascii_lowercase();
-    for attempt in 1..=MAX_ATTEMPTS {
-        let route = match Hosts::split_client(&label) {
+    let mut entrance = NameEntrance { label, hello: hello.freeze(), attempts: 0 };
+    let span = tracing::debug_span!("tls visitor", %peer, ?name);
+    dispatch(&shared, &mut entrance, &mut visitor, peer).instrument(span).await;
+}
+
+/// A TLS visitor, routed by the first label of its server name; each attempt looks the
+/// route up again, so a client that left is replaced by the next one serving the name.
+struct NameEntrance {
+    label: String,
+    /// The ClientHello as it came, passed through untouched.
+    hello: Bytes,
+    attempts: usize,
+}
+
+impl Entrance for NameEntrance {
+    type Visitor = TcpStream;
+    /// No tunnel serves the name.
+    type Unrouted = ();
+    const PASSES_ON_REFUSAL: bool = false;
+
+    fn next_candidate(&mut self, shared: &ServerShared) -> Result<Candidate, NotServed<()>> {
+        self.attempts += 1;
+        if self.attempts > MAX_ATTEMPTS {
+            return Err(NotServed::Exhausted);
+        }
+        let route = match Hosts::split_client(&self.label) {
             Some((cid, rest)) => shared.hosts.lookup_client(&sni_key(rest), cid),
-            None => match shared.hosts.lookup(&sni_key(&label), false) {
+            None => match shared.hosts.lookup(&sni_key(&self.label), false) {
                 Lookup::Online(route) => Some(route),
                 _ => None,
             },
         };
-        let Some(route) = route else {
-            return debug!(%peer, ?name, "no tunnel for this TLS server name; closing");
-        };
-        if !visitor_allowed(&shared, &route.session, &route.tunnel, peer) {
-            return;
-        }
-        let _admitted = match route.tunnel.admit() {
-            Ok(admitted) => admitted,
-            Err(Refusal::UserLimit { limit }) => {
-                return warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
-            }
-            Err(refusal) => return info!(%peer, ?name, ?refusal, "visitor refused by the tunnel's limits"),
-        };
-        if attempt == 1 {
-            shared.metrics.visitor();
-        }
-        let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
-            if route.session.closing.is_cancelled() {
-                continue;
-            }
-            return debug!(%peer, ?name, "no free data connection; closing");
-        };
-        let open = OpenStream { service: route.tunnel.service, visitor: peer, seal: None };
-        let span = tracing::debug_span!("tls visitor", %peer, ?name);
-        let idle = shared.config.idle_limit();
-        let read_ahead = if attempt == 1 { hello.len() } else { 0 };
-        let relay = relay_visitor(
-            &route.session,
-            &route.tunnel,
-            data,
-            &mut visitor,
-            &open,
-            (&hello, read_ahead),
-            idle,
-        );
-        match relay.instrument(span).await {
-            Relay::Finished | Relay::LocalUnavailable => return,
-            Relay::Cut => return reset_on_drop(&visitor),
-            Relay::Unanswered => {}
+        let route = route.ok_or(NotServed::Unrouted(()))?;
+        Ok(Candidate { session: route.session, tunnel: route.tunnel })
+    }
+
+    fn first_bytes(&mut self, _: &mut TcpStream) -> (Cow<'_, [u8]>, usize) {
+        (Cow::Borrowed(&self.hello), self.hello.len())
+    }
+
+    async fn answer(&mut self, visitor: &mut TcpStream, why: NotServed<()>) {
+        // TLS has no page to show: the visitor is closed (reset when cut off).
+        if let NotServed::Cut = why {
+            reset_on_drop(visitor);
         }
     }
-    debug!(%peer, ?name, "no client answered; closing");
 }
 
 /// The routing key of a passthrough host; kept apart from HTTP hosts of the same name.

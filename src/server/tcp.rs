@@ -5,22 +5,23 @@
 //! the first one (AeRO's tags), and visitors are spread over them round-robin. A
 //! member that leaves is dropped from the pool; the port closes with the last one.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 
+use super::accept::accept_until;
+use super::dispatch::{dispatch, Candidate, Entrance, NotServed};
 use super::proxy_header::proxy_header;
 use super::session::SessionShared;
-use super::tunnel::{Refusal, Tunnel, Visit};
-use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
+use super::tunnel::Tunnel;
 use super::ServerShared;
-use crate::proto::{OpenStream, ProxyProtocol};
+use crate::proto::ProxyProtocol;
 use crate::transport::reset_on_drop;
 
 /// One tunnel serving a pool.
@@ -38,8 +39,8 @@ pub(crate) struct TcpPool {
     name: String,
     members: Mutex<Vec<Member>>,
     next: AtomicUsize,
-    /// Cancelled when the last member has left; the port closes.
-    empty: CancellationToken,
+    /// Cancelled when the last member has left or the server shuts down; the port closes.
+    closing: CancellationToken,
     /// Cancelled once the listener is closed and the port given back.
     released: CancellationToken,
 }
@@ -71,7 +72,7 @@ impl TcpPools {
             pool.user == session.user
                 && pool.name == name
                 && port.map_or(true, |p| p == pool.port)
-                && !pool.empty.is_cancelled()
+                && !pool.closing.is_cancelled()
         });
         candidates.find(|pool| pool.members().iter().any(|m| shares_tag(&m.session, session))).cloned()
     }
@@ -124,7 +125,7 @@ impl TcpPool {
             debug!(service, port = pool.port, left, "tunnel left its port");
             if left == 0 {
                 // The session counts as closed only once its port can be bound again.
-                pool.empty.cancel();
+                pool.closing.cancel();
                 pool.released.cancelled().await;
             }
         });
@@ -145,7 +146,7 @@ pub(crate) fn open_pool(
         name: tunnel.name.clone(),
         members: Mutex::default(),
         next: AtomicUsize::new(0),
-        empty: CancellationToken::new(),
+        closing: shared.shutdown.child_token(),
         released: CancellationToken::new(),
     });
     pool.join(session, tunnel, proxy_protocol);
@@ -172,110 +173,78 @@ pub(crate) fn open_pool(
 }
 
 async fn accept_visitors(shared: &Arc<ServerShared>, pool: &Arc<TcpPool>, listener: &TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            _ = pool.empty.cancelled() => return,
-            _ = shared.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((visitor, addr)) => {
-                let rotation = pool.rotation();
-                // The first member whose limits let the visitor in serves it.
-                let mut refusal = None;
-                let chosen = rotation
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, m)| visitor_allowed(shared, &m.session, &m.tunnel, addr))
-                    .find_map(|(i, member)| match member.tunnel.admit() {
-                        Ok(admitted) => Some((i, admitted)),
-                        Err(why) => {
-                            refusal.get_or_insert((why, member.session.user.clone()));
-                            None
-                        }
-                    });
-                let Some((first, admitted)) = chosen else {
-                    match refusal {
-                        Some((Refusal::UserLimit { limit }, user)) => {
-                            warn!(%addr, %user, limit, "visitor refused: the user's connections limit is reached")
-                        }
-                        other => {
-                            info!(%addr, refusal = ?other.map(|r| r.0), "visitor refused by the tunnel's limits")
-                        }
-                    }
-                    continue;
-                };
-                shared.metrics.visitor();
-                let member = rotation[first].clone();
-                let fallbacks: Vec<Member> = rotation.into_iter().skip(first + 1).collect();
-                let visit =
-                    serve_visitor(shared.clone(), (member.clone(), admitted), fallbacks, visitor, addr);
-                member.session.tasks.spawn(visit.instrument(tracing::debug_span!("visitor", %addr)));
-            }
-            Err(err) => {
-                // Usually out of file descriptors: back off instead of spinning.
-                warn!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+    while let Some((visitor, addr)) = accept_until(listener, &pool.closing).await {
+        // Admission and hooks run in the visitor's own task, never in the accept loop.
+        let visit = serve_visitor(shared.clone(), pool.rotation(), visitor, addr);
+        tokio::spawn(visit.instrument(tracing::debug_span!("visitor", %addr)));
     }
 }
 
 /// Most visitor bytes sent along with the open message.
 const EARLY_BYTES: usize = 16 * 1024;
 
-/// Serves a visitor through `member`; when that member's client turns out to be gone
-/// before it answered, the visitor moves on to the `fallbacks`.
+/// Serves a visitor through the first of `rotation` that lets it in; when that member's
+/// client turns out to be gone before it answered, the visitor moves on to the next.
 async fn serve_visitor(
     shared: Arc<ServerShared>,
-    (mut member, mut admitted): (Member, Visit),
-    mut fallbacks: Vec<Member>,
+    rotation: Vec<Member>,
     mut visitor: TcpStream,
     addr: SocketAddr,
 ) {
     let _ = visitor.set_nodelay(true);
-    let wait = shared.config.data_wait_timeout;
-    // The visitor's first bytes, kept until a client answers so they can be offered again.
-    let mut early = Vec::new();
-    let mut read_ahead = None;
-    loop {
-        if let Some(data) = take_data(&member.session, wait).await {
-            let read = *read_ahead.get_or_insert_with(|| read_early(&mut visitor, &mut early));
-            let with_header = proxy_header_for(&member, &visitor, addr, &early);
-            let open = OpenStream { service: member.tunnel.service, visitor: addr, seal: None };
-            let idle = shared.config.idle_limit();
-            let first = (with_header.as_deref().unwrap_or(&early), read);
-            let relay =
-                relay_visitor(&member.session, &member.tunnel, data, &mut visitor, &open, first, idle);
-            match relay.await {
-                Relay::Finished | Relay::LocalUnavailable => return,
-                Relay::Cut => return reset_on_drop(&visitor),
-                Relay::Unanswered => {}
-            }
-            read_ahead = Some(0);
-            debug!(cid = member.session.id, "client did not answer; offering the visitor to the next one");
-        } else if !member.session.closing.is_cancelled() {
-            return warn!(?wait, "no data connection from the client in time; closing visitor");
-        }
-        // Its client left while the visitor waited: try the next member of the pool.
-        drop(admitted);
-        let next = std::iter::from_fn(|| (!fallbacks.is_empty()).then(|| fallbacks.remove(0)))
-            .filter(|m| visitor_allowed(&shared, &m.session, &m.tunnel, addr))
-            .find_map(|m| m.tunnel.admit().ok().map(|admitted| (m, admitted)));
-        let Some((next, next_admitted)) = next else {
-            return debug!("the client left and no other serves this port; closing visitor");
+    let mut entrance = PortEntrance { rotation: rotation.into_iter(), current: None, early: None, addr };
+    dispatch(&shared, &mut entrance, &mut visitor, addr).await;
+}
+
+/// A visitor of a public TCP port, offered to the port's members in round-robin order.
+struct PortEntrance {
+    rotation: std::vec::IntoIter<Member>,
+    /// The member last offered the visitor.
+    current: Option<Member>,
+    /// The visitor's first bytes, read once and kept so they can be offered again.
+    early: Option<Vec<u8>>,
+    addr: SocketAddr,
+}
+
+impl Entrance for PortEntrance {
+    type Visitor = TcpStream;
+    /// No member of the port is open.
+    type Unrouted = ();
+    const PASSES_ON_REFUSAL: bool = true;
+
+    fn next_candidate(&mut self, _: &ServerShared) -> Result<Candidate, NotServed<()>> {
+        let offered_before = self.current.is_some();
+        let Some(member) = self.rotation.next() else {
+            return Err(if offered_before { NotServed::Exhausted } else { NotServed::Unrouted(()) });
         };
-        (member, admitted) = (next, next_admitted);
+        let candidate = Candidate { session: member.session.clone(), tunnel: member.tunnel.clone() };
+        self.current = Some(member);
+        Ok(candidate)
+    }
+
+    fn first_bytes(&mut self, visitor: &mut TcpStream) -> (Cow<'_, [u8]>, usize) {
+        let early = self.early.get_or_insert_with(|| read_early(visitor));
+        let read = early.len();
+        match self.current.as_ref().and_then(|m| proxy_header_for(m, visitor, self.addr, early)) {
+            Some(with_header) => (Cow::Owned(with_header), read),
+            None => (Cow::Borrowed(early.as_slice()), read),
+        }
+    }
+
+    async fn answer(&mut self, visitor: &mut TcpStream, why: NotServed<()>) {
+        if let NotServed::Cut = why {
+            reset_on_drop(visitor);
+        }
     }
 }
 
-/// Reads what the visitor already sent (without waiting) into `early`; returns its length.
-fn read_early(visitor: &mut TcpStream, early: &mut Vec<u8>) -> usize {
-    early.resize(EARLY_BYTES, 0);
-    let read = visitor.try_read(early).unwrap_or(0);
+/// Reads what the visitor already sent (without waiting).
+fn read_early(visitor: &mut TcpStream) -> Vec<u8> {
+    let mut early = vec![0; EARLY_BYTES];
+    let read = visitor.try_read(&mut early).unwrap_or(0);
     early.truncate(read);
     early.shrink_to_fit();
-    read
+    early
 }
 
 /// The PROXY header and the early bytes, when the member's service asks for the header.
