@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
+use rustls::server::Acceptor;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tracing::{debug, Instrument};
 
@@ -18,10 +19,9 @@ use super::http::MAX_ATTEMPTS;
 use super::ServerShared;
 use crate::transport::reset_on_drop;
 
-/// A TLS record header: type, version, length.
-const RECORD_HEADER: usize = 5;
-/// Largest TLS record: the ClientHello must fit in one.
-const MAX_RECORD: usize = 16 * 1024 + 256;
+/// Most bytes a ClientHello may take, over however many TLS records: rustls reads
+/// handshake messages of up to 64 KiB.
+const MAX_HELLO: usize = 64 * 1024 + 1024;
 
 /// Serves one visitor of `sni-addr`.
 pub(crate) async fn serve_visitor(
@@ -93,90 +93,32 @@ pub(crate) fn sni_key(label: &str) -> String {
     format!("tls:{label}")
 }
 
-/// Reads the first TLS record into `buf` and returns the server name it asks for.
-async fn read_client_hello(visitor: &mut TcpStream, buf: &mut BytesMut) -> Option<String> {
-    while buf.len() < RECORD_HEADER {
-        if visitor.read_buf(buf).await.ok()? == 0 {
+/// Reads the visitor's ClientHello into `raw`, over as many TLS records as it takes, and
+/// returns the server name it asks for. `raw` keeps every byte read, untouched, to be
+/// passed through.
+async fn read_client_hello<R>(visitor: &mut R, raw: &mut BytesMut) -> Option<String>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut acceptor = Acceptor::default();
+    loop {
+        let fed = raw.len();
+        raw.reserve(4096);
+        if visitor.read_buf(raw).await.ok()? == 0 || raw.len() > MAX_HELLO {
             return None;
         }
-    }
-    if buf[0] != 0x16 {
-        return None; // not a handshake record
-    }
-    let len = RECORD_HEADER + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-    if len > MAX_RECORD {
-        return None;
-    }
-    while buf.len() < len {
-        buf.reserve(len - buf.len());
-        if visitor.read_buf(buf).await.ok()? == 0 {
-            return None;
-        }
-    }
-    server_name(&buf[RECORD_HEADER..len])
-}
-
-/// A cursor over untrusted bytes: every read is bounds-checked.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if n > self.0.len() {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn u8(&mut self) -> Option<usize> {
-        self.take(1).map(|b| usize::from(b[0]))
-    }
-
-    fn u16(&mut self) -> Option<usize> {
-        self.take(2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-    }
-
-    fn vec8(&mut self) -> Option<&'a [u8]> {
-        let n = self.u8()?;
-        self.take(n)
-    }
-
-    fn vec16(&mut self) -> Option<&'a [u8]> {
-        let n = self.u16()?;
-        self.take(n)
-    }
-}
-
-/// The host_name of the server_name extension of a ClientHello handshake message.
-fn server_name(handshake: &[u8]) -> Option<String> {
-    let mut r = Reader(handshake);
-    if r.u8()? != 1 {
-        return None; // not a ClientHello
-    }
-    let body_len = r.take(3).map(|b| usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))?;
-    let mut hello = Reader(r.take(body_len)?);
-    hello.take(2 + 32)?; // version, random
-    hello.vec8()?; // session id
-    hello.vec16()?; // cipher suites
-    hello.vec8()?; // compression methods
-    let mut extensions = Reader(hello.vec16()?);
-    while !extensions.0.is_empty() {
-        let kind = extensions.u16()?;
-        let data = extensions.vec16()?;
-        if kind != 0 {
-            continue;
-        }
-        let mut names = Reader(Reader(data).vec16()?);
-        while !names.0.is_empty() {
-            let name_type = names.u8()?;
-            let name = names.vec16()?;
-            if name_type == 0 {
-                return std::str::from_utf8(name).ok().map(str::to_owned);
+        let mut fresh = &raw[fed..];
+        while !fresh.is_empty() {
+            if acceptor.read_tls(&mut fresh).ok()? == 0 {
+                return None;
             }
         }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => return accepted.client_hello().server_name().map(str::to_owned),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
     }
-    None
 }
 
 #[cfg(test)]
@@ -193,15 +135,58 @@ mod tests {
         out
     }
 
-    #[test]
-    fn finds_the_name_in_a_real_hello_and_survives_garbage() {
-        let hello = real_client_hello("web.example.test");
-        assert_eq!(server_name(&hello[RECORD_HEADER..]).as_deref(), Some("web.example.test"));
-        for cut in 0..hello.len() - RECORD_HEADER {
-            // Truncated at any point: no panic, no name.
-            let _ = server_name(&hello[RECORD_HEADER..RECORD_HEADER + cut]);
+    /// A TLS record header: type, version, length.
+    const RECORD_HEADER: usize = 5;
+
+    /// The handshake message of a one-record `hello` sent over two records, split at `at`.
+    fn split_over_two_records(hello: &[u8], at: usize) -> Vec<u8> {
+        let (header, message) = hello.split_at(RECORD_HEADER);
+        let mut records = Vec::new();
+        for part in [&message[..at], &message[at..]] {
+            records.extend_from_slice(&header[..3]); // content type and version
+            records.extend_from_slice(&u16::try_from(part.len()).unwrap().to_be_bytes());
+            records.extend_from_slice(part);
         }
-        assert_eq!(server_name(&[1, 0xff, 0xff, 0xff, 3, 3]), None);
-        assert_eq!(server_name(&[]), None);
+        records
+    }
+
+    async fn name_and_raw(mut bytes: &[u8]) -> (Option<String>, Vec<u8>) {
+        let mut raw = BytesMut::new();
+        let name = read_client_hello(&mut bytes, &mut raw).await;
+        (name, raw.to_vec())
+    }
+
+    #[tokio::test]
+    async fn finds_the_name_in_a_real_hello_and_survives_garbage() {
+        let hello = real_client_hello("web.example.test");
+        assert_eq!(hello[0], 0x16, "one handshake record");
+        let (name, raw) = name_and_raw(&hello).await;
+        assert_eq!(name.as_deref(), Some("web.example.test"));
+        assert_eq!(raw, hello, "the bytes are kept for passthrough");
+        for cut in 0..hello.len() {
+            // Cut off at any point: no panic, no name.
+            assert_eq!(name_and_raw(&hello[..cut]).await.0, None, "cut at {cut}");
+        }
+        assert_eq!(name_and_raw(b"GET / HTTP/1.1\r\n\r\n").await.0, None);
+        assert_eq!(name_and_raw(&[0x16, 3, 1, 0xff, 0xff, 1, 0xff, 0xff, 0xff]).await.0, None);
+    }
+
+    #[tokio::test]
+    async fn a_hello_split_over_two_records_is_read_whole() {
+        let hello = real_client_hello("split.example.test");
+        let message_len = hello.len() - RECORD_HEADER;
+        for at in [1, 4, message_len / 2, message_len - 1] {
+            let records = split_over_two_records(&hello, at);
+            // Through a pipe with a tiny buffer, so the records arrive in pieces too.
+            let (mut near, mut far) = tokio::io::duplex(7);
+            let sent = records.clone();
+            let writer =
+                tokio::spawn(async move { tokio::io::AsyncWriteExt::write_all(&mut far, &sent).await });
+            let mut raw = BytesMut::new();
+            let name = read_client_hello(&mut near, &mut raw).await;
+            assert_eq!(name.as_deref(), Some("split.example.test"), "split at {at}");
+            assert_eq!(raw.as_ref(), records.as_slice(), "both records kept untouched");
+            writer.await.unwrap().unwrap();
+        }
     }
 }
