@@ -11,25 +11,15 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
-use super::session::SessionShared;
-use super::tunnel::{Refusal, Tunnel, Visit};
+use super::endpoints::Member;
+use super::tunnel::{Refusal, Visit};
 use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
 use super::ServerShared;
 use crate::proto::OpenStream;
-
-/// A tunnel a visitor may be offered to.
-#[derive(Clone)]
-pub(crate) struct Candidate {
-    /// The session of the client behind the tunnel.
-    pub(crate) session: Arc<SessionShared>,
-    /// The tunnel: its limits admit the visitor, its token ends the relay.
-    pub(crate) tunnel: Arc<Tunnel>,
-}
 
 /// Why a visitor was not served, or how its service ended badly.
 #[derive(Debug)]
@@ -61,7 +51,7 @@ pub(crate) trait Entrance {
     const PASSES_ON_REFUSAL: bool;
 
     /// The next tunnel to offer the visitor to, or why there is none.
-    fn next_candidate(&mut self, shared: &ServerShared) -> Result<Candidate, NotServed<Self::Unrouted>>;
+    fn next_candidate(&mut self, shared: &ServerShared) -> Result<Member, NotServed<Self::Unrouted>>;
 
     /// The bytes that go out with the open message to the candidate last given, and how
     /// many bytes were read from the visitor for them.
@@ -119,7 +109,7 @@ fn admit_next<E: Entrance>(
     shared: &ServerShared,
     entrance: &mut E,
     peer: SocketAddr,
-) -> Result<(Candidate, Visit), NotServed<E::Unrouted>> {
+) -> Result<(Member, Visit), NotServed<E::Unrouted>> {
     let mut first_refusal = None;
     loop {
         let candidate = match entrance.next_candidate(shared) {
@@ -153,10 +143,10 @@ async fn offer<E: Entrance>(
     entrance: &mut E,
     visitor: &mut E::Visitor,
     peer: SocketAddr,
-    (candidate, _admitted): (Candidate, Visit),
+    (candidate, _admitted): (Member, Visit),
     first_offer: &mut bool,
 ) -> Offer<E::Unrouted> {
-    let Candidate { session, tunnel } = &candidate;
+    let Member { session, tunnel, .. } = &candidate;
     let Some(data) = take_data(session, shared.config.data_wait_timeout).await else {
         // A client that left while the visitor waited passes it on; a live one was too slow.
         return if session.closing.is_cancelled() { Offer::Next } else { Offer::End(NotServed::NoData) };

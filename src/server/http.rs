@@ -11,9 +11,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, info, Instrument};
 
-use super::dispatch::{dispatch, Candidate, Entrance, NotServed};
+use super::dispatch::{dispatch, Entrance, NotServed};
+use super::endpoints::{Endpoint, Member};
 use super::handshakes::Handshake;
-use super::hosts::{HostRoute, Hosts, Lookup};
+use super::hosts::{split_client, Lookup};
 use super::http_head::{head_end, parse_head, rewrite_head, Forwarding, Head, MAX_HEAD};
 use super::http_requests::{strip_path_prefix, Pinning, RequestStream};
 use super::session::SessionShared;
@@ -38,14 +39,14 @@ pub(crate) async fn open_host(
     }
     let rules = session.account.rules();
     let is_user = |id: &str| shared.is_user_id(id);
-    let host_key = shared.hosts.key_for(&rules, &session.user, prefix.as_deref(), is_user)?;
+    let host_key = shared.endpoints.key_for(&rules, &session.user, prefix.as_deref(), is_user)?;
     let (service, token) = (tunnel.service, tunnel.token.clone());
-    let route = HostRoute { session: session.clone(), tunnel, local_host, prefix };
-    shared.hosts.reserve(&rules, (&host_key, tls_passthrough), route).await?;
+    let member = Member { local_host, prefix, ..Member::new(session.clone(), tunnel) };
+    shared.endpoints.reserve_host(&rules, (&host_key, tls_passthrough), member).await?;
     let (owner, sessions, name) = (shared.clone(), session.clone(), host_key.clone());
     session.tasks.spawn(async move {
         token.cancelled().await;
-        owner.hosts.release((&name, tls_passthrough), service);
+        owner.endpoints.release_host((&name, tls_passthrough), service);
         sessions.forget_tunnel(service);
         info!(host = %name, "http host closed");
     });
@@ -112,14 +113,14 @@ impl Entrance for HostEntrance<'_> {
     type Unrouted = ErrorPage;
     const PASSES_ON_REFUSAL: bool = false;
 
-    fn next_candidate(&mut self, shared: &ServerShared) -> Result<Candidate, NotServed<ErrorPage>> {
+    fn next_candidate(&mut self, shared: &ServerShared) -> Result<Member, NotServed<ErrorPage>> {
         self.attempts += 1;
         if self.attempts > MAX_ATTEMPTS {
             return Err(NotServed::Exhausted);
         }
-        let (route, by_path) = find_route(shared, self.head).map_err(NotServed::Unrouted)?;
-        (self.by_path, self.local_host) = (by_path, route.local_host);
-        Ok(Candidate { session: route.session, tunnel: route.tunnel })
+        let (member, by_path) = find_route(shared, self.head).map_err(NotServed::Unrouted)?;
+        (self.by_path, self.local_host) = (by_path, member.local_host.clone());
+        Ok(member)
     }
 
     fn first_bytes(&mut self, visitor: &mut RequestStream<Stream>) -> (Cow<'_, [u8]>, usize) {
@@ -199,16 +200,16 @@ struct PathRoute {
 
 /// Finds the service for a request: by the first label of its host, else (when enabled) by
 /// path. `CID--label` asks for the client with that id among those serving `label`.
-fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<PathRoute>), ErrorPage> {
+fn find_route(shared: &ServerShared, head: &Head) -> Result<(Member, Option<PathRoute>), ErrorPage> {
     let label = head.route_host.split('.').next().unwrap_or_default();
-    if let Some((cid, rest)) = Hosts::split_client(label) {
-        return match shared.hosts.lookup_client(rest, cid) {
+    if let Some((cid, rest)) = split_client(label) {
+        return match shared.endpoints.lookup_client(&Endpoint::Host(rest.to_owned()), cid) {
             Some(route) => Ok((route, None)),
             None => Err((404, "Not Found", format!("Client {cid} serves no tunnel for '{rest}'."))),
         };
     }
     let known_user = shared.users.directory().has_id_ignoring_case(label);
-    let lookup = shared.hosts.lookup(label, known_user);
+    let lookup = shared.endpoints.lookup(&Endpoint::Host(label.to_owned()), known_user);
     if let Lookup::Online(route) = lookup {
         return Ok((route, None));
     }
@@ -226,12 +227,12 @@ fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<P
 }
 
 /// `/ID/PREFIX/rest` or `/ID/rest` → the route and the target `/rest` (query kept).
-fn route_by_path(shared: &ServerShared, target: &str) -> Option<(HostRoute, PathRoute)> {
+fn route_by_path(shared: &ServerShared, target: &str) -> Option<(Member, PathRoute)> {
     let path_only = target.split('?').next().unwrap_or(target);
     let mut segments = path_only.strip_prefix('/')?.split('/');
     let id = segments.next().filter(|s| !s.is_empty())?;
     let second = segments.next();
-    let (route, used) = shared.hosts.lookup_path(id, second)?;
+    let (route, used) = shared.endpoints.lookup_path(id, second)?;
     let used: Vec<&str> = path_only.trim_start_matches('/').split('/').take(used).collect();
     let prefix = format!("/{}", used.join("/"));
     let target = strip_path_prefix(target, &prefix)?;

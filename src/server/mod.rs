@@ -9,6 +9,7 @@ mod api;
 mod auth_api;
 mod bans;
 mod dispatch;
+mod endpoints;
 mod handshakes;
 pub mod hooks;
 mod hosts;
@@ -18,6 +19,7 @@ mod http_requests;
 mod link;
 mod login;
 mod pool;
+mod ports;
 mod proxy_header;
 mod registry;
 mod session;
@@ -43,9 +45,9 @@ use crate::config::ServerConfig;
 use crate::error::ServerError;
 use crate::transport::{server_tls_acceptor, TlsVersion};
 use bans::Bans;
+use endpoints::Endpoints;
 use handshakes::{Handshakes, Sorted};
 use hooks::{NoHooks, ServerHooks};
-use hosts::Hosts;
 use registry::Registry;
 use users::{Directory, Users};
 
@@ -62,16 +64,14 @@ pub(crate) struct ServerShared {
     pub(crate) shutdown: CancellationToken,
     /// Budgets for connections that have not finished their handshake.
     pub(crate) handshakes: Handshakes,
-    /// HTTP virtual hosts.
-    pub(crate) hosts: Hosts,
+    /// Public endpoints (TCP ports, HTTP hosts, TLS server names) and the tunnels behind each.
+    pub(crate) endpoints: Endpoints,
     /// Failed client logins and bans.
     pub(crate) bans: Bans,
     /// Wrong API tokens and bans from the API, apart from client logins.
     pub(crate) api_bans: Bans,
     /// Event counters for `/metrics`.
     pub(crate) metrics: api::Metrics,
-    /// Public TCP ports and the tunnels behind each.
-    pub(crate) tcp_pools: tcp::TcpPools,
     /// The embedding program's hooks, if it gave any.
     hooks: OnceLock<Arc<dyn ServerHooks>>,
 }
@@ -190,18 +190,17 @@ impl Server {
             warn!("no users, no auth-api and allow-any-client is off: every client will be refused");
         }
         let users = Users::new(directory);
-        let hosts = Hosts::new(hosts::name_grace(config.heartbeat_timeout));
+        let endpoints = Endpoints::new(hosts::name_grace(config.heartbeat_timeout));
         let shared = Arc::new(ServerShared {
             config,
             users,
             registry: Registry::default(),
             shutdown: CancellationToken::new(),
             handshakes: Handshakes::default(),
-            hosts,
+            endpoints,
             bans,
             api_bans,
             metrics: api::Metrics::default(),
-            tcp_pools: tcp::TcpPools::default(),
             hooks: OnceLock::new(),
         });
         Ok(Server { shared, listeners, api })

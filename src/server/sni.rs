@@ -12,9 +12,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tracing::{debug, Instrument};
 
-use super::dispatch::{dispatch, Candidate, Entrance, NotServed};
+use super::dispatch::{dispatch, Entrance, NotServed};
+use super::endpoints::{Endpoint, Member};
 use super::handshakes::Handshake;
-use super::hosts::{Hosts, Lookup};
+use super::hosts::{split_client, Lookup};
 use super::http::MAX_ATTEMPTS;
 use super::ServerShared;
 use crate::transport::reset_on_drop;
@@ -60,20 +61,19 @@ impl Entrance for NameEntrance {
     type Unrouted = ();
     const PASSES_ON_REFUSAL: bool = false;
 
-    fn next_candidate(&mut self, shared: &ServerShared) -> Result<Candidate, NotServed<()>> {
+    fn next_candidate(&mut self, shared: &ServerShared) -> Result<Member, NotServed<()>> {
         self.attempts += 1;
         if self.attempts > MAX_ATTEMPTS {
             return Err(NotServed::Exhausted);
         }
-        let route = match Hosts::split_client(&self.label) {
-            Some((cid, rest)) => shared.hosts.lookup_client(&sni_key(rest), cid),
-            None => match shared.hosts.lookup(&sni_key(&self.label), false) {
-                Lookup::Online(route) => Some(route),
+        let member = match split_client(&self.label) {
+            Some((cid, rest)) => shared.endpoints.lookup_client(&Endpoint::Sni(rest.to_owned()), cid),
+            None => match shared.endpoints.lookup(&Endpoint::Sni(self.label.clone()), false) {
+                Lookup::Online(member) => Some(member),
                 _ => None,
             },
         };
-        let route = route.ok_or(NotServed::Unrouted(()))?;
-        Ok(Candidate { session: route.session, tunnel: route.tunnel })
+        member.ok_or(NotServed::Unrouted(()))
     }
 
     fn first_bytes(&mut self, _: &mut TcpStream) -> (Cow<'_, [u8]>, usize) {
@@ -86,11 +86,6 @@ impl Entrance for NameEntrance {
             reset_on_drop(visitor);
         }
     }
-}
-
-/// The routing key of a passthrough host; kept apart from HTTP hosts of the same name.
-pub(crate) fn sni_key(label: &str) -> String {
-    format!("tls:{label}")
 }
 
 /// Reads the visitor's ClientHello into `raw`, over as many TLS records as it takes, and
