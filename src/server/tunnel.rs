@@ -161,7 +161,8 @@ mod tests {
         let rules = Arc::new(Rules::resolve(&Default::default(), None).unwrap());
         let account =
             Users::new(Directory::new(&Default::default()).unwrap()).account("a", rules, Grant::Known);
-        let tunnel = Tunnel::new((1, "t".into(), ServiceKind::Tcp), CancellationToken::new(), control, account);
+        let tunnel =
+            Tunnel::new((1, "t".into(), ServiceKind::Tcp), CancellationToken::new(), control, account);
         let a = tunnel.admit().unwrap();
         let b = tunnel.admit().unwrap();
         assert_eq!(tunnel.admit().err(), Some(Refusal::AtCapacity));
