@@ -40,6 +40,25 @@ pub(crate) enum NotServed<U> {
     Cut,
 }
 
+/// Most clients one visitor is offered to when the chosen ones turn out to be gone.
+const MAX_ATTEMPTS: usize = 4;
+
+/// The offers of an entrance that looks its route up again for each one (a host name
+/// finds the next client serving it).
+#[derive(Default)]
+pub(crate) struct Attempts(usize);
+
+impl Attempts {
+    /// Counts one more offer; `Exhausted` past [`MAX_ATTEMPTS`].
+    pub(crate) fn another<U>(&mut self) -> Result<(), NotServed<U>> {
+        self.0 += 1;
+        if self.0 > MAX_ATTEMPTS {
+            return Err(NotServed::Exhausted);
+        }
+        Ok(())
+    }
+}
+
 /// What sets one kind of visitor apart.
 pub(crate) trait Entrance {
     /// The visitor's stream, as the relay reads and writes it.

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, info, Instrument};
 
-use super::dispatch::{dispatch, Entrance, NotServed};
+use super::dispatch::{dispatch, Attempts, Entrance, NotServed};
 use super::endpoints::{Endpoint, Member};
 use super::handshakes::Handshake;
 use super::hosts::{split_client, Lookup};
@@ -89,19 +89,17 @@ pub(crate) async fn serve_visitor(
     };
     let rest = read.split_off(head_len);
     let mut visitor = RequestStream::after_first(visitor, &head, rest, pinning);
-    let mut entrance = HostEntrance { head: &head, attempts: 0, by_path: None, local_host: None };
+    let mut entrance =
+        HostEntrance { head: &head, attempts: Attempts::default(), by_path: None, local_host: None };
     let span = tracing::debug_span!("http visitor", %peer, host = %head.route_host);
     dispatch(&shared, &mut entrance, &mut visitor, peer).instrument(span).await;
 }
-
-/// Most clients one visitor is offered to when the chosen ones turn out to be gone.
-pub(crate) const MAX_ATTEMPTS: usize = 4;
 
 /// An HTTP visitor, routed by its first request head; each attempt looks the route up
 /// again, so a client that left is replaced by the next one serving the host.
 struct HostEntrance<'a> {
     head: &'a Head,
-    attempts: usize,
+    attempts: Attempts,
     /// How the route last given was found by path, if it was.
     by_path: Option<PathRoute>,
     /// The Host header of the route last given (`use-local-as-http-host`).
@@ -114,10 +112,7 @@ impl Entrance for HostEntrance<'_> {
     const PASSES_ON_REFUSAL: bool = false;
 
     fn next_candidate(&mut self, shared: &ServerShared) -> Result<Member, NotServed<ErrorPage>> {
-        self.attempts += 1;
-        if self.attempts > MAX_ATTEMPTS {
-            return Err(NotServed::Exhausted);
-        }
+        self.attempts.another()?;
         let (member, by_path) = find_route(shared, self.head).map_err(NotServed::Unrouted)?;
         (self.by_path, self.local_host) = (by_path, member.local_host.clone());
         Ok(member)

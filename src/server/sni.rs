@@ -12,11 +12,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tracing::{debug, Instrument};
 
-use super::dispatch::{dispatch, Entrance, NotServed};
+use super::dispatch::{dispatch, Attempts, Entrance, NotServed};
 use super::endpoints::{Endpoint, Member};
 use super::handshakes::Handshake;
 use super::hosts::{split_client, Lookup};
-use super::http::MAX_ATTEMPTS;
 use super::ServerShared;
 use crate::transport::reset_on_drop;
 
@@ -41,7 +40,7 @@ pub(crate) async fn serve_visitor(
     };
     drop(handshake);
     let label = name.split('.').next().unwrap_or_default().to_ascii_lowercase();
-    let mut entrance = NameEntrance { label, hello: hello.freeze(), attempts: 0 };
+    let mut entrance = NameEntrance { label, hello: hello.freeze(), attempts: Attempts::default() };
     let span = tracing::debug_span!("tls visitor", %peer, ?name);
     dispatch(&shared, &mut entrance, &mut visitor, peer).instrument(span).await;
 }
@@ -52,7 +51,7 @@ struct NameEntrance {
     label: String,
     /// The ClientHello as it came, passed through untouched.
     hello: Bytes,
-    attempts: usize,
+    attempts: Attempts,
 }
 
 impl Entrance for NameEntrance {
@@ -62,10 +61,7 @@ impl Entrance for NameEntrance {
     const PASSES_ON_REFUSAL: bool = false;
 
     fn next_candidate(&mut self, shared: &ServerShared) -> Result<Member, NotServed<()>> {
-        self.attempts += 1;
-        if self.attempts > MAX_ATTEMPTS {
-            return Err(NotServed::Exhausted);
-        }
+        self.attempts.another()?;
         let member = match split_client(&self.label) {
             Some((cid, rest)) => shared.endpoints.lookup_client(&Endpoint::Sni(rest.to_owned()), cid),
             None => match shared.endpoints.lookup(&Endpoint::Sni(self.label.clone()), false) {
