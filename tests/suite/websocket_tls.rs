@@ -211,19 +211,26 @@ async fn local_tls_echo(dir: &std::path::Path) -> (SocketAddr, PathBuf) {
     (addr, cert)
 }
 
+/// A server with `sni-addr`, a client, and a local TLS echo service passed through as
+/// `secure`; returns them with the local service's certificate.
+async fn passthrough_to_local_echo(
+    dir: &std::path::Path,
+) -> (ServerHandle, ferry::Client, ferry::Registration, PathBuf) {
+    let mut config = server_config();
+    config.sni_addr = Some("127.0.0.1:0".parse().unwrap());
+    let server = start_server(config).await;
+    let client = connect(server.local_addr()).await;
+    let (local, local_cert) = local_tls_echo(dir).await;
+    let https = ServiceConfig::https(&local.to_string()).with_host_prefix("secure");
+    let tunnel = client.add_service(https).await.unwrap();
+    (server, client, tunnel, local_cert)
+}
+
 #[tokio::test]
 async fn tls_passed_through_by_server_name() {
     within(30, async {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = server_config();
-        config.sni_addr = Some("127.0.0.1:0".parse().unwrap());
-        let server = start_server(config).await;
-        let client = connect(server.local_addr()).await;
-        let (local, local_cert) = local_tls_echo(dir.path()).await;
-        let tunnel = client
-            .add_service(ServiceConfig::https(&local.to_string()).with_host_prefix("secure"))
-            .await
-            .unwrap();
+        let (server, _client, tunnel, local_cert) = passthrough_to_local_echo(dir.path()).await;
         assert_eq!(tunnel.public_addr(), "https://secure");
 
         // The visitor trusts only the local service's certificate: the handshake succeeding
@@ -331,13 +338,7 @@ impl AsyncWrite for SplitFirstRecord {
 async fn a_client_hello_split_over_two_records_is_routed_and_passed_through() {
     within(30, async {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = server_config();
-        config.sni_addr = Some("127.0.0.1:0".parse().unwrap());
-        let server = start_server(config).await;
-        let client = connect(server.local_addr()).await;
-        let (local, local_cert) = local_tls_echo(dir.path()).await;
-        let https = ServiceConfig::https(&local.to_string()).with_host_prefix("secure");
-        client.add_service(https).await.unwrap();
+        let (server, _client, _tunnel, local_cert) = passthrough_to_local_echo(dir.path()).await;
 
         let connector =
             tokio_rustls::TlsConnector::from(client_tls_config(&RemoteTrust::CaFile(local_cert)).unwrap());
