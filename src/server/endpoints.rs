@@ -21,7 +21,8 @@ use crate::proto::ProxyProtocol;
 /// How long a registration waits for a closing session to give its endpoint back.
 pub(crate) const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
-/// A public endpoint.
+/// A public endpoint. A new transport adds its own kind here (UDP ports: `UdpPort(u16)`)
+/// and gets pools, tag sharing and round-robin as they are.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Endpoint {
     /// A TCP port of its own.
@@ -153,6 +154,7 @@ impl Endpoints {
         Endpoints { table: Mutex::default(), grace }
     }
 
+    /// The table, for the rules of one kind of endpoint (`hosts.rs`, `ports.rs`).
     pub(crate) fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
