@@ -1,24 +1,18 @@
-//! HTTP virtual hosts: which service a host name (or path) routes to.
+//! Host names in the endpoint table: which service a host name (or path) routes to.
 //!
 //! Host names are one namespace for HTTP, HTTPS and TLS passthrough: a name has one owner
 //! (a user) whichever kind of service holds it, and stays reserved to that owner for a
 //! grace period after its last service goes offline, so a reconnecting client gets it back.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::session::SessionShared;
-use super::sni::sni_key;
-use super::tunnel::Tunnel;
+use super::endpoints::{Endpoint, Endpoints, Member, Pool, Table, RELEASE_WAIT};
 use super::users::{whose, Rules};
 use crate::proto::RegisterError;
-
-/// How long a registration waits for a closing session to give its host back.
-const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Most host names remembered as offline (for 502 rather than 404 answers), and most
 /// names held for their offline owners.
@@ -32,93 +26,52 @@ pub(crate) fn name_grace(heartbeat_timeout: Duration) -> Duration {
     heartbeat_timeout.saturating_mul(3)
 }
 
-/// Where a host name leads.
-#[derive(Clone)]
-pub(crate) struct HostRoute {
-    pub(crate) session: Arc<SessionShared>,
-    /// The tunnel: its token closes it, its limits admit visitors.
-    pub(crate) tunnel: Arc<Tunnel>,
-    /// Replaces the Host header when set (`use-local-as-http-host`).
-    pub(crate) local_host: Option<String>,
-    /// The prefix asked for, if any (for path routing).
-    pub(crate) prefix: Option<String>,
-}
-
 /// What a lookup found.
 pub(crate) enum Lookup {
     /// A live service.
-    Online(HostRoute),
+    Online(Member),
     /// A host that had a service, or a known user's id, whose client is not connected.
     Offline,
     /// Nothing by that name.
     Unknown,
 }
 
-/// The services behind one host name: one, or several clients of one user sharing a tag
-/// that serve a service of the same name, taken in turn.
-struct HostPool {
-    members: Vec<HostRoute>,
-    next: usize,
-}
-
-impl HostPool {
-    /// The next member, round-robin, preferring members whose session is not closing.
-    fn pick(&mut self, only: impl Fn(&HostRoute) -> bool) -> Option<HostRoute> {
-        let count = self.members.len();
-        let start = self.next;
-        self.next = self.next.wrapping_add(1);
-        let candidates = (0..count).map(|i| &self.members[(start + i) % count]).filter(|r| only(r));
-        let mut fallback = None;
-        for route in candidates {
-            if !route.session.closing.is_cancelled() {
-                return Some(route.clone());
-            }
-            fallback.get_or_insert(route);
-        }
-        fallback.cloned()
-    }
-
-    fn owned_by(&self, user: &str) -> bool {
-        self.members.iter().any(|r| r.session.user == user)
-    }
-
-    /// Whether `route` may join: same user and service name, and a tag shared with a live member.
-    fn welcomes(&self, route: &HostRoute) -> bool {
-        let session = &route.session;
-        !session.tags.is_empty()
-            && self.members.iter().any(|m| {
-                !m.session.closing.is_cancelled()
-                    && m.session.user == session.user
-                    && m.tunnel.name == route.tunnel.name
-                    && m.session.tags.iter().any(|t| session.tags.contains(t))
-            })
-    }
-}
-
 /// A name whose owner is offline, kept for the owner until `until`.
-struct Held {
+pub(crate) struct Held {
     user: String,
     until: Instant,
 }
 
-#[derive(Default)]
-struct Table {
-    /// Routes by key: the name for HTTP and HTTPS, `tls:name` for TLS passthrough.
-    routes: HashMap<String, HostPool>,
-    offline: HashSet<String>,
-    /// Names in their grace period, by name.
-    held: HashMap<String, Held>,
+/// The endpoint of a name: passthrough names route on their own port.
+pub(crate) fn host_endpoint(name: &str, tls_passthrough: bool) -> Endpoint {
+    if tls_passthrough {
+        Endpoint::Sni(name.to_owned())
+    } else {
+        Endpoint::Host(name.to_owned())
+    }
+}
+
+/// Splits `CID--label` (the client with that id among those serving `label`).
+pub(crate) fn split_client(label: &str) -> Option<(u64, &str)> {
+    let (cid, rest) = label.split_once("--")?;
+    Some((cid.parse().ok().filter(|_| cid.bytes().all(|b| b.is_ascii_digit()))?, rest))
 }
 
 impl Table {
     /// Whether a user other than `user` holds `name`, as HTTP or TLS passthrough, or has
     /// it reserved while offline.
     fn owned_by_other(&self, name: &str, user: &str) -> bool {
-        let live = [name.to_owned(), sni_key(name)]
+        let live = [host_endpoint(name, false), host_endpoint(name, true)]
             .iter()
-            .filter_map(|key| self.routes.get(key))
-            .any(|pool| pool.members.iter().any(|m| m.session.user != user));
+            .filter_map(|endpoint| self.pools.get(endpoint))
+            .any(|pool| pool.members().iter().any(|m| m.session.user != user));
         live || self.held.get(name).is_some_and(|h| h.user != user && h.until > Instant::now())
+    }
+
+    /// How many host names `user` holds.
+    fn hosts_of(&self, user: &str) -> usize {
+        let hosts = self.pools.iter().filter(|(e, _)| matches!(e, Endpoint::Host(_) | Endpoint::Sni(_)));
+        hosts.filter(|(_, pool)| pool.members().iter().any(|m| m.session.user == user)).count()
     }
 
     /// Keeps `name` for `user` until `until`, within `MAX_OFFLINE` names.
@@ -133,39 +86,15 @@ impl Table {
         self.held.insert(name.to_owned(), Held { user, until });
     }
 
-    fn insert(&mut self, name: &str, key: &str, route: HostRoute) {
+    fn insert(&mut self, name: &str, endpoint: Endpoint, member: Member) {
         self.held.remove(name);
-        self.offline.remove(key);
-        self.routes.insert(key.to_owned(), HostPool { members: vec![route], next: 0 });
+        self.offline.remove(&endpoint);
+        self.pools.insert(endpoint, Pool::new(member, CancellationToken::new()));
     }
 }
 
-/// The routing key of a name: passthrough names route on their own port.
-fn route_key(name: &str, tls_passthrough: bool) -> String {
-    if tls_passthrough {
-        sni_key(name)
-    } else {
-        name.to_owned()
-    }
-}
-
-/// Host names of every HTTP, HTTPS and TLS passthrough service.
-pub(crate) struct Hosts {
-    table: Mutex<Table>,
-    /// How long an offline owner's name stays reserved to it.
-    grace: Duration,
-}
-
-impl Hosts {
-    /// An empty table whose names stay reserved `grace` after their owner went offline.
-    pub(crate) fn new(grace: Duration) -> Self {
-        Hosts { table: Mutex::default(), grace }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
+/// Host names: one owner per name across HTTP, HTTPS and TLS passthrough.
+impl Endpoints {
     /// The host name for a user's prefix, checked against the user's rules and against
     /// other users' ids: `is_user` says whether some user has an id (ignoring case).
     pub(crate) fn key_for(
@@ -210,133 +139,117 @@ impl Hosts {
         }
     }
 
-    /// Records `name` for a service of `session` (a TLS passthrough one when
-    /// `tls_passthrough`), within the user's host-number. A name another user holds, as
-    /// any kind of service or reserved while offline, is taken.
-    pub(crate) async fn reserve(
+    /// Records `name` for `member` (a TLS passthrough service when `tls_passthrough`),
+    /// within the user's host-number. A name another user holds, as any kind of service
+    /// or reserved while offline, is taken.
+    pub(crate) async fn reserve_host(
         &self,
         rules: &Rules,
         (name, tls_passthrough): (&str, bool),
-        route: HostRoute,
+        member: Member,
     ) -> Result<(), RegisterError> {
-        let user = route.session.user.clone();
-        let key = &route_key(name, tls_passthrough);
+        let user = member.session.user.clone();
+        let endpoint = host_endpoint(name, tls_passthrough);
         let taken = || RegisterError::HostTaken { host: name.to_owned() };
         let pending_release = {
             let mut table = self.lock();
             if table.owned_by_other(name, &user) {
                 return Err(taken());
             }
-            if let Some(pool) = table.routes.get_mut(key) {
-                if pool.welcomes(&route) {
-                    pool.members.push(route);
-                    return Ok(());
-                }
+            if let Some(pool) = table.pools.get_mut(&endpoint).filter(|pool| pool.welcomes(&member)) {
+                pool.add(member);
+                return Ok(());
             }
             if let Some(limit) = rules.host_number {
-                let held = table.routes.values().filter(|p| p.owned_by(&user)).count();
-                if held >= limit as usize {
+                if table.hosts_of(&user) >= limit as usize {
                     return Err(RegisterError::HostLimit {
                         limit,
                         whose: whose(rules.own.host_number, &user),
                     });
                 }
             }
-            match table.routes.get(key) {
+            match table.pools.get(&endpoint) {
                 // A closing session of the same user may still hold the name for a moment.
-                Some(pool)
-                    if pool
-                        .members
-                        .iter()
-                        .all(|r| r.session.closing.is_cancelled() && r.session.user == user) =>
-                {
-                    pool.members.first().map(|r| r.session.released.clone())
-                }
+                Some(pool) if pool.closing_for(&user) => pool.released.clone(),
                 Some(_) => return Err(taken()),
                 None => {
-                    table.insert(name, key, route);
+                    table.insert(name, endpoint, member);
                     return Ok(());
                 }
             }
         };
-        if let Some(released) = pending_release {
-            let _ = tokio::time::timeout(RELEASE_WAIT, released.cancelled()).await;
-        }
+        let _ = tokio::time::timeout(RELEASE_WAIT, pending_release.cancelled()).await;
         let mut table = self.lock();
-        if table.routes.contains_key(key) || table.owned_by_other(name, &user) {
+        if table.pools.contains_key(&endpoint) || table.owned_by_other(name, &user) {
             return Err(taken());
         }
-        table.insert(name, key, route);
+        table.insert(name, endpoint, member);
         Ok(())
     }
 
     /// Forgets a closed service's host; later visitors get "offline" instead of "unknown".
     /// When no service of any kind holds the name any more, it stays reserved to its
     /// owner for the grace period.
-    pub(crate) fn release(&self, (name, tls_passthrough): (&str, bool), service: u32) {
-        let key = route_key(name, tls_passthrough);
+    pub(crate) fn release_host(&self, (name, tls_passthrough): (&str, bool), service: u32) {
+        let endpoint = host_endpoint(name, tls_passthrough);
         let mut table = self.lock();
-        let Some(pool) = table.routes.get_mut(&key) else { return };
-        let owner = pool.members.iter().find(|r| r.tunnel.service == service).map(|r| r.session.user.clone());
-        pool.members.retain(|r| r.tunnel.service != service);
-        if !pool.members.is_empty() {
+        let Some(pool) = table.pools.get_mut(&endpoint) else { return };
+        let owner = pool.remove_service(service);
+        if !pool.members().is_empty() {
             return;
         }
-        table.routes.remove(&key);
-        if table.offline.len() < MAX_OFFLINE {
-            table.offline.insert(key);
+        if let Some(pool) = table.pools.remove(&endpoint) {
+            pool.released.cancel();
         }
-        let still_served = table.routes.contains_key(&route_key(name, !tls_passthrough));
+        if table.offline.len() < MAX_OFFLINE {
+            table.offline.insert(endpoint);
+        }
+        let still_served = table.pools.contains_key(&host_endpoint(name, !tls_passthrough));
         if let (Some(owner), false) = (owner, still_served) {
             table.hold(name, owner, Instant::now() + self.grace);
         }
     }
 
-    /// Finds the service for a routing key (the next one, when several serve it).
-    pub(crate) fn lookup(&self, key: &str, known_user: bool) -> Lookup {
+    /// Finds the service for a host endpoint (the next one, when several serve it).
+    pub(crate) fn lookup(&self, endpoint: &Endpoint, known_user: bool) -> Lookup {
         let mut table = self.lock();
-        if let Some(route) = table.routes.get_mut(key).and_then(|pool| pool.pick(|_| true)) {
-            return Lookup::Online(route);
+        if let Some(member) = table.pools.get_mut(endpoint).and_then(|pool| pool.pick(|_| true)) {
+            return Lookup::Online(member);
         }
-        if known_user || table.offline.contains(key) {
+        if known_user || table.offline.contains(endpoint) {
             Lookup::Offline
         } else {
             Lookup::Unknown
         }
     }
 
-    /// Splits `CID--label` (the client with that id among those serving `label`).
-    pub(crate) fn split_client(label: &str) -> Option<(u64, &str)> {
-        let (cid, rest) = label.split_once("--")?;
-        Some((cid.parse().ok().filter(|_| cid.bytes().all(|b| b.is_ascii_digit()))?, rest))
-    }
-
-    /// The service for a routing key served by one client (`CID--label`), if that client serves it.
-    pub(crate) fn lookup_client(&self, key: &str, cid: u64) -> Option<HostRoute> {
+    /// The service for a host endpoint served by one client (`CID--label`), if that client serves it.
+    pub(crate) fn lookup_client(&self, endpoint: &Endpoint, cid: u64) -> Option<Member> {
         let mut table = self.lock();
-        table.routes.get_mut(key)?.pick(|r| r.session.id == cid)
+        table.pools.get_mut(endpoint)?.pick(|m| m.session.id == cid)
     }
 
-    /// Finds the service for `/ID/PREFIX/...` or `/ID/...`; returns the route and how many
+    /// Finds the service for `/ID/PREFIX/...` or `/ID/...`; returns the member and how many
     /// path segments it used.
-    pub(crate) fn lookup_path(&self, id: &str, prefix: Option<&str>) -> Option<(HostRoute, usize)> {
+    pub(crate) fn lookup_path(&self, id: &str, prefix: Option<&str>) -> Option<(Member, usize)> {
         let mut table = self.lock();
-        let mut owned_by = |key: &str| {
-            table.routes.get_mut(key).and_then(|pool| pool.pick(|r| r.session.user.eq_ignore_ascii_case(id)))
+        let mut owned_by = |name: &str| {
+            let pool = table.pools.get_mut(&host_endpoint(name, false));
+            pool.and_then(|pool| pool.pick(|m| m.session.user.eq_ignore_ascii_case(id)))
         };
         if let Some(prefix) = prefix.filter(|p| is_label(p)) {
             let prefix = prefix.to_ascii_lowercase();
             // With or without host-with-id (a per-user rule), the route must be the user's own.
             let with_id = format!("{}-{prefix}", id.to_ascii_lowercase());
-            for key in [with_id.as_str(), prefix.as_str()] {
-                if let Some(route) = owned_by(key)
-                    .filter(|r| r.prefix.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(&prefix)))
+            for name in [with_id.as_str(), prefix.as_str()] {
+                if let Some(member) = owned_by(name)
+                    .filter(|m| m.prefix.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(&prefix)))
                 {
-                    return Some((route, 2));
+                    return Some((member, 2));
                 }
             }
         }
-        owned_by(&id.to_ascii_lowercase()).filter(|r| r.prefix.is_none()).map(|route| (route, 1))
+        owned_by(&id.to_ascii_lowercase()).filter(|m| m.prefix.is_none()).map(|member| (member, 1))
     }
 }
 
@@ -372,7 +285,7 @@ mod tests {
         let mut config =
             crate::ServerConfig { host_regex: vec!["^[a-z]+$".into()], ..crate::ServerConfig::default() };
         let rules = Rules::resolve(&config, None).unwrap();
-        let hosts = Hosts::new(Duration::ZERO);
+        let hosts = Endpoints::new(Duration::ZERO);
         assert_eq!(hosts.key_for(&rules, "Id1", None, |_| false).unwrap(), "id1");
         assert_eq!(
             hosts.key_for(&rules, "id1", Some("Web"), |_| false).err().map(|e| e.to_string()),
@@ -400,7 +313,7 @@ mod tests {
     #[test]
     fn other_users_ids_and_names_under_them_are_refused() {
         let rules = Rules::resolve(&crate::ServerConfig::default(), None).unwrap();
-        let hosts = Hosts::new(Duration::ZERO);
+        let hosts = Endpoints::new(Duration::ZERO);
         let is_user = |id: &str| ["alice", "Bob"].iter().any(|u| u.eq_ignore_ascii_case(id));
         for prefix in ["alice", "ALICE", "alice-shop", "bob", "bob-x-y"] {
             let refused = hosts.key_for(&rules, "bob2", Some(prefix), is_user);

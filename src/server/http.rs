@@ -3,22 +3,24 @@
 //! (`http_requests.rs`): forwarding headers are the server's, the host is pinned, and a
 //! later request for another host ends the connection instead of reaching that service.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 
+use super::dispatch::{dispatch, Attempts, Entrance, NotServed};
+use super::endpoints::{Endpoint, Member};
 use super::handshakes::Handshake;
-use super::hosts::{HostRoute, Hosts, Lookup};
+use super::hosts::{split_client, Lookup};
 use super::http_head::{head_end, parse_head, rewrite_head, Forwarding, Head, MAX_HEAD};
 use super::http_requests::{strip_path_prefix, Pinning, RequestStream};
 use super::session::SessionShared;
-use super::tunnel::{Refusal, Tunnel, Visit};
-use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
+use super::tunnel::{Refusal, Tunnel};
 use super::ServerShared;
-use crate::proto::{OpenStream, RegisterError};
+use crate::proto::RegisterError;
 use crate::transport::{reset_on_drop, Stream};
 
 /// Registers an HTTP service under its host name; the name is released when the service closes.
@@ -37,14 +39,14 @@ pub(crate) async fn open_host(
     }
     let rules = session.account.rules();
     let is_user = |id: &str| shared.is_user_id(id);
-    let host_key = shared.hosts.key_for(&rules, &session.user, prefix.as_deref(), is_user)?;
+    let host_key = shared.endpoints.key_for(&rules, &session.user, prefix.as_deref(), is_user)?;
     let (service, token) = (tunnel.service, tunnel.token.clone());
-    let route = HostRoute { session: session.clone(), tunnel, local_host, prefix };
-    shared.hosts.reserve(&rules, (&host_key, tls_passthrough), route).await?;
+    let member = Member { local_host, prefix, ..Member::new(session.clone(), tunnel) };
+    shared.endpoints.reserve_host(&rules, (&host_key, tls_passthrough), member).await?;
     let (owner, sessions, name) = (shared.clone(), session.clone(), host_key.clone());
     session.tasks.spawn(async move {
         token.cancelled().await;
-        owner.hosts.release((&name, tls_passthrough), service);
+        owner.endpoints.release_host((&name, tls_passthrough), service);
         sessions.forget_tunnel(service);
         info!(host = %name, "http host closed");
     });
@@ -87,105 +89,73 @@ pub(crate) async fn serve_visitor(
     };
     let rest = read.split_off(head_len);
     let mut visitor = RequestStream::after_first(visitor, &head, rest, pinning);
-    // When the chosen client turns out to be gone, the next one serving the host gets the visitor.
+    let mut entrance =
+        HostEntrance { head: &head, attempts: Attempts::default(), by_path: None, local_host: None };
     let span = tracing::debug_span!("http visitor", %peer, host = %head.route_host);
-    for attempt in 1..=MAX_ATTEMPTS {
-        let visited = visit_once(&shared, &head, &mut visitor, peer, attempt).instrument(span.clone());
-        match visited.await {
-            Visited::Done => return,
-            Visited::Retry => continue,
-            Visited::Page((status, reason, message)) => {
-                return respond(visitor.get_mut(), status, reason, &message).await
-            }
-        }
-    }
-    let message = format!("The client serving '{}' has no free connection.", head.route_host);
-    respond(visitor.get_mut(), 502, "Bad Gateway", &message).await
+    dispatch(&shared, &mut entrance, &mut visitor, peer).instrument(span).await;
 }
 
-/// How one attempt to serve an HTTP visitor ended.
-enum Visited {
-    /// Served, or ended without a page.
-    Done,
-    /// The chosen client is gone: the next one may serve the visitor.
-    Retry,
-    /// The visitor gets this page.
-    Page(ErrorPage),
+/// An HTTP visitor, routed by its first request head; each attempt looks the route up
+/// again, so a client that left is replaced by the next one serving the host.
+struct HostEntrance<'a> {
+    head: &'a Head,
+    attempts: Attempts,
+    /// How the route last given was found by path, if it was.
+    by_path: Option<PathRoute>,
+    /// The Host header of the route last given (`use-local-as-http-host`).
+    local_host: Option<String>,
 }
 
-/// Routes the first head, admits the visitor and relays through one client.
-async fn visit_once(
-    shared: &ServerShared,
-    head: &Head,
-    visitor: &mut RequestStream<Stream>,
-    peer: SocketAddr,
-    attempt: usize,
-) -> Visited {
-    let (route, by_path) = match find_route(shared, head) {
-        Ok(found) => found,
-        Err(page) => return Visited::Page(page),
-    };
-    if !visitor_allowed(shared, &route.session, &route.tunnel, peer) {
-        let message =
-            format!("The service for '{}' does not take visitors from your address.", head.route_host);
-        return Visited::Page((403, "Forbidden", message));
+impl Entrance for HostEntrance<'_> {
+    type Visitor = RequestStream<Stream>;
+    type Unrouted = ErrorPage;
+    const PASSES_ON_REFUSAL: bool = false;
+
+    fn next_candidate(&mut self, shared: &ServerShared) -> Result<Member, NotServed<ErrorPage>> {
+        self.attempts.another()?;
+        let (member, by_path) = find_route(shared, self.head).map_err(NotServed::Unrouted)?;
+        (self.by_path, self.local_host) = (by_path, member.local_host.clone());
+        Ok(member)
     }
-    let _admitted = match admit(&route, head, peer) {
-        Ok(admitted) => admitted,
-        Err(page) => return Visited::Page(page),
-    };
-    if attempt == 1 {
-        shared.metrics.visitor();
+
+    fn first_bytes(&mut self, visitor: &mut RequestStream<Stream>) -> (Cow<'_, [u8]>, usize) {
+        let (prefix, target) = self.by_path.take().map_or((None, None), |p| (Some(p.prefix), Some(p.target)));
+        visitor.pin(self.local_host.clone(), prefix);
+        let early = rewrite_head(self.head, target.as_deref(), visitor.forwarding());
+        let read = early.len();
+        (Cow::Owned(early), read)
     }
-    let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
-        if route.session.closing.is_cancelled() {
-            return Visited::Retry;
-        }
-        let message = format!("The client serving '{}' has no free connection.", head.route_host);
-        return Visited::Page((502, "Bad Gateway", message));
-    };
-    let (prefix, target) = by_path.map_or((None, None), |p| (Some(p.prefix), Some(p.target)));
-    visitor.pin(route.local_host.clone(), prefix);
-    let early = rewrite_head(head, target.as_deref(), visitor.forwarding());
-    let open = OpenStream { service: route.tunnel.service, visitor: peer, seal: None };
-    let read_ahead = if attempt == 1 { early.len() } else { 0 };
-    let idle = shared.config.idle_limit();
-    match relay_visitor(&route.session, &route.tunnel, data, visitor, &open, (&early, read_ahead), idle).await
-    {
-        Relay::Finished => Visited::Done,
-        Relay::Unanswered => Visited::Retry,
-        Relay::LocalUnavailable => {
-            let message = format!("The service for '{}' is not reachable from its client.", head.route_host);
-            Visited::Page((502, "Bad Gateway", message))
-        }
-        Relay::Cut => {
+
+    async fn answer(&mut self, visitor: &mut RequestStream<Stream>, why: NotServed<ErrorPage>) {
+        if let NotServed::Cut = why {
             if let Some(tcp) = visitor.get_ref().tcp() {
                 reset_on_drop(tcp);
             }
-            Visited::Done
+            return;
         }
+        let (status, reason, message) = error_page(&self.head.route_host, why);
+        respond(visitor.get_mut(), status, reason, &message).await
     }
 }
 
-/// Most clients one visitor is offered to when the chosen ones turn out to be gone.
-pub(crate) const MAX_ATTEMPTS: usize = 4;
-
-/// Lets the visitor into the route's tunnel, or says which error page it gets.
-fn admit(route: &HostRoute, head: &Head, peer: SocketAddr) -> Result<Visit, ErrorPage> {
-    match route.tunnel.admit() {
-        Ok(admitted) => Ok(admitted),
-        Err(Refusal::AtCapacity) => {
-            let message = format!("The service for '{}' has all the visitors it takes.", head.route_host);
-            Err((503, "Service Unavailable", message))
+/// The page a visitor gets when it is not served.
+fn error_page(host: &str, why: NotServed<ErrorPage>) -> ErrorPage {
+    match why {
+        NotServed::Unrouted(page) => page,
+        NotServed::Denied => {
+            (403, "Forbidden", format!("The service for '{host}' does not take visitors from your address."))
         }
-        Err(Refusal::UserLimit { limit }) => {
-            warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
-            let message = format!("The service for '{}' has all the visitors it takes.", head.route_host);
-            Err((503, "Service Unavailable", message))
+        NotServed::Refused(Refusal::AtCapacity | Refusal::UserLimit { .. }) => {
+            (503, "Service Unavailable", format!("The service for '{host}' has all the visitors it takes."))
         }
-        Err(Refusal::Closed) => {
-            let message = format!("The service for '{}' has closed.", head.route_host);
-            Err((502, "Bad Gateway", message))
+        NotServed::Refused(Refusal::Closed) => {
+            (502, "Bad Gateway", format!("The service for '{host}' has closed."))
+        }
+        NotServed::LocalUnavailable => {
+            (502, "Bad Gateway", format!("The service for '{host}' is not reachable from its client."))
+        }
+        NotServed::NoData | NotServed::Exhausted | NotServed::Cut => {
+            (502, "Bad Gateway", format!("The client serving '{host}' has no free connection."))
         }
     }
 }
@@ -225,16 +195,16 @@ struct PathRoute {
 
 /// Finds the service for a request: by the first label of its host, else (when enabled) by
 /// path. `CID--label` asks for the client with that id among those serving `label`.
-fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<PathRoute>), ErrorPage> {
+fn find_route(shared: &ServerShared, head: &Head) -> Result<(Member, Option<PathRoute>), ErrorPage> {
     let label = head.route_host.split('.').next().unwrap_or_default();
-    if let Some((cid, rest)) = Hosts::split_client(label) {
-        return match shared.hosts.lookup_client(rest, cid) {
+    if let Some((cid, rest)) = split_client(label) {
+        return match shared.endpoints.lookup_client(&Endpoint::Host(rest.to_owned()), cid) {
             Some(route) => Ok((route, None)),
             None => Err((404, "Not Found", format!("Client {cid} serves no tunnel for '{rest}'."))),
         };
     }
     let known_user = shared.users.directory().has_id_ignoring_case(label);
-    let lookup = shared.hosts.lookup(label, known_user);
+    let lookup = shared.endpoints.lookup(&Endpoint::Host(label.to_owned()), known_user);
     if let Lookup::Online(route) = lookup {
         return Ok((route, None));
     }
@@ -252,12 +222,12 @@ fn find_route(shared: &ServerShared, head: &Head) -> Result<(HostRoute, Option<P
 }
 
 /// `/ID/PREFIX/rest` or `/ID/rest` → the route and the target `/rest` (query kept).
-fn route_by_path(shared: &ServerShared, target: &str) -> Option<(HostRoute, PathRoute)> {
+fn route_by_path(shared: &ServerShared, target: &str) -> Option<(Member, PathRoute)> {
     let path_only = target.split('?').next().unwrap_or(target);
     let mut segments = path_only.strip_prefix('/')?.split('/');
     let id = segments.next().filter(|s| !s.is_empty())?;
     let second = segments.next();
-    let (route, used) = shared.hosts.lookup_path(id, second)?;
+    let (route, used) = shared.endpoints.lookup_path(id, second)?;
     let used: Vec<&str> = path_only.trim_start_matches('/').split('/').take(used).collect();
     let prefix = format!("/{}", used.join("/"));
     let target = strip_path_prefix(target, &prefix)?;

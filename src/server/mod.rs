@@ -4,9 +4,12 @@
 //! session (`session.rs`); each tunnel accepts visitors (`tcp.rs`) and pairs
 //! them with idle data connections from the session's pool (`pool.rs`).
 
+mod accept;
 mod api;
 mod auth_api;
 mod bans;
+mod dispatch;
+mod endpoints;
 mod handshakes;
 pub mod hooks;
 mod hosts;
@@ -16,6 +19,7 @@ mod http_requests;
 mod link;
 mod login;
 mod pool;
+mod ports;
 mod proxy_header;
 mod registry;
 mod session;
@@ -41,9 +45,9 @@ use crate::config::ServerConfig;
 use crate::error::ServerError;
 use crate::transport::{server_tls_acceptor, TlsVersion};
 use bans::Bans;
+use endpoints::Endpoints;
 use handshakes::{Handshakes, Sorted};
 use hooks::{NoHooks, ServerHooks};
-use hosts::Hosts;
 use registry::Registry;
 use users::{Directory, Users};
 
@@ -60,16 +64,14 @@ pub(crate) struct ServerShared {
     pub(crate) shutdown: CancellationToken,
     /// Budgets for connections that have not finished their handshake.
     pub(crate) handshakes: Handshakes,
-    /// HTTP virtual hosts.
-    pub(crate) hosts: Hosts,
+    /// Public endpoints (TCP ports, HTTP hosts, TLS server names) and the tunnels behind each.
+    pub(crate) endpoints: Endpoints,
     /// Failed client logins and bans.
     pub(crate) bans: Bans,
     /// Wrong API tokens and bans from the API, apart from client logins.
     pub(crate) api_bans: Bans,
     /// Event counters for `/metrics`.
     pub(crate) metrics: api::Metrics,
-    /// Public TCP ports and the tunnels behind each.
-    pub(crate) tcp_pools: tcp::TcpPools,
     /// The embedding program's hooks, if it gave any.
     hooks: OnceLock<Arc<dyn ServerHooks>>,
 }
@@ -198,18 +200,17 @@ impl Server {
             warn!("no users, no auth-api and allow-any-client is off: every client will be refused");
         }
         let users = Users::new(directory);
-        let hosts = Hosts::new(hosts::name_grace(config.heartbeat_timeout));
+        let endpoints = Endpoints::new(hosts::name_grace(config.heartbeat_timeout));
         let shared = Arc::new(ServerShared {
             config,
             users,
             registry: Registry::default(),
             shutdown: CancellationToken::new(),
             handshakes: Handshakes::default(),
-            hosts,
+            endpoints,
             bans,
             api_bans,
             metrics: api::Metrics::default(),
-            tcp_pools: tcp::TcpPools::default(),
             hooks: OnceLock::new(),
         });
         Ok(Server { shared, listeners, api })
@@ -402,47 +403,29 @@ async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, Server
 }
 
 async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: TaskTracker) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            accepted = listener.socket.accept() => accepted,
+    while let Some((tcp, peer)) = accept::accept_until(&listener.socket, &shared.shutdown).await {
+        // Unauthenticated peers are bounded, per source and per stage: past a
+        // limit, new ones are dropped at once (see `handshakes.rs`).
+        let admitted = shared.handshakes.admit(peer.ip());
+        let sorted = match listener.serves {
+            // Visitor-only listeners know what comes in before the first byte.
+            Serves::HttpOnly | Serves::TlsPassthrough => {
+                admitted.and_then(|h| shared.handshakes.sort(h, Sorted::Visitor))
+            }
+            Serves::ClientsAndHttp => admitted,
         };
-        match accepted {
-            Ok((tcp, peer)) => {
-                // Unauthenticated peers are bounded, per source and per stage: past a
-                // limit, new ones are dropped at once (see `handshakes.rs`).
-                let admitted = shared.handshakes.admit(peer.ip());
-                let sorted = match listener.serves {
-                    // Visitor-only listeners know what comes in before the first byte.
-                    Serves::HttpOnly | Serves::TlsPassthrough => {
-                        admitted.and_then(|h| shared.handshakes.sort(h, Sorted::Visitor))
-                    }
-                    Serves::ClientsAndHttp => admitted,
-                };
-                let Some(handshake) = sorted else {
-                    debug!(%peer, "too many handshakes in progress; dropping connection");
-                    continue;
-                };
-                let shared = shared.clone();
-                match listener.serves {
-                    Serves::TlsPassthrough => links.spawn(sni::serve_visitor(shared, tcp, peer, handshake)),
-                    serves => {
-                        let http_only = serves == Serves::HttpOnly;
-                        links.spawn(link::serve_link(
-                            shared,
-                            tcp,
-                            peer,
-                            listener.tls.clone(),
-                            http_only,
-                            handshake,
-                        ))
-                    }
-                };
+        let Some(handshake) = sorted else {
+            debug!(%peer, "too many handshakes in progress; dropping connection");
+            continue;
+        };
+        let shared = shared.clone();
+        match listener.serves {
+            Serves::TlsPassthrough => links.spawn(sni::serve_visitor(shared, tcp, peer, handshake)),
+            serves => {
+                let http_only = serves == Serves::HttpOnly;
+                let tls = listener.tls.clone();
+                links.spawn(link::serve_link(shared, tcp, peer, tls, http_only, handshake))
             }
-            Err(err) => {
-                warn!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        };
     }
 }

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use super::api::views;
+use super::endpoints::Member;
 use super::handshakes::Handshake;
 use super::hooks::{ClientInfo, DisconnectReason};
 use super::pool::{DataPool, IDLE_TTL};
@@ -20,7 +21,7 @@ use super::tunnel::Tunnel;
 use super::users::{Account, Counted, Grant, Slot, Users};
 use super::{http, login, tcp, ServerShared};
 use crate::auth::{ReplayGuard, SessionKey, Verifier};
-use crate::config::PortRange;
+use crate::config::{PortRange, ServiceKind};
 use crate::proto::{
     check_service, Answer, ClientMessage, CloseReason, ControlChannel, LoginRefusal, ProtocolError,
     ProxyProtocol, Query, RegisterError, ServerMessage, ServiceControl, ServiceSpec,
@@ -79,7 +80,7 @@ impl SessionShared {
     pub(crate) fn open_tunnel(
         self: &Arc<Self>,
         shared: &Arc<ServerShared>,
-        (service, name, kind): (u32, String, &'static str),
+        (service, name, kind): (u32, String, ServiceKind),
         control: ServiceControl,
     ) -> Arc<Tunnel> {
         let tunnel =
@@ -393,9 +394,9 @@ impl Control<'_> {
 
     async fn register(&mut self, request: u64, spec: ServiceSpec, control: ServiceControl) -> ServerMessage {
         let (name, kind) = match &spec {
-            ServiceSpec::Tcp { name, .. } => (name.clone(), "tcp"),
-            ServiceSpec::Http { name, .. } => (name.clone(), "http"),
-            ServiceSpec::Https { name, .. } => (name.clone(), "https"),
+            ServiceSpec::Tcp { name, .. } => (name.clone(), ServiceKind::Tcp),
+            ServiceSpec::Http { name, .. } => (name.clone(), ServiceKind::Http),
+            ServiceSpec::Https { name, .. } => (name.clone(), ServiceKind::Https),
         };
         if let Err(error) = check_service(&name, control.message.as_deref()) {
             warn!(?name, %error, "tunnel refused");
@@ -449,17 +450,8 @@ impl Control<'_> {
         random: bool,
         proxy_protocol: Option<ProxyProtocol>,
     ) -> Result<(u16, Option<String>), RegisterError> {
-        // Clients of one user that share a tag serve a service of the same name together.
-        if let Some(pool) = self.shared.tcp_pools.joinable(self.session, &tunnel.name, port) {
-            info!(port = pool.port(), name = ?tunnel.name, "joining the clients that serve this port");
-            pool.join(self.session, tunnel, proxy_protocol);
-            return Ok((pool.port(), None));
-        }
-        let registry = &self.shared.registry;
-        let reserved = registry.reserve_tcp_port(&self.shared.config, self.session, port, random).await?;
-        let port = reserved.0;
-        tcp::open_pool(self.shared, self.session, tunnel, reserved, proxy_protocol);
-        Ok((port, None))
+        let member = Member { proxy_protocol, ..Member::new(self.session.clone(), tunnel) };
+        Ok((tcp::open_tcp(self.shared, member, port, random).await?, None))
     }
 }
 

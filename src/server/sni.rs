@@ -2,27 +2,26 @@
 //! relay the encrypted bytes untouched to a client's HTTPS service. The server
 //! never sees the key or the plaintext.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
+use bytes::{Bytes, BytesMut};
+use rustls::server::Acceptor;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, Instrument};
 
+use super::dispatch::{dispatch, Attempts, Entrance, NotServed};
+use super::endpoints::{Endpoint, Member};
 use super::handshakes::Handshake;
-use super::hosts::{Hosts, Lookup};
-use super::http::MAX_ATTEMPTS;
-use super::tunnel::Refusal;
-use super::visit::{relay_visitor, take_data, visitor_allowed, Relay};
+use super::hosts::{split_client, Lookup};
 use super::ServerShared;
-use crate::proto::OpenStream;
 use crate::transport::reset_on_drop;
 
-/// A TLS record header: type, version, length.
-const RECORD_HEADER: usize = 5;
-/// Largest TLS record: the ClientHello must fit in one.
-const MAX_RECORD: usize = 16 * 1024 + 256;
+/// Most bytes a ClientHello may take, over however many TLS records: rustls reads
+/// handshake messages of up to 64 KiB.
+const MAX_HELLO: usize = 64 * 1024 + 1024;
 
 /// Serves one visitor of `sni-addr`.
 pub(crate) async fn serve_visitor(
@@ -41,147 +40,76 @@ pub(crate) async fn serve_visitor(
     };
     drop(handshake);
     let label = name.split('.').next().unwrap_or_default().to_ascii_lowercase();
-    for attempt in 1..=MAX_ATTEMPTS {
-        let route = match Hosts::split_client(&label) {
-            Some((cid, rest)) => shared.hosts.lookup_client(&sni_key(rest), cid),
-            None => match shared.hosts.lookup(&sni_key(&label), false) {
-                Lookup::Online(route) => Some(route),
+    let mut entrance = NameEntrance { label, hello: hello.freeze(), attempts: Attempts::default() };
+    let span = tracing::debug_span!("tls visitor", %peer, ?name);
+    dispatch(&shared, &mut entrance, &mut visitor, peer).instrument(span).await;
+}
+
+/// A TLS visitor, routed by the first label of its server name; each attempt looks the
+/// route up again, so a client that left is replaced by the next one serving the name.
+struct NameEntrance {
+    label: String,
+    /// The ClientHello as it came, passed through untouched.
+    hello: Bytes,
+    attempts: Attempts,
+}
+
+impl Entrance for NameEntrance {
+    type Visitor = TcpStream;
+    /// No tunnel serves the name.
+    type Unrouted = ();
+    const PASSES_ON_REFUSAL: bool = false;
+
+    fn next_candidate(&mut self, shared: &ServerShared) -> Result<Member, NotServed<()>> {
+        self.attempts.another()?;
+        let member = match split_client(&self.label) {
+            Some((cid, rest)) => shared.endpoints.lookup_client(&Endpoint::Sni(rest.to_owned()), cid),
+            None => match shared.endpoints.lookup(&Endpoint::Sni(self.label.clone()), false) {
+                Lookup::Online(member) => Some(member),
                 _ => None,
             },
         };
-        let Some(route) = route else {
-            return debug!(%peer, ?name, "no tunnel for this TLS server name; closing");
-        };
-        if !visitor_allowed(&shared, &route.session, &route.tunnel, peer) {
-            return;
-        }
-        let _admitted = match route.tunnel.admit() {
-            Ok(admitted) => admitted,
-            Err(Refusal::UserLimit { limit }) => {
-                return warn!(%peer, user = %route.session.user, limit, "visitor refused: the user's connections limit is reached");
-            }
-            Err(refusal) => return info!(%peer, ?name, ?refusal, "visitor refused by the tunnel's limits"),
-        };
-        if attempt == 1 {
-            shared.metrics.visitor();
-        }
-        let Some(data) = take_data(&route.session, shared.config.data_wait_timeout).await else {
-            if route.session.closing.is_cancelled() {
-                continue;
-            }
-            return debug!(%peer, ?name, "no free data connection; closing");
-        };
-        let open = OpenStream { service: route.tunnel.service, visitor: peer, seal: None };
-        let span = tracing::debug_span!("tls visitor", %peer, ?name);
-        let idle = shared.config.idle_limit();
-        let read_ahead = if attempt == 1 { hello.len() } else { 0 };
-        let relay = relay_visitor(
-            &route.session,
-            &route.tunnel,
-            data,
-            &mut visitor,
-            &open,
-            (&hello, read_ahead),
-            idle,
-        );
-        match relay.instrument(span).await {
-            Relay::Finished | Relay::LocalUnavailable => return,
-            Relay::Cut => return reset_on_drop(&visitor),
-            Relay::Unanswered => {}
+        member.ok_or(NotServed::Unrouted(()))
+    }
+
+    fn first_bytes(&mut self, _: &mut TcpStream) -> (Cow<'_, [u8]>, usize) {
+        (Cow::Borrowed(&self.hello), self.hello.len())
+    }
+
+    async fn answer(&mut self, visitor: &mut TcpStream, why: NotServed<()>) {
+        // TLS has no page to show: the visitor is closed (reset when cut off).
+        if let NotServed::Cut = why {
+            reset_on_drop(visitor);
         }
     }
-    debug!(%peer, ?name, "no client answered; closing");
 }
 
-/// The routing key of a passthrough host; kept apart from HTTP hosts of the same name.
-pub(crate) fn sni_key(label: &str) -> String {
-    format!("tls:{label}")
-}
-
-/// Reads the first TLS record into `buf` and returns the server name it asks for.
-async fn read_client_hello(visitor: &mut TcpStream, buf: &mut BytesMut) -> Option<String> {
-    while buf.len() < RECORD_HEADER {
-        if visitor.read_buf(buf).await.ok()? == 0 {
+/// Reads the visitor's ClientHello into `raw`, over as many TLS records as it takes, and
+/// returns the server name it asks for. `raw` keeps every byte read, untouched, to be
+/// passed through.
+async fn read_client_hello<R>(visitor: &mut R, raw: &mut BytesMut) -> Option<String>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut acceptor = Acceptor::default();
+    loop {
+        let fed = raw.len();
+        raw.reserve(4096);
+        if visitor.read_buf(raw).await.ok()? == 0 || raw.len() > MAX_HELLO {
             return None;
         }
-    }
-    if buf[0] != 0x16 {
-        return None; // not a handshake record
-    }
-    let len = RECORD_HEADER + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-    if len > MAX_RECORD {
-        return None;
-    }
-    while buf.len() < len {
-        buf.reserve(len - buf.len());
-        if visitor.read_buf(buf).await.ok()? == 0 {
-            return None;
-        }
-    }
-    server_name(&buf[RECORD_HEADER..len])
-}
-
-/// A cursor over untrusted bytes: every read is bounds-checked.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if n > self.0.len() {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn u8(&mut self) -> Option<usize> {
-        self.take(1).map(|b| usize::from(b[0]))
-    }
-
-    fn u16(&mut self) -> Option<usize> {
-        self.take(2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-    }
-
-    fn vec8(&mut self) -> Option<&'a [u8]> {
-        let n = self.u8()?;
-        self.take(n)
-    }
-
-    fn vec16(&mut self) -> Option<&'a [u8]> {
-        let n = self.u16()?;
-        self.take(n)
-    }
-}
-
-/// The host_name of the server_name extension of a ClientHello handshake message.
-fn server_name(handshake: &[u8]) -> Option<String> {
-    let mut r = Reader(handshake);
-    if r.u8()? != 1 {
-        return None; // not a ClientHello
-    }
-    let body_len = r.take(3).map(|b| usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))?;
-    let mut hello = Reader(r.take(body_len)?);
-    hello.take(2 + 32)?; // version, random
-    hello.vec8()?; // session id
-    hello.vec16()?; // cipher suites
-    hello.vec8()?; // compression methods
-    let mut extensions = Reader(hello.vec16()?);
-    while !extensions.0.is_empty() {
-        let kind = extensions.u16()?;
-        let data = extensions.vec16()?;
-        if kind != 0 {
-            continue;
-        }
-        let mut names = Reader(Reader(data).vec16()?);
-        while !names.0.is_empty() {
-            let name_type = names.u8()?;
-            let name = names.vec16()?;
-            if name_type == 0 {
-                return std::str::from_utf8(name).ok().map(str::to_owned);
+        let mut fresh = &raw[fed..];
+        while !fresh.is_empty() {
+            if acceptor.read_tls(&mut fresh).ok()? == 0 {
+                return None;
             }
         }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => return accepted.client_hello().server_name().map(str::to_owned),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
     }
-    None
 }
 
 #[cfg(test)]
@@ -198,15 +126,58 @@ mod tests {
         out
     }
 
-    #[test]
-    fn finds_the_name_in_a_real_hello_and_survives_garbage() {
-        let hello = real_client_hello("web.example.test");
-        assert_eq!(server_name(&hello[RECORD_HEADER..]).as_deref(), Some("web.example.test"));
-        for cut in 0..hello.len() - RECORD_HEADER {
-            // Truncated at any point: no panic, no name.
-            let _ = server_name(&hello[RECORD_HEADER..RECORD_HEADER + cut]);
+    /// A TLS record header: type, version, length.
+    const RECORD_HEADER: usize = 5;
+
+    /// The handshake message of a one-record `hello` sent over two records, split at `at`.
+    fn split_over_two_records(hello: &[u8], at: usize) -> Vec<u8> {
+        let (header, message) = hello.split_at(RECORD_HEADER);
+        let mut records = Vec::new();
+        for part in [&message[..at], &message[at..]] {
+            records.extend_from_slice(&header[..3]); // content type and version
+            records.extend_from_slice(&u16::try_from(part.len()).unwrap().to_be_bytes());
+            records.extend_from_slice(part);
         }
-        assert_eq!(server_name(&[1, 0xff, 0xff, 0xff, 3, 3]), None);
-        assert_eq!(server_name(&[]), None);
+        records
+    }
+
+    async fn name_and_raw(mut bytes: &[u8]) -> (Option<String>, Vec<u8>) {
+        let mut raw = BytesMut::new();
+        let name = read_client_hello(&mut bytes, &mut raw).await;
+        (name, raw.to_vec())
+    }
+
+    #[tokio::test]
+    async fn finds_the_name_in_a_real_hello_and_survives_garbage() {
+        let hello = real_client_hello("web.example.test");
+        assert_eq!(hello[0], 0x16, "one handshake record");
+        let (name, raw) = name_and_raw(&hello).await;
+        assert_eq!(name.as_deref(), Some("web.example.test"));
+        assert_eq!(raw, hello, "the bytes are kept for passthrough");
+        for cut in 0..hello.len() {
+            // Cut off at any point: no panic, no name.
+            assert_eq!(name_and_raw(&hello[..cut]).await.0, None, "cut at {cut}");
+        }
+        assert_eq!(name_and_raw(b"GET / HTTP/1.1\r\n\r\n").await.0, None);
+        assert_eq!(name_and_raw(&[0x16, 3, 1, 0xff, 0xff, 1, 0xff, 0xff, 0xff]).await.0, None);
+    }
+
+    #[tokio::test]
+    async fn a_hello_split_over_two_records_is_read_whole() {
+        let hello = real_client_hello("split.example.test");
+        let message_len = hello.len() - RECORD_HEADER;
+        for at in [1, 4, message_len / 2, message_len - 1] {
+            let records = split_over_two_records(&hello, at);
+            // Through a pipe with a tiny buffer, so the records arrive in pieces too.
+            let (mut near, mut far) = tokio::io::duplex(7);
+            let sent = records.clone();
+            let writer =
+                tokio::spawn(async move { tokio::io::AsyncWriteExt::write_all(&mut far, &sent).await });
+            let mut raw = BytesMut::new();
+            let name = read_client_hello(&mut near, &mut raw).await;
+            assert_eq!(name.as_deref(), Some("split.example.test"), "split at {at}");
+            assert_eq!(raw.as_ref(), records.as_slice(), "both records kept untouched");
+            writer.await.unwrap().unwrap();
+        }
     }
 }

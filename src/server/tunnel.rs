@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::users::{Account, Counted, Slot};
+use crate::config::ServiceKind;
 use crate::proto::{CloseReason, ServiceControl};
 use crate::relay::throttle::Traffic;
 
@@ -16,8 +17,8 @@ pub(crate) struct Tunnel {
     pub(crate) service: u32,
     /// The client's name for the service.
     pub(crate) name: String,
-    /// `tcp`, `http` or `https`.
-    pub(crate) kind: &'static str,
+    /// What kind of endpoint it has.
+    pub(crate) kind: ServiceKind,
     pub(crate) born: SystemTime,
     /// The public port (TCP) or host (HTTP, HTTPS), once open.
     pub(crate) endpoint: OnceLock<(u16, Option<String>)>,
@@ -52,7 +53,7 @@ pub(crate) enum Refusal {
 
 impl Tunnel {
     pub(crate) fn new(
-        (service, name, kind): (u32, String, &'static str),
+        (service, name, kind): (u32, String, ServiceKind),
         token: CancellationToken,
         control: ServiceControl,
         account: Arc<Account>,
@@ -72,6 +73,15 @@ impl Tunnel {
             served: AtomicU64::new(0),
             closed_because: OnceLock::new(),
         })
+    }
+
+    /// Its kind as the API names it: `tcp`, `http` or `https`.
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self.kind {
+            ServiceKind::Tcp => "tcp",
+            ServiceKind::Http => "http",
+            ServiceKind::Https => "https",
+        }
     }
 
     /// How long the tunnel may stay open, if limited.
@@ -151,7 +161,8 @@ mod tests {
         let rules = Arc::new(Rules::resolve(&Default::default(), None).unwrap());
         let account =
             Users::new(Directory::new(&Default::default()).unwrap()).account("a", rules, Grant::Known);
-        let tunnel = Tunnel::new((1, "t".into(), "tcp"), CancellationToken::new(), control, account);
+        let tunnel =
+            Tunnel::new((1, "t".into(), ServiceKind::Tcp), CancellationToken::new(), control, account);
         let a = tunnel.admit().unwrap();
         let b = tunnel.admit().unwrap();
         assert_eq!(tunnel.admit().err(), Some(Refusal::AtCapacity));

@@ -1,4 +1,5 @@
-//! One visitor, TCP or HTTP: pair it with a data connection and relay.
+//! The steps of one offer of a visitor to a tunnel (see `dispatch.rs`): its
+//! allow-ip/deny-ip and hook, a pooled data connection, the open message and the relay.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -122,6 +123,18 @@ where
             (relay_link(session, tunnel, &mut data, visitor, read_ahead, idle).await, true)
         }
     };
+    settle(session, tunnel, data, reusable, outcome)
+}
+
+/// Says how the relay ended, and gives the data connection back to the pool after a
+/// clean end on both sides (`reusable`: nothing sealed left over).
+fn settle(
+    session: &SessionShared,
+    tunnel: &Tunnel,
+    data: Stream,
+    reusable: bool,
+    outcome: Result<Relayed, RelayError>,
+) -> Relay {
     match outcome {
         Ok(relayed) => {
             debug!(up = relayed.out, down = relayed.r#in, "visitor done");

@@ -213,3 +213,60 @@ async fn allow_ip_and_deny_ip_filter_visitors() {
     })
     .await
 }
+
+/// Holds the first visitor in `allow_visitor` (as a slow lookup would) until a second
+/// visitor reaches the hook, or 5 s pass.
+#[derive(Default)]
+struct SlowGate {
+    calls: std::sync::atomic::AtomicUsize,
+    second_arrived: Mutex<bool>,
+    arrived: std::sync::Condvar,
+    /// Whether the first call saw the second one arrive while it waited.
+    overlapped: std::sync::atomic::AtomicBool,
+}
+
+impl ServerHooks for SlowGate {
+    fn allow_visitor(&self, _visitor: &VisitorInfo) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            let arrived = self.second_arrived.lock().unwrap();
+            let (arrived, _) = self
+                .arrived
+                .wait_timeout_while(arrived, Duration::from_secs(5), |arrived| !*arrived)
+                .unwrap();
+            self.overlapped.store(*arrived, Ordering::SeqCst);
+        } else {
+            *self.second_arrived.lock().unwrap() = true;
+            self.arrived.notify_all();
+        }
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_visitor_hook_does_not_hold_up_the_next_visitor_of_the_port() {
+    within(60, async {
+        let hooks = Arc::new(SlowGate::default());
+        let server = Server::bind(server_config()).await.unwrap().with_hooks(hooks.clone()).spawn();
+        let client = connect(server.local_addr()).await;
+        let echo = echo_server().await.to_string();
+        let tunnel = client.add_service(ServiceConfig::tcp(&echo)).await.unwrap();
+        let public = tunnel.public_addr().to_owned();
+        // The first visitor sits in the hook; the second is accepted and checked meanwhile.
+        let first = tokio::spawn({
+            let public = public.clone();
+            async move { gets_through(&public).await }
+        });
+        while hooks.calls.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(gets_through(&public).await, "the second visitor is served");
+        assert!(first.await.unwrap(), "the first visitor is served once its hook returns");
+        assert!(
+            hooks.overlapped.load(std::sync::atomic::Ordering::SeqCst),
+            "the second visitor's hook ran while the first one's was still running"
+        );
+        server.shutdown().await;
+    })
+    .await
+}

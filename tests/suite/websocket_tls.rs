@@ -214,19 +214,26 @@ async fn local_tls_echo(dir: &std::path::Path) -> (SocketAddr, PathBuf) {
     (addr, cert)
 }
 
+/// A server with `sni-addr`, a client, and a local TLS echo service passed through as
+/// `secure`; returns them with the local service's certificate.
+async fn passthrough_to_local_echo(
+    dir: &std::path::Path,
+) -> (ServerHandle, ferry::Client, ferry::Registration, PathBuf) {
+    let mut config = server_config();
+    config.sni_addr = Some("127.0.0.1:0".parse().unwrap());
+    let server = start_server(config).await;
+    let client = connect(server.local_addr()).await;
+    let (local, local_cert) = local_tls_echo(dir).await;
+    let https = ServiceConfig::https(&local.to_string()).with_host_prefix("secure");
+    let tunnel = client.add_service(https).await.unwrap();
+    (server, client, tunnel, local_cert)
+}
+
 #[tokio::test]
 async fn tls_passed_through_by_server_name() {
     within(30, async {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = server_config();
-        config.sni_addr = Some("127.0.0.1:0".parse().unwrap());
-        let server = start_server(config).await;
-        let client = connect(server.local_addr()).await;
-        let (local, local_cert) = local_tls_echo(dir.path()).await;
-        let tunnel = client
-            .add_service(ServiceConfig::https(&local.to_string()).with_host_prefix("secure"))
-            .await
-            .unwrap();
+        let (server, _client, tunnel, local_cert) = passthrough_to_local_echo(dir.path()).await;
         assert_eq!(tunnel.public_addr(), "https://secure");
 
         // The visitor trusts only the local service's certificate: the handshake succeeding
@@ -254,6 +261,98 @@ async fn tls_passed_through_by_server_name() {
         let config = client_tls_config(&RemoteTrust::Insecure).unwrap();
         let name = rustls_pki_types::ServerName::try_from("nobody.example.test").unwrap();
         assert!(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.is_err());
+    })
+    .await
+}
+
+/// A visitor's stream that sends its first TLS record (the ClientHello) as two records,
+/// split in the middle of the handshake message, as some TLS stacks and middleboxes do.
+struct SplitFirstRecord {
+    inner: TcpStream,
+    /// The rewritten first write still to send, and the length reported for it.
+    pending: Option<(Vec<u8>, usize)>,
+    split: bool,
+}
+
+impl SplitFirstRecord {
+    fn rewrite(buf: &[u8]) -> Vec<u8> {
+        let record_len = 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+        assert!(buf[0] == 0x16 && buf.len() >= record_len, "the first write is a whole handshake record");
+        let message = &buf[5..record_len];
+        let mut out = Vec::new();
+        for part in [&message[..message.len() / 2], &message[message.len() / 2..]] {
+            out.extend_from_slice(&buf[..3]);
+            out.extend_from_slice(&u16::try_from(part.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out.extend_from_slice(&buf[record_len..]);
+        out
+    }
+}
+
+impl AsyncRead for SplitFirstRecord {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SplitFirstRecord {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if !std::mem::replace(&mut self.split, true) {
+            self.pending = Some((Self::rewrite(buf), buf.len()));
+        }
+        let this = &mut *self;
+        let Some((pending, reported)) = this.pending.as_mut() else {
+            return std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        };
+        while !pending.is_empty() {
+            let written = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_write(cx, pending))?;
+            pending.drain(..written);
+        }
+        let reported = *reported;
+        this.pending = None;
+        std::task::Poll::Ready(Ok(reported))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_client_hello_split_over_two_records_is_routed_and_passed_through() {
+    within(30, async {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, _client, _tunnel, local_cert) = passthrough_to_local_echo(dir.path()).await;
+
+        let connector =
+            tokio_rustls::TlsConnector::from(client_tls_config(&RemoteTrust::CaFile(local_cert)).unwrap());
+        let tcp = TcpStream::connect(server.sni_local_addr().unwrap()).await.unwrap();
+        let split = SplitFirstRecord { inner: tcp, pending: None, split: false };
+        let name = rustls_pki_types::ServerName::try_from("secure.example.test").unwrap();
+        let mut tls = connector.connect(name, split).await.expect("handshake with the local service");
+        tls.write_all(b"split hello").await.unwrap();
+        let mut back = [0u8; 11];
+        tls.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"split hello");
     })
     .await
 }

@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 pub(crate) use metrics::Metrics;
 use token::Access;
 
+use super::accept::accept_until;
 use super::bans::Offender;
 use super::ServerShared;
 use crate::proto::CloseReason;
@@ -65,18 +66,7 @@ pub(crate) async fn serve(
 ) {
     let app = router(shared.clone());
     let connections = TaskTracker::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    warn!(%err, "api accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = accept_until(&listener, &shutdown).await {
         let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {

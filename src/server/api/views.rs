@@ -55,7 +55,7 @@ pub(crate) fn service_info(session: &SessionShared, tunnel: &Tunnel) -> ServiceI
         tags: session.tags.clone(),
         name: tunnel.name.clone(),
         message: control.message.as_ref().map(|m| m.chars().take(MAX_MESSAGE_CHARS).collect()),
-        kind: tunnel.kind.to_owned(),
+        kind: tunnel.kind_name().to_owned(),
         address: tunnel.address.get().cloned().unwrap_or_default(),
         port,
         host,
@@ -135,14 +135,14 @@ pub(crate) async fn free_ports(shared: &ServerShared, limit: Option<usize>) -> F
     let limit = limit.unwrap_or(DEFAULT_FREE_PORTS).min(MAX_FREE_PORTS);
     let ranges = &shared.config.tcp_ranges;
     let free = free_ports_in(shared, ranges, limit).await;
-    let used = shared.registry.held_ports().len();
+    let used = shared.endpoints.held_ports().len();
     FreePorts { ranges: ranges.iter().map(ToString::to_string).collect(), used, free }
 }
 
 /// Up to `limit` ports of `ranges` that no tunnel holds and that bind now; gives up after
 /// a bounded number of tries.
 pub(crate) async fn free_ports_in(shared: &ServerShared, ranges: &[PortRange], limit: usize) -> Vec<u16> {
-    let held = shared.registry.held_ports();
+    let held = shared.endpoints.held_ports();
     let mut tries = limit.saturating_mul(4).saturating_add(100);
     let mut free = Vec::new();
     for port in ranges.iter().flat_map(|r| r.start..=r.end) {
