@@ -12,11 +12,21 @@
 //! - [`auth`]: the login's key exchange (SPAKE2), verifiers, session keys.
 //! - [`seal`]: encryption of control frames and of `encrypt` services' data.
 //! - `server` and `client`: the two actors; [`config`]: what they are built from.
-//! - [`chunked`]: the data path: chunks, so data connections can be reused.
+//! - `chunked`: the data path: chunks, so data connections can be reused.
+//!
+//! # Features
+//! - `cli` (default): the `ferry` binary's parts: flags and config files
+//!   (`config::options`), log files, pid files, signals, the demo. Brings clap,
+//!   tracing-subscriber, file-rotate, nix and anyhow.
+//! - `sentry` (default, needs `cli`): error reporting to Sentry (`--sentry-dsn`).
+//!
+//! A program embedding ferry needs neither: `ferry = { version = "0.1", default-features = false }`.
+//! See `examples/embed_server.rs` and `examples/embed_client.rs`.
 //!
 //! # Example
-//! ```no_run
-//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use ferry::{Client, ClientConfig, RemoteAddr, Server, ServerConfig, ServiceConfig};
 //! let mut config = ServerConfig::default().with_user("id1", "secret1");
 //! config.addr = "127.0.0.1:0".parse()?;
@@ -36,26 +46,36 @@
 #![warn(missing_docs)]
 
 pub mod auth;
-pub mod cancel;
-pub mod chunked;
-pub mod cli;
+pub(crate) mod cancel;
+pub(crate) mod chunked;
 mod client;
 pub mod config;
-pub mod demo;
 mod error;
-pub mod error_reporting;
-pub mod logging;
-pub mod pid_file;
 pub mod proto;
 pub mod seal;
 mod server;
-pub mod signals;
-pub mod throttle;
+mod session_key;
+pub(crate) mod throttle;
 pub mod transport;
+
+// The `ferry` binary's own parts: flags, logs, pid files, signals, the demo.
+#[cfg(feature = "cli")]
+pub mod cli;
+#[cfg(feature = "cli")]
+pub mod demo;
+#[cfg(feature = "cli")]
+pub mod error_reporting;
+#[cfg(feature = "cli")]
+pub mod logging;
+#[cfg(feature = "cli")]
+pub mod pid_file;
+#[cfg(feature = "cli")]
+pub mod signals;
 
 pub use client::{discover, free_ports, Client, ClientState, Registration};
 pub use config::{
-    AuthApiConfig, ClientConfig, PortRange, ServerConfig, ServiceConfig, TcpAllowance, UserConfig,
+    AuthApiConfig, ClientConfig, ConfigError, PortRange, ServerConfig, ServiceConfig, TcpAllowance,
+    UserConfig,
 };
 pub use error::{ClientError, ServerError};
 pub use proto::{CloseReason, LoginRefusal, RegisterError, ServiceInfo};

@@ -18,6 +18,7 @@ mod flood;
 mod hooks;
 mod hostile;
 mod http;
+mod layers;
 mod names;
 mod ports;
 mod reconnect;
