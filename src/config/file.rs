@@ -93,6 +93,18 @@ pub fn load_users_file(path: &Path) -> Result<BTreeMap<String, UserConfig>, Conf
         .collect()
 }
 
+/// Accepts a number where a string is meant (GT's `hostPrefix: 1`).
+pub(crate) fn string_or_number<'de, D>(deserializer: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(Option::<Value>::deserialize(deserializer)?.and_then(|value| match value {
+        Value::String(text) => Some(text),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    }))
+}
+
 /// Like `one_or_many`, for optional lists.
 pub(crate) fn one_or_many_opt<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
 where
@@ -177,15 +189,4 @@ fn join(file: Value, flag: Value) -> Value {
         _ => Vec::new(),
     };
     Value::Array(maps.into_iter().chain([flag]).collect())
-}
-
-/// Loads the file named by `flags.config` (if any) and lays the flags over it.
-pub fn resolve<T: Serialize + DeserializeOwned + Default>(
-    flags: T,
-    config: Option<&Path>,
-) -> Result<T, ConfigError> {
-    match config {
-        Some(path) => overlay(load_file(path)?, flags),
-        None => Ok(flags),
-    }
 }

@@ -7,6 +7,8 @@
 mod error;
 mod file;
 #[cfg(feature = "cli")]
+pub mod gt;
+#[cfg(feature = "cli")]
 pub mod options;
 mod port_range;
 #[cfg(feature = "cli")]
@@ -20,7 +22,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use error::ConfigError;
-pub use file::{load_file, load_users_file, overlay, resolve, HostOptions, TcpOptions, UserOptions};
+pub use file::{load_file, load_users_file, overlay, HostOptions, TcpOptions, UserOptions};
 pub use port_range::PortRange;
 pub use users_key::UsersOption;
 

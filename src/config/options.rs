@@ -1,13 +1,14 @@
 //! Flags and config-file keys: one struct per command serves both, so every
 //! flag has a key of the same name. Precedence is flag > file > default.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::file::one_or_many;
-pub use super::file::{load_file, load_users_file, overlay, resolve, HostOptions, TcpOptions, UserOptions};
+pub use super::file::{load_users_file, overlay, HostOptions, TcpOptions, UserOptions};
+use super::file::{one_or_many, string_or_number};
 use super::process::command_options;
 pub use super::process::{CommandOptions, ProcessOptions, ProcessSignal};
 pub use super::users_key::UsersOption;
@@ -28,9 +29,11 @@ pub struct ServerOptions {
     pub config: Option<PathBuf>,
     /// Address for clients: 0.0.0.0:7000, :7000 or 7000. [default: 0.0.0.0:7000]
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub addr: Option<String>,
     /// Address for clients over TLS (needs --cert-file and --key-file).
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub tls_addr: Option<String>,
     /// PEM certificate chain for --tls-addr; repeatable with --key-file (several
     /// certificates, picked by the server name each visitor asks for).
@@ -96,10 +99,12 @@ pub struct ServerOptions {
     pub handshake_timeout: Option<Duration>,
     /// A listener for HTTP visitors only; --addr serves HTTP visitors too.
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub http_addr: Option<String>,
     /// A listener for TLS visitors, routed by the server name of their ClientHello and
     /// passed through encrypted to clients' https:// services.
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub sni_addr: Option<String>,
     /// The server's domain (e.g. example.com), so clients are told their full host names.
     #[arg(long)]
@@ -141,6 +146,7 @@ pub struct ServerOptions {
     pub http_header_timeout: Option<Duration>,
     /// Address of the management API and dashboard, e.g. 127.0.0.1:7500.
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub api_addr: Option<String>,
     /// PEM certificate to serve the API over HTTPS (with --api-key-file).
     #[arg(long)]
@@ -233,6 +239,7 @@ pub struct ServiceOptions {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// HTTP: reach the service at PREFIX.domain (or ID-PREFIX.domain) instead of ID.domain.
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub host_prefix: Option<String>,
     /// HTTP: send requests to the local service with its own address as Host.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -272,6 +279,35 @@ fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("'{text}' is not an address or network such as 10.0.0.0/8"))
 }
 
+/// Reads a command's config file, in ferry's shape or in GT's (`options:`, `version:`,
+/// camelCase keys: see `gt.rs`). Errors name the file, and the key and line where they can.
+pub fn load_file<T: DeserializeOwned + Default>(path: &Path) -> Result<T, ConfigError> {
+    let Ok(mut value) = super::file::load_file::<serde_json::Value>(path) else {
+        return super::file::load_file(path);
+    };
+    let service_keys = match serde_json::to_value(ServiceOptions::default()) {
+        Ok(serde_json::Value::Object(keys)) => keys.into_iter().map(|(key, _)| key).collect(),
+        _ => Vec::new(),
+    };
+    let file = || format!("config file {}", path.display());
+    if !super::gt::adopt_file(&mut value, &service_keys).map_err(|e| e.within(&format!("{}: ", file())))? {
+        // Parsed again from the text, so errors keep their line numbers.
+        return super::file::load_file(path);
+    }
+    serde_json::from_value(value).map_err(|e| ConfigError::new(file(), e.to_string()))
+}
+
+/// Loads the config file (if any) and lays the flags over it: flag > file > default.
+pub fn resolve<T: Serialize + DeserializeOwned + Default>(
+    flags: T,
+    config: Option<&Path>,
+) -> Result<T, ConfigError> {
+    match config {
+        Some(path) => overlay(load_file(path)?, flags),
+        None => Ok(flags),
+    }
+}
+
 /// Parses the listen address of `key`, if given.
 fn listen_addr(key: &str, addr: &Option<String>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
     addr.as_deref().map(parse_listen_addr).transpose().map_err(|e| ConfigError::new(key, e.to_string()))
@@ -309,6 +345,10 @@ impl ServerOptions {
 
     /// The listeners, their certificates and the management API.
     fn listeners_into(&mut self, config: &mut ServerConfig) -> Result<(), ConfigError> {
+        if self.addr.as_deref() == Some("") {
+            let reason = "an empty addr (no listener for clients and HTTP visitors) is not supported yet";
+            return Err(ConfigError::new("addr", reason));
+        }
         if let Some(addr) = listen_addr("addr", &self.addr)? {
             config.addr = addr;
         }

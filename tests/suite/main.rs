@@ -15,6 +15,7 @@ mod discovery;
 mod eavesdropper;
 mod errors;
 mod flood;
+mod gt;
 mod hooks;
 mod hostile;
 mod http;
