@@ -105,33 +105,75 @@ fn gt_config_files_mean_what_gt_says() {
     assert_eq!(config.users.len(), 2);
 }
 
-/// GT's TCP example, through the real binary: the server line and the client line of
-/// the fixture with their ports replaced by free ones, and bytes through the tunnel.
+/// Starts the fixture's server line and client line (first of each containing `server_part`
+/// and `client_part`) with `replace` applied to both; returns the client's first printed
+/// line (where its service is reachable) and the two processes.
+async fn start_pair(
+    server_part: &str,
+    client_part: &str,
+    replace: &[(String, String)],
+) -> (String, [tokio::process::Child; 2]) {
+    let lines = command_lines();
+    let find = |start: &str, part: &str| {
+        let found = lines.iter().find(|(l, _)| l.starts_with(start) && l.contains(part));
+        let mut line = found.expect("a fixture line").0.clone();
+        for (from, to) in replace {
+            line = line.replace(from, to);
+        }
+        line
+    };
+    let server = ferry().args(words(&find("server", server_part))).stderr(Stdio::null()).spawn().unwrap();
+    let mut client =
+        ferry().args(words(&find("client", client_part))).stdout(Stdio::piped()).spawn().unwrap();
+    // The client retries until the server listens, then prints where the service is.
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().expect("the client printed its address");
+    (line, [server, client])
+}
+
+/// GT's TCP example, through the real binary, with its ports replaced by free ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gt_tcp_pair_forwards_bytes() {
     within(60, async {
-        let lines = command_lines();
-        let find = |start: &str, part: &str| {
-            lines.iter().map(|(l, _)| l.clone()).find(|l| l.starts_with(start) && l.contains(part)).unwrap()
-        };
-        let server_line = find("server", "-tcpNumber 1 -tcpRange 1024-65535");
-        let client_line = find("client", "-remoteTCPPort 2222 -remoteTCPRandom");
         let (server_port, public_port, echo) = (free_port().await, free_port().await, echo_server().await);
-        let server_line = server_line.replace("-addr 8080", &format!("-addr 127.0.0.1:{server_port}"));
-        let client_line = client_line
-            .replace("127.0.0.1:8080", &format!("127.0.0.1:{server_port}"))
-            .replace("tcp://127.0.0.1:22", &format!("tcp://{echo}"))
-            .replace("2222", &public_port.to_string());
-
-        let _server = ferry().args(words(&server_line)).stderr(Stdio::null()).spawn().unwrap();
-        let mut client = ferry().args(words(&client_line)).stdout(Stdio::piped()).spawn().unwrap();
-        // The client retries until the server listens, then prints where the service is.
-        let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
-        let line = lines.next_line().await.unwrap().expect("the client printed its address");
+        let replace = [
+            ("-addr 8080".to_owned(), format!("-addr 127.0.0.1:{server_port}")),
+            ("127.0.0.1:8080".to_owned(), format!("127.0.0.1:{server_port}")),
+            ("tcp://127.0.0.1:22".to_owned(), format!("tcp://{echo}")),
+            ("2222".to_owned(), public_port.to_string()),
+        ];
+        let (line, _processes) =
+            start_pair("-tcpNumber 1 -tcpRange 1024-65535", "-remoteTCPPort 2222 -remoteTCPRandom", &replace)
+                .await;
         let public = line.rsplit(' ').next().unwrap().to_owned();
         assert_eq!(public, format!("127.0.0.1:{public_port}"));
         let payload = random_bytes(256 * 1024);
         assert_eq!(echo_through(public.parse().unwrap(), &payload).await.unwrap(), payload);
+    })
+    .await
+}
+
+/// GT's first example, HTTP: visitors of the server's port with the host `id1.example.com`
+/// reach the client's local web service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gt_http_pair_forwards_requests() {
+    within(60, async {
+        let (server_port, web) = (free_port().await, http::http_service("gt-web").await);
+        let replace = [
+            ("-addr 8080".to_owned(), format!("-addr 127.0.0.1:{server_port}")),
+            ("127.0.0.1:8080".to_owned(), format!("127.0.0.1:{server_port}")),
+            ("http://127.0.0.1:80 ".to_owned(), format!("http://{web} ")),
+        ];
+        let (_, _processes) = start_pair(
+            "-addr 8080 -id id1 -secret secret1",
+            "-local http://127.0.0.1:80 -remote tcp",
+            &replace,
+        )
+        .await;
+        let server = format!("127.0.0.1:{server_port}").parse().unwrap();
+        let response = http::get(server, "/hello", "id1.example.com:8080").await;
+        assert_eq!(response.status, 200);
+        assert!(response.text().starts_with("service=gt-web path=/hello"), "{}", response.text());
     })
     .await
 }
