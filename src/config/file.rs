@@ -93,18 +93,6 @@ pub fn load_users_file(path: &Path) -> Result<BTreeMap<String, UserConfig>, Conf
         .collect()
 }
 
-/// Accepts a number where a string is meant (GT's `hostPrefix: 1`).
-pub(crate) fn string_or_number<'de, D>(deserializer: D) -> Result<Option<String>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    Ok(Option::<Value>::deserialize(deserializer)?.and_then(|value| match value {
-        Value::String(text) => Some(text),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    }))
-}
-
 /// Like `one_or_many`, for optional lists.
 pub(crate) fn one_or_many_opt<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
 where

@@ -5,7 +5,7 @@
 //! command line with one dash (`-remoteTCPPort 2222`, rewritten to `--remote-tcp-port`
 //! before clap sees it) and as a config key. GT's config files put the options under
 //! `options:` beside a `version:`, name one service with `local:` among the options, and
-//! write the server's global `tcp:` and `host:` as blocks; [`adopt_file`] turns such a
+//! write the server's global `tcp:` and `host:` as blocks; `adopt_file` turns such a
 //! file into ferry's shape. Options of GT that ferry lacks are refused by name.
 
 use std::ffi::OsString;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::file::one_or_many;
 pub use super::file::{load_users_file, overlay, HostOptions, TcpOptions, UserOptions};
-use super::file::{one_or_many, string_or_number};
 use super::process::command_options;
 pub use super::process::{CommandOptions, ProcessOptions, ProcessSignal};
 pub use super::users_key::UsersOption;
@@ -270,6 +270,18 @@ pub struct ServiceOptions {
     /// A name for logs. [default: the local address]
     #[arg(long)]
     pub name: Option<String>,
+}
+
+/// Accepts a number where a string is meant (GT's `hostPrefix: 1`).
+fn string_or_number<'de, D>(deserializer: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(Option::<serde_json::Value>::deserialize(deserializer)?.and_then(|value| match value {
+        serde_json::Value::String(text) => Some(text),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    }))
 }
 
 /// A network in CIDR notation; a bare address is a network of one.
