@@ -7,7 +7,7 @@
 mod error;
 mod file;
 #[cfg(feature = "cli")]
-pub mod gt;
+pub(crate) mod gt;
 #[cfg(feature = "cli")]
 pub mod options;
 mod port_range;
