@@ -23,23 +23,16 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use hmac::{Hmac, Mac};
 use ring::aead;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use spake2::{Ed25519Group, Identity, Password, Spake2};
 use subtle::ConstantTimeEq;
 
-type HmacSha256 = Hmac<Sha256>;
+pub use crate::session_key::SessionKey;
 
 /// Longest secret a server accepts in a revealed login.
 const MAX_SECRET_LEN: usize = 1024;
-
-/// Longest user id, in bytes.
-pub const MAX_ID_LEN: usize = 64;
-
-/// What a user id may be made of, for error messages.
-pub const ID_RULE: &str = "1 to 64 ASCII letters, digits, '-', '_', '.' or '@'";
 
 /// The server's side of the PAKE names itself with this identity.
 const SERVER_IDENTITY: &[u8] = b"ferry server";
@@ -48,13 +41,6 @@ const SERVER_IDENTITY: &[u8] = b"ferry server";
 const ARGON2_MEMORY_KIB: u32 = 19 * 1024;
 /// Argon2id passes over that memory.
 const ARGON2_PASSES: u32 = 2;
-
-/// Whether `id` is a well-formed user id ([`ID_RULE`]). Servers refuse other ids at login,
-/// before any cryptographic work, so ids in logs, hosts and the API are always plain.
-pub fn is_valid_id(id: &str) -> bool {
-    (1..=MAX_ID_LEN).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
-}
 
 /// A secret whose `Debug` and `Display` print a mask, so it never lands in logs.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,104 +236,51 @@ impl Ephemeral {
     }
 }
 
-/// The key client and server share for one session. Sub-keys for every use are derived
-/// from it with HMAC-SHA256 and a label.
-#[derive(Clone)]
-pub struct SessionKey([u8; 32]);
-
-impl SessionKey {
-    fn derive(kind: &[u8], shared: &[u8], hello: &[u8; 32]) -> Self {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(shared).expect("hmac takes any key length");
-        mac.update(b"ferry v3 session key\0");
-        mac.update(kind);
-        mac.update(hello);
-        SessionKey(mac.finalize().into_bytes().into())
+/// Seals a revealed secret or an enrolled verifier for the server that shares `key`.
+fn seal_payload(key: &SessionKey, payload: &[u8]) -> Vec<u8> {
+    let mut sealed = payload.to_vec();
+    // One key per login and one message per key: a zero nonce is never reused.
+    let nonce = aead::Nonce::assume_unique_for_key([0; 12]);
+    // Sealing fails only for messages over 256 GiB; frames are capped at 64 KiB.
+    if payload_key(key).seal_in_place_append_tag(nonce, aead::Aad::empty(), &mut sealed).is_err() {
+        sealed.clear();
     }
+    sealed
+}
 
-    /// A 32-byte sub-key for `label` and `context`.
-    pub(crate) fn subkey(&self, label: &[u8], context: &[u8]) -> [u8; 32] {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.0).expect("hmac takes any key length");
-        mac.update(&(label.len() as u64).to_be_bytes());
-        mac.update(label);
-        mac.update(context);
-        mac.finalize().into_bytes().into()
+/// Opens a sealed payload; `None` if it was not sealed with `key` or is too long.
+fn open_payload(key: &SessionKey, sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() > MAX_SECRET_LEN + aead::CHACHA20_POLY1305.tag_len() {
+        return None;
     }
+    let mut buffer = sealed.to_vec();
+    let nonce = aead::Nonce::assume_unique_for_key([0; 12]);
+    let plain = payload_key(key).open_in_place(nonce, aead::Aad::empty(), &mut buffer).ok()?;
+    Some(plain.to_vec())
+}
 
-    fn client_confirm(&self) -> [u8; 32] {
-        self.subkey(b"client confirm", &[])
-    }
-
-    /// The server's proof, in its welcome, that it derived the same key (and so knows the
-    /// user's verifier), binding the session number and heartbeat it announces.
-    pub fn welcome_confirm(&self, session: u64, heartbeat_interval_ms: u64) -> [u8; 32] {
-        let mut context = session.to_be_bytes().to_vec();
-        context.extend_from_slice(&heartbeat_interval_ms.to_be_bytes());
-        self.subkey(b"server confirm", &context)
-    }
-
-    /// Checks the welcome's proof in constant time.
-    pub fn check_welcome(&self, session: u64, heartbeat_interval_ms: u64, confirm: &[u8; 32]) -> bool {
-        self.welcome_confirm(session, heartbeat_interval_ms).ct_eq(confirm).into()
-    }
-
-    /// MAC that proves a data connection belongs to `session`, numbered `seq`.
-    pub fn data_mac(&self, session: u64, seq: u64) -> [u8; 32] {
-        let mut context = session.to_be_bytes().to_vec();
-        context.extend_from_slice(&seq.to_be_bytes());
-        self.subkey(b"data connection", &context)
-    }
-
-    /// Checks a data connection's MAC in constant time.
-    pub fn verify_data_mac(&self, session: u64, seq: u64, mac: &[u8; 32]) -> bool {
-        self.data_mac(session, seq).ct_eq(mac).into()
-    }
-
-    /// Seals a revealed secret or an enrolled verifier for the server that shares this key.
-    pub fn seal_payload(&self, payload: &[u8]) -> Vec<u8> {
-        let mut sealed = payload.to_vec();
-        // One key per login and one message per key: a zero nonce is never reused.
-        let nonce = aead::Nonce::assume_unique_for_key([0; 12]);
-        // Sealing fails only for messages over 256 GiB; frames are capped at 64 KiB.
-        if self.payload_key().seal_in_place_append_tag(nonce, aead::Aad::empty(), &mut sealed).is_err() {
-            sealed.clear();
-        }
-        sealed
-    }
-
-    /// Opens a sealed payload; `None` if it was not sealed with this key or is too long.
-    pub fn open_payload(&self, sealed: &[u8]) -> Option<Vec<u8>> {
-        if sealed.len() > MAX_SECRET_LEN + aead::CHACHA20_POLY1305.tag_len() {
-            return None;
-        }
-        let mut buffer = sealed.to_vec();
-        let nonce = aead::Nonce::assume_unique_for_key([0; 12]);
-        let plain = self.payload_key().open_in_place(nonce, aead::Aad::empty(), &mut buffer).ok()?;
-        Some(plain.to_vec())
-    }
-
-    fn payload_key(&self) -> aead::LessSafeKey {
-        crate::seal::aead_key(&self.subkey(b"sealed payload", &[]))
-    }
+fn payload_key(key: &SessionKey) -> aead::LessSafeKey {
+    crate::seal::aead_key(&key.subkey(b"sealed payload", &[]))
 }
 
 /// Seals the secret itself, for a server whose auth API needs it.
 pub fn seal_secret(key: &SessionKey, secret: &Secret) -> Vec<u8> {
-    key.seal_payload(secret.expose().as_bytes())
+    seal_payload(key, secret.expose().as_bytes())
 }
 
 /// Opens a revealed secret.
 pub fn open_secret(key: &SessionKey, sealed: &[u8]) -> Option<Secret> {
-    String::from_utf8(key.open_payload(sealed)?).ok().map(Secret)
+    String::from_utf8(open_payload(key, sealed)?).ok().map(Secret)
 }
 
 /// Seals a verifier for enrollment.
 pub fn seal_verifier(key: &SessionKey, verifier: &Verifier) -> Vec<u8> {
-    key.seal_payload(&verifier.0)
+    seal_payload(key, &verifier.0)
 }
 
 /// Opens an enrolled verifier.
 pub fn open_verifier(key: &SessionKey, sealed: &[u8]) -> Option<Verifier> {
-    Verifier::from_slice(&key.open_payload(sealed)?)
+    Verifier::from_slice(&open_payload(key, sealed)?)
 }
 
 /// Remembers which sequence numbers a session's data connections used, so none is used twice.
@@ -455,16 +388,6 @@ mod tests {
             assert!(guard.accept(seq));
         }
         assert!(!guard.accept(5));
-    }
-
-    #[test]
-    fn ids_are_short_and_plain() {
-        for good in ["id1", "a", "alice@example.com", "A_b-c.d", &"x".repeat(MAX_ID_LEN)] {
-            assert!(is_valid_id(good), "{good}");
-        }
-        for bad in ["", "a b", "a\nb", "é", "a/b", "a:b", &"x".repeat(MAX_ID_LEN + 1)] {
-            assert!(!is_valid_id(bad), "{bad:?}");
-        }
     }
 
     #[test]

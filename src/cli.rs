@@ -2,12 +2,14 @@
 //!
 //! `ferry client` takes GT's positional style: each `--local` starts a new
 //! service, and the service flags after it belong to that service. Client-wide flags
-//! (`--log-level`, `--tag`, ...) may come anywhere, also after a `--local`.
+//! (`--log-level`, `--tag`, ...) may come anywhere, also after a `--local`. GT's
+//! single-dash camelCase flags (`-remoteTCPPort 2222`) are taken too (see `config/gt.rs`).
 
 use std::ffi::OsString;
 
 use clap::{Command as ClapCommand, CommandFactory, Parser, Subcommand};
 
+use crate::config::gt::normalise_args;
 use crate::config::options::{ClientOptions, ServerOptions, ServiceOptions};
 
 /// Reverse tunnels: expose services behind NAT through a public server.
@@ -68,6 +70,8 @@ pub fn parse() -> Cli {
 /// Parses arguments (the first is the program name).
 pub fn parse_from(args: impl IntoIterator<Item = impl Into<OsString>>) -> Result<Cli, clap::Error> {
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let args = normalise_args(args, is_long_flag)
+        .map_err(|e| clap::Error::raw(clap::error::ErrorKind::UnknownArgument, format!("{e}\n")))?;
     let (head, segments) = split_services(args);
     let mut cli = Cli::try_parse_from(head)?;
     if let Command::Client(options) = &mut cli.command {
@@ -76,6 +80,15 @@ pub fn parse_from(args: impl IntoIterator<Item = impl Into<OsString>>) -> Result
         }
     }
     Ok(cli)
+}
+
+/// Whether some command (or a service) has the long flag `--name`.
+fn is_long_flag(name: &str) -> bool {
+    let cli = Cli::command();
+    let service = ServiceCli::command();
+    let commands = cli.get_subcommands().chain([&cli, &service]);
+    let mut args = commands.flat_map(|command| command.get_arguments().collect::<Vec<_>>());
+    ["help", "version"].contains(&name) || args.any(|arg| arg.get_long() == Some(name))
 }
 
 /// After `client`, cuts the arguments at each `--local`: the head, then one segment per

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use crate::config::ConfigError;
 use crate::proto::{LoginRefusal, ProtocolError, RegisterError};
 use crate::transport::TlsError;
 
@@ -24,7 +25,7 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
 }
 
 /// Why a client operation failed.

@@ -12,12 +12,22 @@
 //! - [`auth`]: the login's key exchange (SPAKE2), verifiers, session keys.
 //! - [`seal`]: encryption of control frames and of `encrypt` services' data.
 //! - `server` and `client`: the two actors; [`config`]: what they are built from.
-//! - [`relay`]: the data path: the pump that moves a visitor's bytes as chunks (so data
+//! - `relay`: the data path: the pump that moves a visitor's bytes as chunks (so data
 //!   connections can be reused), its idle watch and traffic accounting.
 //!
+//! # Features
+//! - `cli` (default): the `ferry` binary's parts: flags and config files
+//!   (`config::options`), log files, pid files, signals, the demo. Brings clap,
+//!   tracing-subscriber, file-rotate, nix and anyhow.
+//! - `sentry` (default, needs `cli`): error reporting to Sentry (`--sentry-dsn`).
+//!
+//! A program embedding ferry needs neither: `ferry = { version = "0.1", default-features = false }`.
+//! See `examples/embed_server.rs` and `examples/embed_client.rs`.
+//!
 //! # Example
-//! ```no_run
-//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use ferry::{Client, ClientConfig, RemoteAddr, Server, ServerConfig, ServiceConfig};
 //! let mut config = ServerConfig::default().with_user("id1", "secret1");
 //! config.addr = "127.0.0.1:0".parse()?;
@@ -37,24 +47,34 @@
 #![warn(missing_docs)]
 
 pub mod auth;
-pub mod cli;
 mod client;
 pub mod config;
-pub mod demo;
 mod error;
-pub mod error_reporting;
-pub mod logging;
-pub mod pid_file;
 pub mod proto;
-pub mod relay;
+pub(crate) mod relay;
 pub mod seal;
 mod server;
-pub mod signals;
+mod session_key;
 pub mod transport;
+
+// The `ferry` binary's own parts: flags, logs, pid files, signals, the demo.
+#[cfg(feature = "cli")]
+pub mod cli;
+#[cfg(feature = "cli")]
+pub mod demo;
+#[cfg(feature = "cli")]
+pub mod error_reporting;
+#[cfg(feature = "cli")]
+pub mod logging;
+#[cfg(feature = "cli")]
+pub mod pid_file;
+#[cfg(feature = "cli")]
+pub mod signals;
 
 pub use client::{discover, free_ports, Client, ClientState, Registration};
 pub use config::{
-    AuthApiConfig, ClientConfig, PortRange, ServerConfig, ServiceConfig, TcpAllowance, UserConfig,
+    AuthApiConfig, ClientConfig, ConfigError, PortRange, ServerConfig, ServiceConfig, TcpAllowance,
+    UserConfig,
 };
 pub use error::{ClientError, ServerError};
 pub use proto::{CloseReason, LoginRefusal, RegisterError, ServiceInfo};

@@ -13,6 +13,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+use crate::config::ConfigError;
 use crate::error_reporting::{self, SentrySettings};
 
 /// Where and how much to log.
@@ -36,16 +37,17 @@ impl Default for LogSettings {
 
 /// Installs the global tracing subscriber, with Sentry reporting when `sentry` is given;
 /// call once, from the binary.
-pub fn init(settings: &LogSettings, sentry: Option<&SentrySettings>) -> Result<(), String> {
-    let filter =
-        EnvFilter::try_new(&settings.level).map_err(|e| format!("log-level: '{}': {e}", settings.level))?;
+pub fn init(settings: &LogSettings, sentry: Option<&SentrySettings>) -> Result<(), ConfigError> {
+    let filter = EnvFilter::try_new(&settings.level)
+        .map_err(|e| ConfigError::new("log-level", format!("'{}': {e}", settings.level)))?;
     let sentry = sentry.map(error_reporting::init).transpose()?;
     let (writer, ansi) = match &settings.file {
         None => (BoxMakeWriter::new(std::io::stderr), colour_on_stderr()),
         Some(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| format!("log-file: cannot create {}: {e}", dir.display()))?;
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    ConfigError::new("log-file", format!("cannot create {}: {e}", dir.display()))
+                })?;
             }
             let file = CappedFile::open(path, settings.max_size, settings.max_count);
             (BoxMakeWriter::new(Mutex::new(file)), false)
@@ -56,7 +58,7 @@ pub fn init(settings: &LogSettings, sentry: Option<&SentrySettings>) -> Result<(
         .with(output.with_filter(filter))
         .with(sentry)
         .try_init()
-        .map_err(|e| format!("cannot install the logger: {e}"))
+        .map_err(|e| ConfigError::new("log-level", format!("cannot install the logger: {e}")))
 }
 
 /// Whether log lines on standard error get colours: only when it is a terminal, and not

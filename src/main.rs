@@ -4,13 +4,14 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 use ferry::cli::{Command, DemoOptions};
-use ferry::config::options::{resolve, ClientOptions, ServerOptions};
+use ferry::config::options::{resolve, ClientOptions, CommandOptions, ServerOptions};
 use ferry::logging::{self, LogSettings};
 use ferry::pid_file::{signal_process, PidFile};
 use ferry::signals::{Hangups, Signals};
-use ferry::{Client, ClientState, Registration, Reloader, Server, ServiceConfig};
+use ferry::{Client, ClientState, ConfigError, Registration, Reloader, Server, ServerError, ServiceConfig};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 
 #[tokio::main]
@@ -34,26 +35,27 @@ async fn main() -> ExitCode {
     code
 }
 
-async fn run_server(flags: ServerOptions) -> anyhow::Result<()> {
-    let config_file = flags.config.clone();
-    let signal = flags.signal;
-    let options = resolve(flags.clone(), config_file.as_deref()).map_err(|e| anyhow!(e))?;
-    if let Some(signal) = signal {
-        let path = options
-            .pid_file
-            .clone()
-            .ok_or_else(|| anyhow!("-s needs --pid-file (or pid-file in --config)"))?;
-        let pid = signal_process(&path, signal).map_err(|e| anyhow!(e))?;
-        println!("sent {signal:?} to ferry server {pid}");
-        return Ok(());
+/// Reads the flags and their config file. With `-s`, signals the running process and
+/// returns `None`; otherwise sets up logs and returns the options and the pid file's path.
+fn start<C: CommandOptions>(flags: &C) -> anyhow::Result<Option<(C, Option<PathBuf>)>> {
+    let options = resolve(flags.clone(), flags.config_file())?;
+    let process = options.process()?;
+    if let Some(signal) = flags.signal() {
+        let path =
+            process.pid_file.ok_or_else(|| anyhow!("-s needs --pid-file (or pid-file in --config)"))?;
+        let pid = signal_process(&path, signal)?;
+        println!("sent {signal:?} to ferry {} {pid}", C::NAME);
+        return Ok(None);
     }
-    let sentry = options.sentry_settings().map_err(|e| anyhow!(e))?;
-    logging::init(&options.log_settings(), sentry.as_ref()).map_err(|e| anyhow!(e))?;
-    let pid_file = options.pid_file.clone();
-    let config = options.into_config().map_err(|e| anyhow!(e))?;
-    let server = Server::bind(config).await?;
+    logging::init(&process.log, process.sentry.as_ref())?;
+    Ok(Some((options, process.pid_file)))
+}
+
+async fn run_server(flags: ServerOptions) -> anyhow::Result<()> {
+    let Some((options, pid_file)) = start(&flags)? else { return Ok(()) };
+    let server = Server::bind(options.into_config()?).await?;
     let (hangups, shutdown) = Signals::install().split();
-    let _pid_file = pid_file.as_deref().map(PidFile::create).transpose().map_err(|e| anyhow!(e))?;
+    let _pid_file = pid_file.as_deref().map(PidFile::create).transpose()?;
     tokio::spawn(reload_on_hangup(server.reloader(), flags, hangups));
     // Run on a worker thread: accepting on the main thread would hand every connection across threads.
     tokio::spawn(server.run(shutdown.wait())).await?;
@@ -65,9 +67,8 @@ async fn reload_on_hangup(reloader: Reloader, flags: ServerOptions, mut hangups:
     loop {
         hangups.next().await;
         tracing::info!("SIGHUP: reloading");
-        let config_file = flags.config.clone();
-        let config = resolve(flags.clone(), config_file.as_deref()).and_then(|o| o.into_config());
-        let result = config.and_then(|c| reloader.reload(&c).map_err(|e| e.to_string()));
+        let config = resolve(flags.clone(), flags.config_file()).and_then(|o| o.into_config());
+        let result = config.map_err(ServerError::from).and_then(|c| reloader.reload(&c));
         if let Err(err) = result {
             tracing::error!("reload failed, keeping the running configuration: {err}");
         }
@@ -75,22 +76,8 @@ async fn reload_on_hangup(reloader: Reloader, flags: ServerOptions, mut hangups:
 }
 
 async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
-    let config_file = flags.config.clone();
-    let signal = flags.signal;
-    let options = resolve(flags.clone(), config_file.as_deref()).map_err(|e| anyhow!(e))?;
-    if let Some(signal) = signal {
-        let path = options
-            .pid_file
-            .clone()
-            .ok_or_else(|| anyhow!("-s needs --pid-file (or pid-file in --config)"))?;
-        let pid = signal_process(&path, signal).map_err(|e| anyhow!(e))?;
-        println!("sent {signal:?} to ferry client {pid}");
-        return Ok(());
-    }
-    let sentry = options.sentry_settings().map_err(|e| anyhow!(e))?;
-    logging::init(&options.log_settings(), sentry.as_ref()).map_err(|e| anyhow!(e))?;
-    let pid_file = options.pid_file.clone();
-    let (config, services) = options.into_config().map_err(|e| anyhow!(e))?;
+    let Some((options, pid_file)) = start(&flags)? else { return Ok(()) };
+    let (config, services) = options.into_config()?;
     if services.is_empty() {
         tracing::warn!("no services given (--local); the client only keeps its connection");
     }
@@ -103,7 +90,7 @@ async fn run_client(flags: ClientOptions) -> anyhow::Result<()> {
         _ = &mut shutdown => return Ok(()),
         client = Client::connect_retrying(config) => client.with_context(|| format!("client for {remote}"))?,
     };
-    let _pid_file = pid_file.as_deref().map(PidFile::create).transpose().map_err(|e| anyhow!(e))?;
+    let _pid_file = pid_file.as_deref().map(PidFile::create).transpose()?;
     let mut running = Services {
         client: &client,
         listed: services.clone(),
@@ -190,8 +177,8 @@ impl<'a> Services<'a> {
 
     /// Reads the client's configuration again: services no longer listed are closed, new
     /// ones opened, the rest keep running (server, id and secret need a restart).
-    fn reload(&mut self, flags: &ClientOptions) -> Result<(), String> {
-        let options = resolve(flags.clone(), flags.config.as_deref())?;
+    fn reload(&mut self, flags: &ClientOptions) -> Result<(), ConfigError> {
+        let options = resolve(flags.clone(), flags.config_file())?;
         let (_, wanted) = options.into_config()?;
         self.listed = wanted.clone();
         self.open.retain(|(config, tunnel)| {
@@ -227,7 +214,6 @@ fn announce(local: &str, tunnel: &Registration) {
 }
 
 async fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
-    logging::init(&LogSettings { level: options.log_level, ..LogSettings::default() }, None)
-        .map_err(|e| anyhow!(e))?;
+    logging::init(&LogSettings { level: options.log_level, ..LogSettings::default() }, None)?;
     ferry::demo::run(Signals::install().split().1.wait()).await.map_err(|e| anyhow!(e))
 }

@@ -12,7 +12,7 @@ use std::task::{ready, Context, Poll};
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::auth::SessionKey;
+use crate::session_key::SessionKey;
 
 /// Bytes the tag adds to each sealed frame or record.
 pub const TAG_LEN: usize = 16;

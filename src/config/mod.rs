@@ -4,16 +4,27 @@
 //! embedding ferry builds by hand. The CLI builds the same structs from flags
 //! and a YAML or TOML file through [`options`].
 
+mod error;
+mod file;
+#[cfg(feature = "cli")]
+pub(crate) mod gt;
+#[cfg(feature = "cli")]
 pub mod options;
 mod port_range;
+#[cfg(feature = "cli")]
+mod process;
 mod users_key;
+mod validate;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use error::ConfigError;
+pub use file::{load_file, load_users_file, overlay, HostOptions, TcpOptions, UserOptions};
 pub use port_range::PortRange;
+pub use users_key::UsersOption;
 
 use crate::auth::Secret;
 use crate::proto::{ProxyProtocol, ServiceControl};
@@ -187,7 +198,7 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// The idle rule for visitor connections, if `timeout` is set.
-    pub fn idle_limit(&self) -> Option<IdleLimit> {
+    pub(crate) fn idle_limit(&self) -> Option<IdleLimit> {
         self.timeout
             .map(|timeout| IdleLimit { timeout, unidirectional: self.timeout_on_unidirectional_traffic })
     }
@@ -195,31 +206,6 @@ impl ServerConfig {
     /// Whether the management API must demand a token: it listens off loopback.
     pub fn api_token_required(&self) -> bool {
         self.api_addr.is_some_and(|addr| !addr.ip().is_loopback())
-    }
-
-    /// Checks the management API's access rules: a token, when given, is at least
-    /// [`MIN_API_TOKEN_LEN`] bytes, and an API off loopback has one. Errors name the key.
-    pub fn check_api_access(&self) -> Result<(), String> {
-        match &self.api_token {
-            Some(token) if token.expose().is_empty() => {
-                return Err(format!(
-                    "api-token: empty (from --api-token, FERRY_API_TOKEN or the config file); give at \
-                     least {MIN_API_TOKEN_LEN} bytes"
-                ))
-            }
-            Some(token) if token.expose().len() < MIN_API_TOKEN_LEN => {
-                return Err(format!(
-                    "api-token: {} bytes is too short; give at least {MIN_API_TOKEN_LEN} (e.g. `openssl rand \
-                     -hex 16`)",
-                    token.expose().len()
-                ))
-            }
-            _ => {}
-        }
-        if self.api_token_required() && self.api_token.is_none() {
-            return Err("api-addr: an API reachable from other hosts needs api-token".into());
-        }
-        Ok(())
     }
 
     /// Adds a user with a secret; a convenience for programs and tests.

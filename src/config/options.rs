@@ -1,25 +1,24 @@
 //! Flags and config-file keys: one struct per command serves both, so every
 //! flag has a key of the same name. Precedence is flag > file > default.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
+use super::file::one_or_many;
+pub use super::file::{load_users_file, overlay, HostOptions, TcpOptions, UserOptions};
+use super::process::command_options;
+pub use super::process::{CommandOptions, ProcessOptions, ProcessSignal};
 pub use super::users_key::UsersOption;
-use super::{
-    AuthApiConfig, ClientConfig, PortRange, ServerConfig, ServiceConfig, ServiceKind, TcpAllowance,
-    UserConfig,
-};
+use super::{AuthApiConfig, ClientConfig, ConfigError, PortRange, ServerConfig, ServiceConfig, ServiceKind};
 use crate::auth::Secret;
-use crate::error_reporting::{parse_level, SentrySettings};
-use crate::logging::LogSettings;
 use crate::proto::ProxyProtocol;
 use crate::transport::{parse_listen_addr, RemoteAddr, RemoteTrust, TlsVersion};
 
+command_options! {
+"server",
 /// Server flags; each is also a config-file key of the same name.
 #[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -30,9 +29,11 @@ pub struct ServerOptions {
     pub config: Option<PathBuf>,
     /// Address for clients: 0.0.0.0:7000, :7000 or 7000. [default: 0.0.0.0:7000]
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub addr: Option<String>,
     /// Address for clients over TLS (needs --cert-file and --key-file).
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub tls_addr: Option<String>,
     /// PEM certificate chain for --tls-addr; repeatable with --key-file (several
     /// certificates, picked by the server name each visitor asks for).
@@ -98,10 +99,12 @@ pub struct ServerOptions {
     pub handshake_timeout: Option<Duration>,
     /// A listener for HTTP visitors only; --addr serves HTTP visitors too.
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub http_addr: Option<String>,
     /// A listener for TLS visitors, routed by the server name of their ClientHello and
     /// passed through encrypted to clients' https:// services.
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub sni_addr: Option<String>,
     /// The server's domain (e.g. example.com), so clients are told their full host names.
     #[arg(long)]
@@ -141,41 +144,9 @@ pub struct ServerOptions {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub http_header_timeout: Option<Duration>,
-    /// Log filter: error, warn, info, debug, trace, or a tracing directive. [default: info]
-    #[arg(long)]
-    pub log_level: Option<String>,
-    /// Write logs to this file instead of standard error.
-    #[arg(long)]
-    pub log_file: Option<PathBuf>,
-    /// Rotate the log file before a line would take it past this many bytes. [default: 536870912]
-    #[arg(long)]
-    pub log_file_max_size: Option<u64>,
-    /// How many rotated log files to keep. [default: 7]
-    #[arg(long)]
-    pub log_file_max_count: Option<usize>,
-    /// Report errors to Sentry at this DSN (e.g. https://KEY@o0.ingest.sentry.io/0).
-    #[arg(long)]
-    pub sentry_dsn: Option<String>,
-    /// The least severe level sent to Sentry as an event: error or warn. [default: error]
-    #[arg(long)]
-    pub sentry_level: Option<String>,
-    /// Share of events sent to Sentry, 0.0 to 1.0. [default: 1.0]
-    #[arg(long)]
-    pub sentry_sample_rate: Option<f32>,
-    /// Sentry environment, e.g. production.
-    #[arg(long)]
-    pub sentry_environment: Option<String>,
-    /// Sentry release. [default: ferry@VERSION]
-    #[arg(long)]
-    pub sentry_release: Option<String>,
-    /// Sentry server name. [default: the host name]
-    #[arg(long)]
-    pub sentry_server_name: Option<String>,
-    /// Print the Sentry client's own diagnostics.
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub sentry_debug: Option<bool>,
     /// Address of the management API and dashboard, e.g. 127.0.0.1:7500.
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub api_addr: Option<String>,
     /// PEM certificate to serve the API over HTTPS (with --api-key-file).
     #[arg(long)]
@@ -186,108 +157,11 @@ pub struct ServerOptions {
     /// Bearer token for the API (or FERRY_API_TOKEN); required unless --api-addr is loopback.
     #[arg(long, env = "FERRY_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<Secret>,
-    /// Write the process id here, so `-s reload` and `-s stop` can find the server.
-    #[arg(long)]
-    pub pid_file: Option<PathBuf>,
-    /// Instead of serving, signal the running server found through --pid-file:
-    /// reload (re-read the config and users files) or stop.
-    #[arg(short = 's', long = "signal", value_name = "SIGNAL")]
-    #[serde(skip)]
-    pub signal: Option<ProcessSignal>,
+}
 }
 
-/// A signal for a running process (`-s`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProcessSignal {
-    /// Re-read the configuration (SIGHUP).
-    Reload,
-    /// Stop gracefully (SIGTERM).
-    Stop,
-}
-
-/// One user's settings in the config file's `users:` map, the users file, or an auth API answer.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
-pub struct UserOptions {
-    /// The user's secret (not needed in an auth API answer).
-    pub secret: Option<Secret>,
-    /// TCP ports: a list of `{number, range}`; an empty list allows none.
-    pub tcp: Option<Vec<TcpOptions>>,
-    /// Host names: `{number, regex, with-id}`.
-    pub host: Option<HostOptions>,
-    /// Bytes per second, each direction, across the user's visitors.
-    pub speed: Option<u64>,
-    /// Visitor connections at once.
-    pub connections: Option<u32>,
-    /// Client sessions at once.
-    pub sessions: Option<u32>,
-}
-
-/// One entry of a user's `tcp:` list.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct TcpOptions {
-    /// Ports, e.g. `1024-65535`.
-    pub range: PortRange,
-    /// How many of them at a time. [default: no limit]
-    #[serde(default)]
-    pub number: Option<u32>,
-}
-
-/// A user's `host:` settings.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
-pub struct HostOptions {
-    /// Host names at a time.
-    pub number: Option<u32>,
-    /// Patterns a host prefix must match (one or a list).
-    #[serde(deserialize_with = "one_or_many_opt")]
-    pub regex: Option<Vec<String>>,
-    /// Route ID-PREFIX.domain.
-    pub with_id: Option<bool>,
-}
-
-impl UserOptions {
-    /// Checks the values; `needs_secret` is false for auth API answers.
-    pub fn into_config(self, needs_secret: bool) -> Result<UserConfig, String> {
-        let secret = match (self.secret, needs_secret) {
-            (Some(secret), _) => secret,
-            (None, false) => Secret::default(),
-            (None, true) => return Err("secret: missing".into()),
-        };
-        let host = self.host.unwrap_or_default();
-        for pattern in host.regex.iter().flatten() {
-            regex::Regex::new(pattern).map_err(|e| format!("host.regex: '{pattern}': {e}"))?;
-        }
-        Ok(UserConfig {
-            secret,
-            tcp: self.tcp.map(|list| {
-                list.into_iter().map(|t| TcpAllowance { range: t.range, number: t.number }).collect()
-            }),
-            host_number: host.number,
-            host_regex: host.regex,
-            host_with_id: host.with_id,
-            speed: self.speed,
-            connections: self.connections,
-            sessions: self.sessions,
-        })
-    }
-}
-
-/// Reads a users file: a map of id to settings (YAML, or TOML when the name ends in `.toml`).
-pub fn load_users_file(path: &Path) -> Result<BTreeMap<String, UserConfig>, String> {
-    let users: BTreeMap<String, UserOptions> =
-        load_file(path).map_err(|e| e.replace("config file", "users file"))?;
-    users
-        .into_iter()
-        .map(|(id, user)| {
-            let user =
-                user.into_config(true).map_err(|e| format!("users file {}: {id}.{e}", path.display()))?;
-            Ok((id, user))
-        })
-        .collect()
-}
-
+command_options! {
+"client",
 /// Client flags; each is also a config-file key of the same name.
 #[derive(Debug, Clone, Default, clap::Args, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -340,50 +214,10 @@ pub struct ClientOptions {
     /// service name share that service's public address, visitors spread round-robin.
     #[arg(long)]
     pub tag: Vec<String>,
-    /// Log filter: error, warn, info, debug, trace, or a tracing directive. [default: info]
-    #[arg(long)]
-    pub log_level: Option<String>,
-    /// Write logs to this file instead of standard error.
-    #[arg(long)]
-    pub log_file: Option<PathBuf>,
-    /// Rotate the log file before a line would take it past this many bytes. [default: 536870912]
-    #[arg(long)]
-    pub log_file_max_size: Option<u64>,
-    /// How many rotated log files to keep. [default: 7]
-    #[arg(long)]
-    pub log_file_max_count: Option<usize>,
-    /// Report errors to Sentry at this DSN (e.g. https://KEY@o0.ingest.sentry.io/0).
-    #[arg(long)]
-    pub sentry_dsn: Option<String>,
-    /// The least severe level sent to Sentry as an event: error or warn. [default: error]
-    #[arg(long)]
-    pub sentry_level: Option<String>,
-    /// Share of events sent to Sentry, 0.0 to 1.0. [default: 1.0]
-    #[arg(long)]
-    pub sentry_sample_rate: Option<f32>,
-    /// Sentry environment, e.g. production.
-    #[arg(long)]
-    pub sentry_environment: Option<String>,
-    /// Sentry release. [default: ferry@VERSION]
-    #[arg(long)]
-    pub sentry_release: Option<String>,
-    /// Sentry server name. [default: the host name]
-    #[arg(long)]
-    pub sentry_server_name: Option<String>,
-    /// Print the Sentry client's own diagnostics.
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub sentry_debug: Option<bool>,
-    /// Write the process id here, so `-s reload` and `-s stop` can find the client.
-    #[arg(long)]
-    pub pid_file: Option<PathBuf>,
-    /// Instead of running, signal the running client found through --pid-file: reload
-    /// (read the config again: services added or removed) or stop.
-    #[arg(short = 's', long = "signal", value_name = "SIGNAL")]
-    #[serde(skip)]
-    pub signal: Option<ProcessSignal>,
     /// Services to expose: each `--local` on the command line starts one (config file: `services:`).
     #[arg(skip)]
     pub services: Vec<ServiceOptions>,
+}
 }
 
 /// One service: on the command line a `--local` and the flags after it, in a file an item of `services:`.
@@ -405,6 +239,7 @@ pub struct ServiceOptions {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// HTTP: reach the service at PREFIX.domain (or ID-PREFIX.domain) instead of ID.domain.
     #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
     pub host_prefix: Option<String>,
     /// HTTP: send requests to the local service with its own address as Host.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -437,6 +272,18 @@ pub struct ServiceOptions {
     pub name: Option<String>,
 }
 
+/// Accepts a number where a string is meant (GT's `hostPrefix: 1`).
+fn string_or_number<'de, D>(deserializer: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(Option::<serde_json::Value>::deserialize(deserializer)?.and_then(|value| match value {
+        serde_json::Value::String(text) => Some(text),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    }))
+}
+
 /// A network in CIDR notation; a bare address is a network of one.
 fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
     text.parse::<ipnet::IpNet>()
@@ -444,212 +291,46 @@ fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("'{text}' is not an address or network such as 10.0.0.0/8"))
 }
 
-/// Like `one_or_many`, for optional lists.
-fn one_or_many_opt<'de, D, T>(deserializer: D) -> Result<Option<Vec<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    one_or_many(deserializer).map(Some)
-}
-
-/// Accepts a single value or a list, so `cert-file: a.pem` and `cert-file: [a.pem, b.pem]` both work.
-fn one_or_many<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany<T> {
-        One(T),
-        Many(Vec<T>),
-    }
-    Ok(match OneOrMany::deserialize(deserializer)? {
-        OneOrMany::One(one) => vec![one],
-        OneOrMany::Many(many) => many,
-    })
-}
-
-/// Reads a config file: YAML, or TOML when the name ends in `.toml`. Errors name the key and line.
-pub fn load_file<T: DeserializeOwned + Default>(path: &Path) -> Result<T, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-    if text.trim().is_empty() {
-        return Ok(T::default());
-    }
-    let parsed = if path.extension().is_some_and(|e| e == "toml") {
-        toml::from_str(&text).map_err(|e| e.to_string())
-    } else {
-        serde_norway::from_str(&text).map_err(|e| e.to_string())
+/// Reads a command's config file, in ferry's shape or in GT's (`options:`, `version:`,
+/// camelCase keys: see `gt.rs`). Errors name the file, and the key and line where they can.
+pub fn load_file<T: DeserializeOwned + Default>(path: &Path) -> Result<T, ConfigError> {
+    let Ok(mut value) = super::file::load_file::<serde_json::Value>(path) else {
+        return super::file::load_file(path);
     };
-    parsed.map_err(|e| format!("config file {}: {e}", path.display()))
-}
-
-/// Lays `flags` over `file`: every flag that was given replaces the file's value.
-pub fn overlay<T: Serialize + DeserializeOwned>(file: T, flags: T) -> Result<T, String> {
-    let mut merged = serde_json::to_value(file).map_err(|e| e.to_string())?;
-    let flags = serde_json::to_value(flags).map_err(|e| e.to_string())?;
-    if let (Value::Object(merged), Value::Object(flags)) = (&mut merged, flags) {
-        for (key, value) in flags {
-            let unset = value.is_null()
-                || value.as_array().is_some_and(Vec::is_empty)
-                || value.as_object().is_some_and(|o| o.is_empty());
-            if unset {
-                continue;
-            }
-            let joined = match merged.remove(&key) {
-                Some(file) if JOINED_KEYS.contains(&key.as_str()) => join(file, value),
-                _ => value,
-            };
-            merged.insert(key, joined);
-        }
-    }
-    serde_json::from_value(merged).map_err(|e| e.to_string())
-}
-
-/// Keys whose flag joins the maps of the config file's value instead of replacing it:
-/// `--users FILE` adds a users file to the `users:` map of the config file (see
-/// `users_key.rs`); a users file named in the config file is replaced.
-const JOINED_KEYS: &[&str] = &["users"];
-
-/// The maps of `file` (itself one, or a list holding some), then `flag`, as one list.
-fn join(file: Value, flag: Value) -> Value {
-    let maps = match file {
-        Value::Array(items) => items.into_iter().filter(Value::is_object).collect(),
-        map @ Value::Object(_) => vec![map],
+    let service_keys = match serde_json::to_value(ServiceOptions::default()) {
+        Ok(serde_json::Value::Object(keys)) => keys.into_iter().map(|(key, _)| key).collect(),
         _ => Vec::new(),
     };
-    Value::Array(maps.into_iter().chain([flag]).collect())
+    let file = || format!("config file {}", path.display());
+    if !super::gt::adopt_file(&mut value, &service_keys).map_err(|e| e.within(&format!("{}: ", file())))? {
+        // Parsed again from the text, so errors keep their line numbers.
+        return super::file::load_file(path);
+    }
+    serde_json::from_value(value).map_err(|e| ConfigError::new(file(), e.to_string()))
 }
 
-/// Loads the file named by `flags.config` (if any) and lays the flags over it.
+/// Loads the config file (if any) and lays the flags over it: flag > file > default.
 pub fn resolve<T: Serialize + DeserializeOwned + Default>(
     flags: T,
     config: Option<&Path>,
-) -> Result<T, String> {
+) -> Result<T, ConfigError> {
     match config {
         Some(path) => overlay(load_file(path)?, flags),
         None => Ok(flags),
     }
 }
 
-/// The `sentry-*` values of a command.
-struct SentryOptions<'a> {
-    dsn: &'a Option<String>,
-    level: &'a Option<String>,
-    sample_rate: Option<f32>,
-    environment: &'a Option<String>,
-    release: &'a Option<String>,
-    server_name: &'a Option<String>,
-    debug: Option<bool>,
-}
-
-fn sentry_settings(options: SentryOptions<'_>) -> Result<Option<SentrySettings>, String> {
-    let Some(dsn) = options.dsn else {
-        return Ok(None);
-    };
-    let level = options.level.as_deref().map(parse_level).transpose()?.unwrap_or(tracing::Level::ERROR);
-    Ok(Some(SentrySettings {
-        dsn: dsn.clone(),
-        level,
-        sample_rate: options.sample_rate.unwrap_or(1.0),
-        environment: options.environment.clone(),
-        release: options.release.clone(),
-        server_name: options.server_name.clone(),
-        debug: options.debug.unwrap_or(false),
-    }))
-}
-
-fn log_settings(
-    level: &Option<String>,
-    file: &Option<PathBuf>,
-    size: Option<u64>,
-    count: Option<usize>,
-) -> LogSettings {
-    let default = LogSettings::default();
-    LogSettings {
-        level: level.clone().unwrap_or(default.level),
-        file: file.clone(),
-        max_size: size.unwrap_or(default.max_size),
-        max_count: count.unwrap_or(default.max_count),
-    }
+/// Parses the listen address of `key`, if given.
+fn listen_addr(key: &str, addr: &Option<String>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    addr.as_deref().map(parse_listen_addr).transpose().map_err(|e| ConfigError::new(key, e.to_string()))
 }
 
 impl ServerOptions {
-    /// Logging settings with defaults applied.
-    pub fn log_settings(&self) -> LogSettings {
-        log_settings(&self.log_level, &self.log_file, self.log_file_max_size, self.log_file_max_count)
-    }
-
-    /// Sentry settings, when `sentry-dsn` is given.
-    pub fn sentry_settings(&self) -> Result<Option<SentrySettings>, String> {
-        sentry_settings(SentryOptions {
-            dsn: &self.sentry_dsn,
-            level: &self.sentry_level,
-            sample_rate: self.sentry_sample_rate,
-            environment: &self.sentry_environment,
-            release: &self.sentry_release,
-            server_name: &self.sentry_server_name,
-            debug: self.sentry_debug,
-        })
-    }
-
     /// Checks every value and builds the server configuration; errors name the key.
-    pub fn into_config(self) -> Result<ServerConfig, String> {
+    pub fn into_config(mut self) -> Result<ServerConfig, ConfigError> {
         let mut config = ServerConfig::default();
-        if let Some(addr) = &self.addr {
-            config.addr = parse_listen_addr(addr).map_err(|e| format!("addr: {e}"))?;
-        }
-        if let Some(addr) = &self.tls_addr {
-            config.tls_addr = Some(parse_listen_addr(addr).map_err(|e| format!("tls-addr: {e}"))?);
-            if self.cert_file.is_empty() || self.cert_file.len() != self.key_file.len() {
-                return Err("tls-addr: needs cert-file and key-file, one key-file for each cert-file".into());
-            }
-        }
-        config.cert_file = self.cert_file;
-        config.key_file = self.key_file;
-        config.tls_min_version = self.tls_min_version.unwrap_or_default();
-        if self.id.len() != self.secret.len() {
-            return Err(format!(
-                "id: {} id(s) but {} secret(s); give one --secret per --id",
-                self.id.len(),
-                self.secret.len()
-            ));
-        }
-        // Precedence: --id/--secret > users file > the config file's `users:`.
-        let users = self.users.unwrap_or_default();
-        for (id, options) in users.inline {
-            let user = options.into_config(true).map_err(|e| format!("users.{id}.{e}"))?;
-            config.users.insert(id, user);
-        }
-        if let Some(path) = &users.file {
-            config.users.extend(load_users_file(path)?);
-        }
-        for (id, secret) in self.id.into_iter().zip(self.secret) {
-            config.users.entry(id).or_default().secret = secret;
-        }
-        config.allow_any_client = self.allow_any_client.unwrap_or(false);
-        if let Some(url) = self.auth_api {
-            let defaults = (Duration::from_secs(5), Duration::from_secs(30));
-            let api = AuthApiConfig {
-                url,
-                timeout: self.auth_api_timeout.unwrap_or(defaults.0),
-                cache: self.auth_api_cache.unwrap_or(defaults.1),
-            };
-            crate::server::check_auth_api_url(&api.url).map_err(|e| format!("auth-api: {e}"))?;
-            config.auth_api = Some(api);
-        }
-        if let Some(addr) = &self.api_addr {
-            config.api_addr = Some(parse_listen_addr(addr).map_err(|e| format!("api-addr: {e}"))?);
-        }
-        config.api_tls = match (self.api_cert_file, self.api_key_file) {
-            (Some(cert), Some(key)) => Some((cert, key)),
-            (None, None) => None,
-            _ => return Err("api-cert-file: needs api-key-file, and the other way round".into()),
-        };
-        config.api_token = self.api_token;
-        config.check_api_access()?;
+        self.listeners_into(&mut config)?;
+        self.users_into(&mut config)?;
         config.speed = self.speed;
         config.connections = self.connections;
         config.sessions = self.sessions;
@@ -657,17 +338,8 @@ impl ServerOptions {
         config.tcp_number = self.tcp_number;
         config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
         config.handshake_timeout = self.handshake_timeout.unwrap_or(config.handshake_timeout);
-        if let Some(addr) = &self.http_addr {
-            config.http_addr = Some(parse_listen_addr(addr).map_err(|e| format!("http-addr: {e}"))?);
-        }
-        if let Some(addr) = &self.sni_addr {
-            config.sni_addr = Some(parse_listen_addr(addr).map_err(|e| format!("sni-addr: {e}"))?);
-        }
         config.domain = self.domain;
         config.host_number = self.host_number;
-        for pattern in &self.host_regex {
-            regex::Regex::new(pattern).map_err(|e| format!("host-regex: '{pattern}': {e}"))?;
-        }
         config.host_regex = self.host_regex;
         config.host_with_id = self.host_with_id.unwrap_or(false);
         if let Some(header) = self.http_mux_header {
@@ -679,38 +351,83 @@ impl ServerOptions {
         config.timeout = self.timeout;
         config.timeout_on_unidirectional_traffic = self.timeout_on_unidirectional_traffic.unwrap_or(false);
         config.reconnect_duration = self.reconnect_duration.unwrap_or(config.reconnect_duration);
+        config.validate()?;
         Ok(config)
+    }
+
+    /// The listeners, their certificates and the management API.
+    fn listeners_into(&mut self, config: &mut ServerConfig) -> Result<(), ConfigError> {
+        if self.addr.as_deref() == Some("") {
+            let reason = "an empty addr (no listener for clients and HTTP visitors) is not supported yet";
+            return Err(ConfigError::new("addr", reason));
+        }
+        if let Some(addr) = listen_addr("addr", &self.addr)? {
+            config.addr = addr;
+        }
+        config.tls_addr = listen_addr("tls-addr", &self.tls_addr)?;
+        config.cert_file = std::mem::take(&mut self.cert_file);
+        config.key_file = std::mem::take(&mut self.key_file);
+        config.tls_min_version = self.tls_min_version.unwrap_or_default();
+        config.http_addr = listen_addr("http-addr", &self.http_addr)?;
+        config.sni_addr = listen_addr("sni-addr", &self.sni_addr)?;
+        config.api_addr = listen_addr("api-addr", &self.api_addr)?;
+        config.api_tls = match (self.api_cert_file.take(), self.api_key_file.take()) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::new("api-cert-file", "needs api-key-file, and the other way round"))
+            }
+        };
+        config.api_token = self.api_token.take();
+        Ok(())
+    }
+
+    /// The users, by precedence: --id/--secret > users file > the config file's `users:`;
+    /// and who else may log in.
+    fn users_into(&mut self, config: &mut ServerConfig) -> Result<(), ConfigError> {
+        if self.id.len() != self.secret.len() {
+            let reason = format!(
+                "{} id(s) but {} secret(s); give one --secret per --id",
+                self.id.len(),
+                self.secret.len()
+            );
+            return Err(ConfigError::new("id", reason));
+        }
+        let users = self.users.take().unwrap_or_default();
+        for (id, options) in users.inline {
+            let user = options.into_config(true).map_err(|e| e.within(&format!("users.{id}.")))?;
+            config.users.insert(id, user);
+        }
+        if let Some(path) = &users.file {
+            config.users.extend(load_users_file(path)?);
+        }
+        for (id, secret) in self.id.drain(..).zip(self.secret.drain(..)) {
+            config.users.entry(id).or_default().secret = secret;
+        }
+        config.allow_any_client = self.allow_any_client.unwrap_or(false);
+        config.auth_api = self.auth_api.take().map(|url| AuthApiConfig {
+            url,
+            timeout: self.auth_api_timeout.unwrap_or(Duration::from_secs(5)),
+            cache: self.auth_api_cache.unwrap_or(Duration::from_secs(30)),
+        });
+        Ok(())
     }
 }
 
 impl ClientOptions {
-    /// Logging settings with defaults applied.
-    pub fn log_settings(&self) -> LogSettings {
-        log_settings(&self.log_level, &self.log_file, self.log_file_max_size, self.log_file_max_count)
-    }
-
-    /// Sentry settings, when `sentry-dsn` is given.
-    pub fn sentry_settings(&self) -> Result<Option<SentrySettings>, String> {
-        sentry_settings(SentryOptions {
-            dsn: &self.sentry_dsn,
-            level: &self.sentry_level,
-            sample_rate: self.sentry_sample_rate,
-            environment: &self.sentry_environment,
-            release: &self.sentry_release,
-            server_name: &self.sentry_server_name,
-            debug: self.sentry_debug,
-        })
-    }
-
     /// Checks every value and builds the client and service configurations; errors name the key.
-    pub fn into_config(self) -> Result<(ClientConfig, Vec<ServiceConfig>), String> {
-        let remote = self.remote.ok_or("remote: missing (e.g. --remote tcp://example.com:7000)")?;
-        let remote = RemoteAddr::parse(&remote).map_err(|e| format!("remote: {e}"))?;
-        let id = self.id.ok_or("id: missing")?;
-        let secret = self.secret.ok_or("secret: missing (or set FERRY_SECRET)")?;
+    pub fn into_config(self) -> Result<(ClientConfig, Vec<ServiceConfig>), ConfigError> {
+        let missing = |key: &str, hint: &str| ConfigError::new(key, format!("missing{hint}"));
+        let remote =
+            self.remote.ok_or_else(|| missing("remote", " (e.g. --remote tcp://example.com:7000)"))?;
+        let remote = RemoteAddr::parse(&remote).map_err(|e| ConfigError::new("remote", e.to_string()))?;
+        let id = self.id.ok_or_else(|| missing("id", ""))?;
+        let secret = self.secret.ok_or_else(|| missing("secret", " (or set FERRY_SECRET)"))?;
         let mut config = ClientConfig::new(remote, &id, secret.expose());
         config.remote_trust = match (self.remote_cert, self.remote_cert_insecure.unwrap_or(false)) {
-            (Some(_), true) => return Err("remote-cert-insecure: cannot be combined with remote-cert".into()),
+            (Some(_), true) => {
+                return Err(ConfigError::new("remote-cert-insecure", "cannot be combined with remote-cert"))
+            }
             (Some(path), false) => RemoteTrust::CaFile(path),
             (None, true) => RemoteTrust::Insecure,
             (None, false) => RemoteTrust::System,
@@ -723,11 +440,12 @@ impl ClientOptions {
         config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
         config.local_timeout = self.local_timeout.unwrap_or(config.local_timeout);
         config.tags = self.tag;
+        config.validate()?;
         let services = self
             .services
             .into_iter()
             .enumerate()
-            .map(|(i, s)| s.into_config().map_err(|e| format!("services[{i}].{e}")))
+            .map(|(i, s)| s.into_config().map_err(|e| e.within(&format!("services[{i}]."))))
             .collect::<Result<Vec<_>, _>>()?;
         Ok((config, services))
     }
@@ -735,15 +453,16 @@ impl ClientOptions {
 
 impl ServiceOptions {
     /// Checks the values and builds the service configuration.
-    pub fn into_config(self) -> Result<ServiceConfig, String> {
-        let local = self.local.ok_or("local: missing")?;
+    pub fn into_config(self) -> Result<ServiceConfig, ConfigError> {
+        let local = self.local.ok_or_else(|| ConfigError::new("local", "missing"))?;
         let (kind, address) = match local.split_once("://") {
             Some(("tcp", rest)) => (ServiceKind::Tcp, rest),
             Some(("http", rest)) => (ServiceKind::Http, rest),
             Some(("https", rest)) => (ServiceKind::Https, rest),
             Some((scheme, _)) => {
-                return Err(format!(
-                    "local: scheme '{scheme}' is not supported (use tcp://, http:// or https://)"
+                return Err(ConfigError::new(
+                    "local",
+                    format!("scheme '{scheme}' is not supported (use tcp://, http:// or https://)"),
                 ))
             }
             None => (ServiceKind::Tcp, local.as_str()),
@@ -754,17 +473,23 @@ impl ServiceOptions {
             (ServiceKind::Http, false) => format!("{address}:80"),
             (ServiceKind::Https, false) => format!("{address}:443"),
             (ServiceKind::Tcp, false) => {
-                return Err(format!("local: '{local}' needs a port, e.g. tcp://127.0.0.1:22"))
+                return Err(ConfigError::new(
+                    "local",
+                    format!("'{local}' needs a port, e.g. tcp://127.0.0.1:22"),
+                ))
             }
         };
         if kind != ServiceKind::Tcp && (self.remote_tcp_port.is_some() || self.proxy_protocol.is_some()) {
-            return Err("remote-tcp-port and proxy-protocol are for tcp:// services".into());
+            return Err(ConfigError::new("remote-tcp-port and proxy-protocol", "are for tcp:// services"));
         }
         if kind == ServiceKind::Https && self.use_local_as_http_host.is_some() {
-            return Err("use-local-as-http-host is for http:// services".into());
+            return Err(ConfigError::new("use-local-as-http-host", "is for http:// services"));
         }
         if kind == ServiceKind::Tcp && (self.host_prefix.is_some() || self.use_local_as_http_host.is_some()) {
-            return Err("host-prefix and use-local-as-http-host are for http:// services".into());
+            return Err(ConfigError::new(
+                "host-prefix and use-local-as-http-host",
+                "are for http:// services",
+            ));
         }
         Ok(ServiceConfig {
             name: self.name.unwrap_or_else(|| address.clone()),

@@ -12,7 +12,8 @@ use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::options::UserOptions;
+use super::file::UserOptions;
+use super::ConfigError;
 
 /// Where the server's users come from: a users file, users written out, or both.
 #[derive(Debug, Clone, Default)]
@@ -30,9 +31,9 @@ impl UsersOption {
     }
 
     /// Parses the value of `--users`.
-    pub fn from_flag(path: &str) -> Result<Self, String> {
+    pub fn from_flag(path: &str) -> Result<Self, ConfigError> {
         match path {
-            "" => Err("the users file's path is empty".into()),
+            "" => Err(ConfigError::new("users", "the users file's path is empty")),
             path => Ok(UsersOption::file(path)),
         }
     }

@@ -241,8 +241,8 @@ pub enum LoginRefusal {
         /// How long the ban still lasts.
         seconds: u64,
     },
-    /// The id is not one the server accepts (see [`crate::auth::ID_RULE`]).
-    #[error("the id is not valid: use {}", crate::auth::ID_RULE)]
+    /// The id is not one the server accepts (see [`ID_RULE`](super::ID_RULE)).
+    #[error("the id is not valid: use {}", super::ID_RULE)]
     InvalidId,
     /// The server has no user with this id (never added, or removed): not a failed guess,
     /// so it counts toward no ban, and retrying will not help until the operator adds it.

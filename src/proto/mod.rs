@@ -27,6 +27,6 @@ pub use preamble::{
     PREAMBLE_LEN, PROTOCOL_VERSION,
 };
 pub use text::{
-    check_service, is_service_message, is_service_name, MAX_SERVICE_MESSAGE_LEN, MAX_SERVICE_NAME_LEN,
-    SERVICE_MESSAGE_RULE, SERVICE_NAME_RULE,
+    check_service, is_service_message, is_service_name, is_valid_id, ID_RULE, MAX_ID_LEN,
+    MAX_SERVICE_MESSAGE_LEN, MAX_SERVICE_NAME_LEN, SERVICE_MESSAGE_RULE, SERVICE_NAME_RULE,
 };

@@ -4,6 +4,19 @@
 
 use super::RegisterError;
 
+/// Longest user id, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+
+/// What a user id may be made of, for error messages.
+pub const ID_RULE: &str = "1 to 64 ASCII letters, digits, '-', '_', '.' or '@'";
+
+/// Whether `id` is a well-formed user id ([`ID_RULE`]). Servers refuse other ids at login,
+/// before any cryptographic work, so ids in logs, hosts and the API are always plain.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=MAX_ID_LEN).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+}
+
 /// Longest service name, in bytes.
 pub const MAX_SERVICE_NAME_LEN: usize = 128;
 
@@ -46,6 +59,16 @@ pub fn check_service(name: &str, message: Option<&str>) -> Result<(), RegisterEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_short_and_plain() {
+        for good in ["id1", "a", "alice@example.com", "A_b-c.d", &"x".repeat(MAX_ID_LEN)] {
+            assert!(is_valid_id(good), "{good}");
+        }
+        for bad in ["", "a b", "a\nb", "é", "a/b", "a:b", &"x".repeat(MAX_ID_LEN + 1)] {
+            assert!(!is_valid_id(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn names_and_messages() {

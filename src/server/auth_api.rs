@@ -23,9 +23,8 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::auth::Secret;
-use crate::config::options::UserOptions;
-use crate::config::{AuthApiConfig, UserConfig};
-use crate::transport::{Connector, RemoteAddr, RemoteTrust, Scheme};
+use crate::config::{AuthApiConfig, ConfigError, UserConfig, UserOptions};
+use crate::transport::{Connector, RemoteTrust};
 
 /// Largest answer body read.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -66,35 +65,11 @@ pub(crate) struct AuthApi {
     cache: Mutex<HashMap<CacheKey, (Instant, UserConfig)>>,
 }
 
-/// Checks an auth API URL: https://, or http:// to a loopback address (the API receives secrets).
-pub(crate) fn check_url(url: &str) -> Result<(hyper::Uri, RemoteAddr), String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("'{url}' is not a URL: {e}"))?;
-    let host = uri.host().ok_or_else(|| format!("'{url}' has no host"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-    let (scheme, default_port) = match uri.scheme_str() {
-        Some("https") => (Scheme::Tls, 443),
-        Some("http") => {
-            let loopback =
-                host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-            if !loopback {
-                return Err(format!(
-                    "'{url}': plain http:// is allowed only on a loopback address, since the API receives \
-                     secrets; use https://"
-                ));
-            }
-            (Scheme::Tcp, 80)
-        }
-        _ => return Err(format!("'{url}': use https:// (or http:// on loopback)")),
-    };
-    let port = uri.port_u16().unwrap_or(default_port);
-    Ok((uri, RemoteAddr { scheme, host, port }))
-}
-
 impl AuthApi {
-    pub(crate) fn new(config: &AuthApiConfig) -> Result<Self, String> {
-        let (uri, remote) = check_url(&config.url).map_err(|e| format!("auth-api: {e}"))?;
+    pub(crate) fn new(config: &AuthApiConfig) -> Result<Self, ConfigError> {
+        let (uri, remote) = config.endpoint()?;
         let connector = Connector::new(remote, &RemoteTrust::System, config.timeout)
-            .map_err(|e| format!("auth-api: {e}"))?;
+            .map_err(|e| ConfigError::new("auth-api", e.to_string()))?;
         Ok(AuthApi { config: config.clone(), uri, connector, cache: Mutex::default() })
     }
 
@@ -166,20 +141,5 @@ impl AuthApi {
         }
         let user = answer.user.unwrap_or_default().into_config(false).map_err(|e| format!("user.{e}"))?;
         Ok(ApiAnswer::Allowed(user))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_must_protect_the_secret() {
-        assert!(check_url("https://auth.example.com/check").is_ok());
-        assert!(check_url("http://127.0.0.1:8080/check").is_ok());
-        assert!(check_url("http://[::1]:8080/").is_ok());
-        assert!(check_url("http://localhost/").is_ok());
-        assert!(check_url("http://auth.example.com/check").unwrap_err().contains("loopback"));
-        assert!(check_url("ftp://x/").is_err());
     }
 }

@@ -18,11 +18,9 @@ use tracing::{debug, info, warn};
 use super::bans::Offender;
 use super::users::{Grant, Method, Rules};
 use super::ServerShared;
-use crate::auth::{
-    hello_digest, is_valid_id, open_secret, open_verifier, Ephemeral, ServerPake, SessionKey, Verifier,
-};
+use crate::auth::{hello_digest, open_secret, open_verifier, Ephemeral, ServerPake, SessionKey, Verifier};
 use crate::proto::{
-    Challenge, ClientMessage, ControlChannel, LoginRefusal, Proof, ProtocolError, ServerMessage,
+    is_valid_id, Challenge, ClientMessage, ControlChannel, LoginRefusal, Proof, ProtocolError, ServerMessage,
 };
 use crate::transport::Stream;
 

@@ -154,16 +154,13 @@ impl Server {
     }
 
     async fn build(config: ServerConfig, main: Option<TcpListener>) -> Result<Server, ServerError> {
-        config.check_api_access().map_err(ServerError::Config)?;
+        config.validate()?;
         let socket = match main {
             Some(listener) => listener,
             None => bind(config.addr, "addr").await?,
         };
         let mut listeners = vec![Listener { socket, key: "addr", tls: None, serves: Serves::ClientsAndHttp }];
         if let Some(addr) = config.tls_addr {
-            if config.cert_file.is_empty() || config.cert_file.len() != config.key_file.len() {
-                return Err(ServerError::Config("tls-addr needs one key-file for each cert-file".into()));
-            }
             let pairs: Vec<_> =
                 config.cert_file.iter().cloned().zip(config.key_file.iter().cloned()).collect();
             let acceptor = server_tls_acceptor(&pairs, config.tls_min_version)?;
@@ -195,7 +192,7 @@ impl Server {
         };
         let bans = Bans::new(config.reconnect_times, config.reconnect_duration);
         let api_bans = Bans::new(config.reconnect_times, config.reconnect_duration);
-        let directory = Directory::new(&config).map_err(ServerError::Config)?;
+        let directory = Directory::new(&config)?;
         if directory.is_closed() {
             warn!("no users, no auth-api and allow-any-client is off: every client will be refused");
         }
@@ -378,7 +375,8 @@ impl Reloader {
     /// certificates and timeouts keep their values until a restart. Returns how many
     /// sessions were closed.
     pub fn reload(&self, config: &ServerConfig) -> Result<usize, ServerError> {
-        let directory = Directory::new(config).map_err(ServerError::Config)?;
+        config.validate()?;
+        let directory = Directory::new(config)?;
         self.shared.users.replace(directory);
         let mut closed = 0;
         for session in self.shared.registry.sessions() {
@@ -391,11 +389,6 @@ impl Reloader {
         info!(users = config.users.len(), closed, "users reloaded");
         Ok(closed)
     }
-}
-
-/// Checks an `auth-api` URL: https://, or http:// on a loopback address.
-pub(crate) fn check_auth_api_url(url: &str) -> Result<(), String> {
-    auth_api::check_url(url).map(drop)
 }
 
 async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {

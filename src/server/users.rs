@@ -17,8 +17,8 @@ use tracing::{debug, error, warn};
 
 use super::auth_api::{ApiAnswer, AuthApi};
 use super::hooks::ServerHooks;
-use crate::auth::{is_valid_id, Secret, Verifier, ID_RULE};
-use crate::config::{ServerConfig, TcpAllowance, UserConfig};
+use crate::auth::{Secret, Verifier};
+use crate::config::{ConfigError, ServerConfig, TcpAllowance, UserConfig};
 use crate::proto::LoginRefusal;
 use crate::relay::throttle::{Bucket, Traffic};
 
@@ -116,13 +116,12 @@ pub(crate) struct Directory {
 
 impl Directory {
     /// Derives every user's key and resolves every user's rules.
-    pub(crate) fn new(config: &ServerConfig) -> Result<Directory, String> {
+    /// The configuration is checked ([`ServerConfig::validate`]) before.
+    pub(crate) fn new(config: &ServerConfig) -> Result<Directory, ConfigError> {
         let mut known = HashMap::new();
         for (id, user) in &config.users {
-            if !is_valid_id(id) {
-                return Err(format!("user {id:?}: not a valid id; use {ID_RULE}"));
-            }
-            let rules = Rules::resolve(config, Some(user)).map_err(|e| format!("user {id}: {e}"))?;
+            let rules =
+                Rules::resolve(config, Some(user)).map_err(|e| ConfigError::new(format!("users.{id}"), e))?;
             let verifier = Verifier::plain(id, &user.secret);
             known.insert(id.clone(), Known { verifier, rules: Arc::new(rules) });
         }
@@ -130,7 +129,7 @@ impl Directory {
         Ok(Directory {
             lower_ids: known.keys().map(|id| id.to_ascii_lowercase()).collect(),
             known,
-            defaults: Arc::new(Rules::resolve(config, None)?),
+            defaults: Arc::new(Rules::resolve(config, None).map_err(|e| ConfigError::new("host-regex", e))?),
             config: config.clone(),
             allow_any_client: config.allow_any_client,
             api,
@@ -537,12 +536,6 @@ mod tests {
         assert!(matches!(users.method("a", &NoHooks), Method::Pake { grant: Grant::Known, .. }));
         let refusal = LoginRefusal::UnknownId { id: "carl".into() };
         assert!(matches!(users.method("carl", &NoHooks), Method::Refuse(r) if r == refusal));
-    }
-
-    #[test]
-    fn configured_ids_must_be_valid() {
-        let config = ServerConfig::default().with_user("bad id", "s");
-        assert!(Directory::new(&config).err().is_some_and(|e| e.contains("not a valid id")));
     }
 
     #[test]

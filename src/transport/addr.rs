@@ -3,6 +3,11 @@
 use std::fmt;
 use std::net::SocketAddr;
 
+/// An address that does not parse; the text says what is wrong and quotes the input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AddrError(String);
+
 /// How the client reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
@@ -25,20 +30,21 @@ pub struct RemoteAddr {
 
 impl RemoteAddr {
     /// Parses a remote URL; the port defaults to 7000 for tcp and 443 for tls.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, AddrError> {
         let (scheme, rest) = match text.split_once("://") {
             Some(("tcp", rest)) => (Scheme::Tcp, rest),
             Some(("tls", rest)) => (Scheme::Tls, rest),
             Some((other, _)) => {
-                return Err(format!("unknown scheme '{other}' in '{text}' (use tcp:// or tls://)"))
+                return Err(AddrError(format!("unknown scheme '{other}' in '{text}' (use tcp:// or tls://)")))
             }
             None => (Scheme::Tcp, text),
         };
         let rest = rest.trim_end_matches('/');
         let default_port = if scheme == Scheme::Tls { 443 } else { 7000 };
-        let (host, port) = split_host_port(rest, default_port).map_err(|e| format!("{e} in '{text}'"))?;
+        let (host, port) =
+            split_host_port(rest, default_port).map_err(|e| AddrError(format!("{e} in '{text}'")))?;
         if host.is_empty() {
-            return Err(format!("no host in '{text}'"));
+            return Err(AddrError(format!("no host in '{text}'")));
         }
         Ok(RemoteAddr { scheme, host, port })
     }
@@ -76,7 +82,7 @@ fn parse_port(text: &str) -> Result<u16, String> {
 }
 
 /// Parses a listen address as GT does: `0.0.0.0:7000`, `[::]:7000`, `:7000` or a bare `7000`.
-pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
+pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, AddrError> {
     let text = text.trim();
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
@@ -84,7 +90,7 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
     let port = text.strip_prefix(':').unwrap_or(text);
     port.parse::<u16>()
         .map(|port| SocketAddr::from(([0, 0, 0, 0], port)))
-        .map_err(|_| format!("'{text}' is not an address (try 0.0.0.0:7000, :7000 or 7000)"))
+        .map_err(|_| AddrError(format!("'{text}' is not an address (try 0.0.0.0:7000, :7000 or 7000)")))
 }
 
 #[cfg(test)]

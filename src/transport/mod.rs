@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-pub use addr::{parse_listen_addr, RemoteAddr, Scheme};
+pub use addr::{parse_listen_addr, AddrError, RemoteAddr, Scheme};
 pub use tls::{client_tls_config, server_tls_acceptor, RemoteTrust, TlsError, TlsVersion};
 
 /// Anything that carries bytes both ways.

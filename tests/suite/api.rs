@@ -368,7 +368,7 @@ async fn bad_tokens_get_the_address_banned_and_off_loopback_a_token_is_required(
             api_addr: Some("0.0.0.0:0".into()),
             ..Default::default()
         };
-        assert!(options.into_config().unwrap_err().contains("api-token"));
+        assert!(options.into_config().unwrap_err().to_string().contains("api-token"));
         let mut open = api_config();
         open.api_addr = Some("0.0.0.0:0".parse().unwrap());
         open.api_token = None;
@@ -392,9 +392,9 @@ fn api_options(addr: &str, token: &str) -> ServerOptions {
 async fn empty_and_short_tokens_are_refused_at_start() {
     within(30, async {
         for addr in ["0.0.0.0:0", "127.0.0.1:0"] {
-            let empty = api_options(addr, "").into_config().unwrap_err();
+            let empty = api_options(addr, "").into_config().unwrap_err().to_string();
             assert!(empty.starts_with("api-token: empty"), "{empty}");
-            let short = api_options(addr, "fifteen-bytes!!").into_config().unwrap_err();
+            let short = api_options(addr, "fifteen-bytes!!").into_config().unwrap_err().to_string();
             assert!(short.starts_with("api-token: 15 bytes is too short"), "{short}");
             assert!(api_options(addr, "sixteen-bytes!!!").into_config().is_ok());
         }

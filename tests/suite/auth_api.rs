@@ -150,7 +150,7 @@ fn the_api_must_be_https_or_on_loopback() {
         auth_api: Some("http://auth.example.com/check".into()),
         ..Default::default()
     };
-    let error = options.into_config().unwrap_err();
+    let error = options.into_config().unwrap_err().to_string();
     assert!(error.contains("auth-api") && error.contains("loopback"), "{error}");
 }
 

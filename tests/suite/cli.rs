@@ -562,10 +562,10 @@ fn the_users_key_takes_a_users_file_or_the_users() {
     assert_eq!(config.users["b"].secret.expose(), "from-users-file", "the users file wins over the map");
     // The old name is gone, and a bad users file says which file.
     let old = write("old.yaml", &format!("users-file: {}\n", users_file.display()));
-    let err = resolve(ServerOptions::default(), Some(&old)).unwrap_err();
+    let err = resolve(ServerOptions::default(), Some(&old)).unwrap_err().to_string();
     assert!(err.contains("users-file"), "{err}");
     let bad = write("bad.yaml", &format!("users: {}\n", write("broken.yaml", "b: {sekret: x}\n").display()));
-    let err = resolve(ServerOptions::default(), Some(&bad)).unwrap().into_config().unwrap_err();
+    let err = resolve(ServerOptions::default(), Some(&bad)).unwrap().into_config().unwrap_err().to_string();
     assert!(err.contains("broken.yaml") && err.contains("sekret"), "{err}");
 }
 
