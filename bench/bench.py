@@ -4,7 +4,8 @@
 Every figure of every target is taken in the same run, alternating targets in
 each round, and the median of the rounds is reported. Called by bench/run.sh.
 FERRY_BIN overrides the ferry binary (default target/release/ferry), RESULTS the
-output file (default bench/RESULTS.md)."""
+output file (default bench/RESULTS.md). FERRY_BASE names an earlier ferry build to
+measure beside this one, in the same rounds (a before/after table is added)."""
 import datetime
 import os
 import re
@@ -30,6 +31,12 @@ HOST = "web.bench.test"
 PORTS = {"direct": (NGINX, IPERF), "ferry": (17080, 17201), "rathole": (27080, 27201), "bore": (37080, 37201)}
 TARGETS = ["direct", "ferry", "rathole", "bore"]
 TUNNELS = TARGETS[1:]
+BASE = os.environ.get("FERRY_BASE")
+if BASE:
+    PORTS["base"] = (47080, 47201)
+# Everything measured: the table's targets, and the earlier build when there is one.
+MEASURED = TARGETS + (["base"] if BASE else [])
+MEASURED_TUNNELS = MEASURED[1:]
 
 work = tempfile.mkdtemp(prefix="ferry-bench-")
 os.chmod(work, 0o755)
@@ -111,6 +118,20 @@ http {{
 """)
     subprocess.run(["nginx", "-c", conf, "-p", work], check=True)
     wait_http(NGINX, "nginx")
+
+
+def start_base():
+    """The earlier build, with the same TCP tunnels (no TLS or host routing figures)."""
+    secret = secrets.token_hex(16)
+    server = start([BASE, "server", "--addr", "127.0.0.1:47000", "--id", "bench", "--secret", secret,
+                    "--tcp-range", "47001-47999", "--log-level", "warn"])
+    time.sleep(0.3)
+    client = start([BASE, "client", "--remote", "tcp://127.0.0.1:47000", "--id", "bench", "--secret", secret,
+                    "--log-level", "warn",
+                    "--local", f"tcp://127.0.0.1:{NGINX}", "--remote-tcp-port", "47080",
+                    "--local", f"tcp://127.0.0.1:{IPERF}", "--remote-tcp-port", "47201"])
+    wait_http(47080, "ferry (base)")
+    return server, client
 
 
 def start_ferry():
@@ -221,15 +242,15 @@ def main():
     start_nginx()
     start([ "iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF)])
     time.sleep(0.3)
-    starters = {"ferry": start_ferry, "rathole": start_rathole, "bore": start_bore}
-    tunnels = {t: starters[t]() for t in TUNNELS}
-    figures = {t: {"ka": [], "ka99": [], "close": [], "close99": [], "iperf": []} for t in TARGETS}
+    starters = {"ferry": start_ferry, "rathole": start_rathole, "bore": start_bore, "base": start_base}
+    tunnels = {t: starters[t]() for t in MEASURED_TUNNELS}
+    figures = {t: {"ka": [], "ka99": [], "close": [], "close99": [], "iperf": []} for t in MEASURED}
     web = {k: [] for k in ("host_ka", "host_close", "tls_ka", "tls_direct_ka")}
     notes = []
     for round_no in range(ROUNDS):
         # Rotate the order each round, so no target always runs right after another.
-        shift = round_no % len(TARGETS)
-        order = TARGETS[shift:] + TARGETS[:shift]
+        shift = round_no % len(MEASURED)
+        order = MEASURED[shift:] + MEASURED[:shift]
         for close in (False, True):
             for target in order:
                 key = "close" if close else "ka"
@@ -269,7 +290,7 @@ def main():
     # Memory: fresh processes, so the peak is that of the idle phase alone.
     # bore runs one client process per service: its client figure is the sum of the two.
     memory = {}
-    for target in TUNNELS:
+    for target in MEASURED_TUNNELS:
         for proc in tunnels[target]:
             stop(proc)
         tunnels[target] = starters[target]()
@@ -301,8 +322,33 @@ def of_direct(value, direct):
     return "" if value is None or direct is None else f" ({value / direct:.0%} of direct)"
 
 
+def base_table(f, memory):
+    """This build against the earlier one (FERRY_BASE), measured in the same rounds."""
+    def row(name, key, fmt, higher_better=True):
+        b, n = f["base"][key], f["ferry"][key]
+        return f"| {name} | {show(fmt, b)} | {show(fmt, n)} | {ratio(n, b) if higher_better else ratio(b, n)} |"
+    def memory_row(name, i):
+        b, n = memory["base"][i], memory["ferry"][i]
+        return f"| {name} | {show('{:.1f}', b)} | {show('{:.1f}', n)} | {ratio(b, n)} |"
+    return [
+        f"Before and after, in the same rounds: {version([BASE, '--version'])} (`{BASE}`) and this build",
+        "(last column: above 1 is better for this build; for latency and memory it is before / after).",
+        "",
+        "| figure | before | after | after vs before |",
+        "| --- | --- | --- | --- |",
+        row("HTTP keep-alive, requests/s", "ka", "{:,.0f}"),
+        row("HTTP keep-alive, p99 latency (ms)", "ka99", "{:.2f}", higher_better=False),
+        row("HTTP `Connection: close`, requests/s", "close", "{:,.0f}"),
+        row("HTTP `Connection: close`, p99 latency (ms)", "close99", "{:.2f}", higher_better=False),
+        row("iperf3 single stream, Gbit/s", "iperf", "{:.2f}"),
+        memory_row(f"peak RSS, server, {IDLE} idle visitors (MiB)", 0),
+        memory_row(f"peak RSS, client, {IDLE} idle visitors (MiB)", 1),
+        "",
+    ]
+
+
 def write_results(figures, memory, notes, web):
-    f = {t: {k: med(v) for k, v in figures[t].items()} for t in TARGETS}
+    f = {t: {k: med(v) for k, v in figures[t].items()} for t in MEASURED}
     def row(name, key, fmt, higher_better=True):
         d, fe = f["direct"][key], f["ferry"][key]
         cells = [show(fmt, f[t][key]) + of_direct(f[t][key], d) for t in TUNNELS]
@@ -361,7 +407,10 @@ def write_results(figures, memory, notes, web):
         "Raw rounds (requests/s keep-alive; requests/s close; Gbit/s):",
         "",
     ]
-    for t in TARGETS:
+    if BASE:
+        at = lines.index("Raw rounds (requests/s keep-alive; requests/s close; Gbit/s):")
+        lines[at:at] = base_table(f, memory)
+    for t in MEASURED:
         lines.append(f"- {t}: {', '.join(f'{v:.0f}' for v in figures[t]['ka'])}; "
                      f"{', '.join(f'{v:.0f}' for v in figures[t]['close'])}; "
                      f"{', '.join(f'{v:.2f}' for v in figures[t]['iperf'])}")

@@ -3,7 +3,8 @@
 # which measures ferry, rathole, bore and a direct connection in one run on loopback
 # and writes bench/RESULTS.md. Options via environment: DURATION (s per wrk run, 10),
 # ROUNDS (3), IDLE (visitors for the memory figure, 1000), RESULTS (output file),
-# FERRY_BIN (ferry binary, default target/release/ferry).
+# FERRY_BIN (ferry binary, default target/release/ferry), FERRY_BASE (an earlier ferry
+# build measured beside it in the same rounds, for a before/after table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
