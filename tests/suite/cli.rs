@@ -32,6 +32,27 @@ pub(crate) async fn start_server_process(port: u16, extra: &[&str]) -> Child {
     panic!("ferry server never listened on {addr}");
 }
 
+/// Starts `ferry server` on a port the server picks itself (`--addr 127.0.0.1:0`), so no
+/// test races another for a "free" port; returns the process and the port, read from the
+/// server's "listening" log line. The rest of its log is drained in the background.
+pub(crate) async fn spawn_server_process(extra: &[&str]) -> (Child, u16) {
+    let mut args =
+        vec!["server", "--addr", "127.0.0.1:0", "--id", "id1", "--secret", "secret1", "--log-level", "info"];
+    args.extend_from_slice(extra);
+    let mut child = ferry().args(&args).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let port = loop {
+        let line = lines.next_line().await.unwrap().expect("the server exited before it listened");
+        let bound =
+            line.split("listening addr=127.0.0.1:").nth(1).filter(|rest| rest.contains("listener=\"addr\""));
+        if let Some(port) = bound.and_then(|rest| rest.split(' ').next()).and_then(|p| p.parse().ok()) {
+            break port;
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, port)
+}
+
 pub(crate) fn client_process(server_port: u16, secret: &str, service: &[&str]) -> Command {
     let remote = format!("tcp://127.0.0.1:{server_port}");
     let mut command = ferry();
@@ -55,8 +76,7 @@ async fn public_addr_of(child: &mut Child) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_and_client_processes_tunnel_and_survive_a_client_kill() {
     within(60, async {
-        let server_port = free_port().await;
-        let mut server = start_server_process(server_port, &["--tcp-range", "1024-65535"]).await;
+        let (mut server, server_port) = spawn_server_process(&["--tcp-range", "1024-65535"]).await;
         let echo = echo_server().await;
         let public_port = free_port().await;
         let local = format!("tcp://{echo}");
@@ -94,8 +114,7 @@ async fn failing_client(server_port: u16, secret: &str, service: &[&str]) -> Str
 #[tokio::test]
 async fn refused_clients_exit_with_the_cause() {
     within(60, async {
-        let server_port = free_port().await;
-        let _server = start_server_process(server_port, &["--tcp-range", "20000-20010"]).await;
+        let (_server, server_port) = spawn_server_process(&["--tcp-range", "20000-20010"]).await;
         let stderr = failing_client(server_port, "wrong", &["--local", "tcp://127.0.0.1:1"]).await;
         assert!(stderr.contains("authentication failed for id 'id1'"), "{stderr}");
 
@@ -439,8 +458,7 @@ async fn signal_reload_rereads_the_users_file_and_signal_stop_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reload_adds_and_removes_services_and_stop_stops() {
     within(60, async {
-        let server_port = free_port().await;
-        let _server = start_server_process(server_port, &["--tcp-range", "1024-65535"]).await;
+        let (_server, server_port) = spawn_server_process(&["--tcp-range", "1024-65535"]).await;
         let (first, second) = (echo_server().await, echo_server().await);
         let dir = tempfile::tempdir().unwrap();
         let (config, pid_file) = (dir.path().join("client.yaml"), dir.path().join("client.pid"));
@@ -499,8 +517,7 @@ async fn client_reload_adds_and_removes_services_and_stop_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_sent_as_soon_as_the_pid_file_appears_does_not_kill_the_client() {
     within(60, async {
-        let server_port = free_port().await;
-        let _server = start_server_process(server_port, &["--tcp-range", "1024-65535"]).await;
+        let (_server, server_port) = spawn_server_process(&["--tcp-range", "1024-65535"]).await;
         let dir = tempfile::tempdir().unwrap();
         let pid_file = dir.path().join("client.pid");
         let local = echo_server().await;
@@ -632,8 +649,7 @@ async fn logs_are_coloured_only_on_a_terminal_without_no_color() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_flags_after_a_local_apply_to_the_client() {
     within(60, async {
-        let server_port = free_port().await;
-        let _server = start_server_process(server_port, &["--tcp-range", "1024-65535"]).await;
+        let (_server, server_port) = spawn_server_process(&["--tcp-range", "1024-65535"]).await;
         let echo = echo_server().await;
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("client.log");

@@ -1,7 +1,7 @@
 //! The `ferry client` process through the server's ups and downs: started before its
 //! server, a server restart, and a service whose host is held by another client.
 
-use crate::cli::{client_process, start_server_process};
+use crate::cli::{client_process, spawn_server_process, start_server_process};
 use crate::common::*;
 use ferry::{Client, ServiceConfig};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -72,8 +72,7 @@ async fn a_client_waiting_for_its_server_stops_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reconnect_the_addresses_are_printed_again() {
     within(60, async {
-        let server_port = free_port().await;
-        let mut server = start_server_process(server_port, &["--tcp-range", "1024-65535"]).await;
+        let (mut server, server_port) = spawn_server_process(&["--tcp-range", "1024-65535"]).await;
         let echo = echo_server().await;
         let local = format!("tcp://{echo}");
         let mut client = client_process(server_port, "secret1", &["--local", &local]).spawn().unwrap();
@@ -97,8 +96,7 @@ async fn after_a_reconnect_the_addresses_are_printed_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_service_is_retried_while_the_others_run() {
     within(60, async {
-        let server_port = free_port().await;
-        let mut server = start_server_process(server_port, &["--tcp-range", "1024-65535"]).await;
+        let (mut server, server_port) = spawn_server_process(&["--tcp-range", "1024-65535"]).await;
         let server_addr = format!("127.0.0.1:{server_port}").parse().unwrap();
         let site = crate::common::http::http_service("site").await.to_string();
         let holder = Client::connect(client_config(server_addr, "id1", "secret1")).await.unwrap();
