@@ -57,7 +57,7 @@ mod server;
 mod session_key;
 pub mod transport;
 
-// The `ferry` binary's own parts: flags, logs, pid files, signals, the demo.
+// The `ferry` binary's own parts: flags, logs, pid files, signals, the demo, running them.
 #[cfg(feature = "cli")]
 pub mod cli;
 #[cfg(feature = "cli")]
@@ -68,6 +68,8 @@ pub mod error_reporting;
 pub mod logging;
 #[cfg(feature = "cli")]
 pub mod pid_file;
+#[cfg(feature = "cli")]
+pub mod run;
 #[cfg(feature = "cli")]
 pub mod signals;
 
