@@ -18,7 +18,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(remote) => (RemoteAddr::parse(&remote)?, None),
         None => {
             let mut config = ServerConfig::default().with_user("demo", "demo-secret");
-            config.addr = "127.0.0.1:0".parse()?;
+            config.addr = Some("127.0.0.1:0".parse()?);
             config.tcp_ranges = vec!["20000-20100".parse()?];
             let server = Server::bind(config).await?.spawn();
             (RemoteAddr::parse(&server.local_addr().to_string())?, Some(server))

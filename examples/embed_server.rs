@@ -12,7 +12,7 @@ use ferry::{Server, ServerConfig};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:7000".into());
     let mut config = ServerConfig::default().with_user("demo", "demo-secret");
-    config.addr = addr.parse()?;
+    config.addr = Some(addr.parse()?);
     config.tcp_ranges = vec!["20000-20100".parse()?];
     // Checks the values a type cannot (TLS pairs, API token, ids...); errors name the key.
     config.validate()?;

@@ -19,7 +19,7 @@ pub async fn run(
 
     let secret = format!("{:032x}", rand::random::<u128>());
     let mut server_config = ServerConfig::default().with_user("demo", &secret);
-    server_config.addr = "127.0.0.1:0".parse()?;
+    server_config.addr = Some("127.0.0.1:0".parse()?);
     server_config.tcp_ranges = vec!["20000-60000".parse()?];
     let server = Server::bind(server_config).await?.spawn();
 

@@ -30,7 +30,7 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use ferry::{Client, ClientConfig, RemoteAddr, Server, ServerConfig, ServiceConfig};
 //! let mut config = ServerConfig::default().with_user("id1", "secret1");
-//! config.addr = "127.0.0.1:0".parse()?;
+//! config.addr = Some("127.0.0.1:0".parse()?);
 //! config.tcp_ranges = vec!["20000-30000".parse()?];
 //! let server = Server::bind(config).await?.spawn();
 //!

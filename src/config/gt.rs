@@ -20,7 +20,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("remote-stun", "peer-to-peer connections over STUN/WebRTC"),
     ("remote-connections", "several control connections per client"),
     ("stun-addr", "a STUN server for peer-to-peer connections"),
-    ("api-tls-version", "a separate TLS version for the API"),
     ("tcp-forward-addr", "TCP forwarding between clients (peer-to-peer)"),
     ("tcp-forward-connections", "TCP forwarding between clients (peer-to-peer)"),
     ("tcp-forward-host-prefix", "TCP forwarding between clients (peer-to-peer)"),
@@ -31,7 +30,8 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 ];
 
 /// GT's name for an option that ferry names differently: (GT's, ferry's), both kebab-case.
-const RENAMED: &[(&str, &str)] = &[("tls-version", "tls-min-version")];
+const RENAMED: &[(&str, &str)] =
+    &[("tls-version", "tls-min-version"), ("api-tls-version", "api-tls-min-version")];
 
 /// `remoteTCPPort` → `remote-tcp-port`, `useLocalAsHTTPHost` → `use-local-as-http-host`,
 /// `hostWithID` → `host-with-id`; a name in kebab-case already is left as it is.

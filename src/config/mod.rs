@@ -89,8 +89,9 @@ pub struct AuthApiConfig {
 /// Everything a [`Server`](crate::Server) needs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Where clients connect (`--addr`).
-    pub addr: SocketAddr,
+    /// Where clients and HTTP visitors connect (`--addr`); `None` (GT's `-addr ""`) for no
+    /// plain listener, e.g. a server reached only on `tls-addr` or `sni-addr`.
+    pub addr: Option<SocketAddr>,
     /// Where clients connect over TLS (`--tls-addr`), if anywhere.
     pub tls_addr: Option<SocketAddr>,
     /// PEM certificate chains for the TLS listener; the i-th goes with the i-th key,
@@ -152,6 +153,8 @@ pub struct ServerConfig {
     pub api_addr: Option<SocketAddr>,
     /// PEM certificate and key to serve the API over HTTPS.
     pub api_tls: Option<(PathBuf, PathBuf)>,
+    /// Oldest TLS version the API accepts (GT's `apiTLSVersion`).
+    pub api_tls_min_version: TlsVersion,
     /// Bearer token the API requires; needed unless `api_addr` is a loopback address, and
     /// at least [`MIN_API_TOKEN_LEN`] bytes when given.
     pub api_token: Option<Secret>,
@@ -160,7 +163,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            addr: SocketAddr::from(([0, 0, 0, 0], 7000)),
+            addr: Some(SocketAddr::from(([0, 0, 0, 0], 7000))),
             tls_addr: None,
             cert_file: Vec::new(),
             key_file: Vec::new(),
@@ -191,6 +194,7 @@ impl Default for ServerConfig {
             timeout_on_unidirectional_traffic: false,
             api_addr: None,
             api_tls: None,
+            api_tls_min_version: TlsVersion::Tls12,
             api_token: None,
         }
     }
@@ -206,6 +210,17 @@ impl ServerConfig {
     /// Whether the management API must demand a token: it listens off loopback.
     pub fn api_token_required(&self) -> bool {
         self.api_addr.is_some_and(|addr| !addr.ip().is_loopback())
+    }
+
+    /// The address tunnels' ports are bound on and announced with: that of `addr`, or else
+    /// of `tls-addr`, `sni-addr` or `http-addr`, whichever is set first.
+    pub fn public_ip(&self) -> std::net::IpAddr {
+        [self.addr, self.tls_addr, self.sni_addr, self.http_addr]
+            .into_iter()
+            .flatten()
+            .map(|addr| addr.ip())
+            .next()
+            .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))
     }
 
     /// Adds a user with a secret; a convenience for programs and tests.

@@ -154,6 +154,9 @@ pub struct ServerOptions {
     /// PEM private key of --api-cert-file.
     #[arg(long)]
     pub api_key_file: Option<PathBuf>,
+    /// Oldest TLS version the API accepts over HTTPS: tls1.2 or tls1.3. [default: tls1.2]
+    #[arg(long)]
+    pub api_tls_min_version: Option<TlsVersion>,
     /// Bearer token for the API (or FERRY_API_TOKEN); required unless --api-addr is loopback.
     #[arg(long, env = "FERRY_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<Secret>,
@@ -357,12 +360,11 @@ impl ServerOptions {
 
     /// The listeners, their certificates and the management API.
     fn listeners_into(&mut self, config: &mut ServerConfig) -> Result<(), ConfigError> {
+        // GT's `-addr ""`: no plain listener.
         if self.addr.as_deref() == Some("") {
-            let reason = "an empty addr (no listener for clients and HTTP visitors) is not supported yet";
-            return Err(ConfigError::new("addr", reason));
-        }
-        if let Some(addr) = listen_addr("addr", &self.addr)? {
-            config.addr = addr;
+            config.addr = None;
+        } else if let Some(addr) = listen_addr("addr", &self.addr)? {
+            config.addr = Some(addr);
         }
         config.tls_addr = listen_addr("tls-addr", &self.tls_addr)?;
         config.cert_file = std::mem::take(&mut self.cert_file);
@@ -371,6 +373,7 @@ impl ServerOptions {
         config.http_addr = listen_addr("http-addr", &self.http_addr)?;
         config.sni_addr = listen_addr("sni-addr", &self.sni_addr)?;
         config.api_addr = listen_addr("api-addr", &self.api_addr)?;
+        config.api_tls_min_version = self.api_tls_min_version.unwrap_or_default();
         config.api_tls = match (self.api_cert_file.take(), self.api_key_file.take()) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,

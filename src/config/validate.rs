@@ -10,6 +10,12 @@ impl ServerConfig {
     /// Checks the values that types cannot: the TLS certificate and key pairs, the
     /// management API's access rules, the auth API's URL, user ids and host patterns.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if [self.addr, self.tls_addr, self.sni_addr, self.http_addr].iter().all(Option::is_none) {
+            return Err(ConfigError::new(
+                "addr",
+                "no listener at all: give addr, tls-addr, sni-addr or http-addr",
+            ));
+        }
         if self.tls_addr.is_some()
             && (self.cert_file.is_empty() || self.cert_file.len() != self.key_file.len())
         {

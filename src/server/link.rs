@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 
 use super::bans::Offender;
 use super::handshakes::{Handshake, Sorted};
-use super::{http, session, ServerShared};
+use super::{http, session, sni, ServerShared};
 use crate::proto::{
     fill_to, read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello, LinkKind,
     LoginRefusal, ProtocolError, ServerMessage, MAGIC,
@@ -67,6 +67,27 @@ pub(super) async fn serve_link(
             attach_data(&shared, stream, read, peer).await;
             drop(handshake);
         }
+    }
+}
+
+/// A connection to `sni-addr`: a TLS ClientHello is a visitor, passed through by its
+/// server name; the ferry preamble is a client (GT's clients may reach the server there,
+/// e.g. with `-addr ""`). Only the first byte is looked at, without taking it.
+pub(super) async fn serve_sni_link(
+    shared: Arc<ServerShared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    handshake: Handshake,
+) {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(shared.config.handshake_timeout, tcp.peek(&mut first)).await;
+    match peeked {
+        Ok(Ok(1)) if first[0] == MAGIC[0] => serve_link(shared, tcp, peer, None, false, handshake).await,
+        Ok(Ok(1)) => match shared.handshakes.sort(handshake, Sorted::Visitor) {
+            Some(handshake) => sni::serve_visitor(shared, tcp, peer, handshake).await,
+            None => debug!(%peer, "too many visitors in their handshake; closing"),
+        },
+        _ => debug!(%peer, "nothing arrived on the SNI port in time"),
     }
 }
 

@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
 use crate::error::ServerError;
-use crate::transport::{server_tls_acceptor, TlsVersion};
+use crate::transport::server_tls_acceptor;
 use bans::Bans;
 use endpoints::Endpoints;
 use handshakes::{Handshakes, Sorted};
@@ -155,11 +155,15 @@ impl Server {
 
     async fn build(config: ServerConfig, main: Option<TcpListener>) -> Result<Server, ServerError> {
         config.validate()?;
-        let socket = match main {
-            Some(listener) => listener,
-            None => bind(config.addr, "addr").await?,
+        let socket = match (main, config.addr) {
+            (Some(listener), _) => Some(listener),
+            (None, Some(addr)) => Some(bind(addr, "addr").await?),
+            (None, None) => None,
         };
-        let mut listeners = vec![Listener { socket, key: "addr", tls: None, serves: Serves::ClientsAndHttp }];
+        let mut listeners: Vec<Listener> = socket
+            .map(|socket| Listener { socket, key: "addr", tls: None, serves: Serves::ClientsAndHttp })
+            .into_iter()
+            .collect();
         if let Some(addr) = config.tls_addr {
             let pairs: Vec<_> =
                 config.cert_file.iter().cloned().zip(config.key_file.iter().cloned()).collect();
@@ -183,7 +187,9 @@ impl Server {
         let api = match config.api_addr {
             Some(addr) => {
                 let tls = match &config.api_tls {
-                    Some(pair) => Some(server_tls_acceptor(std::slice::from_ref(pair), TlsVersion::Tls12)?),
+                    Some(pair) => {
+                        Some(server_tls_acceptor(std::slice::from_ref(pair), config.api_tls_min_version)?)
+                    }
                     None => None,
                 };
                 Some((bind(addr, "api-addr").await?, tls))
@@ -218,8 +224,12 @@ impl Server {
     }
 
     /// The address clients (and HTTP visitors) connect to; useful when bound to port 0.
+    /// Without a plain listener (`addr` unset), the first of `tls-addr`, `sni-addr`, `http-addr`.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr_of("addr").unwrap_or(self.shared.config.addr)
+        ["addr", "tls-addr", "sni-addr", "http-addr"]
+            .into_iter()
+            .find_map(|key| self.addr_of(key))
+            .unwrap_or_else(|| SocketAddr::new(self.shared.config.public_ip(), 0))
     }
 
     /// The TLS address (clients over TLS, HTTPS visitors), if TLS is on.
@@ -401,11 +411,9 @@ async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: Task
         // limit, new ones are dropped at once (see `handshakes.rs`).
         let admitted = shared.handshakes.admit(peer.ip());
         let sorted = match listener.serves {
-            // Visitor-only listeners know what comes in before the first byte.
-            Serves::HttpOnly | Serves::TlsPassthrough => {
-                admitted.and_then(|h| shared.handshakes.sort(h, Sorted::Visitor))
-            }
-            Serves::ClientsAndHttp => admitted,
+            // An HTTP-only listener knows what comes in before the first byte.
+            Serves::HttpOnly => admitted.and_then(|h| shared.handshakes.sort(h, Sorted::Visitor)),
+            Serves::ClientsAndHttp | Serves::TlsPassthrough => admitted,
         };
         let Some(handshake) = sorted else {
             debug!(%peer, "too many handshakes in progress; dropping connection");
@@ -413,7 +421,7 @@ async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: Task
         };
         let shared = shared.clone();
         match listener.serves {
-            Serves::TlsPassthrough => links.spawn(sni::serve_visitor(shared, tcp, peer, handshake)),
+            Serves::TlsPassthrough => links.spawn(link::serve_sni_link(shared, tcp, peer, handshake)),
             serves => {
                 let http_only = serves == Serves::HttpOnly;
                 let tls = listener.tls.clone();

@@ -426,7 +426,7 @@ impl Control<'_> {
                     let address = match (&host, &self.shared.config.domain) {
                         (Some(host), _) => host.clone(),
                         (None, Some(domain)) => format!("{domain}:{port}"),
-                        (None, None) => SocketAddr::new(self.shared.config.addr.ip(), port).to_string(),
+                        (None, None) => SocketAddr::new(self.shared.config.public_ip(), port).to_string(),
                     };
                     let _ = tunnel.address.set(address);
                     if self.shared.has_hooks() {

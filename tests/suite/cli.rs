@@ -171,7 +171,11 @@ fn flags_override_the_file_and_the_file_overrides_defaults() {
     };
     let config = resolve(flags, Some(&path)).unwrap().into_config().unwrap();
     assert_eq!(config.tcp_number, Some(9), "flag wins over file");
-    assert_eq!(config.addr.to_string(), "127.0.0.1:7100", "file wins over default");
+    assert_eq!(
+        config.addr.map(|a| a.to_string()).as_deref(),
+        Some("127.0.0.1:7100"),
+        "file wins over default"
+    );
     assert_eq!(config.heartbeat_timeout, Duration::from_secs(5));
     assert_eq!(config.handshake_timeout, Duration::from_secs(10), "default stays");
     assert_eq!(config.users["a"].secret.expose(), "from-flag", "flag pair wins over the users map");

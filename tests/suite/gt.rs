@@ -177,3 +177,87 @@ async fn gt_http_pair_forwards_requests() {
     })
     .await
 }
+
+/// GT's HTTPS example: `-addr ""` turns the plain listener off, the server ends TLS on
+/// `-tlsAddr`, and the client reaches it there with `-remoteCertInsecure`; an HTTPS visitor
+/// for `id1.example.test` gets the client's local web service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gt_https_pair_with_no_plain_listener() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["id1.example.test".to_string()]).unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let (tls_port, web) = (free_port().await, http::http_service("gt-secure").await);
+        let replace = [
+            ("-tlsAddr 443".to_owned(), format!("-tlsAddr 127.0.0.1:{tls_port}")),
+            ("tests/fixtures/gt/tls.crt".to_owned(), cert.display().to_string()),
+            ("tests/fixtures/gt/tls.key".to_owned(), key.display().to_string()),
+            ("tls://127.0.0.1 ".to_owned(), format!("tls://127.0.0.1:{tls_port} ")),
+            ("http://127.0.0.1 ".to_owned(), format!("http://{web} ")),
+        ];
+        let (_, _processes) =
+            start_pair("-addr \"\" -tlsAddr 443", "-local http://127.0.0.1 -remote tls", &replace).await;
+        let trust = ferry::transport::client_tls_config(&ferry::RemoteTrust::CaFile(cert.clone())).unwrap();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port)).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("id1.example.test").unwrap();
+        let mut visitor = tokio_rustls::TlsConnector::from(trust).connect(name, tcp).await.unwrap();
+        let response = http::request(&mut visitor, "GET", "/secure", "id1.example.test", "", b"").await;
+        assert_eq!(response.status, 200);
+        assert!(response.text().starts_with("service=gt-secure path=/secure"), "{}", response.text());
+    })
+    .await
+}
+
+/// GT's SNI example: `-addr "" -sniAddr 443`, and the client reaches the server on that same
+/// port (`-remote tcp://...:443`); a TLS visitor for `id1.example.test` there is passed
+/// through, untouched, to the client's local HTTPS service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gt_sni_pair_shares_the_port_with_its_client() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["id1.example.test".to_string()]).unwrap();
+        let (cert, key) = (dir.path().join("local.crt"), dir.path().join("local.key"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let acceptor =
+            ferry::transport::server_tls_acceptor(&[(cert.clone(), key)], Default::default()).unwrap();
+        let local = tls_service(acceptor, |mut tls| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut request = [0u8; 1024];
+            let _ = tls.read(&mut request).await;
+            let body = "end to end through the SNI port";
+            let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            let _ = tls.write_all(reply.as_bytes()).await;
+            let _ = tls.shutdown().await;
+        })
+        .await;
+        let sni_port = free_port().await;
+        let replace = [
+            ("-sniAddr 443".to_owned(), format!("-sniAddr 127.0.0.1:{sni_port}")),
+            ("tcp://127.0.0.1:443".to_owned(), format!("tcp://127.0.0.1:{sni_port}")),
+            ("https://127.0.0.1 ".to_owned(), format!("https://{local} ")),
+        ];
+        let (_, _processes) =
+            start_pair("-addr \"\" -sniAddr 443", "-local https://127.0.0.1 -remote", &replace).await;
+        let trust = ferry::transport::client_tls_config(&ferry::RemoteTrust::CaFile(cert.clone())).unwrap();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", sni_port)).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("id1.example.test").unwrap();
+        let mut visitor = tokio_rustls::TlsConnector::from(trust).connect(name, tcp).await.unwrap();
+        let response = http::request(&mut visitor, "GET", "/", "id1.example.test", "", b"").await;
+        assert_eq!(response.status, 200);
+        assert_eq!(response.text(), "end to end through the SNI port");
+    })
+    .await
+}
+
+/// GT's `-apiTLSVersion` sets the oldest TLS version of the API.
+#[test]
+fn gt_api_tls_version_sets_the_apis_oldest_tls() {
+    let line = "server -addr 8080 -id id1 -secret secret1 -apiAddr 127.0.0.1:8081 -apiTLSVersion tls1.3";
+    let cli = parse_from(std::iter::once("ferry".to_owned()).chain(words(line))).unwrap();
+    let Command::Server(flags) = cli.command else { panic!("a server line") };
+    let config = ferry::config::options::resolve(flags, None).and_then(|o| o.into_config()).unwrap();
+    assert_eq!(config.api_tls_min_version, ferry::transport::TlsVersion::Tls13);
+}

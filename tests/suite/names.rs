@@ -12,7 +12,7 @@ use ferry::{Client, ClientError, RegisterError, ServerConfig, ServiceConfig};
 /// Users alice and bob, a passthrough port, and a 1 s heartbeat timeout (a 3 s grace).
 fn alice_and_bob() -> ServerConfig {
     let mut config = ServerConfig::default().with_user("alice", "secret-a").with_user("bob", "secret-b");
-    config.addr = "127.0.0.1:0".parse().unwrap();
+    config.addr = Some("127.0.0.1:0".parse().unwrap());
     config.sni_addr = Some("127.0.0.1:0".parse().unwrap());
     config.heartbeat_timeout = Duration::from_secs(1);
     config

@@ -53,7 +53,7 @@ async fn client_reconnects_after_a_server_restart() {
         state.wait_for(|s| matches!(s, ClientState::Disconnected { .. })).await.unwrap();
 
         let mut config = server_config();
-        config.addr = server_addr;
+        config.addr = Some(server_addr);
         let restarted = start_server(config).await;
         state.wait_for(|s| matches!(s, ClientState::Connected { .. })).await.unwrap();
         // Same public port, served again, without anyone touching the client.

@@ -127,7 +127,7 @@ async fn restart(server: ferry::ServerHandle, client: &ferry::Client) -> ferry::
     server.shutdown().await;
     state.wait_for(|s| !matches!(s, ferry::ClientState::Connected { .. })).await.unwrap();
     let mut config = server_config();
-    config.addr = addr;
+    config.addr = Some(addr);
     let restarted = start_server(config).await;
     state.wait_for(|s| matches!(s, ferry::ClientState::Connected { .. })).await.unwrap();
     restarted

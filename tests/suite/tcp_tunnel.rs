@@ -166,7 +166,7 @@ async fn ipv6_loopback() {
             return;
         }
         let mut config = server_config();
-        config.addr = "[::1]:0".parse().unwrap();
+        config.addr = Some("[::1]:0".parse().unwrap());
         let server = start_server(config).await;
         let client = connect(server.local_addr()).await;
         let echo = echo_server().await;

@@ -153,7 +153,7 @@ pub(crate) async fn free_ports_in(shared: &ServerShared, ranges: &[PortRange], l
             continue;
         }
         tries -= 1;
-        if tokio::net::TcpListener::bind((shared.config.addr.ip(), port)).await.is_ok() {
+        if tokio::net::TcpListener::bind((shared.config.public_ip(), port)).await.is_ok() {
             free.push(port);
         }
     }

@@ -19,7 +19,7 @@ pub async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
 /// A server config on 127.0.0.1:0 with user id1/secret1 and TCP ports 1024-65535.
 pub fn server_config() -> ServerConfig {
     let mut config = ServerConfig::default().with_user("id1", "secret1");
-    config.addr = "127.0.0.1:0".parse().unwrap();
+    config.addr = Some("127.0.0.1:0".parse().unwrap());
     config.tcp_ranges = vec!["1024-65535".parse().unwrap()];
     config
 }
