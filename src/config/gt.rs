@@ -191,11 +191,17 @@ fn adopt_tcp_block(top: &mut Map<String, Value>) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// GT's server-wide `host: {number, regex, withID}`.
+/// GT's server-wide `host: {number, regex, withID}`. GT's README also shows `host: 1.2.3.4`
+/// among the options, a value GT's own server does not use: such a scalar is ignored.
 fn adopt_host_block(top: &mut Map<String, Value>) -> Result<(), ConfigError> {
     let Some(host) = top.remove("host") else { return Ok(()) };
-    let Value::Object(host) = host else {
-        return Err(ConfigError::new("host", "expected a block: {number, regex, withID}"));
+    let host = match host {
+        Value::Object(host) => host,
+        Value::String(_) | Value::Number(_) | Value::Null => {
+            tracing::warn!("host: a single value (as in GT's README) means nothing to ferry; ignored");
+            return Ok(());
+        }
+        _ => return Err(ConfigError::new("host", "expected a block: {number, regex, withID}")),
     };
     for (key, value) in host {
         let ours = match kebab_case(&key).as_str() {
