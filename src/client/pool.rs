@@ -212,7 +212,8 @@ impl DataPool {
             }
             (true, Some(visit)) if self.first_use(visit) => {
                 let keys = visitor_keys(&self.key, self.session, open.service, visit, Side::Client);
-                let mut sealed = SealedStream::new(&mut link, keys, early);
+                // Boxed, so that plain visitors' tasks do not carry a sealed stream's size.
+                let mut sealed = Box::new(SealedStream::new(&mut link, keys, early));
                 let leftover = self.dial_and_relay(&mut sealed, &route.local, BytesMut::new()).await?;
                 let (_, raw) = sealed.into_parts().filter(|_| leftover.is_empty())?;
                 Some((link, raw))
