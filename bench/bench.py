@@ -322,6 +322,16 @@ def of_direct(value, direct):
     return "" if value is None or direct is None else f" ({value / direct:.0%} of direct)"
 
 
+# The figures of both tables: (name, key, format, whether higher is better).
+FIGURES = [
+    ("HTTP keep-alive, requests/s", "ka", "{:,.0f}", True),
+    ("HTTP keep-alive, p99 latency (ms)", "ka99", "{:.2f}", False),
+    ("HTTP `Connection: close`, requests/s", "close", "{:,.0f}", True),
+    ("HTTP `Connection: close`, p99 latency (ms)", "close99", "{:.2f}", False),
+    ("iperf3 single stream, Gbit/s", "iperf", "{:.2f}", True),
+]
+
+
 def base_table(f, memory):
     """This build against the earlier one (FERRY_BASE), measured in the same rounds."""
     def row(name, key, fmt, higher_better=True):
@@ -336,11 +346,7 @@ def base_table(f, memory):
         "",
         "| figure | before | after | after vs before |",
         "| --- | --- | --- | --- |",
-        row("HTTP keep-alive, requests/s", "ka", "{:,.0f}"),
-        row("HTTP keep-alive, p99 latency (ms)", "ka99", "{:.2f}", higher_better=False),
-        row("HTTP `Connection: close`, requests/s", "close", "{:,.0f}"),
-        row("HTTP `Connection: close`, p99 latency (ms)", "close99", "{:.2f}", higher_better=False),
-        row("iperf3 single stream, Gbit/s", "iperf", "{:.2f}"),
+        *(row(*figure) for figure in FIGURES),
         memory_row(f"peak RSS, server, {IDLE} idle visitors (MiB)", 0),
         memory_row(f"peak RSS, client, {IDLE} idle visitors (MiB)", 1),
         "",
@@ -378,11 +384,7 @@ def write_results(figures, memory, notes, web):
         "",
         "| figure | direct | ferry | rathole | bore | ferry vs rathole | ferry vs bore |",
         "| --- | --- | --- | --- | --- | --- | --- |",
-        row("HTTP keep-alive, requests/s", "ka", "{:,.0f}"),
-        row("HTTP keep-alive, p99 latency (ms)", "ka99", "{:.2f}", higher_better=False),
-        row("HTTP `Connection: close`, requests/s", "close", "{:,.0f}"),
-        row("HTTP `Connection: close`, p99 latency (ms)", "close99", "{:.2f}", higher_better=False),
-        row("iperf3 single stream, Gbit/s", "iperf", "{:.2f}"),
+        *(row(*figure) for figure in FIGURES),
     ]
     lines += [
         memory_row(f"peak RSS, server, {IDLE} idle visitors (MiB)", 0),

@@ -96,35 +96,37 @@ where
         debug!(%err, "open message not encoded");
         return Relay::Finished;
     }
-    let mut early_chunk = Vec::with_capacity(4 + early.len());
-    if !early.is_empty() {
-        encode_chunk(early, &mut early_chunk);
-    }
     let (outcome, reusable) = match seal {
         Some(visit) => {
             let keys = visitor_keys(&session.key, session.id, open.service, visit, Side::Server);
             // Boxed: the keys and buffers of a sealed stream would otherwise grow every
             // visitor's task, sealed or not, by their size: unboxed, 1000 idle visitors took
-            // 17.3 MiB on the server instead of 15.6 (bench/RESULTS.md).
+            // 17.3 MiB on the server instead of 15.6 (bench/run.sh, this stop).
             let mut sealed = Box::new(SealedStream::new(&mut data, keys, BytesMut::new()));
-            sealed.seal_into(&early_chunk, &mut first);
+            if !early.is_empty() {
+                let mut chunk = Vec::with_capacity(4 + early.len());
+                encode_chunk(early, &mut chunk);
+                sealed.seal_into(&chunk, &mut first);
+            }
             // The open message itself is not sealed: it says which keys the rest needs.
             if let Err(err) = sealed.get_mut().write_all(&first).await {
                 debug!(%err, "data connection failed before use");
                 return Relay::Unanswered;
             }
-            drop((first, early_chunk));
+            drop(first);
             let outcome = relay_link(session, tunnel, &mut sealed, visitor, read_ahead, idle).await;
             let rest_empty = sealed.into_parts().is_some_and(|(_, raw)| raw.is_empty());
             (outcome, rest_empty)
         }
         None => {
-            first.extend_from_slice(&early_chunk);
+            if !early.is_empty() {
+                encode_chunk(early, &mut first);
+            }
             if let Err(err) = data.write_all(&first).await {
                 debug!(%err, "data connection failed before use");
                 return Relay::Unanswered;
             }
-            drop((first, early_chunk));
+            drop(first);
             (relay_link(session, tunnel, &mut data, visitor, read_ahead, idle).await, true)
         }
     };

@@ -178,6 +178,24 @@ async fn gt_http_pair_forwards_requests() {
     .await
 }
 
+/// A self-signed certificate for `id1.example.test` and its key, written to `dir`.
+fn id1_certificate(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["id1.example.test".to_string()]).unwrap();
+    let (cert, key) = (dir.join("id1.crt"), dir.join("id1.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// An HTTPS request for `id1.example.test` to 127.0.0.1:`port`, trusting only `cert`.
+async fn https_get(port: u16, cert: &Path, path: &str) -> http::Response {
+    let trust = ferry::transport::client_tls_config(&ferry::RemoteTrust::CaFile(cert.to_owned())).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("id1.example.test").unwrap();
+    let mut visitor = tokio_rustls::TlsConnector::from(trust).connect(name, tcp).await.unwrap();
+    http::request(&mut visitor, "GET", path, "id1.example.test", "", b"").await
+}
+
 /// GT's HTTPS example: `-addr ""` turns the plain listener off, the server ends TLS on
 /// `-tlsAddr`, and the client reaches it there with `-remoteCertInsecure`; an HTTPS visitor
 /// for `id1.example.test` gets the client's local web service.
@@ -185,10 +203,7 @@ async fn gt_http_pair_forwards_requests() {
 async fn gt_https_pair_with_no_plain_listener() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let certified = rcgen::generate_simple_self_signed(vec!["id1.example.test".to_string()]).unwrap();
-        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-        std::fs::write(&cert, certified.cert.pem()).unwrap();
-        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let (cert, key) = id1_certificate(dir.path());
         let (tls_port, web) = (free_port().await, http::http_service("gt-secure").await);
         let replace = [
             ("-tlsAddr 443".to_owned(), format!("-tlsAddr 127.0.0.1:{tls_port}")),
@@ -199,11 +214,7 @@ async fn gt_https_pair_with_no_plain_listener() {
         ];
         let (_, _processes) =
             start_pair("-addr \"\" -tlsAddr 443", "-local http://127.0.0.1 -remote tls", &replace).await;
-        let trust = ferry::transport::client_tls_config(&ferry::RemoteTrust::CaFile(cert.clone())).unwrap();
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port)).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("id1.example.test").unwrap();
-        let mut visitor = tokio_rustls::TlsConnector::from(trust).connect(name, tcp).await.unwrap();
-        let response = http::request(&mut visitor, "GET", "/secure", "id1.example.test", "", b"").await;
+        let response = https_get(tls_port, &cert, "/secure").await;
         assert_eq!(response.status, 200);
         assert!(response.text().starts_with("service=gt-secure path=/secure"), "{}", response.text());
     })
@@ -217,10 +228,7 @@ async fn gt_https_pair_with_no_plain_listener() {
 async fn gt_sni_pair_shares_the_port_with_its_client() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let certified = rcgen::generate_simple_self_signed(vec!["id1.example.test".to_string()]).unwrap();
-        let (cert, key) = (dir.path().join("local.crt"), dir.path().join("local.key"));
-        std::fs::write(&cert, certified.cert.pem()).unwrap();
-        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let (cert, key) = id1_certificate(dir.path());
         let acceptor =
             ferry::transport::server_tls_acceptor(&[(cert.clone(), key)], Default::default()).unwrap();
         let local = tls_service(acceptor, |mut tls| async move {
@@ -241,11 +249,7 @@ async fn gt_sni_pair_shares_the_port_with_its_client() {
         ];
         let (_, _processes) =
             start_pair("-addr \"\" -sniAddr 443", "-local https://127.0.0.1 -remote", &replace).await;
-        let trust = ferry::transport::client_tls_config(&ferry::RemoteTrust::CaFile(cert.clone())).unwrap();
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", sni_port)).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("id1.example.test").unwrap();
-        let mut visitor = tokio_rustls::TlsConnector::from(trust).connect(name, tcp).await.unwrap();
-        let response = http::request(&mut visitor, "GET", "/", "id1.example.test", "", b"").await;
+        let response = https_get(sni_port, &cert, "/").await;
         assert_eq!(response.status, 200);
         assert_eq!(response.text(), "end to end through the SNI port");
     })
