@@ -14,6 +14,7 @@ mod dashboard;
 mod discovery;
 mod eavesdropper;
 mod errors;
+mod faults;
 mod flood;
 mod gt;
 mod hooks;

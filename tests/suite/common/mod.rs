@@ -62,6 +62,12 @@ pub async fn echo_tunnel() -> Tunnel {
 pub async fn echo_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    serve_echo(listener);
+    addr
+}
+
+/// Serves echo (as [`echo_server`]) on `listener`, in the background.
+pub fn serve_echo(listener: TcpListener) {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -71,7 +77,6 @@ pub async fn echo_server() -> SocketAddr {
             });
         }
     });
-    addr
 }
 
 /// A local service that reads what arrives, sends `first` and 64 KiB more, then dies
@@ -107,7 +112,11 @@ pub async fn send_and_read_to_end(
 
 /// Sends `payload`, half-closes, reads everything back; returns what came back.
 pub async fn echo_through(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
-    let stream = TcpStream::connect(addr).await?;
+    echo_over(TcpStream::connect(addr).await?, payload).await
+}
+
+/// [`echo_through`] on a connected stream.
+pub async fn echo_over(stream: TcpStream, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     let (mut reader, mut writer) = stream.into_split();
     let payload = payload.to_vec();
     let send = tokio::spawn(async move {
@@ -196,3 +205,6 @@ where
 }
 
 pub mod raw;
+
+pub mod link;
+pub mod netns;

@@ -1,0 +1,157 @@
+//! An impaired link between a client namespace and a server namespace, through a router
+//! namespace that can delay, reorder, drop and cut their packets:
+//!
+//! ```text
+//! client ns            router ns                          server ns
+//! eth0 10.1.0.2 --- toc 10.1.0.1   shaper (TUN)   tos 10.2.0.1 --- eth0 10.2.0.2
+//! ```
+//!
+//! The router sends every forwarded packet into a TUN device (policy routing on the input
+//! interface); two threads of the test process hold each packet for the configured delay
+//! plus jitter (so packets overtake each other) and write it back, and the kernel forwards
+//! it on. Loss and partitions are nftables rules in the router's forward chain. This kernel
+//! has no `netem`, hence the userspace delay line.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tun_rs::{DeviceBuilder, InterruptEvent, SyncDevice};
+
+use super::netns::{veth, Netns};
+
+/// The client's address (in [`Link::client`]).
+pub const CLIENT_IP: &str = "10.1.0.2";
+/// The server's address (in [`Link::server`]).
+pub const SERVER_IP: &str = "10.2.0.2";
+
+/// Three namespaces and the delay line between them; all removed on drop.
+pub struct Link {
+    /// Where the client and its local services run.
+    pub client: Netns,
+    /// Where the server and its visitors run.
+    pub server: Netns,
+    /// Between the two; forwards, delays and drops.
+    pub router: Netns,
+    delay: Arc<Mutex<Duration>>,
+    loss: u32,
+    stop: Arc<InterruptEvent>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Link {
+    /// Builds the topology with a perfect link (no delay, no loss).
+    pub fn new() -> Link {
+        let (client, router, server) = (Netns::new("c"), Netns::new("r"), Netns::new("s"));
+        veth(&router, "toc", "10.1.0.1/24", &client, "eth0", "10.1.0.2/24");
+        veth(&router, "tos", "10.2.0.1/24", &server, "eth0", "10.2.0.2/24");
+        client.ip(&["route", "add", "default", "via", "10.1.0.1"]);
+        server.ip(&["route", "add", "default", "via", "10.2.0.1"]);
+        router.sysctl("net.ipv4.ip_forward=1");
+        // Packets come back out of the TUN device with the sender's address: no reverse-path check.
+        router.sysctl("net.ipv4.conf.all.rp_filter=0");
+        router.sysctl("net.ipv4.conf.default.rp_filter=0");
+        let device = Arc::new(router.enter(|| {
+            DeviceBuilder::new().name("shaper").enable(true).build_sync().expect("TUN device")
+        }));
+        device.set_nonblocking(true).unwrap();
+        for from in ["toc", "tos"] {
+            router.ip(&["rule", "add", "iif", from, "table", "100"]);
+        }
+        router.ip(&["route", "add", "default", "dev", "shaper", "table", "100"]);
+        router.nft("table inet fault {\n chain forward { type filter hook forward priority 0; policy accept; }\n}\n");
+        let delay = Arc::new(Mutex::new(Duration::ZERO));
+        let stop = Arc::new(InterruptEvent::new().unwrap());
+        let threads = spawn_delay_line(device, delay.clone(), stop.clone());
+        Link { client, server, router, delay, loss: 0, stop, threads }
+    }
+
+    /// Holds every packet, each direction, for `delay` ± a fifth of it (so packets reorder;
+    /// the round trip gains twice `delay`), and drops `loss` percent of them at random.
+    pub fn set(&mut self, delay: Duration, loss: u32) {
+        *self.delay.lock().unwrap() = delay;
+        self.loss = loss;
+        self.heal();
+    }
+
+    /// Drops every packet both ways until [`Link::heal`].
+    pub fn partition(&self) {
+        self.forward_rules("drop");
+    }
+
+    /// Ends a partition: back to the loss of the last [`Link::set`].
+    pub fn heal(&self) {
+        match self.loss {
+            0 => self.forward_rules(""),
+            loss => self.forward_rules(&format!("numgen random mod 100 < {loss} drop")),
+        }
+    }
+
+    fn forward_rules(&self, rule: &str) {
+        let add = if rule.is_empty() { String::new() } else { format!("add rule inet fault forward {rule}\n") };
+        self.router.nft(&format!("flush chain inet fault forward\n{add}"));
+    }
+
+    /// `ip:port` of the server namespace.
+    pub fn server_addr(port: u16) -> std::net::SocketAddr {
+        format!("{SERVER_IP}:{port}").parse().unwrap()
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = self.stop.trigger();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A packet and when to send it on.
+type Held = (Instant, u64, Vec<u8>);
+
+/// The reader takes packets off the TUN device and stamps their release time; the writer
+/// sends them back in release order. Both end when `stop` is triggered.
+fn spawn_delay_line(device: Arc<SyncDevice>, delay: Arc<Mutex<Duration>>, stop: Arc<InterruptEvent>) -> Vec<JoinHandle<()>> {
+    let (held, release) = mpsc::channel();
+    let reader = {
+        let device = device.clone();
+        std::thread::spawn(move || read_packets(&device, &delay, &stop, held))
+    };
+    let writer = std::thread::spawn(move || write_packets(&device, release));
+    vec![reader, writer]
+}
+
+fn read_packets(device: &SyncDevice, delay: &Mutex<Duration>, stop: &InterruptEvent, held: Sender<Held>) {
+    let mut buf = vec![0u8; 65536];
+    for seq in 0.. {
+        let Ok(n) = device.recv_intr(&mut buf, stop) else { return };
+        let delay = *delay.lock().unwrap();
+        // Uniform in [0.8, 1.2] x delay.
+        let hold = delay.mul_f64(0.8 + rand::random::<f64>() * 0.4);
+        if held.send((Instant::now() + hold, seq, buf[..n].to_vec())).is_err() {
+            return;
+        }
+    }
+}
+
+fn write_packets(device: &SyncDevice, release: Receiver<Held>) {
+    let mut queue: BinaryHeap<Reverse<Held>> = BinaryHeap::new();
+    loop {
+        let now = Instant::now();
+        while queue.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
+            let Reverse((_, _, packet)) = queue.pop().unwrap();
+            // A full device queue drops the packet, as a congested link would.
+            let _ = device.send(&packet);
+        }
+        let wait = queue.peek().map_or(Duration::from_millis(100), |Reverse((at, _, _))| *at - now);
+        match release.recv_timeout(wait) {
+            Ok(packet) => queue.push(Reverse(packet)),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Faults between real processes: the server and the client run in two network namespaces
+//! joined through a router namespace that can cut, delay, reorder and drop their packets
+//! (see `common::link`). Visitors connect from inside the server's namespace, local
+//! services listen inside the client's.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::common::link::{Link, SERVER_IP};
+pub(crate) use crate::common::netns::NsProcess;
+
+mod harness;
+mod partition;
+
+/// The server's port for clients, in its namespace.
+const CONTROL_PORT: u16 = 7000;
+/// The public port the client's TCP service asks for.
+const PUBLIC_PORT: u16 = 20000;
+/// Where the client's echo service listens, in its namespace.
+const ECHO: &str = "127.0.0.1:9000";
+
+/// A new topology, or `None` when namespace tests are skipped (`FERRY_SKIP_NETNS=1`).
+fn topology(test: &str) -> Option<Link> {
+    crate::common::netns::available(test).then(Link::new)
+}
+
+/// Starts `ferry server` in the server namespace and waits until it listens for clients.
+async fn start_server(link: &Link, extra: &[&str]) -> NsProcess {
+    let addr = format!("{SERVER_IP}:{CONTROL_PORT}");
+    let mut command = link.server.command(env!("CARGO_BIN_EXE_ferry"));
+    command.args(["server", "--addr", &addr, "--id", "id1", "--secret", "secret1", "--log-level", "info"]);
+    command.args(["--tcp-range", "1024-65535"]).args(extra);
+    let mut server = NsProcess::spawn(command);
+    server.line("listener=\"addr\"", 0, Duration::from_secs(10)).await;
+    server
+}
+
+/// Starts `ferry client` in the client namespace with a TCP service on [`PUBLIC_PORT`]
+/// (to the echo service at [`ECHO`]) and waits until that service is reachable.
+async fn start_client(link: &Link, extra: &[&str]) -> NsProcess {
+    let remote = format!("tcp://{SERVER_IP}:{CONTROL_PORT}");
+    let mut command = link.client.command(env!("CARGO_BIN_EXE_ferry"));
+    command.args(["client", "--remote", &remote, "--id", "id1", "--secret", "secret1", "--log-level", "info"]);
+    command.args(extra).args(["--local", ECHO, "--remote-tcp-port", &PUBLIC_PORT.to_string()]);
+    let mut client = NsProcess::spawn(command);
+    client.line("is reachable at", 0, Duration::from_secs(10)).await;
+    client
+}
+
+/// The echo service in the client namespace.
+fn start_echo(link: &Link) {
+    crate::common::serve_echo(link.client.listen(ECHO));
+}
+
+/// One echo round trip through the public port from the server namespace.
+async fn echo_once(link: &Link, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let visitor = link.server.connect(Link::server_addr(PUBLIC_PORT)).await?;
+    crate::common::echo_over(visitor, payload).await
+}
+
+/// Polls `probe` until it is true; returns how long that took. Panics after `limit`.
+async fn until<F: Future<Output = bool>>(limit: Duration, what: &str, mut probe: impl FnMut() -> F) -> Duration {
+    let start = Instant::now();
+    while !probe().await {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
+}
+
+/// Whether a visitor is refused at once: nothing listens on the public port.
+async fn refused(link: &Link) -> bool {
+    let connect = link.server.connect(Link::server_addr(PUBLIC_PORT));
+    matches!(tokio::time::timeout(Duration::from_secs(1), connect).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
