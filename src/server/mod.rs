@@ -406,7 +406,9 @@ async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, Server
 }
 
 async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: TaskTracker) {
-    while let Some((tcp, peer)) = accept::accept_until(&listener.socket, &shared.shutdown).await {
+    let mut errors = accept::AcceptErrors::default();
+    while let Some((tcp, peer)) = accept::accept_until(&listener.socket, &shared.shutdown, &mut errors).await
+    {
         // Unauthenticated peers are bounded, per source and per stage: past a
         // limit, new ones are dropped at once (see `handshakes.rs`).
         let admitted = shared.handshakes.admit(peer.ip());

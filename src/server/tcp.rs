@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
-use super::accept::accept_until;
+use super::accept::{accept_until, AcceptErrors};
 use super::dispatch::{dispatch, Entrance, NotServed};
 use super::endpoints::{Endpoint, Member};
 use super::ports::reserve_port;
@@ -78,7 +78,8 @@ async fn accept_visitors(
     listener: &TcpListener,
     closed: &CancellationToken,
 ) {
-    while let Some((visitor, addr)) = accept_until(listener, closed).await {
+    let mut errors = AcceptErrors::default();
+    while let Some((visitor, addr)) = accept_until(listener, closed, &mut errors).await {
         let rotation = shared.endpoints.rotation(&Endpoint::Port(port), |m| !m.tunnel.token.is_cancelled());
         // Admission and hooks run in the visitor's own task, never in the accept loop.
         let visit = serve_visitor(shared.clone(), rotation, visitor, addr);

@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 pub(crate) use metrics::Metrics;
 use token::Access;
 
-use super::accept::accept_until;
+use super::accept::{accept_until, AcceptErrors};
 use super::bans::Offender;
 use super::ServerShared;
 use crate::proto::CloseReason;
@@ -66,7 +66,8 @@ pub(crate) async fn serve(
 ) {
     let app = router(shared.clone());
     let connections = TaskTracker::new();
-    while let Some((tcp, peer)) = accept_until(&listener, &shutdown).await {
+    let mut errors = AcceptErrors::default();
+    while let Some((tcp, peer)) = accept_until(&listener, &shutdown, &mut errors).await {
         let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {

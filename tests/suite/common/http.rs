@@ -74,12 +74,17 @@ pub fn hex(bytes: &[u8]) -> String {
 pub async fn http_service(name: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    serve_http(listener, name);
+    addr
+}
+
+/// Serves [`http_service`] on `listener`, in the background.
+pub fn serve_http(listener: TcpListener, name: &'static str) {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(serve(stream, name));
         }
     });
-    addr
 }
 
 async fn serve(mut stream: TcpStream, name: &'static str) {

@@ -54,15 +54,18 @@ impl Link {
         // Packets come back out of the TUN device with the sender's address: no reverse-path check.
         router.sysctl("net.ipv4.conf.all.rp_filter=0");
         router.sysctl("net.ipv4.conf.default.rp_filter=0");
-        let device = Arc::new(router.enter(|| {
-            DeviceBuilder::new().name("shaper").enable(true).build_sync().expect("TUN device")
-        }));
+        let device =
+            Arc::new(router.enter(|| {
+                DeviceBuilder::new().name("shaper").enable(true).build_sync().expect("TUN device")
+            }));
         device.set_nonblocking(true).unwrap();
         for from in ["toc", "tos"] {
             router.ip(&["rule", "add", "iif", from, "table", "100"]);
         }
         router.ip(&["route", "add", "default", "dev", "shaper", "table", "100"]);
-        router.nft("table inet fault {\n chain forward { type filter hook forward priority 0; policy accept; }\n}\n");
+        router.nft(
+            "table inet fault {\n chain forward { type filter hook forward priority 0; policy accept; }\n}\n",
+        );
         let delay = Arc::new(Mutex::new(Duration::ZERO));
         let stop = Arc::new(InterruptEvent::new().unwrap());
         let threads = spawn_delay_line(device, delay.clone(), stop.clone());
@@ -91,7 +94,8 @@ impl Link {
     }
 
     fn forward_rules(&self, rule: &str) {
-        let add = if rule.is_empty() { String::new() } else { format!("add rule inet fault forward {rule}\n") };
+        let add =
+            if rule.is_empty() { String::new() } else { format!("add rule inet fault forward {rule}\n") };
         self.router.nft(&format!("flush chain inet fault forward\n{add}"));
     }
 
@@ -115,7 +119,11 @@ type Held = (Instant, u64, Vec<u8>);
 
 /// The reader takes packets off the TUN device and stamps their release time; the writer
 /// sends them back in release order. Both end when `stop` is triggered.
-fn spawn_delay_line(device: Arc<SyncDevice>, delay: Arc<Mutex<Duration>>, stop: Arc<InterruptEvent>) -> Vec<JoinHandle<()>> {
+fn spawn_delay_line(
+    device: Arc<SyncDevice>,
+    delay: Arc<Mutex<Duration>>,
+    stop: Arc<InterruptEvent>,
+) -> Vec<JoinHandle<()>> {
     let (held, release) = mpsc::channel();
     let reader = {
         let device = device.clone();

@@ -24,7 +24,10 @@ pub fn available(test: &str) -> bool {
         eprintln!("{test}: skipped (FERRY_SKIP_NETNS=1)");
         return false;
     }
-    assert!(nix::unistd::geteuid().is_root(), "{test} needs root for network namespaces; FERRY_SKIP_NETNS=1 skips it");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{test} needs root for network namespaces; FERRY_SKIP_NETNS=1 skips it"
+    );
     for tool in ["ip", "nft"] {
         let found = StdCommand::new(tool).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status();
         assert!(
@@ -159,7 +162,8 @@ pub struct NsProcess {
 impl NsProcess {
     /// Starts `command` with its output captured.
     pub fn spawn(mut command: Command) -> NsProcess {
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("process starts");
+        let mut child =
+            command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("process starts");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tell, seen) = watch::channel(0);
         let tell = Arc::new(tell);

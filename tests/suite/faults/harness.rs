@@ -35,7 +35,8 @@ async fn the_link_delays_and_cuts_as_told() {
         assert!(delayed < Duration::from_millis(200), "50 ms each way gave {delayed:?}");
 
         link.partition();
-        let cut = tokio::time::timeout(Duration::from_secs(1), link.client.connect(Link::server_addr(5000))).await;
+        let cut =
+            tokio::time::timeout(Duration::from_secs(1), link.client.connect(Link::server_addr(5000))).await;
         assert!(cut.is_err(), "a handshake crossed a partition: {cut:?}");
         link.heal();
         link.set(Duration::ZERO, 0);

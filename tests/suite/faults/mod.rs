@@ -10,7 +10,9 @@ use crate::common::link::{Link, SERVER_IP};
 pub(crate) use crate::common::netns::NsProcess;
 
 mod harness;
+mod impaired;
 mod partition;
+mod restarts;
 
 /// The server's port for clients, in its namespace.
 const CONTROL_PORT: u16 = 7000;
@@ -26,8 +28,17 @@ fn topology(test: &str) -> Option<Link> {
 
 /// Starts `ferry server` in the server namespace and waits until it listens for clients.
 async fn start_server(link: &Link, extra: &[&str]) -> NsProcess {
+    start_server_under(link, &[], extra).await
+}
+
+/// [`start_server`] through a wrapper program that execs it, e.g. `prlimit --nofile=256 --`.
+async fn start_server_under(link: &Link, wrapper: &[&str], extra: &[&str]) -> NsProcess {
     let addr = format!("{SERVER_IP}:{CONTROL_PORT}");
-    let mut command = link.server.command(env!("CARGO_BIN_EXE_ferry"));
+    let ferry = env!("CARGO_BIN_EXE_ferry");
+    let mut command = link.server.command(wrapper.first().unwrap_or(&ferry));
+    if !wrapper.is_empty() {
+        command.args(&wrapper[1..]).arg(ferry);
+    }
     command.args(["server", "--addr", &addr, "--id", "id1", "--secret", "secret1", "--log-level", "info"]);
     command.args(["--tcp-range", "1024-65535"]).args(extra);
     let mut server = NsProcess::spawn(command);
@@ -40,7 +51,17 @@ async fn start_server(link: &Link, extra: &[&str]) -> NsProcess {
 async fn start_client(link: &Link, extra: &[&str]) -> NsProcess {
     let remote = format!("tcp://{SERVER_IP}:{CONTROL_PORT}");
     let mut command = link.client.command(env!("CARGO_BIN_EXE_ferry"));
-    command.args(["client", "--remote", &remote, "--id", "id1", "--secret", "secret1", "--log-level", "info"]);
+    command.args([
+        "client",
+        "--remote",
+        &remote,
+        "--id",
+        "id1",
+        "--secret",
+        "secret1",
+        "--log-level",
+        "info",
+    ]);
     command.args(extra).args(["--local", ECHO, "--remote-tcp-port", &PUBLIC_PORT.to_string()]);
     let mut client = NsProcess::spawn(command);
     client.line("is reachable at", 0, Duration::from_secs(10)).await;
@@ -59,7 +80,11 @@ async fn echo_once(link: &Link, payload: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 /// Polls `probe` until it is true; returns how long that took. Panics after `limit`.
-async fn until<F: Future<Output = bool>>(limit: Duration, what: &str, mut probe: impl FnMut() -> F) -> Duration {
+async fn until<F: Future<Output = bool>>(
+    limit: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> F,
+) -> Duration {
     let start = Instant::now();
     while !probe().await {
         assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
