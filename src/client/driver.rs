@@ -211,6 +211,7 @@ impl Driver {
         let mut next = first;
         let mut failed = None;
         while !self.token.is_cancelled() {
+            let attempt = Instant::now();
             let logged = match next.take() {
                 Some(logged) => logged,
                 None => match self.reconnect().await {
@@ -220,7 +221,11 @@ impl Driver {
                         break;
                     }
                     Some(Err(err)) => {
-                        let delay = backoff.next_delay().max(err.retry_after().unwrap_or_default());
+                        // The wait counts from the attempt's start: after a connect that
+                        // timed out (a cut link) the next one starts at once, so a healed
+                        // link is found within seconds, not a backoff step later.
+                        let delay = backoff.next_delay().saturating_sub(attempt.elapsed());
+                        let delay = delay.max(err.retry_after().unwrap_or_default());
                         warn!(%err, retry_in = ?delay, "login failed; retrying");
                         self.set_state(ClientState::Disconnected { reason: err.to_string() });
                         self.pause(delay).await;

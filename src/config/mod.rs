@@ -247,7 +247,9 @@ pub struct ClientConfig {
     pub remote_enroll_insecure: bool,
     /// First delay before reconnecting; doubles up to `max_reconnect_delay`.
     pub reconnect_delay: Duration,
-    /// Upper bound of the reconnect delay.
+    /// Upper bound of the reconnect delay (10 s by default: a client finds its server
+    /// back within seconds of an outage ending, at the cost of one connect per 10 s while
+    /// it lasts).
     pub max_reconnect_delay: Duration,
     /// A server silent this long is considered gone.
     pub heartbeat_timeout: Duration,
@@ -272,7 +274,7 @@ impl ClientConfig {
             remote_trust: RemoteTrust::System,
             remote_enroll_insecure: false,
             reconnect_delay: Duration::from_secs(1),
-            max_reconnect_delay: Duration::from_secs(60),
+            max_reconnect_delay: Duration::from_secs(10),
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             remote_timeout: Duration::from_secs(10),
             remote_idle_connections: 8,

@@ -201,7 +201,7 @@ pub struct ClientOptions {
     /// Data connections kept ready for visitors. [default: 8]
     #[arg(long)]
     pub remote_idle_connections: Option<usize>,
-    /// First delay before reconnecting; doubles up to a minute, with jitter. [default: 1s]
+    /// First delay before reconnecting; doubles up to 10 s, with jitter. [default: 1s]
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub reconnect_delay: Option<Duration>,

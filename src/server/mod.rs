@@ -402,11 +402,11 @@ impl Reloader {
 }
 
 async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr).await.map_err(|cause| ServerError::Bind { addr, key, cause })
+    accept::bind(addr).map_err(|cause| ServerError::Bind { addr, key, cause })
 }
 
 async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: TaskTracker) {
-    let mut errors = accept::AcceptErrors::default();
+    let mut errors = accept::AcceptErrors::new(&shared);
     while let Some((tcp, peer)) = accept::accept_until(&listener.socket, &shared.shutdown, &mut errors).await
     {
         // Unauthenticated peers are bounded, per source and per stage: past a

@@ -86,9 +86,12 @@ impl DataPool {
         self.idle().len()
     }
 
-    /// Closes every idle connection.
-    pub(crate) fn clear(&self) {
-        self.idle().clear();
+    /// Closes every idle connection; returns how many there were.
+    pub(crate) fn clear(&self) -> usize {
+        let mut idle = self.idle();
+        let closed = idle.len();
+        idle.clear();
+        closed
     }
 }
 

@@ -118,7 +118,7 @@ async fn try_bind(shared: &ServerShared, member: &Member, port: u16) -> Option<T
         }
         table.pools.insert(endpoint.clone(), Pool::new(member.clone(), shared.shutdown.child_token()));
     }
-    match TcpListener::bind((shared.config.public_ip(), port)).await {
+    match super::accept::bind(std::net::SocketAddr::new(shared.config.public_ip(), port)) {
         Ok(listener) => Some(listener),
         Err(_) => {
             shared.endpoints.remove(&endpoint);

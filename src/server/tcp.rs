@@ -78,7 +78,7 @@ async fn accept_visitors(
     listener: &TcpListener,
     closed: &CancellationToken,
 ) {
-    let mut errors = AcceptErrors::default();
+    let mut errors = AcceptErrors::new(shared);
     while let Some((visitor, addr)) = accept_until(listener, closed, &mut errors).await {
         let rotation = shared.endpoints.rotation(&Endpoint::Port(port), |m| !m.tunnel.token.is_cancelled());
         // Admission and hooks run in the visitor's own task, never in the accept loop.

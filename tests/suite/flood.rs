@@ -13,7 +13,7 @@ use tokio::time::Instant;
 const FLOOD: usize = 4300;
 
 /// Raises this process's open-file limit to at least `wanted` (up to the hard limit).
-fn raise_open_files(wanted: u64) {
+pub(crate) fn raise_open_files(wanted: u64) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     if soft < wanted {

@@ -66,7 +66,7 @@ pub(crate) async fn serve(
 ) {
     let app = router(shared.clone());
     let connections = TaskTracker::new();
-    let mut errors = AcceptErrors::default();
+    let mut errors = AcceptErrors::new(&shared);
     while let Some((tcp, peer)) = accept_until(&listener, &shutdown, &mut errors).await {
         let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
         connections.spawn(async move {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::common::link::{Link, SERVER_IP};
 pub(crate) use crate::common::netns::NsProcess;
 
+mod descriptors;
 mod harness;
 mod impaired;
 mod partition;
@@ -49,6 +50,11 @@ async fn start_server_under(link: &Link, wrapper: &[&str], extra: &[&str]) -> Ns
 /// Starts `ferry client` in the client namespace with a TCP service on [`PUBLIC_PORT`]
 /// (to the echo service at [`ECHO`]) and waits until that service is reachable.
 async fn start_client(link: &Link, extra: &[&str]) -> NsProcess {
+    start_client_on(link, PUBLIC_PORT, extra).await
+}
+
+/// [`start_client`] with the TCP service on `port`.
+async fn start_client_on(link: &Link, port: u16, extra: &[&str]) -> NsProcess {
     let remote = format!("tcp://{SERVER_IP}:{CONTROL_PORT}");
     let mut command = link.client.command(env!("CARGO_BIN_EXE_ferry"));
     command.args([
@@ -62,7 +68,7 @@ async fn start_client(link: &Link, extra: &[&str]) -> NsProcess {
         "--log-level",
         "info",
     ]);
-    command.args(extra).args(["--local", ECHO, "--remote-tcp-port", &PUBLIC_PORT.to_string()]);
+    command.args(extra).args(["--local", ECHO, "--remote-tcp-port", &port.to_string()]);
     let mut client = NsProcess::spawn(command);
     client.line("is reachable at", 0, Duration::from_secs(10)).await;
     client
