@@ -399,10 +399,12 @@ impl Driver {
                         Err(err) => return Err(err),
                     }
                 }
+                // A deadline of its own, not a check per tick: silence is noticed when it
+                // reaches the timeout, not up to a tick later.
+                _ = tokio::time::sleep_until(last_heard + timeout) => {
+                    return Ok(format!("no heartbeat from the server for {timeout:?}"));
+                }
                 _ = ticker.tick() => {
-                    if last_heard.elapsed() > timeout {
-                        return Ok(format!("no heartbeat from the server for {timeout:?}"));
-                    }
                     ping_seq += 1;
                     session.chan.send(&ClientMessage::Ping { seq: ping_seq }).await?;
                 }

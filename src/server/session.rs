@@ -338,10 +338,9 @@ impl Control<'_> {
                     Err(err) => return DisconnectReason::Failed(err.to_string()),
                 },
                 Some(message) = self.inbox.recv() => self.chan.send(&message).await,
+                // Silence ends the session when it reaches the timeout, not a tick later.
+                _ = tokio::time::sleep_until(last_heard + timeout) => return DisconnectReason::NoHeartbeat(timeout),
                 _ = ticker.tick() => {
-                    if last_heard.elapsed() > timeout {
-                        return DisconnectReason::NoHeartbeat(timeout);
-                    }
                     ping_seq += 1;
                     self.session.pool.trim(IDLE_TTL);
                     self.chan.send(&ServerMessage::Ping { seq: ping_seq }).await

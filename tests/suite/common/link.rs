@@ -14,6 +14,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -37,6 +38,7 @@ pub struct Link {
     /// Between the two; forwards, delays and drops.
     pub router: Netns,
     delay: Arc<Mutex<Duration>>,
+    reordered: Arc<AtomicU64>,
     loss: u32,
     stop: Arc<InterruptEvent>,
     threads: Vec<JoinHandle<()>>,
@@ -68,8 +70,9 @@ impl Link {
         );
         let delay = Arc::new(Mutex::new(Duration::ZERO));
         let stop = Arc::new(InterruptEvent::new().unwrap());
-        let threads = spawn_delay_line(device, delay.clone(), stop.clone());
-        Link { client, server, router, delay, loss: 0, stop, threads }
+        let reordered = Arc::new(AtomicU64::new(0));
+        let threads = spawn_delay_line(device, (delay.clone(), reordered.clone()), stop.clone());
+        Link { client, server, router, delay, reordered, loss: 0, stop, threads }
     }
 
     /// Holds every packet, each direction, for `delay` ± a fifth of it (so packets reorder;
@@ -99,6 +102,11 @@ impl Link {
         self.router.nft(&format!("flush chain inet fault forward\n{add}"));
     }
 
+    /// How many packets so far left the delay line before one that entered it earlier.
+    pub fn reordered(&self) -> u64 {
+        self.reordered.load(Ordering::Relaxed)
+    }
+
     /// `ip:port` of the server namespace.
     pub fn server_addr(port: u16) -> std::net::SocketAddr {
         format!("{SERVER_IP}:{port}").parse().unwrap()
@@ -119,9 +127,10 @@ type Held = (Instant, u64, Vec<u8>);
 
 /// The reader takes packets off the TUN device and stamps their release time; the writer
 /// sends them back in release order. Both end when `stop` is triggered.
+/// `reordered` counts packets sent on before one that arrived earlier.
 fn spawn_delay_line(
     device: Arc<SyncDevice>,
-    delay: Arc<Mutex<Duration>>,
+    (delay, reordered): (Arc<Mutex<Duration>>, Arc<AtomicU64>),
     stop: Arc<InterruptEvent>,
 ) -> Vec<JoinHandle<()>> {
     let (held, release) = mpsc::channel();
@@ -129,7 +138,7 @@ fn spawn_delay_line(
         let device = device.clone();
         std::thread::spawn(move || read_packets(&device, &delay, &stop, held))
     };
-    let writer = std::thread::spawn(move || write_packets(&device, release));
+    let writer = std::thread::spawn(move || write_packets(&device, release, &reordered));
     vec![reader, writer]
 }
 
@@ -146,12 +155,17 @@ fn read_packets(device: &SyncDevice, delay: &Mutex<Duration>, stop: &InterruptEv
     }
 }
 
-fn write_packets(device: &SyncDevice, release: Receiver<Held>) {
+fn write_packets(device: &SyncDevice, release: Receiver<Held>, reordered: &AtomicU64) {
     let mut queue: BinaryHeap<Reverse<Held>> = BinaryHeap::new();
+    let mut last_seq = 0;
     loop {
         let now = Instant::now();
         while queue.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
-            let Reverse((_, _, packet)) = queue.pop().unwrap();
+            let Reverse((_, seq, packet)) = queue.pop().unwrap();
+            if seq < last_seq {
+                reordered.fetch_add(1, Ordering::Relaxed);
+            }
+            last_seq = last_seq.max(seq);
             // A full device queue drops the packet, as a congested link would.
             let _ = device.send(&packet);
         }

@@ -40,7 +40,12 @@ async fn bulk_transfers_survive_delay_loss_and_reordering() {
             start.elapsed()
         };
         let (tcp, http) = tokio::join!(tcp, http);
-        eprintln!("impaired link: 64 MiB echoed through TCP in {tcp:?}, 64 MiB downloaded over HTTP in {http:?} ({VISITORS} visitors each)");
+        let reordered = link.reordered();
+        eprintln!(
+            "impaired link: 64 MiB echoed through TCP in {tcp:?}, 64 MiB downloaded over HTTP in {http:?} \
+             ({VISITORS} visitors each); {reordered} packets overtaken"
+        );
+        assert!(reordered > 0, "no packet was reordered");
     })
     .await
 }
