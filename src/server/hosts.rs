@@ -21,7 +21,7 @@ const MAX_OFFLINE: usize = 100_000;
 /// How long a name stays reserved to its owner after its last service went offline:
 /// three heartbeat timeouts. The client notices a dead link within one (the default
 /// heartbeat timeout is the same on both sides), and its reconnect backoff
-/// (1 s doubling to 60 s) fits in the other two at the default 30 s.
+/// (1 s doubling to 10 s) fits in the other two at the default 30 s.
 pub(crate) fn name_grace(heartbeat_timeout: Duration) -> Duration {
     heartbeat_timeout.saturating_mul(3)
 }

@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::Write;
 use std::process::{Command as StdCommand, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
@@ -57,6 +57,8 @@ impl Netns {
     /// A fresh namespace whose name contains `role`, with its loopback up.
     pub fn new(role: &str) -> Netns {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
+        static STALE_REMOVED: Once = Once::new();
+        STALE_REMOVED.call_once(remove_stale);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("ferry-{}-{n}-{role}", std::process::id());
         run("ip", &["netns", "add", &name]);
@@ -131,6 +133,18 @@ impl Netns {
     /// Connects from inside the namespace.
     pub async fn connect(&self, addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
         self.sockets(1).pop().unwrap().connect(addr).await
+    }
+}
+
+/// Deletes the namespaces of test processes that are gone (killed before their drops ran).
+fn remove_stale() {
+    let Ok(listed) = StdCommand::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&listed.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let owner = name.strip_prefix("ferry-").and_then(|rest| rest.split('-').next());
+        if owner.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = StdCommand::new("ip").args(["netns", "del", name]).status();
+        }
     }
 }
 
