@@ -62,21 +62,29 @@ pub async fn echo_tunnel() -> Tunnel {
 pub async fn echo_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    serve_echo(listener);
+    let _ = serve_echo(listener);
     addr
 }
 
-/// Serves echo (as [`echo_server`]) on `listener`, in the background.
-pub fn serve_echo(listener: TcpListener) {
+/// Serves echo (as [`echo_server`]) on `listener`, in the background; returns how many of
+/// its connections are open at any moment.
+pub fn serve_echo(listener: TcpListener) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = open.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            counter.fetch_add(1, Relaxed);
             tokio::spawn(async move {
                 let (mut reader, mut writer) = stream.into_split();
                 let _ = tokio::io::copy(&mut reader, &mut writer).await;
                 let _ = writer.shutdown().await;
+                counter.fetch_sub(1, Relaxed);
             });
         }
     });
+    open
 }
 
 /// A local service that reads what arrives, sends `first` and 64 KiB more, then dies

@@ -4,6 +4,8 @@
 //! services listen inside the client's.
 
 use std::future::Future;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::link::{Link, SERVER_IP};
@@ -75,8 +77,8 @@ async fn start_client_on(link: &Link, port: u16, extra: &[&str]) -> NsProcess {
 }
 
 /// The echo service in the client namespace.
-fn start_echo(link: &Link) {
-    crate::common::serve_echo(link.client.listen(ECHO));
+fn start_echo(link: &Link) -> Arc<AtomicUsize> {
+    crate::common::serve_echo(link.client.listen(ECHO))
 }
 
 /// One echo round trip through the public port from the server namespace.

@@ -52,7 +52,7 @@ async fn a_server_killed_mid_transfer_closes_visitors_and_gets_its_client_back()
         return;
     };
     within(60, async {
-        start_echo(&link);
+        let echoing = start_echo(&link);
         let mut server = start_server(&link, &HEARTBEAT).await;
         let mut client = start_client(&link, &HEARTBEAT).await;
         let mut visitors = Vec::new();
@@ -64,6 +64,11 @@ async fn a_server_killed_mid_transfer_closes_visitors_and_gets_its_client_back()
         for visitor in visitors {
             ends_within(visitor, Duration::from_secs(2)).await;
         }
+        // The client closed their local connections too.
+        let local_closed = until(Duration::from_secs(5), "the local connections close", || async {
+            echoing.load(std::sync::atomic::Ordering::Relaxed) == 0
+        })
+        .await;
         let (noticed, line) = client.line("disconnected from the server", 0, Duration::from_secs(10)).await;
         let restarted = Instant::now();
         let _server = start_server(&link, &HEARTBEAT).await;
@@ -71,7 +76,8 @@ async fn a_server_killed_mid_transfer_closes_visitors_and_gets_its_client_back()
         assert!(again.ends_with(&format!(":{PUBLIC_PORT}")), "another port: {again}");
         assert_eq!(echo_once(&link, b"after").await.unwrap(), b"after");
         eprintln!(
-            "server killed: client noticed ({line}) {:?} before the restart, back {:?} after it",
+            "server killed: local connections closed within {local_closed:?}, client noticed ({line}) {:?} \
+             before the restart, back {:?} after it",
             restarted - noticed,
             back - restarted
         );
