@@ -24,6 +24,10 @@ use crate::proto::{
 };
 use crate::transport::{Connector, Stream};
 
+/// How long a cancelled tunnel waits for the server to confirm it gave the endpoint back
+/// (the server itself waits at most 5 s for that).
+const CONFIRM_WAIT: Duration = Duration::from_secs(10);
+
 /// Requests from the [`Client`](super::Client) handle.
 pub(crate) enum Command {
     Add { key: u64, wanted: Box<Wanted> },
@@ -177,6 +181,9 @@ pub(crate) struct Driver {
     state: watch::Sender<ClientState>,
     token: CancellationToken,
     wanted: BTreeMap<u64, Wanted>,
+    /// Tunnels cancelled in this session, by the server's number, until the server confirms
+    /// it has given their endpoints back (or [`CONFIRM_WAIT`] passes).
+    closing: HashMap<u32, (Wanted, Instant)>,
     /// Questions sent in this session, by request number.
     questions: HashMap<u64, oneshot::Sender<Result<Answer, ClientError>>>,
     next_question: u64,
@@ -199,6 +206,7 @@ impl Driver {
             state,
             token,
             wanted: BTreeMap::new(),
+            closing: HashMap::new(),
             questions: HashMap::new(),
             next_question: 0,
         }
@@ -334,6 +342,10 @@ impl Driver {
             wanted.server_id = None;
             wanted.public.send_replace(None);
         }
+        // The session that held them is gone, and their endpoints with it.
+        for (_, (wanted, _)) in self.closing.drain() {
+            wanted.close(CloseReason::Cancelled);
+        }
         reason
     }
 
@@ -405,9 +417,22 @@ impl Driver {
                     return Ok(format!("no heartbeat from the server for {timeout:?}"));
                 }
                 _ = ticker.tick() => {
+                    self.give_up_confirmations();
                     ping_seq += 1;
                     session.chan.send(&ClientMessage::Ping { seq: ping_seq }).await?;
                 }
+            }
+        }
+    }
+
+    /// Closes cancelled tunnels whose confirmation is overdue (a server that never sends one).
+    fn give_up_confirmations(&mut self) {
+        let now = Instant::now();
+        let overdue: Vec<u32> =
+            self.closing.iter().filter(|(_, (_, by))| *by <= now).map(|(s, _)| *s).collect();
+        for service in overdue {
+            if let Some((wanted, _)) = self.closing.remove(&service) {
+                wanted.close(CloseReason::Cancelled);
             }
         }
     }
@@ -422,12 +447,15 @@ impl Driver {
             }
             Command::Remove { key } => {
                 if let Some(wanted) = self.wanted.remove(&key) {
-                    if let Some(service) = wanted.server_id {
-                        session.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&service);
-                        session.chan.send(&ClientMessage::Unregister { service }).await?;
-                    }
                     info!(local = %wanted.config.local, "tunnel cancelled");
-                    wanted.close(CloseReason::Cancelled);
+                    match wanted.server_id {
+                        Some(service) => {
+                            session.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&service);
+                            self.closing.insert(service, (wanted, Instant::now() + CONFIRM_WAIT));
+                            session.chan.send(&ClientMessage::Unregister { service }).await?;
+                        }
+                        None => wanted.close(CloseReason::Cancelled),
+                    }
                 }
             }
             Command::Ask { query, reply } => {
@@ -473,6 +501,10 @@ impl Driver {
             }
             ServerMessage::RegisterFailed { request, error } => self.refused(request, error),
             ServerMessage::ServiceClosed { service, reason } => {
+                if let Some((wanted, _)) = self.closing.remove(&service) {
+                    wanted.close(CloseReason::Cancelled);
+                    return Ok(());
+                }
                 session.routes.write().unwrap_or_else(|e| e.into_inner()).remove(&service);
                 let key = self.wanted.iter().find(|(_, w)| w.server_id == Some(service)).map(|(k, _)| *k);
                 if let Some(wanted) = key.and_then(|k| self.wanted.remove(&k)) {

@@ -280,7 +280,9 @@ impl Registration {
         self.public.clone()
     }
 
-    /// Asks the server to close the tunnel; [`closed`](Registration::closed) then completes.
+    /// Asks the server to close the tunnel; [`closed`](Registration::closed) then completes
+    /// once the server confirms the tunnel's port or host name is free again (so registering
+    /// it anew cannot race the old one), or at once while the client is offline.
     pub fn cancel(&self) {
         let _ = self.commands.send(Command::Remove { key: self.key });
     }

@@ -40,14 +40,15 @@ pub(crate) async fn open_host(
     let rules = session.account.rules();
     let is_user = |id: &str| shared.is_user_id(id);
     let host_key = shared.endpoints.key_for(&rules, &session.user, prefix.as_deref(), is_user)?;
-    let (service, token) = (tunnel.service, tunnel.token.clone());
+    let (service, watched) = (tunnel.service, tunnel.clone());
     let member = Member { local_host, prefix, ..Member::new(session.clone(), tunnel) };
     shared.endpoints.reserve_host(&rules, (&host_key, tls_passthrough), member).await?;
     let (owner, sessions, name) = (shared.clone(), session.clone(), host_key.clone());
     session.tasks.spawn(async move {
-        token.cancelled().await;
+        watched.token.cancelled().await;
         owner.endpoints.release_host((&name, tls_passthrough), service);
         sessions.forget_tunnel(service);
+        watched.gone.cancel();
         info!(host = %name, "http host closed");
     });
     let host = match &shared.config.domain {

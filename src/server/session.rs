@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use super::api::views;
-use super::endpoints::Member;
+use super::endpoints::{Member, RELEASE_WAIT};
 use super::handshakes::Handshake;
 use super::hooks::{ClientInfo, DisconnectReason};
 use super::pool::{DataPool, IDLE_TTL};
@@ -134,9 +134,22 @@ impl SessionShared {
     }
 
     /// Closes one tunnel at the client's request; false if it does not exist.
-    pub(crate) fn close_tunnel(&self, service: u32) -> bool {
-        let tunnel = self.tunnels().get(&service).cloned();
-        tunnel.map(|t| t.token.cancel()).is_some()
+    pub(crate) fn close_tunnel(&self, service: u32) -> Option<Arc<Tunnel>> {
+        let tunnel = self.tunnels().get(&service).cloned()?;
+        tunnel.token.cancel();
+        Some(tunnel)
+    }
+
+    /// Tells the client once `tunnel`, closed at its request, has given its endpoint back
+    /// (or after [`RELEASE_WAIT`], should that take longer), so it may register it again.
+    fn confirm_closed(&self, tunnel: Arc<Tunnel>) {
+        let outbox = self.outbox.clone();
+        self.tasks.spawn(async move {
+            let _ = tokio::time::timeout(RELEASE_WAIT, tunnel.gone.cancelled()).await;
+            let closed =
+                ServerMessage::ServiceClosed { service: tunnel.service, reason: CloseReason::Cancelled };
+            let _ = outbox.send(closed).await;
+        });
     }
 
     pub(crate) fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Tunnel>>> {
@@ -371,8 +384,9 @@ impl Control<'_> {
                 self.chan.send(&reply).await
             }
             ClientMessage::Unregister { service } => {
-                if self.session.close_tunnel(service) {
+                if let Some(tunnel) = self.session.close_tunnel(service) {
                     *services = services.saturating_sub(1);
+                    self.session.confirm_closed(tunnel);
                 }
                 Ok(())
             }

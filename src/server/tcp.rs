@@ -23,10 +23,11 @@ use crate::transport::reset_on_drop;
 /// Watches a member of `port`'s pool: when its tunnel closes it leaves the pool, and the
 /// last one to leave closes the port and waits until the port is given back.
 pub(crate) fn watch_member(shared: &Arc<ServerShared>, member: &Member, port: u16) {
-    let (service, token) = (member.tunnel.service, member.tunnel.token.clone());
+    let tunnel = member.tunnel.clone();
     let (shared, owner) = (shared.clone(), member.session.clone());
     member.session.tasks.spawn(async move {
-        token.cancelled().await;
+        let service = tunnel.service;
+        tunnel.token.cancelled().await;
         let last = shared.endpoints.leave(&Endpoint::Port(port), service);
         owner.forget_tunnel(service);
         debug!(service, port, last = last.is_some(), "tunnel left its port");
@@ -35,6 +36,7 @@ pub(crate) fn watch_member(shared: &Arc<ServerShared>, member: &Member, port: u1
             closed.cancel();
             released.cancelled().await;
         }
+        tunnel.gone.cancel();
     });
 }
 

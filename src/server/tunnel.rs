@@ -28,6 +28,9 @@ pub(crate) struct Tunnel {
     pub(crate) traffic: Traffic,
     /// Cancelled when the tunnel closes; its visitors go with it.
     pub(crate) token: CancellationToken,
+    /// Cancelled once the closed tunnel has left its endpoint, and the endpoint, when it
+    /// was the last member there, can be taken again.
+    pub(crate) gone: CancellationToken,
     control: ServiceControl,
     active: AtomicU32,
     served: AtomicU64,
@@ -67,6 +70,7 @@ impl Tunnel {
             address: OnceLock::new(),
             traffic: Traffic::default(),
             token,
+            gone: CancellationToken::new(),
             control,
             account,
             active: AtomicU32::new(0),
