@@ -135,11 +135,16 @@ impl AuthApi {
             .await
             .map_err(|e| format!("reading the answer: {e}"))?
             .to_bytes();
-        let answer: Answer = serde_json::from_slice(&body).map_err(|e| format!("malformed answer: {e}"))?;
-        if !answer.allow {
-            return Ok(ApiAnswer::Denied);
-        }
-        let user = answer.user.unwrap_or_default().into_config(false).map_err(|e| format!("user.{e}"))?;
-        Ok(ApiAnswer::Allowed(user))
+        read_answer(&body)
     }
+}
+
+/// What the body of a `200` answer says.
+pub(crate) fn read_answer(body: &[u8]) -> Result<ApiAnswer, String> {
+    let answer: Answer = serde_json::from_slice(body).map_err(|e| format!("malformed answer: {e}"))?;
+    if !answer.allow {
+        return Ok(ApiAnswer::Denied);
+    }
+    let user = answer.user.unwrap_or_default().into_config(false).map_err(|e| format!("user.{e}"))?;
+    Ok(ApiAnswer::Allowed(user))
 }
