@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Fuzzes every target for a bounded time, starting from its committed seeds; fails on any
-# crash, hang or broken invariant. FUZZ_SECONDS sets the time per target (default 25);
+# crash, hang or broken invariant. FUZZ_SECONDS sets the time per target (default 20);
 # FUZZ_SANITIZER=address builds with ASan (default none: see README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-seconds="${FUZZ_SECONDS:-25}"
+seconds="${FUZZ_SECONDS:-20}"
 sanitizer="${FUZZ_SANITIZER:-none}"
 # cargo fuzz passes -Z flags; the stable toolchain accepts them with this set.
 export RUSTC_BOOTSTRAP=1

@@ -199,3 +199,25 @@ fn join(file: Value, flag: Value) -> Value {
     };
     Value::Array(maps.into_iter().chain([flag]).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_parse_as_yaml_or_toml_and_errors_name_the_file() {
+        let yaml = "alice:\n  secret: a\n  speed: 10\n";
+        let toml = "[alice]\nsecret = \"a\"\nspeed = 10\n";
+        for (text, is_toml) in [(yaml, false), (toml, true)] {
+            let users = parse_users(text, is_toml, "users file u").unwrap();
+            assert_eq!(users["alice"].speed, Some(10));
+        }
+        assert!(parse_users("  \n", false, "users file u").unwrap().is_empty(), "empty is no users");
+        let err = parse_users("bob:\n  speed: 1\n", false, "users file u").unwrap_err();
+        assert_eq!(err, ConfigError::new("users file u: bob.secret", "missing"));
+        assert!(parse_text::<Value>("a = [", true, "config file c")
+            .unwrap_err()
+            .to_string()
+            .contains("config file c"));
+    }
+}
