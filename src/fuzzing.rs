@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -23,8 +24,10 @@ use crate::proto::{
     StreamStatus, MAX_CHUNK, MAX_FRAME_LEN, PREAMBLE_LEN,
 };
 use crate::relay::{relay_chunked, RelayError, Status};
-use crate::server::http_head::{head_end, parse_head, rewrite_head, Forwarding, Head, MAX_HEADERS};
-use crate::server::http_requests::strip_path_prefix;
+use crate::server::http_head::{
+    head_end, parse_head, rewrite_head, BodyLength, Forwarding, Head, MAX_HEADERS,
+};
+use crate::server::http_requests::{strip_path_prefix, Pinning, RequestStream};
 use crate::server::ServerShared;
 use crate::transport::Stream;
 use crate::ServerConfig;
@@ -335,6 +338,102 @@ fn assert_same_request(head: &Head, again: &Head, target: &str) {
     assert_eq!(again.minor_version, head.minor_version);
     assert_eq!(again.body, head.body, "the body is framed the same way");
     assert_eq!(again.upgrade, head.upgrade);
+}
+
+/// The requests after the first on one HTTP visitor connection (`RequestStream`): later
+/// heads, fixed and chunked bodies, upgrades. The first byte picks path routing and
+/// whether an upgrade is accepted. Asserts: what reaches the local service, framed the way
+/// a server reads it, is heads that parse and name the pinned host (never another one),
+/// each with the body its head frames; nothing waits except for an upgrade's answer.
+pub fn http_requests(data: &[u8]) {
+    let Some((&selector, bytes)) = data.split_first() else { return };
+    let first = parse_head(b"GET /id1/ HTTP/1.1\r\nHost: app\r\n\r\n", "Host").expect("a valid head");
+    let forwarding = Forwarding { local_host: None, peer: IpAddr::from([192, 0, 2, 1]), scheme: "http" };
+    let path_prefix = (selector & 1 == 1).then(|| "/id1".to_owned());
+    let head_timeout = Duration::from_secs(1);
+    let pinning = Pinning {
+        route_host: "app".into(),
+        mux_header: "Host".into(),
+        path_prefix,
+        forwarding,
+        head_timeout,
+    };
+    let refuse_upgrades = selector & 2 != 0;
+    let answer: &[u8] = if !refuse_upgrades {
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+    } else {
+        b"HTTP/1.1 400 No\r\n\r\n"
+    };
+    // Unconstrained: a spent cooperative budget would read as pending too.
+    let out = block_on(tokio::task::unconstrained(async {
+        let (near, _far) = pipe_with(bytes, usize::from(selector >> 2) * 4 + 1).await;
+        let mut stream = RequestStream::after_first(near, &first, BytesMut::new(), pinning);
+        let (mut out, mut buf, mut answered) = (Vec::new(), [0u8; 4096], false);
+        loop {
+            match stream.read(&mut buf).now_or_never() {
+                Some(Ok(0)) | Some(Err(_)) => break out,
+                Some(Ok(n)) => {
+                    out.extend_from_slice(&buf[..n]);
+                    answered = false;
+                }
+                None => {
+                    // Each upgrade request waits for its answer, once.
+                    assert!(!answered, "the requests wait with nothing to wait for");
+                    stream.write_all(answer).await.expect("the pipe has room");
+                    answered = true;
+                }
+            }
+        }
+    }));
+    check_passed_on(&out, refuse_upgrades);
+}
+
+/// Reads what `RequestStream` passed on as a server would: each head, then its body; after
+/// an upgrade request, more heads only when upgrades were refused.
+fn check_passed_on(mut out: &[u8], refuse_upgrades: bool) {
+    while !out.is_empty() {
+        let end = head_end(out, 0).expect("what is passed on starts with a whole head");
+        let head = match parse_head(&out[..end], "Host") {
+            Ok(head) => head,
+            // The headers ferry adds may take a head past its own limit (see `http_head`).
+            Err(why) if why.contains("too many headers") => return,
+            Err(why) => panic!("a passed-on head does not parse: {why}"),
+        };
+        assert_eq!(head.route_host, "app", "a later head names the pinned host");
+        out = &out[end..];
+        if head.upgrade && !refuse_upgrades {
+            return; // Switched: raw bytes follow.
+        }
+        out = match head.body {
+            BodyLength::Fixed(len) => {
+                out.get(usize::try_from(len).unwrap_or(usize::MAX)..).unwrap_or_default()
+            }
+            BodyLength::Chunked => skip_chunked(out),
+        };
+    }
+}
+
+/// The bytes after a chunked body in ferry's normal form (`size\r\n data \r\n`, then
+/// `0\r\n\r\n`); empty when the body is cut short.
+fn skip_chunked(mut out: &[u8]) -> &[u8] {
+    loop {
+        let Some(at) = out.windows(2).position(|w| w == b"\r\n") else { return &[] };
+        let size = std::str::from_utf8(&out[..at]).ok().and_then(|s| u64::from_str_radix(s, 16).ok());
+        let size = usize::try_from(size.expect("a chunk size in hex")).unwrap_or(usize::MAX);
+        out = &out[at + 2..];
+        if size == 0 {
+            return match out.strip_prefix(b"\r\n") {
+                Some(rest) => rest,
+                None => {
+                    assert!(b"\r\n".starts_with(out), "the end of a chunked body");
+                    &[]
+                }
+            };
+        }
+        let Some(rest) = out.get(size.saturating_add(2)..) else { return &[] };
+        assert_eq!(&out[size..size + 2], b"\r\n", "chunk data ends with CRLF");
+        out = rest;
+    }
 }
 
 // ---------------------------------------------------------------- TLS and PROXY

@@ -21,6 +21,7 @@ fn main() {
     data_chunks(&seeds.join("data_chunks"));
     login(&seeds.join("login"));
     http_head(&seeds.join("http_head"));
+    http_requests(&seeds.join("http_requests"));
     client_hello(&seeds.join("client_hello"));
     proxy_header(&seeds.join("proxy_header"));
     config_file(&seeds.join("config_file"), &root.join(".."));
@@ -218,6 +219,21 @@ fn http_head(dir: &Path) {
     for (name, selector, head) in heads {
         write(dir, name, selector, head);
     }
+}
+
+fn http_requests(dir: &Path) {
+    let fixed = "GET /id1/a HTTP/1.1\r\nHost: app\r\nContent-Length: 3\r\n\r\nabc";
+    let chunked = "POST /id1/b HTTP/1.1\r\nHost: APP:80\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n0\r\nX-T: 1\r\n\r\n";
+    let upgrade = "GET /id1/ws HTTP/1.1\r\nHost: app\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nraw";
+    let other_host = "GET /id1/ HTTP/1.1\r\nHost: admin\r\n\r\n";
+    write(dir, "fixed_chunked_upgrade", 0, format!("{fixed}{chunked}{upgrade}").as_bytes());
+    write(
+        dir,
+        "path_refused_upgrade",
+        3,
+        format!("{fixed}{upgrade}GET /id2/ HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes(),
+    );
+    write(dir, "other_host", 1, format!("{chunked}{other_host}").as_bytes());
 }
 
 fn client_hello(dir: &Path) {
