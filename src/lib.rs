@@ -50,6 +50,10 @@ pub mod auth;
 mod client;
 pub mod config;
 mod error;
+// Entry points for the fuzz targets in fuzz/ (see fuzz/README.md); not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proto;
 pub(crate) mod relay;
 pub mod seal;

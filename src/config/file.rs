@@ -81,13 +81,21 @@ impl UserOptions {
 
 /// Reads a users file: a map of id to settings (YAML, or TOML when the name ends in `.toml`).
 pub fn load_users_file(path: &Path) -> Result<BTreeMap<String, UserConfig>, ConfigError> {
-    let users: BTreeMap<String, UserOptions> = load(path, "users file")?;
+    let file = format!("users file {}", path.display());
+    parse_users(&read_text(path, &file)?, is_toml(path), &file)
+}
+
+/// Parses the text of a users file named `file` (TOML when `toml`, else YAML).
+pub(crate) fn parse_users(
+    text: &str,
+    toml: bool,
+    file: &str,
+) -> Result<BTreeMap<String, UserConfig>, ConfigError> {
+    let users: BTreeMap<String, UserOptions> = parse_text(text, toml, file)?;
     users
         .into_iter()
         .map(|(id, user)| {
-            let user = user
-                .into_config(true)
-                .map_err(|e| e.within(&format!("users file {}: {id}.", path.display())))?;
+            let user = user.into_config(true).map_err(|e| e.within(&format!("{file}: {id}.")))?;
             Ok((id, user))
         })
         .collect()
@@ -122,23 +130,36 @@ where
 
 /// Reads a config file: YAML, or TOML when the name ends in `.toml`. Errors name the key and line.
 pub fn load_file<T: DeserializeOwned + Default>(path: &Path) -> Result<T, ConfigError> {
-    load(path, "config file")
+    let file = format!("config file {}", path.display());
+    parse_text(&read_text(path, &file)?, is_toml(path), &file)
 }
 
-/// Reads `what` (a config or users file) at `path`.
-fn load<T: DeserializeOwned + Default>(path: &Path, what: &str) -> Result<T, ConfigError> {
-    let file = || format!("{what} {}", path.display());
-    let text =
-        std::fs::read_to_string(path).map_err(|e| ConfigError::new(file(), format!("cannot read: {e}")))?;
+/// The text of `file` (a config or users file) at `path`.
+pub(crate) fn read_text(path: &Path, file: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::new(file, format!("cannot read: {e}")))
+}
+
+/// Whether the file at `path` is TOML (its name ends in `.toml`) rather than YAML.
+pub(crate) fn is_toml(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "toml")
+}
+
+/// Parses the text of `file` (a config or users file): TOML when `toml`, else YAML; an
+/// empty text is the default.
+pub(crate) fn parse_text<T: DeserializeOwned + Default>(
+    text: &str,
+    toml: bool,
+    file: &str,
+) -> Result<T, ConfigError> {
     if text.trim().is_empty() {
         return Ok(T::default());
     }
-    let parsed = if path.extension().is_some_and(|e| e == "toml") {
-        toml::from_str(&text).map_err(|e| e.to_string())
+    let parsed = if toml {
+        toml::from_str(text).map_err(|e| e.to_string())
     } else {
-        serde_norway::from_str(&text).map_err(|e| e.to_string())
+        serde_norway::from_str(text).map_err(|e| e.to_string())
     };
-    parsed.map_err(|e| ConfigError::new(file(), e))
+    parsed.map_err(|e| ConfigError::new(file, e))
 }
 
 /// Lays `flags` over `file`: every flag that was given replaces the file's value.
@@ -177,4 +198,26 @@ fn join(file: Value, flag: Value) -> Value {
         _ => Vec::new(),
     };
     Value::Array(maps.into_iter().chain([flag]).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_parse_as_yaml_or_toml_and_errors_name_the_file() {
+        let yaml = "alice:\n  secret: a\n  speed: 10\n";
+        let toml = "[alice]\nsecret = \"a\"\nspeed = 10\n";
+        for (text, is_toml) in [(yaml, false), (toml, true)] {
+            let users = parse_users(text, is_toml, "users file u").unwrap();
+            assert_eq!(users["alice"].speed, Some(10));
+        }
+        assert!(parse_users("  \n", false, "users file u").unwrap().is_empty(), "empty is no users");
+        let err = parse_users("bob:\n  speed: 1\n", false, "users file u").unwrap_err();
+        assert_eq!(err, ConfigError::new("users file u: bob.secret", "missing"));
+        assert!(parse_text::<Value>("a = [", true, "config file c")
+            .unwrap_err()
+            .to_string()
+            .contains("config file c"));
+    }
 }

@@ -5,7 +5,7 @@
 //! and a YAML or TOML file through [`options`].
 
 mod error;
-mod file;
+pub(crate) mod file;
 #[cfg(feature = "cli")]
 pub(crate) mod gt;
 #[cfg(feature = "cli")]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::file::one_or_many;
+use super::file::{self, one_or_many};
 pub use super::file::{load_users_file, overlay, HostOptions, TcpOptions, UserOptions};
 use super::process::command_options;
 pub use super::process::{CommandOptions, ProcessOptions, ProcessSignal};
@@ -297,19 +297,29 @@ fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
 /// Reads a command's config file, in ferry's shape or in GT's (`options:`, `version:`,
 /// camelCase keys: see `gt.rs`). Errors name the file, and the key and line where they can.
 pub fn load_file<T: DeserializeOwned + Default>(path: &Path) -> Result<T, ConfigError> {
-    let Ok(mut value) = super::file::load_file::<serde_json::Value>(path) else {
-        return super::file::load_file(path);
+    let file = format!("config file {}", path.display());
+    parse_config(&file::read_text(path, &file)?, file::is_toml(path), &file)
+}
+
+/// Parses the text of the config file named `file` (TOML when `toml`, else YAML), in
+/// ferry's shape or in GT's.
+pub(crate) fn parse_config<T: DeserializeOwned + Default>(
+    text: &str,
+    toml: bool,
+    file: &str,
+) -> Result<T, ConfigError> {
+    let Ok(mut value) = file::parse_text::<serde_json::Value>(text, toml, file) else {
+        return file::parse_text(text, toml, file);
     };
     let service_keys = match serde_json::to_value(ServiceOptions::default()) {
         Ok(serde_json::Value::Object(keys)) => keys.into_iter().map(|(key, _)| key).collect(),
         _ => Vec::new(),
     };
-    let file = || format!("config file {}", path.display());
-    if !super::gt::adopt_file(&mut value, &service_keys).map_err(|e| e.within(&format!("{}: ", file())))? {
+    if !super::gt::adopt_file(&mut value, &service_keys).map_err(|e| e.within(&format!("{file}: ")))? {
         // Parsed again from the text, so errors keep their line numbers.
-        return super::file::load_file(path);
+        return file::parse_text(text, toml, file);
     }
-    serde_json::from_value(value).map_err(|e| ConfigError::new(file(), e.to_string()))
+    serde_json::from_value(value).map_err(|e| ConfigError::new(file, e.to_string()))
 }
 
 /// Loads the config file (if any) and lays the flags over it: flag > file > default.

@@ -135,11 +135,34 @@ impl AuthApi {
             .await
             .map_err(|e| format!("reading the answer: {e}"))?
             .to_bytes();
-        let answer: Answer = serde_json::from_slice(&body).map_err(|e| format!("malformed answer: {e}"))?;
-        if !answer.allow {
-            return Ok(ApiAnswer::Denied);
+        read_answer(&body)
+    }
+}
+
+/// What the body of a `200` answer says.
+pub(crate) fn read_answer(body: &[u8]) -> Result<ApiAnswer, String> {
+    let answer: Answer = serde_json::from_slice(body).map_err(|e| format!("malformed answer: {e}"))?;
+    if !answer.allow {
+        return Ok(ApiAnswer::Denied);
+    }
+    let user = answer.user.unwrap_or_default().into_config(false).map_err(|e| format!("user.{e}"))?;
+    Ok(ApiAnswer::Allowed(user))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_from_their_body() {
+        let allowed = read_answer(br#"{"allow": true, "user": {"speed": 1024, "connections": 3}}"#);
+        match allowed {
+            Ok(ApiAnswer::Allowed(user)) => assert_eq!((user.speed, user.connections), (Some(1024), Some(3))),
+            other => panic!("{other:?}"),
         }
-        let user = answer.user.unwrap_or_default().into_config(false).map_err(|e| format!("user.{e}"))?;
-        Ok(ApiAnswer::Allowed(user))
+        assert!(matches!(read_answer(br#"{"allow": false, "user": {"speed": 1}}"#), Ok(ApiAnswer::Denied)));
+        assert!(read_answer(b"{\"allow\": 1}").unwrap_err().starts_with("malformed answer"));
+        let bad_regex = read_answer(br#"{"allow": true, "user": {"host": {"regex": "("}}}"#);
+        assert!(bad_regex.unwrap_err().starts_with("user.host.regex"));
     }
 }

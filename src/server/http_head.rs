@@ -8,7 +8,7 @@ use std::net::IpAddr;
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
 /// Most headers in a request head.
-const MAX_HEADERS: usize = 128;
+pub(crate) const MAX_HEADERS: usize = 128;
 
 /// How the body after a head is delimited (RFC 9112, section 6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,6 +319,25 @@ mod tests {
              X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: app.example\r\n\
              Forwarded: for=203.0.113.9;proto=http;host=\"app.example\"\r\n\r\n"
         );
+    }
+
+    /// Found by the `http_head` fuzz target: a head with the most headers ferry accepts grows
+    /// past that limit by the forwarding headers ferry adds. It is passed on all the same
+    /// (the local service judges it); one header more is refused at once.
+    #[test]
+    fn a_head_at_the_header_limit_is_passed_on_with_forwarding_headers() {
+        let mut text = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        for i in 1..MAX_HEADERS {
+            text.push_str(&format!("X-{i}: v\r\n"));
+        }
+        let head = parse_head(format!("{text}\r\n").as_bytes(), "Host").unwrap();
+        assert_eq!(head.headers.len(), MAX_HEADERS);
+        let forwarding = Forwarding { local_host: None, peer: "192.0.2.1".parse().unwrap(), scheme: "http" };
+        let out = rewrite_head(&head, None, &forwarding);
+        let lines = out.split(|&b| b == b'\n').count();
+        assert_eq!(lines, 1 + MAX_HEADERS + 4 + 2, "request line, headers, four forwarding headers, end");
+        let over = format!("{text}X-Over: v\r\n\r\n");
+        assert!(parse_head(over.as_bytes(), "Host").unwrap_err().contains("too many headers"));
     }
 
     #[test]

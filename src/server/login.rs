@@ -28,7 +28,7 @@ use crate::transport::Stream;
 const MAX_TAGS: usize = 16;
 
 /// A login the server accepted.
-pub(super) struct Accepted {
+pub(crate) struct Accepted {
     pub(super) id: String,
     /// What the client proved it holds; a reload keeps the session only if it still matches.
     pub(super) credential: Verifier,
@@ -71,7 +71,7 @@ struct Proved {
 }
 
 /// Runs the login; on failure tells the client why and returns `None`.
-pub(super) async fn login(
+pub(crate) async fn login(
     shared: &ServerShared,
     chan: &mut ControlChannel<Stream>,
     peer: SocketAddr,

@@ -5,8 +5,8 @@
 //! them with idle data connections from the session's pool (`pool.rs`).
 
 mod accept;
-mod api;
-mod auth_api;
+pub(crate) mod api;
+pub(crate) mod auth_api;
 mod bans;
 mod dispatch;
 mod endpoints;
@@ -14,19 +14,19 @@ mod handshakes;
 pub mod hooks;
 mod hosts;
 mod http;
-mod http_head;
-mod http_requests;
+pub(crate) mod http_head;
+pub(crate) mod http_requests;
 mod link;
-mod login;
+pub(crate) mod login;
 mod pool;
 mod ports;
-mod proxy_header;
+pub(crate) mod proxy_header;
 mod registry;
 mod session;
-mod sni;
+pub(crate) mod sni;
 mod tcp;
 mod tunnel;
-mod users;
+pub(crate) mod users;
 mod visit;
 
 use std::future::Future;
@@ -77,6 +77,31 @@ pub(crate) struct ServerShared {
 }
 
 impl ServerShared {
+    /// The state of a server with `config` (already validated), before anything is served.
+    /// The fuzz targets build one without listeners.
+    pub(crate) fn new(config: ServerConfig) -> Result<Arc<Self>, ServerError> {
+        let bans = Bans::new(config.reconnect_times, config.reconnect_duration);
+        let api_bans = Bans::new(config.reconnect_times, config.reconnect_duration);
+        let directory = Directory::new(&config)?;
+        if directory.is_closed() {
+            warn!("no users, no auth-api and allow-any-client is off: every client will be refused");
+        }
+        let users = Users::new(directory);
+        let endpoints = Endpoints::new(hosts::name_grace(config.heartbeat_timeout));
+        Ok(Arc::new(ServerShared {
+            config,
+            users,
+            registry: Registry::default(),
+            shutdown: CancellationToken::new(),
+            handshakes: Handshakes::default(),
+            endpoints,
+            bans,
+            api_bans,
+            metrics: api::Metrics::default(),
+            hooks: OnceLock::new(),
+        }))
+    }
+
     /// The embedding program's hooks (ones that change nothing when it gave none).
     pub(crate) fn hooks(&self) -> &dyn ServerHooks {
         match self.hooks.get() {
@@ -196,26 +221,7 @@ impl Server {
             }
             None => None,
         };
-        let bans = Bans::new(config.reconnect_times, config.reconnect_duration);
-        let api_bans = Bans::new(config.reconnect_times, config.reconnect_duration);
-        let directory = Directory::new(&config)?;
-        if directory.is_closed() {
-            warn!("no users, no auth-api and allow-any-client is off: every client will be refused");
-        }
-        let users = Users::new(directory);
-        let endpoints = Endpoints::new(hosts::name_grace(config.heartbeat_timeout));
-        let shared = Arc::new(ServerShared {
-            config,
-            users,
-            registry: Registry::default(),
-            shutdown: CancellationToken::new(),
-            handshakes: Handshakes::default(),
-            endpoints,
-            bans,
-            api_bans,
-            metrics: api::Metrics::default(),
-            hooks: OnceLock::new(),
-        });
+        let shared = ServerShared::new(config)?;
         Ok(Server { shared, listeners, api })
     }
 

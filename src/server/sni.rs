@@ -21,7 +21,7 @@ use crate::transport::reset_on_drop;
 
 /// Most bytes a ClientHello may take, over however many TLS records: rustls reads
 /// handshake messages of up to 64 KiB.
-const MAX_HELLO: usize = 64 * 1024 + 1024;
+pub(crate) const MAX_HELLO: usize = 64 * 1024 + 1024;
 
 /// Serves one visitor of `sni-addr`.
 pub(crate) async fn serve_visitor(
@@ -87,7 +87,7 @@ impl Entrance for NameEntrance {
 /// Reads the visitor's ClientHello into `raw`, over as many TLS records as it takes, and
 /// returns the server name it asks for. `raw` keeps every byte read, untouched, to be
 /// passed through.
-async fn read_client_hello<R>(visitor: &mut R, raw: &mut BytesMut) -> Option<String>
+pub(crate) async fn read_client_hello<R>(visitor: &mut R, raw: &mut BytesMut) -> Option<String>
 where
     R: AsyncRead + Unpin,
 {

@@ -9,7 +9,7 @@
 //! never lock clients out); CORS preflights (`OPTIONS`) are never counted. Without a
 //! token, every request must name loopback as its `Host` (see `host.rs`).
 
-mod host;
+pub(crate) mod host;
 mod metrics;
 mod token;
 pub(crate) mod views;
@@ -55,7 +55,7 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The address the request came from, set per connection.
 #[derive(Clone, Copy)]
-struct Peer(SocketAddr);
+pub(crate) struct Peer(pub(crate) SocketAddr);
 
 /// Serves the API on `listener` until `shutdown`.
 pub(crate) async fn serve(
@@ -136,7 +136,7 @@ fn guarded_routes() -> Vec<Route> {
     ]
 }
 
-fn router(shared: Arc<ServerShared>) -> Router {
+pub(crate) fn router(shared: Arc<ServerShared>) -> Router {
     let add = |router: Router<_>, (path, _, handler): Route| router.route(path, handler);
     let guarded = guarded_routes()
         .into_iter()
