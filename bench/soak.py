@@ -6,14 +6,17 @@ count are sampled into a CSV.
 Churn, for --seconds (or SOAK_SECONDS):
 - visitors open at a steady --rate per second to the clients' TCP tunnels, each sends a
   random payload to an echo service and checks the SHA-256 of what comes back; one in
-  ten hangs up half way instead (the abrupt-close path);
+  ten hangs up half way instead (the abrupt-close path), one in ten then stays idle for
+  1-5 s (so client replacements cut visitors in flight);
 - every --restart-every seconds one client is replaced: in turn killed (SIGKILL),
   stopped (SIGTERM) and restarted, or kicked through the API (it reconnects itself);
-- every --reload-every seconds the users file is rewritten and the server gets SIGHUP.
+- every --reload-every seconds the users file is rewritten (a user added or removed, the
+  live users' limits set or lifted) and the server gets SIGHUP.
 
-Before the churn, a warm-up of the same churn, then an idle baseline; after it, the
-server must come back to that baseline within --settle seconds: RSS within 10%, the
-same fd count and the same task count. Exits 1 with the reason otherwise, or if any
+After the churn the server must come back to its idle state within --settle seconds:
+the fd and task counts it had idle at the start (every pool at its configured size:
+the surplus pooled connections a burst leaves are closed after a minute idle), and RSS
+within 10% of its idle level after a warm-up of the same churn. Exits 1 with the reason otherwise, or if any
 visitor got corrupted data or failed while its client was not being replaced.
 """
 import argparse
@@ -48,7 +51,7 @@ def parse_args():
     p.add_argument("--restart-every", type=float, default=3.0)
     p.add_argument("--reload-every", type=float, default=5.0)
     p.add_argument("--sample-every", type=float, default=2.0)
-    p.add_argument("--settle", type=float, default=60.0, help="longest wait for the idle state after the churn")
+    p.add_argument("--settle", type=float, default=120.0, help="longest wait for each idle state")
     p.add_argument("--port-base", type=int, default=int(env("SOAK_PORT_BASE", "23000")))
     p.add_argument("--csv", default=env("SOAK_CSV", os.path.join(tempfile.gettempdir(), "ferry-soak.csv")))
     return p.parse_args()
@@ -82,10 +85,12 @@ class Soak:
     # --- processes -------------------------------------------------------------------
 
     def write_users(self):
-        """The users file; an extra user comes and goes with each reload."""
+        """The users file; each reload brings or takes away an extra user and the live
+        users' limits (high enough not to slow the visitors)."""
+        limits = ", speed: 104857600, connections: 1000" if self.reloads % 2 else ""
         with open(self.users_file, "w") as f:
             for user, secret in self.secrets.items():
-                f.write(f"{user}: {{secret: {secret}}}\n")
+                f.write(f"{user}: {{secret: {secret}{limits}}}\n")
             if self.reloads % 2:
                 f.write(f"spare: {{secret: {secrets.token_hex(16)}, speed: 1048576}}\n")
 
@@ -137,7 +142,8 @@ class Soak:
     async def visitor(self, i):
         generation = self.generation[i]
         payload = os.urandom(random.randint(1, 256 * 1024))
-        abort = random.random() < 0.1
+        roll = random.random()
+        abort, linger = roll < 0.1, roll > 0.9
         self.in_flight += 1
         writer = None
         try:
@@ -152,6 +158,8 @@ class Soak:
                 self.counts["aborted"] += 1
                 writer.transport.abort()
             else:
+                if linger:
+                    await self.linger(reader)
                 self.counts["served"] += 1
         except (OSError, asyncio.IncompleteReadError) as err:
             if self.generation[i] != generation or not self.up[i]:
@@ -162,6 +170,14 @@ class Soak:
             self.in_flight -= 1
             if writer:
                 writer.close()
+
+    async def linger(self, reader):
+        """Stays connected and idle for 1-5 s; the tunnel must not close meanwhile."""
+        try:
+            extra = await asyncio.wait_for(reader.read(1), random.uniform(1, 5))
+        except asyncio.TimeoutError:
+            return
+        raise ConnectionResetError(f"a lingering visitor got {extra!r} from the tunnel")
 
     def fail(self, i, why):
         self.counts["errors"] += 1
@@ -267,12 +283,15 @@ class Soak:
                 pass
 
     async def idle(self, timeout, settled):
-        """Polls samples until `settled(sample)` holds, or `timeout`; returns the last sample."""
+        """Samples every half second until `settled(previous, latest)` holds, or `timeout`;
+        returns the latest sample."""
         deadline = time.monotonic() + timeout
+        previous = None
         while True:
             row = await asyncio.to_thread(self.sample)
-            if settled(row) or time.monotonic() > deadline:
+            if (previous and settled(previous, row)) or time.monotonic() > deadline:
                 return row
+            previous = row
             await asyncio.sleep(0.5)
 
     def write_csv_row(self, row):
@@ -286,7 +305,8 @@ class Soak:
 
 
 def verdict(baseline, final):
-    """Why the final idle sample is not back at the baseline (empty when it is)."""
+    """Why the final idle sample is not back at the baseline (empty when it is): RSS within
+    10%, the same fds and tasks."""
     problems = []
     if final["rss_kib"] > baseline["rss_kib"] * (1 + RSS_TOLERANCE):
         problems.append(f"RSS {final['rss_kib']} KiB is more than 10% above the baseline {baseline['rss_kib']} KiB")
@@ -306,30 +326,33 @@ async def run(soak):
         await soak.wait_up(i)
     stop = asyncio.Event()
     sampler = asyncio.create_task(soak.sampler(stop))
+    steady = lambda before, row: all(row["in_flight"] == 0 and row[k] == before[k] for k in ("fds", "tasks"))
+    soak.phase = "idle"
+    idle = await soak.idle(args.settle, steady)
     await soak.churn(args.warmup, "warm-up")
     soak.phase = "baseline"
-    quiet = lambda row: row["in_flight"] == 0
-    await soak.idle(args.settle, quiet)
-    await asyncio.sleep(2)  # let closed visitors' tasks end
-    baseline = await soak.idle(args.settle, lambda row: quiet(row) and row["tasks"] == soak.samples[-2]["tasks"])
+    baseline = await soak.idle(args.settle, steady)
+    # fds and tasks as at the start (every pool at its configured size; surplus pooled
+    # connections of a burst are closed after a minute), memory as after the warm-up.
+    reference = {**baseline, "fds": idle["fds"], "tasks": idle["tasks"]}
     await soak.churn(args.seconds, "churn")
     soak.phase = "settle"
-    final = await soak.idle(args.settle, lambda row: quiet(row) and not verdict(baseline, row))
+    final = await soak.idle(args.settle, lambda _, row: row["in_flight"] == 0 and not verdict(reference, row))
     stop.set()
     await sampler
     echo.close()
-    return baseline, final
+    return idle, baseline, reference, final
 
 
-def report(soak, baseline, final):
+def report(soak, idle, baseline, final):
     churn = [s for s in soak.samples if s["phase"] == "churn"] or soak.samples
     peak = {key: max(s[key] for s in churn) for key in ("rss_kib", "fds", "tasks", "threads")}
     print(f"ferry soak: {soak.args.seconds:.0f} s of churn at {soak.args.rate:g} visitors/s, "
           f"{soak.args.clients} clients (one replaced every {soak.args.restart_every:g} s), "
-          f"SIGHUP every {soak.args.reload_every:g} s")
-    print(f"{'':10}{'baseline':>10}{'peak':>10}{'final':>10}")
+          f"SIGHUP every {soak.args.reload_every:g} s; settled after {final['t'] - churn[-1]['t']:.0f} s")
+    print(f"{'':10}{'start':>10}{'warmed':>10}{'peak':>10}{'final':>10}")
     for key in ("rss_kib", "fds", "tasks", "threads"):
-        print(f"{key:10}{baseline[key]:>10}{peak[key]:>10}{final[key]:>10}")
+        print(f"{key:10}{idle[key]:>10}{baseline[key]:>10}{peak[key]:>10}{final[key]:>10}")
     print("counts: " + ", ".join(f"{k} {v}" for k, v in soak.counts.items()))
     print(f"samples: {soak.args.csv}; logs: {soak.work}")
     for line in soak.error_samples:
@@ -339,14 +362,19 @@ def report(soak, baseline, final):
 def main():
     args = parse_args()
     soak = Soak(args)
+    # Stopped from outside: still end the server and clients (in `finally`).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("soak: stopped by SIGTERM"))
     try:
-        baseline, final = asyncio.run(run(soak))
+        idle, baseline, reference, final = asyncio.run(run(soak))
     finally:
         soak.stop_all()
-    report(soak, baseline, final)
-    problems = verdict(baseline, final)
+    report(soak, idle, baseline, final)
+    problems = verdict(reference, final)
     if soak.counts["errors"]:
         problems.append(f"{soak.counts['errors']} visitor(s) failed while their client was up")
+    with open(os.path.join(soak.work, "server.log")) as f:
+        logged = [line.strip() for line in f if "panicked" in line or " ERROR " in line]
+    problems += [f"the server logged: {line}" for line in logged[:5]]
     if soak.counts["served"] == 0:
         problems.append("no visitor was served")
     for problem in problems:
