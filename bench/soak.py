@@ -96,21 +96,23 @@ class Soak:
 
     def start_server(self):
         self.write_users()
-        log = open(os.path.join(self.work, "server.log"), "w")
-        self.server = subprocess.Popen(
-            [self.args.ferry, "server", "--addr", f"127.0.0.1:{self.server_port}", "--users", self.users_file,
-             "--tcp-range", f"{self.tunnel_ports[0]}-{self.tunnel_ports[-1]}",
-             "--api-addr", f"127.0.0.1:{self.api_port}", "--log-level", "warn"],
-            stdout=log, stderr=subprocess.STDOUT)
+        with open(os.path.join(self.work, "server.log"), "w") as log:
+            self.server = subprocess.Popen(
+                [self.args.ferry, "server", "--addr", f"127.0.0.1:{self.server_port}", "--users", self.users_file,
+                 "--tcp-range", f"{self.tunnel_ports[0]}-{self.tunnel_ports[-1]}",
+                 "--api-addr", f"127.0.0.1:{self.api_port}", "--log-level", "warn"],
+                stdout=log, stderr=subprocess.STDOUT)
 
     def start_client(self, i):
         user = f"soak{i}"
-        log = open(os.path.join(self.work, f"client{i}.log"), "a")
-        self.clients[i] = subprocess.Popen(
-            [self.args.ferry, "client", "--remote", f"tcp://127.0.0.1:{self.server_port}", "--id", user,
-             "--secret", self.secrets[user], "--log-level", "warn", "--reconnect-delay", "100ms",
-             "--local", f"tcp://127.0.0.1:{self.echo_port}", "--remote-tcp-port", str(self.tunnel_ports[i])],
-            stdout=log, stderr=subprocess.STDOUT)
+        # The secret goes by environment, not on the command line that `ps` shows.
+        env = {**os.environ, "FERRY_SECRET": self.secrets[user]}
+        with open(os.path.join(self.work, f"client{i}.log"), "a") as log:
+            self.clients[i] = subprocess.Popen(
+                [self.args.ferry, "client", "--remote", f"tcp://127.0.0.1:{self.server_port}", "--id", user,
+                 "--log-level", "warn", "--reconnect-delay", "100ms", "--local", f"tcp://127.0.0.1:{self.echo_port}",
+                 "--remote-tcp-port", str(self.tunnel_ports[i])],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def stop_all(self):
         for proc in self.clients + [self.server]:
