@@ -418,9 +418,21 @@ def write_results(figures, memory, notes, web):
                      f"{', '.join(f'{v:.2f}' for v in figures[t]['iperf'])}")
     if notes:
         lines += ["", "Errors reported and figures not taken:", ""] + [f"- {n}" for n in notes]
+    lines += soak_section()
     with open(RESULTS, "w") as out:
         out.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def soak_section():
+    """The results file's soak section (bench/soak.sh's figures), kept across a rewrite."""
+    try:
+        with open(RESULTS) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    at = text.find("\n## Soak")
+    return [""] + text[at + 1:].rstrip("\n").split("\n") if at >= 0 else []
 
 
 try:

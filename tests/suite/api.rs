@@ -64,6 +64,11 @@ fn api_config() -> ServerConfig {
     config
 }
 
+/// `api_config` without the token: the API is open on loopback.
+fn token_less_config() -> ServerConfig {
+    ServerConfig { api_token: None, ..api_config() }
+}
+
 async fn tagged_client(server: SocketAddr, id: &str, secret: &str, tag: &str) -> Client {
     let mut config = client_config(server, id, secret);
     config.tags = vec![tag.to_owned()];
@@ -180,6 +185,8 @@ async fn every_route_answers_from_the_live_server() {
         assert_eq!(metric(&text, "ferry_visitors_total "), 1.0, "the one echo");
         assert_eq!(metric(&text, "ferry_auth_failures_total "), 2.0, "the two bad tokens");
         assert_eq!(metric(&text, "ferry_handshake_seconds_count "), 2.0, "the two logins");
+        // The test's runtime is the server's: at least its listeners and two sessions.
+        assert!(metric(&text, "ferry_tasks ") >= 3.0, "tasks alive are counted");
         let service_in = format!("ferry_service_bytes_total{{service=\"{}\"", service["id"]);
         let line =
             text.lines().find(|l| l.starts_with(&service_in) && l.contains("direction=\"in\"")).unwrap();
@@ -491,9 +498,7 @@ async fn the_api_speaks_https_with_its_own_certificate() {
 #[tokio::test]
 async fn without_a_token_only_loopback_host_names_are_answered() {
     within(30, async {
-        let mut config = api_config();
-        config.api_token = None;
-        let server = start_server(config).await;
+        let server = start_server(token_less_config()).await;
         let api = server.api_local_addr().unwrap();
         let client = connect(server.local_addr()).await;
         let cid = get_as(api, "localhost", "/clients").await[0]["cid"].as_u64().unwrap();

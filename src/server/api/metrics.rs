@@ -108,10 +108,19 @@ impl Metrics {
             service_bytes,
         );
         registry.register("user_bytes", "Bytes through each user's tunnels since start", user_bytes);
+        let tasks = Gauge::<i64>::default();
+        tasks.set(alive_tasks());
+        registry.register("tasks", "Tokio tasks alive in the server's runtime (for leak checks)", tasks);
         let mut text = String::new();
         encode(&mut text, &registry)?;
         Ok(text)
     }
+}
+
+/// Tasks alive in the runtime this runs on (0 outside one).
+fn alive_tasks() -> i64 {
+    tokio::runtime::Handle::try_current()
+        .map_or(0, |handle| i64::try_from(handle.metrics().num_alive_tasks()).unwrap_or(i64::MAX))
 }
 
 /// A label value as the text format wants it: `\\`, `"` and line feeds escaped (the

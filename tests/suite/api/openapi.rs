@@ -3,15 +3,16 @@
 
 use std::collections::BTreeSet;
 
-use super::{api_config, call, call_from, TOKEN};
+use super::{api_config, call, call_as, call_from, token_less_config, TOKEN};
 use crate::common::*;
 use ferry::ServiceConfig;
 use serde_json::Value;
 
-/// What each route can answer: the token's 401 and 403 on all but the first two.
+/// What each route can answer: 403 on all (a foreign Host without a token, or a ban), the
+/// token's 401 on all but the first two.
 const ROUTES: [(&str, &str, &[u16]); 11] = [
-    ("get", "/", &[200]),
-    ("get", "/openapi.json", &[200]),
+    ("get", "/", &[200, 403]),
+    ("get", "/openapi.json", &[200, 403]),
     ("get", "/status", &[200, 401, 403]),
     ("get", "/health", &[200, 401, 403]),
     ("get", "/clients", &[200, 400, 401, 403]),
@@ -118,6 +119,74 @@ async fn the_openapi_document_describes_what_the_live_api_answers() {
                     assert!(allowed.contains(&status), "{verb} {asked}: {status} is not documented");
                 }
             }
+        }
+        server.shutdown().await;
+    })
+    .await
+}
+
+/// Found by schemathesis (tests/api_schema.sh): a token-less server served a document that
+/// asked for the bearer token and left out the 403 it gives a foreign Host on every route.
+/// Now its document asks for no token, and every route's 403 is documented.
+#[tokio::test]
+async fn a_token_less_server_documents_what_it_answers() {
+    within(30, async {
+        let server = start_server(token_less_config()).await;
+        let api = server.api_local_addr().unwrap();
+        let (status, document) = call(api, "GET", "/openapi.json", None).await;
+        assert_eq!(status, 200);
+        assert_eq!(document["security"], serde_json::json!([]), "no token is needed here");
+        for (method, path, _) in ROUTES {
+            let verb = method.to_ascii_uppercase();
+            let probe = path.replace("{cid}", "999999").replace("{id}", "999999");
+            let (status, body) = call_as("127.0.0.1", "attacker.example", api, &verb, &probe, None).await;
+            assert_eq!(status, 403, "{verb} {probe} for a foreign host: {body}");
+            assert!(documented(&document, method, path).contains(&403), "{verb} {path}: 403 undocumented");
+            let (status, body) = call(api, &verb, &probe, None).await;
+            assert_ne!(status, 401, "{verb} {probe} needs no token here: {body}");
+            assert!(documented(&document, method, path).contains(&status), "{verb} {probe}: {status}");
+        }
+        // With a token, the document served is the one that asks for it.
+        server.shutdown().await;
+        let server = start_server(api_config()).await;
+        let (_, document) = call(server.api_local_addr().unwrap(), "GET", "/openapi.json", None).await;
+        assert_eq!(document["security"], serde_json::json!([{ "bearer": [] }]));
+        server.shutdown().await;
+    })
+    .await
+}
+
+/// Found by schemathesis: integers the document allowed were refused (a negative `cid`,
+/// which the document did not rule out; a `limit` above its stated maximum was clamped
+/// instead of refused). Now the document gives each integer's real range, and every
+/// value in it is accepted.
+#[tokio::test]
+async fn integer_parameters_accept_their_whole_documented_range() {
+    within(30, async {
+        let server = start_server(api_config()).await;
+        let api = server.api_local_addr().unwrap();
+        let (_, document) = call(api, "GET", "/openapi.json", None).await;
+        let u64_range = serde_json::json!([0, u64::MAX]);
+        let range = |schema: &Value| serde_json::json!([schema["minimum"], schema["maximum"]]);
+        assert_eq!(range(&document["components"]["parameters"]["cid"]["schema"]), u64_range);
+        let limit = &document["paths"]["/ports/free"]["get"]["parameters"][0]["schema"];
+        assert_eq!(range(limit), u64_range);
+        let service = &document["paths"]["/services/{id}"]["delete"]["parameters"][0]["schema"];
+        assert_eq!(range(service), serde_json::json!([0, u32::MAX]));
+
+        let most = format!("/ports/free?limit={}", u64::MAX);
+        let (status, body) = call(api, "GET", &most, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body["free"].as_array().unwrap().len() <= 100, "clamped");
+        for path in [format!("/clients?cid={}", u64::MAX), format!("/services?cid={}", u64::MAX)] {
+            assert_eq!(call(api, "GET", &path, Some(TOKEN)).await, (200, serde_json::json!([])), "{path}");
+        }
+        for path in [format!("/clients/{}", u64::MAX), format!("/services/{}", u32::MAX)] {
+            assert_eq!(call(api, "DELETE", &path, Some(TOKEN)).await.0, 404, "{path}");
+        }
+        for path in ["/clients?cid=-1", "/ports/free?limit=-1", "/services/4294967296"] {
+            let verb = if path.starts_with("/services/") { "DELETE" } else { "GET" };
+            assert_eq!(call(api, verb, path, Some(TOKEN)).await.0, 400, "{path} is out of range");
         }
         server.shutdown().await;
     })
