@@ -86,4 +86,4 @@ pub use error::{ClientError, ServerError};
 pub use proto::{CloseReason, LoginRefusal, RegisterError, ServiceInfo};
 pub use server::hooks::{ClientInfo, DisconnectReason, ServerHooks, VisitorInfo};
 pub use server::{Reloader, Server, ServerHandle};
-pub use transport::{RemoteAddr, RemoteTrust};
+pub use transport::{ProxyAddr, ProxyKind, RemoteAddr, RemoteTrust, Scheme};

@@ -17,7 +17,7 @@ use crate::proto::{
     ServerMessage,
 };
 use crate::seal::{FrameCipher, Side};
-use crate::transport::{Connector, RemoteTrust, Scheme, Stream};
+use crate::transport::{Connector, RemoteTrust, Stream};
 
 /// A logged-in control connection.
 pub(crate) struct LoggedIn {
@@ -177,7 +177,7 @@ async fn stretched_verifier(id: &str, secret: &Secret) -> Verifier {
 /// The secret leaves this process only inside TLS with a verified certificate, or to a
 /// server on this host: otherwise a man in the middle could open the seal.
 fn may_reveal_secret(config: &ClientConfig) -> bool {
-    let verified_tls = config.remote.scheme == Scheme::Tls && config.remote_trust != RemoteTrust::Insecure;
+    let verified_tls = config.remote.scheme.is_tls() && config.remote_trust != RemoteTrust::Insecure;
     let host = config.remote.host.as_str();
     let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
     verified_tls || loopback

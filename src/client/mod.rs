@@ -83,12 +83,18 @@ pub struct Client {
     _stop_on_drop: DropGuard,
 }
 
+/// How this client dials its server: the transport of `remote`, through `proxy` if any.
+fn connector(config: &ClientConfig) -> Result<Connector, ClientError> {
+    let connector = Connector::new(config.remote.clone(), &config.remote_trust, config.remote_timeout)?;
+    Ok(connector.with_proxy(config.proxy.clone()))
+}
+
 impl Client {
     /// Connects and logs in once; from then on the client reconnects by itself.
     ///
     /// Fails if the server cannot be reached or refuses the login.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let connector = Connector::new(config.remote.clone(), &config.remote_trust, config.remote_timeout)?;
+        let connector = connector(&config)?;
         let instance = format!("{:032x}", rand::random::<u128>());
         let first = login::login(&connector, &config, &instance).await?;
         let state = ClientState::Connected { session: first.session };
@@ -101,7 +107,7 @@ impl Client {
     /// as a service started before its server needs. Fails only with a final error
     /// ([`ClientError::is_fatal`]).
     pub async fn connect_retrying(config: ClientConfig) -> Result<Client, ClientError> {
-        let connector = Connector::new(config.remote.clone(), &config.remote_trust, config.remote_timeout)?;
+        let connector = connector(&config)?;
         let instance = format!("{:032x}", rand::random::<u128>());
         let (fatal, mut failed) = oneshot::channel();
         let driver = |links| Driver::new(config, connector, instance, links);

@@ -29,7 +29,7 @@ pub use users_key::UsersOption;
 use crate::auth::Secret;
 use crate::proto::{ProxyProtocol, ServiceControl};
 use crate::relay::IdleLimit;
-use crate::transport::{RemoteAddr, RemoteTrust, TlsVersion};
+use crate::transport::{ProxyAddr, RemoteAddr, RemoteTrust, TlsVersion};
 
 /// Default heartbeat timeout on both sides.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -139,6 +139,8 @@ pub struct ServerConfig {
     pub http_mux_header: String,
     /// Also route `http://server/ID/PREFIX/rest` (for servers without wildcard DNS).
     pub http_path_routing: bool,
+    /// Clients may connect over WebSocket at this path on the HTTP-serving listeners.
+    pub ws_path: Option<String>,
     /// A request head not complete within this time closes the visitor.
     pub http_header_timeout: Duration,
     /// Failed logins in a row (per address, and per id) before a ban; 0 turns bans off.
@@ -187,6 +189,7 @@ impl Default for ServerConfig {
             host_with_id: false,
             http_mux_header: "Host".into(),
             http_path_routing: false,
+            ws_path: None,
             http_header_timeout: Duration::from_secs(10),
             reconnect_times: 3,
             reconnect_duration: Duration::from_secs(300),
@@ -233,14 +236,18 @@ impl ServerConfig {
 /// Everything a [`Client`](crate::Client) needs.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The server (`--remote`), e.g. `tcp://example.com:7000` or `tls://example.com`.
+    /// The server (`--remote`), e.g. `tcp://example.com:7000`, `tls://example.com` or
+    /// `wss://example.com/ferry`.
     pub remote: RemoteAddr,
     /// The user id.
     pub id: String,
     /// The user secret; never sent: it proves itself in a password-authenticated key exchange.
     pub secret: Secret,
-    /// How to check the server's certificate on `tls://`.
+    /// How to check the server's certificate on `tls://` and `wss://`.
     pub remote_trust: RemoteTrust,
+    /// A proxy to reach the server through (`--proxy`; the CLI also reads `HTTPS_PROXY`,
+    /// `ALL_PROXY` and `NO_PROXY`, see [`ProxyAddr::from_env`]).
+    pub proxy: Option<ProxyAddr>,
     /// Enroll with an allow-any-client server over a connection that does not authenticate
     /// it (`tcp://` to another host, or `--remote-cert-insecure`): a man in the middle of
     /// that first login could learn the stretched verifier of the secret.
@@ -272,6 +279,7 @@ impl ClientConfig {
             id: id.to_owned(),
             secret: Secret::new(secret),
             remote_trust: RemoteTrust::System,
+            proxy: None,
             remote_enroll_insecure: false,
             reconnect_delay: Duration::from_secs(1),
             max_reconnect_delay: Duration::from_secs(10),

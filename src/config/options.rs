@@ -15,7 +15,7 @@ pub use super::users_key::UsersOption;
 use super::{AuthApiConfig, ClientConfig, ConfigError, PortRange, ServerConfig, ServiceConfig, ServiceKind};
 use crate::auth::Secret;
 use crate::proto::ProxyProtocol;
-use crate::transport::{parse_listen_addr, RemoteAddr, RemoteTrust, TlsVersion};
+use crate::transport::{parse_listen_addr, ProxyAddr, RemoteAddr, RemoteTrust, TlsVersion};
 
 command_options! {
 "server",
@@ -124,6 +124,11 @@ pub struct ServerOptions {
     /// Also route http://server/ID/PREFIX/rest, for servers without wildcard DNS.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub http_path_routing: Option<bool>,
+    /// Accept clients over WebSocket at this path (e.g. /ferry) on every HTTP-serving
+    /// listener (addr, http-addr, tls-addr), so they can sit behind an HTTP reverse proxy.
+    /// [default: off]
+    #[arg(long)]
+    pub ws_path: Option<String>,
     /// Failed logins in a row, from one address or for one id, before a ban; 0 turns bans off.
     /// [default: 3]
     #[arg(long)]
@@ -173,9 +178,15 @@ pub struct ClientOptions {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// The server: tcp://host:port, tls://host:port or host:port.
+    /// The server: tcp://host:port, tls://host:port, ws://host:port/path,
+    /// wss://host:port/path or host:port.
     #[arg(long)]
     pub remote: Option<String>,
+    /// Reach the server through this proxy: http://[user:pass@]host:port (HTTP CONNECT) or
+    /// socks5://[user:pass@]host:port. [default: HTTPS_PROXY or ALL_PROXY unless NO_PROXY
+    /// names the server]
+    #[arg(long)]
+    pub proxy: Option<String>,
     /// User id.
     #[arg(long)]
     pub id: Option<String>,
@@ -359,6 +370,7 @@ impl ServerOptions {
             config.http_mux_header = header;
         }
         config.http_path_routing = self.http_path_routing.unwrap_or(false);
+        config.ws_path = self.ws_path;
         config.http_header_timeout = self.http_header_timeout.unwrap_or(config.http_header_timeout);
         config.reconnect_times = self.reconnect_times.unwrap_or(config.reconnect_times);
         config.timeout = self.timeout;
@@ -445,6 +457,12 @@ impl ClientOptions {
             (None, true) => RemoteTrust::Insecure,
             (None, false) => RemoteTrust::System,
         };
+        config.proxy = match self.proxy {
+            Some(url) => Some(ProxyAddr::parse(&url)),
+            None => ProxyAddr::from_env(&config.remote.host),
+        }
+        .transpose()
+        .map_err(|e| ConfigError::new("proxy", e.to_string()))?;
         config.remote_enroll_insecure = self.remote_enroll_insecure.unwrap_or(false);
         config.remote_timeout = self.remote_timeout.unwrap_or(config.remote_timeout);
         config.remote_idle_connections =

@@ -29,6 +29,15 @@ impl ServerConfig {
             api.endpoint()?;
         }
         check_host_regex("host-regex", &self.host_regex)?;
+        if let Some(path) = &self.ws_path {
+            let printable = path.bytes().all(|b| b.is_ascii_graphic());
+            if !path.starts_with('/') || !printable || path.contains(['?', '#']) {
+                return Err(ConfigError::new(
+                    "ws-path",
+                    format!("{path:?} is not a path: it starts with '/' and has no spaces, '?' or '#'"),
+                ));
+            }
+        }
         for (id, user) in &self.users {
             if !is_valid_id(id) {
                 return Err(ConfigError::new(
@@ -111,7 +120,7 @@ impl AuthApiConfig {
             _ => return Err(refuse(format!("'{url}': use https:// (or http:// on loopback)"))),
         };
         let port = uri.port_u16().unwrap_or(default_port);
-        Ok((uri, RemoteAddr { scheme, host, port }))
+        Ok((uri, RemoteAddr { scheme, host, port, path: String::new() }))
     }
 }
 

@@ -19,9 +19,9 @@ use super::http_head::{head_end, parse_head, rewrite_head, Forwarding, Head, MAX
 use super::http_requests::{strip_path_prefix, Pinning, RequestStream};
 use super::session::SessionShared;
 use super::tunnel::{Refusal, Tunnel};
-use super::ServerShared;
+use super::{link, ServerShared};
 use crate::proto::RegisterError;
-use crate::transport::{reset_on_drop, Stream};
+use crate::transport::{reset_on_drop, websocket_upgrade_key, Stream};
 
 /// Registers an HTTP service under its host name; the name is released when the service closes.
 pub(crate) async fn open_host(
@@ -80,6 +80,12 @@ pub(crate) async fn serve_visitor(
         Ok(head) => head,
         Err(why) => return respond(&mut visitor, 400, "Bad Request", &why).await,
     };
+    if let Some(key) = websocket_link_key(&shared, &head) {
+        let read_ahead = read.split_off(head_len);
+        let over_tls = scheme == "https";
+        return link::serve_websocket_link(shared, visitor, peer, (&key, read_ahead), over_tls, handshake)
+            .await;
+    }
     drop(handshake);
     let pinning = Pinning {
         route_host: head.route_host.clone(),
@@ -94,6 +100,17 @@ pub(crate) async fn serve_visitor(
         HostEntrance { head: &head, attempts: Attempts::default(), by_path: None, local_host: None };
     let span = tracing::debug_span!("http visitor", %peer, host = %head.route_host);
     dispatch(&shared, &mut entrance, &mut visitor, peer).instrument(span).await;
+}
+
+/// The `Sec-WebSocket-Key` of a request that upgrades to a client link: a WebSocket
+/// upgrade whose path is the server's `ws-path` (any host; the query is ignored).
+fn websocket_link_key(shared: &ServerShared, head: &Head) -> Option<Vec<u8>> {
+    let ws_path = shared.config.ws_path.as_deref()?;
+    let path = head.target.split('?').next().unwrap_or_default();
+    if !head.upgrade || head.method != "GET" || path != ws_path {
+        return None;
+    }
+    websocket_upgrade_key(&head.headers).map(<[u8]>::to_vec)
 }
 
 /// An HTTP visitor, routed by its first request head; each attempt looks the route up

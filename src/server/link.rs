@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
@@ -19,7 +20,7 @@ use crate::proto::{
     fill_to, read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello, LinkKind,
     LoginRefusal, ProtocolError, ServerMessage, MAGIC,
 };
-use crate::transport::Stream;
+use crate::transport::{accept_websocket, websocket_upgrade_response, Stream};
 
 /// Room for the preamble and a data hello, read in one go.
 const FIRST_READ: usize = 512;
@@ -57,6 +58,71 @@ pub(super) async fn serve_link(
     let Some(handshake) = shared.handshakes.sort(handshake, Sorted::ClientLink) else {
         return debug!(%peer, "too many client links in their handshake; closing");
     };
+    serve_opened(shared, (kind, stream, read), peer, over_tls, handshake).await
+}
+
+/// A client that came as a WebSocket upgrade request for `ws-path` on an HTTP-serving
+/// listener (its head is parsed, `key` is its `Sec-WebSocket-Key`): the upgrade is
+/// answered, then the link inside is served as any other.
+pub(super) async fn serve_websocket_link(
+    shared: Arc<ServerShared>,
+    stream: Stream,
+    peer: SocketAddr,
+    (key, read_ahead): (&[u8], BytesMut),
+    over_tls: bool,
+    handshake: Handshake,
+) {
+    let Some(handshake) = shared.handshakes.sort(handshake, Sorted::ClientLink) else {
+        return debug!(%peer, "too many client links in their handshake; closing");
+    };
+    let limit = shared.config.handshake_timeout;
+    let mut read = BytesMut::with_capacity(FIRST_READ);
+    let opened = open_websocket(stream, key, read_ahead, &mut read);
+    let (kind, stream) = match tokio::time::timeout(limit, opened).await {
+        Ok(Ok(opened)) => opened,
+        Ok(Err((err, stream))) => return refuse_link(stream, err, peer).await,
+        Err(_) => return debug!(%peer, "websocket link timed out before its preamble"),
+    };
+    debug!(%peer, "client link over websocket");
+    serve_opened(shared, (kind, stream, read), peer, over_tls, handshake).await
+}
+
+async fn open_websocket(
+    mut stream: Stream,
+    key: &[u8],
+    read_ahead: BytesMut,
+    read: &mut BytesMut,
+) -> Result<(LinkKind, Stream), LinkRefusal> {
+    let answer = websocket_upgrade_response(key);
+    if let Err(err) = async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.flush().await
+    }
+    .await
+    {
+        return Err((err.into(), None));
+    }
+    let mut stream = accept_websocket(stream, read_ahead.to_vec()).await;
+    if let Err(err) = fill_to(&mut stream, read, MAGIC.len()).await {
+        return Err((err, Some(stream)));
+    }
+    if !read.starts_with(MAGIC) {
+        return Err((ProtocolError::Malformed("not a ferry link inside the websocket".into()), None));
+    }
+    match read_preamble_buffered(&mut stream, read).await {
+        Ok(kind) => Ok((kind, stream)),
+        Err(err) => Err((err, Some(stream))),
+    }
+}
+
+/// A client link whose preamble was read: its control session or its data connection.
+async fn serve_opened(
+    shared: Arc<ServerShared>,
+    (kind, stream, read): (LinkKind, Stream, BytesMut),
+    peer: SocketAddr,
+    over_tls: bool,
+    handshake: Handshake,
+) {
     match kind {
         // The session watches the shutdown token itself, so it always runs its clean-up.
         LinkKind::Control => {

@@ -8,6 +8,12 @@ use std::net::SocketAddr;
 #[error("{0}")]
 pub struct AddrError(String);
 
+impl AddrError {
+    pub(crate) fn new(message: String) -> Self {
+        AddrError(message)
+    }
+}
+
 /// How the client reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
@@ -15,9 +21,44 @@ pub enum Scheme {
     Tcp,
     /// TLS over TCP.
     Tls,
+    /// WebSocket over TCP (`ws://`), through HTTP reverse proxies.
+    Ws,
+    /// WebSocket over TLS (`wss://`).
+    Wss,
 }
 
-/// The server as the client names it: `tcp://host:port`, `tls://host:port` or `host:port`.
+impl Scheme {
+    /// The scheme as written in a URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Tcp => "tcp",
+            Scheme::Tls => "tls",
+            Scheme::Ws => "ws",
+            Scheme::Wss => "wss",
+        }
+    }
+
+    /// Whether the link runs inside TLS to the server (`tls://`, `wss://`).
+    pub fn is_tls(self) -> bool {
+        matches!(self, Scheme::Tls | Scheme::Wss)
+    }
+
+    /// Whether the link is a WebSocket (`ws://`, `wss://`).
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Scheme::Ws | Scheme::Wss)
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            Scheme::Tcp => 7000,
+            Scheme::Tls | Scheme::Wss => 443,
+            Scheme::Ws => 80,
+        }
+    }
+}
+
+/// The server as the client names it: `tcp://host:port`, `tls://host:port`,
+/// `ws://host:port/path`, `wss://host:port/path` or `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteAddr {
     /// Transport.
@@ -26,42 +67,64 @@ pub struct RemoteAddr {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// The WebSocket path (`/ferry`), empty for tcp:// and tls://.
+    pub path: String,
 }
 
 impl RemoteAddr {
-    /// Parses a remote URL; the port defaults to 7000 for tcp and 443 for tls.
+    /// Parses a remote URL; the port defaults to 7000 for tcp, 443 for tls and wss, 80
+    /// for ws; a WebSocket path defaults to `/`.
     pub fn parse(text: &str) -> Result<Self, AddrError> {
         let (scheme, rest) = match text.split_once("://") {
             Some(("tcp", rest)) => (Scheme::Tcp, rest),
             Some(("tls", rest)) => (Scheme::Tls, rest),
+            Some(("ws", rest)) => (Scheme::Ws, rest),
+            Some(("wss", rest)) => (Scheme::Wss, rest),
             Some((other, _)) => {
-                return Err(AddrError(format!("unknown scheme '{other}' in '{text}' (use tcp:// or tls://)")))
+                return Err(AddrError(format!(
+                    "unknown scheme '{other}' in '{text}' (use tcp://, tls://, ws:// or wss://)"
+                )))
             }
             None => (Scheme::Tcp, text),
         };
-        let rest = rest.trim_end_matches('/');
-        let default_port = if scheme == Scheme::Tls { 443 } else { 7000 };
-        let (host, port) =
-            split_host_port(rest, default_port).map_err(|e| AddrError(format!("{e} in '{text}'")))?;
+        let (authority, path) = match (scheme.is_websocket(), rest.find('/')) {
+            (true, Some(at)) => (&rest[..at], rest[at..].to_owned()),
+            (true, None) => (rest, "/".to_owned()),
+            (false, _) => (rest.trim_end_matches('/'), String::new()),
+        };
+        if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(AddrError(format!("the path of '{text}' has spaces or control characters")));
+        }
+        let (host, port) = split_host_port(authority, scheme.default_port())
+            .map_err(|e| AddrError(format!("{e} in '{text}'")))?;
         if host.is_empty() {
             return Err(AddrError(format!("no host in '{text}'")));
         }
-        Ok(RemoteAddr { scheme, host, port })
+        Ok(RemoteAddr { scheme, host, port, path })
+    }
+
+    /// The URL of the WebSocket upgrade request (`ws://host:port/path`; TLS, if any, is
+    /// already below it).
+    pub fn websocket_url(&self) -> String {
+        format!("ws://{}{}", self.authority(), self.path)
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 }
 
 impl fmt::Display for RemoteAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.scheme == Scheme::Tls { "tls" } else { "tcp" };
-        if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
-        }
+        write!(f, "{}://{}{}", self.scheme.as_str(), self.authority(), self.path)
     }
 }
 
-fn split_host_port(text: &str, default_port: u16) -> Result<(String, u16), String> {
+pub(crate) fn split_host_port(text: &str, default_port: u16) -> Result<(String, u16), String> {
     if let Some(rest) = text.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or("unclosed '['")?;
         let port = match after.strip_prefix(':') {
@@ -107,6 +170,13 @@ mod tests {
         assert_eq!((r.host.as_str(), r.port), ("::1", 7001));
         assert_eq!(r.to_string(), "tcp://[::1]:7001");
         assert!(RemoteAddr::parse("udp://x:1").is_err());
+        let r = RemoteAddr::parse("wss://example.com/ferry").unwrap();
+        assert_eq!((r.scheme, r.port, r.path.as_str()), (Scheme::Wss, 443, "/ferry"));
+        assert_eq!(r.websocket_url(), "ws://example.com:443/ferry");
+        let r = RemoteAddr::parse("ws://[::1]:8080").unwrap();
+        assert_eq!((r.host.as_str(), r.port, r.path.as_str()), ("::1", 8080, "/"));
+        assert_eq!(r.to_string(), "ws://[::1]:8080/");
+        assert!(RemoteAddr::parse("ws://h/a b").is_err());
         assert!(RemoteAddr::parse("tcp://x:notaport").is_err());
     }
 

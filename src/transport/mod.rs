@@ -1,8 +1,10 @@
-//! The link between client and server: TCP or TLS today, one boxed stream type
-//! for all, so that QUIC or WebSocket transports can slot in later.
+//! The link between client and server: TCP, TLS, WebSocket (over either), one boxed
+//! stream type for all.
 
 mod addr;
+mod proxy;
 mod tls;
+mod ws;
 
 use std::io;
 use std::time::Duration;
@@ -11,7 +13,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 pub use addr::{parse_listen_addr, AddrError, RemoteAddr, Scheme};
+pub use proxy::{ProxyAddr, ProxyKind};
 pub use tls::{client_tls_config, server_tls_acceptor, RemoteTrust, TlsError, TlsVersion};
+pub use ws::WsStream;
+pub(crate) use ws::{
+    accept as accept_websocket, upgrade_key as websocket_upgrade_key,
+    upgrade_response as websocket_upgrade_response,
+};
 
 /// Anything that carries bytes both ways.
 pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {
@@ -53,27 +61,35 @@ pub fn reset_on_drop(stream: &TcpStream) {
 /// The type-erased link stream every layer above the transport works with.
 pub type Stream = Box<dyn AsyncStream>;
 
-/// Dials the server: TCP, then TLS when the remote address says `tls://`.
+/// Dials the server: TCP, then TLS when the remote address says `tls://` or `wss://`,
+/// then the WebSocket upgrade for `ws://` and `wss://`; through a proxy if it has one.
 #[derive(Clone)]
 pub struct Connector {
     remote: RemoteAddr,
+    proxy: Option<ProxyAddr>,
     tls: Option<(tokio_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)>,
     timeout: Duration,
 }
 
 impl Connector {
-    /// Builds a connector; `trust` matters only for `tls://` addresses.
+    /// Builds a connector; `trust` matters only for `tls://` and `wss://` addresses.
     pub fn new(remote: RemoteAddr, trust: &RemoteTrust, timeout: Duration) -> Result<Self, TlsError> {
         let tls = match remote.scheme {
-            Scheme::Tcp => None,
-            Scheme::Tls => {
+            Scheme::Tcp | Scheme::Ws => None,
+            Scheme::Tls | Scheme::Wss => {
                 let config = client_tls_config(trust)?;
                 let name = rustls_pki_types::ServerName::try_from(remote.host.clone())
                     .map_err(|_| TlsError::BadServerName(remote.host.clone()))?;
                 Some((tokio_rustls::TlsConnector::from(config), name))
             }
         };
-        Ok(Connector { remote, tls, timeout })
+        Ok(Connector { remote, proxy: None, tls, timeout })
+    }
+
+    /// Reaches the server through `proxy` (HTTP CONNECT or SOCKS5), if given.
+    pub fn with_proxy(mut self, proxy: Option<ProxyAddr>) -> Self {
+        self.proxy = proxy;
+        self
     }
 
     /// The address this connector dials.
@@ -85,15 +101,19 @@ impl Connector {
     pub async fn connect(&self) -> io::Result<Stream> {
         let target = format!("{}:{}", self.remote.host, self.remote.port);
         let attempt = async {
-            let tcp = TcpStream::connect(&target).await?;
+            let tcp = match &self.proxy {
+                Some(proxy) => proxy.connect(&self.remote.host, self.remote.port).await?,
+                None => TcpStream::connect(&target).await?,
+            };
             tcp.set_nodelay(true)?;
-            match &self.tls {
-                None => Ok(Box::new(tcp) as Stream),
-                Some((connector, name)) => {
-                    let tls = connector.connect(name.clone(), tcp).await?;
-                    Ok(Box::new(tls) as Stream)
-                }
+            let link: Stream = match &self.tls {
+                None => Box::new(tcp),
+                Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await?),
+            };
+            if self.remote.scheme.is_websocket() {
+                return ws::connect(link, &self.remote.websocket_url()).await;
             }
+            Ok(link)
         };
         match tokio::time::timeout(self.timeout, attempt).await {
             Ok(result) => result.map_err(|e: io::Error| {

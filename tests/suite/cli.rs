@@ -10,9 +10,13 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
+/// The `ferry` binary, with no proxy from the environment of whoever runs the tests.
 pub(crate) fn ferry() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
     command.kill_on_drop(true).stdin(Stdio::null());
+    for var in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"] {
+        command.env_remove(var);
+    }
     command
 }
 

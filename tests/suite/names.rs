@@ -88,7 +88,7 @@ async fn an_offline_owner_keeps_its_names_for_the_grace_period() {
         let first = alice(addr).await;
         let _ = first.add_service(http(local, "shop")).await.unwrap();
         first.shutdown().await;
-        poll_until(|| async { get(addr, "/", "shop.example.com").await.status == 502 }).await;
+        assert!(poll_until(|| async { get(addr, "/", "shop.example.com").await.status == 502 }).await);
 
         // While alice reconnects, bob cannot take her name.
         let bob = bob(addr).await;
@@ -105,7 +105,7 @@ async fn an_offline_owner_keeps_its_names_for_the_grace_period() {
         back.shutdown().await;
         let left = tokio::time::Instant::now();
         let bob_local = http_service("bob").await;
-        poll_until(|| async { bob.add_service(http(bob_local, "shop")).await.is_ok() }).await;
+        assert!(poll_until(|| async { bob.add_service(http(bob_local, "shop")).await.is_ok() }).await);
         assert!(left.elapsed() >= Duration::from_millis(2500), "freed after {:?}", left.elapsed());
         assert!(get(addr, "/", "shop.example.com").await.text().starts_with("service=bob"));
     })
@@ -146,15 +146,4 @@ async fn a_service_name_cannot_forge_server_log_lines() {
         server.kill().await.unwrap();
     })
     .await
-}
-
-/// Polls `check` every 50 ms until it holds (the caller's `within` bounds the wait).
-async fn poll_until<F, Fut>(mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    while !check().await {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -39,10 +39,21 @@ async fn killed_client_started_again_gets_the_same_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reconnects_after_a_server_restart() {
+    assert_reconnects_after_a_server_restart(server_config(), |addr| client_config(addr, "id1", "secret1"))
+        .await
+}
+
+/// A server of `config` is stopped and started again on the same address: the client
+/// (of `client_for` that address) notices, reconnects by itself and serves the same
+/// public port again.
+pub(crate) async fn assert_reconnects_after_a_server_restart(
+    config: ferry::ServerConfig,
+    client_for: impl Fn(std::net::SocketAddr) -> ferry::ClientConfig,
+) {
     within(60, async {
-        let server = start_server(server_config()).await;
+        let server = start_server(config.clone()).await;
         let server_addr = server.local_addr();
-        let client = connect(server_addr).await;
+        let client = Client::connect(client_for(server_addr)).await.unwrap();
         let mut state = client.state();
         let echo = echo_server().await;
         let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
@@ -52,9 +63,7 @@ async fn client_reconnects_after_a_server_restart() {
         server.shutdown().await;
         state.wait_for(|s| matches!(s, ClientState::Disconnected { .. })).await.unwrap();
 
-        let mut config = server_config();
-        config.addr = Some(server_addr);
-        let restarted = start_server(config).await;
+        let restarted = start_server(ferry::ServerConfig { addr: Some(server_addr), ..config }).await;
         state.wait_for(|s| matches!(s, ClientState::Connected { .. })).await.unwrap();
         // Same public port, served again, without anyone touching the client.
         wait_until_echo(public).await;
@@ -99,20 +108,6 @@ async fn silent_client_kept(server: std::net::SocketAddr, port: u16) {
             Err(_) => return,
         }
     }
-}
-
-async fn poll_until<F, Fut>(mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..400 {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
 }
 
 /// A fake server that welcomes the client and then never speaks again.

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub(crate) struct Certs {
     _dir: tempfile::TempDir,
     pub(crate) cert: PathBuf,
-    key: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
 pub(crate) fn make_certs() -> Certs {
@@ -48,12 +48,7 @@ async fn tunnel_over_tls_with_a_pinned_ca() {
         let client = Client::connect(tls_client_config(&server, RemoteTrust::CaFile(certs.cert.clone())))
             .await
             .unwrap();
-        let echo = echo_server().await;
-        let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
-        let public = format!("127.0.0.1:{}", tunnel.remote_port()).parse().unwrap();
-        let payload = random_bytes(8 << 20);
-        let got = echo_through(public, &payload).await.unwrap();
-        assert_eq!(sha256(&got), sha256(&payload));
+        assert_tcp_tunnel_carries(&client, 8 << 20).await;
     })
     .await
 }

@@ -16,6 +16,21 @@ pub async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), fut).await.expect("test timed out")
 }
 
+/// Checks `check` every 10 ms until it holds, for at most 4 s; whether it did.
+pub async fn poll_until<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for _ in 0..400 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 /// A server config on 127.0.0.1:0 with user id1/secret1 and TCP ports 1024-65535.
 pub fn server_config() -> ServerConfig {
     let mut config = ServerConfig::default().with_user("id1", "secret1");
@@ -47,6 +62,15 @@ pub struct Tunnel {
     pub client: Client,
     pub registration: ferry::Registration,
     pub public: SocketAddr,
+}
+
+/// `len` random bytes through a new TCP tunnel of `client` to an echo service, checked by hash.
+pub async fn assert_tcp_tunnel_carries(client: &Client, len: usize) {
+    let echo = echo_server().await;
+    let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
+    let public = format!("127.0.0.1:{}", tunnel.remote_port()).parse().unwrap();
+    let payload = random_bytes(len);
+    assert_eq!(sha256(&echo_through(public, &payload).await.unwrap()), sha256(&payload));
 }
 
 pub async fn echo_tunnel() -> Tunnel {
