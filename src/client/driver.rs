@@ -315,12 +315,13 @@ impl Driver {
 
     /// Runs one session until it fails; returns why.
     async fn serve(&mut self, logged: LoggedIn) -> String {
-        let LoggedIn { chan, session, key, heartbeat_interval } = logged;
+        let LoggedIn { chan, session, key, heartbeat_interval, quic } = logged;
+        let quic_connection = quic.as_ref().map(|link| link.connection.clone());
         let session_token = self.token.child_token();
         let _stop_pool = session_token.clone().drop_guard();
         let routes = Routes::default();
         let pool = DataPool::start(
-            self.connector.clone(),
+            (self.connector.clone(), quic_connection),
             session,
             key,
             routes.clone(),
@@ -335,6 +336,9 @@ impl Driver {
             Err(err) => format!("control connection failed: {err}"),
         };
         session.pool.stop().await;
+        if let Some(link) = quic {
+            link.connection.close(0u32.into(), b"session over");
+        }
         for (_, question) in self.questions.drain() {
             let _ = question.send(Err(ClientError::NotConnected));
         }

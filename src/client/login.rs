@@ -17,7 +17,7 @@ use crate::proto::{
     ServerMessage,
 };
 use crate::seal::{FrameCipher, Side};
-use crate::transport::{Connector, RemoteTrust, Stream};
+use crate::transport::{Connector, QuicLink, RemoteTrust, Stream};
 
 /// A logged-in control connection.
 pub(crate) struct LoggedIn {
@@ -25,6 +25,8 @@ pub(crate) struct LoggedIn {
     pub(crate) session: u64,
     pub(crate) key: SessionKey,
     pub(crate) heartbeat_interval: Duration,
+    /// The QUIC connection of a `quic://` login: the server opens visitors' streams on it.
+    pub(crate) quic: Option<QuicLink>,
 }
 
 /// Connects and logs in; the secret itself never leaves this process, except sealed for a
@@ -34,7 +36,7 @@ pub(crate) async fn login(
     config: &ClientConfig,
     instance: &str,
 ) -> Result<LoggedIn, ClientError> {
-    let mut stream = connector.connect().await.map_err(ClientError::Connect)?;
+    let (mut stream, quic) = connector.connect_control().await.map_err(ClientError::Connect)?;
     let software = env!("CARGO_PKG_VERSION").to_owned();
     let hello_sum = hello_digest(&config.id, instance, &software, &config.tags);
     let hello = ClientMessage::Hello {
@@ -61,7 +63,7 @@ pub(crate) async fn login(
             chan.encrypt(FrameCipher::new(&key, Side::Client));
             remember_login(config);
             let heartbeat_interval = Duration::from_millis(heartbeat_interval_ms.max(10));
-            Ok(LoggedIn { chan, session, key, heartbeat_interval })
+            Ok(LoggedIn { chan, session, key, heartbeat_interval, quic })
         }
         other => Err(unexpected(other)),
     }

@@ -81,12 +81,16 @@ pub struct Client {
     driver: JoinHandle<()>,
     token: CancellationToken,
     _stop_on_drop: DropGuard,
+    /// How the driver dials; shared, for [`rebind`](Client::rebind).
+    connector: Connector,
 }
 
 /// How this client dials its server: the transport of `remote`, through `proxy` if any.
 fn connector(config: &ClientConfig) -> Result<Connector, ClientError> {
     let connector = Connector::new(config.remote.clone(), &config.remote_trust, config.remote_timeout)?;
-    Ok(connector.with_proxy(config.proxy.clone()))
+    Ok(connector
+        .with_proxy(config.proxy.clone())
+        .with_quic(config.quic_congestion, config.heartbeat_timeout)?)
 }
 
 impl Client {
@@ -98,8 +102,9 @@ impl Client {
         let instance = format!("{:032x}", rand::random::<u128>());
         let first = login::login(&connector, &config, &instance).await?;
         let state = ClientState::Connected { session: first.session };
+        let dialer = connector.clone();
         let driver = |links| Driver::new(config, connector, instance, links);
-        Ok(Client::start(driver, state, Some(first), None))
+        Ok(Client::start((driver, dialer), state, Some(first), None))
     }
 
     /// Connects and logs in, retrying what may pass (the server not up yet or unreachable,
@@ -110,8 +115,9 @@ impl Client {
         let connector = connector(&config)?;
         let instance = format!("{:032x}", rand::random::<u128>());
         let (fatal, mut failed) = oneshot::channel();
+        let dialer = connector.clone();
         let driver = |links| Driver::new(config, connector, instance, links);
-        let client = Client::start(driver, ClientState::Connecting, None, Some(fatal));
+        let client = Client::start((driver, dialer), ClientState::Connecting, None, Some(fatal));
         let mut state = client.state();
         tokio::select! {
             biased;
@@ -125,7 +131,7 @@ impl Client {
 
     /// Spawns the driver task.
     fn start(
-        driver: impl FnOnce(DriverLinks) -> Driver,
+        (driver, connector): (impl FnOnce(DriverLinks) -> Driver, Connector),
         state: ClientState,
         first: Option<login::LoggedIn>,
         fatal: Option<oneshot::Sender<ClientError>>,
@@ -142,7 +148,16 @@ impl Client {
             driver,
             _stop_on_drop: token.clone().drop_guard(),
             token,
+            connector,
         }
+    }
+
+    /// Moves a `quic://` client's link to `socket`, after a network change for instance:
+    /// the QUIC connection, its tunnels and their visitors go on from the new address
+    /// (connection migration). Fails when the client is not on `quic://` or has never
+    /// connected.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
+        self.connector.rebind_quic(socket)
     }
 
     /// The open services of this client's user on the server, with live figures

@@ -19,7 +19,7 @@ use crate::proto::{
 };
 use crate::relay::{relay_chunked, Status};
 use crate::seal::{visitor_keys, SealedStream, Side};
-use crate::transport::{reset_on_drop, Connector, Stream};
+use crate::transport::{accept_stream, reset_on_drop, Connector, Stream};
 
 /// Buffer for the open message and any visitor bytes that come with it.
 const EARLY_READ: usize = 4096;
@@ -69,9 +69,10 @@ pub(crate) struct DataPool {
 }
 
 impl DataPool {
-    /// Starts keeping `idle` data connections open until `token` is cancelled.
+    /// Starts keeping `idle` data connections open until `token` is cancelled; for a
+    /// session over QUIC, serves the streams the server opens on `quic` instead.
     pub(crate) fn start(
-        connector: Connector,
+        (connector, quic): (Connector, Option<quinn::Connection>),
         session: u64,
         key: SessionKey,
         routes: Routes,
@@ -94,10 +95,40 @@ impl DataPool {
             token,
             tasks: TaskTracker::new(),
         });
-        for _ in 0..idle {
-            pool.spawn_worker();
+        match quic {
+            Some(connection) => {
+                let serving = pool.clone();
+                pool.tasks.spawn(async move {
+                    let token = serving.token.clone();
+                    token.run_until_cancelled(serving.serve_streams(connection)).await;
+                });
+            }
+            None => (0..idle).for_each(|_| pool.spawn_worker()),
         }
         pool
+    }
+
+    /// Serves each stream the server opens on the session's QUIC connection (one per
+    /// visitor) until the connection ends.
+    async fn serve_streams(self: Arc<Self>, connection: quinn::Connection) {
+        while let Some(link) = accept_stream(&connection).await {
+            let pool = self.clone();
+            self.tasks.spawn(async move {
+                let token = pool.token.clone();
+                token.run_until_cancelled(pool.serve_stream(link)).await;
+            });
+        }
+        debug!("QUIC connection closed");
+    }
+
+    async fn serve_stream(self: Arc<Self>, link: Stream) {
+        let (link, open, early) = match wait_for_visitor(link, BytesMut::with_capacity(EARLY_READ)).await {
+            Ok(claimed) => claimed,
+            Err(err) => return debug!(%err, "QUIC stream without an open message"),
+        };
+        let span = tracing::info_span!("visitor", service = open.service, visitor = %open.visitor);
+        // A stream serves one visitor: whatever the relay leaves is dropped with it.
+        let _ = self.serve_visitor(link, &open, early).instrument(span).await;
     }
 
     /// Stops every worker (and the visitors they serve) and waits until they are gone.
@@ -107,8 +138,12 @@ impl DataPool {
         self.tasks.wait().await;
     }
 
-    /// The server saw visitors wait: keep more connections idle from now on.
+    /// The server saw visitors wait: keep more connections idle from now on (not over
+    /// QUIC, where the server opens streams itself).
     pub(crate) fn grow(self: &Arc<Self>, count: u32) {
+        if self.connector.is_quic() {
+            return;
+        }
         let target = self.target.load(Ordering::Relaxed);
         let extra = (count as usize).min(MAX_IDLE.saturating_sub(target));
         self.target.fetch_add(extra, Ordering::Relaxed);

@@ -29,7 +29,7 @@ pub use users_key::UsersOption;
 use crate::auth::Secret;
 use crate::proto::{ProxyProtocol, ServiceControl};
 use crate::relay::IdleLimit;
-use crate::transport::{ProxyAddr, RemoteAddr, RemoteTrust, TlsVersion};
+use crate::transport::{Congestion, ProxyAddr, RemoteAddr, RemoteTrust, TlsVersion};
 
 /// Default heartbeat timeout on both sides.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -141,6 +141,11 @@ pub struct ServerConfig {
     pub http_path_routing: bool,
     /// Clients may connect over WebSocket at this path on the HTTP-serving listeners.
     pub ws_path: Option<String>,
+    /// A UDP address for clients over QUIC (`--quic-addr`), with the certificates of
+    /// `cert_file`/`key_file`.
+    pub quic_addr: Option<SocketAddr>,
+    /// The congestion controller of QUIC links.
+    pub quic_congestion: Congestion,
     /// A request head not complete within this time closes the visitor.
     pub http_header_timeout: Duration,
     /// Failed logins in a row (per address, and per id) before a ban; 0 turns bans off.
@@ -190,6 +195,8 @@ impl Default for ServerConfig {
             http_mux_header: "Host".into(),
             http_path_routing: false,
             ws_path: None,
+            quic_addr: None,
+            quic_congestion: Congestion::default(),
             http_header_timeout: Duration::from_secs(10),
             reconnect_times: 3,
             reconnect_duration: Duration::from_secs(300),
@@ -245,6 +252,8 @@ pub struct ClientConfig {
     pub secret: Secret,
     /// How to check the server's certificate on `tls://` and `wss://`.
     pub remote_trust: RemoteTrust,
+    /// The congestion controller of `quic://` links (`--quic-congestion`).
+    pub quic_congestion: Congestion,
     /// A proxy to reach the server through (`--proxy`; the CLI also reads `HTTPS_PROXY`,
     /// `ALL_PROXY` and `NO_PROXY`, see [`ProxyAddr::from_env`]).
     pub proxy: Option<ProxyAddr>,
@@ -280,6 +289,7 @@ impl ClientConfig {
             secret: Secret::new(secret),
             remote_trust: RemoteTrust::System,
             proxy: None,
+            quic_congestion: Congestion::default(),
             remote_enroll_insecure: false,
             reconnect_delay: Duration::from_secs(1),
             max_reconnect_delay: Duration::from_secs(10),

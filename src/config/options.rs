@@ -15,7 +15,7 @@ pub use super::users_key::UsersOption;
 use super::{AuthApiConfig, ClientConfig, ConfigError, PortRange, ServerConfig, ServiceConfig, ServiceKind};
 use crate::auth::Secret;
 use crate::proto::ProxyProtocol;
-use crate::transport::{parse_listen_addr, ProxyAddr, RemoteAddr, RemoteTrust, TlsVersion};
+use crate::transport::{parse_listen_addr, Congestion, ProxyAddr, RemoteAddr, RemoteTrust, TlsVersion};
 
 command_options! {
 "server",
@@ -129,6 +129,14 @@ pub struct ServerOptions {
     /// [default: off]
     #[arg(long)]
     pub ws_path: Option<String>,
+    /// A UDP address for clients over QUIC (quic://), e.g. 0.0.0.0:7443, with the
+    /// certificates of cert-file/key-file; it may share the port number of tls-addr.
+    #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
+    pub quic_addr: Option<String>,
+    /// The congestion controller of QUIC links: cubic or bbr. [default: cubic]
+    #[arg(long)]
+    pub quic_congestion: Option<Congestion>,
     /// Failed logins in a row, from one address or for one id, before a ban; 0 turns bans off.
     /// [default: 3]
     #[arg(long)]
@@ -178,8 +186,8 @@ pub struct ClientOptions {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// The server: tcp://host:port, tls://host:port, ws://host:port/path,
-    /// wss://host:port/path or host:port.
+    /// The server: tcp://host:port, tls://host:port, quic://host:port,
+    /// ws://host:port/path, wss://host:port/path or host:port.
     #[arg(long)]
     pub remote: Option<String>,
     /// Reach the server through this proxy: http://[user:pass@]host:port (HTTP CONNECT) or
@@ -187,6 +195,9 @@ pub struct ClientOptions {
     /// names the server]
     #[arg(long)]
     pub proxy: Option<String>,
+    /// The congestion controller of a quic:// link: cubic or bbr. [default: cubic]
+    #[arg(long)]
+    pub quic_congestion: Option<Congestion>,
     /// User id.
     #[arg(long)]
     pub id: Option<String>,
@@ -371,6 +382,7 @@ impl ServerOptions {
         }
         config.http_path_routing = self.http_path_routing.unwrap_or(false);
         config.ws_path = self.ws_path;
+        config.quic_congestion = self.quic_congestion.unwrap_or_default();
         config.http_header_timeout = self.http_header_timeout.unwrap_or(config.http_header_timeout);
         config.reconnect_times = self.reconnect_times.unwrap_or(config.reconnect_times);
         config.timeout = self.timeout;
@@ -389,6 +401,7 @@ impl ServerOptions {
             config.addr = Some(addr);
         }
         config.tls_addr = listen_addr("tls-addr", &self.tls_addr)?;
+        config.quic_addr = listen_addr("quic-addr", &self.quic_addr)?;
         config.cert_file = std::mem::take(&mut self.cert_file);
         config.key_file = std::mem::take(&mut self.key_file);
         config.tls_min_version = self.tls_min_version.unwrap_or_default();
@@ -463,6 +476,7 @@ impl ClientOptions {
         }
         .transpose()
         .map_err(|e| ConfigError::new("proxy", e.to_string()))?;
+        config.quic_congestion = self.quic_congestion.unwrap_or_default();
         config.remote_enroll_insecure = self.remote_enroll_insecure.unwrap_or(false);
         config.remote_timeout = self.remote_timeout.unwrap_or(config.remote_timeout);
         config.remote_idle_connections =

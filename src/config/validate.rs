@@ -10,10 +10,21 @@ impl ServerConfig {
     /// Checks the values that types cannot: the TLS certificate and key pairs, the
     /// management API's access rules, the auth API's URL, user ids and host patterns.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if [self.addr, self.tls_addr, self.sni_addr, self.http_addr].iter().all(Option::is_none) {
+        if [self.addr, self.tls_addr, self.sni_addr, self.http_addr, self.quic_addr]
+            .iter()
+            .all(Option::is_none)
+        {
             return Err(ConfigError::new(
                 "addr",
-                "no listener at all: give addr, tls-addr, sni-addr or http-addr",
+                "no listener at all: give addr, tls-addr, quic-addr, sni-addr or http-addr",
+            ));
+        }
+        if self.quic_addr.is_some()
+            && (self.cert_file.is_empty() || self.cert_file.len() != self.key_file.len())
+        {
+            return Err(ConfigError::new(
+                "quic-addr",
+                "needs cert-file and key-file, one key-file for each cert-file",
             ));
         }
         if self.tls_addr.is_some()

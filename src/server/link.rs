@@ -15,12 +15,16 @@ use tracing::{debug, warn};
 
 use super::bans::Offender;
 use super::handshakes::{Handshake, Sorted};
+use super::pool::DataPool;
 use super::{http, session, sni, ServerShared};
 use crate::proto::{
     fill_to, read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello, LinkKind,
     LoginRefusal, ProtocolError, ServerMessage, MAGIC,
 };
-use crate::transport::{accept_websocket, websocket_upgrade_response, Stream};
+use crate::transport::{accept_stream, accept_websocket, websocket_upgrade_response, Stream};
+
+/// Longest wait for a client to close a QUIC connection whose session is over.
+const QUIC_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Room for the preamble and a data hello, read in one go.
 const FIRST_READ: usize = 512;
@@ -127,13 +131,62 @@ async fn serve_opened(
         // The session watches the shutdown token itself, so it always runs its clean-up.
         LinkKind::Control => {
             let chan = ControlChannel::with_buffer(stream, read);
-            session::serve_control(shared, chan, peer, over_tls, handshake).await
+            session::serve_control(shared, chan, peer, (over_tls, DataPool::default()), handshake).await
         }
         LinkKind::Data => {
             attach_data(&shared, stream, read, peer).await;
             drop(handshake);
         }
     }
+}
+
+/// A new QUIC connection: its first stream must be a control link, whose session then
+/// opens a stream of the connection per visitor.
+pub(super) async fn serve_quic_link(
+    shared: Arc<ServerShared>,
+    incoming: quinn::Incoming,
+    handshake: Handshake,
+) {
+    let peer = incoming.remote_address();
+    if shared.bans.banned(&Offender::source(peer.ip())).is_some() {
+        incoming.refuse();
+        return debug!(%peer, "banned address on the QUIC port; refused before the handshake");
+    }
+    let Some(handshake) = shared.handshakes.sort(handshake, Sorted::ClientLink) else {
+        incoming.refuse();
+        return debug!(%peer, "too many client links in their handshake; refusing");
+    };
+    let mut read = BytesMut::with_capacity(FIRST_READ);
+    let opened = async {
+        let connection =
+            incoming.await.map_err(|e| (ProtocolError::Malformed(format!("QUIC handshake: {e}")), None))?;
+        let stream = accept_stream(&connection).await.ok_or_else(|| {
+            (ProtocolError::Malformed("QUIC connection closed before its control stream".into()), None)
+        })?;
+        let mut stream = stream;
+        if let Err(err) = fill_to(&mut stream, &mut read, MAGIC.len()).await {
+            return Err((err, Some(stream)));
+        }
+        match read_preamble_buffered(&mut stream, &mut read).await {
+            Ok(LinkKind::Control) => Ok((connection, stream)),
+            Ok(LinkKind::Data) => Err((ProtocolError::Malformed("a data link over QUIC".into()), None)),
+            Err(err) => Err((err, Some(stream))),
+        }
+    };
+    let (connection, stream) = match tokio::time::timeout(shared.config.handshake_timeout, opened).await {
+        Ok(Ok(opened)) => opened,
+        Ok(Err((err, stream))) => return refuse_link(stream, err, peer).await,
+        Err(_) => return debug!(%peer, "QUIC link timed out before its preamble"),
+    };
+    debug!(%peer, "client link over QUIC");
+    let chan = ControlChannel::with_buffer(stream, read);
+    let pool = DataPool::over_quic(connection.clone());
+    session::serve_control(shared.clone(), chan, peer, (true, pool), handshake).await;
+    // Closing at once would drop what the control stream still has to deliver (a login
+    // refusal, a goodbye): the client closes once it has read it, or the grace ends.
+    let grace = shared.config.handshake_timeout.min(QUIC_CLOSE_GRACE);
+    let _ = tokio::time::timeout(grace, connection.closed()).await;
+    connection.close(0u32.into(), b"session over");
 }
 
 /// A connection to `sni-addr`: a TLS ClientHello is a visitor, passed through by its

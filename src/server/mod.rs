@@ -43,13 +43,16 @@ use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
 use crate::error::ServerError;
-use crate::transport::server_tls_acceptor;
+use crate::transport::{quic_server_endpoint, server_tls_acceptor, server_tls_config, TlsVersion};
 use bans::Bans;
 use endpoints::Endpoints;
 use handshakes::{Handshakes, Sorted};
 use hooks::{NoHooks, ServerHooks};
 use registry::Registry;
 use users::{Directory, Users};
+
+/// How long shutdown waits for QUIC connections to close before letting go of the port.
+const QUIC_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// How long shutdown waits for sessions to close before returning anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -140,6 +143,8 @@ pub struct Server {
     listeners: Vec<Listener>,
     /// The management API's listener and TLS, if `api-addr` is set.
     api: Option<(TcpListener, Option<TlsAcceptor>)>,
+    /// The QUIC endpoint for clients, if `quic-addr` is set.
+    quic: Option<quinn::Endpoint>,
 }
 
 /// One bound listener and what it serves.
@@ -189,9 +194,8 @@ impl Server {
             .map(|socket| Listener { socket, key: "addr", tls: None, serves: Serves::ClientsAndHttp })
             .into_iter()
             .collect();
+        let pairs: Vec<_> = config.cert_file.iter().cloned().zip(config.key_file.iter().cloned()).collect();
         if let Some(addr) = config.tls_addr {
-            let pairs: Vec<_> =
-                config.cert_file.iter().cloned().zip(config.key_file.iter().cloned()).collect();
             let acceptor = server_tls_acceptor(&pairs, config.tls_min_version)?;
             let socket = bind(addr, "tls-addr").await?;
             listeners.push(Listener {
@@ -201,6 +205,16 @@ impl Server {
                 serves: Serves::ClientsAndHttp,
             });
         }
+        let quic = match config.quic_addr {
+            Some(addr) => {
+                let tls = server_tls_config(&pairs, TlsVersion::Tls13)?;
+                let idle = config.heartbeat_timeout;
+                let endpoint = quic_server_endpoint(addr, &tls, config.quic_congestion, idle)
+                    .map_err(|cause| ServerError::Bind { addr, key: "quic-addr", cause })?;
+                Some(endpoint)
+            }
+            None => None,
+        };
         if let Some(addr) = config.http_addr {
             let socket = bind(addr, "http-addr").await?;
             listeners.push(Listener { socket, key: "http-addr", tls: None, serves: Serves::HttpOnly });
@@ -222,7 +236,7 @@ impl Server {
             None => None,
         };
         let shared = ServerShared::new(config)?;
-        Ok(Server { shared, listeners, api })
+        Ok(Server { shared, listeners, api, quic })
     }
 
     fn addr_of(&self, key: &str) -> Option<SocketAddr> {
@@ -258,12 +272,17 @@ impl Server {
         self.api.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
     }
 
+    /// The QUIC address (UDP), if `quic-addr` is set.
+    pub fn quic_local_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|endpoint| endpoint.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes, then closes every tunnel and returns.
     ///
     /// Spawn this future on the runtime (or use [`spawn`](Server::spawn)) rather than
     /// awaiting it on `block_on`'s thread, where every accept would cross threads.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { shared, listeners, api } = self;
+        let Server { shared, listeners, api, quic } = self;
         let links = TaskTracker::new();
         let mut accepting = Vec::with_capacity(listeners.len() + 1);
         if let Some((listener, tls)) = api {
@@ -275,6 +294,11 @@ impl Server {
             let addr = listener.socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
             info!(%addr, listener = listener.key, "listening");
             accepting.push(tokio::spawn(accept_links(shared.clone(), listener, links.clone())));
+        }
+        if let Some(endpoint) = quic {
+            let addr = endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            info!(%addr, listener = "quic-addr", "listening");
+            accepting.push(tokio::spawn(accept_quic(shared.clone(), endpoint, links.clone())));
         }
         shutdown.await;
         info!("shutting down");
@@ -308,11 +332,12 @@ impl Server {
         let (addr, tls_addr, http_addr) = (self.local_addr(), self.tls_local_addr(), self.http_local_addr());
         let sni_addr = self.sni_local_addr();
         let api_addr = self.api_local_addr();
+        let quic_addr = self.quic_local_addr();
         let stop = token.clone();
         let reloader = self.reloader();
         let task = tokio::spawn(async move { self.run(stop.cancelled_owned()).await });
         let task = Some(task);
-        ServerHandle { token, task, addr, tls_addr, http_addr, sni_addr, api_addr, reloader }
+        ServerHandle { token, task, addr, tls_addr, http_addr, sni_addr, api_addr, quic_addr, reloader }
     }
 }
 
@@ -327,6 +352,7 @@ pub struct ServerHandle {
     http_addr: Option<SocketAddr>,
     sni_addr: Option<SocketAddr>,
     api_addr: Option<SocketAddr>,
+    quic_addr: Option<SocketAddr>,
     reloader: Reloader,
 }
 
@@ -359,6 +385,11 @@ impl ServerHandle {
     /// The management API's address, if `api-addr` is set.
     pub fn api_local_addr(&self) -> Option<SocketAddr> {
         self.api_addr
+    }
+
+    /// The QUIC address (UDP), if `quic-addr` is set.
+    pub fn quic_local_addr(&self) -> Option<SocketAddr> {
+        self.quic_addr
     }
 
     /// Stops accepting, closes every tunnel and waits for the server to finish.
@@ -436,5 +467,36 @@ async fn accept_links(shared: Arc<ServerShared>, listener: Listener, links: Task
                 links.spawn(link::serve_link(shared, tcp, peer, tls, http_only, handshake))
             }
         };
+    }
+}
+
+/// Accepts QUIC connections from clients until shutdown; the endpoint closes on return.
+async fn accept_quic(shared: Arc<ServerShared>, endpoint: quinn::Endpoint, links: TaskTracker) {
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = shared.shutdown.cancelled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Some(handshake) = shared.handshakes.admit(incoming.remote_address().ip()) else {
+            debug!(peer = %incoming.remote_address(), "too many handshakes in progress; refusing QUIC connection");
+            incoming.refuse();
+            continue;
+        };
+        links.spawn(link::serve_quic_link(shared.clone(), incoming, handshake));
+    }
+    endpoint.close(0u32.into(), b"server shutting down");
+    let _ = tokio::time::timeout(QUIC_CLOSE_WAIT, endpoint.wait_idle()).await;
+    let addr = endpoint.local_addr();
+    drop(endpoint);
+    // quinn lets go of the socket on its own task: wait until the port can be bound again,
+    // so that it is free when `run` returns, as the TCP ports are.
+    if let Ok(addr) = addr {
+        for _ in 0..100 {
+            if std::net::UdpSocket::bind(addr).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

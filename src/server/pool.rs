@@ -2,7 +2,8 @@
 //!
 //! Connections come from the client ahead of time and come back after each
 //! visitor. The most recently used one is handed out first, so surplus
-//! connections age at the bottom and are closed by [`DataPool::trim`].
+//! connections age at the bottom and are closed by [`DataPool::trim`]. A session over
+//! QUIC keeps none: each visitor gets a new stream of the session's connection.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -14,7 +15,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::transport::Stream;
+use crate::transport::{open_stream, Stream};
 
 /// Most idle data connections kept per session; more are closed on arrival.
 pub(crate) const MAX_IDLE: usize = 1024;
@@ -27,15 +28,26 @@ pub(crate) const IDLE_TTL: Duration = Duration::from_secs(60);
 pub(crate) struct DataPool {
     idle: Mutex<VecDeque<(Stream, Instant)>>,
     arrived: Notify,
+    /// The session's QUIC connection, if it came over QUIC.
+    quic: Option<quinn::Connection>,
 }
 
 impl DataPool {
+    /// The data links of a session over QUIC: a new stream of `connection` per visitor.
+    pub(crate) fn over_quic(connection: quinn::Connection) -> Self {
+        DataPool { quic: Some(connection), ..DataPool::default() }
+    }
+
     fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<(Stream, Instant)>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a connection; false (and the connection is dropped) when the pool is full.
+    /// Adds a connection; false (and the connection is dropped) when the pool is full, or
+    /// when the session is over QUIC (a visitor's stream serves no other).
     pub(crate) fn push(&self, stream: Stream) -> bool {
+        if self.quic.is_some() {
+            return false;
+        }
         {
             let mut idle = self.idle();
             if idle.len() >= MAX_IDLE {
@@ -59,7 +71,11 @@ impl DataPool {
     }
 
     /// Takes a connection, waiting up to `wait`; `on_empty` runs whenever none is ready.
+    /// Over QUIC: opens a stream within `wait`.
     pub(crate) async fn take(&self, wait: Duration, mut on_empty: impl FnMut()) -> Option<Stream> {
+        if let Some(connection) = &self.quic {
+            return tokio::time::timeout(wait, open_stream(connection)).await.ok()?.ok();
+        }
         let deadline = Instant::now() + wait;
         loop {
             if let Some(stream) = self.pop() {

@@ -196,14 +196,14 @@ pub(crate) async fn serve_control(
     shared: Arc<ServerShared>,
     mut chan: ControlChannel<Stream>,
     peer: SocketAddr,
-    tls: bool,
+    (tls, pool): (bool, DataPool),
     handshake: Handshake,
 ) {
     let Some(accepted) = login::login(&shared, &mut chan, peer, tls).await else {
         return;
     };
     drop(handshake);
-    let (session, inbox) = SessionShared::open(&shared, accepted, peer);
+    let (session, inbox) = SessionShared::open(&shared, accepted, peer, pool);
     let span = tracing::info_span!("session", id = session.id, user = %session.user, %peer);
     async move {
         if !admit(&shared, &session, &mut chan).await {
@@ -231,6 +231,7 @@ impl SessionShared {
         shared: &ServerShared,
         accepted: login::Accepted,
         peer: SocketAddr,
+        pool: DataPool,
     ) -> (Arc<Self>, mpsc::Receiver<ServerMessage>) {
         let (outbox, inbox) = mpsc::channel(64);
         let account = shared.users.account(&accepted.id, accepted.rules, accepted.grant);
@@ -249,7 +250,7 @@ impl SessionShared {
             key: accepted.session_key,
             replay: Mutex::default(),
             visits: AtomicU64::new(0),
-            pool: DataPool::default(),
+            pool,
             outbox,
             closing: shared.shutdown.child_token(),
             released: CancellationToken::new(),

@@ -25,6 +25,8 @@ pub enum Scheme {
     Ws,
     /// WebSocket over TLS (`wss://`).
     Wss,
+    /// QUIC (`quic://`): TLS 1.3 over UDP, one stream per visitor.
+    Quic,
 }
 
 impl Scheme {
@@ -35,12 +37,13 @@ impl Scheme {
             Scheme::Tls => "tls",
             Scheme::Ws => "ws",
             Scheme::Wss => "wss",
+            Scheme::Quic => "quic",
         }
     }
 
-    /// Whether the link runs inside TLS to the server (`tls://`, `wss://`).
+    /// Whether the link runs inside TLS to the server (`tls://`, `wss://`, `quic://`).
     pub fn is_tls(self) -> bool {
-        matches!(self, Scheme::Tls | Scheme::Wss)
+        matches!(self, Scheme::Tls | Scheme::Wss | Scheme::Quic)
     }
 
     /// Whether the link is a WebSocket (`ws://`, `wss://`).
@@ -51,7 +54,7 @@ impl Scheme {
     fn default_port(self) -> u16 {
         match self {
             Scheme::Tcp => 7000,
-            Scheme::Tls | Scheme::Wss => 443,
+            Scheme::Tls | Scheme::Wss | Scheme::Quic => 443,
             Scheme::Ws => 80,
         }
     }
@@ -72,17 +75,18 @@ pub struct RemoteAddr {
 }
 
 impl RemoteAddr {
-    /// Parses a remote URL; the port defaults to 7000 for tcp, 443 for tls and wss, 80
-    /// for ws; a WebSocket path defaults to `/`.
+    /// Parses a remote URL; the port defaults to 7000 for tcp, 443 for tls, wss and quic,
+    /// 80 for ws; a WebSocket path defaults to `/`.
     pub fn parse(text: &str) -> Result<Self, AddrError> {
         let (scheme, rest) = match text.split_once("://") {
             Some(("tcp", rest)) => (Scheme::Tcp, rest),
             Some(("tls", rest)) => (Scheme::Tls, rest),
             Some(("ws", rest)) => (Scheme::Ws, rest),
             Some(("wss", rest)) => (Scheme::Wss, rest),
+            Some(("quic", rest)) => (Scheme::Quic, rest),
             Some((other, _)) => {
                 return Err(AddrError(format!(
-                    "unknown scheme '{other}' in '{text}' (use tcp://, tls://, ws:// or wss://)"
+                    "unknown scheme '{other}' in '{text}' (use tcp://, tls://, ws://, wss:// or quic://)"
                 )))
             }
             None => (Scheme::Tcp, text),

@@ -38,6 +38,9 @@ pub enum TlsError {
     /// A TLS listener was asked for without a certificate and key.
     #[error("no certificate configured: give cert-file and key-file")]
     NoCertificate,
+    /// The TLS configuration does not suit QUIC (it needs TLS 1.3).
+    #[error("QUIC: {0}")]
+    Quic(String),
 }
 
 /// How the client decides to trust the server's certificate.
@@ -110,6 +113,14 @@ pub fn server_tls_acceptor(
     pairs: &[(PathBuf, PathBuf)],
     min: TlsVersion,
 ) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    Ok(tokio_rustls::TlsAcceptor::from(server_tls_config(pairs, min)?))
+}
+
+/// The server's TLS configuration from PEM certificate/key pairs (see [`server_tls_acceptor`]).
+pub fn server_tls_config(
+    pairs: &[(PathBuf, PathBuf)],
+    min: TlsVersion,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
     let mut keys = Vec::with_capacity(pairs.len());
     for (cert_file, key_file) in pairs {
@@ -127,7 +138,7 @@ pub fn server_tls_acceptor(
         .with_protocol_versions(versions)?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(CertBySni { keys }));
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// Picks the certificate for the server name of each handshake.

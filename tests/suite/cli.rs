@@ -58,10 +58,14 @@ pub(crate) async fn spawn_server_process(extra: &[&str]) -> (Child, u16) {
 }
 
 pub(crate) fn client_process(server_port: u16, secret: &str, service: &[&str]) -> Command {
-    let remote = format!("tcp://127.0.0.1:{server_port}");
+    client_process_to(&format!("tcp://127.0.0.1:{server_port}"), secret, service)
+}
+
+/// `ferry client` for `remote` (any transport), with `service` flags.
+pub(crate) fn client_process_to(remote: &str, secret: &str, service: &[&str]) -> Command {
     let mut command = ferry();
     command
-        .args(["client", "--remote", &remote, "--id", "id1", "--secret", secret, "--log-level", "warn"])
+        .args(["client", "--remote", remote, "--id", "id1", "--secret", secret, "--log-level", "warn"])
         .args(["--reconnect-delay", "50ms"])
         .args(service)
         .stdout(Stdio::piped())
@@ -70,7 +74,7 @@ pub(crate) fn client_process(server_port: u16, secret: &str, service: &[&str]) -
 }
 
 /// Waits for the client's "... is reachable at HOST:PORT" line.
-async fn public_addr_of(child: &mut Child) -> String {
+pub(crate) async fn public_addr_of(child: &mut Child) -> String {
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let line = lines.next_line().await.unwrap().expect("client printed nothing");

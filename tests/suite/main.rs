@@ -24,6 +24,7 @@ mod layers;
 mod names;
 mod ports;
 mod proxies;
+mod quic_transport;
 mod reconnect;
 mod reuse;
 mod sentry;

@@ -57,7 +57,7 @@ pub(crate) async fn assert_reconnects_after_a_server_restart(
         let mut state = client.state();
         let echo = echo_server().await;
         let tunnel = client.add_service(ServiceConfig::tcp(&echo.to_string())).await.unwrap();
-        let public = tunnel.public_addr().parse().unwrap();
+        let public = format!("127.0.0.1:{}", tunnel.remote_port()).parse().unwrap();
         wait_until_echo(public).await;
 
         server.shutdown().await;
