@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::backoff::Backoff;
-use super::login::{login, LoggedIn};
+use super::login::{login_first_reachable, LoggedIn};
 use super::pool::{DataPool, Route, Routes};
 use super::{public_address, ClientState, DriverLinks, Endpoint, RegisterReply};
 use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
@@ -175,7 +175,7 @@ pub(crate) struct Driver {
     config: ClientConfig,
     /// Told the final error that stops the driver, if someone waits for it (the first login).
     fatal: Option<oneshot::Sender<ClientError>>,
-    connector: Connector,
+    connectors: Vec<Connector>,
     instance: String,
     inbox: mpsc::UnboundedReceiver<Command>,
     state: watch::Sender<ClientState>,
@@ -192,7 +192,7 @@ pub(crate) struct Driver {
 impl Driver {
     pub(crate) fn new(
         config: ClientConfig,
-        connector: Connector,
+        connectors: Vec<Connector>,
         instance: String,
         links: DriverLinks,
     ) -> Self {
@@ -200,7 +200,7 @@ impl Driver {
         Driver {
             config,
             fatal,
-            connector,
+            connectors,
             instance,
             inbox,
             state,
@@ -280,7 +280,7 @@ impl Driver {
         self.set_state(ClientState::Connecting);
         tokio::select! {
             _ = self.token.cancelled() => None,
-            attempt = login(&self.connector, &self.config, &self.instance) => Some(attempt),
+            attempt = login_first_reachable(&self.connectors, &self.config, &self.instance) => Some(attempt),
         }
     }
 
@@ -315,13 +315,15 @@ impl Driver {
 
     /// Runs one session until it fails; returns why.
     async fn serve(&mut self, logged: LoggedIn) -> String {
-        let LoggedIn { chan, session, key, heartbeat_interval, quic } = logged;
+        let LoggedIn { chan, session, key, heartbeat_interval, quic, connector } = logged;
         let quic_connection = quic.as_ref().map(|link| link.connection.clone());
+        // Public addresses are on the host of the remote that was reached.
+        let remote_host = connector.remote().host.clone();
         let session_token = self.token.child_token();
         let _stop_pool = session_token.clone().drop_guard();
         let routes = Routes::default();
         let pool = DataPool::start(
-            (self.connector.clone(), quic_connection),
+            (connector, quic_connection),
             session,
             key,
             routes.clone(),
@@ -329,8 +331,7 @@ impl Driver {
             self.config.local_timeout,
             session_token,
         );
-        let mut session =
-            Session { chan, routes, pool, remote_host: self.config.remote.host.clone(), heartbeat_interval };
+        let mut session = Session { chan, routes, pool, remote_host, heartbeat_interval };
         let reason = match self.session_loop(&mut session).await {
             Ok(reason) => reason,
             Err(err) => format!("control connection failed: {err}"),

@@ -18,6 +18,7 @@ use crate::proto::{
 };
 use crate::seal::{FrameCipher, Side};
 use crate::transport::{Connector, QuicLink, RemoteTrust, Stream};
+use tracing::{info, warn};
 
 /// A logged-in control connection.
 pub(crate) struct LoggedIn {
@@ -27,6 +28,33 @@ pub(crate) struct LoggedIn {
     pub(crate) heartbeat_interval: Duration,
     /// The QUIC connection of a `quic://` login: the server opens visitors' streams on it.
     pub(crate) quic: Option<QuicLink>,
+    /// The connector that reached the server: data connections go the same way.
+    pub(crate) connector: Connector,
+}
+
+/// Logs in over the first of `connectors` that reaches its server: a server that cannot
+/// be reached passes the turn to the next one; any other failure ends the attempt.
+pub(crate) async fn login_first_reachable(
+    connectors: &[Connector],
+    config: &ClientConfig,
+    instance: &str,
+) -> Result<LoggedIn, ClientError> {
+    let mut last = None;
+    for (i, connector) in connectors.iter().enumerate() {
+        match login(connector, config, instance).await {
+            Ok(logged) => {
+                let transport = connector.remote().scheme.as_str();
+                info!(remote = %connector.remote(), transport, "logged in");
+                return Ok(logged);
+            }
+            Err(ClientError::Connect(err)) if i + 1 < connectors.len() => {
+                warn!(remote = %connector.remote(), %err, "cannot reach this remote; trying the next");
+                last = Some(ClientError::Connect(err));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Err(last.unwrap_or(ClientError::NotConnected))
 }
 
 /// Connects and logs in; the secret itself never leaves this process, except sealed for a
@@ -63,7 +91,7 @@ pub(crate) async fn login(
             chan.encrypt(FrameCipher::new(&key, Side::Client));
             remember_login(config);
             let heartbeat_interval = Duration::from_millis(heartbeat_interval_ms.max(10));
-            Ok(LoggedIn { chan, session, key, heartbeat_interval, quic })
+            Ok(LoggedIn { chan, session, key, heartbeat_interval, quic, connector: connector.clone() })
         }
         other => Err(unexpected(other)),
     }

@@ -81,16 +81,21 @@ pub struct Client {
     driver: JoinHandle<()>,
     token: CancellationToken,
     _stop_on_drop: DropGuard,
-    /// How the driver dials; shared, for [`rebind`](Client::rebind).
-    connector: Connector,
+    /// How the driver dials each remote; shared, for [`rebind`](Client::rebind).
+    connectors: Vec<Connector>,
 }
 
-/// How this client dials its server: the transport of `remote`, through `proxy` if any.
-fn connector(config: &ClientConfig) -> Result<Connector, ClientError> {
-    let connector = Connector::new(config.remote.clone(), &config.remote_trust, config.remote_timeout)?;
-    Ok(connector
-        .with_proxy(config.proxy.clone())
-        .with_quic(config.quic_congestion, config.heartbeat_timeout)?)
+/// How this client dials its servers, `remote` then each of `fallback_remotes`: the
+/// transport of each, through `proxy` if any.
+fn connectors(config: &ClientConfig) -> Result<Vec<Connector>, ClientError> {
+    let remotes = std::iter::once(&config.remote).chain(&config.fallback_remotes);
+    remotes
+        .map(|remote| {
+            let connector = Connector::new(remote.clone(), &config.remote_trust, config.remote_timeout)?;
+            let connector = connector.with_proxy(config.proxy.clone());
+            Ok(connector.with_quic(config.quic_congestion, config.heartbeat_timeout)?)
+        })
+        .collect()
 }
 
 impl Client {
@@ -98,13 +103,13 @@ impl Client {
     ///
     /// Fails if the server cannot be reached or refuses the login.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let connector = connector(&config)?;
+        let connectors = connectors(&config)?;
         let instance = format!("{:032x}", rand::random::<u128>());
-        let first = login::login(&connector, &config, &instance).await?;
+        let first = login::login_first_reachable(&connectors, &config, &instance).await?;
         let state = ClientState::Connected { session: first.session };
-        let dialer = connector.clone();
-        let driver = |links| Driver::new(config, connector, instance, links);
-        Ok(Client::start((driver, dialer), state, Some(first), None))
+        let dialers = connectors.clone();
+        let driver = |links| Driver::new(config, connectors, instance, links);
+        Ok(Client::start((driver, dialers), state, Some(first), None))
     }
 
     /// Connects and logs in, retrying what may pass (the server not up yet or unreachable,
@@ -112,12 +117,12 @@ impl Client {
     /// as a service started before its server needs. Fails only with a final error
     /// ([`ClientError::is_fatal`]).
     pub async fn connect_retrying(config: ClientConfig) -> Result<Client, ClientError> {
-        let connector = connector(&config)?;
+        let connectors = connectors(&config)?;
         let instance = format!("{:032x}", rand::random::<u128>());
         let (fatal, mut failed) = oneshot::channel();
-        let dialer = connector.clone();
-        let driver = |links| Driver::new(config, connector, instance, links);
-        let client = Client::start((driver, dialer), ClientState::Connecting, None, Some(fatal));
+        let dialers = connectors.clone();
+        let driver = |links| Driver::new(config, connectors, instance, links);
+        let client = Client::start((driver, dialers), ClientState::Connecting, None, Some(fatal));
         let mut state = client.state();
         tokio::select! {
             biased;
@@ -131,7 +136,7 @@ impl Client {
 
     /// Spawns the driver task.
     fn start(
-        (driver, connector): (impl FnOnce(DriverLinks) -> Driver, Connector),
+        (driver, connectors): (impl FnOnce(DriverLinks) -> Driver, Vec<Connector>),
         state: ClientState,
         first: Option<login::LoggedIn>,
         fatal: Option<oneshot::Sender<ClientError>>,
@@ -148,7 +153,7 @@ impl Client {
             driver,
             _stop_on_drop: token.clone().drop_guard(),
             token,
-            connector,
+            connectors,
         }
     }
 
@@ -157,7 +162,14 @@ impl Client {
     /// (connection migration). Fails when the client is not on `quic://` or has never
     /// connected.
     pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
-        self.connector.rebind_quic(socket)
+        let quic = self.connectors.iter().find(|c| c.is_quic() && c.has_quic_link());
+        match quic {
+            Some(connector) => connector.rebind_quic(socket),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "no QUIC link to move (not quic://, or never connected)",
+            )),
+        }
     }
 
     /// The open services of this client's user on the server, with live figures

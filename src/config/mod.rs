@@ -246,6 +246,9 @@ pub struct ClientConfig {
     /// The server (`--remote`), e.g. `tcp://example.com:7000`, `tls://example.com` or
     /// `wss://example.com/ferry`.
     pub remote: RemoteAddr,
+    /// More servers (`--remote` given again), tried in order at each login when the ones
+    /// before cannot be reached: e.g. `tls://` after `quic://` for networks that block UDP.
+    pub fallback_remotes: Vec<RemoteAddr>,
     /// The user id.
     pub id: String,
     /// The user secret; never sent: it proves itself in a password-authenticated key exchange.
@@ -285,6 +288,7 @@ impl ClientConfig {
     pub fn new(remote: RemoteAddr, id: &str, secret: &str) -> Self {
         ClientConfig {
             remote,
+            fallback_remotes: Vec::new(),
             id: id.to_owned(),
             secret: Secret::new(secret),
             remote_trust: RemoteTrust::System,

@@ -187,9 +187,11 @@ pub struct ClientOptions {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// The server: tcp://host:port, tls://host:port, quic://host:port,
-    /// ws://host:port/path, wss://host:port/path or host:port.
+    /// ws://host:port/path, wss://host:port/path or host:port. Repeatable: each login
+    /// tries them in order until one can be reached (e.g. quic:// then tls://).
     #[arg(long)]
-    pub remote: Option<String>,
+    #[serde(deserialize_with = "one_or_many")]
+    pub remote: Vec<String>,
     /// Reach the server through this proxy: http://[user:pass@]host:port (HTTP CONNECT) or
     /// socks5://[user:pass@]host:port. [default: HTTPS_PROXY or ALL_PROXY unless NO_PROXY
     /// names the server]
@@ -456,12 +458,17 @@ impl ClientOptions {
     /// Checks every value and builds the client and service configurations; errors name the key.
     pub fn into_config(self) -> Result<(ClientConfig, Vec<ServiceConfig>), ConfigError> {
         let missing = |key: &str, hint: &str| ConfigError::new(key, format!("missing{hint}"));
-        let remote =
-            self.remote.ok_or_else(|| missing("remote", " (e.g. --remote tcp://example.com:7000)"))?;
-        let remote = RemoteAddr::parse(&remote).map_err(|e| ConfigError::new("remote", e.to_string()))?;
+        let mut remotes = self.remote.iter().map(|remote| RemoteAddr::parse(remote));
+        let remote = remotes
+            .next()
+            .ok_or_else(|| missing("remote", " (e.g. --remote tcp://example.com:7000)"))?
+            .map_err(|e| ConfigError::new("remote", e.to_string()))?;
+        let fallback_remotes =
+            remotes.collect::<Result<Vec<_>, _>>().map_err(|e| ConfigError::new("remote", e.to_string()))?;
         let id = self.id.ok_or_else(|| missing("id", ""))?;
         let secret = self.secret.ok_or_else(|| missing("secret", " (or set FERRY_SECRET)"))?;
         let mut config = ClientConfig::new(remote, &id, secret.expose());
+        config.fallback_remotes = fallback_remotes;
         config.remote_trust = match (self.remote_cert, self.remote_cert_insecure.unwrap_or(false)) {
             (Some(_), true) => {
                 return Err(ConfigError::new("remote-cert-insecure", "cannot be combined with remote-cert"))

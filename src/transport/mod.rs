@@ -139,6 +139,11 @@ impl Connector {
         }
     }
 
+    /// Whether this connector has opened a QUIC link.
+    pub fn has_quic_link(&self) -> bool {
+        self.last_quic.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
     /// Whether this connector dials `quic://`.
     pub fn is_quic(&self) -> bool {
         self.quic.is_some()

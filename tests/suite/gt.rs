@@ -84,7 +84,10 @@ fn gt_config_files_mean_what_gt_says() {
         ferry::config::options::load_file::<ferry::config::options::ClientOptions>(&path).unwrap()
     };
     let client = load("client.yaml");
-    assert_eq!((client.remote.as_deref(), client.id.as_deref()), (Some("tcp://127.0.0.1:8080"), Some("id1")));
+    assert_eq!(
+        (client.remote.as_slice(), client.id.as_deref()),
+        (&["tcp://127.0.0.1:8080".to_string()][..], Some("id1"))
+    );
     let (_, services) = client.into_config().unwrap();
     assert_eq!(services.len(), 4);
     assert!(services[0].use_local_as_http_host && services[1].use_local_as_http_host);

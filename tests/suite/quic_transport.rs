@@ -186,3 +186,31 @@ async fn the_binaries_tunnel_over_quic_and_websocket() {
     })
     .await
 }
+
+/// UDP blocked (nothing answers on the QUIC port): the client falls back to the next
+/// remote, TLS, and its tunnels work there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_that_gets_no_answer_falls_back_to_the_next_remote() {
+    within(60, async {
+        let certs = make_certs();
+        let mut config = quic_server_config(&certs);
+        config.tls_addr = Some("127.0.0.1:0".parse().unwrap());
+        let server = start_server(config).await;
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut config = quic_client_config(silent.local_addr().unwrap().port(), &certs);
+        config.remote_timeout = Duration::from_secs(1);
+        let tls_port = server.tls_local_addr().unwrap().port();
+        config.fallback_remotes = vec![RemoteAddr::parse(&format!("tls://localhost:{tls_port}")).unwrap()];
+        let client = Client::connect(config).await.expect("falls back to tls://");
+        assert!(client.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).is_err(), "not on QUIC");
+        assert_tcp_tunnel_carries(&client, 1 << 20).await;
+        // The QUIC port itself answers once it is the first remote that works.
+        let port = server.quic_local_addr().unwrap().port();
+        let mut config = quic_client_config(port, &certs);
+        config.fallback_remotes = vec![RemoteAddr::parse("tls://localhost:1").unwrap()];
+        let client = Client::connect(config).await.expect("quic first");
+        assert!(client.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).is_ok(), "on QUIC");
+        assert_tcp_tunnel_carries(&client, 1 << 20).await;
+    })
+    .await
+}
