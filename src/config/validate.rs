@@ -4,7 +4,7 @@ use regex::Regex;
 
 use super::{AuthApiConfig, ClientConfig, ConfigError, ServerConfig, MIN_API_TOKEN_LEN};
 use crate::proto::{is_valid_id, ID_RULE};
-use crate::transport::{RemoteAddr, Scheme};
+use crate::transport::{api_endpoint, RemoteAddr};
 
 impl ServerConfig {
     /// Checks the values that types cannot: the TLS certificate and key pairs, the
@@ -110,28 +110,7 @@ impl AuthApiConfig {
     /// The URL to ask and where to connect: https://, or http:// to a loopback address
     /// (the API receives secrets).
     pub fn endpoint(&self) -> Result<(hyper::Uri, RemoteAddr), ConfigError> {
-        let url = &self.url;
-        let refuse = |reason: String| ConfigError::new("auth-api", reason);
-        let uri: hyper::Uri = url.parse().map_err(|e| refuse(format!("'{url}' is not a URL: {e}")))?;
-        let host = uri.host().ok_or_else(|| refuse(format!("'{url}' has no host")))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-        let (scheme, default_port) = match uri.scheme_str() {
-            Some("https") => (Scheme::Tls, 443),
-            Some("http") => {
-                let loopback =
-                    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-                if !loopback {
-                    return Err(refuse(format!(
-                        "'{url}': plain http:// is allowed only on a loopback address, since the API receives \
-                         secrets; use https://"
-                    )));
-                }
-                (Scheme::Tcp, 80)
-            }
-            _ => return Err(refuse(format!("'{url}': use https:// (or http:// on loopback)"))),
-        };
-        let port = uri.port_u16().unwrap_or(default_port);
-        Ok((uri, RemoteAddr { scheme, host, port, path: String::new() }))
+        api_endpoint(&self.url).map_err(|reason| ConfigError::new("auth-api", reason))
     }
 }
 

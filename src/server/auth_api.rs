@@ -13,10 +13,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -24,7 +20,7 @@ use tracing::debug;
 
 use crate::auth::Secret;
 use crate::config::{AuthApiConfig, ConfigError, UserConfig, UserOptions};
-use crate::transport::{Connector, RemoteTrust};
+use crate::transport::JsonApi;
 
 /// Largest answer body read.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -60,17 +56,14 @@ type CacheKey = (String, [u8; 32]);
 /// A configured auth API with its cache.
 pub(crate) struct AuthApi {
     config: AuthApiConfig,
-    uri: hyper::Uri,
-    connector: Connector,
+    api: JsonApi,
     cache: Mutex<HashMap<CacheKey, (Instant, UserConfig)>>,
 }
 
 impl AuthApi {
     pub(crate) fn new(config: &AuthApiConfig) -> Result<Self, ConfigError> {
-        let (uri, remote) = config.endpoint()?;
-        let connector = Connector::new(remote, &RemoteTrust::System, config.timeout)
-            .map_err(|e| ConfigError::new("auth-api", e.to_string()))?;
-        Ok(AuthApi { config: config.clone(), uri, connector, cache: Mutex::default() })
+        let api = JsonApi::new(&config.url, config.timeout).map_err(|e| ConfigError::new("auth-api", e))?;
+        Ok(AuthApi { config: config.clone(), api, cache: Mutex::default() })
     }
 
     /// Asks (or remembers) whether `id` with `secret` may log in; `Err` when the API cannot answer.
@@ -86,9 +79,7 @@ impl AuthApi {
             return Ok(ApiAnswer::Allowed(user));
         }
         let question = Question { id, secret: secret.expose(), address: peer.to_string() };
-        let answer = tokio::time::timeout(self.config.timeout, self.ask(&question))
-            .await
-            .map_err(|_| format!("no answer within {:?}", self.config.timeout))??;
+        let answer = self.ask(&question).await?;
         if let ApiAnswer::Allowed(user) = &answer {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
@@ -107,34 +98,14 @@ impl AuthApi {
     }
 
     async fn ask(&self, question: &Question<'_>) -> Result<ApiAnswer, String> {
-        let stream = self.connector.connect().await.map_err(|e| e.to_string())?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
         let body = serde_json::to_vec(question).map_err(|e| e.to_string())?;
-        let authority = self.uri.authority().map(|a| a.as_str()).unwrap_or_default();
-        let path = self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let request = Request::post(path)
-            .header(hyper::header::HOST, authority)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::USER_AGENT, concat!("ferry/", env!("CARGO_PKG_VERSION")))
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
-        let status = response.status().as_u16();
+        let (status, body) = self.api.call(Some(body), MAX_ANSWER).await?;
         if matches!(status, 401 | 403 | 404) {
             return Ok(ApiAnswer::Denied);
         }
         if status != 200 {
             return Err(format!("status {status}"));
         }
-        let body = Limited::new(response.into_body(), MAX_ANSWER)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
         read_answer(&body)
     }
 }

@@ -2,6 +2,7 @@
 //! stream type for all.
 
 mod addr;
+mod json_api;
 mod proxy;
 mod quic;
 mod tls;
@@ -15,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 pub use addr::{parse_listen_addr, AddrError, RemoteAddr, Scheme};
+pub(crate) use json_api::{api_endpoint, JsonApi};
 pub use proxy::{ProxyAddr, ProxyKind};
 use quic::QuicDialer;
 pub(crate) use quic::{accept_stream, open_stream, server_endpoint as quic_server_endpoint};
