@@ -567,3 +567,89 @@ fn auth_answer(body: &[u8]) {
         let _ = crate::server::users::Rules::resolve(config, Some(&user));
     }
 }
+
+// ---------------------------------------------------------------- transports
+
+/// Target `transports`: what a client reads about its way to the server. The first byte
+/// picks: 0, a `--remote` URL; 1, a `--proxy` URL; 2, a `NO_PROXY` list and a host (split
+/// at the first newline); 3, a WebSocket upgrade request's headers (`name: value` lines);
+/// anything else, an HTTP proxy's answer to `CONNECT`, as it arrives.
+///
+/// Asserts: a remote or proxy that parses prints as text that parses to the same thing,
+/// and a proxy's printed form and errors never show its password; `*` in `NO_PROXY`
+/// covers every host; an upgrade key is one of the request's header values; a proxy
+/// answer is judged only once its head is whole (or too long), and a 2xx head length
+/// ends with the blank line.
+pub fn transports(data: &[u8]) {
+    use crate::transport::{ProxyAddr, RemoteAddr};
+    let Some((&selector, rest)) = data.split_first() else { return };
+    let text = String::from_utf8_lossy(rest);
+    match selector {
+        0 => {
+            if let Ok(remote) = RemoteAddr::parse(&text) {
+                let again = RemoteAddr::parse(&remote.to_string()).expect("a printed remote parses");
+                assert_eq!(again, remote, "{text:?} printed as {remote}");
+            }
+        }
+        1 => match ProxyAddr::parse(&text) {
+            Ok(proxy) => {
+                let scheme =
+                    if proxy.kind == crate::transport::ProxyKind::Socks5 { "socks5" } else { "http" };
+                let host =
+                    if proxy.host.contains(':') { format!("[{}]", proxy.host) } else { proxy.host.clone() };
+                let user =
+                    proxy.credentials.as_ref().map(|(user, _)| format!("{user}:***@")).unwrap_or_default();
+                // The password is never printed: the printed form is exactly this.
+                assert_eq!(proxy.to_string(), format!("{scheme}://{user}{host}:{}", proxy.port));
+                if proxy.credentials.is_none() {
+                    let again = ProxyAddr::parse(&proxy.to_string()).expect("a printed proxy parses");
+                    assert_eq!((again.kind, &again.host, again.port), (proxy.kind, &proxy.host, proxy.port));
+                }
+            }
+            Err(err) => {
+                let userinfo = text.split_once("://").and_then(|(_, r)| r.rsplit_once('@')).map(|(u, _)| u);
+                let password = userinfo.and_then(|u| u.split_once(':')).map(|(_, p)| p);
+                // The fixed words of the messages may happen to hold a short "password".
+                const WORDS: &str = "unknown scheme (use http:// or socks5://) in proxy '' bad user bad \
+                                     password no host bad port unclosed '[' junk after ']' :***@";
+                let unique = |p: &&str| p.len() >= 4 && text.matches(*p).count() == 1 && !WORDS.contains(*p);
+                if let Some(password) = password.filter(unique) {
+                    assert!(!err.to_string().contains(password), "{err} shows the password");
+                }
+            }
+        },
+        2 => {
+            let (list, host) = text.split_once('\n').unwrap_or((&text, "example.com"));
+            let covered = crate::transport::no_proxy_covers(list, host);
+            if list.split(',').any(|entry| entry.trim() == "*") {
+                assert!(covered, "'*' covers {host:?}");
+            }
+        }
+        3 => {
+            let headers: Vec<(String, Vec<u8>)> = text
+                .lines()
+                .filter_map(|line| line.split_once(':'))
+                .map(|(name, value)| (name.to_owned(), value.as_bytes().to_vec()))
+                .collect();
+            if let Some(key) = crate::transport::websocket_upgrade_key(&headers) {
+                assert!(!key.is_empty() && headers.iter().any(|(_, v)| v.trim_ascii() == key));
+            }
+        }
+        _ => {
+            let mut seen = 0;
+            for end in (1..=rest.len()).step_by(37).chain([rest.len()]) {
+                match crate::transport::read_connect_answer(&rest[..end], selector & 1 != 0) {
+                    None => assert!(end <= 8 * 1024, "an answer past the cap is still awaited"),
+                    Some(Ok(head)) => {
+                        assert!(head <= end && rest[..head].ends_with(b"\r\n\r\n"));
+                        seen += 1;
+                    }
+                    Some(Err(_)) => seen += 1,
+                }
+                if seen > 0 {
+                    break;
+                }
+            }
+        }
+    }
+}

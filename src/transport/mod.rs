@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 
 pub use addr::{parse_listen_addr, AddrError, RemoteAddr, Scheme};
 pub(crate) use json_api::{api_endpoint, JsonApi};
+#[cfg(feature = "fuzzing")]
+pub(crate) use proxy::{no_proxy_covers, read_connect_answer};
 pub use proxy::{ProxyAddr, ProxyKind};
 use quic::QuicDialer;
 pub(crate) use quic::{accept_stream, open_stream, server_endpoint as quic_server_endpoint};

@@ -135,37 +135,13 @@ impl ProxyAddr {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before answering"));
             }
             answer.extend_from_slice(&chunk[..n]);
-            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            if answer.len() > MAX_ANSWER {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "answer head too long"));
+            if let Some(read) = read_connect_answer(&answer, self.credentials.is_some()) {
+                break read?;
             }
         };
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut response = httparse::Response::new(&mut headers);
-        let parsed = response.parse(&answer[..head_len]);
-        let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
-        match (parsed, response.code) {
-            (Ok(httparse::Status::Complete(_)), Some(200..=299)) => {}
-            (Ok(_), Some(code)) => {
-                let reason = response.reason.unwrap_or_default();
-                let (kind, hint) = match (code, &self.credentials) {
-                    (401 | 407, None) => {
-                        (io::ErrorKind::PermissionDenied, " (give user:password@ in the proxy URL)")
-                    }
-                    (401 | 407, Some(_)) => {
-                        (io::ErrorKind::PermissionDenied, " (wrong proxy user or password)")
-                    }
-                    _ => (io::ErrorKind::ConnectionRefused, ""),
-                };
-                return Err(io::Error::new(kind, format!("answered {code} {reason}{hint}")));
-            }
-            (Ok(_), None) | (Err(_), _) => return Err(invalid("not an HTTP answer".into())),
-        }
         // The server speaks only after the client: nothing may follow the answer yet.
         if answer.len() > head_len {
-            return Err(invalid("bytes after the CONNECT answer".into()));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "bytes after the CONNECT answer"));
         }
         Ok(tcp)
     }
@@ -187,6 +163,37 @@ impl ProxyAddr {
             tokio_socks::Error::Io(err) => err,
             other => io::Error::new(io::ErrorKind::ConnectionRefused, other.to_string()),
         })
+    }
+}
+
+/// What an HTTP proxy's answer to `CONNECT` says so far: `None` while its head is not
+/// complete (and within [`MAX_ANSWER`]), the head's length for a 2xx answer, or why not.
+/// `with_credentials` says whether the request carried a password, for the hint of a 401/407.
+pub(crate) fn read_connect_answer(answer: &[u8], with_credentials: bool) -> Option<io::Result<usize>> {
+    let invalid = |why: &str| Some(Err(io::Error::new(io::ErrorKind::InvalidData, why.to_owned())));
+    let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return (answer.len() > MAX_ANSWER).then(|| invalid("answer head too long")).flatten();
+    };
+    let head_len = end + 4;
+    if head_len > MAX_ANSWER {
+        return invalid("answer head too long");
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    match (response.parse(&answer[..head_len]), response.code) {
+        (Ok(httparse::Status::Complete(_)), Some(200..=299)) => Some(Ok(head_len)),
+        (Ok(httparse::Status::Complete(_)), Some(code)) => {
+            let reason = response.reason.unwrap_or_default();
+            let (kind, hint) = match (code, with_credentials) {
+                (401 | 407, false) => {
+                    (io::ErrorKind::PermissionDenied, " (give user:password@ in the proxy URL)")
+                }
+                (401 | 407, true) => (io::ErrorKind::PermissionDenied, " (wrong proxy user or password)"),
+                _ => (io::ErrorKind::ConnectionRefused, ""),
+            };
+            Some(Err(io::Error::new(kind, format!("answered {code} {reason}{hint}"))))
+        }
+        _ => invalid("not an HTTP answer"),
     }
 }
 
@@ -260,6 +267,17 @@ mod tests {
         let err = ProxyAddr::parse("ftp://bob:hunter2@x:1").unwrap_err().to_string();
         assert!(err.contains("unknown scheme") && !err.contains("hunter2"), "{err}");
         assert!(ProxyAddr::parse("http://x:notaport").is_err());
+    }
+
+    #[test]
+    fn connect_answers_are_read_once_their_head_is_whole() {
+        assert!(read_connect_answer(b"HTTP/1.1 200 OK\r\n", false).is_none());
+        let ok = b"HTTP/1.0 200 Connection established\r\nProxy-agent: x\r\n\r\n";
+        assert_eq!(read_connect_answer(ok, false).unwrap().unwrap(), ok.len());
+        let denied = read_connect_answer(b"HTTP/1.0 407 Proxy Authentication Required\r\n\r\nbody", false);
+        assert!(denied.unwrap().unwrap_err().to_string().contains("give user:password@"));
+        assert!(read_connect_answer(b"SSH-2.0-x\r\n\r\n", false).unwrap().is_err());
+        assert!(read_connect_answer(&vec![b'a'; MAX_ANSWER + 1], false).unwrap().is_err());
     }
 
     #[test]
