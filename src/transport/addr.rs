@@ -129,6 +129,14 @@ impl fmt::Display for RemoteAddr {
 }
 
 pub(crate) fn split_host_port(text: &str, default_port: u16) -> Result<(String, u16), String> {
+    let (host, port) = split_unchecked(text, default_port)?;
+    if !host.is_empty() && !is_host(&host) {
+        return Err(format!("'{host}' is not a host name or IP address"));
+    }
+    Ok((host, port))
+}
+
+fn split_unchecked(text: &str, default_port: u16) -> Result<(String, u16), String> {
     if let Some(rest) = text.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or("unclosed '['")?;
         let port = match after.strip_prefix(':') {
@@ -142,6 +150,12 @@ pub(crate) fn split_host_port(text: &str, default_port: u16) -> Result<(String, 
         Some((host, port)) if !host.contains(':') => Ok((host.to_owned(), parse_port(port)?)),
         _ => Ok((text.to_owned(), default_port)),
     }
+}
+
+/// An IP address, or a DNS name of letters, digits, `-`, `_` and dots (at most 253).
+fn is_host(host: &str) -> bool {
+    let name = host.len() <= 253 && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    name || host.parse::<std::net::IpAddr>().is_ok()
 }
 
 fn parse_port(text: &str) -> Result<u16, String> {
@@ -181,6 +195,10 @@ mod tests {
         assert_eq!((r.host.as_str(), r.port, r.path.as_str()), ("::1", 8080, "/"));
         assert_eq!(r.to_string(), "ws://[::1]:8080/");
         assert!(RemoteAddr::parse("ws://h/a b").is_err());
+        // Found by the transports fuzz target: no scheme, and a host that is no host.
+        assert!(RemoteAddr::parse("wss:\u{8b}//[::1]:8443/ferry").is_err());
+        assert!(RemoteAddr::parse("tcp://exa mple.com").is_err());
+        assert_eq!(RemoteAddr::parse("::1").unwrap().host, "::1");
         assert!(RemoteAddr::parse("tcp://x:notaport").is_err());
     }
 

@@ -235,15 +235,19 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// A proxy URL with any password replaced, for error messages.
+/// A proxy URL with any password replaced, for error messages: the user part is found as
+/// [`ProxyAddr::parse`] finds it, with or without a scheme.
 fn redact(text: &str) -> String {
-    match (text.find("://"), text.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &text[scheme_end + 3..at];
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), text),
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, authority)) => {
             let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &text[..scheme_end + 3], &text[at..])
+            format!("{scheme}{user}:***@{authority}")
         }
-        _ => text.to_owned(),
+        None => text.to_owned(),
     }
 }
 
@@ -267,6 +271,9 @@ mod tests {
         let err = ProxyAddr::parse("ftp://bob:hunter2@x:1").unwrap_err().to_string();
         assert!(err.contains("unknown scheme") && !err.contains("hunter2"), "{err}");
         assert!(ProxyAddr::parse("http://x:notaport").is_err());
+        // Without a scheme the password is hidden too.
+        let err = ProxyAddr::parse("bob:hunter2@x:notaport").unwrap_err().to_string();
+        assert!(err.contains("bob:***@x:notaport") && !err.contains("hunter2"), "{err}");
     }
 
     #[test]
