@@ -4,9 +4,12 @@ use std::process::ExitCode;
 
 use ferry::cli::Command;
 
+mod trim;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = ferry::cli::parse();
+    trim::spawn_trimmer();
     let result = match cli.command {
         Command::Server(flags) => ferry::run::server(flags).await,
         Command::Client(flags) => ferry::run::client(flags).await,
