@@ -107,16 +107,23 @@ async fn open_websocket(
         return Err((err.into(), None));
     }
     let mut stream = accept_websocket(stream, read_ahead.to_vec()).await;
-    if let Err(err) = fill_to(&mut stream, read, MAGIC.len()).await {
-        return Err((err, Some(stream)));
-    }
-    if !read.starts_with(MAGIC) {
-        return Err((ProtocolError::Malformed("not a ferry link inside the websocket".into()), None));
-    }
-    match read_preamble_buffered(&mut stream, read).await {
-        Ok(kind) => Ok((kind, stream)),
+    match read_ferry_preamble(&mut stream, read).await {
+        Ok(Some(kind)) => Ok((kind, stream)),
+        Ok(None) => Err((ProtocolError::Malformed("not a ferry link inside the websocket".into()), None)),
         Err(err) => Err((err, Some(stream))),
     }
+}
+
+/// Reads the preamble of a link into `read`; `None` when its first bytes are not ferry's.
+async fn read_ferry_preamble(
+    stream: &mut Stream,
+    read: &mut BytesMut,
+) -> Result<Option<LinkKind>, ProtocolError> {
+    fill_to(stream, read, MAGIC.len()).await?;
+    if !read.starts_with(MAGIC) {
+        return Ok(None);
+    }
+    read_preamble_buffered(stream, read).await.map(Some)
 }
 
 /// A client link whose preamble was read: its control session or its data connection.
@@ -164,12 +171,9 @@ pub(super) async fn serve_quic_link(
             (ProtocolError::Malformed("QUIC connection closed before its control stream".into()), None)
         })?;
         let mut stream = stream;
-        if let Err(err) = fill_to(&mut stream, &mut read, MAGIC.len()).await {
-            return Err((err, Some(stream)));
-        }
-        match read_preamble_buffered(&mut stream, &mut read).await {
-            Ok(LinkKind::Control) => Ok((connection, stream)),
-            Ok(LinkKind::Data) => Err((ProtocolError::Malformed("a data link over QUIC".into()), None)),
+        match read_ferry_preamble(&mut stream, &mut read).await {
+            Ok(Some(LinkKind::Control)) => Ok((connection, stream)),
+            Ok(_) => Err((ProtocolError::Malformed("not a control link over QUIC".into()), None)),
             Err(err) => Err((err, Some(stream))),
         }
     };
@@ -233,14 +237,9 @@ async fn open_link(
     if http_only {
         return Ok(Opened::Visitor(stream));
     }
-    if let Err(err) = fill_to(&mut stream, read, MAGIC.len()).await {
-        return Err((err, Some(stream)));
-    }
-    if !read.starts_with(MAGIC) {
-        return Ok(Opened::Visitor(stream));
-    }
-    match read_preamble_buffered(&mut stream, read).await {
-        Ok(kind) => Ok(Opened::Ferry(kind, stream)),
+    match read_ferry_preamble(&mut stream, read).await {
+        Ok(Some(kind)) => Ok(Opened::Ferry(kind, stream)),
+        Ok(None) => Ok(Opened::Visitor(stream)),
         Err(err) => Err((err, Some(stream))),
     }
 }
