@@ -154,6 +154,27 @@ pub fn data_chunks(data: &[u8]) {
             }
             (relayed, end) => panic!("relay {relayed:?} for an input that is {end:?}"),
         }
+    });
+    datagram_frames(link_bytes);
+}
+
+/// The same bytes as a UDP flow's framed datagrams: whole datagrams in order, each the
+/// bytes after its header, then a clean end exactly at the last one, or an error for a
+/// cut one.
+fn datagram_frames(link_bytes: &[u8]) {
+    block_on(async {
+        let (mut rest, mut buf, mut seen) = (link_bytes, BytesMut::new(), 0usize);
+        loop {
+            match crate::proto::read_datagram(&mut rest, &mut buf).await {
+                Ok(Some(datagram)) => {
+                    let start = seen + crate::proto::DATAGRAM_HEADER;
+                    assert_eq!(link_bytes.get(start..start + datagram.len()), Some(&datagram[..]));
+                    seen = start + datagram.len();
+                }
+                Ok(None) => return assert_eq!(seen, link_bytes.len(), "a clean end only after the last"),
+                Err(_) => return assert!(seen < link_bytes.len(), "an error only for a cut datagram"),
+            }
+        }
     })
 }
 

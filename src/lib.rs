@@ -83,7 +83,7 @@ pub use config::{
     UserConfig,
 };
 pub use error::{ClientError, ServerError};
-pub use proto::{CloseReason, LoginRefusal, RegisterError, ServiceInfo};
+pub use proto::{CloseReason, DatagramCounts, LoginRefusal, PortProtocol, RegisterError, ServiceInfo};
 pub use server::hooks::{ClientInfo, DisconnectReason, ServerHooks, VisitorInfo};
 pub use server::{Reloader, Server, ServerHandle};
 pub use transport::{ProxyAddr, ProxyKind, RemoteAddr, RemoteTrust, Scheme};

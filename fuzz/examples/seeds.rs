@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use ferry::proto::{
     encode_chunk, encode_frame, preamble, Answer, Challenge, ClientMessage, CloseReason, DataHello, LinkKind,
-    LoginRefusal, OpenStream, Proof, ProxyProtocol, Query, RegisterError, ServerMessage, ServiceControl,
-    ServiceInfo, ServiceSpec,
+    DatagramCounts, LoginRefusal, OpenStream, PortProtocol, Proof, ProxyProtocol, Query, RegisterError,
+    ServerMessage, ServiceControl, ServiceInfo, ServiceSpec,
 };
 use serde::Serialize;
 
@@ -93,6 +93,14 @@ fn client_messages() -> Vec<(&'static str, ClientMessage)> {
                 control: ServiceControl::default(),
             },
         ),
+        (
+            "register_udp",
+            ClientMessage::Register {
+                request: 4,
+                spec: ServiceSpec::Udp { name: "dns".into(), port: Some(5353), random: true },
+                control: ServiceControl::default(),
+            },
+        ),
         ("unregister", ClientMessage::Unregister { service: 4 }),
         ("query", ClientMessage::Query { request: 5, query: Query::FreePorts { limit: 10 } }),
         ("ping", ClientMessage::Ping { seq: 6 }),
@@ -120,11 +128,13 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
         deadline: None,
         bytes_in: 5,
         bytes_out: 6,
+        datagrams: Some(DatagramCounts { r#in: 7, out: 8, dropped: 9 }),
     };
     let refused = RegisterError::PortNotAllowed {
         port: 80,
         ranges: "10000-20000".into(),
         whose: "the server's".into(),
+        protocol: PortProtocol::Udp,
     };
     vec![
         (
@@ -168,8 +178,10 @@ fn control_frames(dir: &Path) {
     data.extend(frame(&DataHello { session: 1, seq: 2, mac: [3; 32] }));
     write(dir, "data_hello", 0, &data);
     let open =
-        OpenStream { service: 2, visitor: "[2001:db8::1]:5000".parse().expect("an address"), seal: Some(1) };
+        OpenStream { service: 2, visitor: "[2001:db8::1]:5000".parse().expect("an address"), seal: Some(1), flow: None };
     write(dir, "open_stream", 0, &frame(&open));
+    let flow = OpenStream { service: 3, visitor: "192.0.2.1:53".parse().expect("an address"), seal: None, flow: Some(7) };
+    write(dir, "open_flow", 0, &frame(&flow));
 }
 
 fn data_chunks(dir: &Path) {

@@ -134,6 +134,11 @@ impl Wanted {
             ServiceKind::Https => {
                 ServiceSpec::Https { name: config.name.clone(), prefix: config.host_prefix.clone() }
             }
+            ServiceKind::Udp => ServiceSpec::Udp {
+                name: config.name.clone(),
+                port: self.port.or(config.remote_udp_port),
+                random: config.remote_udp_random,
+            },
         }
     }
 
@@ -495,6 +500,7 @@ impl Driver {
                     local: wanted.config.local.clone(),
                     served: wanted.served.clone(),
                     encrypt: wanted.config.encrypt,
+                    udp: wanted.config.kind == ServiceKind::Udp,
                 };
                 session.routes.write().unwrap_or_else(|e| e.into_inner()).insert(service, route);
                 let public = public_address(&session.remote_host, port, host.as_deref(), wanted.config.kind);

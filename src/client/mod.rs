@@ -9,6 +9,7 @@ mod backoff;
 mod driver;
 mod login;
 mod pool;
+mod udp;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
+use super::udp;
 use crate::auth::{ReplayGuard, SessionKey};
 use crate::proto::{
     preamble_with, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
@@ -42,6 +43,8 @@ pub(crate) struct Route {
     pub(crate) served: Arc<AtomicU64>,
     /// Its data connections are sealed (`encrypt`).
     pub(crate) encrypt: bool,
+    /// A UDP service: each visitor is a flow of datagrams (`udp.rs`).
+    pub(crate) udp: bool,
 }
 
 /// Keeps a number of idle data connections open for one session.
@@ -66,6 +69,10 @@ pub(crate) struct DataPool {
     token: CancellationToken,
     /// Every worker, so that the session's end waits for them.
     tasks: TaskTracker,
+    /// The session's QUIC connection, for UDP flows' datagrams.
+    quic: Option<quinn::Connection>,
+    /// UDP flows over that connection, by number.
+    flows: Arc<udp::Flows>,
 }
 
 impl DataPool {
@@ -94,9 +101,16 @@ impl DataPool {
             base: idle,
             token,
             tasks: TaskTracker::new(),
+            quic: quic.clone(),
+            flows: Arc::default(),
         });
         match quic {
             Some(connection) => {
+                let (flows, datagrams) = (pool.flows.clone(), connection.clone());
+                let token = pool.token.clone();
+                pool.tasks.spawn(async move {
+                    token.run_until_cancelled(udp::deliver_datagrams(flows, datagrams)).await;
+                });
                 let serving = pool.clone();
                 pool.tasks.spawn(async move {
                     let token = serving.token.clone();
@@ -240,6 +254,11 @@ impl DataPool {
             let _ = link.write_all(&[StreamStatus::LocalUnavailable as u8]).await;
             return None;
         };
+        if route.udp {
+            let quic = self.quic.as_ref().map(|connection| (connection, &*self.flows));
+            udp::serve_flow(link, open, early, (&route.local, self.local_timeout), quic).await;
+            return None;
+        }
         match (route.encrypt, open.seal) {
             (false, None) => {
                 let leftover = self.dial_and_relay(&mut link, &route.local, early).await?;

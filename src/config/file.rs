@@ -20,6 +20,8 @@ pub struct UserOptions {
     pub secret: Option<Secret>,
     /// TCP ports: a list of `{number, range}`; an empty list allows none.
     pub tcp: Option<Vec<TcpOptions>>,
+    /// UDP ports, in the same shape as `tcp`.
+    pub udp: Option<Vec<TcpOptions>>,
     /// Host names: `{number, regex, with-id}`.
     pub host: Option<HostOptions>,
     /// Bytes per second, each direction, across the user's visitors.
@@ -30,7 +32,7 @@ pub struct UserOptions {
     pub sessions: Option<u32>,
 }
 
-/// One entry of a user's `tcp:` list.
+/// One entry of a user's `tcp:` (or `udp:`) list.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct TcpOptions {
@@ -54,6 +56,11 @@ pub struct HostOptions {
     pub with_id: Option<bool>,
 }
 
+/// A `tcp:` or `udp:` list as the configuration holds it.
+fn allowances(list: Vec<TcpOptions>) -> Vec<TcpAllowance> {
+    list.into_iter().map(|t| TcpAllowance { range: t.range, number: t.number }).collect()
+}
+
 impl UserOptions {
     /// Checks the values; `needs_secret` is false for auth API answers.
     pub fn into_config(self, needs_secret: bool) -> Result<UserConfig, ConfigError> {
@@ -66,9 +73,8 @@ impl UserOptions {
         check_host_regex("host.regex", host.regex.iter().flatten())?;
         Ok(UserConfig {
             secret,
-            tcp: self.tcp.map(|list| {
-                list.into_iter().map(|t| TcpAllowance { range: t.range, number: t.number }).collect()
-            }),
+            tcp: self.tcp.map(allowances),
+            udp: self.udp.map(allowances),
             host_number: host.number,
             host_regex: host.regex,
             host_with_id: host.with_id,

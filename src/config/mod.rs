@@ -34,6 +34,9 @@ use crate::transport::{Congestion, ProxyAddr, RemoteAddr, RemoteTrust, TlsVersio
 /// Default heartbeat timeout on both sides.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a UDP flow lives without a datagram either way, by default.
+pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Shortest management API token accepted, in bytes.
 pub const MIN_API_TOKEN_LEN: usize = 16;
 
@@ -45,6 +48,8 @@ pub struct UserConfig {
     /// TCP ports the user may open: each range with how many ports of it at a time.
     /// `None` uses the server's `tcp-range`/`tcp-number`; `Some(empty)` allows no TCP tunnels.
     pub tcp: Option<Vec<TcpAllowance>>,
+    /// UDP ports, in the same shape: `None` uses the server's `udp-range`/`udp-number`.
+    pub udp: Option<Vec<TcpAllowance>>,
     /// How many host names the user may hold at a time.
     pub host_number: Option<u32>,
     /// Patterns the user's host prefixes must match (any of them).
@@ -66,7 +71,8 @@ impl UserConfig {
     }
 }
 
-/// Up to `number` ports at a time out of `range` (GT's `tcp: [{number, range}]`).
+/// Up to `number` ports at a time out of `range` (GT's `tcp: [{number, range}]`; the same
+/// shape serves a user's `udp:` list).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpAllowance {
     /// The ports.
@@ -117,6 +123,12 @@ pub struct ServerConfig {
     pub tcp_ranges: Vec<PortRange>,
     /// How many TCP ports one user may hold at a time; `None` is no limit.
     pub tcp_number: Option<u32>,
+    /// Ports the server may open for UDP tunnels; empty means no UDP tunnels.
+    pub udp_ranges: Vec<PortRange>,
+    /// How many UDP ports one user may hold at a time; `None` is no limit.
+    pub udp_number: Option<u32>,
+    /// A UDP flow (one visitor address) silent both ways this long ends.
+    pub udp_timeout: Duration,
     /// A client silent this long is considered gone.
     pub heartbeat_timeout: Duration,
     /// Limit for every handshake read (preamble, login, data hello).
@@ -183,6 +195,9 @@ impl Default for ServerConfig {
             sessions: None,
             tcp_ranges: Vec::new(),
             tcp_number: None,
+            udp_ranges: Vec::new(),
+            udp_number: None,
+            udp_timeout: DEFAULT_UDP_TIMEOUT,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             handshake_timeout: Duration::from_secs(10),
             data_wait_timeout: Duration::from_secs(10),
@@ -316,6 +331,8 @@ pub enum ServiceKind {
     Http,
     /// A TLS service behind the server's SNI port, passed through encrypted (`--local https://...`).
     Https,
+    /// Its own public UDP port (`--local udp://...`): datagrams, each visitor address a flow.
+    Udp,
 }
 
 /// One local service to expose.
@@ -331,6 +348,10 @@ pub struct ServiceConfig {
     pub remote_tcp_port: Option<u16>,
     /// Take any free port when the one asked for is unavailable.
     pub remote_tcp_random: bool,
+    /// Public UDP port to ask for (`udp://` services); `None` lets the server choose.
+    pub remote_udp_port: Option<u16>,
+    /// Take any free UDP port when the one asked for is unavailable.
+    pub remote_udp_random: bool,
     /// Announce each visitor to a TCP service with a PROXY protocol header.
     pub proxy_protocol: Option<ProxyProtocol>,
     /// HTTP: reach the service at `PREFIX.domain` instead of `ID.domain`.
@@ -363,6 +384,8 @@ impl ServiceConfig {
             kind: ServiceKind::Tcp,
             remote_tcp_port: None,
             remote_tcp_random: false,
+            remote_udp_port: None,
+            remote_udp_random: false,
             proxy_protocol: None,
             host_prefix: None,
             use_local_as_http_host: false,
@@ -387,15 +410,26 @@ impl ServiceConfig {
         ServiceConfig { kind: ServiceKind::Https, ..ServiceConfig::tcp(local) }
     }
 
-    /// Asks for a specific public port.
+    /// A UDP service for `local` (`host:port`), on any UDP port the server picks.
+    pub fn udp(local: &str) -> Self {
+        ServiceConfig { kind: ServiceKind::Udp, ..ServiceConfig::tcp(local) }
+    }
+
+    /// Asks for a specific public port (TCP, or UDP for a UDP service).
     pub fn with_remote_port(mut self, port: u16) -> Self {
-        self.remote_tcp_port = Some(port);
+        match self.kind {
+            ServiceKind::Udp => self.remote_udp_port = Some(port),
+            _ => self.remote_tcp_port = Some(port),
+        }
         self
     }
 
     /// Falls back to a random free port when the asked one is unavailable.
     pub fn with_random_fallback(mut self) -> Self {
-        self.remote_tcp_random = true;
+        match self.kind {
+            ServiceKind::Udp => self.remote_udp_random = true,
+            _ => self.remote_tcp_random = true,
+        }
         self
     }
 

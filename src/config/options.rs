@@ -89,6 +89,16 @@ pub struct ServerOptions {
     /// How many TCP ports one user may hold at a time. [default: no limit]
     #[arg(long)]
     pub tcp_number: Option<u32>,
+    /// Ports UDP tunnels may use, e.g. 10000-10100; repeatable. Without it UDP tunnels are refused.
+    #[arg(long)]
+    pub udp_range: Vec<PortRange>,
+    /// How many UDP ports one user may hold at a time. [default: no limit]
+    #[arg(long)]
+    pub udp_number: Option<u32>,
+    /// A UDP flow (one visitor address) silent both ways this long ends, e.g. 30s. [default: 60s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub udp_timeout: Option<Duration>,
     /// A client silent this long is dropped, e.g. 30s. [default: 30s]
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -252,7 +262,8 @@ pub struct ClientOptions {
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServiceOptions {
     /// The local service: tcp://127.0.0.1:22 (or 127.0.0.1:22), http://127.0.0.1:8080 (a virtual
-    /// host on the server's HTTP port) or https://127.0.0.1:8443 (TLS passed through by SNI).
+    /// host on the server's HTTP port), https://127.0.0.1:8443 (TLS passed through by SNI) or
+    /// udp://127.0.0.1:53 (a public UDP port).
     #[arg(long)]
     pub local: Option<String>,
     /// Public port to ask the server for.
@@ -261,6 +272,12 @@ pub struct ServiceOptions {
     /// Take a random free port when --remote-tcp-port is taken or not allowed.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub remote_tcp_random: Option<bool>,
+    /// Public UDP port to ask the server for (udp:// services).
+    #[arg(long)]
+    pub remote_udp_port: Option<u16>,
+    /// Take a random free UDP port when --remote-udp-port is taken or not allowed.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub remote_udp_random: Option<bool>,
     /// TCP: announce each visitor to the local service with a PROXY header (v1 or v2).
     #[arg(long)]
     pub proxy_protocol: Option<ProxyProtocol>,
@@ -373,6 +390,9 @@ impl ServerOptions {
         config.sessions = self.sessions;
         config.tcp_ranges = self.tcp_range;
         config.tcp_number = self.tcp_number;
+        config.udp_ranges = self.udp_range;
+        config.udp_number = self.udp_number;
+        config.udp_timeout = self.udp_timeout.unwrap_or(config.udp_timeout);
         config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
         config.handshake_timeout = self.handshake_timeout.unwrap_or(config.handshake_timeout);
         config.domain = self.domain;
@@ -511,10 +531,11 @@ impl ServiceOptions {
             Some(("tcp", rest)) => (ServiceKind::Tcp, rest),
             Some(("http", rest)) => (ServiceKind::Http, rest),
             Some(("https", rest)) => (ServiceKind::Https, rest),
+            Some(("udp", rest)) => (ServiceKind::Udp, rest),
             Some((scheme, _)) => {
                 return Err(ConfigError::new(
                     "local",
-                    format!("scheme '{scheme}' is not supported (use tcp://, http:// or https://)"),
+                    format!("scheme '{scheme}' is not supported (use tcp://, http://, https:// or udp://)"),
                 ))
             }
             None => (ServiceKind::Tcp, local.as_str()),
@@ -524,20 +545,37 @@ impl ServiceOptions {
             (_, true) => address,
             (ServiceKind::Http, false) => format!("{address}:80"),
             (ServiceKind::Https, false) => format!("{address}:443"),
-            (ServiceKind::Tcp, false) => {
+            (ServiceKind::Tcp | ServiceKind::Udp, false) => {
                 return Err(ConfigError::new(
                     "local",
-                    format!("'{local}' needs a port, e.g. tcp://127.0.0.1:22"),
+                    format!("'{local}' needs a port, e.g. tcp://127.0.0.1:22 or udp://127.0.0.1:53"),
                 ))
             }
         };
+        if kind != ServiceKind::Udp && (self.remote_udp_port.is_some() || self.remote_udp_random.is_some()) {
+            return Err(ConfigError::new("remote-udp-port and remote-udp-random", "are for udp:// services"));
+        }
+        if kind == ServiceKind::Udp && self.remote_tcp_random.is_some() {
+            return Err(ConfigError::new(
+                "remote-tcp-random",
+                "is for tcp:// services (use remote-udp-random)",
+            ));
+        }
+        if kind == ServiceKind::Udp && self.encrypt == Some(true) {
+            return Err(ConfigError::new(
+                "encrypt",
+                "is for stream services; a udp:// service is sealed only inside tls://, wss:// or quic://",
+            ));
+        }
         if kind != ServiceKind::Tcp && (self.remote_tcp_port.is_some() || self.proxy_protocol.is_some()) {
             return Err(ConfigError::new("remote-tcp-port and proxy-protocol", "are for tcp:// services"));
         }
         if kind == ServiceKind::Https && self.use_local_as_http_host.is_some() {
             return Err(ConfigError::new("use-local-as-http-host", "is for http:// services"));
         }
-        if kind == ServiceKind::Tcp && (self.host_prefix.is_some() || self.use_local_as_http_host.is_some()) {
+        if matches!(kind, ServiceKind::Tcp | ServiceKind::Udp)
+            && (self.host_prefix.is_some() || self.use_local_as_http_host.is_some())
+        {
             return Err(ConfigError::new(
                 "host-prefix and use-local-as-http-host",
                 "are for http:// services",
@@ -549,6 +587,8 @@ impl ServiceOptions {
             kind,
             remote_tcp_port: self.remote_tcp_port,
             remote_tcp_random: self.remote_tcp_random.unwrap_or(false),
+            remote_udp_port: self.remote_udp_port,
+            remote_udp_random: self.remote_udp_random.unwrap_or(false),
             proxy_protocol: self.proxy_protocol,
             host_prefix: self.host_prefix,
             use_local_as_http_host: self.use_local_as_http_host.unwrap_or(false),

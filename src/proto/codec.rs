@@ -271,7 +271,7 @@ mod tests {
 
     #[tokio::test]
     async fn read_frame_leaves_following_bytes() {
-        let open = OpenStream { service: 7, visitor: "127.0.0.1:9".parse().unwrap(), seal: None };
+        let open = OpenStream { service: 7, visitor: "127.0.0.1:9".parse().unwrap(), seal: None, flow: None };
         let mut bytes = Vec::new();
         write_frame(&mut bytes, &open).await.unwrap();
         bytes.extend_from_slice(b"raw");

@@ -38,6 +38,57 @@ pub enum ServiceSpec {
         /// Host prefix asked for; `None` routes the client's id itself.
         prefix: Option<String>,
     },
+    /// A UDP port on the server: each visitor address is a flow of datagrams.
+    Udp {
+        /// Name of the service, for logs and discovery.
+        name: String,
+        /// Port asked for; `None` lets the server pick one from its UDP range.
+        port: Option<u16>,
+        /// Fall back to a free port in the range when `port` is taken or not allowed.
+        random: bool,
+    },
+}
+
+impl ServiceSpec {
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        match self {
+            ServiceSpec::Tcp { name, .. }
+            | ServiceSpec::Http { name, .. }
+            | ServiceSpec::Https { name, .. }
+            | ServiceSpec::Udp { name, .. } => name,
+        }
+    }
+}
+
+/// Which transport protocol a public port is of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// TCP ports (`tcp-range`).
+    #[default]
+    Tcp,
+    /// UDP ports (`udp-range`).
+    Udp,
+}
+
+impl PortProtocol {
+    /// `TCP` or `UDP`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "TCP",
+            PortProtocol::Udp => "UDP",
+        }
+    }
+}
+
+impl std::fmt::Display for PortProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PortProtocol::Tcp => "tcp",
+            PortProtocol::Udp => "udp",
+        })
+    }
 }
 
 /// Which PROXY protocol header announces a visitor to a TCP service.
@@ -289,8 +340,16 @@ pub enum RegisterError {
         #[serde(default = "the_servers")]
         whose: String,
     },
+    /// The user may open no UDP ports: the server has no `udp-range`, or the user's own
+    /// `udp` list is empty.
+    #[error("{whose} udp-range is empty: no UDP ports to offer")]
+    UdpDisabled {
+        /// Whose setting it is: "the server's" or "user ID's".
+        #[serde(default = "the_servers")]
+        whose: String,
+    },
     /// The port is outside every allowed range.
-    #[error("port {port} is not allowed; {whose} tcp-range is {ranges}")]
+    #[error("port {port} is not allowed; {whose} {protocol}-range is {ranges}")]
     PortNotAllowed {
         /// The port asked for.
         port: u16,
@@ -299,6 +358,9 @@ pub enum RegisterError {
         /// Whose ranges they are: "the server's" or "user ID's".
         #[serde(default = "the_servers")]
         whose: String,
+        /// TCP or UDP.
+        #[serde(default)]
+        protocol: PortProtocol,
     },
     /// Another tunnel or program holds the port.
     #[error("port {port} is already in use")]
@@ -307,13 +369,16 @@ pub enum RegisterError {
         port: u16,
     },
     /// The user already holds as many ports as `tcp-number` (or a range's `number`) allows.
-    #[error("this user already holds {limit} TCP port(s), {whose} tcp-number")]
+    #[error("this user already holds {limit} {} port(s), {whose} {protocol}-number", protocol.name())]
     PortLimit {
         /// The configured limit.
         limit: u32,
         /// Whose limit it is: "the server's" or "user ID's".
         #[serde(default = "the_servers")]
         whose: String,
+        /// TCP or UDP.
+        #[serde(default)]
+        protocol: PortProtocol,
     },
     /// Every port in the range is taken.
     #[error("no free port left in {ranges}")]
@@ -513,6 +578,9 @@ pub struct OpenStream {
     /// reuse a key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seal: Option<u64>,
+    /// For a UDP flow over QUIC: the number that tags the flow's QUIC datagrams both ways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<u32>,
 }
 
 /// One byte the client writes back on a data connection after dialing the local service.
@@ -604,4 +672,20 @@ pub struct ServiceInfo {
     pub bytes_in: u64,
     /// Bytes from the service to visitors.
     pub bytes_out: u64,
+    /// UDP services: datagrams carried and dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datagrams: Option<DatagramCounts>,
+}
+
+/// Datagrams through a UDP tunnel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatagramCounts {
+    /// From visitors to the service.
+    #[serde(rename = "in")]
+    pub r#in: u64,
+    /// From the service to visitors.
+    pub out: u64,
+    /// Dropped: too large for the link (over QUIC), past the tunnel's flow cap, refused
+    /// visitors, or a flow's queue full while its link opened.
+    pub dropped: u64,
 }

@@ -7,6 +7,7 @@
 
 mod chunk;
 mod codec;
+mod datagram;
 mod message;
 mod preamble;
 mod text;
@@ -18,9 +19,14 @@ pub(crate) use codec::fill_to;
 pub use codec::{
     encode_frame, read_frame, read_frame_buffered, write_frame, ControlChannel, ProtocolError, MAX_FRAME_LEN,
 };
+pub use datagram::{
+    encode_datagram, read_datagram, tag_datagram, take_datagram, untag_datagram, DatagramTooLarge,
+    DATAGRAM_HEADER, FLOW_TAG, MAX_DATAGRAM,
+};
 pub use message::{
-    Answer, Challenge, ClientMessage, CloseReason, DataHello, LoginRefusal, OpenStream, Proof, ProxyProtocol,
-    Query, RegisterError, ServerMessage, ServiceControl, ServiceInfo, ServiceSpec, StreamStatus,
+    Answer, Challenge, ClientMessage, CloseReason, DataHello, DatagramCounts, LoginRefusal, OpenStream,
+    PortProtocol, Proof, ProxyProtocol, Query, RegisterError, ServerMessage, ServiceControl, ServiceInfo,
+    ServiceSpec, StreamStatus,
 };
 pub use preamble::{
     preamble, preamble_with, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC,

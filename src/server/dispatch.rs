@@ -129,9 +129,22 @@ fn admit_next<E: Entrance>(
     entrance: &mut E,
     peer: SocketAddr,
 ) -> Result<(Member, Visit), NotServed<E::Unrouted>> {
+    admit_first(shared, || entrance.next_candidate(shared), E::PASSES_ON_REFUSAL, peer)
+}
+
+/// The first candidate `next` gives that lets a visitor from `peer` in (allow-ip/deny-ip,
+/// the program's hook, the tunnel's and the user's limits), with its admission. When one
+/// refuses, the next is asked only if `passes_on_refusal`; the first refusal is the answer
+/// when none lets the visitor in.
+pub(crate) fn admit_first<U>(
+    shared: &ServerShared,
+    mut next: impl FnMut() -> Result<Member, NotServed<U>>,
+    passes_on_refusal: bool,
+    peer: SocketAddr,
+) -> Result<(Member, Visit), NotServed<U>> {
     let mut first_refusal = None;
     loop {
-        let candidate = match entrance.next_candidate(shared) {
+        let candidate = match next() {
             Ok(candidate) => candidate,
             Err(why) => return Err(first_refusal.unwrap_or(why)),
         };
@@ -149,7 +162,7 @@ fn admit_next<E: Entrance>(
                 }
             }
         };
-        if !E::PASSES_ON_REFUSAL {
+        if !passes_on_refusal {
             return Err(refused);
         }
         first_refusal.get_or_insert(refused);
@@ -172,7 +185,7 @@ async fn offer<E: Entrance>(
     };
     let (early, read_ahead) = entrance.first_bytes(visitor);
     let read_ahead = if std::mem::replace(first_offer, false) { read_ahead } else { 0 };
-    let open = OpenStream { service: tunnel.service, visitor: peer, seal: None };
+    let open = OpenStream { service: tunnel.service, visitor: peer, seal: None, flow: None };
     let idle = shared.config.idle_limit();
     match relay_visitor(session, tunnel, data, visitor, &open, (&early, read_ahead), idle).await {
         Relay::Finished => Offer::Done,

@@ -16,21 +16,41 @@ use tokio_util::sync::CancellationToken;
 use super::hosts::Held;
 use super::session::SessionShared;
 use super::tunnel::Tunnel;
-use crate::proto::ProxyProtocol;
+use crate::proto::{PortProtocol, ProxyProtocol};
 
 /// How long a registration waits for a closing session to give its endpoint back.
 pub(crate) const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
-/// A public endpoint. A new transport adds its own kind here (UDP ports: `UdpPort(u16)`)
-/// and gets pools, tag sharing and round-robin as they are.
+/// A public endpoint. A new transport adds its own kind here and gets pools, tag sharing
+/// and round-robin as they are.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Endpoint {
     /// A TCP port of its own.
     Port(u16),
+    /// A UDP port of its own.
+    UdpPort(u16),
     /// An HTTP virtual host (first label of the host name), plain or over `tls-addr`.
     Host(String),
     /// A TLS server name on `sni-addr`, passed through (first label).
     Sni(String),
+}
+
+impl Endpoint {
+    /// The endpoint of a public port.
+    pub(crate) fn port(protocol: PortProtocol, port: u16) -> Self {
+        match protocol {
+            PortProtocol::Tcp => Endpoint::Port(port),
+            PortProtocol::Udp => Endpoint::UdpPort(port),
+        }
+    }
+
+    /// The port, when the endpoint is one of `protocol`.
+    pub(crate) fn port_of(&self, protocol: PortProtocol) -> Option<u16> {
+        match (self, protocol) {
+            (Endpoint::Port(p), PortProtocol::Tcp) | (Endpoint::UdpPort(p), PortProtocol::Udp) => Some(*p),
+            _ => None,
+        }
+    }
 }
 
 /// One tunnel serving an endpoint, and how its visitors are handed over.
@@ -195,9 +215,8 @@ impl Endpoints {
         }
     }
 
-    /// Ports held now.
-    pub(crate) fn held_ports(&self) -> HashSet<u16> {
-        let table = self.lock();
-        table.pools.keys().filter_map(|e| if let Endpoint::Port(p) = e { Some(*p) } else { None }).collect()
+    /// Ports of `protocol` held now.
+    pub(crate) fn held_ports(&self, protocol: PortProtocol) -> HashSet<u16> {
+        self.lock().pools.keys().filter_map(|e| e.port_of(protocol)).collect()
     }
 }

@@ -26,6 +26,7 @@ mod session;
 pub(crate) mod sni;
 mod tcp;
 mod tunnel;
+mod udp;
 pub(crate) mod users;
 mod visit;
 

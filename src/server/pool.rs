@@ -38,6 +38,11 @@ impl DataPool {
         DataPool { quic: Some(connection), ..DataPool::default() }
     }
 
+    /// The session's QUIC connection, if it came over QUIC.
+    pub(crate) fn quic(&self) -> Option<&quinn::Connection> {
+        self.quic.as_ref()
+    }
+
     fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<(Stream, Instant)>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }

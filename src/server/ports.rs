@@ -1,33 +1,55 @@
-//! Picking public TCP ports: the user's ranges and limits, an exact port or a random one,
-//! and binding it. A port is recorded in the endpoint table before it is bound, so two
-//! registrations never race for it.
+//! Picking public TCP and UDP ports: the user's ranges and limits, an exact port or a
+//! random one, and binding it. A port is recorded in the endpoint table before it is
+//! bound, so two registrations never race for it.
 
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, UdpSocket};
 
 use super::endpoints::{Endpoint, Member, Pool, RELEASE_WAIT};
-use super::users::whose;
+use super::users::{whose, Rules};
 use super::ServerShared;
-use crate::config::PortRange;
-use crate::proto::RegisterError;
+use crate::config::{PortRange, TcpAllowance};
+use crate::proto::{PortProtocol, RegisterError};
 
-/// Picks, binds and records a public TCP port for `member` as its user's rules allow.
+/// A public port, bound.
+pub(crate) enum Bound {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A UDP socket.
+    Udp(UdpSocket),
+}
+
+/// The user's ranges of `protocol`, their limit in all, and whether they are the user's own.
+fn allowances_of(rules: &Rules, protocol: PortProtocol) -> (&[TcpAllowance], Option<u32>, bool) {
+    match protocol {
+        PortProtocol::Tcp => (&rules.tcp, rules.tcp_number, rules.own.tcp),
+        PortProtocol::Udp => (&rules.udp, rules.udp_number, rules.own.udp),
+    }
+}
+
+/// Picks, binds and records a public port of `protocol` for `member` as its user's rules
+/// allow.
 pub(crate) async fn reserve_port(
     shared: &ServerShared,
     member: &Member,
-    asked: Option<u16>,
-    random: bool,
-) -> Result<(u16, TcpListener), RegisterError> {
+    protocol: PortProtocol,
+    (asked, random): (Option<u16>, bool),
+) -> Result<(u16, Bound), RegisterError> {
     let session = &member.session;
     let rules = session.account.rules();
-    let allowances = &rules.tcp;
-    let whose_tcp = || whose(rules.own.tcp, &session.user);
+    let (allowances, number, own) = allowances_of(&rules, protocol);
+    let whose_ranges = || whose(own, &session.user);
     if allowances.is_empty() {
-        return Err(RegisterError::TcpDisabled { whose: whose_tcp() });
+        return Err(match protocol {
+            PortProtocol::Tcp => RegisterError::TcpDisabled { whose: whose_ranges() },
+            PortProtocol::Udp => RegisterError::UdpDisabled { whose: whose_ranges() },
+        });
     }
-    let held = ports_of(shared, &session.user);
-    if let Some(limit) = rules.tcp_number {
+    let held = ports_of(shared, &session.user, protocol);
+    if let Some(limit) = number {
         if held.len() >= limit as usize {
-            return Err(RegisterError::PortLimit { limit, whose: whose(false, &session.user) });
+            return Err(RegisterError::PortLimit { limit, whose: whose(false, &session.user), protocol });
         }
     }
     // Ranges where the user may take one more port.
@@ -39,42 +61,43 @@ pub(crate) async fn reserve_port(
         .map(|a| a.range)
         .collect();
     let Some(port) = asked else {
-        return reserve_random(shared, member, &open).await;
+        return reserve_random(shared, member, protocol, &open).await;
     };
     let refusal = if open.iter().any(|r| r.contains(port)) {
-        match reserve_exact(shared, member, port).await {
-            Ok(listener) => return Ok((port, listener)),
+        match reserve_exact(shared, member, protocol, port).await {
+            Ok(bound) => return Ok((port, bound)),
             Err(refusal) => refusal,
         }
     } else if let Some(full) = allowances.iter().find(|a| a.range.contains(port)) {
-        RegisterError::PortLimit { limit: full.number.unwrap_or_default(), whose: whose_tcp() }
+        RegisterError::PortLimit { limit: full.number.unwrap_or_default(), whose: whose_ranges(), protocol }
     } else {
         let ranges: Vec<PortRange> = allowances.iter().map(|a| a.range).collect();
-        RegisterError::PortNotAllowed { port, ranges: describe(&ranges), whose: whose_tcp() }
+        RegisterError::PortNotAllowed { port, ranges: describe(&ranges), whose: whose_ranges(), protocol }
     };
     if random {
-        reserve_random(shared, member, &open).await
+        reserve_random(shared, member, protocol, &open).await
     } else {
         Err(refusal)
     }
 }
 
-/// The ports `user` holds now.
-fn ports_of(shared: &ServerShared, user: &str) -> Vec<u16> {
+/// The ports of `protocol` that `user` holds now.
+fn ports_of(shared: &ServerShared, user: &str, protocol: PortProtocol) -> Vec<u16> {
     let table = shared.endpoints.lock();
     let ports = table.pools.iter().filter(|(_, pool)| pool.user == user);
-    ports.filter_map(|(e, _)| if let Endpoint::Port(p) = e { Some(*p) } else { None }).collect()
+    ports.filter_map(|(e, _)| e.port_of(protocol)).collect()
 }
 
 async fn reserve_exact(
     shared: &ServerShared,
     member: &Member,
+    protocol: PortProtocol,
     port: u16,
-) -> Result<TcpListener, RegisterError> {
+) -> Result<Bound, RegisterError> {
     // A closing session of the same user may still hold the port for a moment.
     let pending_release = {
         let table = shared.endpoints.lock();
-        match table.pools.get(&Endpoint::Port(port)) {
+        match table.pools.get(&Endpoint::port(protocol, port)) {
             Some(pool) if pool.closing_for(&member.session.user) => Some(pool.released.clone()),
             Some(_) => return Err(RegisterError::PortTaken { port }),
             None => None,
@@ -83,25 +106,27 @@ async fn reserve_exact(
     if let Some(released) = pending_release {
         let _ = tokio::time::timeout(RELEASE_WAIT, released.cancelled()).await;
     }
-    try_bind(shared, member, port).await.ok_or(RegisterError::PortTaken { port })
+    try_bind(shared, member, protocol, port).await.ok_or(RegisterError::PortTaken { port })
 }
 
 async fn reserve_random(
     shared: &ServerShared,
     member: &Member,
+    protocol: PortProtocol,
     ranges: &[PortRange],
-) -> Result<(u16, TcpListener), RegisterError> {
+) -> Result<(u16, Bound), RegisterError> {
     let total: u32 = ranges.iter().map(PortRange::len).sum();
     if total == 0 {
         let (rules, user) = (member.session.account.rules(), &member.session.user);
-        let limit = rules.tcp.iter().filter_map(|a| a.number).sum();
-        return Err(RegisterError::PortLimit { limit, whose: whose(rules.own.tcp, user) });
+        let (allowances, _, own) = allowances_of(&rules, protocol);
+        let limit = allowances.iter().filter_map(|a| a.number).sum();
+        return Err(RegisterError::PortLimit { limit, whose: whose(own, user), protocol });
     }
     let start = rand::random::<u32>() % total;
     for i in 0..total {
         let port = nth_port(ranges, (start + i) % total);
-        if let Some(listener) = try_bind(shared, member, port).await {
-            return Ok((port, listener));
+        if let Some(bound) = try_bind(shared, member, protocol, port).await {
+            return Ok((port, bound));
         }
     }
     Err(RegisterError::NoFreePort { ranges: describe(ranges) })
@@ -109,8 +134,13 @@ async fn reserve_random(
 
 /// Records `port` for `member` if free in the table, then binds it; undoes the record on
 /// failure. The port's pool closes when its last member leaves or the server shuts down.
-async fn try_bind(shared: &ServerShared, member: &Member, port: u16) -> Option<TcpListener> {
-    let endpoint = Endpoint::Port(port);
+async fn try_bind(
+    shared: &ServerShared,
+    member: &Member,
+    protocol: PortProtocol,
+    port: u16,
+) -> Option<Bound> {
+    let endpoint = Endpoint::port(protocol, port);
     {
         let mut table = shared.endpoints.lock();
         if table.pools.contains_key(&endpoint) {
@@ -118,8 +148,18 @@ async fn try_bind(shared: &ServerShared, member: &Member, port: u16) -> Option<T
         }
         table.pools.insert(endpoint.clone(), Pool::new(member.clone(), shared.shutdown.child_token()));
     }
-    match super::accept::bind(std::net::SocketAddr::new(shared.config.public_ip(), port)) {
-        Ok(listener) => Some(listener),
+    let addr = SocketAddr::new(shared.config.public_ip(), port);
+    let bound = match protocol {
+        PortProtocol::Tcp => super::accept::bind(addr).map(Bound::Tcp),
+        PortProtocol::Udp => std::net::UdpSocket::bind(addr)
+            .and_then(|socket| {
+                socket.set_nonblocking(true)?;
+                UdpSocket::from_std(socket)
+            })
+            .map(Bound::Udp),
+    };
+    match bound {
+        Ok(bound) => Some(bound),
         Err(_) => {
             shared.endpoints.remove(&endpoint);
             None

@@ -19,7 +19,7 @@ use super::hooks::{ClientInfo, DisconnectReason};
 use super::pool::{DataPool, IDLE_TTL};
 use super::tunnel::Tunnel;
 use super::users::{Account, Counted, Grant, Slot, Users};
-use super::{http, login, tcp, ServerShared};
+use super::{http, login, tcp, udp, ServerShared};
 use crate::auth::{ReplayGuard, SessionKey, Verifier};
 use crate::config::{PortRange, ServiceKind};
 use crate::proto::{
@@ -66,6 +66,8 @@ pub(crate) struct SessionShared {
     pub(crate) tasks: TaskTracker,
     /// Open tunnels by service number; cancelling one closes the tunnel and its visitors.
     pub(crate) tunnels: Mutex<HashMap<u32, Arc<Tunnel>>>,
+    /// UDP flows over the session's QUIC connection, by number.
+    pub(crate) flows: udp::Flows,
 }
 
 impl SessionShared {
@@ -256,7 +258,11 @@ impl SessionShared {
             released: CancellationToken::new(),
             tasks: TaskTracker::new(),
             tunnels: Mutex::default(),
+            flows: udp::Flows::default(),
         });
+        if let Some(connection) = session.pool.quic().cloned() {
+            session.tasks.spawn(udp::deliver_datagrams(session.clone(), connection));
+        }
         (session, inbox)
     }
 }
@@ -407,10 +413,12 @@ impl Control<'_> {
     }
 
     async fn register(&mut self, request: u64, spec: ServiceSpec, control: ServiceControl) -> ServerMessage {
-        let (name, kind) = match &spec {
-            ServiceSpec::Tcp { name, .. } => (name.clone(), ServiceKind::Tcp),
-            ServiceSpec::Http { name, .. } => (name.clone(), ServiceKind::Http),
-            ServiceSpec::Https { name, .. } => (name.clone(), ServiceKind::Https),
+        let name = spec.name().to_owned();
+        let kind = match &spec {
+            ServiceSpec::Tcp { .. } => ServiceKind::Tcp,
+            ServiceSpec::Http { .. } => ServiceKind::Http,
+            ServiceSpec::Https { .. } => ServiceKind::Https,
+            ServiceSpec::Udp { .. } => ServiceKind::Udp,
         };
         if let Err(error) = check_service(&name, control.message.as_deref()) {
             warn!(?name, %error, "tunnel refused");
@@ -427,6 +435,10 @@ impl Control<'_> {
             }
             ServiceSpec::Https { prefix, .. } => {
                 http::open_host(self.shared, self.session, tunnel, prefix, None, true).await
+            }
+            ServiceSpec::Udp { port, random, .. } => {
+                let member = Member::new(self.session.clone(), tunnel);
+                udp::open_udp(self.shared, member, port, random).await.map(|port| (port, None))
             }
         };
         if opened.is_err() {

@@ -14,23 +14,23 @@ use tracing::{debug, info, Instrument};
 use super::accept::{accept_until, AcceptErrors};
 use super::dispatch::{dispatch, Entrance, NotServed};
 use super::endpoints::{Endpoint, Member};
-use super::ports::reserve_port;
+use super::ports::{reserve_port, Bound};
 use super::proxy_header::proxy_header;
 use super::ServerShared;
-use crate::proto::RegisterError;
+use crate::proto::{PortProtocol, RegisterError};
 use crate::transport::reset_on_drop;
 
-/// Watches a member of `port`'s pool: when its tunnel closes it leaves the pool, and the
-/// last one to leave closes the port and waits until the port is given back.
-pub(crate) fn watch_member(shared: &Arc<ServerShared>, member: &Member, port: u16) {
+/// Watches a member of a port's pool (`endpoint`): when its tunnel closes it leaves the
+/// pool, and the last one to leave closes the port and waits until the port is given back.
+pub(crate) fn watch_member(shared: &Arc<ServerShared>, member: &Member, endpoint: Endpoint) {
     let tunnel = member.tunnel.clone();
     let (shared, owner) = (shared.clone(), member.session.clone());
     member.session.tasks.spawn(async move {
         let service = tunnel.service;
         tunnel.token.cancelled().await;
-        let last = shared.endpoints.leave(&Endpoint::Port(port), service);
+        let last = shared.endpoints.leave(&endpoint, service);
         owner.forget_tunnel(service);
-        debug!(service, port, last = last.is_some(), "tunnel left its port");
+        debug!(service, ?endpoint, last = last.is_some(), "tunnel left its port");
         if let Some((closed, released)) = last {
             // The session counts as closed only once its port can be bound again.
             closed.cancel();
@@ -40,25 +40,38 @@ pub(crate) fn watch_member(shared: &Arc<ServerShared>, member: &Member, port: u1
     });
 }
 
-/// Opens a TCP tunnel: it joins a port of clients sharing a tag with it, or gets a port
-/// of its own (the one asked for, or a random one when allowed). Returns the port.
+/// Opens a tunnel on a public port of `protocol`: it joins a port of clients sharing a tag
+/// with it (returns `None` then), or gets a port of its own (the one asked for, or a
+/// random one when allowed), bound, with the token that closes it with its last member.
+pub(crate) async fn open_port(
+    shared: &Arc<ServerShared>,
+    member: &Member,
+    protocol: PortProtocol,
+    (asked, random): (Option<u16>, bool),
+) -> Result<(u16, Option<(Bound, CancellationToken)>), RegisterError> {
+    // Clients of one user that share a tag serve a service of the same name together.
+    let wanted = |e: &Endpoint| e.port_of(protocol).is_some_and(|p| asked.map_or(true, |a| a == p));
+    if let Some(port) = shared.endpoints.join(wanted, member).and_then(|e| e.port_of(protocol)) {
+        info!(port, %protocol, name = ?member.tunnel.name, "joining the clients that serve this port");
+        watch_member(shared, member, Endpoint::port(protocol, port));
+        return Ok((port, None));
+    }
+    let (port, bound) = reserve_port(shared, member, protocol, (asked, random)).await?;
+    let endpoint = Endpoint::port(protocol, port);
+    let closed = shared.endpoints.lock().pools.get(&endpoint).map(|p| p.closed.clone());
+    watch_member(shared, member, endpoint);
+    Ok((port, Some((bound, closed.unwrap_or_default()))))
+}
+
+/// Opens a TCP tunnel (see [`open_port`]). Returns the port.
 pub(crate) async fn open_tcp(
     shared: &Arc<ServerShared>,
     member: Member,
     asked: Option<u16>,
     random: bool,
 ) -> Result<u16, RegisterError> {
-    // Clients of one user that share a tag serve a service of the same name together.
-    let wanted = |e: &Endpoint| matches!(e, Endpoint::Port(p) if asked.map_or(true, |a| a == *p));
-    if let Some(Endpoint::Port(port)) = shared.endpoints.join(wanted, &member) {
-        info!(port, name = ?member.tunnel.name, "joining the clients that serve this port");
-        watch_member(shared, &member, port);
-        return Ok(port);
-    }
-    let (port, listener) = reserve_port(shared, &member, asked, random).await?;
-    let closed = shared.endpoints.lock().pools.get(&Endpoint::Port(port)).map(|p| p.closed.clone());
-    watch_member(shared, &member, port);
-    let closed = closed.unwrap_or_default();
+    let (port, bound) = open_port(shared, &member, PortProtocol::Tcp, (asked, random)).await?;
+    let Some((Bound::Tcp(listener), closed)) = bound else { return Ok(port) };
     let shared = shared.clone();
     let span = tracing::info_span!("port", port);
     tokio::spawn(

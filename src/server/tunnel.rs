@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::users::{Account, Counted, Slot};
 use crate::config::ServiceKind;
-use crate::proto::{CloseReason, ServiceControl};
+use crate::proto::{CloseReason, DatagramCounts, ServiceControl};
 use crate::relay::throttle::Traffic;
 
 /// A tunnel's limits and live counters.
@@ -26,6 +26,8 @@ pub(crate) struct Tunnel {
     pub(crate) address: OnceLock<String>,
     /// Bytes through its visitors.
     pub(crate) traffic: Traffic,
+    /// Datagrams through it (UDP tunnels).
+    pub(crate) datagrams: Datagrams,
     /// Cancelled when the tunnel closes; its visitors go with it.
     pub(crate) token: CancellationToken,
     /// Cancelled once the closed tunnel has left its endpoint, and the endpoint, when it
@@ -38,6 +40,33 @@ pub(crate) struct Tunnel {
     closed_because: OnceLock<CloseReason>,
     /// The owner's account, for per-user visitor limits.
     account: Arc<Account>,
+}
+
+/// Datagram counters of a UDP tunnel.
+#[derive(Default)]
+pub(crate) struct Datagrams {
+    /// From visitors to the service.
+    pub(crate) up: AtomicU64,
+    /// From the service to visitors.
+    pub(crate) down: AtomicU64,
+    /// Dropped, for any reason (see [`DatagramCounts`]).
+    pub(crate) dropped: AtomicU64,
+}
+
+impl Datagrams {
+    /// The counts now.
+    pub(crate) fn get(&self) -> DatagramCounts {
+        DatagramCounts {
+            r#in: self.up.load(Ordering::Relaxed),
+            out: self.down.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts one dropped datagram.
+    pub(crate) fn drop_one(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a visitor was turned away.
@@ -69,6 +98,7 @@ impl Tunnel {
             endpoint: OnceLock::new(),
             address: OnceLock::new(),
             traffic: Traffic::default(),
+            datagrams: Datagrams::default(),
             token,
             gone: CancellationToken::new(),
             control,
@@ -85,6 +115,7 @@ impl Tunnel {
             ServiceKind::Tcp => "tcp",
             ServiceKind::Http => "http",
             ServiceKind::Https => "https",
+            ServiceKind::Udp => "udp",
         }
     }
 

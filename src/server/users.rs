@@ -18,7 +18,7 @@ use tracing::{debug, error, warn};
 use super::auth_api::{ApiAnswer, AuthApi};
 use super::hooks::ServerHooks;
 use crate::auth::{Secret, Verifier};
-use crate::config::{ConfigError, ServerConfig, TcpAllowance, UserConfig};
+use crate::config::{ConfigError, PortRange, ServerConfig, TcpAllowance, UserConfig};
 use crate::proto::LoginRefusal;
 use crate::relay::throttle::{Bucket, Traffic};
 
@@ -29,6 +29,10 @@ pub(crate) struct Rules {
     pub(crate) tcp: Vec<TcpAllowance>,
     /// TCP ports in all, across the ranges.
     pub(crate) tcp_number: Option<u32>,
+    /// UDP port ranges, each with how many of its ports the user may hold.
+    pub(crate) udp: Vec<TcpAllowance>,
+    /// UDP ports in all, across the ranges.
+    pub(crate) udp_number: Option<u32>,
     pub(crate) host_number: Option<u32>,
     /// A host prefix must match one of these, if there are any.
     pub(crate) host_patterns: Vec<Regex>,
@@ -48,6 +52,8 @@ pub(crate) struct Rules {
 pub(crate) struct OwnRules {
     /// The port ranges and their numbers (`tcp`).
     pub(crate) tcp: bool,
+    /// The UDP port ranges and their numbers (`udp`).
+    pub(crate) udp: bool,
     pub(crate) host_number: bool,
     pub(crate) host_regex: bool,
 }
@@ -64,13 +70,14 @@ pub(crate) fn whose(own: bool, user: &str) -> String {
 impl Rules {
     /// Resolves `user`'s settings over the server's; 0 means no limit for speed and counts.
     pub(crate) fn resolve(config: &ServerConfig, user: Option<&UserConfig>) -> Result<Rules, String> {
-        let (tcp, tcp_number) = match user.and_then(|u| u.tcp.clone()) {
-            Some(list) => (list, None),
-            None => (
-                config.tcp_ranges.iter().map(|&range| TcpAllowance { range, number: None }).collect(),
-                config.tcp_number,
-            ),
+        let allowances = |own: Option<&Vec<TcpAllowance>>, ranges: &[PortRange], number| match own {
+            Some(list) => (list.clone(), None),
+            None => (ranges.iter().map(|&range| TcpAllowance { range, number: None }).collect(), number),
         };
+        let (tcp, tcp_number) =
+            allowances(user.and_then(|u| u.tcp.as_ref()), &config.tcp_ranges, config.tcp_number);
+        let (udp, udp_number) =
+            allowances(user.and_then(|u| u.udp.as_ref()), &config.udp_ranges, config.udp_number);
         let patterns = user.and_then(|u| u.host_regex.as_ref()).unwrap_or(&config.host_regex);
         let host_patterns = patterns
             .iter()
@@ -80,6 +87,8 @@ impl Rules {
         Ok(Rules {
             tcp,
             tcp_number,
+            udp,
+            udp_number,
             host_number: user.and_then(|u| u.host_number).or(config.host_number),
             host_patterns,
             host_with_id: user.and_then(|u| u.host_with_id).unwrap_or(config.host_with_id),
@@ -88,6 +97,7 @@ impl Rules {
             sessions: nonzero32(user.and_then(|u| u.sessions).or(config.sessions)),
             own: OwnRules {
                 tcp: user.is_some_and(|u| u.tcp.is_some()),
+                udp: user.is_some_and(|u| u.udp.is_some()),
                 host_number: user.is_some_and(|u| u.host_number.is_some()),
                 host_regex: user.is_some_and(|u| u.host_regex.is_some()),
             },

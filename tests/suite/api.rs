@@ -563,3 +563,39 @@ async fn bad_api_tokens_and_preflights_never_ban_client_logins() {
     })
     .await
 }
+
+#[tokio::test]
+async fn udp_tunnels_show_their_flows_and_datagrams() {
+    use crate::udp_tunnel::{answer_to, ask, responder, udp_server_config, visitor_on};
+    within(30, async {
+        let mut config = udp_server_config();
+        config.api_addr = Some("127.0.0.1:0".parse().unwrap());
+        config.api_token = Some(TOKEN.into());
+        let server = start_server(config).await;
+        let api = server.api_local_addr().unwrap();
+        let client = connect(server.local_addr()).await;
+        let local = responder().await;
+        let registration = client.add_service(ServiceConfig::udp(&local.addr.to_string())).await.unwrap();
+        let public: SocketAddr = format!("127.0.0.1:{}", registration.remote_port()).parse().unwrap();
+        let visitor = visitor_on("127.0.0.1").await;
+        for request in [&b"one"[..], b"two", b"three"] {
+            assert_eq!(ask(&visitor, public, request).await, answer_to(request));
+        }
+        let services = get(api, "/services").await;
+        let udp = &services[0];
+        assert_eq!((udp["kind"].as_str(), udp["port"].as_u64()), (Some("udp"), Some(public.port().into())));
+        assert_eq!((udp["online"].as_u64(), udp["served"].as_u64()), (Some(1), Some(1)), "one flow");
+        let datagrams = &udp["datagrams"];
+        assert_eq!((datagrams["in"].as_u64(), datagrams["out"].as_u64()), (Some(3), Some(3)));
+        assert_eq!(udp["bytes_in"].as_u64(), Some(11));
+        let text = metrics(api).await;
+        let series = format!("ferry_service_datagrams_total{{service=\"{}\",", udp["id"]);
+        for direction in ["in", "out"] {
+            let labelled = format!("direction=\"{direction}\"");
+            let line = text.lines().find(|l| l.starts_with(&series) && l.contains(&labelled));
+            assert!(line.is_some_and(|l| l.ends_with(" 3")), "{direction}: {text}");
+        }
+        assert_eq!(metric(&text, "ferry_udp_dropped_datagrams_total"), 0.0);
+    })
+    .await
+}

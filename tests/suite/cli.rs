@@ -333,6 +333,28 @@ fn service_schemes_and_their_options() {
         .unwrap();
     let ferry::cli::Command::Client(options) = cli.command else { panic!("not a client") };
     assert!(options.services[0].clone().into_config().is_err());
+    let udp = [
+        "ferry",
+        "client",
+        "--local",
+        "udp://127.0.0.1:53",
+        "--remote-udp-port",
+        "5353",
+        "--remote-udp-random",
+    ];
+    let ferry::cli::Command::Client(options) = ferry::cli::parse_from(udp).unwrap().command else { panic!() };
+    let service = options.services[0].clone().into_config().unwrap();
+    assert_eq!((service.kind, service.local.as_str()), (ServiceKind::Udp, "127.0.0.1:53"));
+    assert_eq!((service.remote_udp_port, service.remote_udp_random), (Some(5353), true));
+    for wrong in [
+        ["--local", "tcp://a:1", "--remote-udp-port", "1"],
+        ["--local", "udp://a:1", "--encrypt", "--name=dns"],
+    ] {
+        let cli = ferry::cli::parse_from(["ferry", "client"].into_iter().chain(wrong)).unwrap();
+        let ferry::cli::Command::Client(options) = cli.command else { panic!("not a client") };
+        let err = options.services[0].clone().into_config().unwrap_err().to_string();
+        assert!(err.contains("udp"), "{err}");
+    }
 }
 
 #[test]
@@ -366,6 +388,8 @@ fn service_control_from_flags_and_files() {
     assert_eq!(limits(postgres), (Some(5), Some(100), Some(Duration::from_secs(24 * 3600))));
     assert_eq!(postgres.allow_ip, vec!["203.0.113.0/24".parse::<ipnet::IpNet>().unwrap()]);
     assert!(postgres.encrypt && !services[0].encrypt, "encrypt is per service");
+    let dns = services.iter().find(|s| s.name == "dns").unwrap();
+    assert_eq!((dns.kind, dns.remote_udp_port), (ferry::config::ServiceKind::Udp, Some(10053)));
     let bad = ferry::cli::parse_from(["ferry", "client", "--local", "tcp://a:1", "--max-serve-time", "soon"]);
     assert!(bad.is_err(), "a bad duration is refused");
 }

@@ -32,6 +32,7 @@ mod service_control;
 mod tcp_tunnel;
 mod timeouts;
 mod tls;
+mod udp_tunnel;
 mod users;
 mod websocket_tls;
 mod ws_transport;

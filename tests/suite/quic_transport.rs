@@ -8,7 +8,7 @@ use crate::reconnect::assert_reconnects_after_a_server_restart;
 use crate::tls::{make_certs, Certs};
 use ferry::{Client, ClientError, LoginRefusal, RemoteAddr, RemoteTrust};
 
-fn quic_server_config(certs: &Certs) -> ferry::ServerConfig {
+pub(crate) fn quic_server_config(certs: &Certs) -> ferry::ServerConfig {
     let mut config = server_config();
     config.quic_addr = Some("127.0.0.1:0".parse().unwrap());
     config.cert_file = vec![certs.cert.clone()];
@@ -16,7 +16,7 @@ fn quic_server_config(certs: &Certs) -> ferry::ServerConfig {
     config
 }
 
-fn quic_client_config(port: u16, certs: &Certs) -> ferry::ClientConfig {
+pub(crate) fn quic_client_config(port: u16, certs: &Certs) -> ferry::ClientConfig {
     let mut config = client_config("127.0.0.1:1".parse().unwrap(), "id1", "secret1");
     config.remote = RemoteAddr::parse(&format!("quic://localhost:{port}")).unwrap();
     config.remote_trust = RemoteTrust::CaFile(certs.cert.clone());

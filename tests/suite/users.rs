@@ -121,6 +121,7 @@ async fn tcp_and_host_rules_are_per_user() {
         std::fs::write(
             &users_file,
             "narrow:\n  secret: s\n  tcp:\n    - number: 1\n      range: 1024-65535\n  host: {number: 1}\n\
+             \x20 udp:\n    - number: 1\n      range: 1024-65535\n\
              no-tcp:\n  secret: s\n  tcp: []\n  host: {regex: '^ok-'}\n",
         )
         .unwrap();
@@ -128,6 +129,7 @@ async fn tcp_and_host_rules_are_per_user() {
             addr: Some("127.0.0.1:0".into()),
             users: Some(UsersOption::file(users_file)),
             tcp_range: vec!["1024-65535".parse().unwrap()],
+            udp_range: vec!["1024-65535".parse().unwrap()],
             id: vec!["wide".into()],
             secret: vec!["s".into()],
             ..ServerOptions::default()
@@ -144,6 +146,9 @@ async fn tcp_and_host_rules_are_per_user() {
         // Refusals name whose limit it is: the user's own, not the server's.
         let says = |refused: Result<ferry::Registration, ClientError>| refused.unwrap_err().to_string();
         assert!(says(second).ends_with("this user already holds 1 TCP port(s), user narrow's tcp-number"));
+        let _dns = narrow.add_service(ServiceConfig::udp("127.0.0.1:53")).await.unwrap();
+        let dns2 = narrow.add_service(ServiceConfig::udp("127.0.0.1:54")).await;
+        assert!(says(dns2).ends_with("this user already holds 1 UDP port(s), user narrow's udp-number"));
         let low = narrow.add_service(ServiceConfig::tcp(&echo).with_remote_port(80)).await;
         assert!(says(low).ends_with("port 80 is not allowed; user narrow's tcp-range is 1024-65535"));
         let _web = narrow.add_service(ServiceConfig::http(&echo)).await.unwrap();

@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::config::ServiceKind;
 use crate::server::ServerShared;
 
 /// Label pairs of one time series.
@@ -21,6 +22,7 @@ pub(crate) struct Metrics {
     auth_failures: Counter,
     bans: Counter,
     visitors: Counter,
+    udp_dropped: Counter,
     handshakes: Histogram,
 }
 
@@ -30,6 +32,7 @@ impl Default for Metrics {
             auth_failures: Counter::default(),
             bans: Counter::default(),
             visitors: Counter::default(),
+            udp_dropped: Counter::default(),
             // 0.5 ms to about 4 s.
             handshakes: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         }
@@ -52,6 +55,11 @@ impl Metrics {
         self.visitors.inc();
     }
 
+    /// A datagram of a UDP tunnel was dropped.
+    pub(crate) fn udp_dropped(&self) {
+        self.udp_dropped.inc();
+    }
+
     /// A client logged in; `took` from the challenge to the verified login.
     pub(crate) fn handshake(&self, took: Duration) {
         self.handshakes.observe(took.as_secs_f64());
@@ -62,7 +70,16 @@ impl Metrics {
         let mut registry = Registry::with_prefix("ferry");
         registry.register("auth_failures", "Failed logins and API token checks", self.auth_failures.clone());
         registry.register("bans", "Addresses or ids banned after repeated failures", self.bans.clone());
-        registry.register("visitors", "Visitors admitted to tunnels", self.visitors.clone());
+        registry.register(
+            "visitors",
+            "Visitors admitted to tunnels (a UDP flow counts as one)",
+            self.visitors.clone(),
+        );
+        registry.register(
+            "udp_dropped_datagrams",
+            "Datagrams of UDP tunnels dropped (too large for the link, past a flow cap, refused visitors, full queues)",
+            self.udp_dropped.clone(),
+        );
         registry.register(
             "handshake_seconds",
             "Time from challenge to verified login",
@@ -74,6 +91,7 @@ impl Metrics {
         let (clients, services, active) =
             (Gauge::<i64>::default(), Gauge::<i64>::default(), Gauge::<i64>::default());
         let service_bytes = Family::<Labels, Counter>::default();
+        let service_datagrams = Family::<Labels, Counter>::default();
         clients.set(sessions.len() as i64);
         for session in &sessions {
             let tunnels: Vec<_> = session.tunnels().values().cloned().collect();
@@ -91,6 +109,12 @@ impl Metrics {
                 };
                 service_bytes.get_or_create(&labels("in")).inc_by(up);
                 service_bytes.get_or_create(&labels("out")).inc_by(down);
+                if tunnel.kind == ServiceKind::Udp {
+                    let counts = tunnel.datagrams.get();
+                    service_datagrams.get_or_create(&labels("in")).inc_by(counts.r#in);
+                    service_datagrams.get_or_create(&labels("out")).inc_by(counts.out);
+                    service_datagrams.get_or_create(&labels("dropped")).inc_by(counts.dropped);
+                }
             }
         }
         let user_bytes = Family::<Labels, Counter>::default();
@@ -106,6 +130,11 @@ impl Metrics {
             "service_bytes",
             "Bytes through each open tunnel (in: from visitors)",
             service_bytes,
+        );
+        registry.register(
+            "service_datagrams",
+            "Datagrams through each open UDP tunnel (in: from visitors; dropped: not delivered)",
+            service_datagrams,
         );
         registry.register("user_bytes", "Bytes through each user's tunnels since start", user_bytes);
         let tasks = Gauge::<i64>::default();

@@ -5,8 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::Filter;
-use crate::config::PortRange;
-use crate::proto::ServiceInfo;
+use crate::config::{PortRange, ServiceKind};
+use crate::proto::{PortProtocol, ServiceInfo};
 use crate::server::session::SessionShared;
 use crate::server::tunnel::Tunnel;
 use crate::server::ServerShared;
@@ -67,6 +67,7 @@ pub(crate) fn service_info(session: &SessionShared, tunnel: &Tunnel) -> ServiceI
         deadline: control.max_serve_time_ms.map(|ms| unix_seconds(tunnel.born + Duration::from_millis(ms))),
         bytes_in,
         bytes_out,
+        datagrams: (tunnel.kind == ServiceKind::Udp).then(|| tunnel.datagrams.get()),
     }
 }
 
@@ -135,14 +136,14 @@ pub(crate) async fn free_ports(shared: &ServerShared, limit: Option<usize>) -> F
     let limit = limit.unwrap_or(DEFAULT_FREE_PORTS).min(MAX_FREE_PORTS);
     let ranges = &shared.config.tcp_ranges;
     let free = free_ports_in(shared, ranges, limit).await;
-    let used = shared.endpoints.held_ports().len();
+    let used = shared.endpoints.held_ports(PortProtocol::Tcp).len();
     FreePorts { ranges: ranges.iter().map(ToString::to_string).collect(), used, free }
 }
 
 /// Up to `limit` ports of `ranges` that no tunnel holds and that bind now; gives up after
 /// a bounded number of tries.
 pub(crate) async fn free_ports_in(shared: &ServerShared, ranges: &[PortRange], limit: usize) -> Vec<u16> {
-    let held = shared.endpoints.held_ports();
+    let held = shared.endpoints.held_ports(PortProtocol::Tcp);
     let mut tries = limit.saturating_mul(4).saturating_add(100);
     let mut free = Vec::new();
     for port in ranges.iter().flat_map(|r| r.start..=r.end) {
