@@ -72,6 +72,9 @@ pub enum ClientError {
     /// The client is between connections; try again once it is connected.
     #[error("the client is not connected to the server right now")]
     NotConnected,
+    /// A setting cannot be used (such as a `remote_api` URL that is not https://).
+    #[error("{0}")]
+    Config(String),
 }
 
 impl From<ProtocolError> for ClientError {
@@ -102,7 +105,8 @@ impl ClientError {
             ClientError::Tls(_)
             | ClientError::ServerNotVerified
             | ClientError::EnrollUnprotected { .. }
-            | ClientError::EnrollAgain { .. } => true,
+            | ClientError::EnrollAgain { .. }
+            | ClientError::Config(_) => true,
             // A TLS handshake the client refused (an untrusted certificate) or the server did.
             ClientError::Connect(err) => err.kind() == std::io::ErrorKind::InvalidData,
             ClientError::Protocol(err) => matches!(err, ProtocolError::VersionMismatch { .. }),

@@ -56,17 +56,40 @@ async fn reload_on_hangup(reloader: Reloader, flags: ServerOptions, mut hangups:
     }
 }
 
+/// Asks the remote API of a client given no `--remote` until it answers (a client
+/// started before its API waits for it, as it waits for its server); the remotes it gave.
+async fn first_remotes_from_api(url: &str, id: &str) -> Vec<String> {
+    use std::time::Duration;
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match crate::client::ask_remote_api(url, id, Duration::from_secs(10)).await {
+            Ok(remotes) => return remotes.iter().map(ToString::to_string).collect(),
+            Err(err) => tracing::warn!(api = %url, %err, ?delay, "remote api gave no remote; asking again"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
 /// Runs `ferry client` with `flags` (or signals the running one with `-s`).
 pub async fn client(flags: ClientOptions) -> anyhow::Result<()> {
-    let Some((options, pid_file)) = start(&flags)? else { return Ok(()) };
+    let Some((mut options, pid_file)) = start(&flags)? else { return Ok(()) };
+    let (mut hangups, shutdown) = Signals::install().split();
+    let shutdown = shutdown.wait();
+    tokio::pin!(shutdown);
+    if options.remote.is_empty() {
+        if let (Some(url), Some(id)) = (options.remote_api.clone(), options.id.clone()) {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                remotes = first_remotes_from_api(&url, &id) => options.remote = remotes,
+            }
+        }
+    }
     let (config, services) = options.into_config()?;
     if services.is_empty() {
         tracing::warn!("no services given (--local); the client only keeps its connection");
     }
     let remote = config.remote.to_string();
-    let (mut hangups, shutdown) = Signals::install().split();
-    let shutdown = shutdown.wait();
-    tokio::pin!(shutdown);
     // Started before its server (systemd, containers), the client waits for it.
     let client = tokio::select! {
         _ = &mut shutdown => return Ok(()),

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use super::backoff::Backoff;
 use super::login::{login_first_reachable, LoggedIn};
 use super::pool::{DataPool, Route, Routes};
+use super::remotes::Remotes;
 use super::{public_address, ClientState, DriverLinks, Endpoint, RegisterReply};
 use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
 use crate::error::ClientError;
@@ -22,7 +23,7 @@ use crate::proto::{
     Answer, ClientMessage, CloseReason, ControlChannel, ProtocolError, Query, RegisterError, ServerMessage,
     ServiceControl, ServiceSpec,
 };
-use crate::transport::{Connector, Stream};
+use crate::transport::Stream;
 
 /// How long a cancelled tunnel waits for the server to confirm it gave the endpoint back
 /// (the server itself waits at most 5 s for that).
@@ -156,8 +157,14 @@ impl Wanted {
     }
 
     /// The registration, with the limits that are left.
-    fn register(&self, request: u64) -> Result<ClientMessage, CloseReason> {
-        Ok(ClientMessage::Register { request, spec: self.spec(), control: self.remaining_control()? })
+    /// `remote_connections` (the client's `--remote-connections`) lowers `max_serve_conn`.
+    fn register(&self, request: u64, remote_connections: Option<u32>) -> Result<ClientMessage, CloseReason> {
+        let mut control = self.remaining_control()?;
+        control.max_serve_conn = match (control.max_serve_conn, remote_connections) {
+            (Some(own), Some(cap)) => Some(own.min(cap)),
+            (own, cap) => own.or(cap),
+        };
+        Ok(ClientMessage::Register { request, spec: self.spec(), control })
     }
 
     fn close(self, reason: CloseReason) {
@@ -180,7 +187,7 @@ pub(crate) struct Driver {
     config: ClientConfig,
     /// Told the final error that stops the driver, if someone waits for it (the first login).
     fatal: Option<oneshot::Sender<ClientError>>,
-    connectors: Vec<Connector>,
+    remotes: Arc<Remotes>,
     instance: String,
     inbox: mpsc::UnboundedReceiver<Command>,
     state: watch::Sender<ClientState>,
@@ -197,7 +204,7 @@ pub(crate) struct Driver {
 impl Driver {
     pub(crate) fn new(
         config: ClientConfig,
-        connectors: Vec<Connector>,
+        remotes: Arc<Remotes>,
         instance: String,
         links: DriverLinks,
     ) -> Self {
@@ -205,7 +212,7 @@ impl Driver {
         Driver {
             config,
             fatal,
-            connectors,
+            remotes,
             instance,
             inbox,
             state,
@@ -285,7 +292,11 @@ impl Driver {
         self.set_state(ClientState::Connecting);
         tokio::select! {
             _ = self.token.cancelled() => None,
-            attempt = login_first_reachable(&self.connectors, &self.config, &self.instance) => Some(attempt),
+            attempt = async {
+                // The remote API, if any, is asked again at every login.
+                let connectors = self.remotes.for_login().await;
+                login_first_reachable(&connectors, &self.config, &self.instance).await
+            } => Some(attempt),
         }
     }
 
@@ -365,7 +376,7 @@ impl Driver {
         for key in keys {
             let Some(wanted) = self.wanted.get_mut(&key) else { continue };
             wanted.retry_at = None;
-            match wanted.register(key) {
+            match wanted.register(key, self.config.remote_connections) {
                 Ok(register) => session.chan.send(&register).await?,
                 Err(reason) => spent.push((key, reason)),
             }
@@ -450,7 +461,7 @@ impl Driver {
     async fn apply_online(&mut self, command: Command, session: &mut Session) -> Result<(), ProtocolError> {
         match command {
             Command::Add { key, wanted } => {
-                if let Ok(register) = wanted.register(key) {
+                if let Ok(register) = wanted.register(key, self.config.remote_connections) {
                     session.chan.send(&register).await?;
                 }
                 self.wanted.insert(key, *wanted);

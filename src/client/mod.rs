@@ -9,10 +9,12 @@ mod backoff;
 mod driver;
 mod login;
 mod pool;
+mod remotes;
 mod udp;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -21,8 +23,10 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
 use crate::error::ClientError;
 use crate::proto::{Answer, CloseReason, ProtocolError, Query, RegisterError, ServiceInfo};
-use crate::transport::Connector;
 use driver::{Command, Driver, Listeners, Wanted};
+#[cfg(feature = "cli")]
+pub(crate) use remotes::ask_remote_api;
+use remotes::Remotes;
 
 /// Where the client stands with the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,21 +86,8 @@ pub struct Client {
     driver: JoinHandle<()>,
     token: CancellationToken,
     _stop_on_drop: DropGuard,
-    /// How the driver dials each remote; shared, for [`rebind`](Client::rebind).
-    connectors: Vec<Connector>,
-}
-
-/// How this client dials its servers, `remote` then each of `fallback_remotes`: the
-/// transport of each, through `proxy` if any.
-fn connectors(config: &ClientConfig) -> Result<Vec<Connector>, ClientError> {
-    let remotes = std::iter::once(&config.remote).chain(&config.fallback_remotes);
-    remotes
-        .map(|remote| {
-            let connector = Connector::new(remote.clone(), &config.remote_trust, config.remote_timeout)?;
-            let connector = connector.with_proxy(config.proxy.clone());
-            Ok(connector.with_quic(config.quic_congestion, config.heartbeat_timeout)?)
-        })
-        .collect()
+    /// Which servers the driver dials, and how; shared, for [`rebind`](Client::rebind).
+    remotes: Arc<Remotes>,
 }
 
 impl Client {
@@ -104,12 +95,13 @@ impl Client {
     ///
     /// Fails if the server cannot be reached or refuses the login.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let connectors = connectors(&config)?;
+        let remotes = Arc::new(Remotes::new(&config)?);
         let instance = format!("{:032x}", rand::random::<u128>());
+        let connectors = remotes.for_login().await;
         let first = login::login_first_reachable(&connectors, &config, &instance).await?;
         let state = ClientState::Connected { session: first.session };
-        let dialers = connectors.clone();
-        let driver = |links| Driver::new(config, connectors, instance, links);
+        let dialers = remotes.clone();
+        let driver = |links| Driver::new(config, remotes, instance, links);
         Ok(Client::start((driver, dialers), state, Some(first), None))
     }
 
@@ -118,11 +110,11 @@ impl Client {
     /// as a service started before its server needs. Fails only with a final error
     /// ([`ClientError::is_fatal`]).
     pub async fn connect_retrying(config: ClientConfig) -> Result<Client, ClientError> {
-        let connectors = connectors(&config)?;
+        let remotes = Arc::new(Remotes::new(&config)?);
         let instance = format!("{:032x}", rand::random::<u128>());
         let (fatal, mut failed) = oneshot::channel();
-        let dialers = connectors.clone();
-        let driver = |links| Driver::new(config, connectors, instance, links);
+        let dialers = remotes.clone();
+        let driver = |links| Driver::new(config, remotes, instance, links);
         let client = Client::start((driver, dialers), ClientState::Connecting, None, Some(fatal));
         let mut state = client.state();
         tokio::select! {
@@ -137,7 +129,7 @@ impl Client {
 
     /// Spawns the driver task.
     fn start(
-        (driver, connectors): (impl FnOnce(DriverLinks) -> Driver, Vec<Connector>),
+        (driver, remotes): (impl FnOnce(DriverLinks) -> Driver, Arc<Remotes>),
         state: ClientState,
         first: Option<login::LoggedIn>,
         fatal: Option<oneshot::Sender<ClientError>>,
@@ -154,7 +146,7 @@ impl Client {
             driver,
             _stop_on_drop: token.clone().drop_guard(),
             token,
-            connectors,
+            remotes,
         }
     }
 
@@ -163,7 +155,8 @@ impl Client {
     /// (connection migration). Fails when the client is not on `quic://` or has never
     /// connected.
     pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
-        let quic = self.connectors.iter().find(|c| c.is_quic() && c.has_quic_link());
+        let connectors = self.remotes.latest();
+        let quic = connectors.iter().find(|c| c.is_quic() && c.has_quic_link());
         match quic {
             Some(connector) => connector.rebind_quic(socket),
             None => Err(std::io::Error::new(

@@ -16,9 +16,7 @@ use super::ConfigError;
 
 /// GT options that ferry does not have yet, by their kebab-case name, with what they are.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("remote-api", "asking an API for the server's address"),
     ("remote-stun", "peer-to-peer connections over STUN/WebRTC"),
-    ("remote-connections", "several control connections per client"),
     ("stun-addr", "a STUN server for peer-to-peer connections"),
     ("tcp-forward-addr", "TCP forwarding between clients (peer-to-peer)"),
     ("tcp-forward-connections", "TCP forwarding between clients (peer-to-peer)"),

@@ -264,6 +264,14 @@ pub struct ClientConfig {
     /// More servers (`--remote` given again), tried in order at each login when the ones
     /// before cannot be reached: e.g. `tls://` after `quic://` for networks that block UDP.
     pub fallback_remotes: Vec<RemoteAddr>,
+    /// An API asked for the servers to use at every login (`--remote-api`, GT's
+    /// `remoteAPI`; `https://`, or `http://` on loopback): `GET URL?id=ID` answering
+    /// `{"remote": "tls://host:port"}` or a list. `remote` and `fallback_remotes` serve when
+    /// it cannot be asked.
+    pub remote_api: Option<String>,
+    /// Most visitors (each a data connection, or a QUIC stream) one tunnel of this client
+    /// serves at once (`--remote-connections`); lowers each service's `max_serve_conn`.
+    pub remote_connections: Option<u32>,
     /// The user id.
     pub id: String,
     /// The user secret; never sent: it proves itself in a password-authenticated key exchange.
@@ -304,6 +312,8 @@ impl ClientConfig {
         ClientConfig {
             remote,
             fallback_remotes: Vec::new(),
+            remote_api: None,
+            remote_connections: None,
             id: id.to_owned(),
             secret: Secret::new(secret),
             remote_trust: RemoteTrust::System,

@@ -202,6 +202,15 @@ pub struct ClientOptions {
     #[arg(long)]
     #[serde(deserialize_with = "one_or_many")]
     pub remote: Vec<String>,
+    /// Ask this API for the server at every login (GT's remoteAPI): GET URL?id=ID answering
+    /// {"remote": "tls://host:port"} or a list; https://, or http:// on loopback. --remote,
+    /// if given, serves when the API cannot be asked.
+    #[arg(long)]
+    pub remote_api: Option<String>,
+    /// Most visitors (data connections, or QUIC streams) one tunnel serves at once; lowers
+    /// each service's max-serve-conn. [default: no limit]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub remote_connections: Option<u32>,
     /// Reach the server through this proxy: http://[user:pass@]host:port (HTTP CONNECT) or
     /// socks5://[user:pass@]host:port. [default: HTTPS_PROXY or ALL_PROXY unless NO_PROXY
     /// names the server]
@@ -481,7 +490,7 @@ impl ClientOptions {
         let mut remotes = self.remote.iter().map(|remote| RemoteAddr::parse(remote));
         let remote = remotes
             .next()
-            .ok_or_else(|| missing("remote", " (e.g. --remote tcp://example.com:7000)"))?
+            .ok_or_else(|| missing("remote", " (e.g. --remote tcp://example.com:7000, or --remote-api URL)"))?
             .map_err(|e| ConfigError::new("remote", e.to_string()))?;
         let fallback_remotes =
             remotes.collect::<Result<Vec<_>, _>>().map_err(|e| ConfigError::new("remote", e.to_string()))?;
@@ -489,6 +498,8 @@ impl ClientOptions {
         let secret = self.secret.ok_or_else(|| missing("secret", " (or set FERRY_SECRET)"))?;
         let mut config = ClientConfig::new(remote, &id, secret.expose());
         config.fallback_remotes = fallback_remotes;
+        config.remote_api = self.remote_api;
+        config.remote_connections = self.remote_connections;
         config.remote_trust = match (self.remote_cert, self.remote_cert_insecure.unwrap_or(false)) {
             (Some(_), true) => {
                 return Err(ConfigError::new("remote-cert-insecure", "cannot be combined with remote-cert"))

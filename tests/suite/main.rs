@@ -26,6 +26,7 @@ mod ports;
 mod proxies;
 mod quic_transport;
 mod reconnect;
+mod remote_api;
 mod reuse;
 mod sentry;
 mod service_control;
