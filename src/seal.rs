@@ -358,6 +358,36 @@ mod stream_tests {
     }
 
     #[tokio::test]
+    async fn compressed_inside_sealed_goes_both_ways() {
+        use crate::relay::compress::compressed;
+        let key = key();
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let mut client =
+            SealedStream::new(&mut a, visitor_keys(&key, 1, 7, 5, Side::Client), Default::default());
+        let mut server =
+            SealedStream::new(&mut b, visitor_keys(&key, 1, 7, 5, Side::Server), Default::default());
+        let mut client = compressed(&mut client, Default::default());
+        let mut server = compressed(&mut server, Default::default());
+        for line in [&b"ping\n"[..], b"a longer line, and then some\n"] {
+            client.write_all(line).await.unwrap();
+            client.flush().await.unwrap();
+            let mut got = vec![0u8; line.len()];
+            tokio::time::timeout(std::time::Duration::from_secs(2), server.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, line);
+            server.write_all(line).await.unwrap();
+            server.flush().await.unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(2), client.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, line);
+        }
+    }
+
+    #[tokio::test]
     async fn another_visit_number_service_or_a_changed_byte_does_not_open() {
         let key = key();
         let mut sealed = Vec::new();

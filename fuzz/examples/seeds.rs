@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use ferry::proto::{
     encode_chunk, encode_frame, preamble, Answer, Challenge, ClientMessage, CloseReason, DataHello, LinkKind,
-    DatagramCounts, LoginRefusal, OpenStream, PortProtocol, Proof, ProxyProtocol, Query, RegisterError,
+    Compression, DatagramCounts, LoginRefusal, OpenStream, PortProtocol, Proof, ProxyProtocol, Query, RegisterError,
     ServerMessage, ServiceControl, ServiceInfo, ServiceSpec,
 };
 use serde::Serialize;
@@ -154,7 +154,7 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
         ),
         (
             "registered",
-            ServerMessage::Registered { request: 1, service: 2, port: 0, host: Some("app".into()) },
+            ServerMessage::Registered { request: 1, service: 2, port: 0, host: Some("app".into()), compress: Some(Compression::Zstd) },
         ),
         ("register_failed", ServerMessage::RegisterFailed { request: 1, error: refused.clone() }),
         ("closed", ServerMessage::ServiceClosed { service: 2, reason: CloseReason::Refused(refused) }),

@@ -495,7 +495,7 @@ impl Driver {
         session: &mut Session,
     ) -> Result<(), ProtocolError> {
         match message {
-            ServerMessage::Registered { request, service, port, host } => {
+            ServerMessage::Registered { request, service, port, host, compress } => {
                 let Some(wanted) = self.wanted.get_mut(&request) else {
                     // Cancelled while the request was in flight.
                     return session.chan.send(&ClientMessage::Unregister { service }).await;
@@ -512,7 +512,11 @@ impl Driver {
                     served: wanted.served.clone(),
                     encrypt: wanted.config.encrypt,
                     udp: wanted.config.kind == ServiceKind::Udp,
+                    compress,
                 };
+                if wanted.config.compress.is_some() && compress.is_none() {
+                    warn!(name = %wanted.config.name, "the server did not agree to compress this service; sending it as it is");
+                }
                 session.routes.write().unwrap_or_else(|e| e.into_inner()).insert(service, route);
                 let public = public_address(&session.remote_host, port, host.as_deref(), wanted.config.kind);
                 info!(%public, local = %wanted.config.local, "tunnel open");

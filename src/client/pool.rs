@@ -18,6 +18,7 @@ use crate::auth::{ReplayGuard, SessionKey};
 use crate::proto::{
     preamble_with, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
 };
+use crate::relay::compress::{compressed, Compression};
 use crate::relay::{relay_chunked, Status};
 use crate::seal::{visitor_keys, SealedStream, Side};
 use crate::transport::{accept_stream, reset_on_drop, Connector, Stream};
@@ -45,6 +46,8 @@ pub(crate) struct Route {
     pub(crate) encrypt: bool,
     /// A UDP service: each visitor is a flow of datagrams (`udp.rs`).
     pub(crate) udp: bool,
+    /// Its data links are compressed, as the server agreed.
+    pub(crate) compress: Option<Compression>,
 }
 
 /// Keeps a number of idle data connections open for one session.
@@ -260,6 +263,12 @@ impl DataPool {
             return None;
         }
         match (route.encrypt, open.seal) {
+            (false, None) if route.compress.is_some() => {
+                // A compressed link serves one visitor: its streams end only with it.
+                let mut squeezed = compressed(&mut link, early);
+                self.dial_and_relay(&mut squeezed, &route.local, BytesMut::new()).await;
+                None
+            }
             (false, None) => {
                 let leftover = self.dial_and_relay(&mut link, &route.local, early).await?;
                 Some((link, leftover))
@@ -268,6 +277,11 @@ impl DataPool {
                 let keys = visitor_keys(&self.key, self.session, open.service, visit, Side::Client);
                 // Boxed, so that plain visitors' tasks do not carry a sealed stream's size.
                 let mut sealed = Box::new(SealedStream::new(&mut link, keys, early));
+                if route.compress.is_some() {
+                    let mut squeezed = compressed(&mut *sealed, BytesMut::new());
+                    self.dial_and_relay(&mut squeezed, &route.local, BytesMut::new()).await;
+                    return None;
+                }
                 let leftover = self.dial_and_relay(&mut sealed, &route.local, BytesMut::new()).await?;
                 let (_, raw) = sealed.into_parts().filter(|_| leftover.is_empty())?;
                 Some((link, raw))

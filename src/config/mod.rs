@@ -27,7 +27,7 @@ pub use port_range::PortRange;
 pub use users_key::UsersOption;
 
 use crate::auth::Secret;
-use crate::proto::{ProxyProtocol, ServiceControl};
+use crate::proto::{Compression, ProxyProtocol, ServiceControl};
 use crate::relay::IdleLimit;
 use crate::transport::{Congestion, ProxyAddr, RemoteAddr, RemoteTrust, TlsVersion};
 
@@ -383,6 +383,8 @@ pub struct ServiceConfig {
     /// Seal the service's data connections with the session key (`encrypt`), for a
     /// `tcp://` link across networks you do not trust; redundant inside `tls://`.
     pub encrypt: bool,
+    /// Compress the service's data links (`compress`), when the server agrees.
+    pub compress: Option<Compression>,
 }
 
 impl ServiceConfig {
@@ -406,6 +408,7 @@ impl ServiceConfig {
             deny_ip: Vec::new(),
             message: None,
             encrypt: false,
+            compress: None,
         }
     }
 
@@ -477,6 +480,7 @@ impl ServiceConfig {
             deny_ip: self.deny_ip.clone(),
             message: self.message.clone(),
             encrypt: self.encrypt,
+            compress: self.compress,
         }
     }
 

@@ -14,7 +14,7 @@ pub use super::process::{CommandOptions, ProcessOptions, ProcessSignal};
 pub use super::users_key::UsersOption;
 use super::{AuthApiConfig, ClientConfig, ConfigError, PortRange, ServerConfig, ServiceConfig, ServiceKind};
 use crate::auth::Secret;
-use crate::proto::ProxyProtocol;
+use crate::proto::{Compression, ProxyProtocol};
 use crate::transport::{parse_listen_addr, Congestion, ProxyAddr, RemoteAddr, RemoteTrust, TlsVersion};
 
 command_options! {
@@ -320,6 +320,10 @@ pub struct ServiceOptions {
     /// use_encryption: for tcp:// links across networks you do not trust.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub encrypt: Option<bool>,
+    /// Compress this service's traffic between client and server (zstd), when the server
+    /// agrees: pays on text, logs and other compressible data over slow links.
+    #[arg(long)]
+    pub compress: Option<Compression>,
     /// A name for logs. [default: the local address]
     #[arg(long)]
     pub name: Option<String>,
@@ -572,6 +576,9 @@ impl ServiceOptions {
                 "is for tcp:// services (use remote-udp-random)",
             ));
         }
+        if kind == ServiceKind::Udp && self.compress.is_some() {
+            return Err(ConfigError::new("compress", "is for stream services, not udp://"));
+        }
         if kind == ServiceKind::Udp && self.encrypt == Some(true) {
             return Err(ConfigError::new(
                 "encrypt",
@@ -610,6 +617,7 @@ impl ServiceOptions {
             deny_ip: self.deny_ip,
             message: self.message,
             encrypt: self.encrypt.unwrap_or(false),
+            compress: self.compress,
         })
     }
 }

@@ -112,6 +112,24 @@ impl std::str::FromStr for ProxyProtocol {
     }
 }
 
+/// How a service's data links are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Zstandard, at its fastest level.
+    Zstd,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "zstd" => Ok(Compression::Zstd),
+            other => Err(format!("'{other}' is not a compression ferry knows (use zstd)")),
+        }
+    }
+}
+
 /// proxylite's service control: limits the server enforces on one tunnel.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceControl {
@@ -137,6 +155,10 @@ pub struct ServiceControl {
     /// `use_encryption`): each visitor gets keys of its own, see `OpenStream::seal`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub encrypt: bool,
+    /// Compress this service's data links (`compress`). The server answers `registered`
+    /// with the compression it agreed to; both sides use only that one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<Compression>,
 }
 
 impl ServiceControl {
@@ -515,6 +537,10 @@ pub enum ServerMessage {
         /// For HTTP services: the host name label that routes to it.
         #[serde(default)]
         host: Option<String>,
+        /// The compression of the service's data links, when the server agreed to the one
+        /// asked for; absent: none (a server that does not know compression says nothing).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        compress: Option<Compression>,
     },
     /// A tunnel could not be opened.
     RegisterFailed {

@@ -24,9 +24,9 @@ pub use datagram::{
     DATAGRAM_HEADER, FLOW_TAG, MAX_DATAGRAM,
 };
 pub use message::{
-    Answer, Challenge, ClientMessage, CloseReason, DataHello, DatagramCounts, LoginRefusal, OpenStream,
-    PortProtocol, Proof, ProxyProtocol, Query, RegisterError, ServerMessage, ServiceControl, ServiceInfo,
-    ServiceSpec, StreamStatus,
+    Answer, Challenge, ClientMessage, CloseReason, Compression, DataHello, DatagramCounts, LoginRefusal,
+    OpenStream, PortProtocol, Proof, ProxyProtocol, Query, RegisterError, ServerMessage, ServiceControl,
+    ServiceInfo, ServiceSpec, StreamStatus,
 };
 pub use preamble::{
     preamble, preamble_with, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC,

@@ -12,6 +12,7 @@
 //! Both directions are driven from one future over `&mut` streams (as tokio's
 //! `copy_bidirectional` does), so no stream is split and no lock is taken.
 
+pub mod compress;
 pub mod idle;
 pub mod throttle;
 
@@ -210,6 +211,8 @@ struct Outbound {
     ending: bool,
     done: bool,
     total: u64,
+    /// Bytes were written to the link since it was last flushed.
+    unflushed: bool,
 }
 
 impl Outbound {
@@ -222,6 +225,7 @@ impl Outbound {
             ending: false,
             done: false,
             total: 0,
+            unflushed: false,
         }
     }
 
@@ -254,6 +258,7 @@ impl Outbound {
                     Err(err) => return Poll::Ready(Err(Failure::Link(err))),
                 };
                 self.pos += n;
+                self.unflushed = true;
                 continue;
             }
             if self.ending {
@@ -262,7 +267,14 @@ impl Outbound {
                 continue;
             }
             let mut read = ReadBuf::new(&mut self.buf[5..]);
-            ready!(Pin::new(&mut *plain).poll_read(cx, &mut read)).map_err(Failure::Plain)?;
+            if Pin::new(&mut *plain).poll_read(cx, &mut read).map_err(Failure::Plain)?.is_pending() {
+                // Nothing more to send for now: what a link buffers (a compressor) goes out.
+                if self.unflushed {
+                    ready!(Pin::new(&mut *link).poll_flush(cx)).map_err(Failure::Link)?;
+                    self.unflushed = false;
+                }
+                return Poll::Pending;
+            }
             let n = read.filled().len();
             if 5 + n == self.buf.len() && self.buf.len() < 1 + MAX_BUF {
                 self.grow();

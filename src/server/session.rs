@@ -460,7 +460,9 @@ impl Control<'_> {
                     }
                 }
                 info!(service, port, host, ?name, "tunnel opened");
-                ServerMessage::Registered { request, service, port, host }
+                // This server compresses whatever a client asks (zstd is all there is).
+                let compress = self.session.tunnels().get(&service).and_then(|t| t.control().compress);
+                ServerMessage::Registered { request, service, port, host, compress }
             }
             Err(error) => {
                 warn!(?name, %error, "tunnel refused");

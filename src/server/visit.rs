@@ -14,6 +14,7 @@ use super::tunnel::Tunnel;
 use super::ServerShared;
 use crate::proto::encode_chunk;
 use crate::proto::{encode_frame, OpenStream};
+use crate::relay::compress::compressed;
 use crate::relay::throttle::{Meter, Metered};
 use crate::relay::{relay_chunked_until, IdleLimit, RelayError, Relayed, Status};
 use crate::seal::{visitor_keys, SealedStream, Side};
@@ -90,6 +91,12 @@ where
 {
     let seal = tunnel.control().encrypt.then(|| session.next_visit());
     let open = OpenStream { seal, ..open.clone() };
+    // On a compressed link the first bytes go into the compressor, after the open message.
+    let (early, compress_first) = match tunnel.control().compress {
+        Some(_) => (&[][..], Some(early)),
+        None => (early, None),
+    };
+    let later = (compress_first, read_ahead, idle);
     // The open message leaves with the visitor's first bytes, in one write.
     let mut first = Vec::with_capacity(128 + early.len());
     if let Err(err) = encode_frame(&open, &mut first) {
@@ -114,9 +121,9 @@ where
                 return Relay::Unanswered;
             }
             drop(first);
-            let outcome = relay_link(session, tunnel, &mut sealed, visitor, read_ahead, idle).await;
+            let outcome = relay_link(session, tunnel, &mut sealed, visitor, later).await;
             let rest_empty = sealed.into_parts().is_some_and(|(_, raw)| raw.is_empty());
-            (outcome, rest_empty)
+            (outcome, rest_empty && compress_first.is_none())
         }
         None => {
             if !early.is_empty() {
@@ -127,7 +134,7 @@ where
                 return Relay::Unanswered;
             }
             drop(first);
-            (relay_link(session, tunnel, &mut data, visitor, read_ahead, idle).await, true)
+            (relay_link(session, tunnel, &mut data, visitor, later).await, compress_first.is_none())
         }
     };
     settle(session, tunnel, data, reusable, outcome)
@@ -170,15 +177,15 @@ fn settle(
     }
 }
 
-/// Relays over `link` (the open message and the first chunk are out), metering the
+/// Relays over `link` (the open message is out, and the first chunk unless the link is
+/// compressed: then `compress_first` holds the visitor's first bytes), metering the
 /// visitor's bytes for the tunnel and the user.
 async fn relay_link<V, L>(
     session: &SessionShared,
     tunnel: &Tunnel,
     link: &mut L,
     visitor: &mut V,
-    read_ahead: usize,
-    idle: Option<IdleLimit>,
+    (compress_first, read_ahead, idle): (Option<&[u8]>, usize, Option<IdleLimit>),
 ) -> Result<Relayed, RelayError>
 where
     V: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -198,5 +205,22 @@ where
     };
     up.record(read_ahead);
     let mut metered = Metered::new(visitor, up, down);
-    relay_chunked_until(&mut metered, link, Status::Expect, BytesMut::new(), idle, &tunnel.token).await
+    let Some(first) = compress_first else {
+        return relay_chunked_until(&mut metered, link, Status::Expect, BytesMut::new(), idle, &tunnel.token)
+            .await;
+    };
+    let mut squeezed = compressed(link, BytesMut::new());
+    if !first.is_empty() {
+        let mut chunk = Vec::with_capacity(4 + first.len());
+        encode_chunk(first, &mut chunk);
+        let sent = async {
+            squeezed.write_all(&chunk).await?;
+            squeezed.flush().await
+        };
+        if let Err(error) = sent.await {
+            return Err(RelayError::Link { error, unanswered: true, delivered: false });
+        }
+    }
+    relay_chunked_until(&mut metered, &mut squeezed, Status::Expect, BytesMut::new(), idle, &tunnel.token)
+        .await
 }

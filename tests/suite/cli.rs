@@ -346,9 +346,19 @@ fn service_schemes_and_their_options() {
     let service = options.services[0].clone().into_config().unwrap();
     assert_eq!((service.kind, service.local.as_str()), (ServiceKind::Udp, "127.0.0.1:53"));
     assert_eq!((service.remote_udp_port, service.remote_udp_random), (Some(5353), true));
+    let zstd = ["ferry", "client", "--local", "tcp://a:1", "--compress", "zstd"];
+    let ferry::cli::Command::Client(options) = ferry::cli::parse_from(zstd).unwrap().command else {
+        panic!()
+    };
+    let service = options.services[0].clone().into_config().unwrap();
+    assert_eq!(service.compress, Some(ferry::proto::Compression::Zstd));
+    assert!(
+        ferry::cli::parse_from(["ferry", "client", "--local", "tcp://a:1", "--compress", "gzip"]).is_err()
+    );
     for wrong in [
         ["--local", "tcp://a:1", "--remote-udp-port", "1"],
         ["--local", "udp://a:1", "--encrypt", "--name=dns"],
+        ["--local", "udp://a:1", "--compress", "zstd"],
     ] {
         let cli = ferry::cli::parse_from(["ferry", "client"].into_iter().chain(wrong)).unwrap();
         let ferry::cli::Command::Client(options) = cli.command else { panic!("not a client") };

@@ -2,6 +2,7 @@
 //! and local services on loopback.
 
 mod common;
+mod compression;
 
 mod api;
 mod auth;

@@ -201,6 +201,7 @@ pub async fn login_from(
     raw::login_by_hand(stream, id, secret, "test").await.map(drop)
 }
 
+pub mod forwarder;
 pub mod http;
 
 /// A TLS acceptor with a fresh self-signed certificate for `secure.example.test`, written
