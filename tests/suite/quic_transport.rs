@@ -108,7 +108,10 @@ async fn a_rebound_client_socket_keeps_the_tunnel_and_the_transfer() {
     within(60, async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let certs = make_certs();
-        let server = start_server(quic_server_config(&certs)).await;
+        let config = quic_server_config(&certs);
+        let server =
+            start_server(ferry::ServerConfig { api_addr: Some("127.0.0.1:0".parse().unwrap()), ..config })
+                .await;
         let port = server.quic_local_addr().unwrap().port();
         let client = Client::connect(quic_client_config(port, &certs)).await.unwrap();
         let mut state = client.state();
@@ -137,7 +140,9 @@ async fn a_rebound_client_socket_keeps_the_tunnel_and_the_transfer() {
         let mut got = vec![0u8; half];
         read.read_exact(&mut got).await.unwrap();
         // Half way through: a new socket, a new source port.
-        client.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).expect("rebinds");
+        let moved = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let new_address = moved.local_addr().unwrap().to_string();
+        client.rebind(moved).expect("rebinds");
         tx_half.send(()).unwrap();
         read.read_to_end(&mut got).await.unwrap();
         sending.await.unwrap();
@@ -145,8 +150,19 @@ async fn a_rebound_client_socket_keeps_the_tunnel_and_the_transfer() {
         // The same session, and the tunnel serves new visitors.
         assert!(matches!(&*state.borrow(), ferry::ClientState::Connected { session: s } if *s == session));
         assert_eq!(echo_through(public.parse().unwrap(), b"after").await.unwrap(), b"after");
+        // The API shows where the client is now, not where it logged in from.
+        let api = server.api_local_addr().unwrap();
+        assert!(poll_until(|| async { client_address(api).await == new_address }).await);
     })
     .await
+}
+
+/// The address `GET /clients` shows for the only client.
+async fn client_address(api: std::net::SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(api).await.unwrap();
+    let response = crate::common::http::request(&mut stream, "GET", "/clients", "localhost", "", b"").await;
+    let clients: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+    clients[0]["address"].as_str().unwrap_or_default().to_owned()
 }
 
 /// The `ferry` binaries: one server with --quic-addr and --ws-path, a client over each.

@@ -102,7 +102,8 @@ pub(crate) fn clients(shared: &ServerShared, filter: &Filter) -> Vec<ClientView>
             cid: s.id,
             user: s.user.clone(),
             tags: s.tags.clone(),
-            address: s.peer.to_string(),
+            // Over QUIC the client may have moved since it logged in (connection migration).
+            address: s.pool.quic().map_or(s.peer, |c| c.remote_address()).to_string(),
             connected_since: unix_seconds(s.since),
             services: open_services(s),
         })

@@ -24,6 +24,9 @@ use tun_rs::{DeviceBuilder, InterruptEvent, SyncDevice};
 
 use super::netns::{veth, Netns};
 
+/// How far each packet's hold spreads by default, in thousandths of the delay either way.
+const DEFAULT_JITTER: u64 = 200;
+
 /// The client's address (in [`Link::client`]).
 pub const CLIENT_IP: &str = "10.1.0.2";
 /// The server's address (in [`Link::server`]).
@@ -38,6 +41,8 @@ pub struct Link {
     /// Between the two; forwards, delays and drops.
     pub router: Netns,
     delay: Arc<Mutex<Duration>>,
+    /// The spread of each packet's hold, in thousandths of the delay either way.
+    jitter: Arc<AtomicU64>,
     reordered: Arc<AtomicU64>,
     loss: u32,
     stop: Arc<InterruptEvent>,
@@ -69,10 +74,12 @@ impl Link {
             "table inet fault {\n chain forward { type filter hook forward priority 0; policy accept; }\n}\n",
         );
         let delay = Arc::new(Mutex::new(Duration::ZERO));
+        let jitter = Arc::new(AtomicU64::new(DEFAULT_JITTER));
         let stop = Arc::new(InterruptEvent::new().unwrap());
         let reordered = Arc::new(AtomicU64::new(0));
-        let threads = spawn_delay_line(device, (delay.clone(), reordered.clone()), stop.clone());
-        Link { client, server, router, delay, reordered, loss: 0, stop, threads }
+        let line = (delay.clone(), jitter.clone(), reordered.clone());
+        let threads = spawn_delay_line(device, line, stop.clone());
+        Link { client, server, router, delay, jitter, reordered, loss: 0, stop, threads }
     }
 
     /// Holds every packet, each direction, for `delay` ± a fifth of it (so packets reorder;
@@ -81,6 +88,12 @@ impl Link {
         *self.delay.lock().unwrap() = delay;
         self.loss = loss;
         self.heal();
+    }
+
+    /// Spreads each packet's hold by `share` of the delay either way (0.2 by default, so
+    /// packets reorder; 0 keeps them in order).
+    pub fn set_jitter(&self, share: f64) {
+        self.jitter.store((share * 1000.0) as u64, Ordering::Relaxed);
     }
 
     /// Drops every packet both ways until [`Link::heal`].
@@ -92,7 +105,11 @@ impl Link {
     pub fn heal(&self) {
         match self.loss {
             0 => self.forward_rules(""),
-            loss => self.forward_rules(&format!("numgen random mod 100 < {loss} drop")),
+            // Each packet passes the forward chain twice (into the delay line and out of
+            // it): only the first pass, from a veth, may drop it.
+            loss => self.forward_rules(&format!(
+                "iifname {{ \"toc\", \"tos\" }} numgen random mod 100 < {loss} drop"
+            )),
         }
     }
 
@@ -130,25 +147,31 @@ type Held = (Instant, u64, Vec<u8>);
 /// `reordered` counts packets sent on before one that arrived earlier.
 fn spawn_delay_line(
     device: Arc<SyncDevice>,
-    (delay, reordered): (Arc<Mutex<Duration>>, Arc<AtomicU64>),
+    (delay, jitter, reordered): (Arc<Mutex<Duration>>, Arc<AtomicU64>, Arc<AtomicU64>),
     stop: Arc<InterruptEvent>,
 ) -> Vec<JoinHandle<()>> {
     let (held, release) = mpsc::channel();
     let reader = {
         let device = device.clone();
-        std::thread::spawn(move || read_packets(&device, &delay, &stop, held))
+        std::thread::spawn(move || read_packets(&device, (&delay, &jitter), &stop, held))
     };
     let writer = std::thread::spawn(move || write_packets(&device, release, &reordered));
     vec![reader, writer]
 }
 
-fn read_packets(device: &SyncDevice, delay: &Mutex<Duration>, stop: &InterruptEvent, held: Sender<Held>) {
+fn read_packets(
+    device: &SyncDevice,
+    (delay, jitter): (&Mutex<Duration>, &AtomicU64),
+    stop: &InterruptEvent,
+    held: Sender<Held>,
+) {
     let mut buf = vec![0u8; 65536];
     for seq in 0.. {
         let Ok(n) = device.recv_intr(&mut buf, stop) else { return };
         let delay = *delay.lock().unwrap();
-        // Uniform in [0.8, 1.2] x delay.
-        let hold = delay.mul_f64(0.8 + rand::random::<f64>() * 0.4);
+        // Uniform in [1 - jitter, 1 + jitter] x delay.
+        let spread = jitter.load(Ordering::Relaxed) as f64 / 1000.0;
+        let hold = delay.mul_f64(1.0 - spread + rand::random::<f64>() * 2.0 * spread);
         if held.send((Instant::now() + hold, seq, buf[..n].to_vec())).is_err() {
             return;
         }

@@ -16,6 +16,7 @@ mod harness;
 mod impaired;
 mod partition;
 mod restarts;
+mod transports;
 
 /// The server's port for clients, in its namespace.
 const CONTROL_PORT: u16 = 7000;
@@ -29,6 +30,12 @@ fn topology(test: &str) -> Option<Link> {
     crate::common::netns::available(test).then(Link::new)
 }
 
+/// The `ferry` binary to run: `FERRY_BIN` (a release build, for benchmarks) or the one
+/// cargo built for the tests.
+fn ferry_bin() -> String {
+    std::env::var("FERRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").to_owned())
+}
+
 /// Starts `ferry server` in the server namespace and waits until it listens for clients.
 async fn start_server(link: &Link, extra: &[&str]) -> NsProcess {
     start_server_under(link, &[], extra).await
@@ -37,8 +44,8 @@ async fn start_server(link: &Link, extra: &[&str]) -> NsProcess {
 /// [`start_server`] through a wrapper program that execs it, e.g. `prlimit --nofile=256 --`.
 async fn start_server_under(link: &Link, wrapper: &[&str], extra: &[&str]) -> NsProcess {
     let addr = format!("{SERVER_IP}:{CONTROL_PORT}");
-    let ferry = env!("CARGO_BIN_EXE_ferry");
-    let mut command = link.server.command(wrapper.first().unwrap_or(&ferry));
+    let ferry = ferry_bin();
+    let mut command = link.server.command(wrapper.first().unwrap_or(&ferry.as_str()));
     if !wrapper.is_empty() {
         command.args(&wrapper[1..]).arg(ferry);
     }
@@ -58,7 +65,7 @@ async fn start_client(link: &Link, extra: &[&str]) -> NsProcess {
 /// [`start_client`] with the TCP service on `port`.
 async fn start_client_on(link: &Link, port: u16, extra: &[&str]) -> NsProcess {
     let remote = format!("tcp://{SERVER_IP}:{CONTROL_PORT}");
-    let mut command = link.client.command(env!("CARGO_BIN_EXE_ferry"));
+    let mut command = link.client.command(&ferry_bin());
     command.args([
         "client",
         "--remote",
