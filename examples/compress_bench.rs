@@ -15,10 +15,10 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-#[path = "../tests/suite/common/forwarder.rs"]
-mod forwarder;
+#[path = "../tests/suite/common/services.rs"]
+mod services;
 
-use forwarder::counting_forwarder;
+use services::{counting_forwarder, serve_hashing};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -65,16 +65,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn sink() -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut all = Vec::new();
-                if stream.read_to_end(&mut all).await.is_ok() {
-                    let _ = stream.write_all(&sha256(&all)).await;
-                }
-            });
-        }
-    });
+    serve_hashing(listener);
     Ok(addr)
 }
 

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::common::forwarder::counting_forwarder;
+use crate::common::services::counting_forwarder;
 use crate::common::*;
 use crate::quic_transport::{quic_client_config, quic_server_config};
 use crate::tls::make_certs;

@@ -45,17 +45,7 @@ async fn blob_server(data: Arc<Vec<u8>>) -> SocketAddr {
 async fn hash_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut all = Vec::new();
-                if stream.read_to_end(&mut all).await.is_ok() {
-                    let _ = stream.write_all(&sha256(&all)).await;
-                }
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
+    crate::common::services::serve_hashing(listener);
     addr
 }
 

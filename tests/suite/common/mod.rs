@@ -201,7 +201,6 @@ pub async fn login_from(
     raw::login_by_hand(stream, id, secret, "test").await.map(drop)
 }
 
-pub mod forwarder;
 pub mod http;
 
 /// A TLS acceptor with a fresh self-signed certificate for `secure.example.test`, written
@@ -238,6 +237,7 @@ where
 }
 
 pub mod raw;
+pub mod services;
 
 pub mod link;
 pub mod netns;

@@ -17,6 +17,7 @@ use tokio::net::UdpSocket;
 
 use super::*;
 use crate::common::link::CLIENT_IP;
+use crate::common::services::serve_hashing;
 use crate::common::{random_bytes, sha256, within};
 use crate::tls::make_certs;
 
@@ -39,8 +40,8 @@ async fn transports_under_delay_and_loss() {
     let Some(mut link) = topology("transports_under_delay_and_loss") else { return };
     within(900, async {
         let certs = make_certs();
-        serve_sink(link.client.listen(SINK));
-        serve_sink(link.client.listen(&format!("{CLIENT_IP}:{DIRECT_SINK_PORT}")));
+        serve_hashing(link.client.listen(SINK));
+        serve_hashing(link.client.listen(&format!("{CLIENT_IP}:{DIRECT_SINK_PORT}")));
         serve_udp_echo(&link);
         link.set(Duration::from_millis(25), 1);
         let cert = certs.cert.to_string_lossy().into_owned();
@@ -126,20 +127,6 @@ async fn bulk(link: &Link, to: SocketAddr) -> Duration {
     visitor.read_exact(&mut digest).await.expect("the sink answers");
     assert_eq!(digest, sha256(&payload), "every byte arrived");
     started.elapsed()
-}
-
-/// Reads everything each connection sends and answers with its SHA-256.
-fn serve_sink(listener: tokio::net::TcpListener) {
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut all = Vec::new();
-                if stream.read_to_end(&mut all).await.is_ok() {
-                    let _ = stream.write_all(&sha256(&all)).await;
-                }
-            });
-        }
-    });
 }
 
 /// A UDP socket bound to `addr` inside `ns`.

@@ -1,10 +1,11 @@
-//! A TCP forwarder that counts the bytes it carries (shared with
-//! `examples/compress_bench.rs`).
+//! Local services shared by tests, benchmarks and `examples/compress_bench.rs`: a TCP
+//! forwarder that counts the bytes it carries, and a sink that answers with a hash.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -41,4 +42,21 @@ async fn pump(
         count.fetch_add(n as u64, Ordering::Relaxed);
     }
     let _ = to.shutdown().await;
+}
+
+/// Serves `listener` as a sink: reads everything a connection sends, then answers with
+/// its SHA-256.
+pub fn serve_hashing(listener: TcpListener) {
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                if stream.read_to_end(&mut all).await.is_ok() {
+                    let digest: [u8; 32] = sha2::Sha256::digest(&all).into();
+                    let _ = stream.write_all(&digest).await;
+                }
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
 }
