@@ -594,13 +594,15 @@ fn auth_answer(body: &[u8]) {
 /// Target `transports`: what a client reads about its way to the server. The first byte
 /// picks: 0, a `--remote` URL; 1, a `--proxy` URL; 2, a `NO_PROXY` list and a host (split
 /// at the first newline); 3, a WebSocket upgrade request's headers (`name: value` lines);
+/// 255, a STUN message (what `--stun-addr` reads, and what a client reads back);
 /// anything else, an HTTP proxy's answer to `CONNECT`, as it arrives.
 ///
 /// Asserts: a remote or proxy that parses prints as text that parses to the same thing,
 /// and a proxy's printed form and errors never show its password; `*` in `NO_PROXY`
 /// covers every host; an upgrade key is one of the request's header values; a proxy
 /// answer is judged only once its head is whole (or too long), and a 2xx head length
-/// ends with the blank line.
+/// ends with the blank line; a STUN Binding request gets an answer that reads back as
+/// the address it was sent to.
 pub fn transports(data: &[u8]) {
     use crate::transport::{ProxyAddr, RemoteAddr};
     let Some((&selector, rest)) = data.split_first() else { return };
@@ -650,6 +652,18 @@ pub fn transports(data: &[u8]) {
             if list.split(',').any(|entry| entry.trim() == "*") {
                 assert!(covered, "'*' covers {host:?}");
             }
+        }
+        255 => {
+            use crate::proto::{binding_success, parse_binding_request, parse_binding_success};
+            if let Some(transaction) = parse_binding_request(rest) {
+                for seen in ["198.51.100.9:3478", "[2001:db8::9]:1"] {
+                    let seen: std::net::SocketAddr = seen.parse().expect("an address");
+                    let answer = binding_success(transaction, seen);
+                    assert_eq!(parse_binding_success(&answer, transaction), Some(seen));
+                }
+            }
+            let transaction: [u8; 12] = rest.get(8..20).and_then(|t| t.try_into().ok()).unwrap_or_default();
+            let _ = parse_binding_success(rest, transaction);
         }
         3 => {
             let headers: Vec<(String, Vec<u8>)> = text

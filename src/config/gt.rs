@@ -17,7 +17,6 @@ use super::ConfigError;
 /// GT options that ferry does not have yet, by their kebab-case name, with what they are.
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("remote-stun", "peer-to-peer connections over STUN/WebRTC"),
-    ("stun-addr", "a STUN server for peer-to-peer connections"),
     ("tcp-forward-addr", "TCP forwarding between clients (peer-to-peer)"),
     ("tcp-forward-connections", "TCP forwarding between clients (peer-to-peer)"),
     ("tcp-forward-host-prefix", "TCP forwarding between clients (peer-to-peer)"),

@@ -158,6 +158,8 @@ pub struct ServerConfig {
     pub quic_addr: Option<SocketAddr>,
     /// The congestion controller of QUIC links.
     pub quic_congestion: Congestion,
+    /// A UDP address for the STUN server (`--stun-addr`), if any.
+    pub stun_addr: Option<SocketAddr>,
     /// A request head not complete within this time closes the visitor.
     pub http_header_timeout: Duration,
     /// Failed logins in a row (per address, and per id) before a ban; 0 turns bans off.
@@ -212,6 +214,7 @@ impl Default for ServerConfig {
             ws_path: None,
             quic_addr: None,
             quic_congestion: Congestion::default(),
+            stun_addr: None,
             http_header_timeout: Duration::from_secs(10),
             reconnect_times: 3,
             reconnect_duration: Duration::from_secs(300),

@@ -144,9 +144,14 @@ pub struct ServerOptions {
     #[arg(long)]
     #[serde(deserialize_with = "string_or_number")]
     pub quic_addr: Option<String>,
-    /// The congestion controller of QUIC links: cubic or bbr. [default: cubic]
+    /// The congestion controller of QUIC links: bbr or cubic. [default: bbr]
     #[arg(long)]
     pub quic_congestion: Option<Congestion>,
+    /// A UDP address for a STUN server (RFC 8489 Binding), e.g. 3478: clients behind NAT
+    /// learn their public address there for peer-to-peer connections. [default: off]
+    #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
+    pub stun_addr: Option<String>,
     /// Failed logins in a row, from one address or for one id, before a ban; 0 turns bans off.
     /// [default: 3]
     #[arg(long)]
@@ -437,6 +442,7 @@ impl ServerOptions {
         }
         config.tls_addr = listen_addr("tls-addr", &self.tls_addr)?;
         config.quic_addr = listen_addr("quic-addr", &self.quic_addr)?;
+        config.stun_addr = listen_addr("stun-addr", &self.stun_addr)?;
         config.cert_file = std::mem::take(&mut self.cert_file);
         config.key_file = std::mem::take(&mut self.key_file);
         config.tls_min_version = self.tls_min_version.unwrap_or_default();

@@ -19,6 +19,9 @@ impl ServerConfig {
                 "no listener at all: give addr, tls-addr, quic-addr, sni-addr or http-addr",
             ));
         }
+        if self.stun_addr.is_some() && self.stun_addr == self.quic_addr {
+            return Err(ConfigError::new("stun-addr", "cannot share its UDP port with quic-addr"));
+        }
         if self.quic_addr.is_some()
             && (self.cert_file.is_empty() || self.cert_file.len() != self.key_file.len())
         {

@@ -10,6 +10,7 @@ mod codec;
 mod datagram;
 mod message;
 mod preamble;
+mod stun;
 mod text;
 
 pub use chunk::{
@@ -31,6 +32,10 @@ pub use message::{
 pub use preamble::{
     preamble, preamble_with, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC,
     PREAMBLE_LEN, PROTOCOL_VERSION,
+};
+pub use stun::{
+    binding_request, binding_success, parse_binding_request, parse_binding_success, TransactionId,
+    MAGIC_COOKIE, MAX_STUN_MESSAGE, STUN_HEADER,
 };
 pub use text::{
     check_service, is_service_message, is_service_name, is_valid_id, ID_RULE, MAX_ID_LEN,

@@ -24,6 +24,7 @@ pub(crate) mod proxy_header;
 mod registry;
 mod session;
 pub(crate) mod sni;
+mod stun;
 mod tcp;
 mod tunnel;
 mod udp;
@@ -146,6 +147,8 @@ pub struct Server {
     api: Option<(TcpListener, Option<TlsAcceptor>)>,
     /// The QUIC endpoint for clients, if `quic-addr` is set.
     quic: Option<quinn::Endpoint>,
+    /// The STUN server's socket, if `stun-addr` is set.
+    stun: Option<tokio::net::UdpSocket>,
 }
 
 /// One bound listener and what it serves.
@@ -236,8 +239,18 @@ impl Server {
             }
             None => None,
         };
+        let stun = match config.stun_addr {
+            Some(addr) => {
+                Some(tokio::net::UdpSocket::bind(addr).await.map_err(|cause| ServerError::Bind {
+                    addr,
+                    key: "stun-addr",
+                    cause,
+                })?)
+            }
+            None => None,
+        };
         let shared = ServerShared::new(config)?;
-        Ok(Server { shared, listeners, api, quic })
+        Ok(Server { shared, listeners, api, quic, stun })
     }
 
     fn addr_of(&self, key: &str) -> Option<SocketAddr> {
@@ -278,12 +291,17 @@ impl Server {
         self.quic.as_ref().and_then(|endpoint| endpoint.local_addr().ok())
     }
 
+    /// The STUN server's address (UDP), if `stun-addr` is set.
+    pub fn stun_local_addr(&self) -> Option<SocketAddr> {
+        self.stun.as_ref().and_then(|socket| socket.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes, then closes every tunnel and returns.
     ///
     /// Spawn this future on the runtime (or use [`spawn`](Server::spawn)) rather than
     /// awaiting it on `block_on`'s thread, where every accept would cross threads.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { shared, listeners, api, quic } = self;
+        let Server { shared, listeners, api, quic, stun } = self;
         let links = TaskTracker::new();
         let mut accepting = Vec::with_capacity(listeners.len() + 1);
         if let Some((listener, tls)) = api {
@@ -300,6 +318,11 @@ impl Server {
             let addr = endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default();
             info!(%addr, listener = "quic-addr", "listening");
             accepting.push(tokio::spawn(accept_quic(shared.clone(), endpoint, links.clone())));
+        }
+        if let Some(socket) = stun {
+            let addr = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            info!(%addr, listener = "stun-addr", "listening");
+            accepting.push(tokio::spawn(stun::serve_stun(shared.clone(), socket)));
         }
         shutdown.await;
         info!("shutting down");
@@ -334,11 +357,13 @@ impl Server {
         let sni_addr = self.sni_local_addr();
         let api_addr = self.api_local_addr();
         let quic_addr = self.quic_local_addr();
+        let stun_addr = self.stun_local_addr();
         let stop = token.clone();
         let reloader = self.reloader();
         let task = tokio::spawn(async move { self.run(stop.cancelled_owned()).await });
         let task = Some(task);
-        ServerHandle { token, task, addr, tls_addr, http_addr, sni_addr, api_addr, quic_addr, reloader }
+        let udp = (quic_addr, stun_addr);
+        ServerHandle { token, task, addr, tls_addr, http_addr, sni_addr, api_addr, udp, reloader }
     }
 }
 
@@ -353,7 +378,8 @@ pub struct ServerHandle {
     http_addr: Option<SocketAddr>,
     sni_addr: Option<SocketAddr>,
     api_addr: Option<SocketAddr>,
-    quic_addr: Option<SocketAddr>,
+    /// The QUIC and STUN addresses, if set.
+    udp: (Option<SocketAddr>, Option<SocketAddr>),
     reloader: Reloader,
 }
 
@@ -390,7 +416,12 @@ impl ServerHandle {
 
     /// The QUIC address (UDP), if `quic-addr` is set.
     pub fn quic_local_addr(&self) -> Option<SocketAddr> {
-        self.quic_addr
+        self.udp.0
+    }
+
+    /// The STUN server's address (UDP), if `stun-addr` is set.
+    pub fn stun_local_addr(&self) -> Option<SocketAddr> {
+        self.udp.1
     }
 
     /// Stops accepting, closes every tunnel and waits for the server to finish.

@@ -31,6 +31,7 @@ mod remote_api;
 mod reuse;
 mod sentry;
 mod service_control;
+mod stun;
 mod tcp_tunnel;
 mod timeouts;
 mod tls;

@@ -23,6 +23,7 @@ pub(crate) struct Metrics {
     bans: Counter,
     visitors: Counter,
     udp_dropped: Counter,
+    stun_answers: Counter,
     handshakes: Histogram,
 }
 
@@ -33,6 +34,7 @@ impl Default for Metrics {
             bans: Counter::default(),
             visitors: Counter::default(),
             udp_dropped: Counter::default(),
+            stun_answers: Counter::default(),
             // 0.5 ms to about 4 s.
             handshakes: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         }
@@ -60,6 +62,11 @@ impl Metrics {
         self.udp_dropped.inc();
     }
 
+    /// The STUN server answered a Binding request.
+    pub(crate) fn stun_answered(&self) {
+        self.stun_answers.inc();
+    }
+
     /// A client logged in; `took` from the challenge to the verified login.
     pub(crate) fn handshake(&self, took: Duration) {
         self.handshakes.observe(took.as_secs_f64());
@@ -79,6 +86,11 @@ impl Metrics {
             "udp_dropped_datagrams",
             "Datagrams of UDP tunnels dropped (too large for the link, past a flow cap, refused visitors, full queues)",
             self.udp_dropped.clone(),
+        );
+        registry.register(
+            "stun_answers",
+            "Binding requests the STUN server answered",
+            self.stun_answers.clone(),
         );
         registry.register(
             "handshake_seconds",
