@@ -56,21 +56,6 @@ async fn reload_on_hangup(reloader: Reloader, flags: ServerOptions, mut hangups:
     }
 }
 
-/// Asks the remote API of a client given no `--remote` until it answers (a client
-/// started before its API waits for it, as it waits for its server); the remotes it gave.
-async fn first_remotes_from_api(url: &str, id: &str) -> Vec<String> {
-    use std::time::Duration;
-    let mut delay = Duration::from_secs(1);
-    loop {
-        match crate::client::ask_remote_api(url, id, Duration::from_secs(10)).await {
-            Ok(remotes) => return remotes.iter().map(ToString::to_string).collect(),
-            Err(err) => tracing::warn!(api = %url, %err, ?delay, "remote api gave no remote; asking again"),
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
-}
-
 /// Runs `ferry client` with `flags` (or signals the running one with `-s`).
 pub async fn client(flags: ClientOptions) -> anyhow::Result<()> {
     let Some((mut options, pid_file)) = start(&flags)? else { return Ok(()) };
@@ -81,7 +66,9 @@ pub async fn client(flags: ClientOptions) -> anyhow::Result<()> {
         if let (Some(url), Some(id)) = (options.remote_api.clone(), options.id.clone()) {
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                remotes = first_remotes_from_api(&url, &id) => options.remote = remotes,
+                remotes = crate::client::ask_remote_api_until_answered(&url, &id) => {
+                    options.remote = remotes.iter().map(ToString::to_string).collect();
+                }
             }
         }
     }

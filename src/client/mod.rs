@@ -25,7 +25,7 @@ use crate::error::ClientError;
 use crate::proto::{Answer, CloseReason, ProtocolError, Query, RegisterError, ServiceInfo};
 use driver::{Command, Driver, Listeners, Wanted};
 #[cfg(feature = "cli")]
-pub(crate) use remotes::ask_remote_api;
+pub(crate) use remotes::ask_remote_api_until_answered;
 use remotes::Remotes;
 
 /// Where the client stands with the server.

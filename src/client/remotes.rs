@@ -81,14 +81,26 @@ fn parse_answer(body: &[u8]) -> Result<Vec<RemoteAddr>, String> {
     remotes.iter().map(|r| RemoteAddr::parse(r).map_err(|e| format!("remote '{r}': {e}"))).collect()
 }
 
-/// Asks the remote API at `url` once for user `id`: for a client given no `--remote`.
+/// Asks the remote API at `url` for user `id` until it answers, with the backoff of
+/// reconnects (a client given no `--remote` and started before its API waits for it, as
+/// it waits for its server); the remotes it gave.
 #[cfg(feature = "cli")]
-pub(crate) async fn ask_remote_api(
-    url: &str,
-    id: &str,
-    timeout: Duration,
-) -> Result<Vec<RemoteAddr>, String> {
-    RemoteApi::new(url, id, timeout)?.ask().await
+pub(crate) async fn ask_remote_api_until_answered(url: &str, id: &str) -> Vec<RemoteAddr> {
+    let mut backoff = super::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+    loop {
+        let answer = match RemoteApi::new(url, id, Duration::from_secs(10)) {
+            Ok(api) => api.ask().await,
+            Err(err) => Err(err),
+        };
+        match answer {
+            Ok(remotes) => return remotes,
+            Err(err) => {
+                let delay = backoff.next_delay();
+                warn!(api = %url, %err, ?delay, "remote api gave no remote; asking again");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
 }
 
 /// The servers a client dials, and how.

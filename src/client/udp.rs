@@ -17,9 +17,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
-use crate::proto::{
-    encode_datagram, read_datagram, tag_datagram, untag_datagram, OpenStream, StreamStatus, FLOW_TAG,
-};
+use crate::proto::{read_datagram, untag_datagram, OpenStream, StreamStatus};
+use crate::relay::flow::send_datagram;
 use crate::transport::Stream;
 
 /// Room for any UDP datagram: one is never truncated.
@@ -114,23 +113,17 @@ pub(crate) async fn serve_flow(
     }
 }
 
-/// Sends a reply of the local service to the server; false when the link failed.
+/// Sends a reply of the local service to the server (see [`send_datagram`]); false when
+/// the link failed.
 async fn send_back(link: &mut Stream, quic: Option<(&quinn::Connection, u32)>, reply: &[u8]) -> bool {
-    match quic {
-        Some((connection, number)) => {
-            let fits = connection.max_datagram_size().is_some_and(|max| reply.len() + FLOW_TAG <= max);
-            if !fits || connection.send_datagram(tag_datagram(number, reply)).is_err() {
+    match send_datagram(link, quic, reply).await {
+        Ok(sent) => {
+            if !sent {
                 debug!(len = reply.len(), "reply too large for the QUIC path; dropped");
             }
             true
         }
-        None => {
-            let mut framed = Vec::with_capacity(reply.len() + 2);
-            if encode_datagram(reply, &mut framed).is_err() {
-                return true;
-            }
-            link.write_all(&framed).await.is_ok()
-        }
+        Err(_) => false,
     }
 }
 

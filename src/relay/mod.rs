@@ -13,6 +13,7 @@
 //! `copy_bidirectional` does), so no stream is split and no lock is taken.
 
 pub mod compress;
+pub(crate) mod flow;
 pub mod idle;
 pub mod throttle;
 

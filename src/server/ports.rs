@@ -2,9 +2,12 @@
 //! random one, and binding it. A port is recorded in the endpoint table before it is
 //! bound, so two registrations never race for it.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, UdpSocket};
+use tracing::{info, Instrument};
 
 use super::endpoints::{Endpoint, Member, Pool, RELEASE_WAIT};
 use super::users::{whose, Rules};
@@ -18,6 +21,24 @@ pub(crate) enum Bound {
     Tcp(TcpListener),
     /// A UDP socket.
     Udp(UdpSocket),
+}
+
+/// Runs a public port's task: `serve` until the port closes (its future owns the port's
+/// socket, so the socket is closed when it ends), then gives the port back, so that a
+/// re-registration can bind it.
+pub(crate) fn run_port(
+    shared: &Arc<ServerShared>,
+    endpoint: Endpoint,
+    span: tracing::Span,
+    serve: impl Future<Output = ()> + Send + 'static,
+) {
+    let shared = shared.clone();
+    let task = async move {
+        serve.await;
+        shared.endpoints.remove(&endpoint);
+        info!(?endpoint, "port closed");
+    };
+    tokio::spawn(task.instrument(span));
 }
 
 /// The user's ranges of `protocol`, their limit in all, and whether they are the user's own.

@@ -14,7 +14,7 @@ use tracing::{debug, info, Instrument};
 use super::accept::{accept_until, AcceptErrors};
 use super::dispatch::{dispatch, Entrance, NotServed};
 use super::endpoints::{Endpoint, Member};
-use super::ports::{reserve_port, Bound};
+use super::ports::{reserve_port, run_port, Bound};
 use super::proxy_header::proxy_header;
 use super::ServerShared;
 use crate::proto::{PortProtocol, RegisterError};
@@ -72,18 +72,9 @@ pub(crate) async fn open_tcp(
 ) -> Result<u16, RegisterError> {
     let (port, bound) = open_port(shared, &member, PortProtocol::Tcp, (asked, random)).await?;
     let Some((Bound::Tcp(listener), closed)) = bound else { return Ok(port) };
-    let shared = shared.clone();
-    let span = tracing::info_span!("port", port);
-    tokio::spawn(
-        async move {
-            accept_visitors(&shared, port, &listener, &closed).await;
-            // Drop the socket before giving the port back, so a re-registration can bind it.
-            drop(listener);
-            shared.endpoints.remove(&Endpoint::Port(port));
-            info!("tcp port closed");
-        }
-        .instrument(span),
-    );
+    let serving = shared.clone();
+    let serve = async move { accept_visitors(&serving, port, &listener, &closed).await };
+    run_port(shared, Endpoint::Port(port), tracing::info_span!("port", port), serve);
     Ok(port)
 }
 

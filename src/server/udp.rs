@@ -22,20 +22,22 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn, Instrument};
 
 use super::dispatch::{admit_first, NotServed};
 use super::endpoints::{Endpoint, Member};
-use super::ports::Bound;
+use super::ports::{run_port, Bound};
 use super::session::SessionShared;
 use super::tcp::open_port;
 use super::tunnel::Tunnel;
 use super::visit::take_data;
 use super::ServerShared;
 use crate::proto::{
-    encode_datagram, encode_frame, read_datagram, tag_datagram, untag_datagram, OpenStream, PortProtocol,
-    RegisterError, StreamStatus, FLOW_TAG,
+    encode_datagram, encode_frame, read_datagram, untag_datagram, OpenStream, PortProtocol, RegisterError,
+    StreamStatus,
 };
+use crate::relay::flow::send_datagram;
 use crate::relay::throttle::Bucket;
 use crate::transport::Stream;
 
@@ -63,19 +65,15 @@ pub(crate) async fn open_udp(
 ) -> Result<u16, RegisterError> {
     let (port, bound) = open_port(shared, &member, PortProtocol::Udp, (asked, random)).await?;
     let Some((Bound::Udp(socket), closed)) = bound else { return Ok(port) };
-    let shared = shared.clone();
-    let span = tracing::info_span!("udp port", port);
-    tokio::spawn(
-        async move {
-            let socket = Arc::new(socket);
-            serve_port(&shared, port, &socket, &closed).await;
-            // Flows hold the socket until they end; the port is given back once they have.
-            drop(socket);
-            shared.endpoints.remove(&Endpoint::UdpPort(port));
-            info!("udp port closed");
-        }
-        .instrument(span),
-    );
+    let serving = shared.clone();
+    let serve = async move {
+        let flows = TaskTracker::new();
+        serve_port(&serving, port, Arc::new(socket), (&closed, &flows)).await;
+        // Flows hold the socket: the port is given back once the last one has ended.
+        flows.close();
+        flows.wait().await;
+    };
+    run_port(shared, Endpoint::UdpPort(port), tracing::info_span!("udp port", port), serve);
     Ok(port)
 }
 
@@ -89,8 +87,8 @@ struct FlowEntry {
 async fn serve_port(
     shared: &Arc<ServerShared>,
     port: u16,
-    socket: &Arc<UdpSocket>,
-    closed: &CancellationToken,
+    socket: Arc<UdpSocket>,
+    (closed, flows_running): (&CancellationToken, &TaskTracker),
 ) {
     let mut flows: HashMap<SocketAddr, FlowEntry> = HashMap::new();
     let mut buf = vec![0u8; RECV_BUFFER];
@@ -137,8 +135,9 @@ async fn serve_port(
         let _ = queue.try_send(datagram);
         let tunnel = Arc::new(OnceLock::new());
         flows.insert(visitor, FlowEntry { queue, tunnel: tunnel.clone() });
-        let flow = serve_flow(shared.clone(), port, socket.clone(), visitor, (waiting, tunnel));
-        tokio::spawn(flow.instrument(tracing::debug_span!("flow", %visitor)));
+        let flow =
+            serve_flow(shared.clone(), (port, closed.clone()), socket.clone(), visitor, (waiting, tunnel));
+        flows_running.spawn(flow.instrument(tracing::debug_span!("flow", %visitor)));
     }
 }
 
@@ -153,7 +152,7 @@ fn dropped(shared: &ServerShared, tunnel: Option<&Tunnel>) {
 /// Admits a new flow and relays it until it ends.
 async fn serve_flow(
     shared: Arc<ServerShared>,
-    port: u16,
+    (port, closed): (u16, CancellationToken),
     socket: Arc<UdpSocket>,
     visitor: SocketAddr,
     (mut queue, admitted_to): (mpsc::Receiver<Bytes>, Arc<OnceLock<Arc<Tunnel>>>),
@@ -170,7 +169,8 @@ async fn serve_flow(
                     dropped(&shared, None);
                 }
             };
-            let _ = tokio::time::timeout(REFUSED_FLOW_TTL, refused).await;
+            // The port closing ends the wait: it is given back once its flows are gone.
+            let _ = closed.run_until_cancelled(tokio::time::timeout(REFUSED_FLOW_TTL, refused)).await;
             return;
         }
     };
@@ -244,9 +244,8 @@ async fn relay_flow(
     }
 }
 
-/// Sends one visitor datagram to the client: a QUIC datagram of `flow`, or framed on the
-/// link. A datagram too large for the QUIC path is dropped and counted. False when the
-/// link failed.
+/// Sends one visitor datagram to the client (see [`send_datagram`]); one too large for
+/// the QUIC path is dropped and counted. False when the link failed.
 async fn send_up(
     link: &mut Stream,
     flow: Option<(&quinn::Connection, u32)>,
@@ -254,23 +253,14 @@ async fn send_up(
     tunnel: &Tunnel,
     shared: &ServerShared,
 ) -> bool {
-    match flow {
-        Some((connection, flow)) => {
-            let fits = connection.max_datagram_size().is_some_and(|max| datagram.len() + FLOW_TAG <= max);
-            if !fits || connection.send_datagram(tag_datagram(flow, datagram)).is_err() {
-                debug!(len = datagram.len(), "datagram too large for the QUIC path; dropped");
-                dropped(shared, Some(tunnel));
-            }
+    match send_datagram(link, flow, datagram).await {
+        Ok(true) => true,
+        Ok(false) => {
+            debug!(len = datagram.len(), "datagram too large for the QUIC path; dropped");
+            dropped(shared, Some(tunnel));
             true
         }
-        None => {
-            let mut framed = Vec::with_capacity(datagram.len() + 2);
-            if encode_datagram(datagram, &mut framed).is_err() {
-                dropped(shared, Some(tunnel));
-                return true;
-            }
-            link.write_all(&framed).await.is_ok()
-        }
+        Err(_) => false,
     }
 }
 

@@ -290,3 +290,26 @@ async fn a_users_speed_limit_polices_udp_datagrams() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_closed_udp_port_can_be_taken_again_at_once_even_with_refused_flows() {
+    within(30, async {
+        let server = start_server(udp_server_config()).await;
+        let client = connect(server.local_addr()).await;
+        let local = responder().await;
+        let port = free_port().await;
+        let mut denied = ServiceConfig::udp(&local.addr.to_string()).with_remote_port(port);
+        denied.deny_ip = vec!["127.0.0.0/8".parse().unwrap()];
+        let mut first = client.add_service(denied).await.unwrap();
+        // A refused visitor's flow lingers (its datagrams dropped for a while).
+        let visitor = visitor_on("127.0.0.1").await;
+        visitor.send_to(b"refused", public_of(&first)).await.unwrap();
+        assert!(stays_silent(&visitor, Duration::from_millis(100)).await);
+        first.cancel();
+        first.closed().await;
+        let again = ServiceConfig::udp(&local.addr.to_string()).with_remote_port(port);
+        let second = client.add_service(again).await.expect("the port was given back");
+        assert_eq!(ask(&visitor, public_of(&second), b"open").await, answer_to(b"open"));
+    })
+    .await
+}
