@@ -1,4 +1,5 @@
-//! `ferry demo`: a server, a client and a tiny web service in one process, on loopback.
+//! `ferry demo`: a server, a client and a tiny web service in one process, on loopback:
+//! through a TCP tunnel, and to a browser over WebRTC (`/p2p.html` on the HTTP port).
 
 use std::error::Error;
 
@@ -21,11 +22,19 @@ pub async fn run(
     let mut server_config = ServerConfig::default().with_user("demo", &secret);
     server_config.addr = Some("127.0.0.1:0".parse()?);
     server_config.tcp_ranges = vec!["20000-60000".parse()?];
+    server_config.http_addr = Some("127.0.0.1:0".parse()?);
+    server_config.stun_addr = Some("127.0.0.1:0".parse()?);
     let server = Server::bind(server_config).await?.spawn();
 
     let remote = RemoteAddr::parse(&server.local_addr().to_string())?;
-    let client = Client::connect(ClientConfig::new(remote, "demo", &secret)).await?;
+    let mut client_config = ClientConfig::new(remote, "demo", &secret);
+    client_config.p2p.remote_stun = server.stun_local_addr().map(|addr| addr.to_string());
+    let client = Client::connect(client_config).await?;
     let tunnel = client.add_service(ServiceConfig::tcp(&web_addr.to_string()).with_random_fallback()).await?;
+    let browsers =
+        ServiceConfig { webrtc: true, ..ServiceConfig::http(&web_addr.to_string()).with_host_prefix("app") };
+    let _browsers = client.add_service(browsers).await?;
+    let http_port = server.http_local_addr().map(|addr| addr.port()).unwrap_or_default();
 
     println!();
     println!("  ferry demo is running");
@@ -34,6 +43,8 @@ pub async fn run(
     println!("    public address of the tunnel:  http://{}/", tunnel.public_addr());
     println!();
     println!("  try:  curl http://{}/", tunnel.public_addr());
+    println!("  and open http://app.localhost:{http_port}/p2p.html in a browser: the page");
+    println!("        talks to the local service over WebRTC, the server only introduces them");
     println!("  stop: Ctrl-C");
     println!();
 
@@ -59,11 +70,34 @@ async fn answer(mut stream: TcpStream) {
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     }
-    let body = "hello from a local service, through a ferry tunnel\n";
+    let (kind, body) = if head.starts_with(b"GET /p2p.html ") {
+        ("text/html; charset=utf-8", P2P_PAGE)
+    } else {
+        ("text/plain", "hello from a local service, through a ferry tunnel\n")
+    };
     let response = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
 }
+
+/// The demo's page for browser peers: fetches `/` from the local service over WebRTC.
+const P2P_PAGE: &str = r#"<!doctype html>
+<meta charset="utf-8"><title>ferry: a browser peer</title>
+<pre id="out">connecting over WebRTC...</pre>
+<script type="module">
+import * as ferry from "/.well-known/ferry/p2p.js";
+const out = document.getElementById("out");
+try {
+  const peer = await ferry.connect();
+  const res = await peer.fetch("/");
+  out.textContent = `mode: ${peer.mode} (direct: over a data channel; relay: through the server)\n` +
+    `${res.status} ${await res.text()}`;
+} catch (e) {
+  out.textContent = String(e);
+}
+console.log(out.textContent);
+</script>
+"#;

@@ -20,8 +20,8 @@ use tokio::runtime::Runtime;
 use crate::config::options::{parse_config, ClientOptions, ServerOptions};
 use crate::proto::{
     encode_frame, parse_front, preamble, read_frame, read_frame_buffered, read_preamble_buffered, ChunkFront,
-    ClientMessage, ControlChannel, DataHello, OpenStream, ProtocolError, ProxyProtocol, ServerMessage,
-    StreamStatus, MAX_CHUNK, MAX_FRAME_LEN, PREAMBLE_LEN,
+    ClientMessage, ControlChannel, DataHello, ForwardAnswer, ForwardHello, OpenStream, ProtocolError,
+    ProxyProtocol, ServerMessage, StreamStatus, MAX_CHUNK, MAX_FRAME_LEN, PREAMBLE_LEN,
 };
 use crate::relay::{relay_chunked, RelayError, Status};
 use crate::server::http_head::{
@@ -76,6 +76,8 @@ pub fn control_frames(data: &[u8]) {
             check_frame::<ServerMessage>(rest, len).await;
             check_frame::<DataHello>(rest, len).await;
             check_frame::<OpenStream>(rest, len).await;
+            check_frame::<ForwardHello>(rest, len).await;
+            check_frame::<ForwardAnswer>(rest, len).await;
             match rest.get(4 + len..) {
                 Some(next) if len <= MAX_FRAME_LEN => rest = next,
                 _ => break,

@@ -54,6 +54,7 @@ mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod p2p;
 pub mod proto;
 pub(crate) mod relay;
 pub mod seal;
@@ -77,13 +78,16 @@ pub mod run;
 #[cfg(feature = "cli")]
 pub mod signals;
 
-pub use client::{discover, free_ports, Client, ClientState, Registration};
+pub use client::{discover, free_ports, Client, ClientState, Forward, ForwardCounts, Registration};
 pub use config::{
-    AuthApiConfig, ClientConfig, ConfigError, PortRange, ServerConfig, ServiceConfig, TcpAllowance,
-    UserConfig,
+    AuthApiConfig, ClientConfig, ConfigError, ForwardConfig, PeerConfig, PortRange, ServerConfig,
+    ServiceConfig, TcpAllowance, UserConfig,
 };
 pub use error::{ClientError, ServerError};
-pub use proto::{CloseReason, DatagramCounts, LoginRefusal, PortProtocol, RegisterError, ServiceInfo};
+pub use proto::{
+    CloseReason, DatagramCounts, LoginRefusal, PeerCounts, PeerPolicy, PeerRefusal, PortProtocol,
+    RegisterError, ServiceInfo,
+};
 pub use server::hooks::{ClientInfo, DisconnectReason, ServerHooks, VisitorInfo};
 pub use server::{Reloader, Server, ServerHandle};
 pub use transport::{ProxyAddr, ProxyKind, RemoteAddr, RemoteTrust, Scheme};

@@ -73,7 +73,8 @@ pub async fn client(flags: ClientOptions) -> anyhow::Result<()> {
         }
     }
     let (config, services) = options.into_config()?;
-    if services.is_empty() {
+    let forwards = config.forwards.clone();
+    if services.is_empty() && forwards.is_empty() {
         tracing::warn!("no services given (--local); the client only keeps its connection");
     }
     let remote = config.remote.to_string();
@@ -82,6 +83,10 @@ pub async fn client(flags: ClientOptions) -> anyhow::Result<()> {
         _ = &mut shutdown => return Ok(()),
         client = Client::connect_retrying(config) => client.with_context(|| format!("client for {remote}"))?,
     };
+    let mut _forwards = Vec::new();
+    for forward in forwards {
+        _forwards.push(client.forward(forward).await?);
+    }
     let _pid_file = pid_file.as_deref().map(PidFile::create).transpose()?;
     let mut running = Services {
         client: &client,

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use ferry::proto::{
     encode_chunk, encode_frame, preamble, Answer, Challenge, ClientMessage, CloseReason, DataHello, LinkKind,
     Compression, DatagramCounts, LoginRefusal, OpenStream, PortProtocol, Proof, ProxyProtocol, Query, RegisterError,
-    ServerMessage, ServiceControl, ServiceInfo, ServiceSpec,
+    ServerMessage, ServiceControl, ServiceInfo, ServiceSpec, ForwardAnswer, ForwardHello, PeerOffer, PeerPath,
+    PeerReady, PeerRefusal,
 };
 use serde::Serialize;
 
@@ -57,6 +58,7 @@ fn client_messages() -> Vec<(&'static str, ClientMessage)> {
         port: Some(2222),
         random: true,
         proxy_protocol: Some(ProxyProtocol::V2),
+        prefix: Some("ssh".into()),
     };
     let http = ServiceSpec::Http {
         name: "web".into(),
@@ -105,7 +107,19 @@ fn client_messages() -> Vec<(&'static str, ClientMessage)> {
         ("query", ClientMessage::Query { request: 5, query: Query::FreePorts { limit: 10 } }),
         ("ping", ClientMessage::Ping { seq: 6 }),
         ("pong", ClientMessage::Pong { seq: 7 }),
+        ("peer_connect", ClientMessage::PeerConnect { request: 8, name: "ssh".into(), offer: offer() }),
+        ("peer_answer", ClientMessage::PeerAnswer { attempt: 9, answer: Ok(offer()) }),
+        ("peer_report", ClientMessage::PeerReport { service: 2, path: PeerPath::Upgraded }),
+        (
+            "browser_answer",
+            ClientMessage::BrowserAnswer { attempt: 3, answer: Ok(r#"{"type":"answer","sdp":"v=0"}"#.into()) },
+        ),
     ]
+}
+
+fn offer() -> PeerOffer {
+    let candidates = vec!["10.1.0.2:40001".parse().expect("an address"), "[2001:db8::2]:40001".parse().expect("an address")];
+    PeerOffer { candidates, fingerprint: [6; 32] }
 }
 
 fn server_messages() -> Vec<(&'static str, ServerMessage)> {
@@ -129,6 +143,7 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
         bytes_in: 5,
         bytes_out: 6,
         datagrams: Some(DatagramCounts { r#in: 7, out: 8, dropped: 9 }),
+        p2p: None,
     };
     let refused = RegisterError::PortNotAllowed {
         port: 80,
@@ -161,6 +176,24 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
         ("answer", ServerMessage::Answer { request: 5, answer: Answer::Services { services: vec![info] } }),
         ("need_data", ServerMessage::NeedData { count: 2 }),
         ("ping", ServerMessage::Ping { seq: 8 }),
+        ("peer_offer", ServerMessage::PeerOffer { attempt: 9, service: 2, from: "id2".into(), offer: offer() }),
+        (
+            "peer_answer",
+            ServerMessage::PeerAnswer { request: 8, answer: Ok(PeerReady { service: 2, offer: Err("no UDP".into()) }) },
+        ),
+        (
+            "browser_offer",
+            ServerMessage::BrowserOffer {
+                attempt: 3,
+                service: 2,
+                visitor: "192.0.2.7:50000".parse().expect("an address"),
+                offer: r#"{"type":"offer","sdp":"v=0"}"#.into(),
+            },
+        ),
+        (
+            "peer_refused",
+            ServerMessage::PeerAnswer { request: 8, answer: Err(PeerRefusal::NotAllowed { name: "ssh".into() }) },
+        ),
     ]
 }
 
@@ -182,6 +215,10 @@ fn control_frames(dir: &Path) {
     write(dir, "open_stream", 0, &frame(&open));
     let flow = OpenStream { service: 3, visitor: "192.0.2.1:53".parse().expect("an address"), seal: None, flow: Some(7) };
     write(dir, "open_flow", 0, &frame(&flow));
+    let mut forward = preamble(LinkKind::Forward).to_vec();
+    forward.extend(frame(&ForwardHello { session: 1, seq: 3, mac: [3; 32], name: "ssh".into() }));
+    write(dir, "forward_hello", 0, &forward);
+    write(dir, "forward_accepted", 0, &frame(&ForwardAnswer::Accepted { service: 2 }));
 }
 
 fn data_chunks(dir: &Path) {

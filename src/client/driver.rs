@@ -14,14 +14,15 @@ use tracing::{error, info, warn};
 
 use super::backoff::Backoff;
 use super::login::{login_first_reachable, LoggedIn};
+use super::peering::{Peering, SessionLinks};
 use super::pool::{DataPool, Route, Routes};
 use super::remotes::Remotes;
 use super::{public_address, ClientState, DriverLinks, Endpoint, RegisterReply};
 use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
 use crate::error::ClientError;
 use crate::proto::{
-    Answer, ClientMessage, CloseReason, ControlChannel, ProtocolError, Query, RegisterError, ServerMessage,
-    ServiceControl, ServiceSpec,
+    Answer, ClientMessage, CloseReason, ControlChannel, PeerOffer, PeerReady, PeerRefusal, ProtocolError,
+    Query, RegisterError, ServerMessage, ServiceControl, ServiceSpec,
 };
 use crate::transport::Stream;
 
@@ -31,9 +32,25 @@ const CONFIRM_WAIT: Duration = Duration::from_secs(10);
 
 /// Requests from the [`Client`](super::Client) handle.
 pub(crate) enum Command {
-    Add { key: u64, wanted: Box<Wanted> },
-    Remove { key: u64 },
-    Ask { query: Query, reply: oneshot::Sender<Result<Answer, ClientError>> },
+    Add {
+        key: u64,
+        wanted: Box<Wanted>,
+    },
+    Remove {
+        key: u64,
+    },
+    Ask {
+        query: Query,
+        reply: oneshot::Sender<Result<Answer, ClientError>>,
+    },
+    /// Asks the server to introduce this client to the serving client of a P2P name.
+    PeerConnect {
+        name: String,
+        offer: PeerOffer,
+        reply: oneshot::Sender<Result<PeerReady, PeerRefusal>>,
+    },
+    /// Sends a message as it is (P2P answers and reports); dropped while offline.
+    Send(ClientMessage),
 }
 
 /// A tunnel the client wants, kept across reconnects.
@@ -126,6 +143,7 @@ impl Wanted {
                 port: self.port.or(config.remote_tcp_port),
                 random: config.remote_tcp_random,
                 proxy_protocol: config.proxy_protocol,
+                prefix: config.p2p.as_ref().and(config.host_prefix.clone()),
             },
             ServiceKind::Http => ServiceSpec::Http {
                 name: config.name.clone(),
@@ -198,7 +216,11 @@ pub(crate) struct Driver {
     closing: HashMap<u32, (Wanted, Instant)>,
     /// Questions sent in this session, by request number.
     questions: HashMap<u64, oneshot::Sender<Result<Answer, ClientError>>>,
+    /// Introductions asked for in this session, by request number.
+    introductions: HashMap<u64, oneshot::Sender<Result<PeerReady, PeerRefusal>>>,
     next_question: u64,
+    /// This client's P2P state.
+    peering: Arc<Peering>,
 }
 
 impl Driver {
@@ -208,7 +230,7 @@ impl Driver {
         instance: String,
         links: DriverLinks,
     ) -> Self {
-        let DriverLinks { inbox, state, token, fatal } = links;
+        let DriverLinks { inbox, state, token, fatal, peering } = links;
         Driver {
             config,
             fatal,
@@ -220,7 +242,9 @@ impl Driver {
             wanted: BTreeMap::new(),
             closing: HashMap::new(),
             questions: HashMap::new(),
+            introductions: HashMap::new(),
             next_question: 0,
+            peering,
         }
     }
 
@@ -326,6 +350,10 @@ impl Driver {
             Command::Ask { reply, .. } => {
                 let _ = reply.send(Err(ClientError::NotConnected));
             }
+            Command::PeerConnect { reply, .. } => {
+                let _ = reply.send(Err(PeerRefusal::Other { message: "not connected to the server".into() }));
+            }
+            Command::Send(_) => {}
         }
     }
 
@@ -347,11 +375,17 @@ impl Driver {
             self.config.local_timeout,
             session_token,
         );
+        self.peering.set_session(Some(SessionLinks { pool: pool.clone(), routes: routes.clone() }));
         let mut session = Session { chan, routes, pool, remote_host, heartbeat_interval };
         let reason = match self.session_loop(&mut session).await {
             Ok(reason) => reason,
             Err(err) => format!("control connection failed: {err}"),
         };
+        self.peering.set_session(None);
+        for (_, introduction) in self.introductions.drain() {
+            let _ =
+                introduction.send(Err(PeerRefusal::Other { message: "disconnected from the server".into() }));
+        }
         session.pool.stop().await;
         if let Some(link) = quic {
             link.connection.close(0u32.into(), b"session over");
@@ -485,6 +519,14 @@ impl Driver {
                 session.chan.send(&ClientMessage::Query { request, query }).await?;
                 self.questions.insert(request, reply);
             }
+            Command::PeerConnect { name, offer, reply } => {
+                self.next_question += 1;
+                let request = self.next_question;
+                session.chan.send(&ClientMessage::PeerConnect { request, name, offer }).await?;
+                self.introductions.retain(|_, waiting| !waiting.is_closed());
+                self.introductions.insert(request, reply);
+            }
+            Command::Send(message) => session.chan.send(&message).await?,
         }
         Ok(())
     }
@@ -513,12 +555,15 @@ impl Driver {
                     encrypt: wanted.config.encrypt,
                     udp: wanted.config.kind == ServiceKind::Udp,
                     compress,
+                    webrtc: wanted.config.webrtc,
                 };
                 if wanted.config.compress.is_some() && compress.is_none() {
                     warn!(name = %wanted.config.name, "the server did not agree to compress this service; sending it as it is");
                 }
                 session.routes.write().unwrap_or_else(|e| e.into_inner()).insert(service, route);
-                let public = public_address(&session.remote_host, port, host.as_deref(), wanted.config.kind);
+                let peers_only = wanted.config.p2p.as_ref().is_some_and(|p| p.only);
+                let shape = (wanted.config.kind, peers_only);
+                let public = public_address(&session.remote_host, port, host.as_deref(), shape);
                 info!(%public, local = %wanted.config.local, "tunnel open");
                 wanted.public.send_replace(Some(public.clone()));
                 if let Some(reply) = wanted.reply.take() {
@@ -543,6 +588,17 @@ impl Driver {
             ServerMessage::Answer { request, answer } => {
                 if let Some(question) = self.questions.remove(&request) {
                     let _ = question.send(Ok(answer));
+                }
+            }
+            ServerMessage::PeerOffer { attempt, service, from, offer } => {
+                self.peering.offered((attempt, service, from), offer);
+            }
+            ServerMessage::BrowserOffer { attempt, service, visitor, offer } => {
+                self.peering.browser_offered((attempt, service, visitor), offer);
+            }
+            ServerMessage::PeerAnswer { request, answer } => {
+                if let Some(introduction) = self.introductions.remove(&request) {
+                    let _ = introduction.send(answer);
                 }
             }
             ServerMessage::Ping { seq } => session.chan.send(&ClientMessage::Pong { seq }).await?,

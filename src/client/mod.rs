@@ -7,7 +7,9 @@
 
 mod backoff;
 mod driver;
+mod forward;
 mod login;
+mod peering;
 mod pool;
 mod remotes;
 mod udp;
@@ -20,10 +22,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::config::{ClientConfig, ServiceConfig, ServiceKind};
+use crate::config::{ClientConfig, ForwardConfig, ServiceConfig, ServiceKind};
 use crate::error::ClientError;
 use crate::proto::{Answer, CloseReason, ProtocolError, Query, RegisterError, ServiceInfo};
 use driver::{Command, Driver, Listeners, Wanted};
+pub use forward::{Forward, ForwardCounts};
+use peering::Peering;
 #[cfg(feature = "cli")]
 pub(crate) use remotes::ask_remote_api_until_answered;
 use remotes::Remotes;
@@ -88,6 +92,8 @@ pub struct Client {
     _stop_on_drop: DropGuard,
     /// Which servers the driver dials, and how; shared, for [`rebind`](Client::rebind).
     remotes: Arc<Remotes>,
+    /// P2P: the direct-connection endpoint and signalling, shared with the driver.
+    peering: Arc<Peering>,
 }
 
 impl Client {
@@ -101,8 +107,9 @@ impl Client {
         let first = login::login_first_reachable(&connectors, &config, &instance).await?;
         let state = ClientState::Connected { session: first.session };
         let dialers = remotes.clone();
+        let p2p = (config.p2p.clone(), config.remote.host.clone(), config.local_timeout);
         let driver = |links| Driver::new(config, remotes, instance, links);
-        Ok(Client::start((driver, dialers), state, Some(first), None))
+        Ok(Client::start((driver, dialers, p2p), state, Some(first), None))
     }
 
     /// Connects and logs in, retrying what may pass (the server not up yet or unreachable,
@@ -114,8 +121,9 @@ impl Client {
         let instance = format!("{:032x}", rand::random::<u128>());
         let (fatal, mut failed) = oneshot::channel();
         let dialers = remotes.clone();
+        let p2p = (config.p2p.clone(), config.remote.host.clone(), config.local_timeout);
         let driver = |links| Driver::new(config, remotes, instance, links);
-        let client = Client::start((driver, dialers), ClientState::Connecting, None, Some(fatal));
+        let client = Client::start((driver, dialers, p2p), ClientState::Connecting, None, Some(fatal));
         let mut state = client.state();
         tokio::select! {
             biased;
@@ -129,7 +137,11 @@ impl Client {
 
     /// Spawns the driver task.
     fn start(
-        (driver, remotes): (impl FnOnce(DriverLinks) -> Driver, Arc<Remotes>),
+        (driver, remotes, p2p): (
+            impl FnOnce(DriverLinks) -> Driver,
+            Arc<Remotes>,
+            (crate::config::PeerConfig, String, std::time::Duration),
+        ),
         state: ClientState,
         first: Option<login::LoggedIn>,
         fatal: Option<oneshot::Sender<ClientError>>,
@@ -137,7 +149,10 @@ impl Client {
         let (commands, inbox) = mpsc::unbounded_channel();
         let (state_tx, state) = watch::channel(state);
         let token = CancellationToken::new();
-        let driver = driver(DriverLinks { inbox, state: state_tx, token: token.clone(), fatal });
+        let peering = Peering::new(p2p, commands.clone(), token.clone());
+        let links =
+            DriverLinks { inbox, state: state_tx, token: token.clone(), fatal, peering: peering.clone() };
+        let driver = driver(links);
         let driver = tokio::spawn(driver.run(first));
         Client {
             commands,
@@ -147,7 +162,16 @@ impl Client {
             _stop_on_drop: token.clone().drop_guard(),
             token,
             remotes,
+            peering,
         }
+    }
+
+    /// Listens on `config.listen` and carries each connection there to the P2P service
+    /// `config.name` of another client (GT's tcp forward): directly when the two can punch
+    /// through their NATs, through the server otherwise. Fails when the address cannot be
+    /// bound; a service that cannot be reached fails each connection (it is logged).
+    pub async fn forward(&self, config: ForwardConfig) -> Result<Forward, ClientError> {
+        forward::start(self.peering.clone(), config, self.token.clone()).await
     }
 
     /// Moves a `quic://` client's link to `socket`, after a network change for instance:
@@ -248,6 +272,7 @@ pub(crate) struct DriverLinks {
     pub(crate) state: watch::Sender<ClientState>,
     pub(crate) token: CancellationToken,
     pub(crate) fatal: Option<oneshot::Sender<ClientError>>,
+    pub(crate) peering: Arc<Peering>,
 }
 
 /// Cancels a tunnel whose `add_service` was given up before the server answered.
@@ -341,12 +366,19 @@ pub(crate) struct Endpoint {
     public: String,
 }
 
-/// How visitors reach a service: `host:port` for TCP, `http://host` or `https://host` otherwise.
-fn public_address(remote_host: &str, port: u16, host: Option<&str>, kind: ServiceKind) -> String {
+/// How visitors reach a service: `host:port` for TCP and UDP, `http://host` or
+/// `https://host` otherwise; `p2p://name` for a peers-only service (`port` 0 and no public host).
+fn public_address(
+    remote_host: &str,
+    port: u16,
+    host: Option<&str>,
+    (kind, peers_only): (ServiceKind, bool),
+) -> String {
     match (host, kind) {
+        (Some(name), _) if peers_only => format!("p2p://{name}"),
         (Some(host), ServiceKind::Https) => format!("https://{host}"),
-        (Some(host), _) => format!("http://{host}"),
-        (None, _) => join_host_port(remote_host, port),
+        (Some(host), ServiceKind::Http) => format!("http://{host}"),
+        _ => join_host_port(remote_host, port),
     }
 }
 

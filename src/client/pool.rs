@@ -16,12 +16,13 @@ use tracing::{debug, warn, Instrument};
 use super::udp;
 use crate::auth::{ReplayGuard, SessionKey};
 use crate::proto::{
-    preamble_with, read_frame_buffered, DataHello, LinkKind, OpenStream, ProtocolError, StreamStatus,
+    preamble_with, read_frame_buffered, DataHello, ForwardHello, LinkKind, OpenStream, ProtocolError,
+    StreamStatus,
 };
 use crate::relay::compress::{compressed, Compression};
 use crate::relay::{relay_chunked, Status};
 use crate::seal::{visitor_keys, SealedStream, Side};
-use crate::transport::{accept_stream, reset_on_drop, Connector, Stream};
+use crate::transport::{accept_stream, open_stream, reset_on_drop, Connector, Stream};
 
 /// Buffer for the open message and any visitor bytes that come with it.
 const EARLY_READ: usize = 4096;
@@ -48,6 +49,8 @@ pub(crate) struct Route {
     pub(crate) udp: bool,
     /// Its data links are compressed, as the server agreed.
     pub(crate) compress: Option<Compression>,
+    /// Browsers may reach it over WebRTC (`webrtc`).
+    pub(crate) webrtc: bool,
 }
 
 /// Keeps a number of idle data connections open for one session.
@@ -224,6 +227,20 @@ impl DataPool {
                 return;
             }
         }
+    }
+
+    /// Opens a forward link: a connection to the P2P service `name` through the server
+    /// (a new stream over QUIC, a new connection otherwise).
+    pub(crate) async fn open_forward(&self, name: &str) -> Result<Stream, ProtocolError> {
+        let mut link = match &self.quic {
+            Some(connection) => open_stream(connection).await?,
+            None => self.connector.connect().await?,
+        };
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mac = self.key.data_mac(self.session, seq);
+        let hello = ForwardHello { session: self.session, seq, mac, name: name.to_owned() };
+        link.write_all(&preamble_with(LinkKind::Forward, &hello)?).await?;
+        Ok(link)
     }
 
     async fn open(&self) -> Result<Stream, ProtocolError> {

@@ -15,20 +15,16 @@ use serde_json::{Map, Value};
 use super::ConfigError;
 
 /// GT options that ferry does not have yet, by their kebab-case name, with what they are.
-const UNSUPPORTED: &[(&str, &str)] = &[
-    ("remote-stun", "peer-to-peer connections over STUN/WebRTC"),
-    ("tcp-forward-addr", "TCP forwarding between clients (peer-to-peer)"),
-    ("tcp-forward-connections", "TCP forwarding between clients (peer-to-peer)"),
-    ("tcp-forward-host-prefix", "TCP forwarding between clients (peer-to-peer)"),
-    ("webrtc-connection-idle-timeout", "peer-to-peer connections over WebRTC"),
-    ("webrtc-log-level", "peer-to-peer connections over WebRTC"),
-    ("webrtc-max-port", "peer-to-peer connections over WebRTC"),
-    ("webrtc-min-port", "peer-to-peer connections over WebRTC"),
-];
+const UNSUPPORTED: &[(&str, &str)] = &[("webrtc-log-level", "a log level of its own for WebRTC")];
 
 /// GT's name for an option that ferry names differently: (GT's, ferry's), both kebab-case.
-const RENAMED: &[(&str, &str)] =
-    &[("tls-version", "tls-min-version"), ("api-tls-version", "api-tls-min-version")];
+const RENAMED: &[(&str, &str)] = &[
+    ("tls-version", "tls-min-version"),
+    ("api-tls-version", "api-tls-min-version"),
+    ("webrtc-min-port", "p2p-min-port"),
+    ("webrtc-max-port", "p2p-max-port"),
+    ("webrtc-connection-idle-timeout", "p2p-idle-timeout"),
+];
 
 /// `remoteTCPPort` → `remote-tcp-port`, `useLocalAsHTTPHost` → `use-local-as-http-host`,
 /// `hostWithID` → `host-with-id`; a name in kebab-case already is left as it is.
@@ -253,7 +249,7 @@ mod tests {
             "-id",
         ];
         assert_eq!(out, expected);
-        let err = normalise_args(vec!["-remoteSTUN".into()], known).unwrap_err();
+        let err = normalise_args(vec!["-webrtcLogLevel".into()], known).unwrap_err();
         assert!(err.to_string().contains("not supported yet"), "{err}");
     }
 

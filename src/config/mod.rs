@@ -27,7 +27,7 @@ pub use port_range::PortRange;
 pub use users_key::UsersOption;
 
 use crate::auth::Secret;
-use crate::proto::{Compression, ProxyProtocol, ServiceControl};
+use crate::proto::{Compression, PeerPolicy, ProxyProtocol, ServiceControl};
 use crate::relay::IdleLimit;
 use crate::transport::{Congestion, ProxyAddr, RemoteAddr, RemoteTrust, TlsVersion};
 
@@ -307,6 +307,54 @@ pub struct ClientConfig {
     /// Labels for this client (`--tag`): clients of one user with a tag in common that
     /// expose services of the same name share their public address, round-robin.
     pub tags: Vec<String>,
+    /// How this client makes direct connections to other clients (P2P).
+    pub p2p: PeerConfig,
+    /// Local ports forwarded to other clients' P2P services (the CLI's `tcp-forward-addr`;
+    /// a program calls [`Client::forward`](crate::Client::forward)).
+    pub forwards: Vec<ForwardConfig>,
+}
+
+/// How a client makes direct (P2P) connections to other clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The STUN server that tells this client its public address (`remote-stun`,
+    /// `host:port`); `None`: the server's host, on port 3478.
+    pub remote_stun: Option<String>,
+    /// The UDP ports P2P may use (`p2p-min-port`/`p2p-max-port`); `None`: any.
+    pub ports: Option<(u16, u16)>,
+    /// A direct connection with no stream for this long closes (`p2p-idle-timeout`).
+    pub idle_timeout: Duration,
+    /// How long a connection waits for punching before it goes through the server.
+    pub punch_deadline: Duration,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        PeerConfig {
+            remote_stun: None,
+            ports: None,
+            idle_timeout: Duration::from_secs(300),
+            punch_deadline: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A local port whose connections reach another client's P2P service (GT's tcp forward).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardConfig {
+    /// Where to listen (`tcp-forward-addr`).
+    pub listen: SocketAddr,
+    /// The P2P name of the service (`tcp-forward-host-prefix`).
+    pub name: String,
+    /// Most connections forwarded at once (`tcp-forward-connections`); `None`: no limit.
+    pub connections: Option<u32>,
+}
+
+impl ForwardConfig {
+    /// Forwards connections to `listen` to the P2P service `name`.
+    pub fn new(listen: SocketAddr, name: &str) -> Self {
+        ForwardConfig { listen, name: name.to_owned(), connections: None }
+    }
 }
 
 impl ClientConfig {
@@ -330,6 +378,8 @@ impl ClientConfig {
             remote_idle_connections: 8,
             local_timeout: Duration::from_secs(10),
             tags: Vec::new(),
+            p2p: PeerConfig::default(),
+            forwards: Vec::new(),
         }
     }
 }
@@ -388,6 +438,10 @@ pub struct ServiceConfig {
     pub encrypt: bool,
     /// Compress the service's data links (`compress`), when the server agrees.
     pub compress: Option<Compression>,
+    /// Other clients may reach the service peer-to-peer (`p2p`, `p2p-only`, `p2p-allow-id`).
+    pub p2p: Option<PeerPolicy>,
+    /// Browsers may reach the service over WebRTC data channels (`webrtc`).
+    pub webrtc: bool,
 }
 
 impl ServiceConfig {
@@ -412,6 +466,8 @@ impl ServiceConfig {
             message: None,
             encrypt: false,
             compress: None,
+            p2p: None,
+            webrtc: false,
         }
     }
 
@@ -484,7 +540,16 @@ impl ServiceConfig {
             message: self.message.clone(),
             encrypt: self.encrypt,
             compress: self.compress,
+            p2p: self.p2p.clone(),
+            webrtc: self.webrtc,
         }
+    }
+
+    /// Lets other clients reach the service peer-to-peer, as `policy` says; its P2P name
+    /// is its host prefix (or the client's id).
+    pub fn with_p2p(mut self, policy: PeerPolicy) -> Self {
+        self.p2p = Some(policy);
+        self
     }
 
     /// TCP: announces visitors with a PROXY protocol header.

@@ -12,9 +12,12 @@ pub use super::file::{load_users_file, overlay, HostOptions, TcpOptions, UserOpt
 use super::process::command_options;
 pub use super::process::{CommandOptions, ProcessOptions, ProcessSignal};
 pub use super::users_key::UsersOption;
-use super::{AuthApiConfig, ClientConfig, ConfigError, PortRange, ServerConfig, ServiceConfig, ServiceKind};
+use super::{
+    AuthApiConfig, ClientConfig, ConfigError, ForwardConfig, PortRange, ServerConfig, ServiceConfig,
+    ServiceKind,
+};
 use crate::auth::Secret;
-use crate::proto::{Compression, ProxyProtocol};
+use crate::proto::{Compression, PeerPolicy, ProxyProtocol};
 use crate::transport::{parse_listen_addr, Congestion, ProxyAddr, RemoteAddr, RemoteTrust, TlsVersion};
 
 command_options! {
@@ -265,6 +268,38 @@ pub struct ClientOptions {
     /// service name share that service's public address, visitors spread round-robin.
     #[arg(long)]
     pub tag: Vec<String>,
+    /// Listen here and carry each connection to another client's P2P service (GT's tcp
+    /// forward), directly when punching works, else through the server; repeatable, paired
+    /// in order with --tcp-forward-host-prefix.
+    #[arg(long)]
+    #[serde(deserialize_with = "one_or_many")]
+    pub tcp_forward_addr: Vec<String>,
+    /// The P2P name (host prefix) of the service each --tcp-forward-addr reaches.
+    #[arg(long)]
+    #[serde(deserialize_with = "one_or_many")]
+    pub tcp_forward_host_prefix: Vec<String>,
+    /// Most connections each --tcp-forward-addr forwards at once (one value: all of them).
+    /// [default: no limit]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[serde(deserialize_with = "one_or_many")]
+    pub tcp_forward_connections: Vec<u32>,
+    /// The STUN server (host:port) that tells this client its public address for P2P.
+    /// [default: the server's host, port 3478]
+    #[arg(long)]
+    pub remote_stun: Option<String>,
+    /// Lowest UDP port P2P may bind (GT: webrtc-min-port). [default: any]
+    #[arg(long, alias = "webrtc-min-port")]
+    #[serde(alias = "webrtc-min-port")]
+    pub p2p_min_port: Option<u16>,
+    /// Highest UDP port P2P may bind (GT: webrtc-max-port). [default: any]
+    #[arg(long, alias = "webrtc-max-port")]
+    #[serde(alias = "webrtc-max-port")]
+    pub p2p_max_port: Option<u16>,
+    /// A direct P2P connection with nothing to carry for this long closes (GT:
+    /// webrtc-connection-idle-timeout). [default: 5m]
+    #[arg(long, alias = "webrtc-connection-idle-timeout", value_parser = humantime::parse_duration)]
+    #[serde(alias = "webrtc-connection-idle-timeout", with = "humantime_serde")]
+    pub p2p_idle_timeout: Option<Duration>,
     /// Services to expose: each `--local` on the command line starts one (config file: `services:`).
     #[arg(skip)]
     pub services: Vec<ServiceOptions>,
@@ -329,6 +364,20 @@ pub struct ServiceOptions {
     /// agrees: pays on text, logs and other compressible data over slow links.
     #[arg(long)]
     pub compress: Option<Compression>,
+    /// Let this user's other clients reach the service peer-to-peer (their
+    /// --tcp-forward-host-prefix names its --host-prefix, or this client's id).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub p2p: Option<bool>,
+    /// Peers only: no public port or host at all (implies --p2p).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub p2p_only: Option<bool>,
+    /// Let clients of this user id reach the P2P service too; repeatable.
+    #[arg(long)]
+    pub p2p_allow_id: Vec<String>,
+    /// Let browsers reach this service directly over WebRTC data channels (pages use
+    /// the server's /.well-known/ferry/p2p.js); http:// and tcp:// services.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub webrtc: Option<bool>,
     /// A name for logs. [default: the local address]
     #[arg(long)]
     pub name: Option<String>,
@@ -533,6 +582,14 @@ impl ClientOptions {
         config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
         config.local_timeout = self.local_timeout.unwrap_or(config.local_timeout);
         config.tags = self.tag;
+        config.forwards =
+            forwards(self.tcp_forward_addr, self.tcp_forward_host_prefix, self.tcp_forward_connections)?;
+        config.p2p.remote_stun = self.remote_stun;
+        config.p2p.ports = match (self.p2p_min_port, self.p2p_max_port) {
+            (None, None) => None,
+            (min, max) => Some((min.unwrap_or(1024), max.unwrap_or(u16::MAX))),
+        };
+        config.p2p.idle_timeout = self.p2p_idle_timeout.unwrap_or(config.p2p.idle_timeout);
         config.validate()?;
         let services = self
             .services
@@ -597,7 +654,18 @@ impl ServiceOptions {
         if kind == ServiceKind::Https && self.use_local_as_http_host.is_some() {
             return Err(ConfigError::new("use-local-as-http-host", "is for http:// services"));
         }
+        let p2p =
+            self.p2p.unwrap_or(false) || self.p2p_only.unwrap_or(false) || !self.p2p_allow_id.is_empty();
+        if self.webrtc == Some(true) && matches!(kind, ServiceKind::Udp | ServiceKind::Https) {
+            return Err(ConfigError::new("webrtc", "is for http:// and tcp:// services"));
+        }
+        if p2p && kind == ServiceKind::Udp {
+            return Err(ConfigError::new("p2p", "is for stream services, not udp://"));
+        }
+        // A P2P TCP service is named by its host prefix.
+        let prefix_allowed = kind == ServiceKind::Tcp && p2p && self.use_local_as_http_host.is_none();
         if matches!(kind, ServiceKind::Tcp | ServiceKind::Udp)
+            && !prefix_allowed
             && (self.host_prefix.is_some() || self.use_local_as_http_host.is_some())
         {
             return Err(ConfigError::new(
@@ -624,6 +692,44 @@ impl ServiceOptions {
             message: self.message,
             encrypt: self.encrypt.unwrap_or(false),
             compress: self.compress,
+            p2p: p2p
+                .then(|| PeerPolicy { only: self.p2p_only.unwrap_or(false), allow_ids: self.p2p_allow_id }),
+            webrtc: self.webrtc.unwrap_or(false),
         })
     }
+}
+
+/// The forwards of `tcp-forward-addr`, each with the name and limit at its position.
+fn forwards(
+    addrs: Vec<String>,
+    names: Vec<String>,
+    limits: Vec<u32>,
+) -> Result<Vec<ForwardConfig>, ConfigError> {
+    if addrs.len() != names.len() {
+        return Err(ConfigError::new(
+            "tcp-forward-host-prefix",
+            format!(
+                "{} given for {} tcp-forward-addr; give one per address, in the same order",
+                names.len(),
+                addrs.len()
+            ),
+        ));
+    }
+    if limits.len() > 1 && limits.len() != addrs.len() {
+        return Err(ConfigError::new(
+            "tcp-forward-connections",
+            "give one value for all forwards, or one per tcp-forward-addr",
+        ));
+    }
+    addrs
+        .iter()
+        .zip(names)
+        .enumerate()
+        .map(|(i, (addr, name))| {
+            let listen =
+                parse_listen_addr(addr).map_err(|e| ConfigError::new("tcp-forward-addr", e.to_string()))?;
+            let connections = limits.get(i).or(limits.first()).copied();
+            Ok(ForwardConfig { listen, name, connections })
+        })
+        .collect()
 }

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use super::peer::{PeerOffer, PeerPath, PeerPolicy, PeerRefusal};
+
 /// What a client asks the server to expose.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "protocol", rename_all = "snake_case")]
@@ -19,6 +21,9 @@ pub enum ServiceSpec {
         /// Tell the local service who the visitor is with a PROXY protocol header.
         #[serde(default)]
         proxy_protocol: Option<ProxyProtocol>,
+        /// For a P2P service: the prefix of its P2P name (`None`: the client's id).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefix: Option<String>,
     },
     /// A virtual host on the server's HTTP port, routed by the request's host name.
     Http {
@@ -159,6 +164,13 @@ pub struct ServiceControl {
     /// with the compression it agreed to; both sides use only that one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compress: Option<Compression>,
+    /// Other clients may reach this service peer-to-peer (`p2p`), by its P2P name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p: Option<PeerPolicy>,
+    /// Browsers may reach this service over WebRTC data channels (`webrtc`): the server
+    /// passes their offers to the client.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub webrtc: bool,
 }
 
 impl ServiceControl {
@@ -224,6 +236,38 @@ pub enum ClientMessage {
     Pong {
         /// The number of the ping answered.
         seq: u64,
+    },
+    /// Asks to reach the P2P service `name` directly; answered by `PeerAnswer` with the
+    /// same `request`, once the serving client answered the offer the server passed on.
+    PeerConnect {
+        /// Chosen by the client to match the answer.
+        request: u64,
+        /// The P2P name.
+        name: String,
+        /// Where to punch to this client, and its certificate.
+        offer: PeerOffer,
+    },
+    /// The serving client's answer to [`ServerMessage::PeerOffer`].
+    PeerAnswer {
+        /// The offer's attempt number.
+        attempt: u64,
+        /// Where to punch to this client and its certificate, or why not.
+        answer: Result<PeerOffer, String>,
+    },
+    /// The answer to [`ServerMessage::BrowserOffer`]: an SDP answer (JSON, as
+    /// `RTCSessionDescription` writes it), or why there is none.
+    BrowserAnswer {
+        /// The offer's attempt number.
+        attempt: u64,
+        /// The answer, or why not.
+        answer: Result<String, String>,
+    },
+    /// What became of a peer connection this client asked for (see [`PeerPath`]).
+    PeerReport {
+        /// The service, as `PeerAnswer` named it.
+        service: u32,
+        /// What became of it.
+        path: PeerPath,
     },
 }
 
@@ -578,6 +622,48 @@ pub enum ServerMessage {
         /// The number of the ping answered.
         seq: u64,
     },
+    /// Another client wants to reach one of this client's P2P services: answer with
+    /// `PeerAnswer` and the same attempt, then punch to the offer's candidates and accept
+    /// a QUIC connection showing its certificate.
+    PeerOffer {
+        /// Numbers this attempt.
+        attempt: u64,
+        /// The service wanted.
+        service: u32,
+        /// The user of the client asking.
+        from: String,
+        /// Where to punch, and the certificate to accept.
+        offer: PeerOffer,
+    },
+    /// A browser wants to reach `service` over WebRTC: answer with `BrowserAnswer` and the
+    /// same attempt, then accept its data channels.
+    BrowserOffer {
+        /// Numbers this attempt.
+        attempt: u64,
+        /// The service.
+        service: u32,
+        /// The browser's address, as the server saw it.
+        visitor: SocketAddr,
+        /// The browser's SDP offer (JSON, as `RTCSessionDescription` writes it).
+        offer: String,
+    },
+    /// The answer to a `PeerConnect`.
+    PeerAnswer {
+        /// The client's request number.
+        request: u64,
+        /// The service and the serving client's offer (none: it offers no direct path,
+        /// go through the server), or why the service may not be reached.
+        answer: Result<PeerReady, PeerRefusal>,
+    },
+}
+
+/// A P2P service that may be reached, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerReady {
+    /// The server's number for the service; named in each direct stream.
+    pub service: u32,
+    /// The serving client's offer, or why it made none.
+    pub offer: Result<PeerOffer, String>,
 }
 
 /// First frame of a data connection: which session it belongs to, proven with the session key.
@@ -701,6 +787,20 @@ pub struct ServiceInfo {
     /// UDP services: datagrams carried and dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datagrams: Option<DatagramCounts>,
+    /// P2P services: their name and the peers connected now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p: Option<PeerCounts>,
+}
+
+/// Peers of a P2P service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCounts {
+    /// The name peers reach it by.
+    pub name: String,
+    /// Peer clients whose direct connection is up.
+    pub direct: u32,
+    /// Peer connections carried through the server now.
+    pub relayed: u32,
 }
 
 /// Datagrams through a UDP tunnel.

@@ -9,6 +9,7 @@ mod chunk;
 mod codec;
 mod datagram;
 mod message;
+mod peer;
 mod preamble;
 mod stun;
 mod text;
@@ -26,8 +27,12 @@ pub use datagram::{
 };
 pub use message::{
     Answer, Challenge, ClientMessage, CloseReason, Compression, DataHello, DatagramCounts, LoginRefusal,
-    OpenStream, PortProtocol, Proof, ProxyProtocol, Query, RegisterError, ServerMessage, ServiceControl,
-    ServiceInfo, ServiceSpec, StreamStatus,
+    OpenStream, PeerCounts, PeerReady, PortProtocol, Proof, ProxyProtocol, Query, RegisterError,
+    ServerMessage, ServiceControl, ServiceInfo, ServiceSpec, StreamStatus,
+};
+pub use peer::{
+    ForwardAnswer, ForwardHello, PeerOffer, PeerPath, PeerPolicy, PeerRefusal, MAX_CANDIDATES,
+    PEER_STREAM_HEADER,
 };
 pub use preamble::{
     preamble, preamble_with, read_preamble, read_preamble_buffered, write_preamble, LinkKind, MAGIC,

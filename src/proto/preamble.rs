@@ -24,6 +24,8 @@ pub enum LinkKind {
     Control,
     /// A data connection: waits in the pool, then carries one visitor's bytes.
     Data,
+    /// A forward link: a peer's connection to a P2P service, carried through the server.
+    Forward,
 }
 
 impl LinkKind {
@@ -31,6 +33,7 @@ impl LinkKind {
         match self {
             LinkKind::Control => b'C',
             LinkKind::Data => b'D',
+            LinkKind::Forward => b'F',
         }
     }
 
@@ -38,6 +41,7 @@ impl LinkKind {
         match byte {
             b'C' => Some(LinkKind::Control),
             b'D' => Some(LinkKind::Data),
+            b'F' => Some(LinkKind::Forward),
             _ => None,
         }
     }

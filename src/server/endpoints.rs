@@ -33,6 +33,8 @@ pub(crate) enum Endpoint {
     Host(String),
     /// A TLS server name on `sni-addr`, passed through (first label).
     Sni(String),
+    /// The name other clients reach a P2P service by (`p2p`).
+    Peer(String),
 }
 
 impl Endpoint {

@@ -42,12 +42,27 @@ pub(crate) struct Held {
     until: Instant,
 }
 
-/// The endpoint of a name: passthrough names route on their own port.
-pub(crate) fn host_endpoint(name: &str, tls_passthrough: bool) -> Endpoint {
-    if tls_passthrough {
-        Endpoint::Sni(name.to_owned())
-    } else {
-        Endpoint::Host(name.to_owned())
+/// Which kind of service holds a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NameKind {
+    /// An HTTP virtual host, plain or over `tls-addr`.
+    Http,
+    /// A TLS server name passed through on `sni-addr`.
+    Sni,
+    /// A P2P service, reached by other clients.
+    Peer,
+}
+
+impl NameKind {
+    const ALL: [NameKind; 3] = [NameKind::Http, NameKind::Sni, NameKind::Peer];
+}
+
+/// The endpoint of a name: each kind routes on its own.
+pub(crate) fn host_endpoint(name: &str, kind: NameKind) -> Endpoint {
+    match kind {
+        NameKind::Http => Endpoint::Host(name.to_owned()),
+        NameKind::Sni => Endpoint::Sni(name.to_owned()),
+        NameKind::Peer => Endpoint::Peer(name.to_owned()),
     }
 }
 
@@ -58,10 +73,11 @@ pub(crate) fn split_client(label: &str) -> Option<(u64, &str)> {
 }
 
 impl Table {
-    /// Whether a user other than `user` holds `name`, as HTTP or TLS passthrough, or has
-    /// it reserved while offline.
+    /// Whether a user other than `user` holds `name`, as any kind of service, or has it
+    /// reserved while offline.
     fn owned_by_other(&self, name: &str, user: &str) -> bool {
-        let live = [host_endpoint(name, false), host_endpoint(name, true)]
+        let live = NameKind::ALL
+            .map(|kind| host_endpoint(name, kind))
             .iter()
             .filter_map(|endpoint| self.pools.get(endpoint))
             .any(|pool| pool.members().iter().any(|m| m.session.user != user));
@@ -70,7 +86,10 @@ impl Table {
 
     /// How many host names `user` holds.
     fn hosts_of(&self, user: &str) -> usize {
-        let hosts = self.pools.iter().filter(|(e, _)| matches!(e, Endpoint::Host(_) | Endpoint::Sni(_)));
+        let hosts = self
+            .pools
+            .iter()
+            .filter(|(e, _)| matches!(e, Endpoint::Host(_) | Endpoint::Sni(_) | Endpoint::Peer(_)));
         hosts.filter(|(_, pool)| pool.members().iter().any(|m| m.session.user == user)).count()
     }
 
@@ -139,17 +158,16 @@ impl Endpoints {
         }
     }
 
-    /// Records `name` for `member` (a TLS passthrough service when `tls_passthrough`),
-    /// within the user's host-number. A name another user holds, as any kind of service
-    /// or reserved while offline, is taken.
+    /// Records `name` of `kind` for `member`, within the user's host-number. A name
+    /// another user holds, as any kind of service or reserved while offline, is taken.
     pub(crate) async fn reserve_host(
         &self,
         rules: &Rules,
-        (name, tls_passthrough): (&str, bool),
+        (name, kind): (&str, NameKind),
         member: Member,
     ) -> Result<(), RegisterError> {
         let user = member.session.user.clone();
-        let endpoint = host_endpoint(name, tls_passthrough);
+        let endpoint = host_endpoint(name, kind);
         let taken = || RegisterError::HostTaken { host: name.to_owned() };
         let pending_release = {
             let mut table = self.lock();
@@ -190,8 +208,8 @@ impl Endpoints {
     /// Forgets a closed service's host; later visitors get "offline" instead of "unknown".
     /// When no service of any kind holds the name any more, it stays reserved to its
     /// owner for the grace period.
-    pub(crate) fn release_host(&self, (name, tls_passthrough): (&str, bool), service: u32) {
-        let endpoint = host_endpoint(name, tls_passthrough);
+    pub(crate) fn release_host(&self, (name, kind): (&str, NameKind), service: u32) {
+        let endpoint = host_endpoint(name, kind);
         let mut table = self.lock();
         let Some(pool) = table.pools.get_mut(&endpoint) else { return };
         let owner = pool.remove_service(service);
@@ -204,7 +222,8 @@ impl Endpoints {
         if table.offline.len() < MAX_OFFLINE {
             table.offline.insert(endpoint);
         }
-        let still_served = table.pools.contains_key(&host_endpoint(name, !tls_passthrough));
+        let still_served =
+            NameKind::ALL.iter().any(|&other| table.pools.contains_key(&host_endpoint(name, other)));
         if let (Some(owner), false) = (owner, still_served) {
             table.hold(name, owner, Instant::now() + self.grace);
         }
@@ -234,7 +253,7 @@ impl Endpoints {
     pub(crate) fn lookup_path(&self, id: &str, prefix: Option<&str>) -> Option<(Member, usize)> {
         let mut table = self.lock();
         let mut owned_by = |name: &str| {
-            let pool = table.pools.get_mut(&host_endpoint(name, false));
+            let pool = table.pools.get_mut(&host_endpoint(name, NameKind::Http));
             pool.and_then(|pool| pool.pick(|m| m.session.user.eq_ignore_ascii_case(id)))
         };
         if let Some(prefix) = prefix.filter(|p| is_label(p)) {

@@ -14,12 +14,12 @@ use tracing::{debug, info, Instrument};
 use super::dispatch::{dispatch, Attempts, Entrance, NotServed};
 use super::endpoints::{Endpoint, Member};
 use super::handshakes::Handshake;
-use super::hosts::{split_client, Lookup};
+use super::hosts::{split_client, Lookup, NameKind};
 use super::http_head::{head_end, parse_head, rewrite_head, Forwarding, Head, MAX_HEAD};
 use super::http_requests::{strip_path_prefix, Pinning, RequestStream};
 use super::session::SessionShared;
 use super::tunnel::{Refusal, Tunnel};
-use super::{link, ServerShared};
+use super::{link, webrtc, ServerShared};
 use crate::proto::RegisterError;
 use crate::transport::{reset_on_drop, websocket_upgrade_key, Stream};
 
@@ -42,11 +42,12 @@ pub(crate) async fn open_host(
     let host_key = shared.endpoints.key_for(&rules, &session.user, prefix.as_deref(), is_user)?;
     let (service, watched) = (tunnel.service, tunnel.clone());
     let member = Member { local_host, prefix, ..Member::new(session.clone(), tunnel) };
-    shared.endpoints.reserve_host(&rules, (&host_key, tls_passthrough), member).await?;
+    let kind = if tls_passthrough { NameKind::Sni } else { NameKind::Http };
+    shared.endpoints.reserve_host(&rules, (&host_key, kind), member).await?;
     let (owner, sessions, name) = (shared.clone(), session.clone(), host_key.clone());
     session.tasks.spawn(async move {
         watched.token.cancelled().await;
-        owner.endpoints.release_host((&name, tls_passthrough), service);
+        owner.endpoints.release_host((&name, kind), service);
         sessions.forget_tunnel(service);
         watched.gone.cancel();
         info!(host = %name, "http host closed");
@@ -87,6 +88,9 @@ pub(crate) async fn serve_visitor(
             .await;
     }
     drop(handshake);
+    if webrtc::is_well_known(&head.target) {
+        return webrtc::serve(shared, visitor, peer, &head, read.split_off(head_len)).await;
+    }
     let pinning = Pinning {
         route_host: head.route_host.clone(),
         mux_header: shared.config.http_mux_header.clone(),
@@ -206,14 +210,17 @@ type ErrorPage = (u16, &'static str, String);
 
 /// A route found by path (`http-path-routing`): the prefix it was found by, and the
 /// target without it.
-struct PathRoute {
+pub(crate) struct PathRoute {
     prefix: String,
     target: String,
 }
 
 /// Finds the service for a request: by the first label of its host, else (when enabled) by
 /// path. `CID--label` asks for the client with that id among those serving `label`.
-fn find_route(shared: &ServerShared, head: &Head) -> Result<(Member, Option<PathRoute>), ErrorPage> {
+pub(crate) fn find_route(
+    shared: &ServerShared,
+    head: &Head,
+) -> Result<(Member, Option<PathRoute>), ErrorPage> {
     let label = head.route_host.split('.').next().unwrap_or_default();
     if let Some((cid, rest)) = split_client(label) {
         return match shared.endpoints.lookup_client(&Endpoint::Host(rest.to_owned()), cid) {

@@ -177,6 +177,11 @@ impl<S> RequestStream<S> {
             self.end("a later request names another host");
             return true;
         }
+        if super::webrtc::is_well_known(&head.target) {
+            // The server answers those itself, on a connection of their own.
+            self.end("a later request is for the server's own paths");
+            return true;
+        }
         let target = match &self.pinning.path_prefix {
             None => None,
             Some(prefix) => match strip_path_prefix(&head.target, prefix) {

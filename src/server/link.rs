@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use super::bans::Offender;
 use super::handshakes::{Handshake, Sorted};
 use super::pool::DataPool;
-use super::{http, session, sni, ServerShared};
+use super::{http, peers, session, sni, ServerShared};
 use crate::proto::{
     fill_to, read_frame_buffered, read_preamble_buffered, write_frame, ControlChannel, DataHello, LinkKind,
     LoginRefusal, ProtocolError, ServerMessage, MAGIC,
@@ -144,6 +144,7 @@ async fn serve_opened(
             attach_data(&shared, stream, read, peer).await;
             drop(handshake);
         }
+        LinkKind::Forward => peers::serve_forward(shared, (stream, read), peer, Some(handshake)).await,
     }
 }
 
@@ -185,12 +186,39 @@ pub(super) async fn serve_quic_link(
     debug!(%peer, "client link over QUIC");
     let chan = ControlChannel::with_buffer(stream, read);
     let pool = DataPool::over_quic(connection.clone());
-    session::serve_control(shared.clone(), chan, peer, (true, pool), handshake).await;
+    // Streams the client opens after its control stream are forward links.
+    tokio::select! {
+        _ = session::serve_control(shared.clone(), chan, peer, (true, pool), handshake) => {}
+        _ = accept_forward_streams(&shared, &connection, peer) => {}
+    }
     // Closing at once would drop what the control stream still has to deliver (a login
     // refusal, a goodbye): the client closes once it has read it, or the grace ends.
     let grace = shared.config.handshake_timeout.min(QUIC_CLOSE_GRACE);
     let _ = tokio::time::timeout(grace, connection.closed()).await;
     connection.close(0u32.into(), b"session over");
+}
+
+/// Serves each further stream the client opens on its QUIC connection as a forward link.
+async fn accept_forward_streams(
+    shared: &Arc<ServerShared>,
+    connection: &quinn::Connection,
+    peer: SocketAddr,
+) {
+    while let Some(mut stream) = accept_stream(connection).await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut read = BytesMut::with_capacity(FIRST_READ);
+            let limit = shared.config.handshake_timeout;
+            match tokio::time::timeout(limit, read_ferry_preamble(&mut stream, &mut read)).await {
+                Ok(Ok(Some(LinkKind::Forward))) => {
+                    peers::serve_forward(shared, (stream, read), peer, None).await
+                }
+                _ => debug!(%peer, "a QUIC stream from the client that is not a forward link"),
+            }
+        });
+    }
+    // The connection is gone: the control stream ends with it.
+    std::future::pending::<()>().await
 }
 
 /// A connection to `sni-addr`: a TLS ClientHello is a visitor, passed through by its

@@ -18,11 +18,13 @@ pub(crate) mod http_head;
 pub(crate) mod http_requests;
 mod link;
 pub(crate) mod login;
+mod peers;
 mod pool;
 mod ports;
 pub(crate) mod proxy_header;
 mod registry;
 mod session;
+mod signals;
 pub(crate) mod sni;
 mod stun;
 mod tcp;
@@ -30,6 +32,7 @@ mod tunnel;
 mod udp;
 pub(crate) mod users;
 mod visit;
+mod webrtc;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -77,6 +80,12 @@ pub(crate) struct ServerShared {
     pub(crate) api_bans: Bans,
     /// Event counters for `/metrics`.
     pub(crate) metrics: api::Metrics,
+    /// Offers between clients waiting for answers (P2P).
+    pub(crate) peer_signals: signals::Signals<peers::PeerWaiter>,
+    /// Browsers' offers waiting for their clients' answers (WebRTC).
+    pub(crate) browser_signals: signals::Signals<webrtc::BrowserWaiter>,
+    /// Offers per browser address, for the rate limit.
+    pub(crate) browser_offers: webrtc::OfferRate,
     /// The embedding program's hooks, if it gave any.
     hooks: OnceLock<Arc<dyn ServerHooks>>,
 }
@@ -103,6 +112,9 @@ impl ServerShared {
             bans,
             api_bans,
             metrics: api::Metrics::default(),
+            peer_signals: signals::Signals::default(),
+            browser_signals: signals::Signals::default(),
+            browser_offers: webrtc::OfferRate::default(),
             hooks: OnceLock::new(),
         }))
     }

@@ -19,7 +19,7 @@ use super::hooks::{ClientInfo, DisconnectReason};
 use super::pool::{DataPool, IDLE_TTL};
 use super::tunnel::Tunnel;
 use super::users::{Account, Counted, Grant, Slot, Users};
-use super::{http, login, tcp, udp, ServerShared};
+use super::{http, login, peers, tcp, udp, webrtc, ServerShared};
 use crate::auth::{ReplayGuard, SessionKey, Verifier};
 use crate::config::{PortRange, ServiceKind};
 use crate::proto::{
@@ -68,6 +68,8 @@ pub(crate) struct SessionShared {
     pub(crate) tunnels: Mutex<HashMap<u32, Arc<Tunnel>>>,
     /// UDP flows over the session's QUIC connection, by number.
     pub(crate) flows: udp::Flows,
+    /// P2P services this client asked to reach, and whether it reaches each directly.
+    pub(crate) grants: peers::Grants,
 }
 
 impl SessionShared {
@@ -259,6 +261,7 @@ impl SessionShared {
             tasks: TaskTracker::new(),
             tunnels: Mutex::default(),
             flows: udp::Flows::default(),
+            grants: peers::Grants::default(),
         });
         if let Some(connection) = session.pool.quic().cloned() {
             session.tasks.spawn(udp::deliver_datagrams(session.clone(), connection));
@@ -323,6 +326,7 @@ fn heartbeat_interval(timeout: Duration) -> Duration {
 /// Stops every tunnel and visitor of the session, then forgets it.
 async fn close_session(shared: &ServerShared, session: &SessionShared) {
     session.closing.cancel();
+    session.grants.clear();
     session.pool.clear();
     session.tasks.close();
     session.tasks.wait().await;
@@ -406,6 +410,24 @@ impl Control<'_> {
                 self.session.pong(seq);
                 Ok(())
             }
+            ClientMessage::PeerConnect { request, name, offer } => {
+                match peers::connect(self.shared, self.session, (request, name), offer) {
+                    Some(refused) => self.chan.send(&refused).await,
+                    None => Ok(()),
+                }
+            }
+            ClientMessage::PeerAnswer { attempt, answer } => {
+                peers::answered(self.shared, self.session, attempt, answer);
+                Ok(())
+            }
+            ClientMessage::BrowserAnswer { attempt, answer } => {
+                webrtc::answered(self.shared, self.session, attempt, answer);
+                Ok(())
+            }
+            ClientMessage::PeerReport { service, path } => {
+                peers::reported(self.shared, self.session, service, path);
+                Ok(())
+            }
             ClientMessage::Hello { .. } | ClientMessage::Login { .. } => {
                 Err(ProtocolError::Malformed("login sent twice".into()))
             }
@@ -414,7 +436,7 @@ impl Control<'_> {
 
     async fn register(&mut self, request: u64, spec: ServiceSpec, control: ServiceControl) -> ServerMessage {
         let name = spec.name().to_owned();
-        let kind = match &spec {
+        let kind: ServiceKind = match &spec {
             ServiceSpec::Tcp { .. } => ServiceKind::Tcp,
             ServiceSpec::Http { .. } => ServiceKind::Http,
             ServiceSpec::Https { .. } => ServiceKind::Https,
@@ -424,22 +446,46 @@ impl Control<'_> {
             warn!(?name, %error, "tunnel refused");
             return ServerMessage::RegisterFailed { request, error };
         }
+        let peer = control.p2p.as_ref().map(|policy| policy.only);
+        if peer.is_some() && kind == ServiceKind::Udp {
+            let error = RegisterError::Other {
+                message: "UDP services cannot be P2P (p2p carries TCP streams)".into(),
+            };
+            return ServerMessage::RegisterFailed { request, error };
+        }
         let service = self.shared.registry.next_service_id();
         let tunnel = self.session.open_tunnel(self.shared, (service, name.clone(), kind), control);
+        let peer_prefix = match &spec {
+            ServiceSpec::Tcp { prefix, .. }
+            | ServiceSpec::Http { prefix, .. }
+            | ServiceSpec::Https { prefix, .. } => prefix.clone(),
+            ServiceSpec::Udp { .. } => None,
+        };
         let opened = match spec {
+            // A peers-only service has no public endpoint: its P2P name is all it holds.
+            _ if peer == Some(true) => Ok((0, None)),
             ServiceSpec::Tcp { port, random, proxy_protocol, .. } => {
-                self.open_tcp(tunnel, port, random, proxy_protocol).await
+                self.open_tcp(tunnel.clone(), port, random, proxy_protocol).await
             }
             ServiceSpec::Http { prefix, local_host, .. } => {
-                http::open_host(self.shared, self.session, tunnel, prefix, local_host, false).await
+                http::open_host(self.shared, self.session, tunnel.clone(), prefix, local_host, false).await
             }
             ServiceSpec::Https { prefix, .. } => {
-                http::open_host(self.shared, self.session, tunnel, prefix, None, true).await
+                http::open_host(self.shared, self.session, tunnel.clone(), prefix, None, true).await
             }
             ServiceSpec::Udp { port, random, .. } => {
-                let member = Member::new(self.session.clone(), tunnel);
+                let member = Member::new(self.session.clone(), tunnel.clone());
                 udp::open_udp(self.shared, member, port, random).await.map(|port| (port, None))
             }
+        };
+        let opened = match (opened, peer) {
+            (Ok((port, host)), Some(alone)) => {
+                let named =
+                    peers::open_peer_name(self.shared, self.session, &tunnel, (peer_prefix, alone)).await;
+                // A TCP service's P2P name is shown as its host.
+                named.map(|name| (port, host.or(Some(name))))
+            }
+            (opened, _) => opened,
         };
         if opened.is_err() {
             self.session.forget_tunnel(service);

@@ -28,6 +28,10 @@ pub(crate) struct Tunnel {
     pub(crate) traffic: Traffic,
     /// Datagrams through it (UDP tunnels).
     pub(crate) datagrams: Datagrams,
+    /// The name peers reach it by (P2P services), once reserved.
+    pub(crate) peer_name: OnceLock<String>,
+    /// Its peers, direct and relayed (P2P services).
+    pub(crate) peers: Peers,
     /// Cancelled when the tunnel closes; its visitors go with it.
     pub(crate) token: CancellationToken,
     /// Cancelled once the closed tunnel has left its endpoint, and the endpoint, when it
@@ -69,6 +73,35 @@ impl Datagrams {
     }
 }
 
+/// Peers of a P2P tunnel connected now.
+#[derive(Default)]
+pub(crate) struct Peers {
+    direct: AtomicU32,
+    relayed: AtomicU32,
+}
+
+impl Peers {
+    /// One more (or one fewer) peer client with a direct path up.
+    pub(crate) fn set_direct(&self, up: bool) {
+        if up {
+            self.direct.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = self.direct.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// Forward links through the server: `change` more (or fewer).
+    pub(crate) fn relayed(&self, change: i32) {
+        let _ =
+            self.relayed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add_signed(change));
+    }
+
+    /// Peer clients connected directly, and connections relayed, now.
+    pub(crate) fn get(&self) -> (u32, u32) {
+        (self.direct.load(Ordering::Relaxed), self.relayed.load(Ordering::Relaxed))
+    }
+}
+
 /// Why a visitor was turned away.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Refusal {
@@ -99,6 +132,8 @@ impl Tunnel {
             address: OnceLock::new(),
             traffic: Traffic::default(),
             datagrams: Datagrams::default(),
+            peer_name: OnceLock::new(),
+            peers: Peers::default(),
             token,
             gone: CancellationToken::new(),
             control,

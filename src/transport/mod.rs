@@ -21,9 +21,12 @@ pub(crate) use json_api::{api_endpoint, JsonApi};
 pub(crate) use proxy::{no_proxy_covers, read_connect_answer};
 pub use proxy::{ProxyAddr, ProxyKind};
 use quic::QuicDialer;
-pub(crate) use quic::{accept_stream, open_stream, server_endpoint as quic_server_endpoint};
+pub(crate) use quic::{
+    accept_stream, open_stream, server_endpoint as quic_server_endpoint, transport as quic_transport,
+};
 pub use quic::{Congestion, QuicLink, QuicStream, ALPN as QUIC_ALPN};
 pub use tls::{client_tls_config, server_tls_acceptor, server_tls_config, RemoteTrust, TlsError, TlsVersion};
+pub(crate) use tls::{fingerprint, fingerprint_server_config, pinned_client_config};
 pub use ws::WsStream;
 pub(crate) use ws::{
     accept as accept_websocket, upgrade_key as websocket_upgrade_key,

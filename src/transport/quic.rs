@@ -24,8 +24,9 @@ pub const ALPN: &[u8] = b"ferry";
 /// connection.
 const MAX_VISITOR_STREAMS: u32 = 4096;
 
-/// Streams a client may open: its control link (one spare for a control link opened again).
-const MAX_CLIENT_STREAMS: u32 = 2;
+/// Streams a client may open at once: its control link (one spare for a control link
+/// opened again) and its forward links (connections to other clients' P2P services).
+const MAX_CLIENT_STREAMS: u32 = 2 + 1024;
 
 /// The congestion controller of QUIC links (`--quic-congestion`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -109,11 +110,11 @@ const REORDERING_TIME: f32 = 1.25;
 /// The transport settings of either side: `peer_streams` is how many streams the peer may
 /// open at once; the connection is dead after `idle_timeout` without a packet (keep-alives
 /// go out at a third of it).
-fn transport(
+pub(crate) fn transport(
     congestion: Congestion,
     peer_streams: u32,
     idle_timeout: Duration,
-) -> Arc<quinn::TransportConfig> {
+) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(peer_streams.into());
     transport.max_concurrent_uni_streams(0u32.into());
@@ -132,7 +133,7 @@ fn transport(
             transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
         }
     };
-    Arc::new(transport)
+    transport
 }
 
 /// Binds the server's QUIC endpoint on `addr` with the certificates of `tls`.
@@ -147,7 +148,7 @@ pub(crate) fn server_endpoint(
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| io::Error::other(format!("QUIC TLS: {e}")))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport(congestion, MAX_CLIENT_STREAMS, idle_timeout));
+    config.transport_config(Arc::new(transport(congestion, MAX_CLIENT_STREAMS, idle_timeout)));
     quinn::Endpoint::server(config, addr)
 }
 
@@ -177,7 +178,7 @@ impl QuicDialer {
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(transport(congestion, MAX_VISITOR_STREAMS, idle_timeout));
+        config.transport_config(Arc::new(transport(congestion, MAX_VISITOR_STREAMS, idle_timeout)));
         Ok(QuicDialer { config })
     }
 

@@ -169,7 +169,7 @@ pub fn client_tls_config(trust: &RemoteTrust) -> Result<Arc<rustls::ClientConfig
                 "remote-cert-insecure: the server's certificate is not checked; \
                  the link is encrypted, but anyone in the path can pose as the server"
             );
-            let verifier = CertVerifier { trust: Trusted::Anything, provider: provider() };
+            let verifier = CertVerifier { trust: Trusted::Anything, signatures: Signatures(provider()) };
             builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
         }
         RemoteTrust::CaFile(path) => {
@@ -178,8 +178,10 @@ pub fn client_tls_config(trust: &RemoteTrust) -> Result<Arc<rustls::ClientConfig
             let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
                 .build()
                 .map_err(|e| TlsError::NoRoots(e.to_string()))?;
-            let verifier =
-                CertVerifier { trust: Trusted::PinnedOrChain { pinned, chain }, provider: provider() };
+            let verifier = CertVerifier {
+                trust: Trusted::PinnedOrChain { pinned, chain },
+                signatures: Signatures(provider()),
+            };
             builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
         }
         RemoteTrust::System => {
@@ -213,6 +215,129 @@ enum Trusted {
     /// req -x509` marks a plain self-signed certificate as a CA, which the chain check
     /// refuses as a server's own certificate (`CaUsedAsEndEntity`).
     PinnedOrChain { pinned: Vec<CertificateDer<'static>>, chain: Arc<rustls::client::WebPkiServerVerifier> },
+    /// The one certificate whose SHA-256 is this (a peer's, as the server relayed it).
+    Fingerprint([u8; 32]),
+}
+
+/// SHA-256 of a certificate's DER bytes.
+pub(crate) fn fingerprint(cert: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(cert).into()
+}
+
+/// A TLS 1.3 client configuration that shows `identity` and accepts only the server
+/// certificate of SHA-256 `pinned` (direct connections between clients).
+pub(crate) fn pinned_client_config(
+    pinned: [u8; 32],
+    identity: (CertificateDer<'static>, PrivateKeyDer<'static>),
+) -> Result<rustls::ClientConfig, TlsError> {
+    let verifier = CertVerifier { trust: Trusted::Fingerprint(pinned), signatures: Signatures(provider()) };
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(vec![identity.0], identity.1)?;
+    Ok(config)
+}
+
+/// Says whether a certificate, by its SHA-256, is let in.
+pub(crate) type AcceptsFingerprint = Arc<dyn Fn(&[u8; 32]) -> bool + Send + Sync>;
+
+/// A TLS 1.3 server configuration that shows `identity` and asks every client for a
+/// certificate whose SHA-256 `accepts` (direct connections between clients).
+pub(crate) fn fingerprint_server_config(
+    identity: (CertificateDer<'static>, PrivateKeyDer<'static>),
+    accepts: AcceptsFingerprint,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let verifier = ClientFingerprints { accepts, signatures: Signatures(provider()) };
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(vec![identity.0], identity.1)?;
+    Ok(config)
+}
+
+/// Accepts a client certificate by its SHA-256; handshake signatures are checked, so the
+/// client holds the certificate's key.
+struct ClientFingerprints {
+    accepts: AcceptsFingerprint,
+    signatures: Signatures,
+}
+
+/// Checks handshake signatures with the provider's algorithms: whoever signed holds the
+/// certificate's key. Every verifier here checks them so.
+#[derive(Debug)]
+struct Signatures(Arc<CryptoProvider>);
+
+impl Signatures {
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl std::fmt::Debug for ClientFingerprints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientFingerprints")
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for ClientFingerprints {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        if (self.accepts)(&fingerprint(end_entity)) {
+            Ok(rustls::server::danger::ClientCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signatures.tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signatures.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.signatures.schemes()
+    }
 }
 
 /// Checks the server's certificate as `trust` says; handshake signatures are always
@@ -220,7 +345,7 @@ enum Trusted {
 #[derive(Debug)]
 struct CertVerifier {
     trust: Trusted,
-    provider: Arc<CryptoProvider>,
+    signatures: Signatures,
 }
 
 impl ServerCertVerifier for CertVerifier {
@@ -240,6 +365,12 @@ impl ServerCertVerifier for CertVerifier {
             Trusted::PinnedOrChain { chain, .. } => {
                 chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
             }
+            Trusted::Fingerprint(pinned) if fingerprint(end_entity) == *pinned => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Trusted::Fingerprint(_) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
         }
     }
 
@@ -249,7 +380,7 @@ impl ServerCertVerifier for CertVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -258,11 +389,11 @@ impl ServerCertVerifier for CertVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.signatures.schemes()
     }
 }
 

@@ -141,8 +141,13 @@ async fn a_man_in_the_middle_cannot_inject_control_messages() {
         let client = Client::connect(client_config(tap.addr, "id1", "secret1")).await.unwrap();
         let mut state = client.state();
         let port = free_port().await;
-        let spec =
-            ServiceSpec::Tcp { name: "forged".into(), port: Some(port), random: false, proxy_protocol: None };
+        let spec = ServiceSpec::Tcp {
+            name: "forged".into(),
+            port: Some(port),
+            random: false,
+            proxy_protocol: None,
+            prefix: None,
+        };
         let mut forged = Vec::new();
         encode_frame(
             &ClientMessage::Register { request: 99, spec, control: Default::default() },

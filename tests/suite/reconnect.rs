@@ -98,8 +98,13 @@ async fn server_drops_a_silent_client_after_the_heartbeat_timeout() {
 async fn silent_client_kept(server: std::net::SocketAddr, port: u16) {
     let stream = TcpStream::connect(server).await.unwrap();
     let mut chan = raw::login_by_hand(stream, "id1", "secret1", "silent").await.expect("welcome");
-    let spec =
-        ServiceSpec::Tcp { name: "silent".into(), port: Some(port), random: false, proxy_protocol: None };
+    let spec = ServiceSpec::Tcp {
+        name: "silent".into(),
+        port: Some(port),
+        random: false,
+        proxy_protocol: None,
+        prefix: None,
+    };
     chan.send(&ClientMessage::Register { request: 1, spec, control: Default::default() }).await.unwrap();
     // Never answer pings: keep the socket open until the server gives up on us.
     loop {

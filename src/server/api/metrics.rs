@@ -11,6 +11,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::config::ServiceKind;
+use crate::server::peers::PeerEvent;
 use crate::server::ServerShared;
 
 /// Label pairs of one time series.
@@ -24,6 +25,7 @@ pub(crate) struct Metrics {
     visitors: Counter,
     udp_dropped: Counter,
     stun_answers: Counter,
+    peer_events: Family<Labels, Counter>,
     handshakes: Histogram,
 }
 
@@ -35,6 +37,7 @@ impl Default for Metrics {
             visitors: Counter::default(),
             udp_dropped: Counter::default(),
             stun_answers: Counter::default(),
+            peer_events: Family::default(),
             // 0.5 ms to about 4 s.
             handshakes: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         }
@@ -67,6 +70,17 @@ impl Metrics {
         self.stun_answers.inc();
     }
 
+    /// Something happened to a peer connection (`peers.rs`).
+    pub(crate) fn peer_event(&self, event: PeerEvent) {
+        let name = match event {
+            PeerEvent::Attempt => "attempt",
+            PeerEvent::Direct => "direct",
+            PeerEvent::Fallback => "fallback",
+            PeerEvent::Upgrade => "upgrade",
+        };
+        self.peer_events.get_or_create(&vec![("event", name.to_owned())]).inc();
+    }
+
     /// A client logged in; `took` from the challenge to the verified login.
     pub(crate) fn handshake(&self, took: Duration) {
         self.handshakes.observe(took.as_secs_f64());
@@ -91,6 +105,11 @@ impl Metrics {
             "stun_answers",
             "Binding requests the STUN server answered",
             self.stun_answers.clone(),
+        );
+        registry.register(
+            "p2p_events",
+            "Peer connections: offers passed to serving clients (attempt), direct paths up (direct), punching given up (fallback), direct paths found after a fallback (upgrade)",
+            self.peer_events.clone(),
         );
         registry.register(
             "handshake_seconds",

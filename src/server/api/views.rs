@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::Filter;
 use crate::config::{PortRange, ServiceKind};
-use crate::proto::{PortProtocol, ServiceInfo};
+use crate::proto::{PeerCounts, PortProtocol, ServiceInfo};
 use crate::server::session::SessionShared;
 use crate::server::tunnel::Tunnel;
 use crate::server::ServerShared;
@@ -68,6 +68,10 @@ pub(crate) fn service_info(session: &SessionShared, tunnel: &Tunnel) -> ServiceI
         bytes_in,
         bytes_out,
         datagrams: (tunnel.kind == ServiceKind::Udp).then(|| tunnel.datagrams.get()),
+        p2p: tunnel.peer_name.get().map(|name| {
+            let (direct, relayed) = tunnel.peers.get();
+            PeerCounts { name: name.clone(), direct, relayed }
+        }),
     }
 }
 

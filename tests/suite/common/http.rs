@@ -17,7 +17,7 @@ impl Head {
         self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
-    fn content_length(&self) -> usize {
+    pub fn content_length(&self) -> usize {
         self.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 }

@@ -240,4 +240,5 @@ pub mod raw;
 pub mod services;
 
 pub mod link;
+pub mod nat;
 pub mod netns;

@@ -14,6 +14,7 @@ pub(crate) use crate::common::netns::NsProcess;
 mod descriptors;
 mod harness;
 mod impaired;
+mod p2p;
 mod partition;
 mod restarts;
 mod transports;
