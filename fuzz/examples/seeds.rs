@@ -114,6 +114,7 @@ fn client_messages() -> Vec<(&'static str, ClientMessage)> {
             "browser_answer",
             ClientMessage::BrowserAnswer { attempt: 3, answer: Ok(r#"{"type":"answer","sdp":"v=0"}"#.into()) },
         ),
+        ("browser_closed", ClientMessage::BrowserClosed { attempt: 3 }),
     ]
 }
 

@@ -216,7 +216,7 @@ impl Peering {
     ) {
         let peering = self.clone();
         tokio::spawn(async move {
-            let answer = peering.answer_browser(service, offer).await;
+            let answer = peering.answer_browser(attempt, service, offer).await;
             match &answer {
                 Ok(_) => info!(%visitor, service, "browser offer answered"),
                 Err(why) => warn!(%visitor, service, %why, "browser offer refused"),
@@ -225,7 +225,12 @@ impl Peering {
         });
     }
 
-    async fn answer_browser(self: &Arc<Self>, service: u32, offer: String) -> Result<String, String> {
+    async fn answer_browser(
+        self: &Arc<Self>,
+        attempt: u64,
+        service: u32,
+        offer: String,
+    ) -> Result<String, String> {
         let route = self
             .session_now()
             .and_then(|s| s.routes.read().unwrap_or_else(|e| e.into_inner()).get(&service).cloned());
@@ -236,11 +241,18 @@ impl Peering {
         let (endpoint, mine) = self.offer().await?;
         let browsers = self
             .browsers
-            .get_or_init(|| async { Browsers::start(endpoint, self.local_timeout, self.token.clone()) })
+            .get_or_init(|| async {
+                // The server counts each browser peer as a visitor until it hears it left.
+                let commands = self.commands.clone();
+                let gone = move |attempt| {
+                    let _ = commands.send(Command::Send(ClientMessage::BrowserClosed { attempt }));
+                };
+                Browsers::start(endpoint, self.local_timeout, self.token.clone(), gone)
+            })
             .await
             .clone()
             .ok_or("the WebRTC engine could not start")?;
-        browsers.answer(offer, route.local.clone(), mine.candidates).await
+        browsers.answer(attempt, offer, route.local.clone(), mine.candidates).await
     }
 
     fn grant(&self, print: [u8; 32], service: u32) {

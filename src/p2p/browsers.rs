@@ -3,9 +3,13 @@
 //! data channel, which carries one connection to the local service. A channel named
 //! [`CONTROL_LABEL`] only opens the association and carries nothing.
 //!
-//! Backpressure toward the browser: the local service is read only while its channel has
-//! less than [`CHANNEL_WINDOW`] bytes queued here, and a queued chunk enters SCTP only when
-//! SCTP has room for it; so memory stays bounded however fast the service writes.
+//! Flow control, both ways, so memory stays bounded however fast either end writes: each
+//! side of a channel may send [`CHANNEL_CREDIT`] bytes (binary messages) before the other
+//! grants more with a text message holding a decimal count of bytes, which it does as its
+//! reader consumes them (the local service here, the page's stream in `p2p.js`). A browser
+//! that sends past its credit loses the channel. The local service is read only while its
+//! channel has less than [`CHANNEL_WINDOW`] bytes queued here, and a queued chunk enters
+//! SCTP only when SCTP has room and the browser has granted credit for it.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -34,11 +38,25 @@ const CHANNEL_WINDOW: usize = 1 << 20;
 /// One read from the local service.
 const CHUNK: usize = 16 * 1024;
 
+/// Bytes either side of a channel may send before the other grants more.
+const CHANNEL_CREDIT: usize = 1 << 20;
+
+/// Consumed bytes are granted back once at least this many add up.
+const GRANT_STEP: usize = CHANNEL_CREDIT / 4;
+
+/// Most credit a browser may hold at once; more is a broken peer.
+const MAX_CREDIT: usize = 64 << 20;
+
+/// Data channels one browser peer may have open at once (each is a local connection).
+const MAX_CHANNELS: usize = 64;
+
 /// Longest a peer connection may stay without a data channel before it is dropped.
 const IDLE_PEER: Duration = Duration::from_secs(60);
 
 /// A browser's offer for the local service `local`, with the candidates to answer with.
 pub(crate) struct BrowserOffer {
+    /// The server's number for the offer, given back to `gone` when the peer leaves.
+    pub(crate) attempt: u64,
     pub(crate) offer: String,
     pub(crate) local: String,
     pub(crate) candidates: Vec<SocketAddr>,
@@ -52,16 +70,26 @@ pub(crate) struct Browsers {
 }
 
 impl Browsers {
-    /// Starts the engine on `endpoint`'s socket; `None` when it runs already.
+    /// Starts the engine on `endpoint`'s socket; `None` when it runs already. `gone` hears
+    /// the attempt number of each browser peer that leaves.
     pub(crate) fn start(
         endpoint: Arc<PeerEndpoint>,
         local_timeout: Duration,
         token: CancellationToken,
+        gone: impl Fn(u64) + Send + 'static,
     ) -> Option<Self> {
         let inbox = endpoint.take_browser_inbox()?;
         let (offers, incoming) = mpsc::unbounded_channel();
         let (locals, from_locals) = mpsc::channel(256);
-        let engine = Engine { endpoint, peers: Vec::new(), locals, local_timeout, next_peer: 0 };
+        let engine = Engine {
+            endpoint,
+            peers: HashMap::new(),
+            by_source: HashMap::new(),
+            locals,
+            local_timeout,
+            next_peer: 0,
+            gone: Box::new(gone),
+        };
         tokio::spawn(token.run_until_cancelled_owned(engine.run(incoming, inbox, from_locals)));
         Some(Browsers { offers })
     }
@@ -69,13 +97,14 @@ impl Browsers {
     /// Answers a browser's SDP offer (JSON) for the local service `local`.
     pub(crate) async fn answer(
         &self,
+        attempt: u64,
         offer: String,
         local: String,
         candidates: Vec<SocketAddr>,
     ) -> Result<String, String> {
         let (reply, answer) = oneshot::channel();
         self.offers
-            .send(BrowserOffer { offer, local, candidates, reply })
+            .send(BrowserOffer { attempt, offer, local, candidates, reply })
             .map_err(|_| "the WebRTC engine stopped")?;
         answer.await.map_err(|_| "the WebRTC engine stopped".to_owned())?
     }
@@ -87,6 +116,8 @@ enum LocalEvent {
     Data { peer: u64, channel: ChannelId, bytes: Vec<u8>, permit: OwnedSemaphorePermit },
     /// The local service ended its side (or could not be reached).
     Ended { peer: u64, channel: ChannelId },
+    /// This many bytes from the browser reached the local service: grant them back.
+    Consumed { peer: u64, channel: ChannelId, bytes: usize },
 }
 
 /// One data channel and its local connection.
@@ -96,12 +127,19 @@ struct Bridge {
     queued: VecDeque<(Vec<u8>, OwnedSemaphorePermit)>,
     /// The local side ended: close the channel once `queued` is empty.
     ended: bool,
+    /// Bytes the browser lets this side send before it grants more.
+    credit_out: usize,
+    /// Bytes the browser may still send before this side grants more.
+    credit_in: usize,
+    /// Consumed bytes not yet granted back (a grant waits for room in SCTP).
+    grant: usize,
     /// Stops the local reader when the channel closes first.
     stop: CancellationToken,
 }
 
 struct Peer {
     id: u64,
+    attempt: u64,
     rtc: Rtc,
     local: String,
     channels: HashMap<ChannelId, Bridge>,
@@ -110,10 +148,13 @@ struct Peer {
 
 struct Engine {
     endpoint: Arc<PeerEndpoint>,
-    peers: Vec<Peer>,
+    peers: HashMap<u64, Peer>,
+    /// Which peer each remote address last spoke for, so a datagram finds its peer at once.
+    by_source: HashMap<SocketAddr, u64>,
     locals: mpsc::Sender<LocalEvent>,
     local_timeout: Duration,
     next_peer: u64,
+    gone: Box<dyn Fn(u64) + Send>,
 }
 
 impl Engine {
@@ -142,7 +183,7 @@ impl Engine {
                 Some(event) = from_locals.recv() => self.local(event),
                 _ = tokio::time::sleep_until(wake.into()) => {
                     let now = Instant::now();
-                    for peer in &mut self.peers {
+                    for peer in self.peers.values_mut() {
                         let _ = peer.rtc.handle_input(Input::Timeout(now));
                     }
                 }
@@ -167,13 +208,14 @@ impl Engine {
         self.next_peer += 1;
         let peer = Peer {
             id: self.next_peer,
+            attempt: offer.attempt,
             rtc,
             local: offer.local.clone(),
             channels: HashMap::new(),
             since_channel: Instant::now(),
         };
         info!(peer = peer.id, local = %peer.local, "browser peer answered");
-        self.peers.push(peer);
+        self.peers.insert(peer.id, peer);
         serde_json::to_string(&answer).map_err(|e| e.to_string())
     }
 
@@ -182,7 +224,18 @@ impl Engine {
         let Ok(contents) = datagram.try_into() else { return };
         let input =
             Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination, contents });
-        if let Some(peer) = self.peers.iter_mut().find(|p| p.rtc.accepts(&input)) {
+        let known = self.by_source.get(&source).and_then(|id| self.peers.get(id));
+        let id = match known.filter(|peer| peer.rtc.accepts(&input)) {
+            Some(peer) => peer.id,
+            None => match self.peers.values().find(|peer| peer.rtc.accepts(&input)) {
+                Some(peer) => {
+                    self.by_source.insert(source, peer.id);
+                    peer.id
+                }
+                None => return,
+            },
+        };
+        if let Some(peer) = self.peers.get_mut(&id) {
             if let Err(err) = peer.rtc.handle_input(input) {
                 debug!(peer = peer.id, %err, "browser datagram refused");
             }
@@ -192,16 +245,20 @@ impl Engine {
     /// Bytes read from a local service, or its end.
     fn local(&mut self, event: LocalEvent) {
         let (peer, channel) = match &event {
-            LocalEvent::Data { peer, channel, .. } | LocalEvent::Ended { peer, channel } => (*peer, *channel),
+            LocalEvent::Data { peer, channel, .. }
+            | LocalEvent::Ended { peer, channel }
+            | LocalEvent::Consumed { peer, channel, .. } => (*peer, *channel),
         };
-        let Some(bridge) =
-            self.peers.iter_mut().find(|p| p.id == peer).and_then(|p| p.channels.get_mut(&channel))
-        else {
+        let Some(bridge) = self.peers.get_mut(&peer).and_then(|p| p.channels.get_mut(&channel)) else {
             return;
         };
         match event {
             LocalEvent::Data { bytes, permit, .. } => bridge.queued.push_back((bytes, permit)),
             LocalEvent::Ended { .. } => bridge.ended = true,
+            LocalEvent::Consumed { bytes, .. } => {
+                bridge.credit_in += bytes;
+                bridge.grant += bytes;
+            }
         }
     }
 
@@ -211,7 +268,7 @@ impl Engine {
         let mut wake = Instant::now() + Duration::from_secs(1);
         let mut sends = Vec::new();
         let mut opened = Vec::new();
-        for peer in &mut self.peers {
+        for peer in self.peers.values_mut() {
             feed_channels(peer);
             loop {
                 match peer.rtc.poll_output() {
@@ -241,26 +298,46 @@ impl Engine {
         for (peer, channel, local) in opened {
             self.bridge(peer, channel, local);
         }
-        self.peers.retain(|p| {
+        let before = self.peers.len();
+        self.peers.retain(|_, p| {
             let idle = p.channels.is_empty() && p.since_channel.elapsed() > IDLE_PEER;
             let alive = p.rtc.is_alive() && !idle;
             if !alive {
                 info!(peer = p.id, "browser peer gone");
                 // Its local connections go with it.
                 p.channels.values().for_each(|bridge| bridge.stop.cancel());
+                (self.gone)(p.attempt);
             }
             alive
         });
+        if self.peers.len() < before {
+            let peers = &self.peers;
+            self.by_source.retain(|_, id| peers.contains_key(id));
+        }
         wake
     }
 
     /// Connects channel `channel` of `peer` to its local service.
     fn bridge(&mut self, peer_id: u64, channel: ChannelId, local: String) {
-        let Some(peer) = self.peers.iter_mut().find(|p| p.id == peer_id) else { return };
+        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
+        if peer.channels.len() >= MAX_CHANNELS {
+            debug!(peer = peer_id, "browser peer at its channel limit; channel closed");
+            peer.rtc.direct_api().close_data_channel(channel);
+            return;
+        }
+        // Unbounded, but the browser's credit bounds what it holds.
         let (to_local, mut from_channel) = mpsc::unbounded_channel::<Vec<u8>>();
         let stop = CancellationToken::new();
-        peer.channels
-            .insert(channel, Bridge { to_local, queued: VecDeque::new(), ended: false, stop: stop.clone() });
+        let bridge = Bridge {
+            to_local,
+            queued: VecDeque::new(),
+            ended: false,
+            credit_out: CHANNEL_CREDIT,
+            credit_in: CHANNEL_CREDIT,
+            grant: 0,
+            stop: stop.clone(),
+        };
+        peer.channels.insert(channel, bridge);
         let (locals, timeout) = (self.locals.clone(), self.local_timeout);
         let window = Arc::new(Semaphore::new(CHANNEL_WINDOW));
         tokio::spawn(async move {
@@ -275,10 +352,20 @@ impl Engine {
             };
             let _ = stream.set_nodelay(true);
             let (mut read, mut write) = stream.into_split();
+            let consumed = locals.clone();
             let writer = async move {
+                let mut written = 0;
                 while let Some(bytes) = from_channel.recv().await {
                     if write.write_all(&bytes).await.is_err() {
                         break;
+                    }
+                    written += bytes.len();
+                    if written >= GRANT_STEP {
+                        let event = LocalEvent::Consumed { peer: peer_id, channel, bytes: written };
+                        if consumed.send(event).await.is_err() {
+                            break;
+                        }
+                        written = 0;
                     }
                 }
                 let _ = write.shutdown().await;
@@ -306,15 +393,26 @@ impl Engine {
     }
 }
 
-/// Moves each channel's queued bytes into SCTP while it has room; closes channels whose
-/// local side ended once their bytes are in.
+/// Sends each channel's grant, then moves its queued bytes into SCTP while SCTP has room
+/// and the browser has granted credit; closes channels whose local side ended once their
+/// bytes are in.
 fn feed_channels(peer: &mut Peer) {
     let mut closing = Vec::new();
     for (id, bridge) in &mut peer.channels {
+        if bridge.grant > 0 {
+            let Some(mut channel) = peer.rtc.channel(*id) else { continue };
+            if let Ok(true) = channel.write(false, bridge.grant.to_string().as_bytes()) {
+                bridge.grant = 0;
+            }
+        }
         while let Some((bytes, _)) = bridge.queued.front() {
+            if bytes.len() > bridge.credit_out {
+                break;
+            }
             let Some(mut channel) = peer.rtc.channel(*id) else { break };
             match channel.write(true, bytes) {
                 Ok(true) => {
+                    bridge.credit_out -= bytes.len();
                     bridge.queued.pop_front();
                 }
                 Ok(false) => break,
@@ -337,6 +435,24 @@ fn feed_channels(peer: &mut Peer) {
     }
 }
 
+/// A grant's count of bytes: ASCII digits, at most [`MAX_CREDIT`].
+fn granted(text: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(text).ok()?;
+    if text.is_empty() || text.len() > 9 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Closes a channel whose browser broke the flow control, and its local connection.
+fn overran(peer: &mut Peer, id: ChannelId, how: &str) {
+    debug!(peer = peer.id, how, "browser broke a channel's flow control; channel closed");
+    if let Some(bridge) = peer.channels.remove(&id) {
+        bridge.stop.cancel();
+    }
+    peer.rtc.direct_api().close_data_channel(id);
+}
+
 /// Handles one event of `peer`; a channel to connect to the local service, if one opened.
 fn on_event(peer: &mut Peer, event: Event) -> Option<(u64, ChannelId, String)> {
     match event {
@@ -345,7 +461,16 @@ fn on_event(peer: &mut Peer, event: Event) -> Option<(u64, ChannelId, String)> {
             return Some((peer.id, id, peer.local.clone()));
         }
         Event::ChannelData(data) => {
-            if let Some(bridge) = peer.channels.get(&data.id) {
+            let bridge = peer.channels.get_mut(&data.id)?;
+            if !data.binary {
+                match granted(&data.data).and_then(|more| more.checked_add(bridge.credit_out)) {
+                    Some(credit) if credit <= MAX_CREDIT => bridge.credit_out = credit,
+                    _ => overran(peer, data.id, "sent a broken grant"),
+                }
+            } else if data.data.len() > bridge.credit_in {
+                overran(peer, data.id, "sent past its credit");
+            } else {
+                bridge.credit_in -= data.data.len();
                 let _ = bridge.to_local.send(data.data);
             }
         }
@@ -359,4 +484,18 @@ fn on_event(peer: &mut Peer, event: Event) -> Option<(u64, ChannelId, String)> {
         _ => {}
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_are_plain_decimal_counts_within_bounds() {
+        assert_eq!(granted(b"262144"), Some(262_144));
+        assert_eq!(granted(b"999999999"), Some(999_999_999));
+        for broken in [&b""[..], b"-1", b"1e6", b" 5", b"12345678901", b"\xff"] {
+            assert_eq!(granted(broken), None, "{broken:?}");
+        }
+    }
 }

@@ -262,6 +262,12 @@ pub enum ClientMessage {
         /// The answer, or why not.
         answer: Result<String, String>,
     },
+    /// The browser peer of [`ServerMessage::BrowserOffer`] `attempt` left (its peer
+    /// connection closed or went idle): the server stops counting it as a visitor.
+    BrowserClosed {
+        /// The offer's attempt number.
+        attempt: u64,
+    },
     /// What became of a peer connection this client asked for (see [`PeerPath`]).
     PeerReport {
         /// The service, as `PeerAnswer` named it.

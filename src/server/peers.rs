@@ -22,7 +22,7 @@ use super::endpoints::{Endpoint, Member};
 use super::handshakes::Handshake;
 use super::hosts::NameKind;
 use super::session::SessionShared;
-use super::tunnel::{Refusal, Tunnel};
+use super::tunnel::Tunnel;
 use super::ServerShared;
 use crate::proto::{
     encode_frame, read_frame_buffered, ForwardAnswer, ForwardHello, PeerOffer, PeerPath, PeerReady,
@@ -299,7 +299,7 @@ impl Entrance for PeerEntrance {
                 name,
                 why: "allow-ip/deny-ip or the server's hook turned it away".into(),
             },
-            NotServed::Refused(refusal) => PeerRefusal::Refused { name, why: refusal_words(&refusal) },
+            NotServed::Refused(refusal) => PeerRefusal::Refused { name, why: refusal.to_string() },
             NotServed::NoData => PeerRefusal::Other {
                 message: format!("the client serving '{name}' had no data connection ready in time"),
             },
@@ -307,14 +307,6 @@ impl Entrance for PeerEntrance {
             NotServed::Cut => return,
         };
         visitor.refuse(refusal).await;
-    }
-}
-
-fn refusal_words(refusal: &Refusal) -> String {
-    match refusal {
-        Refusal::AtCapacity => "it has max-serve-conn peers connected".into(),
-        Refusal::Closed => "it is closed".into(),
-        Refusal::UserLimit { limit } => format!("its user has {limit} connections, the most allowed"),
     }
 }
 

@@ -70,6 +70,8 @@ pub(crate) struct SessionShared {
     pub(crate) flows: udp::Flows,
     /// P2P services this client asked to reach, and whether it reaches each directly.
     pub(crate) grants: peers::Grants,
+    /// Browser peers the client answered, each counted as a visitor until it leaves.
+    pub(crate) browser_peers: webrtc::BrowserPeers,
 }
 
 impl SessionShared {
@@ -262,6 +264,7 @@ impl SessionShared {
             tunnels: Mutex::default(),
             flows: udp::Flows::default(),
             grants: peers::Grants::default(),
+            browser_peers: webrtc::BrowserPeers::default(),
         });
         if let Some(connection) = session.pool.quic().cloned() {
             session.tasks.spawn(udp::deliver_datagrams(session.clone(), connection));
@@ -422,6 +425,10 @@ impl Control<'_> {
             }
             ClientMessage::BrowserAnswer { attempt, answer } => {
                 webrtc::answered(self.shared, self.session, attempt, answer);
+                Ok(())
+            }
+            ClientMessage::BrowserClosed { attempt } => {
+                self.session.browser_peers.left(attempt);
                 Ok(())
             }
             ClientMessage::PeerReport { service, path } => {

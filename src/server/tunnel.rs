@@ -116,6 +116,17 @@ pub(crate) enum Refusal {
     },
 }
 
+impl std::fmt::Display for Refusal {
+    /// Why, in words that follow "the service refused:".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::AtCapacity => f.write_str("it has max-serve-conn visitors connected"),
+            Refusal::Closed => f.write_str("it is closed"),
+            Refusal::UserLimit { limit } => write!(f, "its user has {limit} connections, the most allowed"),
+        }
+    }
+}
+
 impl Tunnel {
     pub(crate) fn new(
         (service, name, kind): (u32, String, ServiceKind),

@@ -15,11 +15,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
+use super::dispatch::{admit_first, NotServed};
 use super::http::find_route;
 use super::http_head::{BodyLength, Head};
 use super::session::SessionShared;
 use super::signals::ANSWER_WAIT;
-use super::visit::visitor_allowed;
+use super::tunnel::{Refusal, Visit};
 use super::ServerShared;
 use crate::proto::ServerMessage;
 use crate::transport::Stream;
@@ -42,6 +43,34 @@ const OFFER_WINDOW: Duration = Duration::from_secs(60);
 
 /// Addresses remembered for the rate limit; past it, windows that ended are forgotten.
 const MAX_OFFERERS: usize = 10_000;
+
+/// Browser peers one session may have at once.
+const MAX_BROWSER_PEERS: usize = 4096;
+
+/// A session's browser peers, by offer number, each holding its place among the service's
+/// visitors (`max-serve-conn`, `max-serve-count`, the user's `connections`) until the
+/// client says it left or the session ends.
+#[derive(Default)]
+pub(crate) struct BrowserPeers(Mutex<HashMap<u64, Visit>>);
+
+impl BrowserPeers {
+    /// Whether the session may take one more.
+    fn has_room(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len() < MAX_BROWSER_PEERS
+    }
+
+    fn joined(&self, attempt: u64, visit: Visit) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(attempt, visit);
+    }
+
+    /// The client says the peer of offer `attempt` left.
+    pub(crate) fn left(&self, attempt: u64) {
+        let visit = self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&attempt);
+        if visit.is_none() {
+            debug!(attempt, "an unknown browser peer left");
+        }
+    }
+}
 
 /// How many offers each address made in its current window.
 #[derive(Default)]
@@ -98,6 +127,7 @@ pub(crate) async fn serve(
         413 => "Content Too Large",
         429 => "Too Many Requests",
         502 => "Bad Gateway",
+        503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "Bad Request",
     };
@@ -154,9 +184,20 @@ async fn offer(
             format!("the service at '{}' does not take browser peers (webrtc)", head.route_host),
         ));
     }
-    if !visitor_allowed(shared, &member.session, &member.tunnel, peer) {
-        return Err((403, "this address may not reach the service".into()));
+    if !member.session.browser_peers.has_room() {
+        return Err((429, "the client serving this host has too many browser peers".into()));
     }
+    // Admitted as a visitor is: allow-ip/deny-ip, the program's hook, the limits.
+    let admitted = admit_first(shared, || Ok::<_, NotServed<()>>(member.clone()), false, peer);
+    let visit = match admitted {
+        Ok((_, visit)) => visit,
+        Err(NotServed::Denied) => return Err((403, "this address may not reach the service".into())),
+        Err(NotServed::Refused(refusal @ Refusal::Closed)) => {
+            return Err((502, format!("the service refused: {refusal}")))
+        }
+        Err(NotServed::Refused(refusal)) => return Err((503, format!("the service refused: {refusal}"))),
+        Err(_) => return Err((502, "the service is gone".into())),
+    };
     let (waiter, answer) = oneshot::channel();
     let Some(attempt) = shared.browser_signals.insert(asker_of(peer.ip()), member.session.id, waiter) else {
         return Err((429, "too many offers from this address are waiting; try again shortly".into()));
@@ -169,7 +210,10 @@ async fn offer(
     }
     info!(%peer, host = %head.route_host, "browser offer passed to the client");
     match tokio::time::timeout(ANSWER_WAIT, answer).await {
-        Ok(Ok(Ok(answer))) => Ok(answer),
+        Ok(Ok(Ok(answer))) => {
+            member.session.browser_peers.joined(attempt, visit);
+            Ok(answer)
+        }
         Ok(Ok(Err(why))) => Err((502, format!("the client refused: {why}"))),
         Ok(Err(_)) => Err((502, "the client left before it answered".into())),
         Err(_) => {

@@ -8,11 +8,19 @@
 // The server passes the page's offer to the client serving the host; the client answers
 // with addresses to reach it at. If no data channel opens within `timeout` ms, the peer
 // goes through the server's ordinary HTTP tunnel instead: `peer.mode` is "direct" or "relay".
+//
+// Flow control: each side of a channel may send CREDIT bytes (binary messages) before the
+// other grants more with a text message holding a decimal count of bytes; a reader grants
+// what it consumed, so neither end holds more than CREDIT bytes of a channel.
 
 const WELL_KNOWN = "/.well-known/ferry/";
 const CONTROL_LABEL = "ferry-control";
-/// Bytes queued in a channel before writing waits for it to drain.
-const HIGH_WATER = 1 << 20;
+/// Bytes one side of a channel may send before the other grants more.
+const CREDIT = 1 << 20;
+/// Consumed bytes are granted back once at least this many add up.
+const GRANT_STEP = CREDIT / 4;
+/// Largest message sent.
+const PIECE = 16 * 1024;
 
 /** Connects to the service at `host`; rejects when the server or client refuses. */
 export async function connect(host = location.host, { timeout = 5000 } = {}) {
@@ -51,28 +59,59 @@ class Peer {
     this.mode = pc ? "direct" : "relay";
   }
 
+  /** Ends the peer connection and every stream on it. */
+  close() {
+    if (this.pc) this.pc.close();
+  }
+
   /** A duplex byte stream to the service: { readable, writable }. */
   async openStream() {
     if (!this.pc) throw new Error("ferry: no direct connection (relay mode)");
     const channel = this.pc.createDataChannel("ferry");
     channel.binaryType = "arraybuffer";
     if (!(await opened(channel))) throw new Error("ferry: the client closed the channel");
+    // What arrived and is not read yet (at most CREDIT bytes), and whoever waits for more.
+    const arrived = [];
+    let closed = false;
+    let credit = CREDIT;
+    let consumed = 0;
+    const waiting = [];
+    const changed = () => new Promise((resolve) => waiting.push(resolve));
+    const wake = () => waiting.splice(0).forEach((resolve) => resolve());
+    channel.onmessage = (e) => {
+      if (typeof e.data === "string") credit += Number(e.data) || 0;
+      else arrived.push(new Uint8Array(e.data));
+      wake();
+    };
+    channel.onclose = () => { closed = true; wake(); };
     const readable = new ReadableStream({
-      start(controller) {
-        channel.onmessage = (e) => controller.enqueue(new Uint8Array(e.data));
-        channel.onclose = () => {
-          try { controller.close(); } catch (_) { /* already closed */ }
-        };
+      async pull(controller) {
+        while (!arrived.length && !closed) await changed();
+        if (!arrived.length) return controller.close();
+        const chunk = arrived.shift();
+        controller.enqueue(chunk);
+        consumed += chunk.byteLength;
+        if (consumed >= GRANT_STEP && channel.readyState === "open") {
+          channel.send(String(consumed));
+          consumed = 0;
+        }
       },
       cancel() { channel.close(); },
-    });
-    channel.bufferedAmountLowThreshold = HIGH_WATER / 2;
+    }, { highWaterMark: 0 });
+    channel.bufferedAmountLowThreshold = CREDIT / 2;
     const writable = new WritableStream({
       async write(chunk) {
-        while (channel.bufferedAmount > HIGH_WATER) {
-          await new Promise((resolve) => { channel.onbufferedamountlow = resolve; });
+        const bytes = chunk instanceof Uint8Array ? chunk : new Uint8Array(await new Response(chunk).arrayBuffer());
+        for (let at = 0; at < bytes.length; at += PIECE) {
+          const piece = bytes.subarray(at, at + PIECE);
+          while (credit < piece.length && !closed) await changed();
+          if (closed) throw new Error("ferry: the channel closed");
+          while (channel.bufferedAmount > CREDIT) {
+            await new Promise((resolve) => { channel.onbufferedamountlow = resolve; });
+          }
+          credit -= piece.length;
+          channel.send(piece);
         }
-        channel.send(chunk);
       },
       close() { /* the service answers, then the channel closes */ },
       abort() { channel.close(); },
