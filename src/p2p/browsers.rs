@@ -36,7 +36,7 @@ pub(crate) const CONTROL_LABEL: &str = "ferry-control";
 const CHANNEL_WINDOW: usize = 1 << 20;
 
 /// One read from the local service.
-const CHUNK: usize = 16 * 1024;
+const CHUNK: usize = 64 * 1024;
 
 /// Bytes either side of a channel may send before the other grants more.
 const CHANNEL_CREDIT: usize = 1 << 20;

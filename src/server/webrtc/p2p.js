@@ -20,7 +20,7 @@ const CREDIT = 1 << 20;
 /// Consumed bytes are granted back once at least this many add up.
 const GRANT_STEP = CREDIT / 4;
 /// Largest message sent.
-const PIECE = 16 * 1024;
+const PIECE = 64 * 1024;
 
 /** Connects to the service at `host`; rejects when the server or client refuses. */
 export async function connect(host = location.host, { timeout = 5000 } = {}) {
