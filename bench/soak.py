@@ -105,7 +105,9 @@ class Soak:
             self.server = subprocess.Popen(
                 [self.args.ferry, "server", "--addr", f"127.0.0.1:{self.server_port}", "--users", self.users_file,
                  "--tcp-range", f"{self.tunnel_ports[0]}-{self.tunnel_ports[-1]}",
-                 "--api-addr", f"127.0.0.1:{self.api_port}", "--log-level", "warn"],
+                 "--api-addr", f"127.0.0.1:{self.api_port}", "--log-level", "warn",
+                 # Surplus pooled connections of a burst close within seconds, not a minute.
+                 "--pool-idle-timeout", "5s"],
                 stdout=log, stderr=subprocess.STDOUT)
 
     def start_client(self, i):
@@ -353,7 +355,7 @@ async def run(soak):
     soak.phase = "baseline"
     baseline = await soak.idle(args.settle, steady)
     # fds and tasks as at the start (every pool at its configured size; surplus pooled
-    # connections of a burst are closed after a minute), memory as after the warm-up.
+    # connections of a burst are closed after --pool-idle-timeout), memory as after the warm-up.
     reference = {**baseline, "fds": idle["fds"], "tasks": idle["tasks"]}
     await soak.churn(args.seconds, "churn")
     soak.phase = "settle"

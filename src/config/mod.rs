@@ -135,6 +135,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long a visitor may wait for a free data connection.
     pub data_wait_timeout: Duration,
+    /// A pooled data connection unused this long is closed (`--pool-idle-timeout`).
+    pub pool_idle_timeout: Duration,
     /// A listener for HTTP visitors only (`--http-addr`); `addr` serves them too.
     pub http_addr: Option<SocketAddr>,
     /// A listener for TLS visitors routed by server name and passed through (`--sni-addr`).
@@ -203,6 +205,7 @@ impl Default for ServerConfig {
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             handshake_timeout: Duration::from_secs(10),
             data_wait_timeout: Duration::from_secs(10),
+            pool_idle_timeout: Duration::from_secs(60),
             http_addr: None,
             sni_addr: None,
             domain: None,

@@ -110,6 +110,11 @@ pub struct ServerOptions {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Option<Duration>,
+    /// A client's pooled data connection unused this long is closed (the client opens
+    /// fresh ones as visitors come). [default: 60s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Option<Duration>,
     /// A listener for HTTP visitors only; --addr serves HTTP visitors too.
     #[arg(long)]
     #[serde(deserialize_with = "string_or_number")]
@@ -462,6 +467,7 @@ impl ServerOptions {
         config.udp_timeout = self.udp_timeout.unwrap_or(config.udp_timeout);
         config.heartbeat_timeout = self.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
         config.handshake_timeout = self.handshake_timeout.unwrap_or(config.handshake_timeout);
+        config.pool_idle_timeout = self.pool_idle_timeout.unwrap_or(config.pool_idle_timeout);
         config.domain = self.domain;
         config.host_number = self.host_number;
         config.host_regex = self.host_regex;

@@ -20,9 +20,6 @@ use crate::transport::{open_stream, Stream};
 /// Most idle data connections kept per session; more are closed on arrival.
 pub(crate) const MAX_IDLE: usize = 1024;
 
-/// Idle connections older than this are closed when the pool is trimmed.
-pub(crate) const IDLE_TTL: Duration = Duration::from_secs(60);
-
 /// A session's idle data connections.
 #[derive(Default)]
 pub(crate) struct DataPool {

@@ -16,7 +16,7 @@ use super::api::views;
 use super::endpoints::{Member, RELEASE_WAIT};
 use super::handshakes::Handshake;
 use super::hooks::{ClientInfo, DisconnectReason};
-use super::pool::{DataPool, IDLE_TTL};
+use super::pool::DataPool;
 use super::tunnel::Tunnel;
 use super::users::{Account, Counted, Grant, Slot, Users};
 use super::{http, login, peers, tcp, udp, webrtc, ServerShared};
@@ -369,7 +369,7 @@ impl Control<'_> {
                 _ = tokio::time::sleep_until(last_heard + timeout) => return DisconnectReason::NoHeartbeat(timeout),
                 _ = ticker.tick() => {
                     ping_seq += 1;
-                    self.session.pool.trim(IDLE_TTL);
+                    self.session.pool.trim(self.shared.config.pool_idle_timeout);
                     self.chan.send(&ServerMessage::Ping { seq: ping_seq }).await
                 }
             };
