@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
 
@@ -51,15 +52,41 @@ impl JsonApi {
         Ok(JsonApi { uri, connector, timeout })
     }
 
+    /// The same API at another path of its host (`path` starts with `/`).
+    pub(crate) fn at(&self, path: &str) -> Result<Self, String> {
+        let mut parts = self.uri.clone().into_parts();
+        parts.path_and_query = Some(path.parse().map_err(|e| format!("'{path}' is not a path: {e}"))?);
+        let uri = Uri::from_parts(parts).map_err(|e| e.to_string())?;
+        Ok(JsonApi { uri, connector: self.connector.clone(), timeout: self.timeout })
+    }
+
     /// Sends `body` (JSON) with POST, or GET without one; the answer's status and at most
     /// `max` bytes of its body.
     pub(crate) async fn call(&self, body: Option<Vec<u8>>, max: usize) -> Result<(u16, Bytes), String> {
-        tokio::time::timeout(self.timeout, self.exchange(body, max))
-            .await
-            .map_err(|_| format!("no answer within {:?}", self.timeout))?
+        tokio::time::timeout(self.timeout, async {
+            let response = self.send(body).await?;
+            let status = response.status().as_u16();
+            let body = Limited::new(response.into_body(), max)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?
+                .to_bytes();
+            Ok((status, body))
+        })
+        .await
+        .map_err(|_| format!("no answer within {:?}", self.timeout))?
     }
 
-    async fn exchange(&self, body: Option<Vec<u8>>, max: usize) -> Result<(u16, Bytes), String> {
+    /// Sends `body` like [`call`](Self::call) and gives the answer's status and body as it
+    /// streams in (a watch); only the answer's head must come within the timeout.
+    pub(crate) async fn stream(&self, body: Option<Vec<u8>>) -> Result<(u16, Incoming), String> {
+        let response = tokio::time::timeout(self.timeout, self.send(body))
+            .await
+            .map_err(|_| format!("no answer within {:?}", self.timeout))??;
+        Ok((response.status().as_u16(), response.into_body()))
+    }
+
+    async fn send(&self, body: Option<Vec<u8>>) -> Result<hyper::Response<Incoming>, String> {
         let stream = self.connector.connect().await.map_err(|e| e.to_string())?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
@@ -78,13 +105,6 @@ impl JsonApi {
             .header(hyper::header::USER_AGENT, concat!("ferry/", env!("CARGO_PKG_VERSION")))
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| e.to_string())?;
-        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), max)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
-        Ok((status, body))
+        sender.send_request(request).await.map_err(|e| e.to_string())
     }
 }
