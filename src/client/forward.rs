@@ -21,7 +21,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn, Instrument};
 
 use super::backoff::Backoff;
-use super::peering::{copy, join_streams, open_peer_stream, Peering};
+use super::peering::{already_answered, join_streams, open_peer_stream, Peering};
 use crate::config::ForwardConfig;
 use crate::error::ClientError;
 use crate::proto::{read_frame_buffered, ForwardAnswer, PeerPath, PeerRefusal};
@@ -207,7 +207,7 @@ impl Paths {
                     counts.direct.fetch_add(1, Ordering::Relaxed);
                     info!(?from, path = "direct", "connection forwarded");
                     self.open_streams.fetch_add(1, Ordering::Relaxed);
-                    let result = join_streams(local, stream, BytesMut::new()).await;
+                    let result = join_streams(local, stream, already_answered).await;
                     self.open_streams.fetch_sub(1, Ordering::Relaxed);
                     return log_end(result);
                 }
@@ -397,28 +397,16 @@ impl Paths {
 /// Relays `local` over a forward link once the server's first frame says it was accepted;
 /// local bytes go out meanwhile (a service may wait for the client to speak first).
 async fn relay_answered(local: TcpStream, link: crate::transport::Stream) -> Result<(), String> {
-    let (mut link_read, link_write) = tokio::io::split(link);
-    let mut read = BytesMut::with_capacity(4096);
-    let (local_read, local_write) = local.into_split();
-    let up = async move {
-        let (mut local_read, mut link_write) = (local_read, link_write);
-        let sent = copy(&mut local_read, &mut link_write).await;
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut link_write).await;
-        sent.map_err(|e| e.to_string())
-    };
-    let down = async move {
-        let answer = read_frame_buffered::<_, ForwardAnswer>(&mut link_read, &mut read).await;
-        match answer.map_err(|e| format!("no answer from the server: {e}"))? {
+    let accepted = |mut read| async move {
+        let mut buffered = BytesMut::with_capacity(4096);
+        let answer = read_frame_buffered::<_, ForwardAnswer>(&mut read, &mut buffered).await;
+        match answer.map_err(|e| io::Error::other(format!("no answer from the server: {e}")))? {
             ForwardAnswer::Accepted { service } => debug!(service, "forward link accepted"),
-            ForwardAnswer::Refused { refusal } => return Err(refusal.to_string()),
+            ForwardAnswer::Refused { refusal } => return Err(io::Error::other(refusal.to_string())),
         }
-        let mut local_write = local_write;
-        tokio::io::AsyncWriteExt::write_all(&mut local_write, &read).await.map_err(|e| e.to_string())?;
-        let got = copy(&mut link_read, &mut local_write).await.map_err(|e| e.to_string())?;
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut local_write).await;
-        Ok(got)
+        Ok((read, buffered))
     };
-    let (sent, got) = tokio::try_join!(up, down)?;
+    let (sent, got) = join_streams(local, link, accepted).await.map_err(|e| e.to_string())?;
     debug!(sent, got, "relayed connection done");
     Ok(())
 }

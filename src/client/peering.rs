@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, OnceCell};
 use tokio_util::sync::CancellationToken;
@@ -334,27 +334,37 @@ async fn refuse(mut stream: QuicStream, local: &str, err: io::Error) -> io::Resu
     Ok(())
 }
 
-/// Copies both ways between `local` and a link whose first bytes said yes already
-/// (`leftover`: link bytes read past that answer), closing each side's writes after the
-/// other's end.
-pub(crate) async fn join_streams<L>(local: TcpStream, link: L, leftover: BytesMut) -> io::Result<(u64, u64)>
+/// Copies both ways between `local` and `link`, closing each side's writes after the
+/// other's end; the bytes sent and received. Local bytes go out at once (a service may
+/// wait for its client to speak first); link bytes are copied once `answered` has read
+/// the link's answer, which gives back the read half and the bytes read past the answer
+/// ([`already_answered`] for a link that answered before).
+pub(crate) async fn join_streams<L, A, F>(local: TcpStream, link: L, answered: A) -> io::Result<(u64, u64)>
 where
     L: tokio::io::AsyncRead + AsyncWrite + Unpin,
+    A: FnOnce(ReadHalf<L>) -> F,
+    F: std::future::Future<Output = io::Result<(ReadHalf<L>, BytesMut)>>,
 {
-    let (mut link_read, mut link_write) = tokio::io::split(link);
+    let (link_read, mut link_write) = tokio::io::split(link);
     let (mut local_read, mut local_write) = local.into_split();
     let up = async {
         let sent = copy(&mut local_read, &mut link_write).await?;
-        link_write.shutdown().await?;
+        let _ = link_write.shutdown().await;
         Ok::<u64, io::Error>(sent)
     };
     let down = async {
+        let (mut link_read, leftover) = answered(link_read).await?;
         local_write.write_all(&leftover).await?;
         let got = copy(&mut link_read, &mut local_write).await?;
-        local_write.shutdown().await?;
+        let _ = local_write.shutdown().await;
         Ok::<u64, io::Error>(got + leftover.len() as u64)
     };
     tokio::try_join!(up, down)
+}
+
+/// For [`join_streams`]: a link whose answer was read before, with nothing past it.
+pub(crate) fn already_answered<R>(read: R) -> std::future::Ready<io::Result<(R, BytesMut)>> {
+    std::future::ready(Ok((read, BytesMut::new())))
 }
 
 /// Opens a stream to a peer for `service` and reads its answer.

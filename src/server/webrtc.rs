@@ -112,7 +112,8 @@ pub(crate) async fn serve(
     read: BytesMut,
 ) {
     let path = head.target.split('?').next().unwrap_or_default();
-    let (status, kind, body) = match (head.method.as_str(), &path[WELL_KNOWN.len().min(path.len())..]) {
+    let (status, kind, body) = match (head.method.as_str(), path.strip_prefix(WELL_KNOWN).unwrap_or_default())
+    {
         ("GET", "p2p.js") => (200, "text/javascript; charset=utf-8", P2P_JS.to_owned()),
         ("POST", "offer") => match offer(&shared, &mut visitor, peer, head, read).await {
             Ok(answer) => (200, "application/json", answer),

@@ -63,21 +63,19 @@ async fn start_client(link: &Link, extra: &[&str]) -> NsProcess {
     start_client_on(link, PUBLIC_PORT, extra).await
 }
 
+/// `ferry client` in `ns`, logging in to `remote` as `id` ("idN", whose secret is
+/// "secretN") and logging at info.
+fn client_command(ns: &crate::common::netns::Netns, remote: &str, id: &str) -> tokio::process::Command {
+    let secret = format!("secret{}", id.trim_start_matches("id"));
+    let mut command = ns.command(&ferry_bin());
+    command.args(["client", "--remote", remote, "--id", id, "--secret", &secret, "--log-level", "info"]);
+    command
+}
+
 /// [`start_client`] with the TCP service on `port`.
 async fn start_client_on(link: &Link, port: u16, extra: &[&str]) -> NsProcess {
     let remote = format!("tcp://{SERVER_IP}:{CONTROL_PORT}");
-    let mut command = link.client.command(&ferry_bin());
-    command.args([
-        "client",
-        "--remote",
-        &remote,
-        "--id",
-        "id1",
-        "--secret",
-        "secret1",
-        "--log-level",
-        "info",
-    ]);
+    let mut command = client_command(&link.client, &remote, "id1");
     command.args(extra).args(["--local", ECHO, "--remote-tcp-port", &port.to_string()]);
     let mut client = NsProcess::spawn(command);
     client.line("is reachable at", 0, Duration::from_secs(10)).await;

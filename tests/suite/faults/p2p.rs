@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::{ferry_bin, NsProcess};
+use super::{client_command, ferry_bin, NsProcess};
 use crate::common::http::request;
 use crate::common::nat::{public_ip, NatKind, NatLab};
 use crate::common::netns::Netns;
@@ -47,18 +47,7 @@ async fn lab_with(test: &str, kinds: [NatKind; 2], extra: &[&str]) -> Option<(Na
 /// server is the default: the server's host, port 3478).
 async fn serving_client(lab: &NatLab, side: usize) -> NsProcess {
     let remote = format!("tcp://{}:7000", public_ip(side));
-    let mut command = lab.private[side].command(&ferry_bin());
-    command.args([
-        "client",
-        "--remote",
-        &remote,
-        "--id",
-        "id1",
-        "--secret",
-        "secret1",
-        "--log-level",
-        "info",
-    ]);
+    let mut command = client_command(&lab.private[side], &remote, "id1");
     command.args(["--local", SINK, "--host-prefix", "sink", "--p2p", "--name", "sink"]);
     let mut client = NsProcess::spawn(command);
     client.line("tunnel open", 0, Duration::from_secs(10)).await;
@@ -68,9 +57,7 @@ async fn serving_client(lab: &NatLab, side: usize) -> NsProcess {
 /// A client behind NAT `side`, logged in as `id`, forwarding [`FORWARD`] to `sink`.
 async fn forwarding_client(lab: &NatLab, side: usize, id: &str) -> NsProcess {
     let remote = format!("tcp://{}:7000", public_ip(side));
-    let secret = format!("secret{}", &id[2..]);
-    let mut command = lab.private[side].command(&ferry_bin());
-    command.args(["client", "--remote", &remote, "--id", id, "--secret", &secret, "--log-level", "info"]);
+    let mut command = client_command(&lab.private[side], &remote, id);
     command.args(["--tcp-forward-addr", FORWARD, "--tcp-forward-host-prefix", "sink"]);
     let mut client = NsProcess::spawn(command);
     client.line("forwarding to the P2P service", 0, Duration::from_secs(10)).await;

@@ -107,8 +107,7 @@ fn report(name: &str, took: Duration) {
 
 /// Starts `ferry client` in the client namespace to `remote` and waits for its service.
 async fn client_to(link: &Link, remote: &str, congestion: &str, service: &[&str]) -> NsProcess {
-    let mut command = link.client.command(&ferry_bin());
-    command.args(["client", "--remote", remote, "--id", "id1", "--secret", "secret1", "--log-level", "info"]);
+    let mut command = client_command(&link.client, remote, "id1");
     command.args(["--remote-cert-insecure", "--quic-congestion", congestion]).args(service);
     let mut client = NsProcess::spawn(command);
     client.line("is reachable at", 0, Duration::from_secs(20)).await;
