@@ -218,14 +218,8 @@ impl Paths {
             }
         }
         self.state().relayed_before = true;
-        match self.relay(local).await {
-            Ok(()) => {
-                counts.relayed.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(err) => {
-                counts.failed.fetch_add(1, Ordering::Relaxed);
-                warn!(?from, %err, "connection not forwarded");
-            }
+        if let Err(err) = self.relay(local, counts).await {
+            warn!(?from, %err, "connection not forwarded");
         }
     }
 
@@ -386,25 +380,49 @@ impl Paths {
     }
 
     /// Carries `local` through the server on a forward link.
-    async fn relay(&self, local: TcpStream) -> Result<(), String> {
-        let session = self.peering.session().await.ok_or("not connected to the server")?;
-        let link = session.pool.open_forward(&self.name).await.map_err(|e| format!("forward link: {e}"))?;
+    /// Counts the connection (relayed or failed) before `local` closes, so whoever sees
+    /// it close sees the count.
+    async fn relay(&self, local: TcpStream, counts: &ForwardCounts) -> Result<(), String> {
+        let link = match self.peering.session().await {
+            Some(session) => {
+                session.pool.open_forward(&self.name).await.map_err(|e| format!("forward link: {e}"))
+            }
+            None => Err("not connected to the server".to_string()),
+        };
+        let link = link.inspect_err(|_| {
+            counts.failed.fetch_add(1, Ordering::Relaxed);
+        })?;
         info!(from = ?local.peer_addr().ok(), path = "relayed", "connection forwarded");
-        relay_answered(local, link).await
+        relay_answered(local, link, counts).await
     }
 }
 
 /// Relays `local` over a forward link once the server's first frame says it was accepted;
 /// local bytes go out meanwhile (a service may wait for the client to speak first).
-async fn relay_answered(local: TcpStream, link: crate::transport::Stream) -> Result<(), String> {
+async fn relay_answered(
+    local: TcpStream,
+    link: crate::transport::Stream,
+    counts: &ForwardCounts,
+) -> Result<(), String> {
     let accepted = |mut read| async move {
         let mut buffered = BytesMut::with_capacity(4096);
         let answer = read_frame_buffered::<_, ForwardAnswer>(&mut read, &mut buffered).await;
-        match answer.map_err(|e| io::Error::other(format!("no answer from the server: {e}")))? {
-            ForwardAnswer::Accepted { service } => debug!(service, "forward link accepted"),
-            ForwardAnswer::Refused { refusal } => return Err(io::Error::other(refusal.to_string())),
+        let answer = answer.map_err(|e| format!("no answer from the server: {e}"));
+        match answer {
+            Ok(ForwardAnswer::Accepted { service }) => {
+                counts.relayed.fetch_add(1, Ordering::Relaxed);
+                debug!(service, "forward link accepted");
+                Ok((read, buffered))
+            }
+            Ok(ForwardAnswer::Refused { refusal }) => {
+                counts.failed.fetch_add(1, Ordering::Relaxed);
+                Err(io::Error::other(refusal.to_string()))
+            }
+            Err(err) => {
+                counts.failed.fetch_add(1, Ordering::Relaxed);
+                Err(io::Error::other(err))
+            }
         }
-        Ok((read, buffered))
     };
     let (sent, got) = join_streams(local, link, accepted).await.map_err(|e| e.to_string())?;
     debug!(sent, got, "relayed connection done");
