@@ -15,7 +15,9 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+// The test suite's services; this example uses two of them.
 #[path = "../tests/suite/common/services.rs"]
+#[allow(dead_code)]
 mod services;
 
 use services::{counting_forwarder, serve_hashing};

@@ -26,6 +26,9 @@ pub enum ServerError {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
+    /// The server could not join its cluster (`cluster-etcd`).
+    #[error("cannot join the cluster: {0}")]
+    Cluster(String),
 }
 
 /// Why a client operation failed.

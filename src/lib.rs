@@ -48,8 +48,6 @@
 
 pub mod auth;
 mod client;
-// The cluster's store (issue 15); the nodes that use it land next.
-#[allow(dead_code)]
 mod cluster;
 pub mod config;
 mod error;
@@ -83,8 +81,8 @@ pub mod signals;
 
 pub use client::{discover, free_ports, Client, ClientState, Forward, ForwardCounts, Registration};
 pub use config::{
-    AuthApiConfig, ClientConfig, ConfigError, ForwardConfig, PeerConfig, PortRange, ServerConfig,
-    ServiceConfig, TcpAllowance, UserConfig,
+    AuthApiConfig, ClientConfig, ClusterConfig, ConfigError, ForwardConfig, PeerConfig, PortRange,
+    ServerConfig, ServiceConfig, TcpAllowance, UserConfig,
 };
 pub use error::{ClientError, ServerError};
 pub use proto::{

@@ -94,6 +94,29 @@ impl Etcd {
         Ok(answer["succeeded"].as_bool().unwrap_or(false))
     }
 
+    /// Writes `key` under `lease` only if no key lies in any of the ranges `[start, end)` of
+    /// `empty` (one transaction: two writers can never both succeed); false otherwise.
+    pub(crate) async fn put_if_empty(
+        &self,
+        (key, value): (&str, &[u8]),
+        lease: i64,
+        empty: &[(String, Vec<u8>)],
+    ) -> Result<bool, String> {
+        // A range compare holds when every key in the range matches: here, none exists.
+        let compare: Vec<Value> = empty
+            .iter()
+            .map(|(start, end)| {
+                json!({ "key": BASE64.encode(start), "range_end": BASE64.encode(end),
+                        "target": "CREATE", "result": "EQUAL", "create_revision": "0" })
+            })
+            .collect();
+        let put =
+            json!({ "key": BASE64.encode(key), "value": BASE64.encode(value), "lease": lease.to_string() });
+        let request = json!({ "compare": compare, "success": [{ "request_put": put }] });
+        let answer = self.call("/v3/kv/txn", request).await?;
+        Ok(answer["succeeded"].as_bool().unwrap_or(false))
+    }
+
     /// Deletes `key`; false when it did not exist.
     pub(crate) async fn delete(&self, key: &str) -> Result<bool, String> {
         let answer = self.call("/v3/kv/deleterange", json!({ "key": BASE64.encode(key) })).await?;
@@ -181,7 +204,7 @@ impl Watch {
 }
 
 /// The first key past every key starting with `prefix` (etcd's `range_end`).
-fn prefix_end(prefix: &str) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -275,56 +298,17 @@ impl TryFrom<Event> for Change {
     }
 }
 
+// The test suite's etcd harness, shared.
+#[cfg(test)]
+#[path = "../../tests/suite/common/etcd.rs"]
+#[allow(dead_code)]
+mod etcd_process;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::{Child, Command, Stdio};
 
-    /// A real etcd on loopback ports, in a temporary directory; killed on drop.
-    struct EtcdProcess {
-        child: Child,
-        url: String,
-        _dir: tempfile::TempDir,
-    }
-
-    impl EtcdProcess {
-        async fn start() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let (client, peer) = (free_port(), free_port());
-            let url = format!("http://127.0.0.1:{client}");
-            let child = Command::new("etcd")
-                .arg(format!("--data-dir={}", dir.path().join("data").display()))
-                .arg(format!("--listen-client-urls={url}"))
-                .arg(format!("--advertise-client-urls={url}"))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
-                .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("etcd runs (apt-get install etcd-server, as .ci/run does)");
-            let etcd = EtcdProcess { child, url, _dir: dir };
-            let client = Etcd::new(&etcd.url, Duration::from_secs(2)).unwrap();
-            for _ in 0..100 {
-                if client.prefix("/").await.is_ok() {
-                    return etcd;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("etcd did not answer within 10 s");
-        }
-    }
-
-    impl Drop for EtcdProcess {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-    }
+    use super::etcd_process::EtcdProcess;
 
     #[tokio::test]
     async fn a_key_is_created_once_and_lives_with_its_lease() {
@@ -359,6 +343,19 @@ mod tests {
         let revoked = client.grant(Duration::from_secs(60)).await.unwrap();
         client.revoke(revoked).await.unwrap();
         assert!(!client.keep_alive(revoked).await.unwrap(), "a revoked lease is gone");
+    }
+
+    #[tokio::test]
+    async fn a_put_if_empty_is_refused_while_a_key_lies_in_a_range() {
+        let etcd = EtcdProcess::start().await;
+        let client = Etcd::new(&etcd.url, Duration::from_secs(5)).unwrap();
+        let range = |from: &str, to: &str| (from.to_owned(), to.as_bytes().to_vec());
+        let empty = [range("/c/a/", "/c/a0")];
+        assert!(client.put_if_empty(("/c/b/1", b"x"), 0, &empty).await.unwrap(), "nothing in the way");
+        assert!(client.put_if_empty(("/c/a/1", b"x"), 0, &empty).await.unwrap(), "still nothing there");
+        assert!(!client.put_if_empty(("/c/b/2", b"x"), 0, &empty).await.unwrap(), "now /c/a/1 is");
+        let (_, entries) = client.prefix("/c/").await.unwrap();
+        assert_eq!(entries.len(), 2, "the refused write wrote nothing");
     }
 
     #[tokio::test]

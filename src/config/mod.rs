@@ -181,6 +181,21 @@ pub struct ServerConfig {
     /// Bearer token the API requires; needed unless `api_addr` is a loopback address, and
     /// at least [`MIN_API_TOKEN_LEN`] bytes when given.
     pub api_token: Option<Secret>,
+    /// Membership of a cluster of servers (`--cluster-etcd`), if any.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Membership of a cluster of servers sharing one routing table in etcd.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// etcd's client URL.
+    pub etcd: String,
+    /// This node's id, unique among live nodes.
+    pub node_id: String,
+    /// Where other nodes reach this one (UDP); port 0 picks one.
+    pub node_addr: SocketAddr,
+    /// A node silent this long is gone from the cluster (its etcd lease).
+    pub lease_ttl: Duration,
 }
 
 impl Default for ServerConfig {
@@ -227,6 +242,7 @@ impl Default for ServerConfig {
             api_tls: None,
             api_tls_min_version: TlsVersion::Tls12,
             api_token: None,
+            cluster: None,
         }
     }
 }

@@ -13,8 +13,8 @@ use super::process::command_options;
 pub use super::process::{CommandOptions, ProcessOptions, ProcessSignal};
 pub use super::users_key::UsersOption;
 use super::{
-    AuthApiConfig, ClientConfig, ConfigError, ForwardConfig, PortRange, ServerConfig, ServiceConfig,
-    ServiceKind,
+    AuthApiConfig, ClientConfig, ClusterConfig, ConfigError, ForwardConfig, PortRange, ServerConfig,
+    ServiceConfig, ServiceKind,
 };
 use crate::auth::Secret;
 use crate::proto::{Compression, PeerPolicy, ProxyProtocol};
@@ -160,6 +160,24 @@ pub struct ServerOptions {
     #[arg(long)]
     #[serde(deserialize_with = "string_or_number")]
     pub stun_addr: Option<String>,
+    /// etcd's client URL (e.g. http://127.0.0.1:2379): this server joins the cluster of
+    /// servers sharing it (one routing table; visitors at any node reach every tunnel).
+    /// [default: no cluster]
+    #[arg(long)]
+    pub cluster_etcd: Option<String>,
+    /// This node's id in the cluster, unique among live nodes. [default: the host name]
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Where other nodes reach this one (UDP, QUIC with mutual certificates pinned through
+    /// etcd), e.g. 10.0.0.1:7100. [default: 127.0.0.1:7100]
+    #[arg(long)]
+    #[serde(deserialize_with = "string_or_number")]
+    pub node_addr: Option<String>,
+    /// A node silent this long (its etcd lease) is gone from the cluster, with its routes.
+    /// [default: 10s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub node_ttl: Option<Duration>,
     /// Failed logins in a row, from one address or for one id, before a ban; 0 turns bans off.
     /// [default: 3]
     #[arg(long)]
@@ -513,7 +531,35 @@ impl ServerOptions {
             }
         };
         config.api_token = self.api_token.take();
+        config.cluster = self.cluster_into()?;
         Ok(())
+    }
+
+    /// The cluster membership, when `cluster-etcd` is given.
+    fn cluster_into(&mut self) -> Result<Option<ClusterConfig>, ConfigError> {
+        let Some(etcd) = self.cluster_etcd.take() else {
+            for (key, given) in [("node-id", self.node_id.is_some()), ("node-addr", self.node_addr.is_some())]
+            {
+                if given {
+                    return Err(ConfigError::new(key, "needs cluster-etcd"));
+                }
+            }
+            return Ok(None);
+        };
+        let node_id = match self.node_id.take() {
+            Some(id) if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control() || c == '/') => {
+                return Err(ConfigError::new("node-id", "1 to 64 characters, no '/' or control characters"))
+            }
+            Some(id) => id,
+            None => std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "node".into()),
+        };
+        let node_addr = listen_addr("node-addr", &self.node_addr)?
+            .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 7100)));
+        let lease_ttl = self.node_ttl.unwrap_or(Duration::from_secs(10));
+        if lease_ttl < Duration::from_secs(2) {
+            return Err(ConfigError::new("node-ttl", "at least 2s"));
+        }
+        Ok(Some(ClusterConfig { etcd, node_id, node_addr, lease_ttl }))
     }
 
     /// The users, by precedence: --id/--secret > users file > the config file's `users:`;

@@ -11,17 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::CertificateDer;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::socket::{Datagrams, DemuxSocket, StunInbox};
 use crate::proto::{binding_request, parse_binding_success, PeerOffer};
-use crate::transport::{
-    fingerprint, fingerprint_server_config, pinned_client_config, quic_transport, Congestion,
-};
+use crate::transport::{fingerprint, quic_transport, Congestion, PinnedIdentity};
 
 /// The ALPN protocol name of direct connections between clients.
 const ALPN: &[u8] = b"ferry-p2p";
@@ -50,9 +47,7 @@ const PEER_NAME: &str = "ferry-peer";
 pub(crate) struct PeerEndpoint {
     socket: Arc<DemuxSocket>,
     endpoint: quinn::Endpoint,
-    certificate: CertificateDer<'static>,
-    key: PrivatePkcs8KeyDer<'static>,
-    fingerprint: [u8; 32],
+    identity: PinnedIdentity,
     stun: tokio::sync::Mutex<StunInbox>,
     /// Certificates of peers let in, until when.
     accepted: Arc<Mutex<HashMap<[u8; 32], Instant>>>,
@@ -67,24 +62,14 @@ impl PeerEndpoint {
     pub(crate) fn bind(ports: Option<(u16, u16)>) -> io::Result<Arc<Self>> {
         let socket = bind_in(ports)?;
         let (socket, stun, browsers) = DemuxSocket::new(socket)?;
-        let made = rcgen::generate_simple_self_signed(vec![PEER_NAME.to_owned()])
-            .map_err(|e| io::Error::other(format!("peer certificate: {e}")))?;
-        let certificate = made.cert.der().clone();
-        let key = PrivatePkcs8KeyDer::from(made.signing_key.serialize_der());
+        let identity = PinnedIdentity::generate(PEER_NAME)?;
         let accepted: Arc<Mutex<HashMap<[u8; 32], Instant>>> = Arc::default();
         let admitted = accepted.clone();
         let accepts = Arc::new(move |print: &[u8; 32]| {
             let admitted = admitted.lock().unwrap_or_else(|e| e.into_inner());
             admitted.get(print).is_some_and(|until| *until > Instant::now())
         });
-        let mut tls =
-            fingerprint_server_config((certificate.clone(), PrivateKeyDer::Pkcs8(key.clone_key())), accepts)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto =
-            QuicServerConfig::try_from(tls).map_err(|e| io::Error::other(format!("QUIC TLS: {e}")))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(peer_transport());
+        let server = identity.server_config(accepts, ALPN, peer_transport())?;
         let mut config = quinn::EndpointConfig::default();
         // QUIC's fixed bit stays set, so STUN can be told apart by its first bits.
         config.grease_quic_bit(false);
@@ -94,9 +79,7 @@ impl PeerEndpoint {
         Ok(Arc::new(PeerEndpoint {
             socket,
             endpoint,
-            fingerprint: fingerprint(&certificate),
-            certificate,
-            key,
+            identity,
             stun: tokio::sync::Mutex::new(stun),
             accepted,
             punching: Mutex::default(),
@@ -116,7 +99,7 @@ impl PeerEndpoint {
 
     /// SHA-256 of this client's certificate.
     pub(crate) fn fingerprint(&self) -> [u8; 32] {
-        self.fingerprint
+        self.identity.fingerprint()
     }
 
     /// The local address of the socket.
@@ -240,14 +223,7 @@ impl PeerEndpoint {
         offer: &PeerOffer,
         deadline: Duration,
     ) -> io::Result<quinn::Connection> {
-        let identity = (self.certificate.clone(), PrivateKeyDer::Pkcs8(self.key.clone_key()));
-        let mut tls =
-            pinned_client_config(offer.fingerprint, identity).map_err(|e| io::Error::other(e.to_string()))?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto =
-            QuicClientConfig::try_from(tls).map_err(|e| io::Error::other(format!("QUIC TLS: {e}")))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(peer_transport());
+        let config = self.identity.client_config(offer.fingerprint, ALPN, peer_transport())?;
         let _stop_punching = self.punch(offer.candidates.clone(), deadline).await.drop_guard();
         let mut attempts = FuturesUnordered::new();
         for candidate in &offer.candidates {

@@ -210,11 +210,12 @@ impl Endpoints {
         pool.members.is_empty().then(|| (pool.closed.clone(), pool.released.clone()))
     }
 
-    /// Gives `endpoint` back: it leaves the table and its pool's `released` fires.
-    pub(crate) fn remove(&self, endpoint: &Endpoint) {
-        if let Some(pool) = self.lock().pools.remove(endpoint) {
-            pool.released.cancel();
-        }
+    /// Gives `endpoint` back: it leaves the table and its pool's `released` fires. Returns
+    /// the user who held it.
+    pub(crate) fn remove(&self, endpoint: &Endpoint) -> Option<String> {
+        let pool = self.lock().pools.remove(endpoint)?;
+        pool.released.cancel();
+        Some(pool.user)
     }
 
     /// Ports of `protocol` held now.

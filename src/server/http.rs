@@ -19,7 +19,7 @@ use super::http_head::{head_end, parse_head, rewrite_head, Forwarding, Head, MAX
 use super::http_requests::{strip_path_prefix, Pinning, RequestStream};
 use super::session::SessionShared;
 use super::tunnel::{Refusal, Tunnel};
-use super::{link, webrtc, ServerShared};
+use super::{link, nodes, webrtc, ServerShared};
 use crate::proto::RegisterError;
 use crate::transport::{reset_on_drop, websocket_upgrade_key, Stream};
 
@@ -43,11 +43,13 @@ pub(crate) async fn open_host(
     let (service, watched) = (tunnel.service, tunnel.clone());
     let member = Member { local_host, prefix, ..Member::new(session.clone(), tunnel) };
     let kind = if tls_passthrough { NameKind::Sni } else { NameKind::Http };
-    shared.endpoints.reserve_host(&rules, (&host_key, kind), member).await?;
+    shared.endpoints.reserve_host(&rules, (&host_key, kind), member.clone()).await?;
+    nodes::claim_name(shared, (&host_key, kind), &member).await?;
     let (owner, sessions, name) = (shared.clone(), session.clone(), host_key.clone());
     session.tasks.spawn(async move {
         watched.token.cancelled().await;
         owner.endpoints.release_host((&name, kind), service);
+        nodes::release_name(&owner, (&name, kind), &sessions.user);
         sessions.forget_tunnel(service);
         watched.gone.cancel();
         info!(host = %name, "http host closed");
@@ -90,6 +92,9 @@ pub(crate) async fn serve_visitor(
     drop(handshake);
     if webrtc::is_well_known(&head.target) {
         return webrtc::serve(shared, visitor, peer, &head, read.split_off(head_len)).await;
+    }
+    if let Some(name) = nodes::held_elsewhere(&shared, &head) {
+        return nodes::relay_http(&shared, &name, (visitor, &read), (peer, scheme)).await;
     }
     let pinning = Pinning {
         route_host: head.route_host.clone(),

@@ -18,6 +18,7 @@ pub(crate) mod http_head;
 pub(crate) mod http_requests;
 mod link;
 pub(crate) mod login;
+mod nodes;
 mod peers;
 mod pool;
 mod ports;
@@ -46,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::cluster::{Arrival, Cluster};
 use crate::config::ServerConfig;
 use crate::error::ServerError;
 use crate::transport::{quic_server_endpoint, server_tls_acceptor, server_tls_config, TlsVersion};
@@ -88,6 +90,10 @@ pub(crate) struct ServerShared {
     pub(crate) browser_offers: webrtc::OfferRate,
     /// The embedding program's hooks, if it gave any.
     hooks: OnceLock<Arc<dyn ServerHooks>>,
+    /// This node's membership, in a cluster (`cluster-etcd`).
+    cluster: OnceLock<Arc<Cluster>>,
+    /// Listeners on ports other cluster nodes hold.
+    pub(crate) remote_ports: nodes::RemotePorts,
 }
 
 impl ServerShared {
@@ -116,7 +122,14 @@ impl ServerShared {
             browser_signals: signals::Signals::default(),
             browser_offers: webrtc::OfferRate::default(),
             hooks: OnceLock::new(),
+            cluster: OnceLock::new(),
+            remote_ports: nodes::RemotePorts::default(),
         }))
+    }
+
+    /// This node's cluster membership, in a cluster.
+    pub(crate) fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
     }
 
     /// The embedding program's hooks (ones that change nothing when it gave none).
@@ -161,6 +174,8 @@ pub struct Server {
     quic: Option<quinn::Endpoint>,
     /// The STUN server's socket, if `stun-addr` is set.
     stun: Option<tokio::net::UdpSocket>,
+    /// Visitors other cluster nodes relay here, in a cluster.
+    arrivals: Option<tokio::sync::mpsc::Receiver<Arrival>>,
 }
 
 /// One bound listener and what it serves.
@@ -262,7 +277,17 @@ impl Server {
             None => None,
         };
         let shared = ServerShared::new(config)?;
-        Ok(Server { shared, listeners, api, quic, stun })
+        let arrivals = match &shared.config.cluster {
+            Some(cluster) => {
+                let (member, arrivals) = Cluster::join(cluster, shared.shutdown.child_token())
+                    .await
+                    .map_err(ServerError::Cluster)?;
+                let _ = shared.cluster.set(member);
+                Some(arrivals)
+            }
+            None => None,
+        };
+        Ok(Server { shared, listeners, api, quic, stun, arrivals })
     }
 
     fn addr_of(&self, key: &str) -> Option<SocketAddr> {
@@ -313,7 +338,10 @@ impl Server {
     /// Spawn this future on the runtime (or use [`spawn`](Server::spawn)) rather than
     /// awaiting it on `block_on`'s thread, where every accept would cross threads.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { shared, listeners, api, quic, stun } = self;
+        let Server { shared, listeners, api, quic, stun, arrivals } = self;
+        if let Some(arrivals) = arrivals {
+            nodes::start(&shared, arrivals);
+        }
         let links = TaskTracker::new();
         let mut accepting = Vec::with_capacity(listeners.len() + 1);
         if let Some((listener, tls)) = api {

@@ -23,7 +23,7 @@ use super::handshakes::Handshake;
 use super::hosts::NameKind;
 use super::session::SessionShared;
 use super::tunnel::Tunnel;
-use super::ServerShared;
+use super::{nodes, ServerShared};
 use crate::proto::{
     encode_frame, read_frame_buffered, ForwardAnswer, ForwardHello, PeerOffer, PeerPath, PeerReady,
     PeerRefusal, RegisterError, ServerMessage,
@@ -45,12 +45,14 @@ pub(crate) async fn open_peer_name(
     let is_user = |id: &str| shared.is_user_id(id);
     let name = shared.endpoints.key_for(&rules, &session.user, prefix.as_deref(), is_user)?;
     let member = Member { prefix, ..Member::new(session.clone(), tunnel.clone()) };
-    shared.endpoints.reserve_host(&rules, (&name, NameKind::Peer), member).await?;
+    shared.endpoints.reserve_host(&rules, (&name, NameKind::Peer), member.clone()).await?;
+    nodes::claim_name(shared, (&name, NameKind::Peer), &member).await?;
     let _ = tunnel.peer_name.set(name.clone());
     let (owner, sessions, watched, key) = (shared.clone(), session.clone(), tunnel.clone(), name.clone());
     session.tasks.spawn(async move {
         watched.token.cancelled().await;
         owner.endpoints.release_host((&key, NameKind::Peer), watched.service);
+        nodes::release_name(&owner, (&key, NameKind::Peer), &sessions.user);
         sessions.forget_tunnel(watched.service);
         // A service with a public endpoint too says it is gone once that one is free.
         if alone {

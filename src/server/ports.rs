@@ -11,7 +11,8 @@ use tracing::{info, Instrument};
 
 use super::endpoints::{Endpoint, Member, Pool, RELEASE_WAIT};
 use super::users::{whose, Rules};
-use super::ServerShared;
+use super::{nodes, ServerShared};
+use crate::cluster::{ClaimKind, ClaimRecord};
 use crate::config::{PortRange, TcpAllowance};
 use crate::proto::{PortProtocol, RegisterError};
 
@@ -35,7 +36,11 @@ pub(crate) fn run_port(
     let shared = shared.clone();
     let task = async move {
         serve.await;
-        shared.endpoints.remove(&endpoint);
+        if let Some(user) = shared.endpoints.remove(&endpoint) {
+            if let Some(claim) = claim_of(&endpoint) {
+                nodes::release(&shared, (claim.0, claim.1, ""), user);
+            }
+        }
         info!(?endpoint, "port closed");
     };
     tokio::spawn(task.instrument(span));
@@ -127,7 +132,11 @@ async fn reserve_exact(
     if let Some(released) = pending_release {
         let _ = tokio::time::timeout(RELEASE_WAIT, released.cancelled()).await;
     }
-    try_bind(shared, member, protocol, port).await.ok_or(RegisterError::PortTaken { port })
+    match try_bind(shared, member, protocol, port).await {
+        Ok(bound) => Ok(bound),
+        Err(Unbound::Taken) => Err(RegisterError::PortTaken { port }),
+        Err(Unbound::Refused(refusal)) => Err(refusal),
+    }
 }
 
 async fn reserve_random(
@@ -144,30 +153,79 @@ async fn reserve_random(
         return Err(RegisterError::PortLimit { limit, whose: whose(own, user), protocol });
     }
     let start = rand::random::<u32>() % total;
+    let user = &member.session.user;
     for i in 0..total {
         let port = nth_port(ranges, (start + i) % total);
-        if let Some(bound) = try_bind(shared, member, protocol, port).await {
-            return Ok((port, bound));
+        if shared
+            .cluster()
+            .is_some_and(|c| c.claimed_by_other(cluster_kind(protocol), &port.to_string(), user))
+        {
+            continue;
+        }
+        match try_bind(shared, member, protocol, port).await {
+            Ok(bound) => return Ok((port, bound)),
+            Err(Unbound::Taken) => {}
+            Err(Unbound::Refused(refusal)) => return Err(refusal),
         }
     }
     Err(RegisterError::NoFreePort { ranges: describe(ranges) })
 }
 
-/// Records `port` for `member` if free in the table, then binds it; undoes the record on
-/// failure. The port's pool closes when its last member leaves or the server shuts down.
+/// Why a port was not bound.
+enum Unbound {
+    /// Taken here or by another user of the cluster: another port may do.
+    Taken,
+    /// Refused in a way no other port changes (the cluster store is unreachable).
+    Refused(RegisterError),
+}
+
+/// The cluster-wide claim kind of ports of `protocol`.
+fn cluster_kind(protocol: PortProtocol) -> ClaimKind {
+    match protocol {
+        PortProtocol::Tcp => ClaimKind::Tcp,
+        PortProtocol::Udp => ClaimKind::Udp,
+    }
+}
+
+/// The cluster-wide claim of a port endpoint.
+fn claim_of(endpoint: &Endpoint) -> Option<(ClaimKind, String)> {
+    match endpoint {
+        Endpoint::Port(port) => Some((ClaimKind::Tcp, port.to_string())),
+        Endpoint::UdpPort(port) => Some((ClaimKind::Udp, port.to_string())),
+        _ => None,
+    }
+}
+
+/// Records `port` for `member` if free in the table (and, in a cluster, claims it
+/// cluster-wide), then binds it; undoes the record on failure. The port's pool closes
+/// when its last member leaves or the server shuts down.
 async fn try_bind(
     shared: &ServerShared,
     member: &Member,
     protocol: PortProtocol,
     port: u16,
-) -> Option<Bound> {
+) -> Result<Bound, Unbound> {
     let endpoint = Endpoint::port(protocol, port);
     {
         let mut table = shared.endpoints.lock();
         if table.pools.contains_key(&endpoint) {
-            return None;
+            return Err(Unbound::Taken);
         }
         table.pools.insert(endpoint.clone(), Pool::new(member.clone(), shared.shutdown.child_token()));
+    }
+    if shared.cluster().is_some() {
+        let record = ClaimRecord { session: member.session.id, service: member.tunnel.name.clone() };
+        let (user, name) = (&member.session.user, port.to_string());
+        if let Err(refusal) = nodes::claim(shared, (cluster_kind(protocol), &name, ""), user, record).await {
+            shared.endpoints.remove(&endpoint);
+            return Err(match refusal {
+                RegisterError::PortTaken { .. } => Unbound::Taken,
+                refusal => Unbound::Refused(refusal),
+            });
+        }
+        if protocol == PortProtocol::Tcp {
+            nodes::take_port_over(shared, port).await;
+        }
     }
     let addr = SocketAddr::new(shared.config.public_ip(), port);
     let bound = match protocol {
@@ -180,10 +238,12 @@ async fn try_bind(
             .map(Bound::Udp),
     };
     match bound {
-        Ok(bound) => Some(bound),
+        Ok(bound) => Ok(bound),
         Err(_) => {
-            shared.endpoints.remove(&endpoint);
-            None
+            if let (Some(user), Some(claim)) = (shared.endpoints.remove(&endpoint), claim_of(&endpoint)) {
+                nodes::release(shared, (claim.0, claim.1, ""), user);
+            }
+            Err(Unbound::Taken)
         }
     }
 }

@@ -4,8 +4,14 @@
 //! with its last member, and is given back once its listener is dropped.
 
 use std::borrow::Cow;
+use std::io;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -18,7 +24,7 @@ use super::ports::{reserve_port, run_port, Bound};
 use super::proxy_header::proxy_header;
 use super::ServerShared;
 use crate::proto::{PortProtocol, RegisterError};
-use crate::transport::reset_on_drop;
+use crate::transport::{reset_on_drop, Stream};
 
 /// Watches a member of a port's pool (`endpoint`): when its tunnel closes it leaves the
 /// pool, and the last one to leave closes the port and waits until the port is given back.
@@ -88,6 +94,7 @@ async fn accept_visitors(
     while let Some((visitor, addr)) = accept_until(listener, closed, &mut errors).await {
         let rotation = shared.endpoints.rotation(&Endpoint::Port(port), |m| !m.tunnel.token.is_cancelled());
         // Admission and hooks run in the visitor's own task, never in the accept loop.
+        let _ = visitor.set_nodelay(true);
         let visit = serve_visitor(shared.clone(), rotation, visitor, addr);
         tokio::spawn(visit.instrument(tracing::debug_span!("visitor", %addr)));
     }
@@ -98,29 +105,109 @@ const EARLY_BYTES: usize = 16 * 1024;
 
 /// Serves a visitor through the first of `rotation` that lets it in; when that member's
 /// client turns out to be gone before it answered, the visitor moves on to the next.
-async fn serve_visitor(
+pub(crate) async fn serve_visitor<V: PortVisitor>(
     shared: Arc<ServerShared>,
     rotation: Vec<Member>,
-    mut visitor: TcpStream,
+    mut visitor: V,
     addr: SocketAddr,
 ) {
-    let _ = visitor.set_nodelay(true);
-    let mut entrance = PortEntrance { rotation: rotation.into_iter(), current: None, early: None, addr };
+    let mut entrance = PortEntrance {
+        rotation: rotation.into_iter(),
+        current: None,
+        early: None,
+        addr,
+        visitor: PhantomData,
+    };
     dispatch(&shared, &mut entrance, &mut visitor, addr).await;
 }
 
+/// A visitor of a public port: a TCP connection, or one another node of a cluster
+/// relayed here.
+pub(crate) trait PortVisitor: AsyncRead + AsyncWrite + Unpin + Send {
+    /// What the visitor already sent, read without waiting.
+    fn read_early(&mut self) -> Vec<u8>;
+    /// The public address the visitor came to.
+    fn public_addr(&self) -> Option<SocketAddr>;
+    /// Makes the close a reset, for a transfer that was cut off.
+    fn reset_on_drop(&self);
+}
+
+impl PortVisitor for TcpStream {
+    fn read_early(&mut self) -> Vec<u8> {
+        let mut early = vec![0; EARLY_BYTES];
+        let read = self.try_read(&mut early).unwrap_or(0);
+        early.truncate(read);
+        early.shrink_to_fit();
+        early
+    }
+
+    fn public_addr(&self) -> Option<SocketAddr> {
+        self.local_addr().ok()
+    }
+
+    fn reset_on_drop(&self) {
+        reset_on_drop(self);
+    }
+}
+
+/// A visitor of a port that another node of the cluster accepted and relayed here.
+pub(crate) struct Relayed {
+    pub(crate) stream: Stream,
+    /// The address the visitor came to, on that node.
+    pub(crate) public: SocketAddr,
+    /// Bytes that came along with the relay's first frame.
+    pub(crate) early: Vec<u8>,
+}
+
+impl PortVisitor for Relayed {
+    fn read_early(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.early)
+    }
+
+    fn public_addr(&self) -> Option<SocketAddr> {
+        Some(self.public)
+    }
+
+    fn reset_on_drop(&self) {}
+}
+
+impl AsyncRead for Relayed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Relayed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// A visitor of a public TCP port, offered to the port's members in round-robin order.
-struct PortEntrance {
+struct PortEntrance<V> {
     rotation: std::vec::IntoIter<Member>,
     /// The member last offered the visitor.
     current: Option<Member>,
     /// The visitor's first bytes, read once and kept so they can be offered again.
     early: Option<Vec<u8>>,
     addr: SocketAddr,
+    visitor: PhantomData<fn(V)>,
 }
 
-impl Entrance for PortEntrance {
-    type Visitor = TcpStream;
+impl<V: PortVisitor> Entrance for PortEntrance<V> {
+    type Visitor = V;
     /// No member of the port is open.
     type Unrouted = ();
     const PASSES_ON_REFUSAL: bool = true;
@@ -134,8 +221,8 @@ impl Entrance for PortEntrance {
         Ok(member)
     }
 
-    fn first_bytes(&mut self, visitor: &mut TcpStream) -> (Cow<'_, [u8]>, usize) {
-        let early = self.early.get_or_insert_with(|| read_early(visitor));
+    fn first_bytes(&mut self, visitor: &mut V) -> (Cow<'_, [u8]>, usize) {
+        let early = self.early.get_or_insert_with(|| visitor.read_early());
         let read = early.len();
         match self.current.as_ref().and_then(|m| proxy_header_for(m, visitor, self.addr, early)) {
             Some(with_header) => (Cow::Owned(with_header), read),
@@ -143,26 +230,22 @@ impl Entrance for PortEntrance {
         }
     }
 
-    async fn answer(&mut self, visitor: &mut TcpStream, why: NotServed<()>) {
+    async fn answer(&mut self, visitor: &mut V, why: NotServed<()>) {
         if let NotServed::Cut = why {
-            reset_on_drop(visitor);
+            visitor.reset_on_drop();
         }
     }
 }
 
-/// Reads what the visitor already sent (without waiting).
-fn read_early(visitor: &mut TcpStream) -> Vec<u8> {
-    let mut early = vec![0; EARLY_BYTES];
-    let read = visitor.try_read(&mut early).unwrap_or(0);
-    early.truncate(read);
-    early.shrink_to_fit();
-    early
-}
-
 /// The PROXY header and the early bytes, when the member's service asks for the header.
-fn proxy_header_for(member: &Member, visitor: &TcpStream, addr: SocketAddr, early: &[u8]) -> Option<Vec<u8>> {
+fn proxy_header_for(
+    member: &Member,
+    visitor: &impl PortVisitor,
+    addr: SocketAddr,
+    early: &[u8],
+) -> Option<Vec<u8>> {
     let version = member.proxy_protocol?;
-    let public = visitor.local_addr().ok()?;
+    let public = visitor.public_addr()?;
     let mut first = proxy_header(version, addr, public);
     first.extend_from_slice(early);
     Some(first)

@@ -23,10 +23,11 @@ pub use proxy::{ProxyAddr, ProxyKind};
 use quic::QuicDialer;
 pub(crate) use quic::{
     accept_stream, open_stream, server_endpoint as quic_server_endpoint, transport as quic_transport,
+    PinnedIdentity,
 };
 pub use quic::{Congestion, QuicLink, QuicStream, ALPN as QUIC_ALPN};
+pub(crate) use tls::fingerprint;
 pub use tls::{client_tls_config, server_tls_acceptor, server_tls_config, RemoteTrust, TlsError, TlsVersion};
-pub(crate) use tls::{fingerprint, fingerprint_server_config, pinned_client_config};
 pub use ws::WsStream;
 pub(crate) use ws::{
     accept as accept_websocket, upgrade_key as websocket_upgrade_key,

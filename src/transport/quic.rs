@@ -14,6 +14,9 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::tls::{fingerprint, fingerprint_server_config, pinned_client_config, AcceptsFingerprint};
 use super::{AsyncStream, Stream, TlsError};
 
 /// The ALPN protocol name of ferry over QUIC.
@@ -223,4 +226,67 @@ pub(crate) async fn open_stream(connection: &quinn::Connection) -> io::Result<St
 pub(crate) async fn accept_stream(connection: &quinn::Connection) -> Option<Stream> {
     let stream = connection.accept_bi().await.ok()?;
     Some(Box::new(QuicStream::new(stream)))
+}
+
+/// A self-signed certificate made at start, for QUIC connections whose ends pin each
+/// other's certificate by its SHA-256 (mutual TLS): between clients (P2P) and between
+/// cluster nodes.
+pub(crate) struct PinnedIdentity {
+    certificate: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+    fingerprint: [u8; 32],
+}
+
+impl PinnedIdentity {
+    /// A fresh certificate for `name` (not checked by the other end: the fingerprint is).
+    pub(crate) fn generate(name: &str) -> io::Result<Self> {
+        let made = rcgen::generate_simple_self_signed(vec![name.to_owned()])
+            .map_err(|e| io::Error::other(format!("certificate: {e}")))?;
+        let certificate = made.cert.der().clone();
+        let key = PrivatePkcs8KeyDer::from(made.signing_key.serialize_der());
+        Ok(PinnedIdentity { fingerprint: fingerprint(&certificate), certificate, key })
+    }
+
+    /// SHA-256 of the certificate.
+    pub(crate) fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    fn pair(&self) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        (self.certificate.clone(), PrivateKeyDer::Pkcs8(self.key.clone_key()))
+    }
+
+    /// The accepting side: asks every client for a certificate that `accepts` lets in.
+    pub(crate) fn server_config(
+        &self,
+        accepts: AcceptsFingerprint,
+        alpn: &[u8],
+        transport: Arc<quinn::TransportConfig>,
+    ) -> io::Result<quinn::ServerConfig> {
+        let mut tls =
+            fingerprint_server_config(self.pair(), accepts).map_err(|e| io::Error::other(e.to_string()))?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let crypto =
+            QuicServerConfig::try_from(tls).map_err(|e| io::Error::other(format!("QUIC TLS: {e}")))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(transport);
+        Ok(config)
+    }
+
+    /// The connecting side: accepts only the certificate of SHA-256 `pinned`.
+    pub(crate) fn client_config(
+        &self,
+        pinned: [u8; 32],
+        alpn: &[u8],
+        transport: Arc<quinn::TransportConfig>,
+    ) -> io::Result<quinn::ClientConfig> {
+        let mut tls =
+            pinned_client_config(pinned, self.pair()).map_err(|e| io::Error::other(e.to_string()))?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| io::Error::other(format!("QUIC TLS: {e}")))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(transport);
+        Ok(config)
+    }
 }

@@ -49,6 +49,7 @@ fn modules_depend_one_way() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let rules: &[(&str, &[&str])] = &[
         ("config", &["server", "client"]),
+        ("cluster", &["server", "client"]),
         ("proto", &["auth", "server", "client", "config"]),
         ("auth.rs", &["proto", "server", "client", "config"]),
         ("seal.rs", &["auth", "proto", "server", "client", "config"]),

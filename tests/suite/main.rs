@@ -12,6 +12,7 @@ mod bans;
 mod browsers;
 mod cli;
 mod client_process;
+mod cluster;
 mod dashboard;
 mod discovery;
 mod eavesdropper;

@@ -3,14 +3,13 @@
 //! server when it cannot; who may reach a service; peers-only services.
 //! The NAT cases run in network namespaces (`faults/nat.rs`).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::common::services::serve_hashing;
+use crate::common::services::{hash_through, hashing_service};
 use crate::common::*;
 use ferry::{Client, ClientConfig, ForwardConfig, PeerPolicy, ServerHandle, ServiceConfig, ServiceInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// A server with a STUN port and two users, id1 and id2.
 async fn p2p_server() -> ServerHandle {
@@ -23,29 +22,6 @@ fn peer_config(server: &ServerHandle, id: &str, secret: &str) -> ClientConfig {
     let mut config = client_config(server.local_addr(), id, secret);
     config.p2p.remote_stun = server.stun_local_addr().map(|a| a.to_string());
     config
-}
-
-/// A sink service answering each connection with the SHA-256 of what it got.
-async fn hashing_service() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    serve_hashing(listener);
-    addr
-}
-
-/// Sends `payload` through `forward`, closes its side, and returns the hash answered.
-async fn hash_through(forward: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let mut stream = TcpStream::connect(forward).await.unwrap();
-    let (mut read, mut write) = stream.split();
-    let send = async {
-        write.write_all(payload).await.unwrap();
-        write.shutdown().await.unwrap();
-    };
-    let mut answer = Vec::new();
-    let receive = read.read_to_end(&mut answer);
-    let (_, got) = tokio::join!(send, receive);
-    got.unwrap();
-    answer
 }
 
 /// The service named `name` as its owner's discovery shows it.

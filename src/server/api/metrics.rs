@@ -26,6 +26,7 @@ pub(crate) struct Metrics {
     udp_dropped: Counter,
     stun_answers: Counter,
     peer_events: Family<Labels, Counter>,
+    node_relays: Family<Labels, Counter>,
     handshakes: Histogram,
 }
 
@@ -38,6 +39,7 @@ impl Default for Metrics {
             udp_dropped: Counter::default(),
             stun_answers: Counter::default(),
             peer_events: Family::default(),
+            node_relays: Family::default(),
             // 0.5 ms to about 4 s.
             handshakes: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         }
@@ -68,6 +70,11 @@ impl Metrics {
     /// The STUN server answered a Binding request.
     pub(crate) fn stun_answered(&self) {
         self.stun_answers.inc();
+    }
+
+    /// A visitor was relayed between cluster nodes (`out` to another, `in` from one).
+    pub(crate) fn node_relay(&self, direction: &'static str) {
+        self.node_relays.get_or_create(&vec![("direction", direction.to_owned())]).inc();
     }
 
     /// Something happened to a peer connection (`peers.rs`).
@@ -110,6 +117,11 @@ impl Metrics {
             "p2p_events",
             "Peer connections: offers passed to serving clients (attempt), direct paths up (direct), punching given up (fallback), direct paths found after a fallback (upgrade)",
             self.peer_events.clone(),
+        );
+        registry.register(
+            "node_relays",
+            "Visitors relayed between cluster nodes: to a node holding their tunnel (out), from another node (in)",
+            self.node_relays.clone(),
         );
         registry.register(
             "handshake_seconds",

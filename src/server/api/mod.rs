@@ -126,6 +126,7 @@ fn guarded_routes() -> Vec<Route> {
     vec![
         route("/status", Method::GET, status),
         route("/health", Method::GET, health),
+        route("/cluster", Method::GET, cluster),
         route("/clients", Method::GET, clients),
         route("/clients/{cid}", Method::DELETE, kick_client),
         route("/services", Method::GET, services),
@@ -238,6 +239,28 @@ async fn health(State(shared): State<Arc<ServerShared>>) -> Json<serde_json::Val
     let sessions = shared.registry.sessions();
     let services: usize = sessions.iter().map(|s| s.tunnels().len()).sum();
     Json(json!({ "status": "ok", "clients": sessions.len(), "services": services }))
+}
+
+/// The cluster's nodes and where each tunnel lives (`enabled: false` outside a cluster).
+async fn cluster(State(shared): State<Arc<ServerShared>>) -> Json<serde_json::Value> {
+    let Some(cluster) = shared.cluster() else { return Json(json!({ "enabled": false })) };
+    let nodes: Vec<_> = cluster
+        .nodes()
+        .into_iter()
+        .map(|(id, record)| json!({ "id": id, "addr": record.addr.to_string(), "self": id == cluster.node }))
+        .collect();
+    let tunnels: Vec<_> = cluster
+        .claims()
+        .into_iter()
+        .flat_map(|(kind, name, holders)| {
+            holders.into_iter().map(move |h| {
+                json!({ "kind": kind.to_string(), "name": name, "route": h.route, "user": h.user,
+                        "node": h.node, "session": h.record.session, "service": h.record.service })
+            })
+        })
+        .collect();
+    Json(json!({ "enabled": true, "node": cluster.node, "etcd_reachable": cluster.is_reachable(),
+                 "nodes": nodes, "tunnels": tunnels }))
 }
 
 /// Filters shared by the listing routes.

@@ -10,11 +10,12 @@ use serde_json::Value;
 
 /// What each route can answer: 403 on all (a foreign Host without a token, or a ban), the
 /// token's 401 on all but the first two.
-const ROUTES: [(&str, &str, &[u16]); 11] = [
+const ROUTES: [(&str, &str, &[u16]); 12] = [
     ("get", "/", &[200, 403]),
     ("get", "/openapi.json", &[200, 403]),
     ("get", "/status", &[200, 401, 403]),
     ("get", "/health", &[200, 401, 403]),
+    ("get", "/cluster", &[200, 401, 403]),
     ("get", "/clients", &[200, 400, 401, 403]),
     ("delete", "/clients/{cid}", &[200, 400, 401, 403, 404]),
     ("get", "/services", &[200, 400, 401, 403]),

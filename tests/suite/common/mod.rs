@@ -236,6 +236,7 @@ where
     addr
 }
 
+pub mod etcd;
 pub mod raw;
 pub mod services;
 

@@ -60,3 +60,26 @@ pub fn serve_hashing(listener: TcpListener) {
         }
     });
 }
+
+/// A sink service answering each connection with the SHA-256 of what it got.
+pub async fn hashing_service() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    serve_hashing(listener);
+    addr
+}
+
+/// Sends `payload` through `forward`, closes its side, and returns the hash answered.
+pub async fn hash_through(forward: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(forward).await.unwrap();
+    let (mut read, mut write) = stream.split();
+    let send = async {
+        write.write_all(payload).await.unwrap();
+        write.shutdown().await.unwrap();
+    };
+    let mut answer = Vec::new();
+    let receive = read.read_to_end(&mut answer);
+    let (_, got) = tokio::join!(send, receive);
+    got.unwrap();
+    answer
+}
