@@ -82,7 +82,7 @@ pub mod signals;
 pub use client::{discover, free_ports, Client, ClientState, Forward, ForwardCounts, Registration};
 pub use config::{
     AuthApiConfig, ClientConfig, ClusterConfig, ConfigError, ForwardConfig, PeerConfig, PortRange,
-    ServerConfig, ServiceConfig, TcpAllowance, UserConfig,
+    RemoteStrategy, ServerConfig, ServiceConfig, TcpAllowance, UserConfig,
 };
 pub use error::{ClientError, ServerError};
 pub use proto::{

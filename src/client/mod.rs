@@ -8,6 +8,7 @@
 mod backoff;
 mod driver;
 mod forward;
+mod ha;
 mod login;
 mod peering;
 mod pool;
@@ -94,6 +95,9 @@ pub struct Client {
     remotes: Arc<Remotes>,
     /// P2P: the direct-connection endpoint and signalling, shared with the driver.
     peering: Arc<Peering>,
+    /// With `ha-connections`: clients logged in to the other remotes, each serving every
+    /// tunnel on the same port or host (`ha.rs`).
+    standby: Vec<Client>,
 }
 
 impl Client {
@@ -101,6 +105,7 @@ impl Client {
     ///
     /// Fails if the server cannot be reached or refuses the login.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        let (config, standby) = ha::standby(config)?;
         let remotes = Arc::new(Remotes::new(&config)?);
         let instance = format!("{:032x}", rand::random::<u128>());
         let connectors = remotes.for_login().await;
@@ -109,7 +114,17 @@ impl Client {
         let dialers = remotes.clone();
         let p2p = (config.p2p.clone(), config.remote.host.clone(), config.local_timeout);
         let driver = |links| Driver::new(config, remotes, instance, links);
-        Ok(Client::start((driver, dialers, p2p), state, Some(first), None))
+        Ok(Client { standby, ..Client::start((driver, dialers, p2p), state, Some(first), None) })
+    }
+
+    /// Starts a client that logs in by itself, without waiting for it.
+    fn spawn(config: ClientConfig) -> Result<Client, ClientError> {
+        let remotes = Arc::new(Remotes::new(&config)?);
+        let instance = format!("{:032x}", rand::random::<u128>());
+        let dialers = remotes.clone();
+        let p2p = (config.p2p.clone(), config.remote.host.clone(), config.local_timeout);
+        let driver = |links| Driver::new(config, remotes, instance, links);
+        Ok(Client::start((driver, dialers, p2p), ClientState::Connecting, None, None))
     }
 
     /// Connects and logs in, retrying what may pass (the server not up yet or unreachable,
@@ -117,6 +132,7 @@ impl Client {
     /// as a service started before its server needs. Fails only with a final error
     /// ([`ClientError::is_fatal`]).
     pub async fn connect_retrying(config: ClientConfig) -> Result<Client, ClientError> {
+        let (config, standby) = ha::standby(config)?;
         let remotes = Arc::new(Remotes::new(&config)?);
         let instance = format!("{:032x}", rand::random::<u128>());
         let (fatal, mut failed) = oneshot::channel();
@@ -124,6 +140,7 @@ impl Client {
         let p2p = (config.p2p.clone(), config.remote.host.clone(), config.local_timeout);
         let driver = |links| Driver::new(config, remotes, instance, links);
         let client = Client::start((driver, dialers, p2p), ClientState::Connecting, None, Some(fatal));
+        let client = Client { standby, ..client };
         let mut state = client.state();
         tokio::select! {
             biased;
@@ -163,6 +180,7 @@ impl Client {
             token,
             remotes,
             peering,
+            standby: Vec::new(),
         }
     }
 
@@ -236,12 +254,13 @@ impl Client {
         let (closed_tx, closed) = watch::channel(None);
         let (public_tx, public) = watch::channel(None);
         let listeners = Listeners { reply, closed: closed_tx, public: public_tx };
-        let wanted = Box::new(Wanted::new(service, listeners, keep_trying));
+        let wanted = Box::new(Wanted::new(service.clone(), listeners, keep_trying));
         self.commands.send(Command::Add { key, wanted }).map_err(|_| ClientError::Stopped)?;
         // Given up before the answer (dropped or timed out): the driver forgets the tunnel.
         let abandoned = AbandonGuard { key, commands: Some(self.commands.clone()) };
         let endpoint = answer.await.map_err(|_| ClientError::Stopped)?.map_err(ClientError::Register)?;
         abandoned.disarm();
+        let standby = self.standby.iter().map(|client| client.serve_too(&service, endpoint.port)).collect();
         Ok(Registration {
             key,
             port: endpoint.port,
@@ -250,7 +269,22 @@ impl Client {
             closed,
             public,
             commands: self.commands.clone(),
+            standby,
         })
+    }
+
+    /// Opens `service` on this standby client too, on the `port` the first client got
+    /// (asked again until it opens); the tunnel's key and this client's commands, to close it.
+    fn serve_too(&self, service: &ServiceConfig, port: u16) -> (u64, mpsc::UnboundedSender<Command>) {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let listeners = Listeners {
+            reply: oneshot::channel().0,
+            closed: watch::channel(None).0,
+            public: watch::channel(None).0,
+        };
+        let wanted = Box::new(Wanted::new(ha::same_endpoint(service, port), listeners, true));
+        let _ = self.commands.send(Command::Add { key, wanted });
+        (key, self.commands.clone())
     }
 
     /// Watches the connection state (connecting, connected, disconnected with a reason, stopped).
@@ -261,7 +295,10 @@ impl Client {
     /// Closes every tunnel and the connection, and waits for the client to stop.
     pub async fn shutdown(self) {
         self.token.cancel();
-        let Client { driver, .. } = self;
+        let Client { driver, standby, .. } = self;
+        for client in standby {
+            Box::pin(client.shutdown()).await;
+        }
         let _ = driver.await;
     }
 }
@@ -306,6 +343,8 @@ pub struct Registration {
     closed: watch::Receiver<Option<CloseReason>>,
     public: watch::Receiver<Option<String>>,
     commands: mpsc::UnboundedSender<Command>,
+    /// The same tunnel on the standby clients (`ha-connections`).
+    standby: Vec<(u64, mpsc::UnboundedSender<Command>)>,
 }
 
 impl Registration {
@@ -337,6 +376,9 @@ impl Registration {
     /// it anew cannot race the old one), or at once while the client is offline.
     pub fn cancel(&self) {
         let _ = self.commands.send(Command::Remove { key: self.key });
+        for (key, commands) in &self.standby {
+            let _ = commands.send(Command::Remove { key: *key });
+        }
     }
 
     /// Completes when the tunnel ends, with the reason.

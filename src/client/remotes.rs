@@ -10,10 +10,11 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use rand::seq::SliceRandom;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, RemoteStrategy};
 use crate::error::ClientError;
 use crate::transport::{Connector, JsonApi, RemoteAddr};
 
@@ -130,7 +131,7 @@ impl Remotes {
     }
 
     /// The connectors to try at this login, in order: the API's answer when there is an
-    /// API that answers, else the configured ones.
+    /// API that answers, else the configured ones; shuffled with `remote-strategy random`.
     pub(crate) async fn for_login(&self) -> Vec<Connector> {
         let chosen = match &self.api {
             None => self.configured.clone(),
@@ -146,6 +147,10 @@ impl Remotes {
                 }
             },
         };
+        let mut chosen = chosen;
+        if self.config.remote_strategy == RemoteStrategy::Random {
+            chosen.shuffle(&mut rand::thread_rng());
+        }
         *self.current() = chosen.clone();
         chosen
     }

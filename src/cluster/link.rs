@@ -1,7 +1,7 @@
 //! Node-to-node links: one QUIC endpoint per node on `--node-addr`, one connection to each
 //! other node that it relays visitors to, a stream per visitor. Each stream starts with a
-//! [`NodeVisit`] frame (which entrance the visitor came in by, from where), then carries
-//! the visitor's bytes both ways.
+//! [`NodeVisit`] frame (which entrance the visitor came in by, from where), answered by one
+//! byte when the other node takes the visitor, then carries the visitor's bytes both ways.
 //!
 //! Each node shows a self-signed certificate made at start and published with its node
 //! record in etcd; both ends pin the other's by that fingerprint (mutual TLS), so only
@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +37,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A node that could not be reached is not tried again for this long.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(3);
+
+/// How long the other node may take to take a visitor (one round trip between nodes).
+const TAKEN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The byte a node answers a relayed visitor's first frame with.
+const TAKEN: [u8; 1] = [1];
 
 /// How long the first frame of a stream may take.
 const VISIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -127,19 +133,36 @@ impl NodeLink {
         (node, addr, print): (&str, SocketAddr, [u8; 32]),
         visit: &NodeVisit,
     ) -> io::Result<Stream> {
-        let connection = match self.connection(node, addr, print).await {
-            Ok(connection) => connection,
-            Err(err) => {
-                let mut unreachable = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
-                unreachable.insert(node.to_owned(), Instant::now() + UNREACHABLE_FOR);
-                return Err(err);
+        let opened = async {
+            let connection = self.connection(node, addr, print).await?;
+            let mut stream = open_stream(&connection).await?;
+            let mut frame = Vec::new();
+            encode_frame(visit, &mut frame).map_err(io::Error::other)?;
+            stream.write_all(&frame).await?;
+            // The other node takes the visitor with one byte: a node that died a moment
+            // ago (its link not timed out yet) is told apart within a round trip.
+            let mut taken = [0u8; 1];
+            match tokio::time::timeout(TAKEN_TIMEOUT, stream.read_exact(&mut taken)).await {
+                Ok(Ok(_)) if taken == TAKEN => Ok(stream),
+                Ok(Ok(_)) => {
+                    Err(io::Error::new(io::ErrorKind::InvalidData, "the node answered something else"))
+                }
+                Ok(Err(err)) => Err(err),
+                Err(_) => {
+                    connection.close(0u32.into(), b"no answer");
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("node {node} did not take the visitor"),
+                    ))
+                }
             }
         };
-        let mut stream = open_stream(&connection).await?;
-        let mut frame = Vec::new();
-        encode_frame(visit, &mut frame).map_err(io::Error::other)?;
-        stream.write_all(&frame).await?;
-        Ok(stream)
+        let opened = opened.await;
+        if opened.is_err() {
+            let mut unreachable = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+            unreachable.insert(node.to_owned(), Instant::now() + UNREACHABLE_FOR);
+        }
+        opened
     }
 
     /// The live connection to `node`, made if there is none.
@@ -210,7 +233,9 @@ async fn arrive(mut stream: Stream, arrivals: mpsc::Sender<Arrival>) {
         tokio::time::timeout(VISIT_TIMEOUT, read_frame_buffered::<_, NodeVisit>(&mut stream, &mut read));
     match visit.await {
         Ok(Ok(visit)) => {
-            let _ = arrivals.send(Arrival { visit, stream, read }).await;
+            if stream.write_all(&TAKEN).await.is_ok() {
+                let _ = arrivals.send(Arrival { visit, stream, read }).await;
+            }
         }
         Ok(Err(err)) => warn!(%err, "a node sent a broken visit frame"),
         Err(_) => warn!("a node opened a stream and sent nothing"),

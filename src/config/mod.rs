@@ -291,6 +291,12 @@ pub struct ClientConfig {
     /// `{"remote": "tls://host:port"}` or a list. `remote` and `fallback_remotes` serve when
     /// it cannot be asked.
     pub remote_api: Option<String>,
+    /// The order remotes are tried in at each login (`--remote-strategy`).
+    pub remote_strategy: RemoteStrategy,
+    /// Sessions kept at once, each to another remote (`--ha-connections`): with 2 or more
+    /// the client is logged in to several servers of a cluster, each serving its tunnels
+    /// on the same public ports and hosts, so losing one server costs no reconnect.
+    pub ha_connections: u32,
     /// Most visitors (each a data connection, or a QUIC stream) one tunnel of this client
     /// serves at once (`--remote-connections`); lowers each service's `max_serve_conn`.
     pub remote_connections: Option<u32>,
@@ -331,6 +337,28 @@ pub struct ClientConfig {
     /// Local ports forwarded to other clients' P2P services (the CLI's `tcp-forward-addr`;
     /// a program calls [`Client::forward`](crate::Client::forward)).
     pub forwards: Vec<ForwardConfig>,
+}
+
+/// The order a client tries its remotes in at each login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemoteStrategy {
+    /// As given: the first that can be reached.
+    #[default]
+    InOrder,
+    /// Shuffled at each login, spreading clients over the servers of a cluster.
+    Random,
+}
+
+impl std::str::FromStr for RemoteStrategy {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "in-order" => Ok(RemoteStrategy::InOrder),
+            "random" => Ok(RemoteStrategy::Random),
+            other => Err(format!("'{other}' is not a remote strategy (use in-order or random)")),
+        }
+    }
 }
 
 /// How a client makes direct (P2P) connections to other clients.
@@ -383,6 +411,8 @@ impl ClientConfig {
             remote,
             fallback_remotes: Vec::new(),
             remote_api: None,
+            remote_strategy: RemoteStrategy::default(),
+            ha_connections: 1,
             remote_connections: None,
             id: id.to_owned(),
             secret: Secret::new(secret),

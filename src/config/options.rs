@@ -13,8 +13,8 @@ use super::process::command_options;
 pub use super::process::{CommandOptions, ProcessOptions, ProcessSignal};
 pub use super::users_key::UsersOption;
 use super::{
-    AuthApiConfig, ClientConfig, ClusterConfig, ConfigError, ForwardConfig, PortRange, ServerConfig,
-    ServiceConfig, ServiceKind,
+    AuthApiConfig, ClientConfig, ClusterConfig, ConfigError, ForwardConfig, PortRange, RemoteStrategy,
+    ServerConfig, ServiceConfig, ServiceKind,
 };
 use crate::auth::Secret;
 use crate::proto::{Compression, PeerPolicy, ProxyProtocol};
@@ -238,6 +238,15 @@ pub struct ClientOptions {
     /// if given, serves when the API cannot be asked.
     #[arg(long)]
     pub remote_api: Option<String>,
+    /// The order remotes are tried in at each login: in-order (the first that answers) or
+    /// random (spreads clients over a cluster's servers). [default: in-order]
+    #[arg(long)]
+    pub remote_strategy: Option<RemoteStrategy>,
+    /// Sessions kept at once, each to another --remote (servers of one cluster): every
+    /// tunnel is served by each, on the same ports and hosts, so losing a server costs
+    /// no reconnect (cloudflared's model). [default: 1]
+    #[arg(long)]
+    pub ha_connections: Option<u32>,
     /// Most visitors (data connections, or QUIC streams) one tunnel serves at once; lowers
     /// each service's max-serve-conn. [default: no limit]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -610,6 +619,8 @@ impl ClientOptions {
         let mut config = ClientConfig::new(remote, &id, secret.expose());
         config.fallback_remotes = fallback_remotes;
         config.remote_api = self.remote_api;
+        config.remote_strategy = self.remote_strategy.unwrap_or_default();
+        config.ha_connections = self.ha_connections.unwrap_or(1);
         config.remote_connections = self.remote_connections;
         config.remote_trust = match (self.remote_cert, self.remote_cert_insecure.unwrap_or(false)) {
             (Some(_), true) => {

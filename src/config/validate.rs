@@ -105,6 +105,17 @@ impl ClientConfig {
         if self.secret.expose().is_empty() {
             return Err(ConfigError::new("secret", "empty"));
         }
+        let remotes = 1 + self.fallback_remotes.len();
+        if self.ha_connections == 0 || self.ha_connections > 8 {
+            return Err(ConfigError::new("ha-connections", "1 to 8"));
+        }
+        if self.ha_connections as usize > remotes && self.remote_api.is_none() {
+            let reason = format!(
+                "{} sessions need as many remotes (--remote given {remotes} times)",
+                self.ha_connections
+            );
+            return Err(ConfigError::new("ha-connections", reason));
+        }
         Ok(())
     }
 }

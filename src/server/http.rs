@@ -61,11 +61,19 @@ pub(crate) async fn open_host(
     Ok((0, Some(host)))
 }
 
+/// Where an HTTP visitor came from: a listener here, or another node of the cluster
+/// (never relayed again, so stale tables cannot pass a visitor around).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arrived {
+    Here,
+    FromNode,
+}
+
 /// Serves one HTTP visitor whose first bytes (if any) are in `read`.
 pub(crate) async fn serve_visitor(
     shared: Arc<ServerShared>,
     mut visitor: Stream,
-    peer: SocketAddr,
+    (peer, arrived): (SocketAddr, Arrived),
     mut read: BytesMut,
     scheme: &'static str,
     handshake: Handshake,
@@ -93,7 +101,7 @@ pub(crate) async fn serve_visitor(
     if webrtc::is_well_known(&head.target) {
         return webrtc::serve(shared, visitor, peer, &head, read.split_off(head_len)).await;
     }
-    if let Some(name) = nodes::held_elsewhere(&shared, &head) {
+    if let Some(name) = nodes::held_elsewhere(&shared, &head).filter(|_| arrived == Arrived::Here) {
         return nodes::relay_http(&shared, &name, (visitor, &read), (peer, scheme)).await;
     }
     let pinning = Pinning {

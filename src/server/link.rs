@@ -54,7 +54,8 @@ pub(super) async fn serve_link(
             let Some(handshake) = shared.handshakes.sort(handshake, Sorted::Visitor) else {
                 return debug!(%peer, "too many visitors in their handshake; closing");
             };
-            return http::serve_visitor(shared, stream, peer, read, scheme, handshake).await;
+            let here = (peer, http::Arrived::Here);
+            return http::serve_visitor(shared, stream, here, read, scheme, handshake).await;
         }
         Ok(Err((err, stream))) => return refuse_link(stream, err, peer).await,
         Err(_) => return debug!(%peer, "link timed out before its preamble"),

@@ -151,7 +151,8 @@ async fn serve_arrival(shared: Arc<ServerShared>, Arrival { visit, stream, read 
                 return debug!(%peer, "too many visitors in their handshake; closing");
             };
             let scheme = if tls { "https" } else { "http" };
-            http::serve_visitor(shared, stream, peer, read, scheme, handshake).await
+            http::serve_visitor(shared, stream, (peer, http::Arrived::FromNode), read, scheme, handshake)
+                .await
         }
     }
 }

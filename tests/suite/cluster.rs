@@ -5,12 +5,17 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
+use crate::cli::ferry;
 use crate::common::etcd::EtcdProcess;
 use crate::common::http::{get, http_service};
 use crate::common::services::{hash_through, hashing_service};
 use crate::common::*;
-use ferry::{Client, ClientError, ClusterConfig, RegisterError, ServerHandle, ServiceConfig};
+use ferry::{
+    Client, ClientConfig, ClientError, ClusterConfig, RegisterError, RemoteAddr, ServerHandle, ServiceConfig,
+};
 
 /// A node of the cluster at `etcd`, on its own loopback address `127.0.0.<n>` (its public
 /// ports are bound there), with users id1 and id2.
@@ -158,6 +163,246 @@ async fn every_nodes_api_lists_the_nodes_and_where_each_tunnel_lives() {
         });
         let err = ferry::Server::bind(config).await.err().expect("refused").to_string();
         assert!(err.contains("node id n1 is in use"), "{err}");
+    })
+    .await
+}
+
+/// A node as its own `ferry server` process (to be killed with SIGKILL), on
+/// `127.0.0.<n>`; returns it with its client and HTTP address.
+async fn node_process(etcd: &EtcdProcess, n: u8) -> (tokio::process::Child, SocketAddr) {
+    let addr = tokio::net::TcpListener::bind(format!("127.0.0.{n}:0")).await.unwrap().local_addr().unwrap();
+    let (listen, node_addr, id) = (addr.to_string(), format!("127.0.0.{n}:0"), format!("n{n}"));
+    let args = [
+        "server",
+        "--addr",
+        &listen,
+        "--id",
+        "id1",
+        "--secret",
+        "secret1",
+        "--tcp-range",
+        "1024-65535",
+        "--cluster-etcd",
+        &etcd.url,
+        "--node-id",
+        &id,
+        "--node-addr",
+        &node_addr,
+        "--log-level",
+        "info",
+    ];
+    let mut child = ferry().args(args).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = format!("listening addr={listen} listener=\"addr\"");
+    loop {
+        let line = lines.next_line().await.unwrap().expect("the node exited before it listened");
+        if line.contains(&listening) {
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+/// Three nodes as processes, and their client addresses.
+async fn three_node_processes(
+    etcd: &EtcdProcess,
+) -> (Vec<(tokio::process::Child, SocketAddr)>, Vec<SocketAddr>) {
+    let mut nodes = Vec::new();
+    for n in 1..=3 {
+        nodes.push(node_process(etcd, n).await);
+    }
+    let remotes = nodes.iter().map(|(_, addr)| *addr).collect();
+    (nodes, remotes)
+}
+
+/// Sends `payload` through `addr` and returns the hash answered; `None` on any failure
+/// (refused, reset, nothing answered within 5 s).
+async fn try_hash_through(addr: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let (mut read, mut write) = stream.split();
+        let send = async {
+            write.write_all(payload).await?;
+            write.shutdown().await
+        };
+        let mut answer = Vec::new();
+        let (sent, got) = tokio::join!(send, read.read_to_end(&mut answer));
+        (sent.is_ok() && got.is_ok() && !answer.is_empty()).then_some(answer)
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange).await.ok().flatten()
+}
+
+/// An HTTP GET for `host` at `addr`: its status, or `None` on any failure.
+async fn try_get(addr: SocketAddr, host: &str) -> Option<u16> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.ok()?;
+        // The status line is enough (the service may keep the connection open).
+        let mut answer = Vec::new();
+        while !answer.windows(2).any(|w| w == b"\r\n") {
+            let mut piece = [0u8; 512];
+            let read = stream.read(&mut piece).await.ok()?;
+            if read == 0 {
+                return None;
+            }
+            answer.extend_from_slice(&piece[..read]);
+        }
+        String::from_utf8_lossy(&answer).split(' ').nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange).await.ok().flatten()
+}
+
+/// A client of `remotes` in that order, with fast reconnects.
+fn cluster_client(remotes: &[SocketAddr], ha_connections: u32) -> ClientConfig {
+    let mut config = client_config(remotes[0], "id1", "secret1");
+    config.fallback_remotes =
+        remotes[1..].iter().map(|r| RemoteAddr::parse(&r.to_string()).unwrap()).collect();
+    config.ha_connections = ha_connections;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_node_dies_moves_to_another_with_its_port_and_host() {
+    within(60, async {
+        let etcd = EtcdProcess::start().await;
+        let (mut nodes, remotes) = three_node_processes(&etcd).await;
+        let client = Client::connect(cluster_client(&remotes, 1)).await.unwrap();
+        let port = free_port().await;
+        let tcp = ServiceConfig::tcp(&hashing_service().await.to_string()).with_remote_port(port);
+        let tcp = client.add_service(tcp).await.unwrap();
+        let web = ServiceConfig::http(&http_service("the service").await.to_string()).with_host_prefix("web");
+        let _web = client.add_service(web).await.unwrap();
+        let payload = random_bytes(1 << 20);
+        let at = |n: u8| -> SocketAddr { format!("127.0.0.{n}:{port}").parse().unwrap() };
+        wait_listening(at(2)).await;
+        assert_eq!(try_hash_through(at(2), &payload).await, Some(sha256(&payload).to_vec()));
+
+        nodes[0].0.kill().await.unwrap(); // SIGKILL: no goodbye, its lease just stops
+        let killed = tokio::time::Instant::now();
+        let served_again = async {
+            loop {
+                let tcp_ok = futures_util::future::join(
+                    try_hash_through(at(2), &payload),
+                    try_hash_through(at(3), &payload),
+                )
+                .await;
+                let http_ok =
+                    futures_util::future::join(try_get(remotes[1], "web"), try_get(remotes[2], "web")).await;
+                let hash = Some(sha256(&payload).to_vec());
+                if tcp_ok == (hash.clone(), hash) && http_ok == (Some(200), Some(200)) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(15), served_again).await.expect("served again within 15 s");
+        println!(
+            "cluster failover: visitors at the surviving nodes served again {:?} after the kill",
+            killed.elapsed()
+        );
+        assert_eq!(tcp.remote_port(), port);
+        let public = tcp.watch_public_addr().borrow().clone();
+        assert_eq!(public.as_deref(), Some(format!("127.0.0.2:{port}").as_str()), "on node 2 now");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_sessions_a_node_lost_costs_new_visitors_nothing() {
+    within(60, async {
+        let etcd = EtcdProcess::start().await;
+        let (mut nodes, remotes) = three_node_processes(&etcd).await;
+        let client = Client::connect(cluster_client(&remotes, 2)).await.unwrap();
+        let port = free_port().await;
+        let tcp = ServiceConfig::tcp(&hashing_service().await.to_string()).with_remote_port(port);
+        let _tcp = client.add_service(tcp).await.unwrap();
+        let at = |n: u8| -> SocketAddr { format!("127.0.0.{n}:{port}").parse().unwrap() };
+        let payload = random_bytes(1024);
+        let hash = Some(sha256(&payload).to_vec());
+        let both = poll_until(|| async {
+            let (a, b) = futures_util::future::join(try_hash_through(at(2), &payload), try_hash_through(at(3), &payload)).await;
+            a == hash && b == hash
+        });
+        assert!(both.await, "served at nodes 2 and 3");
+
+        // New visitors every 20 ms at nodes 2 and 3, from before the kill to 3 s after.
+        let mut failures = [0u32; 2];
+        let mut slowest = [Duration::ZERO; 2];
+        let mut visitors = 0;
+        let started = tokio::time::Instant::now();
+        let mut killed = false;
+        while started.elapsed() < Duration::from_secs(4) {
+            if !killed && started.elapsed() > Duration::from_secs(1) {
+                nodes[0].0.kill().await.unwrap();
+                killed = true;
+            }
+            for (i, n) in [2u8, 3].into_iter().enumerate() {
+                let asked = tokio::time::Instant::now();
+                if try_hash_through(at(n), &payload).await != hash {
+                    failures[i] += 1;
+                }
+                slowest[i] = slowest[i].max(asked.elapsed());
+            }
+            visitors += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!("ha-connections 2, node 1 killed: {visitors} visitors per node; failed at node 2: {}, at node 3: {}; slowest at node 2 {:?}, at node 3 {:?}", failures[0], failures[1], slowest[0], slowest[1]);
+        assert_eq!(failures, [0, 0], "no visitor lost at the surviving nodes");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_keep_working_while_etcd_is_away_and_registrations_resume_after() {
+    within(90, async {
+        let mut etcd = EtcdProcess::start().await;
+        let nodes = [node(&etcd, 1).await, node(&etcd, 2).await];
+        let client = connect(nodes[0].local_addr()).await;
+        let port = free_port().await;
+        let tcp = ServiceConfig::tcp(&hashing_service().await.to_string()).with_remote_port(port);
+        let _tcp = client.add_service(tcp).await.unwrap();
+        let web = ServiceConfig::http(&http_service("the service").await.to_string()).with_host_prefix("web");
+        let _web = client.add_service(web).await.unwrap();
+        let relayed: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+        wait_listening(relayed).await;
+        let host_known = poll_until(|| async { try_get(nodes[1].local_addr(), "web").await == Some(200) });
+        assert!(host_known.await, "node 2 relays the host");
+        let payload = random_bytes(64 << 10);
+        let hash = Some(sha256(&payload).to_vec());
+
+        etcd.stop();
+        let stopped = tokio::time::Instant::now();
+        let mut refused = None;
+        let mut visits = 0;
+        while stopped.elapsed() < Duration::from_secs(20) {
+            assert_eq!(
+                try_hash_through(relayed, &payload).await,
+                hash,
+                "relayed at node 2 while etcd is away"
+            );
+            assert_eq!(try_get(nodes[1].local_addr(), "web").await, Some(200), "host relayed at node 2");
+            visits += 1;
+            if refused.is_none() {
+                refused = Some(
+                    client.add_service(ServiceConfig::http("127.0.0.1:1").with_host_prefix("other")).await,
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let refused = refused.unwrap().unwrap_err().to_string();
+        assert!(refused.contains("the cluster store (etcd) is unreachable"), "{refused}");
+        let cluster = api(&nodes[1], "/cluster").await;
+        assert_eq!(cluster["etcd_reachable"], false);
+
+        etcd.restart().await;
+        let registered = poll_until(|| async {
+            client.add_service(ServiceConfig::http("127.0.0.1:1").with_host_prefix("later")).await.is_ok()
+        });
+        assert!(registered.await, "registrations work again once etcd is back");
+        assert_eq!(try_hash_through(relayed, &payload).await, hash);
+        println!("etcd away for 20 s: {visits} rounds of visitors served throughout");
     })
     .await
 }
