@@ -117,6 +117,22 @@ impl Etcd {
         Ok(answer["succeeded"].as_bool().unwrap_or(false))
     }
 
+    /// Writes `key` under `lease` only if its value is `old` now; false otherwise.
+    pub(crate) async fn replace(
+        &self,
+        key: &str,
+        (old, new): (&[u8], &[u8]),
+        lease: i64,
+    ) -> Result<bool, String> {
+        let key = BASE64.encode(key);
+        let request = json!({
+            "compare": [{ "key": key, "target": "VALUE", "result": "EQUAL", "value": BASE64.encode(old) }],
+            "success": [{ "request_put": { "key": key, "value": BASE64.encode(new), "lease": lease.to_string() } }],
+        });
+        let answer = self.call("/v3/kv/txn", request).await?;
+        Ok(answer["succeeded"].as_bool().unwrap_or(false))
+    }
+
     /// Deletes `key`; false when it did not exist.
     pub(crate) async fn delete(&self, key: &str) -> Result<bool, String> {
         let answer = self.call("/v3/kv/deleterange", json!({ "key": BASE64.encode(key) })).await?;

@@ -8,6 +8,10 @@
 //!   several nodes live side by side (a client that moved, or one logged in to two
 //!   nodes); a claim by another user is refused in the same transaction that writes it.
 //!
+//! - `/ferry/sessions/<user>/<slot>`: one of a user's sessions, for `sessions` counted
+//!   cluster-wide (slots `0..limit`, each taken create-if-absent under the node's lease;
+//!   a client that moved takes its own slot over).
+//!
 //! User ids and names are escaped (`%` and `/`), so each stays one path segment.
 
 use std::fmt;
@@ -19,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub(crate) const ROOT: &str = "/ferry/";
 const NODES: &str = "/ferry/nodes/";
 const CLAIMS: &str = "/ferry/claims/";
+const SESSIONS: &str = "/ferry/sessions/";
 
 /// What kind of name a claim holds; names of one kind are one namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -59,6 +64,15 @@ pub(crate) struct NodeRecord {
     pub(crate) addr: SocketAddr,
     /// SHA-256 of the certificate it shows other nodes, in base64.
     pub(crate) fingerprint: String,
+}
+
+/// Who holds a session slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SessionRecord {
+    pub(crate) node: String,
+    pub(crate) session: u64,
+    /// The client's instance (one per running client; the same after a reconnect).
+    pub(crate) instance: String,
 }
 
 /// What a claim says besides its key.
@@ -132,6 +146,19 @@ impl ClaimKey {
         };
         parts.next().is_none().then_some(ClaimKey { kind, name, user, node, route })
     }
+}
+
+/// The key of slot `slot` of `user`'s sessions.
+pub(crate) fn session_key(user: &str, slot: u32) -> String {
+    format!("{SESSIONS}{}/{slot}", escape(user))
+}
+
+/// The user a session slot key belongs to, if it is one.
+pub(crate) fn parse_session_key(key: &str) -> Option<String> {
+    let mut parts = key.strip_prefix(SESSIONS)?.split('/');
+    let user = unescape(parts.next()?)?;
+    parts.next()?.parse::<u32>().ok()?;
+    parts.next().is_none().then_some(user)
 }
 
 /// `%` and `/` written as `%25` and `%2F`, so any id is one path segment.

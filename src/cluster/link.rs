@@ -58,6 +58,8 @@ pub(crate) enum NodeEntrance {
     Port(u16),
     /// An HTTP listener (`tls`: after the first node ended TLS).
     Http { tls: bool },
+    /// The TLS passthrough listener (`sni-addr`).
+    Sni,
 }
 
 /// The first frame of a relayed visitor's stream.

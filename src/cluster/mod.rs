@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::config::ClusterConfig;
 use crate::transport::Stream;
 use etcd::Etcd;
+use keys::SessionRecord;
 use keys::{node_key, ClaimKey, ROOT};
 pub(crate) use keys::{ClaimKind, ClaimRecord, NodeRecord};
 use link::NodeLink;
@@ -274,6 +275,55 @@ impl Cluster {
         if let Err(err) = self.etcd.delete(&key).await {
             // It goes with the lease if the node dies; while it lives the claim is stale.
             warn!(%err, key, "could not give a claim back to etcd");
+        }
+    }
+
+    /// Takes one of `limit` session slots of `user` for `session` of the client `instance`:
+    /// the slot the same client holds (it moved here from another node), else a free one.
+    /// Returns the slot's key, to give it back; `Taken` when every slot is held.
+    pub(crate) async fn take_session_slot(
+        &self,
+        (user, limit): (&str, u32),
+        (session, instance): (u64, &str),
+    ) -> Result<String, ClaimRefused> {
+        let record = SessionRecord { node: self.node.clone(), session, instance: instance.to_owned() };
+        let value = serde_json::to_vec(&record).unwrap_or_default();
+        let lease = self.lease.load(Ordering::Relaxed);
+        let (own, held): (Vec<(String, SessionRecord)>, Vec<String>) = {
+            let table = lock(&self.table);
+            let of_user = table.sessions.iter().filter(|(_, (u, _))| u == user);
+            let own = of_user.clone().filter(|(_, (_, r))| r.instance == instance);
+            (
+                own.map(|(k, (_, r))| (k.clone(), r.clone())).collect(),
+                of_user.map(|(k, _)| k.clone()).collect(),
+            )
+        };
+        let unavailable = ClaimRefused::Unavailable;
+        for (key, old) in own {
+            let old = serde_json::to_vec(&old).unwrap_or_default();
+            if self.etcd.replace(&key, (&old, &value), lease).await.map_err(unavailable)? {
+                lock(&self.mine).insert(key.clone(), value);
+                return Ok(key);
+            }
+        }
+        // Free slots first, as the table knows them; then the others, in case it is behind.
+        let (mut free, taken): (Vec<String>, Vec<String>) =
+            (0..limit).map(|slot| keys::session_key(user, slot)).partition(|key| !held.contains(key));
+        free.extend(taken);
+        for key in free {
+            if self.etcd.create(&key, &value, lease).await.map_err(unavailable)? {
+                lock(&self.mine).insert(key.clone(), value);
+                return Ok(key);
+            }
+        }
+        Err(ClaimRefused::Taken { node: "the cluster".into() })
+    }
+
+    /// Gives a session slot back.
+    pub(crate) async fn release_session_slot(&self, key: &str) {
+        lock(&self.mine).remove(key);
+        if let Err(err) = self.etcd.delete(key).await {
+            warn!(%err, key, "could not give a session slot back to etcd");
         }
     }
 

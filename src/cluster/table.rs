@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::etcd::{Change, Entry};
-use super::keys::{parse_node_key, ClaimKey, ClaimKind, ClaimRecord, NodeRecord};
+use super::keys::{
+    parse_node_key, parse_session_key, ClaimKey, ClaimKind, ClaimRecord, NodeRecord, SessionRecord,
+};
 
 /// A claim as the table holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +29,8 @@ impl Holder {
 pub(crate) struct Table {
     pub(crate) nodes: BTreeMap<String, NodeRecord>,
     claims: BTreeMap<(ClaimKind, String), Vec<Holder>>,
+    /// Session slots by key, with their user.
+    pub(crate) sessions: BTreeMap<String, (String, SessionRecord)>,
 }
 
 impl Table {
@@ -50,6 +54,12 @@ impl Table {
                     }
                     return None;
                 }
+                if let Some(user) = parse_session_key(&key) {
+                    if let Ok(record) = serde_json::from_slice::<SessionRecord>(&value) {
+                        self.sessions.insert(key, (user, record));
+                    }
+                    return None;
+                }
                 let claim = ClaimKey::parse(&key)?;
                 let record = serde_json::from_slice::<ClaimRecord>(&value)
                     .inspect_err(|err| tracing::warn!(key, %err, "a claim in etcd is unreadable"))
@@ -63,6 +73,9 @@ impl Table {
             Change::Delete(key) => {
                 if let Some(node) = parse_node_key(&key) {
                     self.nodes.remove(&node);
+                    return None;
+                }
+                if self.sessions.remove(&key).is_some() {
                     return None;
                 }
                 let claim = ClaimKey::parse(&key)?;

@@ -101,8 +101,10 @@ pub(crate) async fn serve_visitor(
     if webrtc::is_well_known(&head.target) {
         return webrtc::serve(shared, visitor, peer, &head, read.split_off(head_len)).await;
     }
-    if let Some(name) = nodes::held_elsewhere(&shared, &head).filter(|_| arrived == Arrived::Here) {
-        return nodes::relay_http(&shared, &name, (visitor, &read), (peer, scheme)).await;
+    if let Some(label) = nodes::http_held_elsewhere(&shared, &head).filter(|_| arrived == Arrived::Here) {
+        let public = visitor.tcp().and_then(|tcp| tcp.local_addr().ok());
+        let entrance = nodes::NodeEntrance::Http { tls: scheme == "https" };
+        return nodes::relay_name(&shared, (&label, entrance), (visitor, &read), (peer, public)).await;
     }
     let pinning = Pinning {
         route_host: head.route_host.clone(),

@@ -236,7 +236,10 @@ pub(super) async fn serve_sni_link(
     match peeked {
         Ok(Ok(1)) if first[0] == MAGIC[0] => serve_link(shared, tcp, peer, None, false, handshake).await,
         Ok(Ok(1)) => match shared.handshakes.sort(handshake, Sorted::Visitor) {
-            Some(handshake) => sni::serve_visitor(shared, tcp, peer, handshake).await,
+            Some(handshake) => {
+                let _ = tcp.set_nodelay(true);
+                sni::serve_visitor(shared, tcp, (peer, http::Arrived::Here), handshake).await
+            }
             None => debug!(%peer, "too many visitors in their handshake; closing"),
         },
         _ => debug!(%peer, "nothing arrived on the SNI port in time"),

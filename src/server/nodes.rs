@@ -7,20 +7,21 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::accept::{accept_until, AcceptErrors};
 use super::endpoints::{Endpoint, Member};
-use super::handshakes::Sorted;
+use super::handshakes::{Handshake, Sorted};
 use super::hosts::{host_endpoint, NameKind};
 use super::http_head::Head;
-use super::{http, tcp, ServerShared};
-use crate::cluster::{Arrival, ClaimKind, ClaimRecord, ClaimRefused, Cluster, NodeEntrance, NodeVisit};
+use super::session::SessionShared;
+use super::{http, sni, tcp, ServerShared};
+pub(crate) use crate::cluster::NodeEntrance;
+use crate::cluster::{Arrival, ClaimKind, ClaimRecord, ClaimRefused, Cluster, NodeVisit};
 use crate::proto::RegisterError;
-use crate::transport::Stream;
 
 /// Listeners on TCP ports that other nodes hold, by port.
 #[derive(Default)]
@@ -107,6 +108,33 @@ pub(crate) fn release_name(shared: &ServerShared, (name, kind): (&str, NameKind)
     release(shared, (ClaimKind::Name, name.to_owned(), route_of(kind)), user.to_owned());
 }
 
+/// Takes `session`'s place in its user's `sessions` limit counted cluster-wide (nothing
+/// without a cluster or a limit); `Err(limit)` when every place is taken. With etcd away
+/// the session is counted on this node only (logged).
+pub(crate) async fn take_session_slot(shared: &ServerShared, session: &SessionShared) -> Result<(), u32> {
+    let (Some(cluster), Some(limit)) = (shared.cluster(), session.account.rules().sessions) else {
+        return Ok(());
+    };
+    match cluster.take_session_slot((&session.user, limit), (session.id, &session.instance)).await {
+        Ok(key) => {
+            *session.cluster_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+            Ok(())
+        }
+        Err(ClaimRefused::Taken { .. }) => Err(limit),
+        Err(ClaimRefused::Unavailable(why)) => {
+            warn!(user = %session.user, %why, "etcd is away: this session counts against the sessions limit on this node only");
+            Ok(())
+        }
+    }
+}
+
+/// Gives a session's slot of the cluster-wide `sessions` limit back.
+pub(crate) fn release_session_slot(shared: &ServerShared, key: String) {
+    if let Some(cluster) = shared.cluster().cloned() {
+        tokio::spawn(async move { cluster.release_session_slot(&key).await });
+    }
+}
+
 /// Closes this node's listener for another node's port, before a tunnel here binds it.
 pub(crate) async fn take_port_over(shared: &ServerShared, port: u16) {
     let running = shared.remote_ports.lock().remove(&port);
@@ -143,18 +171,31 @@ async fn serve_arrival(shared: Arc<ServerShared>, Arrival { visit, stream, read 
             let visitor = tcp::Relayed { stream, public: visit.public, early: read.to_vec() };
             tcp::serve_visitor(shared, rotation, visitor, peer).await
         }
+        NodeEntrance::Sni => {
+            let Some(handshake) = visitor_handshake(&shared, peer) else { return };
+            let visitor = tcp::Relayed { stream, public: visit.public, early: read.to_vec() };
+            sni::serve_visitor(shared, visitor, (peer, http::Arrived::FromNode), handshake).await
+        }
         NodeEntrance::Http { tls } => {
-            let Some(handshake) = shared.handshakes.admit(peer.ip()) else {
-                return debug!(%peer, "too many handshakes from this address; closing");
-            };
-            let Some(handshake) = shared.handshakes.sort(handshake, Sorted::Visitor) else {
-                return debug!(%peer, "too many visitors in their handshake; closing");
-            };
+            let Some(handshake) = visitor_handshake(&shared, peer) else { return };
             let scheme = if tls { "https" } else { "http" };
             http::serve_visitor(shared, stream, (peer, http::Arrived::FromNode), read, scheme, handshake)
                 .await
         }
     }
+}
+
+/// A relayed visitor's place in the handshake budgets, as its own address's.
+fn visitor_handshake(shared: &ServerShared, peer: SocketAddr) -> Option<Handshake> {
+    let Some(handshake) = shared.handshakes.admit(peer.ip()) else {
+        debug!(%peer, "too many handshakes from this address; closing");
+        return None;
+    };
+    let handshake = shared.handshakes.sort(handshake, Sorted::Visitor);
+    if handshake.is_none() {
+        debug!(%peer, "too many visitors in their handshake; closing");
+    }
+    handshake
 }
 
 /// Keeps listeners on the TCP ports other nodes hold, as the claims change.
@@ -232,34 +273,42 @@ async fn relay_port(
             let public =
                 visitor.local_addr().unwrap_or_else(|_| SocketAddr::new(shared.config.public_ip(), port));
             let visit = NodeVisit { entrance: NodeEntrance::Port(port), visitor: addr, public };
-            relay(&shared, (ClaimKind::Tcp, &port.to_string()), &visit, Box::new(visitor), &[]).await;
+            relay(&shared, (ClaimKind::Tcp, &port.to_string()), &visit, visitor, &[]).await;
         });
     }
 }
 
-/// The host name of an HTTP visitor that no tunnel here serves and a tunnel on another
-/// node does: the visitor goes there ([`relay_http`]).
-pub(crate) fn held_elsewhere(shared: &ServerShared, head: &Head) -> Option<String> {
-    let cluster = shared.cluster()?;
-    let label = head.route_host.split('.').next().unwrap_or_default().to_ascii_lowercase();
-    if shared.endpoints.lock().pools.contains_key(&Endpoint::Host(label.clone())) {
-        return None;
+/// Whether no tunnel here serves the name `label` as `kind` and a tunnel on another node
+/// does: its visitors go there ([`relay_name`]).
+pub(crate) fn held_elsewhere(shared: &ServerShared, label: &str, kind: NameKind) -> bool {
+    let Some(cluster) = shared.cluster() else { return false };
+    if shared.endpoints.lock().pools.contains_key(&host_endpoint(label, kind)) {
+        return false;
     }
-    let elsewhere = cluster.holders(ClaimKind::Name, &label);
-    elsewhere.iter().any(|h| h.node != cluster.node && h.route == "http").then_some(label)
+    let elsewhere = cluster.holders(ClaimKind::Name, label);
+    elsewhere.iter().any(|h| h.node != cluster.node && h.route == route_of(kind))
 }
 
-/// Relays an HTTP visitor for `name` (see [`held_elsewhere`]), with the bytes read from it.
-pub(crate) async fn relay_http(
+/// The host name an HTTP request routes by (its first label), if a tunnel on another node
+/// serves it and none here does.
+pub(crate) fn http_held_elsewhere(shared: &ServerShared, head: &Head) -> Option<String> {
+    shared.cluster()?;
+    let label = head.route_host.split('.').next().unwrap_or_default().to_ascii_lowercase();
+    held_elsewhere(shared, &label, NameKind::Http).then_some(label)
+}
+
+/// Relays a visitor of the name `label` (see [`held_elsewhere`]) that came in by
+/// `entrance` (HTTP, or TLS passthrough) from `peer` to `public`, with the bytes read
+/// from it.
+pub(crate) async fn relay_name(
     shared: &ServerShared,
-    name: &str,
-    (visitor, read): (Stream, &[u8]),
-    (peer, scheme): (SocketAddr, &str),
+    (label, entrance): (&str, NodeEntrance),
+    (visitor, read): (impl AsyncRead + AsyncWrite + Unpin, &[u8]),
+    (peer, public): (SocketAddr, Option<SocketAddr>),
 ) {
-    let public = visitor.tcp().and_then(|tcp| tcp.local_addr().ok());
     let public = public.unwrap_or_else(|| SocketAddr::new(shared.config.public_ip(), 0));
-    let visit = NodeVisit { entrance: NodeEntrance::Http { tls: scheme == "https" }, visitor: peer, public };
-    relay(shared, (ClaimKind::Name, name), &visit, visitor, read).await;
+    let visit = NodeVisit { entrance, visitor: peer, public };
+    relay(shared, (ClaimKind::Name, label), &visit, visitor, read).await;
 }
 
 /// Carries `visitor` to a node that holds `name`, with `read` (bytes already read from it)
@@ -268,7 +317,7 @@ async fn relay(
     shared: &ServerShared,
     (kind, name): (ClaimKind, &str),
     visit: &NodeVisit,
-    mut visitor: Stream,
+    mut visitor: impl AsyncRead + AsyncWrite + Unpin,
     read: &[u8],
 ) {
     let Some(cluster) = shared.cluster() else { return };

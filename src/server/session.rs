@@ -19,7 +19,7 @@ use super::hooks::{ClientInfo, DisconnectReason};
 use super::pool::DataPool;
 use super::tunnel::Tunnel;
 use super::users::{Account, Counted, Grant, Slot, Users};
-use super::{http, login, peers, tcp, udp, webrtc, ServerShared};
+use super::{http, login, nodes, peers, tcp, udp, webrtc, ServerShared};
 use crate::auth::{ReplayGuard, SessionKey, Verifier};
 use crate::config::{PortRange, ServiceKind};
 use crate::proto::{
@@ -44,6 +44,8 @@ pub(crate) struct SessionShared {
     grant: Grant,
     /// This session's place in the user's `sessions` limit.
     slot: Mutex<Option<Slot>>,
+    /// Its place in the limit counted cluster-wide: the etcd key of its slot.
+    pub(crate) cluster_slot: Mutex<Option<String>>,
     /// The client's address.
     pub(crate) peer: SocketAddr,
     /// The client's tags (`--tag`).
@@ -249,6 +251,7 @@ impl SessionShared {
             credential: accepted.credential,
             grant: accepted.grant,
             slot: Mutex::new(None),
+            cluster_slot: Mutex::new(None),
             peer,
             tags: accepted.tags,
             since: SystemTime::now(),
@@ -289,6 +292,12 @@ async fn admit(
     let refusal = match session.account.admit(Counted::Sessions) {
         Ok(slot) => {
             *session.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot);
+            if let Err(limit) = nodes::take_session_slot(shared, session).await {
+                warn!(limit, "login refused: the user's sessions limit is reached in the cluster");
+                let refusal = LoginRefusal::TooManySessions { id: session.user.clone(), limit };
+                let _ = chan.send(&ServerMessage::LoginRefused { refusal }).await;
+                return false;
+            }
             match shared.hooks().check_login(&session.client_info()) {
                 Ok(()) => return true,
                 Err(why) => {
@@ -328,6 +337,9 @@ fn heartbeat_interval(timeout: Duration) -> Duration {
 
 /// Stops every tunnel and visitor of the session, then forgets it.
 async fn close_session(shared: &ServerShared, session: &SessionShared) {
+    if let Some(key) = session.cluster_slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        nodes::release_session_slot(shared, key);
+    }
     session.closing.cancel();
     session.grants.clear();
     session.pool.clear();

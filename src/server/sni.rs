@@ -3,34 +3,34 @@
 //! never sees the key or the plaintext.
 
 use std::borrow::Cow;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::TcpStream;
 use tracing::{debug, Instrument};
 
 use super::dispatch::{dispatch, Attempts, Entrance, NotServed};
 use super::endpoints::{Endpoint, Member};
 use super::handshakes::Handshake;
-use super::hosts::{split_client, Lookup};
-use super::ServerShared;
-use crate::transport::reset_on_drop;
+use super::hosts::{split_client, Lookup, NameKind};
+use super::http::Arrived;
+use super::tcp::PortVisitor;
+use super::{nodes, ServerShared};
 
 /// Most bytes a ClientHello may take, over however many TLS records: rustls reads
 /// handshake messages of up to 64 KiB.
 pub(crate) const MAX_HELLO: usize = 64 * 1024 + 1024;
 
-/// Serves one visitor of `sni-addr`.
-pub(crate) async fn serve_visitor(
+/// Serves one visitor of `sni-addr` (or one another node relayed from its `sni-addr`).
+pub(crate) async fn serve_visitor<V: PortVisitor>(
     shared: Arc<ServerShared>,
-    mut visitor: TcpStream,
-    peer: SocketAddr,
+    mut visitor: V,
+    (peer, arrived): (SocketAddr, Arrived),
     handshake: Handshake,
 ) {
-    let _ = visitor.set_nodelay(true);
     let limit = shared.config.http_header_timeout;
     let mut hello = BytesMut::with_capacity(1024);
     let name = match tokio::time::timeout(limit, read_client_hello(&mut visitor, &mut hello)).await {
@@ -40,22 +40,34 @@ pub(crate) async fn serve_visitor(
     };
     drop(handshake);
     let label = name.split('.').next().unwrap_or_default().to_ascii_lowercase();
-    let mut entrance = NameEntrance { label, hello: hello.freeze(), attempts: Attempts::default() };
+    if arrived == Arrived::Here && nodes::held_elsewhere(&shared, &label, NameKind::Sni) {
+        let public = visitor.public_addr();
+        return nodes::relay_name(
+            &shared,
+            (&label, nodes::NodeEntrance::Sni),
+            (visitor, &hello),
+            (peer, public),
+        )
+        .await;
+    }
+    let mut entrance =
+        NameEntrance { label, hello: hello.freeze(), attempts: Attempts::default(), visitor: PhantomData };
     let span = tracing::debug_span!("tls visitor", %peer, ?name);
     dispatch(&shared, &mut entrance, &mut visitor, peer).instrument(span).await;
 }
 
 /// A TLS visitor, routed by the first label of its server name; each attempt looks the
 /// route up again, so a client that left is replaced by the next one serving the name.
-struct NameEntrance {
+struct NameEntrance<V> {
     label: String,
     /// The ClientHello as it came, passed through untouched.
     hello: Bytes,
     attempts: Attempts,
+    visitor: PhantomData<fn(V)>,
 }
 
-impl Entrance for NameEntrance {
-    type Visitor = TcpStream;
+impl<V: PortVisitor> Entrance for NameEntrance<V> {
+    type Visitor = V;
     /// No tunnel serves the name.
     type Unrouted = ();
     const PASSES_ON_REFUSAL: bool = false;
@@ -72,14 +84,14 @@ impl Entrance for NameEntrance {
         member.ok_or(NotServed::Unrouted(()))
     }
 
-    fn first_bytes(&mut self, _: &mut TcpStream) -> (Cow<'_, [u8]>, usize) {
+    fn first_bytes(&mut self, _: &mut V) -> (Cow<'_, [u8]>, usize) {
         (Cow::Borrowed(&self.hello), self.hello.len())
     }
 
-    async fn answer(&mut self, visitor: &mut TcpStream, why: NotServed<()>) {
+    async fn answer(&mut self, visitor: &mut V, why: NotServed<()>) {
         // TLS has no page to show: the visitor is closed (reset when cut off).
         if let NotServed::Cut = why {
-            reset_on_drop(visitor);
+            visitor.reset_on_drop();
         }
     }
 }

@@ -155,7 +155,8 @@ pub(crate) struct Relayed {
     pub(crate) stream: Stream,
     /// The address the visitor came to, on that node.
     pub(crate) public: SocketAddr,
-    /// Bytes that came along with the relay's first frame.
+    /// Bytes that came along with the relay's first frame: the first bytes read, unless
+    /// taken as early bytes first.
     pub(crate) early: Vec<u8>,
 }
 
@@ -177,6 +178,12 @@ impl AsyncRead for Relayed {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.early.is_empty() {
+            let given = self.early.len().min(buf.remaining());
+            buf.put_slice(&self.early[..given]);
+            self.early.drain(..given);
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }

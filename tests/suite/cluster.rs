@@ -13,23 +13,32 @@ use crate::common::etcd::EtcdProcess;
 use crate::common::http::{get, http_service};
 use crate::common::services::{hash_through, hashing_service};
 use crate::common::*;
+use crate::websocket_tls::local_tls_echo;
+use ferry::transport::client_tls_config;
 use ferry::{
-    Client, ClientConfig, ClientError, ClusterConfig, RegisterError, RemoteAddr, ServerHandle, ServiceConfig,
+    Client, ClientConfig, ClientError, ClusterConfig, RegisterError, RemoteAddr, RemoteTrust, ServerHandle,
+    ServiceConfig,
 };
 
 /// A node of the cluster at `etcd`, on its own loopback address `127.0.0.<n>` (its public
 /// ports are bound there), with users id1 and id2.
 async fn node(etcd: &EtcdProcess, n: u8) -> ServerHandle {
+    start_server(node_config(etcd, n)).await
+}
+
+/// The configuration of [`node`].
+fn node_config(etcd: &EtcdProcess, n: u8) -> ferry::ServerConfig {
     let mut config = server_config().with_user("id2", "secret2");
     config.addr = Some(format!("127.0.0.{n}:0").parse().unwrap());
     config.api_addr = Some(format!("127.0.0.{n}:0").parse().unwrap());
+    config.sni_addr = Some(format!("127.0.0.{n}:0").parse().unwrap());
     config.cluster = Some(ClusterConfig {
         etcd: etcd.url.clone(),
         node_id: format!("n{n}"),
         node_addr: format!("127.0.0.{n}:0").parse().unwrap(),
         lease_ttl: Duration::from_secs(10),
     });
-    start_server(config).await
+    config
 }
 
 /// `GET path` on a node's API, as JSON.
@@ -71,6 +80,30 @@ async fn visitors_at_any_node_reach_a_tunnel_on_another() {
             let page = get(node.local_addr(), "/", "web.example.com").await;
             assert_eq!(page.status, 200, "node {n}: {}", page.text());
             assert!(page.text().contains("on node 1"), "{}", page.text());
+        }
+        // TLS passed through by server name, relayed to node 1 still encrypted: the visitor
+        // trusts only the local service's certificate.
+        let dir = tempfile::tempdir().unwrap();
+        let (local, local_cert) = local_tls_echo(dir.path()).await;
+        let _secure = client
+            .add_service(ServiceConfig::https(&local.to_string()).with_host_prefix("secure"))
+            .await
+            .unwrap();
+        let connector =
+            tokio_rustls::TlsConnector::from(client_tls_config(&RemoteTrust::CaFile(local_cert)).unwrap());
+        for node in &nodes[1..] {
+            let sni = node.sni_local_addr().unwrap();
+            let reached = poll_until(|| async {
+                let Ok(tcp) = tokio::net::TcpStream::connect(sni).await else { return false };
+                let name = rustls_pki_types::ServerName::try_from("secure.example.test").unwrap();
+                let Ok(mut tls) = connector.connect(name, tcp).await else { return false };
+                let payload = random_bytes(64 << 10);
+                let (mut read, mut write) = tokio::io::split(&mut tls);
+                let mut back = vec![0u8; payload.len()];
+                let (sent, got) = tokio::join!(write.write_all(&payload), read.read_exact(&mut back));
+                sent.is_ok() && got.is_ok() && back == payload
+            });
+            assert!(reached.await, "TLS passed through at {sni}");
         }
         let metrics = get(nodes[1].api_local_addr().unwrap(), "/metrics", "localhost").await.text();
         assert!(metrics.contains("ferry_node_relays_total{direction=\"out\"}"), "{metrics}");
@@ -403,6 +436,36 @@ async fn tunnels_keep_working_while_etcd_is_away_and_registrations_resume_after(
         assert!(registered.await, "registrations work again once etcd is back");
         assert_eq!(try_hash_through(relayed, &payload).await, hash);
         println!("etcd away for 20 s: {visits} rounds of visitors served throughout");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_limit_counts_across_nodes() {
+    within(60, async {
+        let etcd = EtcdProcess::start().await;
+        let limited = |mut config: ferry::ServerConfig| {
+            config.sessions = Some(1);
+            config
+        };
+        let one = start_server(limited(node_config(&etcd, 1))).await;
+        let two = start_server(limited(node_config(&etcd, 2))).await;
+        let first = connect(one.local_addr()).await;
+        let refused = Client::connect(client_config(two.local_addr(), "id1", "secret1")).await.err().unwrap();
+        assert!(
+            matches!(
+                &refused,
+                ClientError::LoginRefused(ferry::LoginRefusal::TooManySessions { limit: 1, .. })
+            ),
+            "{refused:?}"
+        );
+        // Another user is not counted with this one.
+        let _other = Client::connect(client_config(two.local_addr(), "id2", "secret2")).await.unwrap();
+        first.shutdown().await;
+        let admitted = poll_until(|| async {
+            Client::connect(client_config(two.local_addr(), "id1", "secret1")).await.is_ok()
+        });
+        assert!(admitted.await, "the place is free once the first session ended");
     })
     .await
 }

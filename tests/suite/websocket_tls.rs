@@ -203,7 +203,7 @@ async fn proxy_protocol_tells_the_visitor_address() {
 }
 
 /// A local TLS echo service with its own certificate for `secure.example.test`.
-async fn local_tls_echo(dir: &std::path::Path) -> (SocketAddr, PathBuf) {
+pub(crate) async fn local_tls_echo(dir: &std::path::Path) -> (SocketAddr, PathBuf) {
     let (acceptor, cert) = self_signed_acceptor(dir);
     let addr = tls_service(acceptor, |tls| async move {
         let (mut r, mut w) = tokio::io::split(tls);
