@@ -81,8 +81,8 @@ pub mod signals;
 
 pub use client::{discover, free_ports, Client, ClientState, Forward, ForwardCounts, Registration};
 pub use config::{
-    AuthApiConfig, ClientConfig, ClusterConfig, ConfigError, ForwardConfig, PeerConfig, PortRange,
-    RemoteStrategy, ServerConfig, ServiceConfig, TcpAllowance, UserConfig,
+    AuthApiConfig, ClientConfig, ClusterConfig, ClusterTls, ConfigError, ForwardConfig, PeerConfig,
+    PortRange, RemoteStrategy, ServerConfig, ServiceConfig, TcpAllowance, UserConfig,
 };
 pub use error::{ClientError, ServerError};
 pub use proto::{

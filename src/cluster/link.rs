@@ -3,9 +3,11 @@
 //! [`NodeVisit`] frame (which entrance the visitor came in by, from where), answered by one
 //! byte when the other node takes the visitor, then carries the visitor's bytes both ways.
 //!
-//! Each node shows a self-signed certificate made at start and published with its node
-//! record in etcd; both ends pin the other's by that fingerprint (mutual TLS), so only
-//! nodes of the cluster can open streams, and nobody on the path reads them.
+//! Each node shows a certificate (made at start, or issued by the cluster's CA with
+//! `cluster-cert`/`cluster-key`/`cluster-ca`) whose fingerprint it publishes with its node
+//! record in etcd; both ends pin the other's by that fingerprint (mutual TLS), and with a
+//! CA also require a certificate of that CA naming the node, so only nodes of the cluster
+//! can open streams, and nobody on the path reads them.
 
 use std::collections::HashMap;
 use std::io;
@@ -47,8 +49,9 @@ const TAKEN: [u8; 1] = [1];
 /// How long the first frame of a stream may take.
 const VISIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The name node certificates are made for (not checked: the fingerprint is).
-const NODE_NAME: &str = "ferry-node";
+/// The name a certificate made at start is for (not checked: the fingerprint is; a
+/// CA-issued node certificate names its node id, which is checked).
+pub(crate) const NODE_NAME: &str = "ferry-node";
 
 /// Which entrance of the first node a relayed visitor came in by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,14 +95,14 @@ pub(crate) struct NodeLink {
 }
 
 impl NodeLink {
-    /// Binds the node link on `addr`; streams from nodes that `known` accepts arrive on
-    /// the receiver until `stop`.
+    /// Binds the node link on `addr`, showing `identity`; streams from nodes that `known`
+    /// accepts (and, with a CA, whose certificate it issued) arrive on the receiver until
+    /// `stop`.
     pub(crate) fn bind(
-        addr: SocketAddr,
+        (addr, identity): (SocketAddr, PinnedIdentity),
         known: KnownNode,
         stop: CancellationToken,
     ) -> io::Result<(Arc<Self>, mpsc::Receiver<Arrival>)> {
-        let identity = PinnedIdentity::generate(NODE_NAME)?;
         let transport = Arc::new(quic_transport(Congestion::default(), MAX_NODE_STREAMS, DEAD_LINK));
         let endpoint = quinn::Endpoint::server(identity.server_config(known, ALPN, transport)?, addr)?;
         let link = Arc::new(NodeLink {
@@ -182,7 +185,7 @@ impl NodeLink {
         let config = self.identity.client_config(print, ALPN, transport)?;
         let connecting = self
             .endpoint
-            .connect_with(config, addr, NODE_NAME)
+            .connect_with(config, addr, node)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await

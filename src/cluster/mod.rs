@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::ClusterConfig;
-use crate::transport::Stream;
+use crate::transport::{PinnedIdentity, Stream};
 use etcd::Etcd;
 use keys::SessionRecord;
 use keys::{node_key, ClaimKey, ROOT};
@@ -93,7 +93,15 @@ impl Cluster {
             let print = BASE64.encode(print);
             lock(&known).nodes.values().any(|node| node.fingerprint == print)
         });
-        let (link, arrivals) = NodeLink::bind(config.node_addr, known_node, stop.clone())
+        let identity = match &config.tls {
+            Some(tls) => {
+                PinnedIdentity::from_files(&tls.cert, &tls.key, &tls.ca).map_err(|e| e.to_string())?
+            }
+            None => {
+                PinnedIdentity::generate(link::NODE_NAME).map_err(|e| format!("node certificate: {e}"))?
+            }
+        };
+        let (link, arrivals) = NodeLink::bind((config.node_addr, identity), known_node, stop.clone())
             .map_err(|e| format!("node link on {}: {e}", config.node_addr))?;
         let addr = link.local_addr().map_err(|e| e.to_string())?;
         let record = NodeRecord { addr, fingerprint: BASE64.encode(link.fingerprint()) };

@@ -196,6 +196,22 @@ pub struct ClusterConfig {
     pub node_addr: SocketAddr,
     /// A node silent this long is gone from the cluster (its etcd lease).
     pub lease_ttl: Duration,
+    /// Node links show this certificate (PEM chain and key) and accept only nodes whose
+    /// certificate chains to the CA (`cluster-cert`, `cluster-key`, `cluster-ca`), besides
+    /// the pinning through etcd; `None`: a certificate made at start, pinned only.
+    pub tls: Option<ClusterTls>,
+}
+
+/// The certificates of node links (`cluster-cert`, `cluster-key`, `cluster-ca`). A node's
+/// certificate must name its node id (DNS name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterTls {
+    /// PEM certificate chain of this node.
+    pub cert: PathBuf,
+    /// PEM private key of this node.
+    pub key: PathBuf,
+    /// PEM CA certificate every node's certificate chains to.
+    pub ca: PathBuf,
 }
 
 impl Default for ServerConfig {

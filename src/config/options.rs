@@ -13,8 +13,8 @@ use super::process::command_options;
 pub use super::process::{CommandOptions, ProcessOptions, ProcessSignal};
 pub use super::users_key::UsersOption;
 use super::{
-    AuthApiConfig, ClientConfig, ClusterConfig, ConfigError, ForwardConfig, PortRange, RemoteStrategy,
-    ServerConfig, ServiceConfig, ServiceKind,
+    AuthApiConfig, ClientConfig, ClusterConfig, ClusterTls, ConfigError, ForwardConfig, PortRange,
+    RemoteStrategy, ServerConfig, ServiceConfig, ServiceKind,
 };
 use crate::auth::Secret;
 use crate::proto::{Compression, PeerPolicy, ProxyProtocol};
@@ -178,6 +178,17 @@ pub struct ServerOptions {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub node_ttl: Option<Duration>,
+    /// PEM certificate of this node for node links, naming its node id; with
+    /// --cluster-key and --cluster-ca, nodes accept only certificates of that CA (besides
+    /// pinning each node's certificate through etcd). [default: one made at start]
+    #[arg(long)]
+    pub cluster_cert: Option<PathBuf>,
+    /// PEM private key of --cluster-cert.
+    #[arg(long)]
+    pub cluster_key: Option<PathBuf>,
+    /// PEM CA certificate that every node's --cluster-cert chains to.
+    #[arg(long)]
+    pub cluster_ca: Option<PathBuf>,
     /// Failed logins in a row, from one address or for one id, before a ban; 0 turns bans off.
     /// [default: 3]
     #[arg(long)]
@@ -555,12 +566,29 @@ impl ServerOptions {
             }
             return Ok(None);
         };
+        // A DNS name: node certificates name their node id.
+        let is_name = |id: &str| {
+            !id.is_empty()
+                && id.len() <= 63
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+                && !id.starts_with(['-', '.'])
+        };
         let node_id = match self.node_id.take() {
-            Some(id) if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control() || c == '/') => {
-                return Err(ConfigError::new("node-id", "1 to 64 characters, no '/' or control characters"))
+            Some(id) if !is_name(&id) => {
+                return Err(ConfigError::new("node-id", "1 to 63 letters, digits, '-' or '.' (a DNS name)"))
             }
             Some(id) => id,
-            None => std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "node".into()),
+            None => std::env::var("HOSTNAME").ok().filter(|h| is_name(h)).unwrap_or_else(|| "node".into()),
+        };
+        let tls = match (self.cluster_cert.take(), self.cluster_key.take(), self.cluster_ca.take()) {
+            (Some(cert), Some(key), Some(ca)) => Some(ClusterTls { cert, key, ca }),
+            (None, None, None) => None,
+            _ => {
+                return Err(ConfigError::new(
+                    "cluster-cert",
+                    "give cluster-cert, cluster-key and cluster-ca together",
+                ))
+            }
         };
         let node_addr = listen_addr("node-addr", &self.node_addr)?
             .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 7100)));
@@ -568,7 +596,7 @@ impl ServerOptions {
         if lease_ttl < Duration::from_secs(2) {
             return Err(ConfigError::new("node-ttl", "at least 2s"));
         }
-        Ok(Some(ClusterConfig { etcd, node_id, node_addr, lease_ttl }))
+        Ok(Some(ClusterConfig { etcd, node_id, node_addr, lease_ttl, tls }))
     }
 
     /// The users, by precedence: --id/--secret > users file > the config file's `users:`;

@@ -16,7 +16,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::tls::{fingerprint, fingerprint_server_config, pinned_client_config, AcceptsFingerprint};
+use super::tls::{
+    fingerprint, fingerprint_server_config, load_ca, load_identity, pinned_client_config, AcceptsFingerprint,
+};
 use super::{AsyncStream, Stream, TlsError};
 
 /// The ALPN protocol name of ferry over QUIC.
@@ -232,9 +234,11 @@ pub(crate) async fn accept_stream(connection: &quinn::Connection) -> Option<Stre
 /// other's certificate by its SHA-256 (mutual TLS): between clients (P2P) and between
 /// cluster nodes.
 pub(crate) struct PinnedIdentity {
-    certificate: CertificateDer<'static>,
-    key: PrivatePkcs8KeyDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
     fingerprint: [u8; 32],
+    /// The CA the other end's certificate must also chain to, if any.
+    ca: Option<Arc<rustls::RootCertStore>>,
 }
 
 impl PinnedIdentity {
@@ -243,8 +247,20 @@ impl PinnedIdentity {
         let made = rcgen::generate_simple_self_signed(vec![name.to_owned()])
             .map_err(|e| io::Error::other(format!("certificate: {e}")))?;
         let certificate = made.cert.der().clone();
-        let key = PrivatePkcs8KeyDer::from(made.signing_key.serialize_der());
-        Ok(PinnedIdentity { fingerprint: fingerprint(&certificate), certificate, key })
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
+        Ok(PinnedIdentity { fingerprint: fingerprint(&certificate), chain: vec![certificate], key, ca: None })
+    }
+
+    /// A certificate issued by a CA (PEM files), for ends that are pinned and must also
+    /// show a certificate of the CA of `ca`.
+    pub(crate) fn from_files(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> Result<Self, TlsError> {
+        let (chain, key) = load_identity(cert, key)?;
+        let fingerprint = fingerprint(&chain[0]);
+        Ok(PinnedIdentity { chain, key, fingerprint, ca: Some(load_ca(ca)?) })
     }
 
     /// SHA-256 of the certificate.
@@ -252,8 +268,8 @@ impl PinnedIdentity {
         self.fingerprint
     }
 
-    fn pair(&self) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
-        (self.certificate.clone(), PrivateKeyDer::Pkcs8(self.key.clone_key()))
+    fn pair(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (self.chain.clone(), self.key.clone_key())
     }
 
     /// The accepting side: asks every client for a certificate that `accepts` lets in.
@@ -263,8 +279,8 @@ impl PinnedIdentity {
         alpn: &[u8],
         transport: Arc<quinn::TransportConfig>,
     ) -> io::Result<quinn::ServerConfig> {
-        let mut tls =
-            fingerprint_server_config(self.pair(), accepts).map_err(|e| io::Error::other(e.to_string()))?;
+        let mut tls = fingerprint_server_config(self.pair(), accepts, self.ca.clone())
+            .map_err(|e| io::Error::other(e.to_string()))?;
         tls.alpn_protocols = vec![alpn.to_vec()];
         let crypto =
             QuicServerConfig::try_from(tls).map_err(|e| io::Error::other(format!("QUIC TLS: {e}")))?;
@@ -280,8 +296,8 @@ impl PinnedIdentity {
         alpn: &[u8],
         transport: Arc<quinn::TransportConfig>,
     ) -> io::Result<quinn::ClientConfig> {
-        let mut tls =
-            pinned_client_config(pinned, self.pair()).map_err(|e| io::Error::other(e.to_string()))?;
+        let mut tls = pinned_client_config(pinned, self.pair(), self.ca.clone())
+            .map_err(|e| io::Error::other(e.to_string()))?;
         tls.alpn_protocols = vec![alpn.to_vec()];
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| io::Error::other(format!("QUIC TLS: {e}")))?;

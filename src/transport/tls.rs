@@ -215,8 +215,31 @@ enum Trusted {
     /// req -x509` marks a plain self-signed certificate as a CA, which the chain check
     /// refuses as a server's own certificate (`CaUsedAsEndEntity`).
     PinnedOrChain { pinned: Vec<CertificateDer<'static>>, chain: Arc<rustls::client::WebPkiServerVerifier> },
-    /// The one certificate whose SHA-256 is this (a peer's, as the server relayed it).
-    Fingerprint([u8; 32]),
+    /// The one certificate whose SHA-256 is this (a peer's, as the server relayed it),
+    /// and with `chain`, only if it also chains to that CA for the name asked for
+    /// (cluster nodes with `cluster-ca`).
+    Fingerprint([u8; 32], Option<Arc<rustls::client::WebPkiServerVerifier>>),
+}
+
+/// The CA of `path` (PEM), for certificates that must chain to it.
+pub(crate) fn load_ca(path: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| TlsError::Load {
+            what: "CA certificate",
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A certificate chain and its key from PEM files.
+pub(crate) fn load_identity(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    Ok((load_certs(cert)?, load_key(key)?))
 }
 
 /// SHA-256 of a certificate's DER bytes.
@@ -226,17 +249,28 @@ pub(crate) fn fingerprint(cert: &[u8]) -> [u8; 32] {
 }
 
 /// A TLS 1.3 client configuration that shows `identity` and accepts only the server
-/// certificate of SHA-256 `pinned` (direct connections between clients).
+/// certificate of SHA-256 `pinned` (direct connections between clients), which must also
+/// chain to `ca` when given (cluster nodes).
 pub(crate) fn pinned_client_config(
     pinned: [u8; 32],
-    identity: (CertificateDer<'static>, PrivateKeyDer<'static>),
+    identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    ca: Option<Arc<rustls::RootCertStore>>,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let verifier = CertVerifier { trust: Trusted::Fingerprint(pinned), signatures: Signatures(provider()) };
+    let chain = match ca {
+        Some(roots) => Some(
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                .build()
+                .map_err(|e| TlsError::Quic(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let verifier =
+        CertVerifier { trust: Trusted::Fingerprint(pinned, chain), signatures: Signatures(provider()) };
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_auth_cert(vec![identity.0], identity.1)?;
+        .with_client_auth_cert(identity.0, identity.1)?;
     Ok(config)
 }
 
@@ -244,16 +278,26 @@ pub(crate) fn pinned_client_config(
 pub(crate) type AcceptsFingerprint = Arc<dyn Fn(&[u8; 32]) -> bool + Send + Sync>;
 
 /// A TLS 1.3 server configuration that shows `identity` and asks every client for a
-/// certificate whose SHA-256 `accepts` (direct connections between clients).
+/// certificate whose SHA-256 `accepts` (direct connections between clients), which must
+/// also chain to `ca` when given (cluster nodes).
 pub(crate) fn fingerprint_server_config(
-    identity: (CertificateDer<'static>, PrivateKeyDer<'static>),
+    identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
     accepts: AcceptsFingerprint,
+    ca: Option<Arc<rustls::RootCertStore>>,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let verifier = ClientFingerprints { accepts, signatures: Signatures(provider()) };
+    let chain = match ca {
+        Some(roots) => Some(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .build()
+                .map_err(|e| TlsError::Quic(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let verifier = ClientFingerprints { accepts, chain, signatures: Signatures(provider()) };
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(vec![identity.0], identity.1)?;
+        .with_single_cert(identity.0, identity.1)?;
     Ok(config)
 }
 
@@ -261,6 +305,8 @@ pub(crate) fn fingerprint_server_config(
 /// client holds the certificate's key.
 struct ClientFingerprints {
     accepts: AcceptsFingerprint,
+    /// The CA the certificate must also chain to, if any.
+    chain: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     signatures: Signatures,
 }
 
@@ -307,9 +353,12 @@ impl rustls::server::danger::ClientCertVerifier for ClientFingerprints {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        if let Some(chain) = &self.chain {
+            chain.verify_client_cert(end_entity, intermediates, now)?;
+        }
         if (self.accepts)(&fingerprint(end_entity)) {
             Ok(rustls::server::danger::ClientCertVerified::assertion())
         } else {
@@ -365,10 +414,13 @@ impl ServerCertVerifier for CertVerifier {
             Trusted::PinnedOrChain { chain, .. } => {
                 chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
             }
-            Trusted::Fingerprint(pinned) if fingerprint(end_entity) == *pinned => {
+            Trusted::Fingerprint(pinned, chain) if fingerprint(end_entity) == *pinned => {
+                if let Some(chain) = chain {
+                    chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+                }
                 Ok(ServerCertVerified::assertion())
             }
-            Trusted::Fingerprint(_) => Err(rustls::Error::InvalidCertificate(
+            Trusted::Fingerprint(..) => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             )),
         }

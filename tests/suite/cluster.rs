@@ -37,6 +37,7 @@ fn node_config(etcd: &EtcdProcess, n: u8) -> ferry::ServerConfig {
         node_id: format!("n{n}"),
         node_addr: format!("127.0.0.{n}:0").parse().unwrap(),
         lease_ttl: Duration::from_secs(10),
+        tls: None,
     });
     config
 }
@@ -193,6 +194,7 @@ async fn every_nodes_api_lists_the_nodes_and_where_each_tunnel_lives() {
             node_id: "n1".into(),
             node_addr: "127.0.0.1:0".parse().unwrap(),
             lease_ttl: Duration::from_secs(10),
+            tls: None,
         });
         let err = ferry::Server::bind(config).await.err().expect("refused").to_string();
         assert!(err.contains("node id n1 is in use"), "{err}");
@@ -466,6 +468,75 @@ async fn the_sessions_limit_counts_across_nodes() {
             Client::connect(client_config(two.local_addr(), "id1", "secret1")).await.is_ok()
         });
         assert!(admitted.await, "the place is free once the first session ended");
+    })
+    .await
+}
+
+/// A CA, and certificates it issues naming node ids, as PEM files in a temporary directory.
+struct ClusterCa {
+    dir: tempfile::TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca: std::path::PathBuf,
+}
+
+impl ClusterCa {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let ca = dir.path().join(format!("ca-{}.pem", rand::random::<u32>()));
+        std::fs::write(&ca, cert.pem()).unwrap();
+        ClusterCa { dir, issuer: rcgen::Issuer::new(params, key), ca }
+    }
+
+    /// The certificate and key of node `id`, issued by this CA.
+    fn node(&self, id: &str) -> ferry::ClusterTls {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![id.to_owned()])
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let (cert_path, key_path) =
+            (self.dir.path().join(format!("{id}.pem")), self.dir.path().join(format!("{id}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        ferry::ClusterTls { cert: cert_path, key: key_path, ca: self.ca.clone() }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_ca_only_nodes_it_issued_relay() {
+    within(60, async {
+        let etcd = EtcdProcess::start().await;
+        let (ca, rogue_ca) = (ClusterCa::new(), ClusterCa::new());
+        let with_tls = |n: u8, tls: ferry::ClusterTls| {
+            let mut config = node_config(&etcd, n);
+            config.cluster.as_mut().unwrap().tls = Some(tls);
+            config
+        };
+        let one = start_server(with_tls(1, ca.node("n1"))).await;
+        let _two = start_server(with_tls(2, ca.node("n2"))).await;
+        // Node 3's certificate names it, but another CA issued it (its own CA file says so).
+        let mut rogue = rogue_ca.node("n3");
+        rogue.ca = ca.ca.clone();
+        let _three = start_server(with_tls(3, rogue)).await;
+
+        let client = connect(one.local_addr()).await;
+        let port = free_port().await;
+        let tcp = ServiceConfig::tcp(&hashing_service().await.to_string()).with_remote_port(port);
+        let _tcp = client.add_service(tcp).await.unwrap();
+        let payload = random_bytes(1 << 20);
+        let at = |n: u8| -> SocketAddr { format!("127.0.0.{n}:{port}").parse().unwrap() };
+        wait_listening(at(2)).await;
+        assert_eq!(try_hash_through(at(2), &payload).await, Some(sha256(&payload).to_vec()), "n2 relays");
+        wait_listening(at(3)).await;
+        assert_eq!(
+            try_hash_through(at(3), &payload).await,
+            None,
+            "node 1 refuses the link of a node the CA did not issue"
+        );
     })
     .await
 }
