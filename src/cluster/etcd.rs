@@ -83,25 +83,38 @@ impl Etcd {
         self.call("/v3/lease/revoke", json!({ "ID": lease.to_string() })).await.map(drop)
     }
 
-    /// Writes `key` only if it does not exist, under `lease` (0: none); false when it exists.
-    pub(crate) async fn create(&self, key: &str, value: &[u8], lease: i64) -> Result<bool, String> {
-        let key = BASE64.encode(key);
-        let request = json!({
-            "compare": [{ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
-            "success": [{ "request_put": { "key": key, "value": BASE64.encode(value), "lease": lease.to_string() } }],
-        });
-        let answer = self.call("/v3/kv/txn", request).await?;
-        Ok(answer["succeeded"].as_bool().unwrap_or(false))
+    /// One transaction: the `success` requests if every compare holds; the revision they
+    /// were written at, `None` when a compare failed.
+    async fn txn(&self, compare: Vec<Value>, success: Vec<Value>) -> Result<Option<i64>, String> {
+        let answer = self.call("/v3/kv/txn", json!({ "compare": compare, "success": success })).await?;
+        if !answer["succeeded"].as_bool().unwrap_or(false) {
+            return Ok(None);
+        }
+        number(&answer["header"]["revision"])
+            .map(Some)
+            .ok_or_else(|| "etcd's txn answer has no revision".into())
+    }
+
+    fn put(key: &str, value: &[u8], lease: i64) -> Value {
+        json!({ "request_put": { "key": BASE64.encode(key), "value": BASE64.encode(value), "lease": lease.to_string() } })
+    }
+
+    /// Writes `key` only if it does not exist, under `lease` (0: none); the revision it was
+    /// written at, `None` when it exists.
+    pub(crate) async fn create(&self, key: &str, value: &[u8], lease: i64) -> Result<Option<i64>, String> {
+        let absent = json!({ "key": BASE64.encode(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" });
+        self.txn(vec![absent], vec![Self::put(key, value, lease)]).await
     }
 
     /// Writes `key` under `lease` only if no key lies in any of the ranges `[start, end)` of
-    /// `empty` (one transaction: two writers can never both succeed); false otherwise.
+    /// `empty` (one transaction: two writers can never both succeed); the revision it was
+    /// written at, `None` otherwise.
     pub(crate) async fn put_if_empty(
         &self,
         (key, value): (&str, &[u8]),
         lease: i64,
         empty: &[(String, Vec<u8>)],
-    ) -> Result<bool, String> {
+    ) -> Result<Option<i64>, String> {
         // A range compare holds when every key in the range matches: here, none exists.
         let compare: Vec<Value> = empty
             .iter()
@@ -110,33 +123,29 @@ impl Etcd {
                         "target": "CREATE", "result": "EQUAL", "create_revision": "0" })
             })
             .collect();
-        let put =
-            json!({ "key": BASE64.encode(key), "value": BASE64.encode(value), "lease": lease.to_string() });
-        let request = json!({ "compare": compare, "success": [{ "request_put": put }] });
-        let answer = self.call("/v3/kv/txn", request).await?;
-        Ok(answer["succeeded"].as_bool().unwrap_or(false))
+        self.txn(compare, vec![Self::put(key, value, lease)]).await
     }
 
-    /// Writes `key` under `lease` only if its value is `old` now; false otherwise.
+    /// Writes `key` under `lease` only if its value is `old` now; the revision it was
+    /// written at, `None` otherwise.
     pub(crate) async fn replace(
         &self,
         key: &str,
         (old, new): (&[u8], &[u8]),
         lease: i64,
-    ) -> Result<bool, String> {
-        let key = BASE64.encode(key);
-        let request = json!({
-            "compare": [{ "key": key, "target": "VALUE", "result": "EQUAL", "value": BASE64.encode(old) }],
-            "success": [{ "request_put": { "key": key, "value": BASE64.encode(new), "lease": lease.to_string() } }],
-        });
-        let answer = self.call("/v3/kv/txn", request).await?;
-        Ok(answer["succeeded"].as_bool().unwrap_or(false))
+    ) -> Result<Option<i64>, String> {
+        let same = json!({ "key": BASE64.encode(key), "target": "VALUE", "result": "EQUAL", "value": BASE64.encode(old) });
+        self.txn(vec![same], vec![Self::put(key, new, lease)]).await
     }
 
-    /// Deletes `key`; false when it did not exist.
-    pub(crate) async fn delete(&self, key: &str) -> Result<bool, String> {
-        let answer = self.call("/v3/kv/deleterange", json!({ "key": BASE64.encode(key) })).await?;
-        Ok(number(&answer["deleted"]).is_some_and(|n| n > 0))
+    /// Deletes `key` only if it was last written at `revision` (so a write made since, by
+    /// this node or another, stays); false otherwise.
+    pub(crate) async fn delete_if(&self, key: &str, revision: i64) -> Result<bool, String> {
+        let key = BASE64.encode(key);
+        let unchanged =
+            json!({ "key": key, "target": "MOD", "result": "EQUAL", "mod_revision": revision.to_string() });
+        let delete = json!({ "request_delete_range": { "key": key } });
+        Ok(self.txn(vec![unchanged], vec![delete]).await?.is_some())
     }
 
     /// Every key starting with `prefix`, and the store's revision they were read at (a
@@ -331,9 +340,9 @@ mod tests {
         let etcd = EtcdProcess::start().await;
         let client = Etcd::new(&etcd.url, Duration::from_secs(5)).unwrap();
         let lease = client.grant(Duration::from_secs(2)).await.unwrap();
-        assert!(client.create("/ferry/ports/9000", b"n1", lease).await.unwrap(), "the first wins");
-        assert!(!client.create("/ferry/ports/9000", b"n2", 0).await.unwrap(), "the second loses");
-        assert!(client.create("/ferry/ports/9001", b"n2", 0).await.unwrap());
+        assert!(client.create("/ferry/ports/9000", b"n1", lease).await.unwrap().is_some(), "the first wins");
+        assert!(client.create("/ferry/ports/9000", b"n2", 0).await.unwrap().is_none(), "the second loses");
+        assert!(client.create("/ferry/ports/9001", b"n2", 0).await.unwrap().is_some());
         let (revision, entries) = client.prefix("/ferry/ports/").await.unwrap();
         assert!(revision > 0);
         let owners: Vec<_> = entries.iter().map(|e| (e.key.as_str(), e.value.as_slice(), e.lease)).collect();
@@ -352,9 +361,10 @@ mod tests {
         }
         assert!(gone, "the key under the expired lease is gone");
         assert!(!client.keep_alive(lease).await.unwrap(), "an expired lease is not renewed");
-        assert!(client.create("/ferry/ports/9000", b"n2", 0).await.unwrap(), "free again");
-        assert!(client.delete("/ferry/ports/9000").await.unwrap());
-        assert!(!client.delete("/ferry/ports/9000").await.unwrap());
+        let written = client.create("/ferry/ports/9000", b"n2", 0).await.unwrap().expect("free again");
+        assert!(!client.delete_if("/ferry/ports/9000", written - 1).await.unwrap(), "written since");
+        assert!(client.delete_if("/ferry/ports/9000", written).await.unwrap());
+        assert!(!client.delete_if("/ferry/ports/9000", written).await.unwrap(), "gone already");
         assert!(client.grant(Duration::from_secs(5)).await.is_ok());
         let revoked = client.grant(Duration::from_secs(60)).await.unwrap();
         client.revoke(revoked).await.unwrap();
@@ -367,9 +377,15 @@ mod tests {
         let client = Etcd::new(&etcd.url, Duration::from_secs(5)).unwrap();
         let range = |from: &str, to: &str| (from.to_owned(), to.as_bytes().to_vec());
         let empty = [range("/c/a/", "/c/a0")];
-        assert!(client.put_if_empty(("/c/b/1", b"x"), 0, &empty).await.unwrap(), "nothing in the way");
-        assert!(client.put_if_empty(("/c/a/1", b"x"), 0, &empty).await.unwrap(), "still nothing there");
-        assert!(!client.put_if_empty(("/c/b/2", b"x"), 0, &empty).await.unwrap(), "now /c/a/1 is");
+        assert!(
+            client.put_if_empty(("/c/b/1", b"x"), 0, &empty).await.unwrap().is_some(),
+            "nothing in the way"
+        );
+        assert!(
+            client.put_if_empty(("/c/a/1", b"x"), 0, &empty).await.unwrap().is_some(),
+            "still nothing there"
+        );
+        assert!(client.put_if_empty(("/c/b/2", b"x"), 0, &empty).await.unwrap().is_none(), "now /c/a/1 is");
         let (_, entries) = client.prefix("/c/").await.unwrap();
         assert_eq!(entries.len(), 2, "the refused write wrote nothing");
     }
@@ -378,14 +394,14 @@ mod tests {
     async fn a_watch_from_a_read_revision_misses_nothing() {
         let etcd = EtcdProcess::start().await;
         let client = Etcd::new(&etcd.url, Duration::from_secs(5)).unwrap();
-        assert!(client.create("/ferry/hosts/a", b"n1", 0).await.unwrap());
+        assert!(client.create("/ferry/hosts/a", b"n1", 0).await.unwrap().is_some());
         let (revision, entries) = client.prefix("/ferry/hosts/").await.unwrap();
         assert_eq!(entries.len(), 1);
         // Written between the read and the watch: the watch from the read's revision sees it.
-        assert!(client.create("/ferry/hosts/b", b"n2", 0).await.unwrap());
-        assert!(client.create("/ferry/other", b"x", 0).await.unwrap());
+        assert!(client.create("/ferry/hosts/b", b"n2", 0).await.unwrap().is_some());
+        assert!(client.create("/ferry/other", b"x", 0).await.unwrap().is_some());
         let mut watch = client.watch("/ferry/hosts/", revision + 1).await.unwrap();
-        assert!(client.delete("/ferry/hosts/a").await.unwrap());
+        assert!(client.delete_if("/ferry/hosts/a", revision).await.unwrap());
         let mut seen = Vec::new();
         while seen.len() < 2 {
             let (_, changes) = tokio::time::timeout(Duration::from_secs(10), watch.next())

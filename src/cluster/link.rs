@@ -153,13 +153,11 @@ impl NodeLink {
                     Err(io::Error::new(io::ErrorKind::InvalidData, "the node answered something else"))
                 }
                 Ok(Err(err)) => Err(err),
-                Err(_) => {
-                    connection.close(0u32.into(), b"no answer");
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("node {node} did not take the visitor"),
-                    ))
-                }
+                // Only this stream fails: other visitors on the link may be fine.
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("node {node} did not take the visitor"),
+                )),
             }
         };
         let opened = opened.await;

@@ -39,6 +39,9 @@ const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait before watching again after the watch broke.
 const WATCH_RETRY: Duration = Duration::from_secs(1);
 
+/// A watch without a change this long is read again from scratch.
+const WATCH_IDLE: Duration = Duration::from_secs(30);
+
 /// Why a claim was not written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ClaimRefused {
@@ -68,9 +71,12 @@ pub(crate) struct Cluster {
     lease: AtomicI64,
     record: Vec<u8>,
     table: Arc<Mutex<Table>>,
-    /// What this node wrote under its lease (claims and session slots): rewritten under a
-    /// new lease if the old one expired.
-    mine: Mutex<HashMap<String, Vec<u8>>>,
+    /// What this node wrote under its lease (claims and session slots), with the revision
+    /// of the write: rewritten under a new lease if the old one expired, and deleted only
+    /// while still as written (a later write, here or by another node, stays).
+    mine: Mutex<HashMap<String, (Vec<u8>, i64)>>,
+    /// A rewrite under a new lease did not finish; it is tried again.
+    rewrite_pending: AtomicBool,
     changed: broadcast::Sender<(ClaimKind, String)>,
     link: Arc<NodeLink>,
     /// etcd answered the last call.
@@ -107,9 +113,14 @@ impl Cluster {
         let record = NodeRecord { addr, fingerprint: BASE64.encode(link.fingerprint()) };
         let record = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
         let lease = etcd.grant(config.lease_ttl).await?;
-        if !etcd.create(&node_key(&config.node_id), &record, lease).await? {
+        let created = etcd.create(&node_key(&config.node_id), &record, lease).await;
+        if !matches!(created, Ok(Some(_))) {
             let _ = etcd.revoke(lease).await;
-            return Err(format!("node id {} is in use by a live node of the cluster", config.node_id));
+            stop.cancel();
+            return Err(match created {
+                Err(err) => err,
+                _ => format!("node id {} is in use by a live node of the cluster", config.node_id),
+            });
         }
         let cluster = Arc::new(Cluster {
             node: config.node_id.clone(),
@@ -119,12 +130,20 @@ impl Cluster {
             record,
             table,
             mine: Mutex::default(),
+            rewrite_pending: AtomicBool::new(false),
             changed: broadcast::channel(4096).0,
             link,
             reachable: AtomicBool::new(true),
             stop,
         });
-        let revision = cluster.reload().await?;
+        let revision = match cluster.reload().await {
+            Ok(revision) => revision,
+            Err(err) => {
+                let _ = cluster.etcd.revoke(lease).await;
+                cluster.stop.cancel();
+                return Err(err);
+            }
+        };
         tokio::spawn(cluster.clone().keep_lease());
         tokio::spawn(cluster.clone().follow(revision));
         info!(node = %cluster.node, %addr, "joined the cluster");
@@ -157,7 +176,12 @@ impl Cluster {
             }
             let lease = self.lease.load(Ordering::Relaxed);
             match self.etcd.keep_alive(lease).await {
-                Ok(true) => self.set_reachable(true),
+                Ok(true) => {
+                    self.set_reachable(true);
+                    if self.rewrite_pending.load(Ordering::Relaxed) {
+                        self.rewrite(lease).await;
+                    }
+                }
                 Ok(false) => {
                     warn!(node = %self.node, "the cluster lease expired; joining again");
                     if let Err(err) = self.renew().await {
@@ -184,24 +208,44 @@ impl Cluster {
     /// A new lease, and this node's record and claims written under it again.
     async fn renew(&self) -> Result<(), String> {
         let lease = self.etcd.grant(self.ttl).await?;
-        if !self.etcd.create(&node_key(&self.node), &self.record, lease).await? {
+        if self.etcd.create(&node_key(&self.node), &self.record, lease).await?.is_none() {
             let _ = self.etcd.revoke(lease).await;
             return Err(format!("node id {} was taken by another node meanwhile", self.node));
         }
         self.lease.store(lease, Ordering::Relaxed);
         self.set_reachable(true);
+        self.rewrite(lease).await;
+        Ok(())
+    }
+
+    /// Writes everything this node holds again under `lease`; what could not be written
+    /// for want of etcd is tried again at the next renewal.
+    async fn rewrite(&self, lease: i64) {
+        self.rewrite_pending.store(false, Ordering::Relaxed);
         let mine: Vec<(String, Vec<u8>)> =
-            lock(&self.mine).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            lock(&self.mine).iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
         for (key, value) in mine {
             let written = match ClaimKey::parse(&key) {
-                Some(claim) => self.etcd.put_if_empty((&key, &value), lease, &claim.others()).await?,
-                None => self.etcd.create(&key, &value, lease).await?,
+                Some(claim) => self.etcd.put_if_empty((&key, &value), lease, &claim.others()).await,
+                None => self.etcd.create(&key, &value, lease).await,
             };
-            if !written {
-                warn!(key, "taken by another while this node was away; its tunnel keeps serving here only");
+            match written {
+                // Given back meanwhile: not put back in `mine` (its delete follows).
+                Ok(Some(revision)) => {
+                    if let Some(entry) = lock(&self.mine).get_mut(&key) {
+                        entry.1 = revision;
+                    }
+                }
+                Ok(None) => warn!(
+                    key,
+                    "taken by another while this node was away; its tunnel keeps serving here only"
+                ),
+                Err(err) => {
+                    warn!(%err, key, "could not write a claim again; retrying");
+                    self.rewrite_pending.store(true, Ordering::Relaxed);
+                }
             }
         }
-        Ok(())
     }
 
     /// Follows etcd's changes from `revision` on; reads everything again when the watch
@@ -232,8 +276,11 @@ impl Cluster {
     }
 
     async fn watch_from(&self, revision: i64) -> Result<(), String> {
-        let mut watch = self.etcd.watch(ROOT, revision + 1).await?;
-        while let Some((_, changes)) = watch.next().await? {
+        let mut watch = self.etcd.watch(ROOT, revision.saturating_add(1)).await?;
+        // A connection cut without a reset would leave the watch silent for good: after
+        // WATCH_IDLE without a change, everything is read again and watched from there.
+        while let Ok(next) = tokio::time::timeout(WATCH_IDLE, watch.next()).await {
+            let Some((_, changes)) = next? else { break };
             let touched: Vec<_> = {
                 let mut table = lock(&self.table);
                 changes.into_iter().filter_map(|change| table.apply(change)).collect()
@@ -259,12 +306,12 @@ impl Cluster {
         let (key, value) = (claim.key(), serde_json::to_vec(record).unwrap_or_default());
         let lease = self.lease.load(Ordering::Relaxed);
         match self.etcd.put_if_empty((&key, &value), lease, &claim.others()).await {
-            Ok(true) => {
+            Ok(Some(revision)) => {
                 self.set_reachable(true);
-                lock(&self.mine).insert(key, value);
+                lock(&self.mine).insert(key, (value, revision));
                 Ok(())
             }
-            Ok(false) => {
+            Ok(None) => {
                 let holders = self.holders(kind, &name);
                 let node = holders.into_iter().find(|h| h.user != user).map(|h| h.node);
                 Err(ClaimRefused::Taken { node: node.unwrap_or_else(|| "another node".into()) })
@@ -278,10 +325,14 @@ impl Cluster {
         let (name, user, route, node) =
             (name.to_owned(), user.to_owned(), route.to_owned(), self.node.clone());
         let claim = ClaimKey { kind, name, user, node, route };
-        let key = claim.key();
-        lock(&self.mine).remove(&key);
-        if let Err(err) = self.etcd.delete(&key).await {
-            // It goes with the lease if the node dies; while it lives the claim is stale.
+        self.forget(claim.key()).await;
+    }
+
+    /// Deletes what this node wrote at `key`, if still as written.
+    async fn forget(&self, key: String) {
+        let Some((_, revision)) = lock(&self.mine).remove(&key) else { return };
+        if let Err(err) = self.etcd.delete_if(&key, revision).await {
+            // It goes with the lease if the node dies; while it lives it is stale.
             warn!(%err, key, "could not give a claim back to etcd");
         }
     }
@@ -309,8 +360,10 @@ impl Cluster {
         let unavailable = ClaimRefused::Unavailable;
         for (key, old) in own {
             let old = serde_json::to_vec(&old).unwrap_or_default();
-            if self.etcd.replace(&key, (&old, &value), lease).await.map_err(unavailable)? {
-                lock(&self.mine).insert(key.clone(), value);
+            if let Some(revision) =
+                self.etcd.replace(&key, (&old, &value), lease).await.map_err(unavailable)?
+            {
+                lock(&self.mine).insert(key.clone(), (value, revision));
                 return Ok(key);
             }
         }
@@ -319,8 +372,8 @@ impl Cluster {
             (0..limit).map(|slot| keys::session_key(user, slot)).partition(|key| !held.contains(key));
         free.extend(taken);
         for key in free {
-            if self.etcd.create(&key, &value, lease).await.map_err(unavailable)? {
-                lock(&self.mine).insert(key.clone(), value);
+            if let Some(revision) = self.etcd.create(&key, &value, lease).await.map_err(unavailable)? {
+                lock(&self.mine).insert(key.clone(), (value, revision));
                 return Ok(key);
             }
         }
@@ -329,10 +382,7 @@ impl Cluster {
 
     /// Gives a session slot back.
     pub(crate) async fn release_session_slot(&self, key: &str) {
-        lock(&self.mine).remove(key);
-        if let Err(err) = self.etcd.delete(key).await {
-            warn!(%err, key, "could not give a session slot back to etcd");
-        }
+        self.forget(key.to_owned()).await;
     }
 
     /// Whether another user claims `name` (the table's view, for picking free ports).
@@ -374,8 +424,9 @@ impl Cluster {
     /// Opens a stream to one of the other nodes in `holders` for `visit`: each in turn
     /// (round-robin over visitors), skipping nodes that did not answer a moment ago.
     pub(crate) async fn relay_to(&self, holders: &[Holder], visit: &NodeVisit) -> Option<(String, Stream)> {
-        let mut others: Vec<&Holder> = holders.iter().filter(|h| h.node != self.node).collect();
-        others.dedup_by(|a, b| a.node == b.node);
+        let mut seen = std::collections::HashSet::new();
+        let mut others: Vec<&Holder> =
+            holders.iter().filter(|h| h.node != self.node && seen.insert(h.node.as_str())).collect();
         if others.is_empty() {
             return None;
         }

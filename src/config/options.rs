@@ -592,6 +592,13 @@ impl ServerOptions {
         };
         let node_addr = listen_addr("node-addr", &self.node_addr)?
             .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 7100)));
+        if node_addr.ip().is_unspecified() {
+            // Other nodes dial this address: it must be one of this machine's own.
+            return Err(ConfigError::new(
+                "node-addr",
+                "give the address other nodes reach this one at, not 0.0.0.0 or ::",
+            ));
+        }
         let lease_ttl = self.node_ttl.unwrap_or(Duration::from_secs(10));
         if lease_ttl < Duration::from_secs(2) {
             return Err(ConfigError::new("node-ttl", "at least 2s"));

@@ -321,7 +321,14 @@ async fn relay(
     read: &[u8],
 ) {
     let Some(cluster) = shared.cluster() else { return };
-    let holders = cluster.holders(kind, name);
+    // A name's holders of the route the visitor came by (an HTTP name is not a P2P one).
+    let route = match visit.entrance {
+        NodeEntrance::Port(_) => "",
+        NodeEntrance::Http { .. } => route_of(NameKind::Http),
+        NodeEntrance::Sni => route_of(NameKind::Sni),
+    };
+    let mut holders = cluster.holders(kind, name);
+    holders.retain(|h| h.route == route);
     let Some((node, mut stream)) = cluster.relay_to(&holders, visit).await else {
         return debug!(%kind, name, "no node holding it answered; closing the visitor");
     };

@@ -329,7 +329,8 @@ async fn kick_client(State(shared): State<Arc<ServerShared>>, Path(cid): Path<u6
 
 async fn close_service(State(shared): State<Arc<ServerShared>>, Path(id): Path<u32>) -> Response {
     for session in shared.registry.sessions() {
-        let tunnel = session.tunnels().get(&id).cloned();
+        // A tunnel already closing is gone for the API, even before its session forgets it.
+        let tunnel = session.tunnels().get(&id).filter(|t| !t.token.is_cancelled()).cloned();
         if let Some(tunnel) = tunnel {
             info!(service = id, user = %session.user, "api: closing service");
             tunnel.close(CloseReason::ByServer { message: "closed through the management API".into() });
