@@ -17,6 +17,7 @@ use super::handshakes::Handshake;
 use super::hosts::{split_client, Lookup, NameKind};
 use super::http_head::{head_end, parse_head, rewrite_head, Forwarding, Head, MAX_HEAD};
 use super::http_requests::{strip_path_prefix, Pinning, RequestStream};
+use super::nodes::Arrived;
 use super::session::SessionShared;
 use super::tunnel::{Refusal, Tunnel};
 use super::{link, nodes, webrtc, ServerShared};
@@ -59,14 +60,6 @@ pub(crate) async fn open_host(
         None => host_key,
     };
     Ok((0, Some(host)))
-}
-
-/// Where an HTTP visitor came from: a listener here, or another node of the cluster
-/// (never relayed again, so stale tables cannot pass a visitor around).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Arrived {
-    Here,
-    FromNode,
 }
 
 /// Serves one HTTP visitor whose first bytes (if any) are in `read`.

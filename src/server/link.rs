@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use super::bans::Offender;
 use super::handshakes::{Handshake, Sorted};
+use super::nodes::Arrived;
 use super::pool::DataPool;
 use super::{http, peers, session, sni, ServerShared};
 use crate::proto::{
@@ -54,7 +55,7 @@ pub(super) async fn serve_link(
             let Some(handshake) = shared.handshakes.sort(handshake, Sorted::Visitor) else {
                 return debug!(%peer, "too many visitors in their handshake; closing");
             };
-            let here = (peer, http::Arrived::Here);
+            let here = (peer, Arrived::Here);
             return http::serve_visitor(shared, stream, here, read, scheme, handshake).await;
         }
         Ok(Err((err, stream))) => return refuse_link(stream, err, peer).await,
@@ -238,7 +239,7 @@ pub(super) async fn serve_sni_link(
         Ok(Ok(1)) => match shared.handshakes.sort(handshake, Sorted::Visitor) {
             Some(handshake) => {
                 let _ = tcp.set_nodelay(true);
-                sni::serve_visitor(shared, tcp, (peer, http::Arrived::Here), handshake).await
+                sni::serve_visitor(shared, tcp, (peer, Arrived::Here), handshake).await
             }
             None => debug!(%peer, "too many visitors in their handshake; closing"),
         },

@@ -41,6 +41,14 @@ impl RemotePorts {
     }
 }
 
+/// Where a visitor of a name (HTTP, TLS passthrough) came from: a listener here, or another
+/// node of the cluster (never relayed again, so stale tables cannot pass a visitor around).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arrived {
+    Here,
+    FromNode,
+}
+
 /// Claims `name` of `kind` (reached by `route`, for names) cluster-wide for a tunnel of
 /// `user` (nothing without a cluster).
 pub(crate) async fn claim(
@@ -174,13 +182,12 @@ async fn serve_arrival(shared: Arc<ServerShared>, Arrival { visit, stream, read 
         NodeEntrance::Sni => {
             let Some(handshake) = visitor_handshake(&shared, peer) else { return };
             let visitor = tcp::Relayed { stream, public: visit.public, early: read.to_vec() };
-            sni::serve_visitor(shared, visitor, (peer, http::Arrived::FromNode), handshake).await
+            sni::serve_visitor(shared, visitor, (peer, Arrived::FromNode), handshake).await
         }
         NodeEntrance::Http { tls } => {
             let Some(handshake) = visitor_handshake(&shared, peer) else { return };
             let scheme = if tls { "https" } else { "http" };
-            http::serve_visitor(shared, stream, (peer, http::Arrived::FromNode), read, scheme, handshake)
-                .await
+            http::serve_visitor(shared, stream, (peer, Arrived::FromNode), read, scheme, handshake).await
         }
     }
 }

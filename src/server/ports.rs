@@ -38,7 +38,7 @@ pub(crate) fn run_port(
         serve.await;
         if let Some(user) = shared.endpoints.remove(&endpoint) {
             if let Some(claim) = claim_of(&endpoint) {
-                nodes::release(&shared, (claim.0, claim.1, ""), user);
+                nodes::release(&shared, claim, user);
             }
         }
         info!(?endpoint, "port closed");
@@ -187,11 +187,11 @@ fn cluster_kind(protocol: PortProtocol) -> ClaimKind {
     }
 }
 
-/// The cluster-wide claim of a port endpoint.
-fn claim_of(endpoint: &Endpoint) -> Option<(ClaimKind, String)> {
+/// The cluster-wide claim of a port endpoint (ports have no route).
+fn claim_of(endpoint: &Endpoint) -> Option<(ClaimKind, String, &'static str)> {
     match endpoint {
-        Endpoint::Port(port) => Some((ClaimKind::Tcp, port.to_string())),
-        Endpoint::UdpPort(port) => Some((ClaimKind::Udp, port.to_string())),
+        Endpoint::Port(port) => Some((ClaimKind::Tcp, port.to_string(), "")),
+        Endpoint::UdpPort(port) => Some((ClaimKind::Udp, port.to_string(), "")),
         _ => None,
     }
 }
@@ -241,7 +241,7 @@ async fn try_bind(
         Ok(bound) => Ok(bound),
         Err(_) => {
             if let (Some(user), Some(claim)) = (shared.endpoints.remove(&endpoint), claim_of(&endpoint)) {
-                nodes::release(shared, (claim.0, claim.1, ""), user);
+                nodes::release(shared, claim, user);
             }
             Err(Unbound::Taken)
         }

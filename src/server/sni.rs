@@ -16,7 +16,7 @@ use super::dispatch::{dispatch, Attempts, Entrance, NotServed};
 use super::endpoints::{Endpoint, Member};
 use super::handshakes::Handshake;
 use super::hosts::{split_client, Lookup, NameKind};
-use super::http::Arrived;
+use super::nodes::Arrived;
 use super::tcp::PortVisitor;
 use super::{nodes, ServerShared};
 

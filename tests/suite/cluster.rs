@@ -16,8 +16,8 @@ use crate::common::*;
 use crate::websocket_tls::local_tls_echo;
 use ferry::transport::client_tls_config;
 use ferry::{
-    Client, ClientConfig, ClientError, ClusterConfig, RegisterError, RemoteAddr, RemoteTrust, ServerHandle,
-    ServiceConfig,
+    Client, ClientConfig, ClientError, ClusterConfig, RegisterError, Registration, RemoteAddr, RemoteTrust,
+    ServerHandle, ServiceConfig,
 };
 
 /// A node of the cluster at `etcd`, on its own loopback address `127.0.0.<n>` (its public
@@ -49,6 +49,20 @@ async fn api(node: &ServerHandle, path: &str) -> Value {
     serde_json::from_slice(&response.body).unwrap()
 }
 
+/// A hashing service behind `client` on a public port of its own: the port, and the tunnel.
+async fn hashing_tunnel(client: &Client) -> (u16, Registration) {
+    let port = free_port().await;
+    let tcp = ServiceConfig::tcp(&hashing_service().await.to_string()).with_remote_port(port);
+    let tunnel = client.add_service(tcp).await.unwrap();
+    assert_eq!(tunnel.remote_port(), port);
+    (port, tunnel)
+}
+
+/// Public port `port` at node `n` (each node binds its ports on `127.0.0.<n>`).
+fn at_node(n: u8, port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, n], port))
+}
+
 /// Waits until `addr` accepts connections (a node listens on a port another holds once
 /// its watch has seen the claim).
 async fn wait_listening(addr: SocketAddr) {
@@ -62,15 +76,13 @@ async fn visitors_at_any_node_reach_a_tunnel_on_another() {
         let etcd = EtcdProcess::start().await;
         let nodes = [node(&etcd, 1).await, node(&etcd, 2).await, node(&etcd, 3).await];
         let client = connect(nodes[0].local_addr()).await;
-        let port = free_port().await;
-        let tcp = ServiceConfig::tcp(&hashing_service().await.to_string()).with_remote_port(port);
-        assert_eq!(client.add_service(tcp).await.unwrap().remote_port(), port);
+        let (port, _tcp) = hashing_tunnel(&client).await;
         let web = ServiceConfig::http(&http_service("on node 1").await.to_string()).with_host_prefix("web");
         let _web = client.add_service(web).await.unwrap();
 
         let payload = random_bytes(64 << 20);
         for n in [2u8, 3] {
-            let public: SocketAddr = format!("127.0.0.{n}:{port}").parse().unwrap();
+            let public = at_node(n, port);
             wait_listening(public).await;
             assert_eq!(
                 hash_through(public, &payload).await,
@@ -111,7 +123,7 @@ async fn visitors_at_any_node_reach_a_tunnel_on_another() {
 
         // Gone from node 1, gone everywhere: node 2 stops listening.
         drop(client);
-        let public: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+        let public = at_node(2, port);
         let closed = poll_until(|| async { tokio::net::TcpStream::connect(public).await.is_err() }).await;
         assert!(closed, "node 2 stops relaying the port once its tunnel is gone");
         let page = get(nodes[1].local_addr(), "/", "web.example.com").await;
@@ -304,13 +316,11 @@ async fn a_client_whose_node_dies_moves_to_another_with_its_port_and_host() {
         let etcd = EtcdProcess::start().await;
         let (mut nodes, remotes) = three_node_processes(&etcd).await;
         let client = Client::connect(cluster_client(&remotes, 1)).await.unwrap();
-        let port = free_port().await;
-        let tcp = ServiceConfig::tcp(&hashing_service().await.to_string()).with_remote_port(port);
-        let tcp = client.add_service(tcp).await.unwrap();
+        let (port, tcp) = hashing_tunnel(&client).await;
         let web = ServiceConfig::http(&http_service("the service").await.to_string()).with_host_prefix("web");
         let _web = client.add_service(web).await.unwrap();
         let payload = random_bytes(1 << 20);
-        let at = |n: u8| -> SocketAddr { format!("127.0.0.{n}:{port}").parse().unwrap() };
+        let at = |n| at_node(n, port);
         wait_listening(at(2)).await;
         assert_eq!(try_hash_through(at(2), &payload).await, Some(sha256(&payload).to_vec()));
 
@@ -350,10 +360,8 @@ async fn with_two_sessions_a_node_lost_costs_new_visitors_nothing() {
         let etcd = EtcdProcess::start().await;
         let (mut nodes, remotes) = three_node_processes(&etcd).await;
         let client = Client::connect(cluster_client(&remotes, 2)).await.unwrap();
-        let port = free_port().await;
-        let tcp = ServiceConfig::tcp(&hashing_service().await.to_string()).with_remote_port(port);
-        let _tcp = client.add_service(tcp).await.unwrap();
-        let at = |n: u8| -> SocketAddr { format!("127.0.0.{n}:{port}").parse().unwrap() };
+        let (port, _tcp) = hashing_tunnel(&client).await;
+        let at = |n| at_node(n, port);
         let payload = random_bytes(1024);
         let hash = Some(sha256(&payload).to_vec());
         let both = poll_until(|| async {
@@ -395,12 +403,10 @@ async fn tunnels_keep_working_while_etcd_is_away_and_registrations_resume_after(
         let mut etcd = EtcdProcess::start().await;
         let nodes = [node(&etcd, 1).await, node(&etcd, 2).await];
         let client = connect(nodes[0].local_addr()).await;
-        let port = free_port().await;
-        let tcp = ServiceConfig::tcp(&hashing_service().await.to_string()).with_remote_port(port);
-        let _tcp = client.add_service(tcp).await.unwrap();
+        let (port, _tcp) = hashing_tunnel(&client).await;
         let web = ServiceConfig::http(&http_service("the service").await.to_string()).with_host_prefix("web");
         let _web = client.add_service(web).await.unwrap();
-        let relayed: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+        let relayed = at_node(2, port);
         wait_listening(relayed).await;
         let host_known = poll_until(|| async { try_get(nodes[1].local_addr(), "web").await == Some(200) });
         assert!(host_known.await, "node 2 relays the host");
@@ -524,11 +530,9 @@ async fn with_a_cluster_ca_only_nodes_it_issued_relay() {
         let _three = start_server(with_tls(3, rogue)).await;
 
         let client = connect(one.local_addr()).await;
-        let port = free_port().await;
-        let tcp = ServiceConfig::tcp(&hashing_service().await.to_string()).with_remote_port(port);
-        let _tcp = client.add_service(tcp).await.unwrap();
+        let (port, _tcp) = hashing_tunnel(&client).await;
         let payload = random_bytes(1 << 20);
-        let at = |n: u8| -> SocketAddr { format!("127.0.0.{n}:{port}").parse().unwrap() };
+        let at = |n| at_node(n, port);
         wait_listening(at(2)).await;
         assert_eq!(try_hash_through(at(2), &payload).await, Some(sha256(&payload).to_vec()), "n2 relays");
         wait_listening(at(3)).await;
