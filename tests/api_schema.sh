@@ -86,7 +86,7 @@ fuzz() {
   python3 -c 'import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1]).read())' \
     "http://$api/openapi.json" >"$work/openapi.json"
   (cd "$work" && timeout "$SECONDS_PER_RUN" "$ST" run openapi.json --url "http://$api" --checks all \
-    --max-examples "$EXAMPLES" --workers 2 --request-timeout 10 "$@")
+    --max-examples "$EXAMPLES" --workers 1 --request-timeout 10 "$@")
 }
 
 start_server 0 --api-token "$TOKEN"
