@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Open N visitors through a tunnel, make one HTTP request on each (so every
 visitor reaches the local service), keep them all open and idle, then print the
-resident memory of the given processes. Bounded: gives up after --timeout."""
+memory of the given processes: "pid VmRSS VmHWM RssAnon" in KiB, a line each.
+Bounded: gives up after --timeout, saying how many got through."""
 import argparse
 import asyncio
 import sys
@@ -12,7 +13,7 @@ def memory_kib(pid):
     with open(f"/proc/{pid}/status") as status:
         for line in status:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon"):
                 fields[key] = int(value.split()[0])
     return fields
 
@@ -38,12 +39,13 @@ async def main():
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--pids", default="")
     parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument("--pace", type=float, default=0.001, help="seconds between two openings")
     args = parser.parse_args()
     ready, done = [], asyncio.Event()
     tasks = []
     for _ in range(args.count):
         tasks.append(asyncio.create_task(visitor(args.port, ready, done)))
-        await asyncio.sleep(0.001)  # pace the opening a little, as real visitors would arrive
+        await asyncio.sleep(args.pace)  # pace the opening a little, as real visitors would arrive
     deadline = asyncio.get_running_loop().time() + args.timeout
     while len(ready) < args.count:
         failed = [t for t in tasks if t.done() and t.exception()]
@@ -54,7 +56,7 @@ async def main():
     await asyncio.sleep(1)  # let the tunnel settle with every visitor idle
     for pid in filter(None, args.pids.split(",")):
         mem = memory_kib(pid)
-        print(f"{pid} {mem['VmRSS']} {mem['VmHWM']}")
+        print(f"{pid} {mem['VmRSS']} {mem['VmHWM']} {mem['RssAnon']}")
     done.set()
     await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -354,6 +354,8 @@ impl Announced {
     }
 }
 
+impl crate::relay::Spliceable for Announced {}
+
 impl AsyncRead for Announced {
     fn poll_read(
         mut self: Pin<&mut Self>,

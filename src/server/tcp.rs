@@ -15,6 +15,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+use crate::relay::Spliceable;
 use tracing::{debug, info, Instrument};
 
 use super::accept::{accept_until, AcceptErrors};
@@ -123,7 +125,7 @@ pub(crate) async fn serve_visitor<V: PortVisitor>(
 
 /// A visitor of a public port: a TCP connection, or one another node of a cluster
 /// relayed here.
-pub(crate) trait PortVisitor: AsyncRead + AsyncWrite + Unpin + Send {
+pub(crate) trait PortVisitor: AsyncRead + AsyncWrite + Spliceable + Unpin + Send {
     /// What the visitor already sent, read without waiting.
     fn read_early(&mut self) -> Vec<u8>;
     /// The public address the visitor came to.
@@ -171,6 +173,8 @@ impl PortVisitor for Relayed {
 
     fn reset_on_drop(&self) {}
 }
+
+impl crate::relay::Spliceable for Relayed {}
 
 impl AsyncRead for Relayed {
     fn poll_read(
