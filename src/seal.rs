@@ -210,8 +210,6 @@ impl<S> SealedStream<S> {
     }
 }
 
-impl<S> crate::relay::Spliceable for SealedStream<S> {}
-
 impl<S: AsyncRead + Unpin> AsyncRead for SealedStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

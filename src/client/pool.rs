@@ -20,7 +20,7 @@ use crate::proto::{
     StreamStatus,
 };
 use crate::relay::compress::{compressed, Compression};
-use crate::relay::{relay_chunked, Spliceable, Status};
+use crate::relay::{relay_chunked, Status};
 use crate::seal::{visitor_keys, SealedStream, Side};
 use crate::transport::{accept_stream, open_stream, reset_on_drop, Connector, Stream};
 
@@ -320,7 +320,7 @@ impl DataPool {
     /// end when the link can serve another visitor.
     async fn dial_and_relay<L>(&self, link: &mut L, local_addr: &str, early: BytesMut) -> Option<BytesMut>
     where
-        L: AsyncRead + AsyncWrite + Spliceable + Unpin + ?Sized,
+        L: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
         let dialed = tokio::time::timeout(self.local_timeout, TcpStream::connect(local_addr)).await;
         let mut local = match dialed {

@@ -14,10 +14,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-
-use super::Spliceable;
 
 /// Largest burst, whatever the rate.
 const MAX_BURST: f64 = 256.0 * 1024.0;
@@ -154,22 +151,6 @@ impl<'a, S: ?Sized> Metered<'a, S> {
     /// Wraps `inner`: bytes read go to `reads`, bytes written to `writes`.
     pub fn new(inner: &'a mut S, reads: Meter<'a>, writes: Meter<'a>) -> Self {
         Metered { inner, reads, writes, read_wait: None, write_wait: None }
-    }
-}
-
-impl<S: Spliceable + ?Sized> Spliceable for Metered<'_, S> {
-    fn socket(&self) -> Option<&TcpStream> {
-        self.inner.socket()
-    }
-
-    fn shaped(&self) -> bool {
-        self.reads.bucket.is_some() || self.writes.bucket.is_some() || self.inner.shaped()
-    }
-
-    fn count_spliced(&self, read: usize, written: usize) {
-        self.reads.record(read);
-        self.writes.record(written);
-        self.inner.count_spliced(read, written);
     }
 }
 

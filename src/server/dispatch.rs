@@ -62,7 +62,7 @@ impl Attempts {
 /// What sets one kind of visitor apart.
 pub(crate) trait Entrance {
     /// The visitor's stream, as the relay reads and writes it.
-    type Visitor: AsyncRead + AsyncWrite + crate::relay::Spliceable + Unpin + Send;
+    type Visitor: AsyncRead + AsyncWrite + Unpin + Send;
     /// Why no tunnel serves the visitor, as this entrance finds out.
     type Unrouted: std::fmt::Debug + Send;
     /// Whether a candidate that turns the visitor away passes it to the next candidate

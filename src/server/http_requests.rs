@@ -369,8 +369,6 @@ impl<S: AsyncRead + Unpin> RequestStream<S> {
     }
 }
 
-impl<S> crate::relay::Spliceable for RequestStream<S> {}
-
 impl<S: AsyncRead + Unpin> AsyncRead for RequestStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();

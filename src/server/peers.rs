@@ -354,8 +354,6 @@ impl Announced {
     }
 }
 
-impl crate::relay::Spliceable for Announced {}
-
 impl AsyncRead for Announced {
     fn poll_read(
         mut self: Pin<&mut Self>,

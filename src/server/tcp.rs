@@ -15,8 +15,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-
-use crate::relay::Spliceable;
 use tracing::{debug, info, Instrument};
 
 use super::accept::{accept_until, AcceptErrors};
@@ -125,7 +123,7 @@ pub(crate) async fn serve_visitor<V: PortVisitor>(
 
 /// A visitor of a public port: a TCP connection, or one another node of a cluster
 /// relayed here.
-pub(crate) trait PortVisitor: AsyncRead + AsyncWrite + Spliceable + Unpin + Send {
+pub(crate) trait PortVisitor: AsyncRead + AsyncWrite + Unpin + Send {
     /// What the visitor already sent, read without waiting.
     fn read_early(&mut self) -> Vec<u8>;
     /// The public address the visitor came to.
@@ -173,8 +171,6 @@ impl PortVisitor for Relayed {
 
     fn reset_on_drop(&self) {}
 }
-
-impl crate::relay::Spliceable for Relayed {}
 
 impl AsyncRead for Relayed {
     fn poll_read(

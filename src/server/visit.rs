@@ -16,7 +16,7 @@ use crate::proto::encode_chunk;
 use crate::proto::{encode_frame, OpenStream};
 use crate::relay::compress::compressed;
 use crate::relay::throttle::{Meter, Metered};
-use crate::relay::{relay_chunked_until, IdleLimit, RelayError, Relayed, Spliceable, Status};
+use crate::relay::{relay_chunked_until, IdleLimit, RelayError, Relayed, Status};
 use crate::seal::{visitor_keys, SealedStream, Side};
 use crate::transport::Stream;
 
@@ -87,7 +87,7 @@ pub(crate) async fn relay_visitor<V>(
     idle: Option<IdleLimit>,
 ) -> Relay
 where
-    V: AsyncRead + AsyncWrite + Spliceable + Unpin + ?Sized,
+    V: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let seal = tunnel.control().encrypt.then(|| session.next_visit());
     let open = OpenStream { seal, ..open.clone() };
@@ -188,8 +188,8 @@ async fn relay_link<V, L>(
     (compress_first, read_ahead, idle): (Option<&[u8]>, usize, Option<IdleLimit>),
 ) -> Result<Relayed, RelayError>
 where
-    V: AsyncRead + AsyncWrite + Spliceable + Unpin + ?Sized,
-    L: AsyncRead + AsyncWrite + Spliceable + Unpin + ?Sized,
+    V: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    L: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let account = &session.account;
     let shaped = account.is_throttled();
@@ -205,29 +205,10 @@ where
     };
     up.record(read_ahead);
     let mut metered = Metered::new(visitor, up, down);
-    match compress_first {
-        None => {
-            relay_chunked_until(&mut metered, link, Status::Expect, BytesMut::new(), idle, &tunnel.token)
-                .await
-        }
-        // Boxed: a compressor's state would otherwise grow every visitor's task.
-        Some(first) => Box::pin(relay_compressed(tunnel, link, &mut metered, first, idle)).await,
-    }
-}
-
-/// [`relay_link`] over a compressed link: the visitor's first bytes go into the
-/// compressor first.
-async fn relay_compressed<V, L>(
-    tunnel: &Tunnel,
-    link: &mut L,
-    metered: &mut Metered<'_, V>,
-    first: &[u8],
-    idle: Option<IdleLimit>,
-) -> Result<Relayed, RelayError>
-where
-    V: AsyncRead + AsyncWrite + Spliceable + Unpin + ?Sized,
-    L: AsyncRead + AsyncWrite + Spliceable + Unpin + ?Sized,
-{
+    let Some(first) = compress_first else {
+        return relay_chunked_until(&mut metered, link, Status::Expect, BytesMut::new(), idle, &tunnel.token)
+            .await;
+    };
     let mut squeezed = compressed(link, BytesMut::new());
     if !first.is_empty() {
         let mut chunk = Vec::with_capacity(4 + first.len());
@@ -240,5 +221,6 @@ where
             return Err(RelayError::Link { error, unanswered: true, delivered: false });
         }
     }
-    relay_chunked_until(metered, &mut squeezed, Status::Expect, BytesMut::new(), idle, &tunnel.token).await
+    relay_chunked_until(&mut metered, &mut squeezed, Status::Expect, BytesMut::new(), idle, &tunnel.token)
+        .await
 }

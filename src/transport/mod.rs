@@ -15,8 +15,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::relay::Spliceable;
-
 pub use addr::{parse_listen_addr, AddrError, RemoteAddr, Scheme};
 pub(crate) use json_api::{api_endpoint, JsonApi};
 #[cfg(feature = "fuzzing")]
@@ -40,7 +38,7 @@ pub(crate) use ws::{
 const DEFAULT_QUIC_IDLE: Duration = Duration::from_secs(30);
 
 /// Anything that carries bytes both ways.
-pub trait AsyncStream: AsyncRead + AsyncWrite + Spliceable + Send + Unpin {
+pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {
     /// The TCP socket the stream runs on, if any: a transfer that was cut off ends with a
     /// reset on it, so the peer can tell it from a complete one.
     fn tcp(&self) -> Option<&TcpStream> {
@@ -67,10 +65,6 @@ impl AsyncStream for tokio_rustls::client::TlsStream<TcpStream> {
 }
 
 impl AsyncStream for tokio::io::DuplexStream {}
-
-impl Spliceable for tokio_rustls::server::TlsStream<TcpStream> {}
-
-impl Spliceable for tokio_rustls::client::TlsStream<TcpStream> {}
 
 /// Ends `stream` with a reset (RST) instead of a normal close when it is dropped: for a
 /// transfer cut off because the other end died.

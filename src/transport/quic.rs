@@ -105,8 +105,6 @@ impl AsyncWrite for QuicStream {
 
 impl AsyncStream for QuicStream {}
 
-impl crate::relay::Spliceable for QuicStream {}
-
 /// Packets that may overtake one before it counts as lost: enough that time decides.
 const REORDERING_PACKETS: u32 = 1000;
 

@@ -106,8 +106,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
     }
 }
 
-impl<S> crate::relay::Spliceable for WsStream<S> {}
-
 impl AsyncStream for WsStream<Stream> {
     fn tcp(&self) -> Option<&TcpStream> {
         self.socket.get_ref().tcp()

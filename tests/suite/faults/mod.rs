@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::common::link::{Link, SERVER_IP};
 pub(crate) use crate::common::netns::NsProcess;
 
+mod conditions;
 mod descriptors;
 mod harness;
 mod impaired;
