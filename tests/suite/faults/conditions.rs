@@ -20,7 +20,7 @@ use super::*;
 use crate::common::link::CLIENT_IP;
 use crate::common::netns::Netns;
 use crate::common::services::serve_hashing;
-use crate::common::{random_bytes, sha256, within};
+use crate::common::within;
 
 /// New visitors measured per tunnel and condition.
 const NEW_VISITORS: usize = 20;
@@ -89,7 +89,7 @@ async fn measure(link: &Link, name: &str, answer: SocketAddr, sink: SocketAddr) 
         firsts.push(first_byte(&link.server, answer).await.expect("a new visitor gets its answer"));
     }
     let mut trips = kept_alive(&link.server, answer).await;
-    let bulk = bulk(&link.server, sink).await;
+    let bulk = bulk_to_sink(&link.server, sink, BULK).await;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let (first50, first90) = (ms(quantile(&mut firsts, 0.5)), ms(quantile(&mut firsts, 0.9)));
     let (trip50, trip99) = (ms(quantile(&mut trips, 0.5)), ms(quantile(&mut trips, 0.99)));
@@ -151,19 +151,6 @@ async fn kept_alive(ns: &Netns, to: SocketAddr) -> Vec<Duration> {
         trips.push(started.elapsed());
     }
     trips
-}
-
-/// Sends [`BULK`] random bytes to the sink at `to`; how long until its SHA-256 came back.
-async fn bulk(ns: &Netns, to: SocketAddr) -> Duration {
-    let payload = random_bytes(BULK);
-    let started = Instant::now();
-    let mut visitor = ns.connect(to).await.expect("the visitor connects");
-    visitor.write_all(&payload).await.unwrap();
-    visitor.shutdown().await.unwrap();
-    let mut digest = [0u8; 32];
-    visitor.read_exact(&mut digest).await.expect("the sink answers");
-    assert_eq!(digest, sha256(&payload), "every byte arrived");
-    started.elapsed()
 }
 
 /// The tunnels compared.

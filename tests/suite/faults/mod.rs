@@ -108,6 +108,21 @@ async fn until<F: Future<Output = bool>>(
     start.elapsed()
 }
 
+/// Sends `len` random bytes from `ns` to the hashing sink at `to`; how long until the
+/// sink's SHA-256 of them came back (and matched).
+async fn bulk_to_sink(ns: &crate::common::netns::Netns, to: std::net::SocketAddr, len: usize) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let payload = crate::common::random_bytes(len);
+    let started = Instant::now();
+    let mut visitor = ns.connect(to).await.expect("visitor connects");
+    visitor.write_all(&payload).await.unwrap();
+    visitor.shutdown().await.unwrap();
+    let mut digest = [0u8; 32];
+    visitor.read_exact(&mut digest).await.expect("the sink answers");
+    assert_eq!(digest, crate::common::sha256(&payload), "every byte arrived");
+    started.elapsed()
+}
+
 /// Whether a visitor is refused at once: nothing listens on the public port.
 async fn refused(link: &Link) -> bool {
     let connect = link.server.connect(Link::server_addr(PUBLIC_PORT));

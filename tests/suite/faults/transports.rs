@@ -12,13 +12,12 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 
 use super::*;
 use crate::common::link::CLIENT_IP;
 use crate::common::services::serve_hashing;
-use crate::common::{random_bytes, sha256, within};
+use crate::common::within;
 use crate::tls::make_certs;
 
 /// Bytes each bulk transfer moves.
@@ -62,7 +61,8 @@ async fn transports_under_delay_and_loss() {
 async fn bulk_table(link: &Link, server_flags: &[&str], order: &str) {
     eprintln!("\n| bulk, {} MiB, 50 ms RTT, 1% loss, {order} | seconds | KiB/s |", BULK >> 20);
     eprintln!("| --- | ---: | ---: |");
-    let direct = bulk(link, SocketAddr::new(CLIENT_IP.parse().unwrap(), DIRECT_SINK_PORT)).await;
+    let direct =
+        bulk_to_sink(&link.server, SocketAddr::new(CLIENT_IP.parse().unwrap(), DIRECT_SINK_PORT), BULK).await;
     report("direct TCP (no tunnel)", direct);
     let remotes = [
         ("tcp://", "tcp://10.2.0.2:7000", "bbr"),
@@ -77,7 +77,7 @@ async fn bulk_table(link: &Link, server_flags: &[&str], order: &str) {
         let _server = start_server(link, &flags).await;
         let _client =
             client_to(link, remote, congestion, &["--local", SINK, "--remote-tcp-port", "20000"]).await;
-        report(name, bulk(link, Link::server_addr(20000)).await);
+        report(name, bulk_to_sink(&link.server, Link::server_addr(20000), BULK).await);
     }
 }
 
@@ -112,20 +112,6 @@ async fn client_to(link: &Link, remote: &str, congestion: &str, service: &[&str]
     let mut client = NsProcess::spawn(command);
     client.line("is reachable at", 0, Duration::from_secs(20)).await;
     client
-}
-
-/// Sends [`BULK`] random bytes to the sink at `to` from the server's namespace; how long
-/// until the sink's SHA-256 of them came back (and matched).
-async fn bulk(link: &Link, to: SocketAddr) -> Duration {
-    let payload = random_bytes(BULK);
-    let started = Instant::now();
-    let mut visitor = link.server.connect(to).await.expect("visitor connects");
-    visitor.write_all(&payload).await.unwrap();
-    visitor.shutdown().await.unwrap();
-    let mut digest = [0u8; 32];
-    visitor.read_exact(&mut digest).await.expect("the sink answers");
-    assert_eq!(digest, sha256(&payload), "every byte arrived");
-    started.elapsed()
 }
 
 /// A UDP socket bound to `addr` inside `ns`.
