@@ -256,14 +256,10 @@ pub(crate) fn pinned_client_config(
     identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
     ca: Option<Arc<rustls::RootCertStore>>,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let chain = match ca {
-        Some(roots) => Some(
-            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
-                .build()
-                .map_err(|e| TlsError::Quic(e.to_string()))?,
-        ),
-        None => None,
-    };
+    let chain = ca
+        .map(|roots| rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider()).build())
+        .transpose()
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
     let verifier =
         CertVerifier { trust: Trusted::Fingerprint(pinned, chain), signatures: Signatures(provider()) };
     let config = rustls::ClientConfig::builder_with_provider(provider())
@@ -285,14 +281,10 @@ pub(crate) fn fingerprint_server_config(
     accepts: AcceptsFingerprint,
     ca: Option<Arc<rustls::RootCertStore>>,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let chain = match ca {
-        Some(roots) => Some(
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
-                .build()
-                .map_err(|e| TlsError::Quic(e.to_string()))?,
-        ),
-        None => None,
-    };
+    let chain = ca
+        .map(|roots| rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider()).build())
+        .transpose()
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
     let verifier = ClientFingerprints { accepts, chain, signatures: Signatures(provider()) };
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
